@@ -1,0 +1,26 @@
+"""fnprune: keep a model's task functional networks, physically remove the other MLP neurons."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import DataError, FnpruneError, ModelError, OutputError, RecipeError  # noqa: E402
+from .models import PrunedModel, load_pruned  # noqa: E402
+from .pipeline import CompressResult, compress  # noqa: E402
+from .recipe import Recipe, dump_recipe, load_recipe  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "compress",
+    "CompressResult",
+    "load_pruned",
+    "PrunedModel",
+    "Recipe",
+    "load_recipe",
+    "dump_recipe",
+    "FnpruneError",
+    "RecipeError",
+    "DataError",
+    "ModelError",
+    "OutputError",
+]

@@ -1,0 +1,122 @@
+"""Where each model family keeps its MLP neurons: ONE declarative table keyed by `config.model_type`.
+
+An MLP "neuron" is one intermediate channel: an output channel of every input projection (gate/up, fc1, ...)
+and an input channel of the output projection (down_proj, c_proj, fc2, ...). Nothing else in fnprune
+branches on the model family; it all reads an `MLPLayout` from `MLP_LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = [
+    "MLPLayout",
+    "MLP_LAYOUTS",
+    "layout_for",
+    "layer_blocks",
+    "get_module",
+    "mlp_widths",
+    "neuron_weight_norms",
+]
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """How to find and slice one family's MLP.
+
+    layers:   attribute path from the *ForCausalLM model to the list of transformer blocks.
+    inputs:   module paths inside a block whose output channels are the neurons.
+    output:   module path inside a block whose input channels are the neurons (its input is what we capture).
+    conv1d:   weights stored [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in].
+    fused:    number of neuron-sized halves stacked in each input projection (Phi-3 gate_up_proj: 2).
+    width_key: config field that holds the intermediate size.
+    bias:     how a constant can be added after the output projection (bias compensation):
+              "native" = the output projection has a bias; "config:<flag>" = set that config flag, which
+              gives every MLP projection a bias (the input ones are zeroed); None = not possible.
+    """
+
+    layers: str
+    inputs: tuple[str, ...]
+    output: str
+    width_key: str
+    conv1d: bool = False
+    fused: int = 1
+    bias: str | None = None
+
+
+_GATED = dict(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj", width_key="intermediate_size")
+
+MLP_LAYOUTS: dict[str, MLPLayout] = {
+    "llama": MLPLayout("model.layers", **_GATED, bias="config:mlp_bias"),
+    "mistral": MLPLayout("model.layers", **_GATED),
+    "qwen2": MLPLayout("model.layers", **_GATED),
+    "qwen3": MLPLayout("model.layers", **_GATED),
+    "gemma": MLPLayout("model.layers", **_GATED),
+    "gemma2": MLPLayout("model.layers", **_GATED),
+    "phi3": MLPLayout(
+        "model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", fused=2
+    ),
+    "gpt2": MLPLayout("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", conv1d=True, bias="native"),
+    "opt": MLPLayout("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", bias="native"),
+    "gpt_neox": MLPLayout(
+        "gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size", bias="native"
+    ),
+}
+
+
+def layout_for(model_or_type: nn.Module | str) -> MLPLayout:
+    """The layout of a model (or model_type); an unknown family gets an error naming the supported ones."""
+    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    if model_type not in MLP_LAYOUTS:
+        raise ModelError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(MLP_LAYOUTS))}. "
+            "A new family needs one MLPLayout row in fnprune/arch.py."
+        )
+    return MLP_LAYOUTS[model_type]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def layer_blocks(model: nn.Module, layout: MLPLayout) -> list[nn.Module]:
+    return list(get_module(model, layout.layers))
+
+
+def mlp_widths(model: nn.Module, layout: MLPLayout) -> list[int]:
+    """Number of MLP neurons in each layer."""
+    return [output_weight_by_neuron(get_module(b, layout.output), layout).shape[0] for b in layer_blocks(model, layout)]
+
+
+def output_weight_by_neuron(module: nn.Module, layout: MLPLayout) -> torch.Tensor:
+    """The output projection's weight as [neurons, hidden]."""
+    w = module.weight.detach()
+    return w if layout.conv1d else w.t()
+
+
+def input_weights_by_neuron(module: nn.Module, layout: MLPLayout) -> list[torch.Tensor]:
+    """Each input projection's weight as [neurons, hidden], one tensor per fused half."""
+    w = module.weight.detach()
+    w = w.t() if layout.conv1d else w  # (fused * d_ff, hidden)
+    return list(w.chunk(layout.fused, dim=0))
+
+
+def neuron_weight_norms(model: nn.Module, layout: MLPLayout) -> list[dict[str, torch.Tensor]]:
+    """Per layer: L2 norm of each neuron's output-projection column (`out`) and of all its input rows (`in`)."""
+    norms = []
+    for block in layer_blocks(model, layout):
+        out = output_weight_by_neuron(get_module(block, layout.output), layout).float().norm(dim=1)
+        sq = torch.zeros_like(out)
+        for path in layout.inputs:
+            for w in input_weights_by_neuron(get_module(block, path), layout):
+                sq += w.float().pow(2).sum(dim=1)
+        norms.append({"out": out, "in": sq.sqrt()})
+    return norms

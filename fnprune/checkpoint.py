@@ -1,0 +1,144 @@
+"""Write and read pruned checkpoints: HF layout + recipe.yaml + report.json + networks + model card.
+
+Output is written into a temporary sibling directory and renamed into place at the end, so an interrupted
+run never leaves a half-written checkpoint, and an existing directory is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import OutputError
+
+__all__ = [
+    "RECIPE_FILE",
+    "REPORT_FILE",
+    "NETWORKS_FILE",
+    "NETWORKS_META_FILE",
+    "CARD_FILE",
+    "check_output_dir",
+    "atomic_output_dir",
+    "save_networks",
+    "write_json",
+    "model_card",
+]
+
+RECIPE_FILE = "recipe.yaml"
+REPORT_FILE = "report.json"
+NETWORKS_FILE = "networks.safetensors"
+NETWORKS_META_FILE = "networks.json"
+CARD_FILE = "README.md"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Fail before any heavy work if the output cannot be written."""
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent}")
+
+
+@contextmanager
+def atomic_output_dir(path: Path, overwrite: bool):
+    """Yield a temporary directory; on success it replaces `path`, on any failure it is deleted."""
+    check_output_dir(path, overwrite)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = tmp.with_suffix(".old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def save_networks(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Functional networks and kept indices: tensors in safetensors, the rest as JSON."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / NETWORKS_FILE))
+    write_json(directory / NETWORKS_META_FILE, meta)
+
+
+@dataclass
+class CardInfo:
+    base_model: str
+    task: str
+    method: str
+    keep: float
+    report: dict[str, Any]
+    recipe_yaml: str
+
+
+def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def model_card(info: CardInfo, fnprune_version: str) -> str:
+    """Hugging Face model card with base_model metadata, what was done and the results table."""
+    r = info.report
+    metric = r.get("metric", {})
+    params = r["parameters"]
+    size = r["file_bytes"]
+    mib: Callable[[int | None], str] = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    base_model_line = f"base_model: {info.base_model}\n" if "/" in info.base_model and not Path(
+        info.base_model
+    ).expanduser().exists() else ""
+    return f"""---
+{base_model_line}library_name: transformers
+tags:
+- fnprune
+- pruned
+- {info.task}
+---
+
+# {info.base_model} pruned for {info.task} with fnprune
+
+fnprune {fnprune_version} found the model's task functional networks (per-layer ICA on MLP activations from
+{r['calibration']['samples']} `{info.task}` calibration examples), kept {info.keep:.0%} of the MLP neurons of
+every layer with the `{info.method}` criterion and physically removed the others. The checkpoint loads with
+plain `AutoModelForCausalLM.from_pretrained`.
+
+| | dense | pruned |
+|---|---|---|
+| {info.task} {metric.get('name', 'accuracy')} ({metric.get('n', 'n/a')} `{metric.get('split', '')}` examples) | \
+{_fmt(metric.get('dense'))} | {_fmt(metric.get('pruned'))} |
+| parameters | {params['dense']:,} | {params['pruned']:,} |
+| MLP width per layer | {r['widths']['dense']} | {r['widths']['pruned'][0]} |
+| weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
+
+Evaluation is zero-shot (label-word log-probabilities) on a split the calibration never saw.
+
+## Recipe
+
+Rerun with `fnprune compress --recipe recipe.yaml --output DIR`:
+
+```yaml
+{info.recipe_yaml.rstrip()}
+```
+"""

@@ -1,0 +1,222 @@
+"""`fnprune compress | evaluate | inspect`: a thin click shell over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import FnpruneError, RecipeError
+
+log = logging.getLogger("fnprune")
+
+
+def _parse_data_files(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    files = {}
+    for part in value.split(","):
+        split, sep, path = part.partition("=")
+        if not sep or not split.strip() or not path.strip():
+            raise click.BadParameter(f"{part!r}: expected SPLIT=PATH, e.g. train=train.tsv,validation=dev.tsv")
+        files[split.strip()] = path.strip()
+    return files
+
+
+def _friendly(fn: Callable) -> Callable:
+    """User errors print one clear message (no traceback); Ctrl-C says nothing was written."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FnpruneError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool) -> None:
+    import torch
+
+    torch.set_flush_denormal(True)  # denormal floats slow CPU inference more than tenfold on some CPUs
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="fnprune: %(message)s")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _task_overrides(task: str | None, data_dir: str | None, data_files: dict | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if task:
+        out["task"] = {"name": task}
+    if data_dir:
+        out["task.data_dir"] = data_dir
+        out["task.data_files"] = {}
+    if data_files:
+        out["task.data_files"] = data_files
+        out["task.data_dir"] = None
+    return out
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fnprune")
+def main() -> None:
+    """Compress a transformer LM for one task by keeping its task functional networks."""
+
+
+@main.command()
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
+@click.option("--task", help="Task name (built in: sst2, rte, ag_news; or defined in the recipe).")
+@click.option("--model", help="Hub id, local Hugging Face folder, or .gguf file.")
+@click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
+@click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
+@click.option("--keep", type=float, help="Fraction of MLP neurons kept in every layer (default 0.5).")
+@click.option("--sparsity", type=float, help="Fraction of MLP neurons removed (= 1 - keep).")
+@click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
+@click.option("--round-to", type=int, help="Round kept widths to a multiple of this (default 8).")
+@click.option("--components", type=int, help="ICA components per layer (default 32).")
+@click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
+@click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
+@click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
+@click.option("--batch-size", type=int, help="Calibration batch size (default 16).")
+@click.option("--seed", type=int, help="Seed for calibration sampling, ICA and random selection.")
+@click.option("--bias-compensation/--no-bias-compensation", default=None,
+              help="Fold the removed neurons' mean output into the MLP bias (default: when the model allows).")
+@click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
+@click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
+@click.option("--output", help="Output directory for the pruned checkpoint.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
+@click.option("--quiet", is_flag=True, help="Only warnings and the result.")
+@_friendly
+def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, components,
+             threshold, num_samples, max_tokens, batch_size, seed, bias_compensation, do_eval, eval_samples,
+             output, overwrite, trust_remote_code, quiet) -> None:
+    """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
+    from .pipeline import compress as run
+    from .recipe import Recipe, apply_overrides, load_recipe
+
+    _setup_logging(quiet)
+    if keep is not None and sparsity is not None:
+        raise RecipeError("give --keep or --sparsity, not both")
+    base = load_recipe(recipe_path) if recipe_path else Recipe()
+    overrides: dict[str, Any] = _task_overrides(task, data_dir, _parse_data_files(data_files))
+    overrides.update({
+        "model.name_or_path": model,
+        "model.trust_remote_code": trust_remote_code,
+        "selection.keep": (1 - sparsity) if sparsity is not None else keep,
+        "selection.method": method,
+        "selection.round_to": round_to,
+        "selection.bias_compensation": bias_compensation,
+        "networks.components": components,
+        "networks.threshold": threshold,
+        "calibration.num_samples": num_samples,
+        "calibration.max_tokens": max_tokens,
+        "calibration.batch_size": batch_size,
+        "evaluation.enabled": do_eval,
+        "evaluation.max_samples": eval_samples,
+        "output.dir": output,
+        "output.overwrite": overwrite,
+    })
+    if seed is not None:
+        overrides.update({f"{s}.seed": seed for s in ("calibration", "networks", "selection")})
+    if recipe_path and "task" in overrides and base.provenance:
+        base.provenance = {}
+    recipe = apply_overrides(base, overrides)
+    result = run(recipe, progress=not quiet)
+    _print_summary(result.report, result.output_dir)
+
+
+def _print_summary(report: dict, where: Path | str) -> None:
+    m, p = report["metric"], report["parameters"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    click.echo(f"wrote {where}")
+    click.echo(f"  method {report['method']}, keep {report['keep']}, widths {report['widths']['dense']} -> "
+               f"{report['widths']['pruned'][0]} per layer")
+    click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
+    click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples: dense {fmt(m['dense'])}, "
+               f"pruned {fmt(m['pruned'])}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Pruned output folder, HF folder, Hub id or .gguf file.")
+@click.option("--task", help="Task name; defaults to the task in the model folder's recipe.yaml.")
+@click.option("--data-dir", help="Folder with GLUE-style split files.")
+@click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
+@click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
+@click.option("--max-samples", type=int, help="Evaluate the first N examples only.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True)
+@_friendly
+def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, trust_remote_code, as_json,
+             quiet) -> None:
+    """Zero-shot accuracy of a model on a task's evaluation split."""
+    from .checkpoint import RECIPE_FILE
+    from .data import load_split, resolve_task
+    from .evaluate import evaluate_accuracy
+    from .models import load_model
+    from .recipe import ModelSpec, TaskSpec, load_recipe, recipe_from_dict
+
+    _setup_logging(quiet)
+    saved = Path(model).expanduser() / RECIPE_FILE
+    if task is None and saved.is_file():
+        spec = load_recipe(saved).task
+    elif task is None:
+        raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
+    else:
+        spec = TaskSpec(name=task)
+    overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
+    data = {"name": spec.name, **{k: v for k, v in vars(spec).items() if k != "name"}}
+    for key, value in overrides.items():
+        data[key.split(".", 1)[1]] = value
+    spec = recipe_from_dict({"task": data}).task
+    resolved = resolve_task(spec)
+    examples = load_split(resolved, split or resolved.evaluation_split)[:max_samples]
+    m, tok = load_model(ModelSpec(name_or_path=model, trust_remote_code=trust_remote_code))
+    result = evaluate_accuracy(m, tok, examples, resolved.label_words, batch_size, progress=not quiet)
+    out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split,
+           "n": result.n, "accuracy": result.accuracy, "seconds": round(result.seconds, 2)}
+    click.echo(json.dumps(out) if as_json else
+               f"{resolved.name} accuracy {result.accuracy:.4f} on {result.n} {out['split']} examples ({model})")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@_friendly
+def inspect(directory) -> None:
+    """Summarize a pruned checkpoint from its report.json and recipe.yaml."""
+    from .checkpoint import RECIPE_FILE, REPORT_FILE
+
+    path = Path(directory)
+    if not (path / REPORT_FILE).is_file():
+        raise FnpruneError(f"{path} has no {REPORT_FILE}: not an fnprune output folder")
+    report = json.loads((path / REPORT_FILE).read_text())
+    _print_summary(report, path)
+    t = report.get("timings_seconds", {})
+    click.echo("  timings " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    f = report.get("file_bytes", {})
+    if f.get("pruned"):
+        dense = f"{f['dense'] / 2**20:.1f} MiB" if f.get("dense") else "n/a"
+        click.echo(f"  weights file {dense} -> {f['pruned'] / 2**20:.1f} MiB")
+    cal = report.get("calibration", {})
+    click.echo(f"  calibration {cal.get('samples')} examples from {cal.get('split')}, "
+               f"{cal.get('tokens_for_ica')} tokens for ICA")
+    click.echo(f"  recipe: {path / RECIPE_FILE}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

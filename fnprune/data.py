@@ -1,0 +1,208 @@
+"""Tasks: where the examples come from, how a prompt is built, and which word stands for each label.
+
+Built-in tasks fill in a TaskSpec; a recipe can define a new classification task with the same fields.
+Data comes from local files (GLUE-style TSV, CSV or JSON lines) or, online, from Hugging Face `datasets`.
+No model internals here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+from .recipe import TaskSpec
+
+__all__ = ["BUILTIN_TASKS", "Example", "resolve_task", "load_split", "template_fields", "sample", "check_disjoint"]
+
+BUILTIN_TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(
+        name="sst2",
+        dataset="glue",
+        dataset_config="sst2",
+        template="Review: {sentence}\nSentiment:",
+        label_column="label",
+        label_words={"0": " negative", "1": " positive"},
+    ),
+    "rte": TaskSpec(
+        name="rte",
+        dataset="glue",
+        dataset_config="rte",
+        template="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:",
+        label_column="label",
+        label_words={"0": " True", "1": " False"},
+    ),
+    "ag_news": TaskSpec(
+        name="ag_news",
+        dataset="ag_news",
+        template="Article: {title}. {description}\nTopic (World, Sports, Business or Technology):",
+        label_column="label",
+        label_words={"1": " World", "2": " Sports", "3": " Business", "4": " Technology"},
+        calibration_split="train",
+        evaluation_split="test",
+    ),
+}
+
+SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: the filled-in prompt and the label's key in `label_words`."""
+
+    prompt: str
+    label: str
+
+
+def resolve_task(spec: TaskSpec) -> TaskSpec:
+    """Fill empty fields from the built-in task of the same name; a new task must define everything."""
+    base = BUILTIN_TASKS.get(spec.name)
+    values = dataclasses.asdict(spec)
+    if base is not None:
+        defaults = TaskSpec()
+        for f in dataclasses.fields(TaskSpec):
+            if values[f.name] in (None, {}, "") or (
+                f.name.endswith("_split") and values[f.name] == getattr(defaults, f.name)
+            ):
+                values[f.name] = getattr(base, f.name)
+    task = TaskSpec(**values)
+    missing = [n for n in ("template", "label_column") if not getattr(task, n)]
+    if not task.label_words:
+        missing.append("label_words")
+    if not (task.dataset or task.data_dir or task.data_files):
+        missing.append("dataset, data_dir or data_files")
+    if missing:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        raise DataError(
+            f"task {task.name!r} is not built in ({known}); a custom task must set: {', '.join(missing)}"
+        )
+    if not template_fields(task.template):
+        raise DataError(f"task.template {task.template!r} has no {{column}} field for the text")
+    return task
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise DataError(f"task.template {template!r} is not a valid format string: {exc}") from exc
+
+
+def _split_file(task: TaskSpec, split: str) -> Path | None:
+    if split in task.data_files:
+        return Path(task.data_files[split]).expanduser()
+    if task.data_dir:
+        directory = Path(task.data_dir).expanduser()
+        if not directory.is_dir():
+            raise DataError(f"task.data_dir {directory} is not a directory")
+        for stem in SPLIT_FILE_STEMS.get(split, (split,)):
+            for suffix in SUFFIXES:
+                candidate = directory / f"{stem}{suffix}"
+                if candidate.is_file():
+                    return candidate
+        raise DataError(
+            f"no file for split {split!r} in {directory} (looked for "
+            f"{', '.join(s + x for s in SPLIT_FILE_STEMS.get(split, (split,)) for x in SUFFIXES)})"
+        )
+    return None
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
+        return rows
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    return list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+
+
+def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"task {task.name!r} has no local files (give --data-dir or --data-files) and the `datasets` "
+            "package is not installed (pip install 'fnprune[datasets]')"
+        ) from exc
+    try:
+        ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
+    except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
+        raise DataError(
+            f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging Face "
+            f"Hub ({type(exc).__name__}: {exc}); offline, pass --data-dir or --data-files"
+        ) from exc
+    return [dict(row) for row in ds]
+
+
+def data_source(task: TaskSpec, split: str) -> Path | None:
+    """The local file a split is read from, or None when it comes from the Hub."""
+    return _split_file(task, split)
+
+
+def load_split(task: TaskSpec, split: str) -> list[Example]:
+    """All examples of one split, prompts filled in; every problem with the data is a DataError."""
+    path = _split_file(task, split)
+    rows = _load_hub_split(task, split) if path is None else _read_rows(path)
+    where = str(path) if path else f"{task.dataset} {split}"
+    if not rows:
+        raise DataError(f"{where}: split {split!r} is empty")
+    columns = [*template_fields(task.template), task.label_column]
+    absent = [c for c in columns if c not in rows[0]]
+    if absent:
+        raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
+    examples = []
+    for n, row in enumerate(rows):
+        label = str(row[task.label_column]).strip()
+        if label not in task.label_words:
+            raise DataError(
+                f"{where}: row {n}: label {label!r} is not one of the label words' keys "
+                f"{sorted(task.label_words)}"
+            )
+        fields = {c: str(row[c]).strip() for c in template_fields(task.template)}
+        examples.append(Example(prompt=task.template.format(**fields), label=label))
+    return examples
+
+
+def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """A seeded sample of n examples without replacement (all of them, in order, when n >= len)."""
+    if n >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    return [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
+
+
+def check_disjoint(calibration: list[Example], evaluation: list[Example]) -> None:
+    """Refuse calibration data that also appears in the evaluation data (the reference code leaked it)."""
+    shared = {e.prompt for e in calibration} & {e.prompt for e in evaluation}
+    if shared:
+        example = next(iter(shared))
+        raise DataError(
+            f"{len(shared)} calibration example(s) also appear in the evaluation split, e.g. {example[:80]!r}; "
+            "calibration and evaluation data must not overlap (use a different calibration split or file)"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

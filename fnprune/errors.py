@@ -1,0 +1,29 @@
+"""Exceptions fnprune raises for problems a user can fix (bad recipe, data, model or output path)."""
+
+from __future__ import annotations
+
+__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError"]
+
+
+class FnpruneError(Exception):
+    """Base class: every user-facing failure; the CLI prints these without a traceback."""
+
+
+class RecipeError(FnpruneError, ValueError):
+    """A recipe field is unknown, of the wrong type or out of range. Lists every problem at once."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid recipe:\n  - " + "\n  - ".join(self.problems))
+
+
+class DataError(FnpruneError, ValueError):
+    """Task data is missing, malformed, or calibration and evaluation data overlap."""
+
+
+class ModelError(FnpruneError, ValueError):
+    """The model cannot be loaded or its architecture is not supported."""
+
+
+class OutputError(FnpruneError, FileExistsError):
+    """The output directory exists (and --overwrite was not given) or cannot be written."""

@@ -1,0 +1,96 @@
+"""Zero-shot task accuracy of any causal LM: which label word is most likely after the prompt.
+
+A label word's score is the sum of its tokens' log-probabilities after the prompt (lm-eval-harness style:
+prompt and word tokenized separately, then joined). Knows nothing about pruning.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Example
+from .errors import DataError
+from .tokens import batches, encode, forward
+
+__all__ = ["EvalResult", "evaluate_accuracy", "label_token_ids"]
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    seconds: float
+    predictions: list[str] = field(repr=False, default_factory=list)
+    scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels) log-probabilities
+
+
+def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:
+    ids = {}
+    for label, word in label_words.items():
+        ids[label] = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids[label]:
+            raise DataError(f"label word {word!r} (label {label}) tokenizes to nothing")
+    if len({tuple(v) for v in ids.values()}) != len(ids):
+        raise DataError(f"two label words tokenize to the same ids: {ids}")
+    return ids
+
+
+@torch.inference_mode()
+def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, progress) -> torch.Tensor:
+    contexts = encode(tokenizer, prompts, max_length)
+    labels = list(label_ids)
+    scores = torch.zeros(len(prompts), len(labels), dtype=torch.float64)
+    single = all(len(v) == 1 for v in label_ids.values())
+    runs = [None] if single else labels
+    bar = tqdm(total=len(prompts) * len(runs), desc="evaluate", unit="ex", disable=not progress)
+    for label in runs:
+        if label is None:  # one token per label word: only the last position's logits are needed
+            for batch in batches(contexts, batch_size, padding_side="left"):
+                logp = torch.log_softmax(forward(model, batch, all_logits=False)[:, -1].double(), dim=-1)
+                for j, lab in enumerate(labels):
+                    scores[batch.index, j] = logp[:, label_ids[lab][0]].cpu()
+                bar.update(len(batch.index))
+            continue
+        cont = label_ids[label]
+        for batch in batches([c + cont for c in contexts], batch_size):
+            logits = forward(model, batch)  # (B, L, V), right padded
+            rows = torch.arange(len(batch.index))
+            start = torch.tensor([len(contexts[i]) - 1 for i in batch.index])
+            total = torch.zeros(len(batch.index), dtype=torch.float64)
+            for t, tok in enumerate(cont):
+                total += torch.log_softmax(logits[rows, start + t].double(), dim=-1)[:, tok].cpu()
+            scores[batch.index, labels.index(label)] = total
+            bar.update(len(batch.index))
+    bar.close()
+    return scores
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    label_words: dict[str, str],
+    batch_size: int = 32,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> EvalResult:
+    """Accuracy of the most likely label word over `examples` (ties go to the first label)."""
+    if not examples:
+        raise DataError("no evaluation examples")
+    start = time.perf_counter()
+    label_ids = label_token_ids(tokenizer, label_words)
+    was_training = model.training
+    model.eval()
+    scores = _label_scores(
+        model, tokenizer, [e.prompt for e in examples], label_ids, batch_size, max_length, progress
+    )
+    model.train(was_training)
+    labels = list(label_ids)
+    predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
+    correct = sum(p == e.label for p, e in zip(predictions, examples))
+    return EvalResult(correct / len(examples), len(examples), time.perf_counter() - start, predictions, scores)

@@ -1,0 +1,108 @@
+"""Load a causal LM and its tokenizer from a Hub id, a local Hugging Face folder or a .gguf file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .arch import layout_for
+from .errors import ModelError
+from .recipe import ModelSpec
+
+__all__ = ["load_model", "load_pruned", "PrunedModel", "count_parameters", "checkpoint_bytes"]
+
+log = logging.getLogger(__name__)
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _source(spec: ModelSpec) -> tuple[str, dict]:
+    """What to pass to from_pretrained: (folder or Hub id, extra kwargs)."""
+    path = Path(spec.name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path), {}
+    if spec.name_or_path.startswith((".", "/", "~")) or spec.name_or_path.count("/") > 1:
+        raise ModelError(f"model path not found: {spec.name_or_path}")
+    return spec.name_or_path, {"revision": spec.revision} if spec.revision else {}
+
+
+def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix."""
+    source, extra = _source(spec)
+    common = dict(extra, trust_remote_code=spec.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
+        raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **common, **{_DTYPE_KW: getattr(torch, spec.dtype)})
+    except Exception as exc:
+        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
+    layout_for(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ModelError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}: "
+            "tokenizer and model do not match"
+        )
+    model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def checkpoint_bytes(spec: ModelSpec) -> int | None:
+    """Size on disk of a local source checkpoint (weights only), or None for a Hub id."""
+    path = Path(spec.name_or_path).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        return sum(f.stat().st_size for f in files) or None
+    return None
+
+
+@dataclass
+class PrunedModel:
+    """A pruned checkpoint: the model, its tokenizer, and fnprune's record of how it was made."""
+
+    model: nn.Module
+    tokenizer: object
+    report: dict | None
+    recipe: object | None
+
+
+def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:
+    """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present."""
+    from huggingface_hub import snapshot_download
+
+    from .checkpoint import RECIPE_FILE, REPORT_FILE
+    from .recipe import load_recipe
+
+    local = Path(path).expanduser()
+    if not local.exists():
+        try:
+            local = Path(snapshot_download(str(path), revision=revision))
+        except Exception as exc:
+            raise ModelError(f"could not find {path} locally or on the Hugging Face Hub: {exc}") from exc
+    model, tokenizer = load_model(ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code))
+    report = json.loads((local / REPORT_FILE).read_text()) if (local / REPORT_FILE).is_file() else None
+    recipe = load_recipe(local / RECIPE_FILE) if (local / RECIPE_FILE).is_file() else None
+    return PrunedModel(model, tokenizer, report, recipe)

@@ -1,0 +1,88 @@
+"""Functional networks of one layer: spatial ICA over MLP neurons (pure math; knows nothing of models).
+
+As in fMRI spatial ICA, neurons are the samples and tokens the features: each neuron's activation over the
+calibration tokens is z-scored, the neuron x token matrix is reduced by PCA to k components, and FastICA
+unmixes k spatial maps (one weight per neuron). Each map is z-scored across neurons; neurons with
+|z| > threshold are that network's members.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.decomposition import FastICA
+from sklearn.exceptions import ConvergenceWarning
+
+__all__ = ["LayerNetworks", "find_networks", "network_relevance"]
+
+
+@dataclass
+class LayerNetworks:
+    maps: np.ndarray  # (k, d) spatial maps, z-scored across neurons, heavy tail positive
+    members: np.ndarray  # (k, d) bool, |z| > threshold
+    threshold: float
+    converged: bool
+    dead_neurons: int  # neurons with zero variance over the calibration tokens
+
+
+def _zscore(x: np.ndarray, axis: int) -> np.ndarray:
+    std = x.std(axis=axis, keepdims=True)
+    return np.where(std > 0, (x - x.mean(axis=axis, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
+
+
+def find_networks(
+    tokens: np.ndarray,
+    components: int,
+    threshold: float,
+    seed: int,
+    max_iter: int = 400,
+    tol: float = 1e-4,
+) -> LayerNetworks:
+    """ICA maps of one layer from its token activations `tokens` (T tokens, d neurons)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if not np.isfinite(tokens).all():
+        raise ValueError("activations contain NaN or inf")
+    n_tokens, width = tokens.shape
+    if components >= min(n_tokens, width):
+        raise ValueError(
+            f"components ({components}) must be smaller than both the number of tokens ({n_tokens}) "
+            f"and of neurons ({width})"
+        )
+    x = _zscore(tokens.T, axis=1)  # (d, T): each neuron's time course standardized
+    dead = int((tokens.std(axis=0) == 0).sum())
+    x = x - x.mean(axis=0, keepdims=True)  # centre every token feature across neurons
+    # PCA whitening through the neuron x neuron Gram matrix (d x d, cheap when T > d).
+    eigval, eigvec = np.linalg.eigh(x @ x.T)  # ascending
+    top = np.argsort(eigval)[::-1][:components]
+    if eigval[top[-1]] <= 1e-10 * max(eigval[top[0]], 1e-300):
+        raise ValueError(f"activations have rank below {components} components; lower `components`")
+    whitened = eigvec[:, top] * np.sqrt(width)  # (d, k), unit variance per component
+    ica = FastICA(
+        n_components=components, whiten=False, fun="logcosh", max_iter=max_iter, tol=tol, random_state=seed
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        sources = ica.fit_transform(whitened)  # (d, k)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    maps = _zscore(sources.T, axis=1)  # (k, d)
+    skew = (maps**3).mean(axis=1)
+    maps = maps * np.where(skew < 0, -1.0, 1.0)[:, None]
+    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
+
+
+def network_relevance(maps: np.ndarray, decision: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """How strongly each network's activity at the decision token separates the labels, in [0, 1].
+
+    Activity of network k on prompt n = sum_j z(decision[n, j]) * maps[k, j]; relevance is the correlation
+    ratio (eta) of that activity with the label classes (|Pearson r| for two classes).
+    """
+    activity = _zscore(np.asarray(decision, dtype=np.float64), axis=0) @ maps.T  # (N, k)
+    labels = np.asarray(labels)
+    total = ((activity - activity.mean(0)) ** 2).sum(0)
+    between = np.zeros(maps.shape[0])
+    for c in np.unique(labels):
+        group = activity[labels == c]
+        between += len(group) * (group.mean(0) - activity.mean(0)) ** 2
+    return np.sqrt(np.where(total > 0, between / np.where(total > 0, total, 1), 0.0))

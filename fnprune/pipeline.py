@@ -1,0 +1,306 @@
+"""compress(recipe): data -> capture -> networks -> selection -> surgery -> evaluate -> save.
+
+One linear function that reads like a table of contents; each stage lives in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import sklearn
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch import MLPLayout, layout_for, mlp_widths, neuron_weight_norms
+from .capture import LayerActivations, capture_activations, capture_memory_bytes
+from .checkpoint import (
+    CARD_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
+    WEIGHTS_FILE,
+    CardInfo,
+    atomic_output_dir,
+    check_output_dir,
+    model_card,
+    save_networks,
+    write_json,
+)
+from .data import Example, check_disjoint, data_source, file_sha256, load_split, resolve_task, sample
+from .errors import RecipeError
+from .evaluate import EvalResult, evaluate_accuracy
+from .models import checkpoint_bytes, count_parameters, load_model
+from .networks import LayerNetworks, find_networks, network_relevance
+from .recipe import Recipe, dump_recipe
+from .selection import NEEDS_NETWORKS, LayerEvidence, layer_width, score_layer, top_neurons
+from .surgery import prune_mlp, supports_bias_compensation
+from .tokens import encode
+
+__all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons"]
+
+log = logging.getLogger("fnprune")
+
+
+@dataclass
+class CompressResult:
+    output_dir: Path
+    report: dict[str, Any]
+    recipe: Recipe
+
+
+@dataclass
+class Calibration:
+    """Everything selection needs, computed once per (model, data, settings); reusable across budgets."""
+
+    activations: list[LayerActivations]
+    labels: np.ndarray  # (N,) label index of each calibration prompt
+    networks: list[LayerNetworks] | None = None
+    relevance: list[np.ndarray] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("%s ...", name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("%s done in %.1f s", name, self.seconds[name])
+
+
+def versions() -> dict[str, str]:
+    return {
+        "fnprune": __version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "safetensors": str(safetensors.__version__),
+        "scikit-learn": str(sklearn.__version__),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def calibrate(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[Example],
+    label_words: dict[str, str],
+    recipe: Recipe,
+    with_networks: bool = True,
+    progress: bool = True,
+) -> Calibration:
+    """Capture activations on calibration prompts, then find each layer's functional networks."""
+    layout = layout_for(model)
+    cal, net = recipe.calibration, recipe.networks
+    timings: dict[str, float] = {}
+    seqs = encode(tokenizer, [e.prompt for e in examples], cal.max_length)
+    start = time.perf_counter()
+    acts = capture_activations(
+        model, layout, seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
+        store_dtype=cal.store_dtype, progress=progress,
+    )
+    timings["capture"] = round(time.perf_counter() - start, 3)
+    for i, a in enumerate(acts):
+        if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
+            raise ValueError(f"layer {i}: NaN or inf MLP activations on the calibration data")
+    labels_order = list(label_words)
+    labels = np.array([labels_order.index(e.label) for e in examples])
+    calib = Calibration(acts, labels, timings=timings)
+    if with_networks:
+        start = time.perf_counter()
+        calib.networks = []
+        n_tokens = acts[0].tokens.shape[0]
+        if net.components >= min(n_tokens, acts[0].tokens.shape[1]):
+            raise RecipeError(
+                f"networks.components ({net.components}) must be below the calibration tokens captured "
+                f"({n_tokens}) and the MLP width ({acts[0].tokens.shape[1]})"
+            )
+        for a in tqdm(acts, desc="ICA", unit="layer", disable=not progress):
+            found = find_networks(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
+            calib.networks.append(found)
+        slow = [i for i, n in enumerate(calib.networks) if not n.converged]
+        if slow:
+            log.warning(
+                "FastICA stopped at max_iter=%d before tol=%g in %d of %d layers (%s); the maps are still used",
+                net.max_iter, net.tol, len(slow), len(acts), ", ".join(map(str, slow)),
+            )
+        calib.relevance = [
+            network_relevance(n.maps, a.decision.numpy(), labels) for n, a in zip(calib.networks, acts)
+        ]
+        timings["networks"] = round(time.perf_counter() - start, 3)
+    return calib
+
+
+def select_neurons(
+    model: torch.nn.Module, calib: Calibration, method: str, keep: float, round_to: int, seed: int, boost: float
+) -> list[torch.Tensor]:
+    """Kept neuron indices per layer (uniform width) for one criterion and budget."""
+    layout = layout_for(model)
+    norms = neuron_weight_norms(model, layout)
+    kept = []
+    for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
+        ev = LayerEvidence(
+            layer=i, mean_abs=a.mean_abs, var=a.var, out_norm=nrm["out"], in_norm=nrm["in"],
+            networks=calib.networks[i] if calib.networks else None,
+            relevance=calib.relevance[i] if calib.relevance else None,
+        )
+        width = layer_width(a.mean.numel(), keep, round_to)
+        kept.append(top_neurons(score_layer(method, ev, seed, boost), width))
+    return kept
+
+
+def _data_provenance(task, splits: list[str]) -> dict[str, Any]:
+    out = {}
+    for split in splits:
+        path = data_source(task, split)
+        out[split] = (
+            {"file": str(path), "sha256": file_sha256(path)}
+            if path
+            else {"dataset": task.dataset, "config": task.dataset_config}
+        )
+    return out
+
+
+def _evaluate(model, tokenizer, examples, task, recipe, progress) -> EvalResult | None:
+    if not recipe.evaluation.enabled:
+        return None
+    return evaluate_accuracy(
+        model, tokenizer, examples, task.label_words, recipe.evaluation.batch_size, progress=progress
+    )
+
+
+def _networks_artifact(calib: Calibration, kept: list[torch.Tensor]) -> tuple[dict, dict]:
+    tensors: dict[str, torch.Tensor] = {f"layers.{i}.kept": k.to(torch.int64) for i, k in enumerate(kept)}
+    meta: dict[str, Any] = {"layers": []}
+    for i, n in enumerate(calib.networks or []):
+        tensors[f"layers.{i}.maps"] = torch.from_numpy(n.maps.astype(np.float32))
+        meta["layers"].append(
+            {
+                "layer": i,
+                "threshold": n.threshold,
+                "converged": n.converged,
+                "dead_neurons": n.dead_neurons,
+                "network_sizes": n.members.sum(axis=1).tolist(),
+                "relevance": [round(float(r), 6) for r in calib.relevance[i]] if calib.relevance else None,
+            }
+        )
+    return tensors, meta
+
+
+def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
+    """Run one compression; returns where the checkpoint went and its report."""
+    recipe.validate()
+    out_dir = Path(recipe.output.dir).expanduser()
+    check_output_dir(out_dir, recipe.output.overwrite)
+    timer = _Timer()
+    sel = recipe.selection
+
+    with timer.stage("load"):
+        task = resolve_task(recipe.task)
+        calibration_pool = load_split(task, task.calibration_split)
+        evaluation = load_split(task, task.evaluation_split)
+        calibration = sample(calibration_pool, recipe.calibration.num_samples, recipe.calibration.seed)
+        check_disjoint(calibration, evaluation)
+        if recipe.evaluation.max_samples:
+            evaluation = evaluation[: recipe.evaluation.max_samples]
+        model, tokenizer = load_model(recipe.model)
+        layout: MLPLayout = layout_for(model)
+        if sel.bias_compensation is None:  # auto: on where the architecture can hold the bias
+            sel = dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout))
+        elif sel.bias_compensation and not supports_bias_compensation(layout):
+            raise RecipeError(
+                f"selection.bias_compensation: {model.config.model_type} MLPs have no bias to fold the removed "
+                "neurons' mean into; set it to false"
+            )
+    widths = mlp_widths(model, layout)
+    n_layers = len(widths)
+    log.info(
+        "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d tokens)",
+        capture_memory_bytes(
+            n_layers, max(widths), recipe.calibration.max_tokens, len(calibration), recipe.calibration.store_dtype
+        ) / 2**20,
+        n_layers, max(widths), recipe.calibration.max_tokens,
+    )
+    calib = calibrate(
+        model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress
+    )
+    timer.seconds.update(calib.timings)
+    with timer.stage("selection"):
+        kept = select_neurons(model, calib, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost)
+    with timer.stage("evaluate_dense"):
+        dense_params = count_parameters(model)
+        dense_width = calib.activations[0].mean.numel()
+        dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+    with timer.stage("surgery"):
+        removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
+        prune_mlp(model, layout, kept, removed_means)
+    with timer.stage("evaluate_pruned"):
+        pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+
+    resolved = Recipe(
+        model=recipe.model, task=task, calibration=recipe.calibration, networks=recipe.networks,
+        selection=sel, evaluation=recipe.evaluation, output=recipe.output,
+        provenance={
+            "versions": versions(),
+            "data": _data_provenance(task, [task.calibration_split, task.evaluation_split]),
+        },
+    )
+    recipe_yaml = dump_recipe(resolved)
+    report: dict[str, Any] = {
+        "fnprune_version": __version__,
+        "base_model": recipe.model.name_or_path,
+        "task": task.name,
+        "method": sel.method,
+        "keep": sel.keep,
+        "bias_compensation": sel.bias_compensation,
+        "calibration": {
+            "split": task.calibration_split,
+            "samples": len(calibration),
+            "tokens_seen": calib.activations[0].count,
+            "tokens_for_ica": int(calib.activations[0].tokens.shape[0]),
+        },
+        "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
+        "mlp_neurons": {"dense": dense_width * n_layers, "pruned": sum(len(k) for k in kept)},
+        "widths": {"dense": dense_width, "pruned": [len(k) for k in kept]},
+        "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
+        "metric": {
+            "name": "accuracy",
+            "split": task.evaluation_split,
+            "n": dense_eval.n if dense_eval else None,
+            "dense": dense_eval.accuracy if dense_eval else None,
+            "pruned": pruned_eval.accuracy if pruned_eval else None,
+        },
+        "timings_seconds": timer.seconds,
+    }
+    report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)
+
+    with timer.stage("save"), atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+        save_networks(tmp, *_networks_artifact(calib, kept))
+        weights = sorted(tmp.glob("*.safetensors"))
+        report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in weights if f.name == WEIGHTS_FILE) or sum(
+            f.stat().st_size for f in weights if f.name.startswith("model")
+        )
+        report["timings_seconds"] = timer.seconds
+        write_json(tmp / REPORT_FILE, report)
+        card = CardInfo(recipe.model.name_or_path, task.name, sel.method, sel.keep, report, recipe_yaml)
+        (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
+    report["timings_seconds"] = timer.seconds
+    return CompressResult(out_dir, report, resolved)

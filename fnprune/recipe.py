@@ -1,0 +1,335 @@
+"""The recipe: every setting of one compression run, as typed dataclasses that round-trip through YAML.
+
+A recipe saved beside a checkpoint is fully resolved (task fields, defaults, seeds, versions, data hashes),
+so `fnprune compress --recipe out/recipe.yaml` reproduces the run. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+__all__ = [
+    "ModelSpec",
+    "TaskSpec",
+    "CalibrationSpec",
+    "NetworksSpec",
+    "SelectionSpec",
+    "EvaluationSpec",
+    "OutputSpec",
+    "Recipe",
+    "load_recipe",
+    "dump_recipe",
+    "recipe_from_dict",
+    "apply_overrides",
+]
+
+METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")
+DTYPES = ("float32", "bfloat16", "float16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelSpec:
+    """Which model to compress: a Hub id, a local HF folder, or a .gguf file."""
+
+    name_or_path: str = ""
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.name_or_path:
+            problems.append("model.name_or_path: required (a Hub id, an HF folder or a .gguf file)")
+        if self.dtype not in DTYPES:
+            problems.append(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        return problems
+
+
+@dataclass
+class TaskSpec:
+    """A classification task scored zero-shot by label-word log-probabilities.
+
+    `name` picks a built-in task whose fields fill whatever is left empty here; a task with a new name must
+    give every field (data, template, label words). Text columns are the `{fields}` of the template.
+    """
+
+    name: str = "sst2"
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_dir: str | None = None
+    data_files: dict[str, str] = field(default_factory=dict)
+    template: str | None = None
+    label_column: str | None = None
+    label_words: dict[str, str] = field(default_factory=dict)
+    calibration_split: str = "train"
+    evaluation_split: str = "validation"
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.name:
+            problems.append("task.name: required")
+        if self.calibration_split == self.evaluation_split:
+            problems.append(
+                f"task.calibration_split and task.evaluation_split are both {self.calibration_split!r}: "
+                "calibration data must never be evaluation data"
+            )
+        if self.label_words and len(set(self.label_words.values())) != len(self.label_words):
+            problems.append("task.label_words: two labels share the same word")
+        for split in self.data_files:
+            if not isinstance(self.data_files[split], str):
+                problems.append(f"task.data_files.{split}: must be a file path")
+        return problems
+
+
+@dataclass
+class CalibrationSpec:
+    """Task data run through the model to record MLP activations (from the calibration split only)."""
+
+    num_samples: int = 256
+    max_tokens: int = 4096
+    batch_size: int = 16
+    max_length: int = 256
+    store_dtype: str = "float32"
+    seed: int = 0
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("num_samples", "max_tokens", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"calibration.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.store_dtype not in STORE_DTYPES:
+            problems.append(f"calibration.store_dtype: {self.store_dtype!r} is not one of {STORE_DTYPES}")
+        return problems
+
+
+@dataclass
+class NetworksSpec:
+    """Per-layer spatial ICA: k components, maps z-scored across neurons, |z| > threshold = member."""
+
+    components: int = 32
+    threshold: float = 3.0
+    max_iter: int = 400
+    tol: float = 1e-4
+    seed: int = 0
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.components < 1:
+            problems.append(f"networks.components: must be >= 1, got {self.components}")
+        if self.threshold <= 0:
+            problems.append(f"networks.threshold: must be > 0, got {self.threshold}")
+        if self.max_iter < 1:
+            problems.append(f"networks.max_iter: must be >= 1, got {self.max_iter}")
+        if self.tol <= 0:
+            problems.append(f"networks.tol: must be > 0, got {self.tol}")
+        return problems
+
+
+@dataclass
+class SelectionSpec:
+    """Which MLP neurons to keep: a criterion (`method`) and a budget (`keep` fraction, uniform per layer)."""
+
+    method: str = "fn-task"
+    keep: float = 0.5
+    round_to: int = 8
+    bias_compensation: bool | None = None  # None: on where the architecture allows it
+    fn_boost: float = 1.0
+    seed: int = 0
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"selection.method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if not 0 < self.keep <= 1:
+            problems.append(f"selection.keep: must be in (0, 1], got {self.keep}")
+        if self.round_to < 1:
+            problems.append(f"selection.round_to: must be >= 1, got {self.round_to}")
+        if self.fn_boost < 0:
+            problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
+        return problems
+
+
+@dataclass
+class EvaluationSpec:
+    """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all)."""
+
+    enabled: bool = True
+    max_samples: int | None = None
+    batch_size: int = 32
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"evaluation.max_samples: must be >= 1 or null, got {self.max_samples}")
+        if self.batch_size < 1:
+            problems.append(f"evaluation.batch_size: must be >= 1, got {self.batch_size}")
+        return problems
+
+
+@dataclass
+class OutputSpec:
+    """Where the pruned checkpoint goes; an existing directory is replaced only with `overwrite`."""
+
+    dir: str = ""
+    overwrite: bool = False
+
+    def check(self) -> list[str]:
+        return [] if self.dir else ["output.dir: required (use --output DIR)"]
+
+
+@dataclass
+class Recipe:
+    """One compression run. `provenance` is filled in when the run is saved (versions, data hashes)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    networks: NetworksSpec = field(default_factory=NetworksSpec)
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                found.extend(section.check())
+        return found
+
+    def validate(self) -> Recipe:
+        """Raise one RecipeError listing every problem, or return self."""
+        problems = self.problems()
+        if problems:
+            raise RecipeError(problems)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return {}
+        out = {}
+        for k, v in value.items():
+            if tp is not dict and typing.get_args(tp)[1] is str:
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    problems.append(f"{where}.{k}: expected a string, got {type(v).__name__}")
+                    continue
+                v = str(v)
+            out[str(k)] = v
+        return out
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'recipe'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            problems.append(
+                f"{where + '.' if where else ''}{key}: unknown field (allowed: {', '.join(sorted(known))})"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        sub = f"{where + '.' if where else ''}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], sub, problems)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, sub, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    """Build a Recipe from plain data, reporting unknown keys and wrong types all at once."""
+    problems: list[str] = []
+    recipe = _build(Recipe, data, "", problems)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe with `yaml.safe_load` (never the unsafe loader)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of the recipe, keys in declaration order so equal recipes give equal text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Return a copy with dotted-key overrides (`selection.keep`) applied; None values are skipped."""
+    data = recipe.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return recipe_from_dict(data)

@@ -1,0 +1,105 @@
+"""Which neurons to keep: pluggable scoring criteria and a per-layer budget (pure math, no models).
+
+Every criterion maps one layer's evidence to a score per neuron; the highest-scoring neurons are kept.
+All criteria see the same budget, so evaluation can compare them fairly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .networks import LayerNetworks
+
+__all__ = ["LayerEvidence", "CRITERIA", "layer_width", "score_layer", "top_neurons"]
+
+
+@dataclass
+class LayerEvidence:
+    """Everything a criterion may use about one layer's d neurons."""
+
+    layer: int
+    mean_abs: torch.Tensor  # (d,) mean |activation| over calibration tokens
+    var: torch.Tensor  # (d,) activation variance
+    out_norm: torch.Tensor  # (d,) L2 norm of the neuron's output-projection column
+    in_norm: torch.Tensor  # (d,) L2 norm of the neuron's input-projection rows
+    networks: LayerNetworks | None = None
+    relevance: np.ndarray | None = None  # (k,) task relevance of each network
+
+
+Criterion = Callable[[LayerEvidence, int, float], torch.Tensor]
+
+
+def _random(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 100_003 + ev.layer)
+    return torch.rand(ev.out_norm.numel(), generator=gen, dtype=torch.float64)
+
+
+def _magnitude(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    return ev.in_norm.double() * ev.out_norm.double()
+
+
+def _wanda_sp(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    return ev.mean_abs.double() * ev.out_norm.double()
+
+
+def _flap(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    return ev.var.double() * ev.out_norm.double().pow(2)
+
+
+def _fn(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    """Published rule: a neuron's strongest |z| in any network map (network members first)."""
+    if ev.networks is None:
+        raise ValueError("the fn criterion needs functional networks")
+    return torch.from_numpy(np.abs(ev.networks.maps).max(axis=0))
+
+
+def _fn_task(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    """FLAP score boosted by membership in task-relevant networks (relevance-weighted, in [0, 1])."""
+    if ev.networks is None or ev.relevance is None:
+        raise ValueError("the fn-task criterion needs functional networks and their task relevance")
+    flap = _flap(ev, seed, boost)
+    flap = flap / flap.mean().clamp(min=1e-30)
+    membership = torch.from_numpy(ev.relevance @ ev.networks.members.astype(np.float64))  # (d,)
+    if membership.max() > 0:
+        membership = membership / membership.max()
+    return flap * (1 + boost * membership)
+
+
+CRITERIA: dict[str, Criterion] = {
+    "fn-task": _fn_task,
+    "fn": _fn,
+    "random": _random,
+    "magnitude": _magnitude,
+    "wanda-sp": _wanda_sp,
+    "flap": _flap,
+}
+NEEDS_NETWORKS = {"fn", "fn-task"}
+
+
+def layer_width(width: int, keep: float, round_to: int) -> int:
+    """Neurons kept out of `width`: keep * width rounded to a multiple of round_to, at least one multiple."""
+    if keep >= 1:
+        return width
+    if round_to >= width:
+        return max(1, min(width, round(keep * width)))
+    target = round(keep * width / round_to) * round_to
+    return int(min(width, max(round_to, target)))
+
+
+def score_layer(method: str, ev: LayerEvidence, seed: int, boost: float = 1.0) -> torch.Tensor:
+    if method not in CRITERIA:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(CRITERIA)}")
+    scores = CRITERIA[method](ev, seed, boost)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"layer {ev.layer}: {method} scores contain NaN or inf")
+    return scores
+
+
+def top_neurons(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n highest scores, ascending; ties go to the lower index (deterministic)."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return order[:n].sort().values

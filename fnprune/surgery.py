@@ -1,0 +1,99 @@
+"""Physically remove MLP neurons: slice the projection weights and write the new width into the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import MLPLayout, get_module, layer_blocks, output_weight_by_neuron
+from .errors import ModelError
+
+__all__ = ["prune_mlp", "compensation_bias", "supports_bias_compensation"]
+
+
+def supports_bias_compensation(layout: MLPLayout) -> bool:
+    return layout.bias is not None
+
+
+def compensation_bias(output_module: nn.Module, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
+    """Mean contribution of the removed neurons to the output: W_out[:, removed] @ mean(a_removed).
+
+    `removed_mean` is the full-width mean activation with kept neurons set to zero.
+    """
+    w = output_weight_by_neuron(output_module, layout).double()  # (d_ff, hidden)
+    return (removed_mean.double() @ w).to(output_module.weight.dtype)  # (hidden,)
+
+
+def _slice_input(module: nn.Module, layout: MLPLayout, keep: torch.Tensor, width: int) -> None:
+    rows = torch.cat([keep + half * width for half in range(layout.fused)])
+    if layout.conv1d:  # weight (hidden, d_ff)
+        module.weight = nn.Parameter(module.weight.detach()[:, rows].contiguous())
+        module.nf = len(rows)
+    else:  # weight (d_ff, hidden)
+        module.weight = nn.Parameter(module.weight.detach()[rows].contiguous())
+        module.out_features = len(rows)
+    if getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(module.bias.detach()[rows].contiguous())
+
+
+def _slice_output(module: nn.Module, layout: MLPLayout, keep: torch.Tensor) -> None:
+    if layout.conv1d:  # weight (d_ff, hidden)
+        module.weight = nn.Parameter(module.weight.detach()[keep].contiguous())
+        module.nx = len(keep)
+    else:  # weight (hidden, d_ff)
+        module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous())
+        module.in_features = len(keep)
+
+
+def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, delta: torch.Tensor) -> None:
+    if getattr(module, "bias", None) is None:
+        if layout.bias is None or not layout.bias.startswith("config:"):
+            raise ModelError("bias compensation is not possible for this architecture (no MLP bias)")
+        for path in layout.inputs:  # the config flag gives these a bias too: zero, so outputs are unchanged
+            inp = get_module(block, path)
+            inp.bias = nn.Parameter(torch.zeros(inp.weight.shape[0], dtype=inp.weight.dtype))
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
+    module.bias = nn.Parameter(module.bias.detach() + delta.to(module.bias.dtype))
+
+
+def prune_mlp(
+    model: nn.Module,
+    layout: MLPLayout,
+    keep: list[torch.Tensor],
+    removed_means: list[torch.Tensor] | None = None,
+) -> nn.Module:
+    """Keep neurons `keep[layer]` (sorted indices) in every MLP, in place; returns the model.
+
+    With `removed_means` (per layer, full-width mean activation over calibration tokens), the mean output of
+    the removed neurons is folded into the output-projection bias (FLAP-style bias compensation).
+    Widths must be equal across layers: the config holds one intermediate size.
+    """
+    blocks = layer_blocks(model, layout)
+    if len(keep) != len(blocks):
+        raise ValueError(f"got {len(keep)} index sets for {len(blocks)} layers")
+    widths = {len(k) for k in keep}
+    if len(widths) != 1:
+        raise ModelError(f"per-layer widths {sorted(widths)} need a per-layer layout; only uniform is supported")
+    for i, (block, idx) in enumerate(zip(blocks, keep)):
+        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
+        out_module = get_module(block, layout.output)
+        width = output_weight_by_neuron(out_module, layout).shape[0]
+        if idx.numel() == 0 or idx[-1] >= width or idx[0] < 0 or idx.unique().numel() != idx.numel():
+            raise ValueError(f"layer {i}: kept indices must be unique and in [0, {width})")
+        delta = None
+        if removed_means is not None:
+            mean = removed_means[i].clone().to(torch.float64)
+            mean[idx] = 0.0
+            delta = compensation_bias(out_module, layout, mean)
+        for path in layout.inputs:
+            _slice_input(get_module(block, path), layout, idx, width)
+        _slice_output(out_module, layout, idx)
+        if delta is not None:
+            _add_output_bias(out_module, block, layout, delta)
+        mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(idx)
+    setattr(model.config, layout.width_key, widths.pop())
+    if removed_means is not None and layout.bias and layout.bias.startswith("config:"):
+        setattr(model.config, layout.bias.split(":", 1)[1], True)
+    return model

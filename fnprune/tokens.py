@@ -1,0 +1,72 @@
+"""Token batches: prompts to ids, padded batches with explicit position ids (so padding changes nothing)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Batch", "encode", "make_batch", "batches", "forward"]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 = real token
+    index: list[int]  # positions of these rows in the caller's list
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Position of each row's last real token, for either padding side."""
+        length = self.attention_mask.shape[1]
+        return length - 1 - self.attention_mask.flip(-1).argmax(-1)
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text (with the tokenizer's special tokens), cut from the left to keep the prompt end."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [x[-max_length:] for x in ids]
+
+
+def make_batch(seqs: list[list[int]], index: list[int], padding_side: str = "right") -> Batch:
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(0, len(s)) if padding_side == "right" else slice(length - len(s), length)
+        input_ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return Batch(input_ids, mask, index)
+
+
+def batches(seqs: list[list[int]], batch_size: int, padding_side: str = "right") -> Iterator[Batch]:
+    """Batches of similar length (sorted longest first, stable) to waste little compute on padding."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield make_batch([seqs[i] for i in idx], idx, padding_side)
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def forward(model: nn.Module, batch: Batch, all_logits: bool = True) -> torch.Tensor:
+    """Logits (B, L, V); position ids follow the real tokens, so left padding gives unpadded results.
+
+    With `all_logits=False` (capture) the LM head may be skipped for all but the last position.
+    """
+    device = next(model.parameters()).device
+    kwargs = {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device),
+    }
+    if _accepts_position_ids(model):
+        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs, use_cache=False).logits

@@ -1,0 +1,86 @@
+"""Task data: built-in and custom tasks, local formats, and clear errors for bad data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fnprune.data import check_disjoint, load_split, resolve_task, sample
+from fnprune.errors import DataError
+from fnprune.recipe import TaskSpec
+
+
+def test_builtin_sst2_from_data_dir(task_data):
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    train = load_split(task, "train")
+    dev = load_split(task, "validation")  # found as dev.tsv
+    assert len(train) == 64 and len(dev) == 32
+    assert train[0].prompt.startswith("Review: ") and train[0].prompt.endswith("\nSentiment:")
+    assert {e.label for e in train} == {"0", "1"}
+    check_disjoint(train, dev)
+
+
+def test_custom_task_from_jsonl_and_csv(tmp_path):
+    (tmp_path / "t.jsonl").write_text(
+        "\n".join(json.dumps({"q": f"is {i} even", "a": "yes" if i % 2 == 0 else "no"}) for i in range(6))
+    )
+    (tmp_path / "v.csv").write_text("q,a\nis 11 even,no\nis 12 even,yes\n")
+    task = resolve_task(TaskSpec(
+        name="parity", data_files={"train": str(tmp_path / "t.jsonl"), "validation": str(tmp_path / "v.csv")},
+        template="Q: {q}?\nA:", label_column="a", label_words={"yes": " yes", "no": " no"},
+    ))
+    assert [e.label for e in load_split(task, "train")] == ["yes", "no"] * 3
+    assert load_split(task, "validation")[1].prompt == "Q: is 12 even?\nA:"
+
+
+def test_overlap_refused(task_data):
+    task = resolve_task(TaskSpec(name="sst2", data_files={"train": str(task_data / "dev.tsv"),
+                                                          "validation": str(task_data / "dev.tsv")}))
+    with pytest.raises(DataError, match="must not overlap"):
+        check_disjoint(load_split(task, "train"), load_split(task, "validation"))
+
+
+def test_sample_is_seeded_subset(task_data):
+    examples = load_split(resolve_task(TaskSpec(name="sst2", data_dir=str(task_data))), "train")
+    a, b = sample(examples, 10, 3), sample(examples, 10, 3)
+    assert a == b and len(set(a)) == 10 and sample(examples, 10, 4) != a
+    assert sample(examples, 1000, 0) == examples
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"train.tsv": "sentence\tlabel\n"}, "is empty"),
+        ({"train.tsv": "text\tlabel\nhello\t1\n"}, "missing column"),
+        ({"train.tsv": "sentence\tlabel\nhello\t7\n"}, "label '7' is not one of"),
+        ({"train.tsv": b"sentence\tlabel\n\xff\xfe\t1\n"}, "not UTF-8"),
+        ({"train.jsonl": "{not json\n"}, "not a JSON object"),
+    ],
+)
+def test_bad_files(tmp_path, files, message):
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match=message):
+        load_split(task, "train")
+
+
+def test_missing_split_and_dir(tmp_path):
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="no file for split 'validation'"):
+        load_split(task, "validation")
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="not a directory"):
+        load_split(task, "train")
+    task = resolve_task(TaskSpec(name="sst2", data_files={"train": str(tmp_path / "x.tsv")}))
+    with pytest.raises(DataError, match="not found"):
+        load_split(task, "train")
+
+
+def test_unknown_task_lists_what_is_missing():
+    with pytest.raises(DataError, match="not built in .* must set: template, label_column, label_words"):
+        resolve_task(TaskSpec(name="mytask", data_dir="."))
+    with pytest.raises(DataError, match="no \\{column\\} field"):
+        resolve_task(TaskSpec(name="sst2", template="no fields here"))

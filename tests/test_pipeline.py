@@ -1,0 +1,143 @@
+"""compress() end to end on tiny models: files, reload, reproducibility, atomic output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fnprune
+from fnprune.data import load_split, resolve_task
+from fnprune.errors import OutputError, RecipeError
+from fnprune.evaluate import evaluate_accuracy
+from fnprune.recipe import apply_overrides, load_recipe, recipe_from_dict
+
+EXPECTED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "report.json",
+                  "README.md", "networks.safetensors", "networks.json"}
+
+
+def _recipe(model_path, data_dir, out, **selection):
+    return recipe_from_dict({
+        "model": {"name_or_path": str(model_path)},
+        "task": {"name": "sst2", "data_dir": str(data_dir)},
+        "calibration": {"num_samples": 48, "max_tokens": 400, "batch_size": 8},
+        "networks": {"components": 8},
+        "selection": {"keep": 0.5, **selection},
+        "output": {"dir": str(out)},
+    })
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def llama_run(model_dir, task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "llama"
+    return fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
+
+
+def test_output_folder_and_report(llama_run):
+    out = llama_run.output_dir
+    assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
+    assert not list(out.parent.glob(".*partial*"))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["widths"] == {"dense": 128, "pruned": [64, 64]}
+    assert saved["parameters"]["pruned"] < saved["parameters"]["dense"]
+    assert saved["metric"]["n"] == 32 and 0 <= saved["metric"]["pruned"] <= 1
+    assert saved["bias_compensation"] is True  # auto: llama can hold an MLP bias
+    assert set(saved["timings_seconds"]) >= {"load", "capture", "networks", "selection", "surgery"}
+    card = (out / "README.md").read_text()
+    assert "tags:\n- fnprune\n- pruned" in card and "| parameters |" in card
+    recipe = load_recipe(out / "recipe.yaml")
+    assert recipe.provenance["versions"]["fnprune"] == fnprune.__version__
+    assert len(recipe.provenance["data"]["train"]["sha256"]) == 64
+    assert recipe.task.template == "Review: {sentence}\nSentiment:"  # resolved, not left to defaults
+
+
+def test_reloads_with_vanilla_transformers_and_same_accuracy(llama_run, task_data):
+    out = llama_run.output_dir
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.intermediate_size == 64 and model.config.mlp_bias is True
+    assert sum(p.numel() for p in model.parameters()) == llama_run.report["parameters"]["pruned"]
+    task = resolve_task(llama_run.recipe.task)
+    result = evaluate_accuracy(model, AutoTokenizer.from_pretrained(out), load_split(task, "validation"),
+                               task.label_words, progress=False)
+    assert result.accuracy == llama_run.report["metric"]["pruned"]
+    loaded = fnprune.load_pruned(out)
+    assert loaded.report["method"] == "fn-task" and loaded.recipe.selection.keep == 0.5
+
+
+def test_same_recipe_gives_identical_checkpoint(llama_run, tmp_path):
+    again = load_recipe(llama_run.output_dir / "recipe.yaml")
+    again = apply_overrides(again, {"output.dir": str(tmp_path / "again")})
+    result = fnprune.compress(again, progress=False)
+    name = "model.safetensors"
+    assert _sha(result.output_dir / name) == _sha(llama_run.output_dir / name)
+    assert _sha(result.output_dir / "networks.safetensors") == _sha(llama_run.output_dir / "networks.safetensors")
+    assert result.report["metric"] == llama_run.report["metric"]
+
+
+def test_existing_output_refused_and_untouched(llama_run, model_dir, task_data):
+    out = llama_run.output_dir
+    before = {p.name: _sha(p) for p in out.iterdir()}
+    with pytest.raises(OutputError, match="--overwrite"):
+        fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
+    assert {p.name: _sha(p) for p in out.iterdir()} == before
+
+
+def test_failure_during_save_leaves_nothing(model_dir, task_data, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces(model_dir, task_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    recipe = apply_overrides(_recipe(model_dir("gpt2"), task_data, out), {"output.overwrite": True})
+    fnprune.compress(recipe, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_inner == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("method", ["fn", "random", "magnitude", "wanda-sp", "flap"])
+def test_every_method_prunes_to_the_same_budget(method, model_dir, task_data, tmp_path):
+    recipe = _recipe(model_dir("qwen2"), task_data, tmp_path / method, method=method, keep=0.25)
+    recipe = apply_overrides(recipe, {"evaluation.enabled": False})
+    result = fnprune.compress(recipe, progress=False)
+    assert result.report["widths"]["pruned"] == [32, 32]
+    assert result.report["bias_compensation"] is False  # qwen2 MLPs have no bias
+    assert result.report["metric"]["dense"] is None
+
+
+def test_methods_select_different_neurons(model_dir, task_data, tmp_path):
+    from safetensors.torch import load_file
+
+    kept = {}
+    for method in ("fn-task", "random", "wanda-sp"):
+        recipe = _recipe(model_dir("llama"), task_data, tmp_path / method, method=method)
+        fnprune.compress(apply_overrides(recipe, {"evaluation.enabled": False}), progress=False)
+        kept[method] = load_file(tmp_path / method / "networks.safetensors")
+    assert not torch.equal(kept["fn-task"]["layers.0.kept"], kept["random"]["layers.0.kept"])
+    assert not torch.equal(kept["wanda-sp"]["layers.0.kept"], kept["random"]["layers.0.kept"])
+    assert not torch.equal(kept["fn-task"]["layers.0.kept"], kept["fn-task"]["layers.1.kept"])
+
+
+def test_bias_compensation_refused_where_impossible(model_dir, task_data, tmp_path):
+    recipe = _recipe(model_dir("mistral"), task_data, tmp_path / "o", bias_compensation=True)
+    with pytest.raises(RecipeError, match="bias_compensation"):
+        fnprune.compress(recipe, progress=False)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,49 @@
+"""Opt-in: compress the real SmolLM2-135M-Instruct on real SST-2 (FNPRUNE_REAL_TESTS=1; takes minutes).
+
+Assets: `bash ../shared/scripts/get-models.sh` and ../shared/data/sst2 beside the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fnprune
+from fnprune.recipe import recipe_from_dict
+
+MODEL = Path(os.environ.get("FNPRUNE_SMOLLM2", "~/.cache/fnprune-models/smollm2-135m-instruct")).expanduser()
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(os.environ.get("FNPRUNE_REAL_TESTS") != "1", reason="opt-in: set FNPRUNE_REAL_TESTS=1"),
+    pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(),
+                       reason=f"no SmolLM2 at {MODEL}: run bash ../shared/scripts/get-models.sh"),
+    pytest.mark.skipif(not (DATA / "dev.tsv").is_file(), reason=f"no SST-2 data at {DATA}"),
+]
+
+
+def test_compress_real_smollm2(tmp_path):
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(MODEL)},
+        "task": {"name": "sst2", "data_dir": str(DATA)},
+        "calibration": {"num_samples": 64, "max_tokens": 1024},
+        "networks": {"components": 16},
+        "selection": {"keep": 0.5},
+        "evaluation": {"max_samples": 200},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+    result = fnprune.compress(recipe, progress=False)
+    report = result.report
+    assert report["widths"]["pruned"] == [768] * 30
+    assert 0.68 < report["parameters"]["ratio"] < 0.72  # about 30% fewer parameters
+    assert report["metric"]["dense"] > 0.7  # the model really reads the task
+    model = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert model.config.intermediate_size == 768
+    ids = torch.tensor([[1, 2, 3, 4]])
+    loaded = fnprune.load_pruned(result.output_dir).model
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits)

@@ -1,0 +1,102 @@
+"""Recipes: typed, unknown keys rejected, every problem reported at once, YAML round trip is identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fnprune.data import resolve_task
+from fnprune.errors import RecipeError
+from fnprune.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_round_trip():
+    r = Recipe()
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert [p for p in recipe.problems() if "required" not in p] == []  # model/output may come from flags
+    resolve_task(recipe.task)
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_shipped_recipes_exist():
+    assert RECIPES, "recipes/ must ship at least one recipe"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"selection": {"keeep": 0.5}}, "selection.keeep: unknown field"),
+        ({"bogus": 1}, "bogus: unknown field"),
+        ({"selection": {"keep": "half"}}, "selection.keep: expected a number"),
+        ({"selection": {"keep": True}}, "selection.keep: expected a number"),
+        ({"calibration": {"num_samples": 2.5}}, "calibration.num_samples: expected an integer"),
+        ({"model": {"trust_remote_code": "yes"}}, "model.trust_remote_code: expected true/false"),
+        ({"task": {"label_words": {"0": ["x"]}}}, "task.label_words.0: expected a string"),
+        ({"selection": 3}, "selection: expected a mapping"),
+        ([1, 2], "recipe: expected a mapping"),
+    ],
+)
+def test_schema_errors_name_the_field(data, message):
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.")):
+        recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("selection", {"keep": 0}, "selection.keep: must be in (0, 1]"),
+        ("selection", {"keep": 1.5}, "selection.keep: must be in (0, 1]"),
+        ("selection", {"method": "best"}, "selection.method: 'best' is not one of"),
+        ("selection", {"round_to": 0}, "selection.round_to: must be >= 1"),
+        ("networks", {"threshold": 0}, "networks.threshold: must be > 0"),
+        ("networks", {"components": 0}, "networks.components: must be >= 1"),
+        ("calibration", {"num_samples": 0}, "calibration.num_samples: must be >= 1"),
+        ("calibration", {"store_dtype": "int8"}, "calibration.store_dtype"),
+        ("model", {"dtype": "float64"}, "model.dtype"),
+        ("task", {"calibration_split": "validation"}, "calibration data must never be evaluation data"),
+        ("evaluation", {"max_samples": 0}, "evaluation.max_samples"),
+    ],
+)
+def test_range_errors(section, values, message):
+    recipe = recipe_from_dict({section: values, "model": {"name_or_path": "m"}, "output": {"dir": "o"}}
+                              if section != "model" else {section: {"name_or_path": "m", **values},
+                                                          "output": {"dir": "o"}})
+    with pytest.raises(RecipeError) as info:
+        recipe.validate()
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_all_problems_reported_at_once():
+    recipe = recipe_from_dict({"selection": {"keep": 2.0, "round_to": 0}, "networks": {"threshold": -1}})
+    with pytest.raises(RecipeError) as info:
+        recipe.validate()
+    assert len(info.value.problems) == 5  # keep, round_to, threshold, model, output
+
+
+def test_overrides_skip_none_and_revalidate_types():
+    r = apply_overrides(Recipe(), {"selection.keep": 0.25, "selection.method": None})
+    assert r.selection.keep == 0.25 and r.selection.method == "fn-task"
+    with pytest.raises(RecipeError, match="expected a number"):
+        apply_overrides(Recipe(), {"selection.keep": "x"})
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("selection: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("selection: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(RecipeError):
+        load_recipe(unsafe)

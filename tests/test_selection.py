@@ -1,0 +1,72 @@
+"""Budgets and criteria: widths, ties, determinism, and that each criterion ranks what it claims to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fnprune.networks import LayerNetworks
+from fnprune.selection import CRITERIA, LayerEvidence, layer_width, score_layer, top_neurons
+
+
+@pytest.mark.parametrize(
+    ("width", "keep", "round_to", "expected"),
+    [(1536, 0.5, 8, 768), (1536, 0.7, 64, 1088), (1536, 0.01, 64, 64), (100, 1.0, 8, 100), (10, 0.5, 16, 5),
+     (128, 0.33, 1, 42)],
+)
+def test_layer_width(width, keep, round_to, expected):
+    assert layer_width(width, keep, round_to) == expected
+
+
+def test_top_neurons_sorted_and_ties_to_lower_index():
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0])
+    assert top_neurons(scores, 2).tolist() == [1, 2]
+    assert top_neurons(scores, 4).tolist() == [0, 1, 2, 4]
+
+
+def _evidence(layer=0, d=50, with_networks=True):
+    gen = torch.Generator().manual_seed(layer)
+    maps = np.zeros((2, d))
+    maps[0, :5] = 5.0  # network 0: neurons 0-4, task relevant
+    maps[1, 5:10] = 5.0  # network 1: neurons 5-9, irrelevant
+    nets = LayerNetworks(maps, np.abs(maps) > 3, 3.0, True, 0) if with_networks else None
+    return LayerEvidence(
+        layer=layer, mean_abs=torch.rand(d, generator=gen), var=torch.rand(d, generator=gen),
+        out_norm=torch.rand(d, generator=gen) + 0.5, in_norm=torch.rand(d, generator=gen) + 0.5,
+        networks=nets, relevance=np.array([1.0, 0.0]) if with_networks else None,
+    )
+
+
+def test_baseline_formulas():
+    ev = _evidence()
+    torch.testing.assert_close(score_layer("wanda-sp", ev, 0), (ev.mean_abs * ev.out_norm).double())
+    torch.testing.assert_close(score_layer("flap", ev, 0), (ev.var * ev.out_norm**2).double())
+    torch.testing.assert_close(score_layer("magnitude", ev, 0), (ev.in_norm * ev.out_norm).double())
+    assert set(top_neurons(score_layer("fn", ev, 0), 10).tolist()) == set(range(10))
+
+
+def test_random_is_seeded_and_differs_per_layer():
+    a0, a1 = score_layer("random", _evidence(0), 7), score_layer("random", _evidence(1), 7)
+    assert torch.equal(a0, score_layer("random", _evidence(0), 7))
+    assert not torch.equal(a0, a1)
+    assert not torch.equal(a0, score_layer("random", _evidence(0), 8))
+
+
+def test_fn_task_boosts_relevant_networks_only():
+    ev = _evidence()
+    flap = score_layer("flap", ev, 0)
+    boosted = score_layer("fn-task", ev, 0, boost=100.0)
+    ratio = boosted / (flap / flap.mean())
+    assert torch.allclose(ratio[:5], torch.tensor(101.0, dtype=torch.float64))
+    assert torch.allclose(ratio[5:], torch.tensor(1.0, dtype=torch.float64))
+    assert set(top_neurons(boosted, 5).tolist()) == set(range(5))
+
+
+def test_network_criteria_need_networks():
+    for method in ("fn", "fn-task"):
+        with pytest.raises(ValueError, match="networks"):
+            score_layer(method, _evidence(with_networks=False), 0)
+    with pytest.raises(ValueError, match="unknown method"):
+        score_layer("nope", _evidence(), 0)
+    assert set(CRITERIA) == {"fn-task", "fn", "random", "magnitude", "wanda-sp", "flap"}

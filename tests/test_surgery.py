@@ -1,0 +1,129 @@
+"""Physically pruned model == dense model with the same neurons masked, for every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fnprune.arch import MLP_LAYOUTS, layout_for, mlp_widths
+from fnprune.errors import ModelError
+from fnprune.hooks import masked_neurons, mlp_input_hooks
+from fnprune.models import load_model
+from fnprune.recipe import ModelSpec
+from fnprune.surgery import prune_mlp, supports_bias_compensation
+from fnprune.tokens import encode, forward, make_batch
+
+PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:"]
+ARCHS = sorted(MLP_LAYOUTS)
+
+
+def _batch(tokenizer):
+    seqs = encode(tokenizer, PROMPTS, 64)
+    return make_batch(seqs, list(range(len(seqs))))
+
+
+def _per_layer_keep(widths: list[int], keep: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randperm(w, generator=gen)[:keep].sort().values for w in widths]
+
+
+def _logits(model, batch):
+    mask = batch.attention_mask.bool()
+    return forward(model, batch)[mask]  # real tokens only
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_equals_masked(arch, model_dir):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    batch = _batch(tok)
+    widths = mlp_widths(model, layout)
+    keep = _per_layer_keep(widths, widths[0] // 2)
+    assert not torch.equal(keep[0], keep[1]), "test needs different masks per layer"
+    with masked_neurons(model, layout, keep):
+        masked = _logits(model, batch)
+    dense = _logits(model, batch)
+    assert not torch.allclose(masked, dense, atol=1e-4), "masking must change the output"
+    pruned_model = prune_mlp(copy.deepcopy(model), layout, keep)
+    assert mlp_widths(pruned_model, layout) == [widths[0] // 2] * len(widths)
+    torch.testing.assert_close(_logits(pruned_model, batch), masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if supports_bias_compensation(MLP_LAYOUTS[a])])
+def test_bias_compensation_equals_mean_filled_mask(arch, model_dir, tmp_path):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    batch = _batch(tok)
+    widths = mlp_widths(model, layout)
+    keep = _per_layer_keep(widths, widths[0] // 4, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    means = [torch.randn(w, generator=gen) for w in widths]
+    with masked_neurons(model, layout, keep, fill=means):
+        expected = _logits(model, batch)
+    pruned = prune_mlp(copy.deepcopy(model), layout, keep, removed_means=means)
+    torch.testing.assert_close(_logits(pruned, batch), expected, atol=1e-5, rtol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_compensation_refused_without_bias(model_dir):
+    model, _ = load_model(ModelSpec(name_or_path=str(model_dir("mistral"))))
+    layout = layout_for(model)
+    widths = mlp_widths(model, layout)
+    with pytest.raises(ModelError, match="bias compensation"):
+        prune_mlp(model, layout, _per_layer_keep(widths, 8), [torch.ones(w) for w in widths])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_each_layer_gets_its_own_mask(arch, model_dir):
+    """The reference code's hooks all used the last layer's mask; check what every layer really sees."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    widths = mlp_widths(model, layout)
+    keep = _per_layer_keep(widths, widths[0] // 2, seed=3)
+    seen: dict[int, torch.Tensor] = {}
+
+    def make_hook(i):
+        def hook(module, args):
+            seen[i] = args[0].detach().reshape(-1, args[0].shape[-1]).abs().sum(0)
+
+        return hook
+
+    with masked_neurons(model, layout, keep), mlp_input_hooks(model, layout, make_hook):
+        forward(model, _batch(tok))
+    for i, k in enumerate(keep):
+        alive = (seen[i] > 0).nonzero().flatten()
+        assert set(alive.tolist()) <= set(k.tolist()), f"layer {i} saw neurons outside its own mask"
+        assert len(alive) > len(k) // 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_checkpoint_reloads_with_vanilla_transformers(arch, model_dir, tmp_path):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    batch = _batch(tok)
+    widths = mlp_widths(model, layout)
+    prune_mlp(model, layout, _per_layer_keep(widths, 24, seed=4))
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert mlp_widths(reloaded, layout) == [24] * len(widths)
+    torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_unequal_widths_refused(model_dir):
+    model, _ = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    layout = layout_for(model)
+    with pytest.raises(ModelError, match="per-layer"):
+        prune_mlp(model, layout, [torch.arange(8), torch.arange(16)])
+
+
+def test_bad_indices_refused(model_dir):
+    model, _ = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    layout = layout_for(model)
+    with pytest.raises(ValueError, match="unique"):
+        prune_mlp(model, layout, [torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])])

@@ -1,0 +1,185 @@
+"""Tiny, deterministic, offline stand-ins for the real thing: a byte-level BPE tokenizer, small random
+causal LMs of ten architectures and a GLUE-style SST-2 task, all built locally in a few seconds.
+
+Plain module (no fixtures): conftest.py calls ``make_tokenizer``, ``make_model`` and ``make_task_data``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+
+__all__ = [
+    "ARCHITECTURES",
+    "EOS",
+    "EOS_ID",
+    "MAX_POSITIONS",
+    "NEGATIVE",
+    "POSITIVE",
+    "VOCAB_SIZE",
+    "make_config",
+    "make_model",
+    "make_task_data",
+    "make_tokenizer",
+]
+
+EOS = "<|endoftext|>"
+EOS_ID = 0  # the only special token, so trained first: bos = eos = unk = 0
+VOCAB_SIZE = 384  # len(tokenizer), asserted; a prompt with one review then fits in <= 37 tokens
+MAX_POSITIONS = 128
+
+POSITIVE = ["wonderful", "moving", "brilliant", "charming", "delightful", "funny", "beautiful", "great",
+            "touching", "clever", "superb", "engaging", "warm", "fresh", "smart", "gorgeous"]
+NEGATIVE = ["dull", "boring", "mess", "tedious", "awful", "bland", "clumsy", "lifeless", "stupid", "bad",
+            "predictable", "tiresome", "ugly", "pointless", "flat", "lame"]
+FILLERS = ["film", "movie", "story", "acting", "plot", "cast", "script", "director", "and", "with", "is",
+           "was", "really", "very", "quite", "a", "the", "this", "its", ",", "of", "but", "performances"]
+OPENERS = ["a", "the", "this", "one", "its"]
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    """A lowercase, space-tokenised SST-2-like sentence of 3 to 15 words, 1-3 of them carrying ``label``."""
+    n = rng.randint(3, 15)
+    cues = POSITIVE if label else NEGATIVE
+    words = [rng.choice(FILLERS) for _ in range(n - 1)]
+    for _ in range(rng.randint(1, min(3, n - 1))):
+        words[rng.randrange(n - 1)] = rng.choice(cues)
+    return " ".join([rng.choice(OPENERS)] + words)
+
+
+def _corpus() -> list[str]:
+    """Fixed prompt-shaped training text; the labels are frequent enough to become single BPE tokens."""
+    rng = random.Random(1234)
+    lines = []
+    for i in range(400):
+        label = i % 2
+        lines.append(f"Review: {_sentence(rng, label)}\nSentiment: {'positive' if label else 'negative'}\n")
+    lines += ["positive negative " * 40, "The movie was good. The film was bad. It is a film about a world."]
+    return lines
+
+
+def make_tokenizer(dest: Path) -> PreTrainedTokenizerFast:
+    """Train a 384-token byte-level BPE on a fixed corpus, save it to ``dest`` and return it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    assert len(fast) == VOCAB_SIZE and fast.convert_tokens_to_ids(EOS) == EOS_ID, len(fast)
+    for word in (" positive", " negative"):
+        assert len(fast.encode(word, add_special_tokens=False)) == 1, word
+    dest.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(dest)
+    return fast
+
+
+def _common(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=None)
+
+
+def _llama_like(model_type: str, **extra: object) -> Callable[[int], PretrainedConfig]:
+    def build(vocab_size: int) -> PretrainedConfig:
+        kw: dict = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+                        tie_word_embeddings=False)
+        return AutoConfig.for_model(model_type, **{**kw, **_common(vocab_size), **extra})
+
+    return build
+
+
+def _gpt2(vocab_size: int) -> PretrainedConfig:
+    return AutoConfig.for_model("gpt2", n_embd=64, n_inner=128, n_layer=2, n_head=4,
+                                n_positions=MAX_POSITIONS, **_common(vocab_size))
+
+
+def _opt(vocab_size: int) -> PretrainedConfig:
+    return AutoConfig.for_model("opt", hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=MAX_POSITIONS, **_common(vocab_size))
+
+
+def _gpt_neox(vocab_size: int) -> PretrainedConfig:
+    return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=MAX_POSITIONS,
+                                **_common(vocab_size))
+
+
+# model_type -> (vocab_size -> tiny config). Intermediate sizes are 128 (divisible by 16) everywhere.
+ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "llama": _llama_like("llama", tie_word_embeddings=True),
+    "mistral": _llama_like("mistral", sliding_window=None),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _gpt_neox,
+    "phi3": _llama_like("phi3"),
+    "gemma": _llama_like("gemma", tie_word_embeddings=True),
+    "gemma2": _llama_like("gemma2", tie_word_embeddings=True, sliding_window=64,
+                          query_pre_attn_scalar=16, attn_implementation="eager"),
+}
+
+
+def make_config(model_type: str, vocab_size: int = VOCAB_SIZE) -> PretrainedConfig:
+    return ARCHITECTURES[model_type](vocab_size)
+
+
+@torch.no_grad()
+def _reinit(model: torch.nn.Module, seed: int) -> None:
+    """Replace the near-degenerate default init by N(0, 0.15) weights, small biases and norm gains near
+    their default (1, or 0 for Gemma's ``1 + w`` RMSNorm) so activations and logits vary with the input."""
+    gen = torch.Generator().manual_seed(seed)
+    done: set[int] = set()  # tied parameters are visited once
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in done:
+                continue
+            done.add(id(p))
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if is_norm:
+                p.add_(0.02 * noise)
+            elif name.endswith("bias") or p.ndim == 1:
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def make_model(model_type: str, dest: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """Build a tiny random ``model_type`` causal LM for ``tokenizer``, save it (safetensors) with the
+    tokenizer to ``dest`` and return ``dest``."""
+    torch.manual_seed(seed)
+    config = make_config(model_type, len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _reinit(model, seed)
+    model.eval()
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def make_task_data(dest: Path, n_train: int = 64, n_dev: int = 32, seed: int = 0) -> Path:
+    """Write balanced, disjoint GLUE-style SST-2 ``train.tsv`` and ``dev.tsv`` (``sentence\\tlabel``)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[tuple[str, int]] = []
+    while len(rows) < n_train + n_dev:
+        label = len(rows) % 2
+        sentence = _sentence(rng, label)
+        if sentence not in seen:
+            seen.add(sentence)
+            rows.append((sentence, label))
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.tsv", rows[:n_train]), ("dev.tsv", rows[n_train:])):
+        rng.shuffle(part)
+        text = "".join(f"{s}\t{y}\n" for s, y in part)
+        (dest / name).write_text("sentence\tlabel\n" + text, encoding="utf-8")
+    return dest
