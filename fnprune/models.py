@@ -29,6 +29,10 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF files through it)
+        except ImportError as exc:
+            raise ModelError("reading a .gguf model needs the gguf package: pip install 'fnprune[gguf]'") from exc
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():

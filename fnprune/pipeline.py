@@ -42,7 +42,7 @@ from .errors import RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
 from .models import checkpoint_bytes, count_parameters, load_model
 from .networks import LayerNetworks, find_networks, network_relevance
-from .recipe import Recipe, dump_recipe
+from .recipe import ModelSpec, Recipe, TaskSpec, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, layer_width, score_layer, top_neurons
 from .surgery import prune_mlp, supports_bias_compensation
 from .tokens import encode
@@ -176,6 +176,20 @@ def _data_provenance(task, splits: list[str]) -> dict[str, Any]:
     return out
 
 
+def _absolute_model(spec: ModelSpec) -> ModelSpec:
+    """Local model paths made absolute, so a saved recipe reruns from any directory."""
+    path = Path(spec.name_or_path).expanduser()
+    return dataclasses.replace(spec, name_or_path=str(path.resolve())) if path.exists() else spec
+
+
+def _absolute_data(task: TaskSpec) -> TaskSpec:
+    return dataclasses.replace(
+        task,
+        data_dir=str(Path(task.data_dir).expanduser().resolve()) if task.data_dir else None,
+        data_files={k: str(Path(v).expanduser().resolve()) for k, v in task.data_files.items()},
+    )
+
+
 def _evaluate(model, tokenizer, examples, task, recipe, progress) -> EvalResult | None:
     if not recipe.evaluation.enabled:
         return None
@@ -253,8 +267,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
 
     resolved = Recipe(
-        model=recipe.model, task=task, calibration=recipe.calibration, networks=recipe.networks,
-        selection=sel, evaluation=recipe.evaluation, output=recipe.output,
+        model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
+        networks=recipe.networks, selection=sel, evaluation=recipe.evaluation, output=recipe.output,
         provenance={
             "versions": versions(),
             "data": _data_provenance(task, [task.calibration_split, task.evaluation_split]),

@@ -56,6 +56,7 @@ def test_output_folder_and_report(llama_run):
     assert recipe.provenance["versions"]["fnprune"] == fnprune.__version__
     assert len(recipe.provenance["data"]["train"]["sha256"]) == 64
     assert recipe.task.template == "Review: {sentence}\nSentiment:"  # resolved, not left to defaults
+    assert recipe.task.data_dir.startswith("/") and recipe.model.name_or_path.startswith("/")  # rerun anywhere
 
 
 def test_reloads_with_vanilla_transformers_and_same_accuracy(llama_run, task_data):

@@ -47,3 +47,18 @@ def test_compress_real_smollm2(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     loaded = fnprune.load_pruned(result.output_dir).model
     torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
+
+
+GGUF = MODEL.parent / "smollm2-135m-instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not GGUF.is_file(), reason=f"no GGUF at {GGUF}: run bash ../shared/scripts/get-models.sh")
+def test_gguf_input_matches_hf_folder():
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    from_gguf, tok = load_model(ModelSpec(name_or_path=str(GGUF)))
+    from_folder, _ = load_model(ModelSpec(name_or_path=str(MODEL)))
+    ids = tok("Review: a gorgeous film\nSentiment:", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        torch.testing.assert_close(from_gguf(ids).logits, from_folder(ids).logits, atol=1e-4, rtol=1e-4)
