@@ -55,12 +55,31 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to {parent}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete temp dirs that a killed run (its pid no longer alive) left beside `path`."""
+    for stale in path.absolute().parent.glob(f".{path.name}.*.partial"):
+        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def atomic_output_dir(path: Path, overwrite: bool):
     """Yield a temporary directory; on success it replaces `path`, on any failure it is deleted."""
     check_output_dir(path, overwrite)
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.absolute().parent))
+    _remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))
     try:
         yield tmp
         if path.exists():

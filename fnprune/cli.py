@@ -96,6 +96,8 @@ def main() -> None:
               help="Fold the removed neurons' mean output into the MLP bias (default: when the model allows).")
 @click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
 @click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
+@click.option("--cache/--no-cache", default=None,
+              help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
 @click.option("--output", help="Output directory for the pruned checkpoint.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
@@ -103,7 +105,7 @@ def main() -> None:
 @_friendly
 def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, components,
              threshold, num_samples, max_tokens, batch_size, seed, bias_compensation, do_eval, eval_samples,
-             output, overwrite, trust_remote_code, quiet) -> None:
+             cache, output, overwrite, trust_remote_code, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
     from .recipe import Recipe, apply_overrides, load_recipe
@@ -125,6 +127,7 @@ def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, met
         "calibration.num_samples": num_samples,
         "calibration.max_tokens": max_tokens,
         "calibration.batch_size": batch_size,
+        "calibration.cache": cache,
         "evaluation.enabled": do_eval,
         "evaluation.max_samples": eval_samples,
         "output.dir": output,

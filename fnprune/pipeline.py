@@ -6,6 +6,7 @@ One linear function that reads like a table of contents; each stage lives in its
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import platform
 import time
@@ -22,7 +23,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, cache
 from .arch import MLPLayout, layout_for, mlp_widths, neuron_weight_norms
 from .capture import LayerActivations, capture_activations, capture_memory_bytes
 from .checkpoint import (
@@ -95,6 +96,43 @@ def versions() -> dict[str, str]:
     }
 
 
+def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
+    net = recipe.networks
+    n_tokens, width = acts[0].tokens.shape
+    if net.components >= min(n_tokens, width):
+        raise RecipeError(
+            f"networks.components ({net.components}) must be below the calibration tokens captured "
+            f"({n_tokens}) and the MLP width ({width})"
+        )
+    found = []
+    for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
+        try:
+            found.append(
+                find_networks(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
+            )
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from exc
+    slow = [i for i, n in enumerate(found) if not n.converged]
+    if slow:
+        log.warning(
+            "FastICA stopped at max_iter=%d before tol=%g in %d of %d layers (%s); the maps are still used",
+            net.max_iter, net.tol, len(slow), len(acts), ", ".join(map(str, slow)),
+        )
+    return found
+
+
+def calibration_cache_key(recipe: Recipe, examples: list[Example]) -> str:
+    """Everything the captured activations depend on (model files, prompts, settings, versions)."""
+    prompts = hashlib.sha256("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode()).hexdigest()
+    return cache.cache_key({
+        "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
+        "dtype": recipe.model.dtype,
+        "prompts": prompts,
+        "calibration": dataclasses.asdict(recipe.calibration),
+        "versions": {k: v for k, v in versions().items() if k in ("torch", "transformers", "fnprune")},
+    })
+
+
 def calibrate(
     model: torch.nn.Module,
     tokenizer,
@@ -103,42 +141,43 @@ def calibrate(
     recipe: Recipe,
     with_networks: bool = True,
     progress: bool = True,
+    use_cache: bool = False,
 ) -> Calibration:
-    """Capture activations on calibration prompts, then find each layer's functional networks."""
-    layout = layout_for(model)
-    cal, net = recipe.calibration, recipe.networks
+    """Capture activations on calibration prompts, then find each layer's functional networks.
+
+    With `use_cache`, activations and networks are read from / written to the on-disk cache (fnprune.cache).
+    """
+    cal = recipe.calibration
     timings: dict[str, float] = {}
-    seqs = encode(tokenizer, [e.prompt for e in examples], cal.max_length)
+    key = calibration_cache_key(recipe, examples) if use_cache else ""
     start = time.perf_counter()
-    acts = capture_activations(
-        model, layout, seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
-        store_dtype=cal.store_dtype, progress=progress,
-    )
+    cached = cache.load_activations(key) if use_cache else None
+    if cached is not None:
+        acts, labels = cached
+        log.info("activations from cache %s", cache.cache_dir())
+    else:
+        seqs = encode(tokenizer, [e.prompt for e in examples], cal.max_length)
+        acts = capture_activations(
+            model, layout_for(model), seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
+            store_dtype=cal.store_dtype, progress=progress,
+        )
+        for i, a in enumerate(acts):
+            if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
+                raise ValueError(f"layer {i}: NaN or inf MLP activations on the calibration data")
+        labels_order = list(label_words)
+        labels = np.array([labels_order.index(e.label) for e in examples])
+        if use_cache:
+            cache.save_activations(key, acts, labels)
     timings["capture"] = round(time.perf_counter() - start, 3)
-    for i, a in enumerate(acts):
-        if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
-            raise ValueError(f"layer {i}: NaN or inf MLP activations on the calibration data")
-    labels_order = list(label_words)
-    labels = np.array([labels_order.index(e.label) for e in examples])
     calib = Calibration(acts, labels, timings=timings)
     if with_networks:
         start = time.perf_counter()
-        calib.networks = []
-        n_tokens = acts[0].tokens.shape[0]
-        if net.components >= min(n_tokens, acts[0].tokens.shape[1]):
-            raise RecipeError(
-                f"networks.components ({net.components}) must be below the calibration tokens captured "
-                f"({n_tokens}) and the MLP width ({acts[0].tokens.shape[1]})"
-            )
-        for a in tqdm(acts, desc="ICA", unit="layer", disable=not progress):
-            found = find_networks(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
-            calib.networks.append(found)
-        slow = [i for i, n in enumerate(calib.networks) if not n.converged]
-        if slow:
-            log.warning(
-                "FastICA stopped at max_iter=%d before tol=%g in %d of %d layers (%s); the maps are still used",
-                net.max_iter, net.tol, len(slow), len(acts), ", ".join(map(str, slow)),
-            )
+        net_key = cache.cache_key({"activations": key, "networks": dataclasses.asdict(recipe.networks)})
+        calib.networks = cache.load_networks(net_key) if use_cache else None
+        if calib.networks is None:
+            calib.networks = _find_all_networks(acts, recipe, progress)
+            if use_cache:
+                cache.save_networks(net_key, calib.networks)
         calib.relevance = [
             network_relevance(n.maps, a.decision.numpy(), labels) for n, a in zip(calib.networks, acts)
         ]
@@ -251,7 +290,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         n_layers, max(widths), recipe.calibration.max_tokens,
     )
     calib = calibrate(
-        model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress
+        model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress,
+        use_cache=recipe.calibration.cache,
     )
     timer.seconds.update(calib.timings)
     with timer.stage("selection"):

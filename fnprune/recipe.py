@@ -101,6 +101,7 @@ class CalibrationSpec:
     max_length: int = 256
     store_dtype: str = "float32"
     seed: int = 0
+    cache: bool = True  # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
 
     def check(self) -> list[str]:
         problems = []

@@ -11,6 +11,16 @@ import torch
 torch.set_flush_denormal(True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/fnprune."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("fnprune-cache")
+    mp.setenv("FNPRUNE_CACHE_DIR", str(path))
+    yield path
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")

@@ -1,0 +1,5 @@
+"""`python -m fnprune` runs the CLI."""
+
+from .cli import main
+
+main()

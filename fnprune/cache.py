@@ -1,0 +1,105 @@
+"""On-disk cache of calibration activations and functional networks, so reruns and sweeps skip them.
+
+Entries are safetensors + JSON, keyed by a hash of everything that determines them (model files, prompts,
+settings, library versions), and written to a temporary file that is renamed into place: an interrupted run
+never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .capture import LayerActivations
+from .networks import LayerNetworks
+
+__all__ = ["cache_dir", "cache_key", "save_activations", "load_activations", "save_networks", "load_networks"]
+
+
+def cache_dir() -> Path:
+    """$FNPRUNE_CACHE_DIR, else ~/.cache/fnprune."""
+    return Path(os.environ.get("FNPRUNE_CACHE_DIR", "~/.cache/fnprune")).expanduser()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]:
+    """Local weights by name, size and mtime (cheap); Hub models by id and revision."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return {"hub": name_or_path, "revision": revision}
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    if not target.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(target), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        return load_file(str(target)), meta
+    except Exception:  # a damaged entry is a cache miss, never a failure
+        return None
+
+
+def save_activations(key: str, acts: list[LayerActivations], labels: np.ndarray) -> None:
+    tensors = {"labels": torch.as_tensor(labels, dtype=torch.int64)}
+    for i, a in enumerate(acts):
+        for name in ("tokens", "decision", "mean", "mean_abs", "var"):
+            tensors[f"{i}.{name}"] = getattr(a, name)
+    _atomic_save(tensors, {"counts": [a.count for a in acts]}, cache_dir() / f"activations-{key}.safetensors")
+
+
+def load_activations(key: str) -> tuple[list[LayerActivations], np.ndarray] | None:
+    loaded = _load(cache_dir() / f"activations-{key}.safetensors")
+    if loaded is None:
+        return None
+    t, meta = loaded
+    acts = [
+        LayerActivations(t[f"{i}.tokens"], t[f"{i}.decision"], t[f"{i}.mean"], t[f"{i}.mean_abs"], t[f"{i}.var"], c)
+        for i, c in enumerate(meta["counts"])
+    ]
+    return acts, t["labels"].numpy()
+
+
+def save_networks(key: str, networks: list[LayerNetworks]) -> None:
+    tensors = {f"{i}.maps": torch.from_numpy(n.maps) for i, n in enumerate(networks)}
+    meta = {"layers": [{"threshold": n.threshold, "converged": n.converged, "dead": n.dead_neurons} for n in networks]}
+    _atomic_save(tensors, meta, cache_dir() / f"networks-{key}.safetensors")
+
+
+def load_networks(key: str) -> list[LayerNetworks] | None:
+    loaded = _load(cache_dir() / f"networks-{key}.safetensors")
+    if loaded is None:
+        return None
+    t, meta = loaded
+    out = []
+    for i, m in enumerate(meta["layers"]):
+        maps = t[f"{i}.maps"].numpy()
+        out.append(LayerNetworks(maps, np.abs(maps) > m["threshold"], m["threshold"], m["converged"], m["dead"]))
+    return out

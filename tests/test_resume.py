@@ -1,0 +1,76 @@
+"""Interruption and the calibration cache: a killed run leaves no output and the rerun reuses its work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from fnprune import cache
+from fnprune.cli import main
+from fnprune.networks import LayerNetworks
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import PreTrainedModel
+    real_save = PreTrainedModel.save_pretrained
+    def save_then_die(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)          # weights half of the folder written...
+        os.kill(os.getpid(), signal.SIGKILL)      # ...then the process dies without any cleanup
+    PreTrainedModel.save_pretrained = save_then_die
+    from fnprune.cli import main
+    sys.exit(main())
+""")
+
+
+def _args(model, data, out):
+    return ["compress", "--task", "sst2", "--model", str(model), "--data-dir", str(data), "--output", str(out),
+            "--num-samples", "40", "--max-tokens", "300", "--components", "8", "--no-eval"]
+
+
+def test_killed_during_save_then_rerun_finishes_from_cache(model_dir, task_data, tmp_path, isolated_cache):
+    out = tmp_path / "out"
+    env = dict(os.environ, FNPRUNE_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *_args(model_dir("gpt2"), task_data, out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()  # the output path is as it was
+    assert len(list(tmp_path.glob(".out.*.partial"))) == 1  # the killed run's temp dir
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert entries == ["activations", "networks"] and not list((tmp_path / "cache").glob("*.tmp"))
+
+    proc = subprocess.run([sys.executable, "-m", "fnprune.cli", *_args(model_dir("gpt2"), task_data, out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "activations from cache" in proc.stderr
+    assert (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".out.*.partial"))  # the stale temp dir was cleaned up
+
+
+def test_cache_roundtrip_and_damaged_entry_is_a_miss(isolated_cache):
+    import numpy as np
+    import torch
+
+    from fnprune.capture import LayerActivations
+
+    acts = [LayerActivations(torch.randn(5, 4), torch.randn(3, 4), torch.randn(4), torch.rand(4), torch.rand(4), 9)]
+    cache.save_activations("k1", acts, np.array([0, 1, 1]))
+    loaded, labels = cache.load_activations("k1")
+    assert torch.equal(loaded[0].tokens, acts[0].tokens) and loaded[0].count == 9 and labels.tolist() == [0, 1, 1]
+    maps = np.random.default_rng(0).standard_normal((2, 4))
+    cache.save_networks("k2", [LayerNetworks(maps, np.abs(maps) > 1, 1.0, False, 1)])
+    (net,) = cache.load_networks("k2")
+    assert np.array_equal(net.maps, maps) and not net.converged and net.members.sum() == (np.abs(maps) > 1).sum()
+    (cache.cache_dir() / "activations-k1.safetensors").write_bytes(b"garbage")
+    assert cache.load_activations("k1") is None
+    assert cache.load_activations("never-written") is None
+
+
+def test_no_cache_flag(model_dir, task_data, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, [*_args(model_dir("llama"), task_data, tmp_path / "o"), "--no-cache", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "cache").exists()
