@@ -28,6 +28,7 @@ __all__ = [
     "NETWORKS_META_FILE",
     "CARD_FILE",
     "check_output_dir",
+    "check_disk_space",
     "atomic_output_dir",
     "save_networks",
     "write_json",
@@ -40,6 +41,19 @@ NETWORKS_FILE = "networks.safetensors"
 NETWORKS_META_FILE = "networks.json"
 CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def check_disk_space(path: Path, needed_bytes: int) -> None:
+    """Refuse early when the output's filesystem cannot hold the checkpoint (estimated from its size)."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        raise OutputError(
+            f"not enough disk space for {path}: about {needed_bytes / 2**20:.0f} MiB needed, "
+            f"{free / 2**20:.0f} MiB free"
+        )
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

@@ -37,18 +37,21 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return str(path), {}
+        if not list(path.glob("*.safetensors")):
+            raise ModelError(f"{path} has no .safetensors weights; fnprune never loads pickled checkpoints")
+        return str(path), {"use_safetensors": True}
     if spec.name_or_path.startswith((".", "/", "~")) or spec.name_or_path.count("/") > 1:
         raise ModelError(f"model path not found: {spec.name_or_path}")
-    return spec.name_or_path, {"revision": spec.revision} if spec.revision else {}
+    return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
 
 
 def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix."""
     source, extra = _source(spec)
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
+    tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
     try:

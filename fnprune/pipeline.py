@@ -33,6 +33,7 @@ from .checkpoint import (
     WEIGHTS_FILE,
     CardInfo,
     atomic_output_dir,
+    check_disk_space,
     check_output_dir,
     model_card,
     save_networks,
@@ -282,6 +283,13 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             )
     widths = mlp_widths(model, layout)
     n_layers = len(widths)
+    if sel.method in NEEDS_NETWORKS and recipe.networks.components >= min(min(widths), recipe.calibration.max_tokens):
+        raise RecipeError(
+            f"networks.components ({recipe.networks.components}) must be below the MLP width ({min(widths)}) and "
+            f"calibration.max_tokens ({recipe.calibration.max_tokens})"
+        )
+    param_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    check_disk_space(out_dir, param_bytes + param_bytes // 10)  # the dense size bounds the pruned checkpoint
     log.info(
         "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d tokens)",
         capture_memory_bytes(
