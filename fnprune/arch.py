@@ -36,8 +36,9 @@ class MLPLayout:
     fused:    number of neuron-sized halves stacked in each input projection (Phi-3 gate_up_proj: 2).
     width_key: config field that holds the intermediate size.
     bias:     how a constant can be added after the output projection (bias compensation):
-              "native" = the output projection has a bias; "config:<flag>" = set that config flag, which
-              gives every MLP projection a bias (the input ones are zeroed); None = not possible.
+              "native" = the output projection has a bias (checked on the model); "config:<flag>" = set that
+              config flag, which gives every MLP projection a bias (the input ones are zeroed); None = never.
+    decision: which token carries the prediction: "last" (causal LMs) or "first" (encoder [CLS] heads).
     """
 
     layers: str
@@ -47,8 +48,11 @@ class MLPLayout:
     conv1d: bool = False
     fused: int = 1
     bias: str | None = None
+    decision: str = "last"
 
 
+_ENCODER = dict(inputs=("intermediate.dense",), output="output.dense", width_key="intermediate_size", bias="native",
+                decision="first")
 _GATED = dict(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj", width_key="intermediate_size")
 
 MLP_LAYOUTS: dict[str, MLPLayout] = {
@@ -58,6 +62,7 @@ MLP_LAYOUTS: dict[str, MLPLayout] = {
     "qwen3": MLPLayout("model.layers", **_GATED),
     "gemma": MLPLayout("model.layers", **_GATED),
     "gemma2": MLPLayout("model.layers", **_GATED),
+    "gemma3_text": MLPLayout("model.layers", **_GATED),
     "phi3": MLPLayout(
         "model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", fused=2
     ),
@@ -65,6 +70,13 @@ MLP_LAYOUTS: dict[str, MLPLayout] = {
     "opt": MLPLayout("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", bias="native"),
     "gpt_neox": MLPLayout(
         "gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size", bias="native"
+    ),
+    "falcon": MLPLayout("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "ffn_hidden_size", bias="native"),
+    # Encoders: *ForSequenceClassification checkpoints (the task head is kept).
+    "bert": MLPLayout("bert.encoder.layer", **_ENCODER),
+    "roberta": MLPLayout("roberta.encoder.layer", **_ENCODER),
+    "distilbert": MLPLayout(
+        "distilbert.transformer.layer", ("ffn.lin1",), "ffn.lin2", "hidden_dim", bias="native", decision="first"
     ),
 }
 

@@ -109,7 +109,8 @@ def capture_activations(
             pool_keys = torch.cat([keys, new_keys])
             keep = pool_keys.argsort(stable=True)[:max_tokens].sort().values
             keys = pool_keys[keep]
-            step.update(mask=mask, rows=torch.tensor(batch.index), last=batch.last, keep=keep)
+            position = batch.last if layout.decision == "last" else torch.zeros(len(batch.index), dtype=torch.long)
+            step.update(mask=mask, rows=torch.tensor(batch.index), last=position, keep=keep)
             forward(model, batch, all_logits=False)
             bar.update(int(mask.sum()))
     bar.close()

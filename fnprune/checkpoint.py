@@ -118,6 +118,28 @@ def save_networks(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[
     write_json(directory / NETWORKS_META_FILE, meta)
 
 
+SHIM_FILE = "modeling_fnprune.py"
+_SHIM_BASE_LINE = "from transformers import PreTrainedModel as _Base  # fnprune:base-class (rewritten when saved)"
+
+
+def shim_source(base_class: str) -> str:
+    """The per-layer loader (fnprune/remote_code/modeling_fnprune.py) with its base class filled in."""
+    text = (Path(__file__).parent / "remote_code" / SHIM_FILE).read_text(encoding="utf-8")
+    if _SHIM_BASE_LINE not in text or not base_class.isidentifier():
+        raise ValueError(f"cannot write the per-layer loader for {base_class!r}")
+    return text.replace(_SHIM_BASE_LINE, f"from transformers import {base_class} as _Base  # fnprune:base-class")
+
+
+def write_per_layer_code(directory: Path, model) -> None:
+    """Save the loader beside the weights and point `auto_map` at it (loads with trust_remote_code=True)."""
+    base = type(model).__name__
+    classifier = base.endswith("ForSequenceClassification")
+    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SHIM_FILE).write_text(shim_source(base), encoding="utf-8")
+    model.config.auto_map = {auto: "modeling_fnprune.FnpruneModel"}
+
+
 @dataclass
 class CardInfo:
     base_model: str

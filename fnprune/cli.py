@@ -86,6 +86,10 @@ def main() -> None:
 @click.option("--sparsity", type=float, help="Fraction of MLP neurons removed (= 1 - keep).")
 @click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
 @click.option("--round-to", type=int, help="Round kept widths to a multiple of this (default 8).")
+@click.option("--allocation", type=click.Choice(["uniform", "global"]),
+              help="uniform: same width per layer (default); global: one ranking across layers.")
+@click.option("--layout", "width_layout", type=click.Choice(["uniform", "per-layer", "padded"]),
+              help="How per-layer widths are saved (default uniform; global allocation needs per-layer/padded).")
 @click.option("--components", type=int, help="ICA components per layer (default 32).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
 @click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
@@ -100,12 +104,14 @@ def main() -> None:
               help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
 @click.option("--output", help="Output directory for the pruned checkpoint.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the output folder to this Hub repo.")
+@click.option("--private", is_flag=True, default=None, help="Create the Hub repo as private.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, components,
-             threshold, num_samples, max_tokens, batch_size, seed, bias_compensation, do_eval, eval_samples,
-             cache, output, overwrite, trust_remote_code, quiet) -> None:
+def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, allocation,
+             width_layout, components, threshold, num_samples, max_tokens, batch_size, seed, bias_compensation,
+             do_eval, eval_samples, cache, output, overwrite, push_to_hub, private, trust_remote_code, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
     from .recipe import Recipe, apply_overrides, load_recipe
@@ -121,6 +127,10 @@ def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, met
         "selection.keep": (1 - sparsity) if sparsity is not None else keep,
         "selection.method": method,
         "selection.round_to": round_to,
+        "selection.allocation": allocation,
+        "output.layout": width_layout,
+        "output.push_to_hub": push_to_hub,
+        "output.private": private,
         "selection.bias_compensation": bias_compensation,
         "networks.components": components,
         "networks.threshold": threshold,
@@ -146,8 +156,9 @@ def _print_summary(report: dict, where: Path | str) -> None:
     m, p = report["metric"], report["parameters"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"wrote {where}")
-    click.echo(f"  method {report['method']}, keep {report['keep']}, widths {report['widths']['dense']} -> "
-               f"{report['widths']['pruned'][0]} per layer")
+    pruned = report["widths"]["pruned"]
+    shown = f"{pruned[0]} per layer" if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)} per layer"
+    click.echo(f"  method {report['method']}, keep {report['keep']}, widths {report['widths']['dense']} -> {shown}")
     click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
     click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples: dense {fmt(m['dense'])}, "
                f"pruned {fmt(m['pruned'])}")
@@ -171,10 +182,12 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, 
     from .checkpoint import RECIPE_FILE
     from .data import load_split, resolve_task
     from .evaluate import evaluate_accuracy
-    from .models import load_model
+    from .models import load_model, local_model_dir
     from .recipe import ModelSpec, TaskSpec, load_recipe, recipe_from_dict
 
     _setup_logging(quiet)
+    if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
+        model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
     saved = Path(model).expanduser() / RECIPE_FILE
     if task is None and saved.is_file():
         spec = load_recipe(saved).task

@@ -59,6 +59,7 @@ class Example:
 
     prompt: str
     label: str
+    texts: tuple[str, ...] = ()  # the template's fields, in order: the input of a classifier head
 
 
 def resolve_task(spec: TaskSpec) -> TaskSpec:
@@ -177,7 +178,7 @@ def load_split(task: TaskSpec, split: str) -> list[Example]:
                 f"{sorted(task.label_words)}"
             )
         fields = {c: str(row[c]).strip() for c in template_fields(task.template)}
-        examples.append(Example(prompt=task.template.format(**fields), label=label))
+        examples.append(Example(prompt=task.template.format(**fields), label=label, texts=tuple(fields.values())))
     return examples
 
 

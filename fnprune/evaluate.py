@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import Example
 from .errors import DataError
-from .tokens import batches, encode, forward
+from .tokens import batches, encode, encode_inputs, forward, is_classifier
 
 __all__ = ["EvalResult", "evaluate_accuracy", "label_token_ids"]
 
@@ -70,6 +70,22 @@ def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, 
     return scores
 
 
+@torch.inference_mode()
+def _head_scores(model, tokenizer, examples, n_labels, batch_size, max_length, progress) -> torch.Tensor:
+    """Classifier checkpoints: the head's logits; class i stands for the i-th label of `label_words`."""
+    n_classes = model.config.num_labels
+    if n_classes != n_labels:
+        raise DataError(f"the model's head has {n_classes} classes but the task has {n_labels} labels")
+    seqs = encode_inputs(tokenizer, examples, max_length, classifier=True)
+    scores = torch.zeros(len(examples), n_labels, dtype=torch.float64)
+    bar = tqdm(total=len(examples), desc="evaluate", unit="ex", disable=not progress)
+    for batch in batches(seqs, batch_size):
+        scores[batch.index] = forward(model, batch).double().cpu()
+        bar.update(len(batch.index))
+    bar.close()
+    return scores
+
+
 def evaluate_accuracy(
     model: nn.Module,
     tokenizer,
@@ -79,18 +95,22 @@ def evaluate_accuracy(
     max_length: int = 1024,
     progress: bool = True,
 ) -> EvalResult:
-    """Accuracy of the most likely label word over `examples` (ties go to the first label)."""
+    """Accuracy of the most likely label word over `examples` (ties go to the first label); a classifier
+    checkpoint is scored by its head's argmax instead."""
     if not examples:
         raise DataError("no evaluation examples")
     start = time.perf_counter()
-    label_ids = label_token_ids(tokenizer, label_words)
+    labels = list(label_words)
     was_training = model.training
     model.eval()
-    scores = _label_scores(
-        model, tokenizer, [e.prompt for e in examples], label_ids, batch_size, max_length, progress
-    )
+    if is_classifier(model):
+        scores = _head_scores(model, tokenizer, examples, len(labels), batch_size, max_length, progress)
+    else:
+        label_ids = label_token_ids(tokenizer, label_words)
+        scores = _label_scores(
+            model, tokenizer, [e.prompt for e in examples], label_ids, batch_size, max_length, progress
+        )
     model.train(was_training)
-    labels = list(label_ids)
     predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
     correct = sum(p == e.label for p, e in zip(predictions, examples))
     return EvalResult(correct / len(examples), len(examples), time.perf_counter() - start, predictions, scores)

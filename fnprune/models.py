@@ -11,13 +11,14 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .arch import layout_for
 from .errors import ModelError
 from .recipe import ModelSpec
+from .remote_code.modeling_fnprune import per_layer_class
 
-__all__ = ["load_model", "load_pruned", "PrunedModel", "count_parameters", "checkpoint_bytes"]
+__all__ = ["load_model", "load_pruned", "local_model_dir", "PrunedModel", "count_parameters", "checkpoint_bytes"]
 
 log = logging.getLogger(__name__)
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -45,6 +46,22 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
     return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
 
 
+def _model_class(source: str, kwargs: dict):
+    """AutoModelForCausalLM, AutoModelForSequenceClassification for classifier checkpoints, or, for an fnprune
+    per-layer checkpoint, its base class with per-layer MLP widths (fnprune's own loader, no remote code)."""
+    config_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+    config = AutoConfig.from_pretrained(source, **config_kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "fnprune_layout", None):
+        base = getattr(transformers, architectures[0], None) if architectures else None
+        if base is None:
+            raise ModelError(f"per-layer checkpoint with unknown base class {architectures}")
+        return per_layer_class(base)
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
 def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix."""
     source, extra = _source(spec)
@@ -55,7 +72,9 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **common, **{_DTYPE_KW: getattr(torch, spec.dtype)})
+        model = _model_class(source, common).from_pretrained(
+            source, **common, **{_DTYPE_KW: getattr(torch, spec.dtype)}
+        )
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
     layout_for(model)
@@ -96,19 +115,27 @@ class PrunedModel:
     recipe: object | None
 
 
-def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:
-    """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present."""
+def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
+    """A local folder for `path`: itself, or the Hub snapshot (downloaded, or from the cache when offline)."""
     from huggingface_hub import snapshot_download
 
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    try:
+        return Path(snapshot_download(str(path), revision=revision))
+    except Exception as exc:  # not found, offline without a cached copy, no access
+        raise ModelError(
+            f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:
+    """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present."""
     from .checkpoint import RECIPE_FILE, REPORT_FILE
     from .recipe import load_recipe
 
-    local = Path(path).expanduser()
-    if not local.exists():
-        try:
-            local = Path(snapshot_download(str(path), revision=revision))
-        except Exception as exc:
-            raise ModelError(f"could not find {path} locally or on the Hugging Face Hub: {exc}") from exc
+    local = local_model_dir(path, revision)
     model, tokenizer = load_model(ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code))
     report = json.loads((local / REPORT_FILE).read_text()) if (local / REPORT_FILE).is_file() else None
     recipe = load_recipe(local / RECIPE_FILE) if (local / RECIPE_FILE).is_file() else None

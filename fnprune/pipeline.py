@@ -38,16 +38,18 @@ from .checkpoint import (
     model_card,
     save_networks,
     write_json,
+    write_per_layer_code,
 )
 from .data import Example, check_disjoint, data_source, file_sha256, load_split, resolve_task, sample
 from .errors import RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
+from .hub import push_folder
 from .models import checkpoint_bytes, count_parameters, load_model
 from .networks import LayerNetworks, find_networks, network_relevance
 from .recipe import ModelSpec, Recipe, TaskSpec, dump_recipe
-from .selection import NEEDS_NETWORKS, LayerEvidence, layer_width, score_layer, top_neurons
+from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .surgery import prune_mlp, supports_bias_compensation
-from .tokens import encode
+from .tokens import encode_inputs, is_classifier
 
 __all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons"]
 
@@ -157,7 +159,7 @@ def calibrate(
         acts, labels = cached
         log.info("activations from cache %s", cache.cache_dir())
     else:
-        seqs = encode(tokenizer, [e.prompt for e in examples], cal.max_length)
+        seqs = encode_inputs(tokenizer, examples, cal.max_length, is_classifier(model))
         acts = capture_activations(
             model, layout_for(model), seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
             store_dtype=cal.store_dtype, progress=progress,
@@ -187,21 +189,32 @@ def calibrate(
 
 
 def select_neurons(
-    model: torch.nn.Module, calib: Calibration, method: str, keep: float, round_to: int, seed: int, boost: float
+    model: torch.nn.Module,
+    calib: Calibration,
+    method: str,
+    keep: float,
+    round_to: int,
+    seed: int,
+    boost: float,
+    allocation: str = "uniform",
 ) -> list[torch.Tensor]:
-    """Kept neuron indices per layer (uniform width) for one criterion and budget."""
+    """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one global
+    ranking across layers with `allocation="global"`)."""
     layout = layout_for(model)
     norms = neuron_weight_norms(model, layout)
-    kept = []
+    scores = []
     for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
         ev = LayerEvidence(
             layer=i, mean_abs=a.mean_abs, var=a.var, out_norm=nrm["out"], in_norm=nrm["in"],
             networks=calib.networks[i] if calib.networks else None,
             relevance=calib.relevance[i] if calib.relevance else None,
         )
-        width = layer_width(a.mean.numel(), keep, round_to)
-        kept.append(top_neurons(score_layer(method, ev, seed, boost), width))
-    return kept
+        scores.append(score_layer(method, ev, seed, boost))
+    if allocation == "global":
+        widths = allocate_widths(scores, keep, round_to)
+    else:
+        widths = [layer_width(s.numel(), keep, round_to) for s in scores]
+    return [top_neurons(s, w) for s, w in zip(scores, widths)]
 
 
 def _data_provenance(task, splits: list[str]) -> dict[str, Any]:
@@ -275,8 +288,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         model, tokenizer = load_model(recipe.model)
         layout: MLPLayout = layout_for(model)
         if sel.bias_compensation is None:  # auto: on where the architecture can hold the bias
-            sel = dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout))
-        elif sel.bias_compensation and not supports_bias_compensation(layout):
+            sel = dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
+        elif sel.bias_compensation and not supports_bias_compensation(layout, model):
             raise RecipeError(
                 f"selection.bias_compensation: {model.config.model_type} MLPs have no bias to fold the removed "
                 "neurons' mean into; set it to false"
@@ -303,14 +316,16 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     )
     timer.seconds.update(calib.timings)
     with timer.stage("selection"):
-        kept = select_neurons(model, calib, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost)
+        kept = select_neurons(
+            model, calib, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost, sel.allocation
+        )
     with timer.stage("evaluate_dense"):
         dense_params = count_parameters(model)
         dense_width = calib.activations[0].mean.numel()
         dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
     with timer.stage("surgery"):
         removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
-        prune_mlp(model, layout, kept, removed_means)
+        prune_mlp(model, layout, kept, removed_means, recipe.output.layout)
     with timer.stage("evaluate_pruned"):
         pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
 
@@ -328,6 +343,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         "base_model": recipe.model.name_or_path,
         "task": task.name,
         "method": sel.method,
+        "allocation": sel.allocation,
+        "layout": recipe.output.layout,
         "keep": sel.keep,
         "bias_compensation": sel.bias_compensation,
         "calibration": {
@@ -352,6 +369,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)
 
     with timer.stage("save"), atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
+        if recipe.output.layout == "per-layer":
+            write_per_layer_code(tmp, model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
@@ -365,4 +384,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         card = CardInfo(recipe.model.name_or_path, task.name, sel.method, sel.keep, report, recipe_yaml)
         (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
     report["timings_seconds"] = timer.seconds
+    if recipe.output.push_to_hub:
+        with timer.stage("push"):
+            push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
     return CompressResult(out_dir, report, resolved)

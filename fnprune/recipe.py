@@ -35,6 +35,8 @@ __all__ = [
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")
 DTYPES = ("float32", "bfloat16", "float16")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+ALLOCATIONS = ("uniform", "global")
+LAYOUTS = ("uniform", "per-layer", "padded")
 
 
 @dataclass
@@ -143,6 +145,7 @@ class SelectionSpec:
     method: str = "fn-task"
     keep: float = 0.5
     round_to: int = 8
+    allocation: str = "uniform"  # uniform: same width in every layer; global: one ranking across layers
     bias_compensation: bool | None = None  # None: on where the architecture allows it
     fn_boost: float = 1.0
     seed: int = 0
@@ -155,6 +158,8 @@ class SelectionSpec:
             problems.append(f"selection.keep: must be in (0, 1], got {self.keep}")
         if self.round_to < 1:
             problems.append(f"selection.round_to: must be >= 1, got {self.round_to}")
+        if self.allocation not in ALLOCATIONS:
+            problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.fn_boost < 0:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
         return problems
@@ -183,9 +188,15 @@ class OutputSpec:
 
     dir: str = ""
     overwrite: bool = False
+    layout: str = "uniform"  # uniform | per-layer | padded (how per-layer widths are stored)
+    push_to_hub: str | None = None  # Hub repo id to upload the output folder to
+    private: bool = False
 
     def check(self) -> list[str]:
-        return [] if self.dir else ["output.dir: required (use --output DIR)"]
+        problems = [] if self.dir else ["output.dir: required (use --output DIR)"]
+        if self.layout not in LAYOUTS:
+            problems.append(f"output.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        return problems
 
 
 @dataclass
@@ -207,6 +218,11 @@ class Recipe:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 found.extend(section.check())
+        if self.selection.allocation != "uniform" and self.output.layout == "uniform":
+            found.append(
+                f"selection.allocation {self.selection.allocation!r} gives layers different widths: "
+                "set output.layout to per-layer or padded"
+            )
         return found
 
     def validate(self) -> Recipe:

@@ -14,7 +14,15 @@ import torch
 
 from .networks import LayerNetworks
 
-__all__ = ["LayerEvidence", "CRITERIA", "layer_width", "score_layer", "top_neurons"]
+__all__ = [
+    "LayerEvidence",
+    "CRITERIA",
+    "ALLOCATIONS",
+    "layer_width",
+    "allocate_widths",
+    "score_layer",
+    "top_neurons",
+]
 
 
 @dataclass
@@ -78,6 +86,7 @@ CRITERIA: dict[str, Criterion] = {
     "flap": _flap,
 }
 NEEDS_NETWORKS = {"fn", "fn-task"}
+ALLOCATIONS = ("uniform", "global")
 
 
 def layer_width(width: int, keep: float, round_to: int) -> int:
@@ -88,6 +97,21 @@ def layer_width(width: int, keep: float, round_to: int) -> int:
         return max(1, min(width, round(keep * width)))
     target = round(keep * width / round_to) * round_to
     return int(min(width, max(round_to, target)))
+
+
+def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int) -> list[int]:
+    """Per-layer widths from one global ranking: each layer's scores are divided by their mean (so layers are
+    comparable), the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a
+    multiple of `round_to` (at least one multiple, at most the layer's width)."""
+    normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
+    flat = torch.cat(normalized)
+    budget = max(1, round(keep * flat.numel()))
+    threshold = torch.sort(flat, descending=True, stable=True).values[budget - 1]
+    widths = []
+    for s in normalized:
+        count = int((s >= threshold).sum())
+        widths.append(layer_width(s.numel(), count / s.numel(), round_to) if count else min(round_to, s.numel()))
+    return widths
 
 
 def score_layer(method: str, ev: LayerEvidence, seed: int, boost: float = 1.0) -> torch.Tensor:

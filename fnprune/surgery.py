@@ -8,11 +8,17 @@ from torch import nn
 from .arch import MLPLayout, get_module, layer_blocks, output_weight_by_neuron
 from .errors import ModelError
 
-__all__ = ["prune_mlp", "compensation_bias", "supports_bias_compensation"]
+__all__ = ["prune_mlp", "compensation_bias", "supports_bias_compensation", "layout_record", "WIDTH_LAYOUTS"]
 
 
-def supports_bias_compensation(layout: MLPLayout) -> bool:
-    return layout.bias is not None
+def supports_bias_compensation(layout: MLPLayout, model: nn.Module | None = None) -> bool:
+    """Whether a constant can be added after the output projection (checked on the model when given)."""
+    if layout.bias is None:
+        return False
+    if layout.bias == "native" and model is not None:
+        out = get_module(layer_blocks(model, layout)[0], layout.output)
+        return getattr(out, "bias", None) is not None
+    return True
 
 
 def compensation_bias(output_module: nn.Module, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
@@ -56,24 +62,69 @@ def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, del
     module.bias = nn.Parameter(module.bias.detach() + delta.to(module.bias.dtype))
 
 
+WIDTH_LAYOUTS = ("uniform", "per-layer", "padded")
+
+
+def _pad_input(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:
+    """Append zero neurons to an input projection (each fused half padded separately)."""
+    w = module.weight.detach()
+    w = w.t() if layout.conv1d else w  # (fused * width, hidden)
+    halves = [torch.cat([h, h.new_zeros(target - width, h.shape[1])]) for h in w.chunk(layout.fused, dim=0)]
+    w = torch.cat(halves)
+    module.weight = nn.Parameter((w.t() if layout.conv1d else w).contiguous())
+    if getattr(module, "bias", None) is not None:
+        b = [torch.cat([h, h.new_zeros(target - width)]) for h in module.bias.detach().chunk(layout.fused)]
+        module.bias = nn.Parameter(torch.cat(b))
+    if layout.conv1d:
+        module.nf = layout.fused * target
+    else:
+        module.out_features = layout.fused * target
+
+
+def _pad_output(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:
+    """Zero output columns for padded neurons: whatever they compute, they add nothing."""
+    w = output_weight_by_neuron(module, layout)  # (width, hidden)
+    w = torch.cat([w, w.new_zeros(target - width, w.shape[1])])
+    module.weight = nn.Parameter((w if layout.conv1d else w.t()).contiguous())
+    if layout.conv1d:
+        module.nx = target
+    else:
+        module.in_features = target
+
+
+def layout_record(layout: MLPLayout, widths: list[int]) -> dict:
+    """What the per-layer loader needs to rebuild the MLP shapes (stored as config.fnprune_layout)."""
+    return {
+        "layers": layout.layers, "inputs": list(layout.inputs), "output": layout.output,
+        "conv1d": layout.conv1d, "fused": layout.fused, "widths": list(widths),
+    }
+
+
 def prune_mlp(
     model: nn.Module,
     layout: MLPLayout,
     keep: list[torch.Tensor],
     removed_means: list[torch.Tensor] | None = None,
+    width_layout: str = "uniform",
 ) -> nn.Module:
     """Keep neurons `keep[layer]` (sorted indices) in every MLP, in place; returns the model.
 
     With `removed_means` (per layer, full-width mean activation over calibration tokens), the mean output of
     the removed neurons is folded into the output-projection bias (FLAP-style bias compensation).
-    Widths must be equal across layers: the config holds one intermediate size.
+    `width_layout`: "uniform" needs equal widths (one intermediate size, vanilla config); "per-layer" keeps
+    each layer's width (recorded in `config.fnprune_layout`); "padded" pads every layer with zero neurons up
+    to the widest (exact, vanilla config).
     """
+    if width_layout not in WIDTH_LAYOUTS:
+        raise ValueError(f"width_layout must be one of {WIDTH_LAYOUTS}, got {width_layout!r}")
     blocks = layer_blocks(model, layout)
     if len(keep) != len(blocks):
         raise ValueError(f"got {len(keep)} index sets for {len(blocks)} layers")
-    widths = {len(k) for k in keep}
-    if len(widths) != 1:
-        raise ModelError(f"per-layer widths {sorted(widths)} need a per-layer layout; only uniform is supported")
+    widths = [len(k) for k in keep]
+    if width_layout == "uniform" and len(set(widths)) != 1:
+        raise ModelError(
+            f"per-layer widths {sorted(set(widths))} need --layout per-layer or padded; uniform needs equal widths"
+        )
     for i, (block, idx) in enumerate(zip(blocks, keep)):
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         out_module = get_module(block, layout.output)
@@ -88,12 +139,20 @@ def prune_mlp(
         for path in layout.inputs:
             _slice_input(get_module(block, path), layout, idx, width)
         _slice_output(out_module, layout, idx)
+        new_width = len(idx)
+        if width_layout == "padded" and new_width < max(widths):
+            for path in layout.inputs:
+                _pad_input(get_module(block, path), layout, new_width, max(widths))
+            _pad_output(out_module, layout, new_width, max(widths))
+            new_width = max(widths)
         if delta is not None:
             _add_output_bias(out_module, block, layout, delta)
         mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
         if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(idx)
-    setattr(model.config, layout.width_key, widths.pop())
+            mlp.intermediate_size = new_width
+    setattr(model.config, layout.width_key, max(widths))
+    if width_layout == "per-layer":
+        model.config.fnprune_layout = layout_record(layout, widths)
     if removed_means is not None and layout.bias and layout.bias.startswith("config:"):
         setattr(model.config, layout.bias.split(":", 1)[1], True)
     return model

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Batch", "encode", "make_batch", "batches", "forward"]
+__all__ = ["Batch", "encode", "encode_inputs", "is_classifier", "make_batch", "batches", "forward"]
 
 
 @dataclass
@@ -23,6 +23,22 @@ class Batch:
         """Position of each row's last real token, for either padding side."""
         length = self.attention_mask.shape[1]
         return length - 1 - self.attention_mask.flip(-1).argmax(-1)
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """A *ForSequenceClassification model: predicts with its head, not with label words."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def encode_inputs(tokenizer, examples, max_length: int, classifier: bool) -> list[list[int]]:
+    """Token ids per example: the filled-in prompt for LMs, the raw text (or text pair) for classifiers."""
+    if not classifier:
+        return encode(tokenizer, [e.prompt for e in examples], max_length)
+    out = []
+    for e in examples:
+        ids = tokenizer(*e.texts[:2], truncation=True, max_length=max_length)["input_ids"]
+        out.append(ids)
+    return out
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -50,10 +66,6 @@ def batches(seqs: list[list[int]], batch_size: int, padding_side: str = "right")
         yield make_batch([seqs[i] for i in idx], idx, padding_side)
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
-
-
 @torch.inference_mode()
 def forward(model: nn.Module, batch: Batch, all_logits: bool = True) -> torch.Tensor:
     """Logits (B, L, V); position ids follow the real tokens, so left padding gives unpadded results.
@@ -65,8 +77,11 @@ def forward(model: nn.Module, batch: Batch, all_logits: bool = True) -> torch.Te
         "input_ids": batch.input_ids.to(device),
         "attention_mask": batch.attention_mask.to(device),
     }
-    if _accepts_position_ids(model):
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params and not is_classifier(model):  # encoders are right padded: positions as is
         kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if not all_logits and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
-    return model(**kwargs, use_cache=False).logits
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return model(**kwargs).logits

@@ -62,3 +62,33 @@ def test_gguf_input_matches_hf_folder():
     ids = tok("Review: a gorgeous film\nSentiment:", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         torch.testing.assert_close(from_gguf(ids).logits, from_folder(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_per_layer_smollm2_loads_without_fnprune(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(MODEL)},
+        "task": {"name": "sst2", "data_dir": str(DATA)},
+        "calibration": {"num_samples": 64, "max_tokens": 1024},
+        "networks": {"components": 16},
+        "selection": {"keep": 0.5, "allocation": "global"},
+        "evaluation": {"enabled": False},
+        "output": {"dir": str(tmp_path / "out"), "layout": "per-layer"},
+    })
+    result = fnprune.compress(recipe, progress=False)
+    assert len(set(result.report["widths"]["pruned"])) > 1
+    code = (
+        "import json, sys, torch; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r}, trust_remote_code=True).eval(); "
+        "assert not [k for k in sys.modules if k.startswith('fnprune')]; "
+        "print(json.dumps(m(torch.tensor([[1, 2, 3, 4]])).logits[0, -1, :50].tolist()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with torch.inference_mode():
+        local = fnprune.load_pruned(result.output_dir).model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1, :50]
+    torch.testing.assert_close(remote, local, atol=1e-4, rtol=1e-4)

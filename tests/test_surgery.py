@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fnprune.arch import MLP_LAYOUTS, layout_for, mlp_widths
 from fnprune.errors import ModelError
@@ -14,9 +14,10 @@ from fnprune.hooks import masked_neurons, mlp_input_hooks
 from fnprune.models import load_model
 from fnprune.recipe import ModelSpec
 from fnprune.surgery import prune_mlp, supports_bias_compensation
-from fnprune.tokens import encode, forward, make_batch
+from fnprune.tokens import encode, forward, is_classifier, make_batch
 
-PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:"]
+PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:",
+           "Review: fresh\nSentiment:"]
 ARCHS = sorted(MLP_LAYOUTS)
 
 
@@ -31,8 +32,15 @@ def _per_layer_keep(widths: list[int], keep: int, seed: int = 0) -> list[torch.T
 
 
 def _logits(model, batch):
-    mask = batch.attention_mask.bool()
-    return forward(model, batch)[mask]  # real tokens only
+    logits = forward(model, batch)
+    if logits.dim() == 2:  # classifier head: (B, classes)
+        return logits
+    return logits[batch.attention_mask.bool()]  # real tokens only
+
+
+def _auto(model):
+    """The vanilla transformers auto class a user would reload this model with."""
+    return AutoModelForSequenceClassification if is_classifier(model) else AutoModelForCausalLM
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -66,7 +74,7 @@ def test_bias_compensation_equals_mean_filled_mask(arch, model_dir, tmp_path):
     pruned = prune_mlp(copy.deepcopy(model), layout, keep, removed_means=means)
     torch.testing.assert_close(_logits(pruned, batch), expected, atol=1e-5, rtol=1e-5)
     pruned.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = _auto(pruned).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -110,7 +118,7 @@ def test_pruned_checkpoint_reloads_with_vanilla_transformers(arch, model_dir, tm
     prune_mlp(model, layout, _per_layer_keep(widths, 24, seed=4))
     expected = _logits(model, batch)
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = _auto(model).from_pretrained(tmp_path).eval()
     assert mlp_widths(reloaded, layout) == [24] * len(widths)
     torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-6, rtol=1e-6)
 
@@ -118,7 +126,7 @@ def test_pruned_checkpoint_reloads_with_vanilla_transformers(arch, model_dir, tm
 def test_unequal_widths_refused(model_dir):
     model, _ = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
     layout = layout_for(model)
-    with pytest.raises(ModelError, match="per-layer"):
+    with pytest.raises(ModelError, match="--layout per-layer or padded"):
         prune_mlp(model, layout, [torch.arange(8), torch.arange(16)])
 
 
@@ -127,3 +135,41 @@ def test_bad_indices_refused(model_dir):
     layout = layout_for(model)
     with pytest.raises(ValueError, match="unique"):
         prune_mlp(model, layout, [torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])])
+
+
+def _uneven_keep(widths: list[int], seed: int = 5) -> list[torch.Tensor]:
+    """Different widths and different neurons per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [widths[i] // 4 + 8 * i for i in range(len(widths))]
+    return [torch.randperm(w, generator=gen)[:n].sort().values for w, n in zip(widths, sizes)]
+
+
+@pytest.mark.parametrize("width_layout", ["per-layer", "padded"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uneven_widths_exact_save_and_reload(arch, width_layout, model_dir, tmp_path):
+    import fnprune
+    from fnprune.checkpoint import write_per_layer_code
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    batch = _batch(tok)
+    widths = mlp_widths(model, layout)
+    keep = _uneven_keep(widths)
+    means = [torch.randn(w, generator=torch.Generator().manual_seed(9)) for w in widths]
+    compensate = supports_bias_compensation(layout, model)
+    with masked_neurons(model, layout, keep, fill=means if compensate else None):
+        expected = _logits(model, batch)
+    prune_mlp(model, layout, keep, means if compensate else None, width_layout)
+    expected_widths = [len(k) for k in keep] if width_layout == "per-layer" else [max(len(k) for k in keep)] * 2
+    assert mlp_widths(model, layout) == expected_widths
+    torch.testing.assert_close(_logits(model, batch), expected, atol=1e-5, rtol=1e-5)
+    if width_layout == "per-layer":
+        write_per_layer_code(tmp_path, model)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    if width_layout == "padded":  # a vanilla config: loads anywhere
+        reloaded = _auto(model).from_pretrained(tmp_path).eval()
+    else:
+        reloaded = fnprune.load_pruned(tmp_path).model
+    assert mlp_widths(reloaded, layout) == expected_widths
+    torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -111,6 +117,27 @@ def _gpt_neox(vocab_size: int) -> PretrainedConfig:
                                 **_common(vocab_size))
 
 
+def _falcon(vocab_size: int) -> PretrainedConfig:
+    return AutoConfig.for_model("falcon", hidden_size=64, ffn_hidden_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, new_decoder_architecture=False, multi_query=True,
+                                bias=True, max_position_embeddings=MAX_POSITIONS, **_common(vocab_size))
+
+
+def _encoder(model_type: str, **sizes: object) -> Callable[[int], PretrainedConfig]:
+    """A tiny *ForSequenceClassification encoder (2 labels) of `model_type`."""
+
+    def build(vocab_size: int) -> PretrainedConfig:
+        kw = dict(vocab_size=vocab_size, num_labels=2, pad_token_id=EOS_ID, architectures=[ENCODER_HEADS[model_type]])
+        return AutoConfig.for_model(model_type, **{**kw, **sizes})
+
+    return build
+
+
+ENCODER_HEADS = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+                 "distilbert": "DistilBertForSequenceClassification"}
+_BERT_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=MAX_POSITIONS + 2)
+
 # model_type -> (vocab_size -> tiny config). Intermediate sizes are 128 (divisible by 16) everywhere.
 ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
     "llama": _llama_like("llama", tie_word_embeddings=True),
@@ -124,6 +151,13 @@ ARCHITECTURES: dict[str, Callable[[int], PretrainedConfig]] = {
     "gemma": _llama_like("gemma", tie_word_embeddings=True),
     "gemma2": _llama_like("gemma2", tie_word_embeddings=True, sliding_window=64,
                           query_pre_attn_scalar=16, attn_implementation="eager"),
+    "gemma3_text": _llama_like("gemma3_text", tie_word_embeddings=True, sliding_window=64,
+                               query_pre_attn_scalar=16, attn_implementation="eager"),
+    "falcon": _falcon,
+    "bert": _encoder("bert", **_BERT_SIZES),
+    "roberta": _encoder("roberta", **_BERT_SIZES),
+    "distilbert": _encoder("distilbert", dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                           max_position_embeddings=MAX_POSITIONS),
 }
 
 
@@ -157,7 +191,8 @@ def make_model(model_type: str, dest: Path, tokenizer: PreTrainedTokenizerFast, 
     tokenizer to ``dest`` and return ``dest``."""
     torch.manual_seed(seed)
     config = make_config(model_type, len(tokenizer))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForSequenceClassification if model_type in ENCODER_HEADS else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     _reinit(model, seed)
     model.eval()
     dest.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,33 @@
+"""Upload a pruned checkpoint folder to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import FnpruneError
+
+__all__ = ["push_folder"]
+
+log = logging.getLogger(__name__)
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Create (or reuse) `repo_id` and upload every file of `folder`; returns the repo URL.
+
+    The token is read by huggingface_hub itself and never passed through, printed or written by fnprune.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="Upload fnprune pruned checkpoint")
+    except Exception as exc:  # network, auth, permissions: the message says which
+        raise FnpruneError(
+            f"could not push {folder} to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. "
+            "The checkpoint is saved locally; log in with `hf auth login` or set HF_TOKEN and retry."
+        ) from exc
+    log.info("pushed %s to %s", folder, url)
+    return str(url)

@@ -1,0 +1,108 @@
+"""Per-layer widths: the checkpoint loads with fnprune, and without fnprune through the saved loader."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fnprune
+from fnprune.arch import layout_for, mlp_widths
+from fnprune.checkpoint import SHIM_FILE, shim_source, write_per_layer_code
+from fnprune.errors import RecipeError
+from fnprune.models import load_model
+from fnprune.recipe import ModelSpec, recipe_from_dict
+from fnprune.surgery import prune_mlp
+
+IDS = [[5, 17, 33, 80, 2, 41]]
+LOAD_WITHOUT_FNPRUNE = """
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+out = {}
+for path in sys.argv[1:]:
+    heads = AutoConfig.from_pretrained(path).auto_map
+    auto = AutoModelForSequenceClassification if "AutoModelForSequenceClassification" in heads else AutoModelForCausalLM
+    model = auto.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        out[path] = model(torch.tensor(IDS)).logits.flatten().tolist()
+assert not [m for m in sys.modules if m.split(".")[0] == "fnprune"], "fnprune was imported"
+print(json.dumps(out))
+""".replace("IDS", repr(IDS))
+
+
+def _per_layer_checkpoint(arch, model_dir, dest):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    gen = torch.Generator().manual_seed(0)
+    widths = mlp_widths(model, layout)
+    keep = [torch.randperm(w, generator=gen)[: 24 + 16 * i].sort().values for i, w in enumerate(widths)]
+    prune_mlp(model, layout, keep, width_layout="per-layer")
+    write_per_layer_code(dest, model)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_per_layer_loads_in_a_process_without_fnprune(model_dir, tmp_path):
+    archs = ["llama", "gpt2", "gpt_neox", "phi3", "opt", "bert"]
+    paths = [str(_per_layer_checkpoint(a, model_dir, tmp_path / a)) for a in archs]
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FNPRUNE, *paths], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path in paths:
+        model = fnprune.load_pruned(path).model
+        assert mlp_widths(model, layout_for(model)) == [24, 40]
+        with torch.no_grad():
+            local = model(torch.tensor(IDS)).logits.flatten()
+        torch.testing.assert_close(torch.tensor(remote[path]), local, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, tmp_path):
+    base = {
+        "model": {"name_or_path": str(model_dir("llama"))},
+        "task": {"name": "sst2", "data_dir": str(task_data)},
+        "calibration": {"num_samples": 48, "max_tokens": 400},
+        "networks": {"components": 8},
+        "selection": {"keep": 0.5, "allocation": "global", "method": "flap"},
+        "evaluation": {"max_samples": 16},
+    }
+    reports = {}
+    for width_layout in ("per-layer", "padded"):
+        recipe = recipe_from_dict({**base, "output": {"dir": str(tmp_path / width_layout), "layout": width_layout}})
+        reports[width_layout] = fnprune.compress(recipe, progress=False).report
+    widths = reports["per-layer"]["widths"]["pruned"]
+    assert len(set(widths)) > 1 and all(w % 8 == 0 for w in widths)
+    assert reports["padded"]["widths"]["pruned"] == widths  # same selection, stored differently
+    assert reports["padded"]["metric"]["pruned"] == reports["per-layer"]["metric"]["pruned"]
+    assert (tmp_path / "per-layer" / SHIM_FILE).is_file() and not (tmp_path / "padded" / SHIM_FILE).exists()
+    padded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")  # vanilla config, no remote code
+    assert padded.config.intermediate_size == max(widths) and not hasattr(padded.config, "fnprune_layout")
+    assert reports["padded"]["parameters"]["pruned"] > reports["per-layer"]["parameters"]["pruned"]
+
+
+def test_uniform_layout_refuses_global_allocation():
+    with pytest.raises(RecipeError, match="set output.layout to per-layer or padded"):
+        recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"},
+                          "selection": {"allocation": "global"}}).validate()
+
+
+def test_the_saved_loader_is_small_and_harmless():
+    """Reviewed code only: what users run with trust_remote_code=True is this file and nothing else."""
+    source = shim_source("LlamaForCausalLM")
+    tree = ast.parse(source)
+    imported = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "torch", "transformers"}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not called & {"eval", "exec", "open", "compile", "__import__", "getattr_static"}
+    code_lines = [line for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(code_lines) < 110
+    assert "from transformers import LlamaForCausalLM as _Base" in source
+    with pytest.raises(ValueError):
+        shim_source("os; import os")
