@@ -104,6 +104,7 @@ def main() -> None:
               help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
 @click.option("--output", help="Output directory for the pruned checkpoint.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--max-shard-size", help="Split model.safetensors into shards of at most this size, e.g. 2GB.")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the output folder to this Hub repo.")
 @click.option("--private", is_flag=True, default=None, help="Create the Hub repo as private.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
@@ -111,7 +112,8 @@ def main() -> None:
 @_friendly
 def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, allocation,
              width_layout, components, threshold, num_samples, max_tokens, batch_size, seed, bias_compensation,
-             do_eval, eval_samples, cache, output, overwrite, push_to_hub, private, trust_remote_code, quiet) -> None:
+             do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
+             quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
     from .recipe import Recipe, apply_overrides, load_recipe
@@ -130,6 +132,7 @@ def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, met
         "selection.allocation": allocation,
         "output.layout": width_layout,
         "output.push_to_hub": push_to_hub,
+        "output.max_shard_size": max_shard_size,
         "output.private": private,
         "selection.bias_compensation": bias_compensation,
         "networks.components": components,

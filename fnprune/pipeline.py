@@ -30,7 +30,6 @@ from .checkpoint import (
     CARD_FILE,
     RECIPE_FILE,
     REPORT_FILE,
-    WEIGHTS_FILE,
     CardInfo,
     atomic_output_dir,
     check_disk_space,
@@ -371,14 +370,11 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     with timer.stage("save"), atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if recipe.output.layout == "per-layer":
             write_per_layer_code(tmp, model)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
         save_networks(tmp, *_networks_artifact(calib, kept))
-        weights = sorted(tmp.glob("*.safetensors"))
-        report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in weights if f.name == WEIGHTS_FILE) or sum(
-            f.stat().st_size for f in weights if f.name.startswith("model")
-        )
+        report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
         report["timings_seconds"] = timer.seconds
         write_json(tmp / REPORT_FILE, report)
         card = CardInfo(recipe.model.name_or_path, task.name, sel.method, sel.keep, report, recipe_yaml)

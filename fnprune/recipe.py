@@ -191,6 +191,7 @@ class OutputSpec:
     layout: str = "uniform"  # uniform | per-layer | padded (how per-layer widths are stored)
     push_to_hub: str | None = None  # Hub repo id to upload the output folder to
     private: bool = False
+    max_shard_size: str = "5GB"  # safetensors shards of at most this size (save_pretrained's format)
 
     def check(self) -> list[str]:
         problems = [] if self.dir else ["output.dir: required (use --output DIR)"]

@@ -142,3 +142,13 @@ def test_bias_compensation_refused_where_impossible(model_dir, task_data, tmp_pa
     with pytest.raises(RecipeError, match="bias_compensation"):
         fnprune.compress(recipe, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_sharded_output_reloads(model_dir, task_data, tmp_path):
+    recipe = apply_overrides(_recipe(model_dir("qwen2"), task_data, tmp_path / "o"),
+                             {"output.max_shard_size": "40KB", "evaluation.enabled": False})
+    result = fnprune.compress(recipe, progress=False)
+    shards = sorted(p.name for p in result.output_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (result.output_dir / "model.safetensors.index.json").is_file()
+    assert result.report["file_bytes"]["pruned"] == sum((result.output_dir / s).stat().st_size for s in shards)
+    assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.intermediate_size == 64

