@@ -82,6 +82,7 @@ def main() -> None:
 @click.option("--model", help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype (default float32).")
 @click.option("--keep", type=float, help="Fraction of MLP neurons kept in every layer (default 0.5).")
 @click.option("--sparsity", type=float, help="Fraction of MLP neurons removed (= 1 - keep).")
 @click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
@@ -110,7 +111,7 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, method, round_to, allocation,
+def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, allocation,
              width_layout, components, threshold, num_samples, max_tokens, batch_size, seed, bias_compensation,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
              quiet) -> None:
@@ -126,6 +127,7 @@ def compress(recipe_path, task, model, data_dir, data_files, keep, sparsity, met
     overrides.update({
         "model.name_or_path": model,
         "model.trust_remote_code": trust_remote_code,
+        "model.dtype": dtype,
         "selection.keep": (1 - sparsity) if sparsity is not None else keep,
         "selection.method": method,
         "selection.round_to": round_to,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError"]
+__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError", "NumericalError"]
 
 
 class FnpruneError(Exception):
@@ -27,3 +27,7 @@ class ModelError(FnpruneError, ValueError):
 
 class OutputError(FnpruneError, FileExistsError):
     """The output directory exists (and --overwrite was not given) or cannot be written."""
+
+
+class NumericalError(FnpruneError, ValueError):
+    """Activations or scores are NaN/inf (a broken model or dtype overflow); names the layer."""

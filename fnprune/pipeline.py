@@ -40,7 +40,7 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .data import Example, check_disjoint, data_source, file_sha256, load_split, resolve_task, sample
-from .errors import RecipeError
+from .errors import NumericalError, RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
 from .models import checkpoint_bytes, count_parameters, load_model
@@ -113,7 +113,10 @@ def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: b
                 find_networks(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
             )
         except ValueError as exc:
-            raise ValueError(f"layer {i}: {exc}") from exc
+            raise NumericalError(f"layer {i}: {exc}") from exc
+    dead = {i: n.dead_neurons for i, n in enumerate(found) if n.dead_neurons}
+    if dead:
+        log.warning("neurons that never vary on the calibration data (layer: count): %s", dead)
     slow = [i for i, n in enumerate(found) if not n.converged]
     if slow:
         log.warning(
@@ -165,7 +168,10 @@ def calibrate(
         )
         for i, a in enumerate(acts):
             if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
-                raise ValueError(f"layer {i}: NaN or inf MLP activations on the calibration data")
+                raise NumericalError(
+                    f"layer {i}: NaN or inf MLP activations on the calibration data (broken weights, or a dtype "
+                    "that overflows: try --dtype float32)"
+                )
         labels_order = list(label_words)
         labels = np.array([labels_order.index(e.label) for e in examples])
         if use_cache:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import NumericalError
 from .networks import LayerNetworks
 
 __all__ = [
@@ -119,7 +120,7 @@ def score_layer(method: str, ev: LayerEvidence, seed: int, boost: float = 1.0) -
         raise ValueError(f"unknown method {method!r}; known: {', '.join(CRITERIA)}")
     scores = CRITERIA[method](ev, seed, boost)
     if not torch.isfinite(scores).all():
-        raise ValueError(f"layer {ev.layer}: {method} scores contain NaN or inf")
+        raise NumericalError(f"layer {ev.layer}: {method} scores contain NaN or inf")
     return scores
 
 

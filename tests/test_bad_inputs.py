@@ -159,3 +159,18 @@ def test_not_enough_disk_space(bad, model_dir, task_data, tmp_path, monkeypatch)
                                        "--data-dir", str(task_data), "--output", str(tmp_path / "o")])
     assert result.exit_code == 1 and "not enough disk space" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_nan_activations_name_the_layer(model_dir, task_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir("llama"), broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, :] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(broken), "--data-dir",
+                                       str(task_data), "--output", str(tmp_path / "o"), "--no-cache"])
+    assert result.exit_code == 1, result.output
+    assert "layer 1: NaN or inf MLP activations" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
