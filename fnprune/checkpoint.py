@@ -94,6 +94,9 @@ def atomic_output_dir(path: Path, overwrite: bool):
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
         if path.exists():

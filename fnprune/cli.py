@@ -239,5 +239,69 @@ def inspect(directory) -> None:
     click.echo(f"  recipe: {path / RECIPE_FILE}")
 
 
+@main.command()
+@click.option("--task", required=True, help="Task name (built in: sst2, rte, ag_news).")
+@click.option("--model", required=True, help="Hub id, local Hugging Face folder, or .gguf file.")
+@click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
+@click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
+@click.option("--also-task", multiple=True,
+              help="Another task for the recurrence experiment: NAME, NAME:DIR or NAME:SPLIT=PATH,... (repeatable).")
+@click.option("--components", type=int, help="ICA components, per layer and cross-layer (default 32).")
+@click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
+@click.option("--num-samples", type=int, help="Calibration examples from the calibration split (default 256).")
+@click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
+@click.option("--group-tokens", type=int, help="Tokens used for the cross-layer group ICA (default 2048).")
+@click.option("--recurrence-groups", type=int, help="Held-out sample groups per task for recurrence (default 12).")
+@click.option("--group-size", type=int, help="Samples per recurrence group (default 8).")
+@click.option("--iou", type=float, help="IoU above which a template recurs (default 0.2).")
+@click.option("--top-networks", type=int, help="Per-layer networks analyzed, by task relevance (default 8).")
+@click.option("--control-networks", type=int, help="Random per-layer networks analyzed as controls (default 2).")
+@click.option("--seeds", type=int, help="Random-neuron control seeds (default 3).")
+@click.option("--scales", help="Amplification factors, comma separated (default 0,0.5,1.5,2,3).")
+@click.option("--group-mask", type=int, help="Top group networks masked together, 0 = skip (default 10).")
+@click.option("--eval-samples", type=int, help="Evaluation examples, sampled from the evaluation split (default 300).")
+@click.option("--seed", type=int, help="Seed for sampling, ICA and controls (default 0).")
+@click.option("--cache/--no-cache", default=None, help="Reuse calibration activations and networks (default on).")
+@click.option("--output", required=True, help="Output folder for report.md, figures and CSVs.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output folder.")
+@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model's own code (off).")
+@click.option("--quiet", is_flag=True, help="Only warnings and the result.")
+@_friendly
+def analyze(task, model, data_dir, data_files, also_task, components, threshold, num_samples, max_tokens,
+            group_tokens, recurrence_groups, group_size, iou, top_networks, control_networks, seeds, scales,
+            group_mask, eval_samples, seed, cache, output, overwrite, trust_remote_code, quiet) -> None:
+    """Functional-network experiments (networks, recurrence, key networks, amplification) with a report."""
+    import time
+
+    from .analyze import AnalysisSpec, parse_scales, task_from_arg
+    from .analyze import analyze as run
+    from .recipe import ModelSpec, TaskSpec
+
+    _setup_logging(quiet)
+    start = time.perf_counter()
+    files = _parse_data_files(data_files)
+    spec_task = TaskSpec(name=task, data_dir=None if files else data_dir, data_files=files or {})
+    values = {
+        "components": components, "threshold": threshold, "num_samples": num_samples, "max_tokens": max_tokens,
+        "group_tokens": group_tokens, "recurrence_groups": recurrence_groups, "group_size": group_size,
+        "iou_threshold": iou, "top_networks": top_networks, "control_networks": control_networks, "seeds": seeds,
+        "scales": parse_scales(scales), "group_mask": group_mask, "eval_samples": eval_samples, "seed": seed,
+        "cache": cache,
+    }
+    spec = AnalysisSpec(
+        model=ModelSpec(name_or_path=model, trust_remote_code=trust_remote_code), task=spec_task,
+        also_tasks=[task_from_arg(v) for v in also_task], output=output, overwrite=overwrite,
+        **{k: v for k, v in values.items() if v is not None},
+    )
+    result = run(spec, progress=not quiet)
+    info = result.info
+    click.echo(f"wrote {output} ({time.perf_counter() - start:.0f} s)")
+    click.echo(f"  {info['task']} dense accuracy {info['dense_accuracy']:.4f} on {info['evaluation']['samples']} "
+               f"{info['evaluation']['split']} examples")
+    for r in result.tables["key_networks"]:
+        click.echo(f"  mask {r['network']:>8} ({r['kind']}, {r['size']} neurons): acc {r['masked_fn_acc']:.4f}, "
+                   f"random same layer {r['random_acc_mean']:.4f} +- {r['random_acc_std']:.4f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

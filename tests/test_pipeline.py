@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -44,6 +45,9 @@ def test_output_folder_and_report(llama_run):
     out = llama_run.output_dir
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".*partial*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private one
     saved = json.loads((out / "report.json").read_text())
     assert saved["widths"] == {"dense": 128, "pruned": [64, 64]}
     assert saved["parameters"]["pruned"] < saved["parameters"]["dense"]

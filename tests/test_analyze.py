@@ -1,0 +1,230 @@
+"""`fnprune analyze`: files written, per-layer masking, replayed scoring, IoU matching, CLI and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fnprune import analyze as an
+from fnprune.arch import get_module, layer_blocks, layout_for
+from fnprune.cli import main
+from fnprune.data import load_split, resolve_task
+from fnprune.evaluate import evaluate_accuracy
+from fnprune.models import load_model
+from fnprune.recipe import ModelSpec, TaskSpec
+
+SMALL = dict(num_samples=40, max_tokens=300, components=8, group_tokens=300, recurrence_groups=3, group_size=4,
+             top_networks=2, control_networks=1, seeds=2, scales=(0.0, 2.0), group_mask=2, eval_samples=32)
+CLI_SMALL = ["--num-samples", "40", "--max-tokens", "300", "--components", "8", "--group-tokens", "300",
+             "--recurrence-groups", "2", "--group-size", "4", "--top-networks", "1", "--control-networks", "1",
+             "--seeds", "1", "--scales", "0,2", "--group-mask", "1", "--eval-samples", "16", "--quiet"]
+
+
+def _spec(model_dir, task_data, out: Path, **kw) -> an.AnalysisSpec:
+    return an.AnalysisSpec(model=ModelSpec(name_or_path=str(model_dir("llama"))),
+                           task=TaskSpec(name="sst2", data_dir=str(task_data)), output=str(out), **{**SMALL, **kw})
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def analysis(model_dir, task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis") / "report"
+    spec = _spec(model_dir, task_data, out, also_tasks=[TaskSpec(name="sst2", data_dir=str(task_data))])
+    return an.analyze(spec, progress=False), out
+
+
+def test_api_writes_report_figures_and_csvs(analysis):
+    result, out = analysis
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "summary.json", *an.FIGURES.values()} <= names
+    for table in ("layer_networks", "layer_summary", "group_networks", "group_network_layers", "group_network_map",
+                  "layer_relevance_grid", "recurrence", "recurrence_groups", "key_networks", "key_networks_seeds",
+                  "group_mask", "amplification", "amplification_summary"):
+        assert f"{table}.csv" in names and _rows(out / f"{table}.csv"), table
+    for png in an.FIGURES.values():
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    for section in ("## 1. Networks", "## 2. Recurrence", "## 3. Key networks", "## 4. Amplification",
+                    "fnprune analyze --task sst2"):
+        assert section in report
+    for png in an.FIGURES.values():
+        assert f"]({png})" in report
+    assert not list(out.parent.glob(".*partial"))  # the temp dir was renamed into place
+
+    key = _rows(out / "key_networks.csv")
+    assert [r["kind"] for r in key] == ["top", "top", "control"]
+    assert all(r["masking_verified"] == "True" for r in key)
+    assert len(_rows(out / "key_networks_seeds.csv")) == 3 * 2
+    # the relevance ranking is the pipeline's: top networks are the two most relevant per-layer networks
+    rel = sorted((float(r["relevance"]) for r in _rows(out / "layer_networks.csv") if int(r["size"]) > 0),
+                 reverse=True)
+    assert [float(r["relevance"]) for r in key[:2]] == pytest.approx(rel[:2], abs=1e-4)
+    dense = result.info["dense_accuracy"]
+    for r in key:
+        assert float(r["fn_drop"]) == pytest.approx(dense - float(r["masked_fn_acc"]), abs=1e-3)
+    # amplification at factor 0 is the masked result
+    amp = {(r["network"], float(r["scale"])): r for r in _rows(out / "amplification.csv") if r["target"] == "network"}
+    for r in key:
+        assert float(amp[(r["network"], 0.0)]["accuracy"]) == pytest.approx(float(r["masked_fn_acc"]), abs=1e-4)
+    # recurrence ran for both tasks given
+    tasks = {r["task"] for r in _rows(out / "recurrence.csv")}
+    assert tasks == {"sst2"} and len(_rows(out / "recurrence_groups.csv")) == 2 * 3 * 8
+    # the evaluation examples are from the validation split, disjoint from calibration
+    assert result.info["evaluation"]["split"] == "validation" and result.info["calibration"]["split"] == "train"
+
+
+def _record_down_inputs(model, run) -> list[torch.Tensor]:
+    layout = layout_for(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [get_module(b, layout.output).register_forward_hook(
+        lambda m, args, out, i=i: seen.__setitem__(i, args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+        for i, b in enumerate(layer_blocks(model, layout))]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in sorted(seen)]
+
+
+def test_masking_zeroes_exactly_the_network_in_its_layer(model_dir, task_data):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    examples = load_split(task, "validation")[:8]
+    scorer = an.Scorer(model, tok, examples, task.label_words, batch_size=4)
+    members = np.array([3, 17, 64, 100, 127])
+    dense = _record_down_inputs(model, lambda: scorer.scores(None))
+    masked = _record_down_inputs(model, lambda: scorer.scores({1: (members, 0.0)}))
+    assert torch.equal(masked[0], dense[0])  # layer before: untouched
+    assert (masked[1][:, members] == 0).all() and (dense[1][:, members] != 0).any()
+    rest = np.setdiff1d(np.arange(128), members)
+    assert torch.equal(masked[1][:, rest], dense[1][:, rest])  # only the network's neurons changed
+    # in layer 0 (which feeds everything after it): exactly its members are zero, layer 1 has no forced zeros
+    m0 = _record_down_inputs(model, lambda: scorer.scores({0: (members, 0.0)}))
+    assert (m0[0][:, members] == 0).all() and torch.equal(m0[0][:, rest], dense[0][:, rest])
+    assert not (m0[1] == 0).all(0).any()
+    # scaling multiplies exactly those neurons
+    scaled = _record_down_inputs(model, lambda: scorer.scores({1: (members, 2.0)}))
+    assert torch.allclose(scaled[1][:, members], 2 * dense[1][:, members])
+    assert torch.equal(scaled[1][:, rest], dense[1][:, rest])
+    assert an.verify_masking(model, tok, [e.prompt for e in examples[:3]], {1: members, 0: members[:2]})["ok"]
+
+
+def test_verify_masking_catches_a_late_bound_mask(model_dir, task_data, monkeypatch):
+    """The reference code's bug (every layer got the last layer's mask) must not pass the check."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    real = an.masked_neurons
+
+    def buggy(model, layout, keep, fill=None, scale=None):
+        return real(model, layout, [keep[-1]] * len(keep), fill, scale)
+
+    monkeypatch.setattr(an, "masked_neurons", buggy)
+    check = an.verify_masking(model, tok, ["Review: a fine film\nSentiment:"], {1: np.array([1, 2, 3])})
+    assert not check["ok"] and any("layer 0" in p for p in check["problems"])
+
+
+def test_replayed_scores_equal_full_passes(model_dir, task_data):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    examples = load_split(task, "validation")
+    scorer = an.Scorer(model, tok, examples, task.label_words, batch_size=8)
+    dense = scorer.prepare({1})
+    assert scorer.replay_ok == {1: True}
+    ref = evaluate_accuracy(model, tok, examples, task.label_words, 8, progress=False)
+    np.testing.assert_allclose(dense, ref.scores.numpy(), atol=1e-5)
+    change = {1: (np.array([5, 6, 7, 50]), 0.0)}
+    replayed = scorer.scores(change)
+    scorer.replay_ok = {}
+    full = scorer.scores(change)
+    np.testing.assert_allclose(replayed, full, atol=1e-5)
+    assert not np.allclose(full, dense)
+
+
+def test_iou_matching_on_planted_maps():
+    d = 1000
+    templates = np.zeros((3, d), dtype=bool)
+    templates[0, :50] = True
+    templates[1, 100:120] = True
+    templates[2, 500:600] = True
+    maps = np.zeros((4, d), dtype=bool)
+    maps[0, 10:60] = True  # template 0: 40 shared / 60 union
+    maps[1, 500:510] = True  # template 2: 10 / 100
+    maps[2, 900:950] = True  # matches nothing
+    iou = an.iou_matrix(templates, maps)
+    assert iou[0, 0] == pytest.approx(40 / 60) and iou[2, 1] == pytest.approx(0.1) and iou[:, 2].max() == 0
+    assert iou[:, 3].max() == 0  # an empty map
+    best, hit = an.match_templates(templates, maps, 0.2)
+    assert best == pytest.approx([40 / 60, 0, 0.1]) and hit.tolist() == [True, False, False]
+    best, hit = an.match_templates(templates, maps[:0], 0.2)
+    assert not hit.any()
+    shuffled = an.shuffle_within_layers(templates, [400, 600], np.random.default_rng(0))
+    assert (shuffled[:, :400].sum(1) == templates[:, :400].sum(1)).all()
+    assert (shuffled[:, 400:].sum(1) == templates[:, 400:].sum(1)).all()
+    assert not (shuffled == templates).all()
+
+
+@pytest.mark.parametrize("n_tokens", [200, 700])  # neurons > tokens (token Gram path), neurons <= tokens
+def test_spatial_ica_recovers_planted_networks(n_tokens):
+    rng = np.random.default_rng(0)
+    d, k = 600, 5
+    planted = np.zeros((k, d), dtype=bool)
+    for j in range(k):
+        planted[j, rng.choice(d, 20, replace=False)] = True
+    courses = rng.laplace(size=(k, n_tokens))
+    x = (planted.T * rng.uniform(2, 4, size=(d, 1))) @ courses + 0.3 * rng.normal(size=(d, n_tokens))
+    nets = an.spatial_ica(x.T, k, 3.0, seed=0)
+    best, hit = an.match_templates(planted, nets.members, 0.2)
+    assert hit.all() and best.min() > 0.6, best
+
+
+def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
+    out = tmp_path / "a"
+    args = ["analyze", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+            "--output", str(out), *CLI_SMALL]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "dense accuracy" in result.output and (out / "report.md").is_file()
+    assert "--top-networks 1" in (out / "report.md").read_text()
+    before = (out / "report.md").stat().st_mtime_ns
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "already exists" in result.output and "--overwrite" in result.output
+    assert "Traceback" not in result.output and (out / "report.md").stat().st_mtime_ns == before
+    cheap = ["--recurrence-groups", "0", "--group-mask", "0", "--seeds", "1", "--scales", "0", "--eval-samples", "8"]
+    result = CliRunner().invoke(main, [*args, *cheap, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "--recurrence-groups 0" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--scales", "0,x"], "--scales"),
+    (["--also-task", ":foo"], "--also-task"),
+    (["--eval-samples", "0"], "eval_samples"),
+    (["--iou", "1.5"], "iou_threshold"),
+])
+def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
+    args = ["analyze", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+            "--output", str(tmp_path / "x"), "--quiet", *bad]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_task_arg_parsing():
+    assert an.task_from_arg("ag_news").data_dir is None
+    assert an.task_from_arg("sst2:/d").data_dir == "/d"
+    t = an.task_from_arg("ag_news:train=/a.csv,test=/b.csv")
+    assert t.data_files == {"train": "/a.csv", "test": "/b.csv"}
+    spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m"), task=TaskSpec(name="sst2", data_dir="/d"),
+                           also_tasks=[t], top_networks=3, scales=(0.0, 2.0), output="o")
+    cmd = an.spec_command(spec)
+    assert "--also-task ag_news:train=/a.csv,test=/b.csv" in cmd and "--top-networks 3" in cmd
+    assert "--scales 0,2" in cmd and "--data-dir /d" in cmd
