@@ -87,11 +87,14 @@ def main() -> None:
 @click.option("--sparsity", type=float, help="Fraction of MLP neurons removed (= 1 - keep).")
 @click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
 @click.option("--round-to", type=int, help="Round kept widths to a multiple of this (default 8).")
+@click.option("--fn-boost", type=float,
+              help="fn-task: weight of task-network membership (default 1 at keep >= 0.75, else 16).")
 @click.option("--allocation", type=click.Choice(["uniform", "global"]),
               help="uniform: same width per layer (default); global: one ranking across layers.")
 @click.option("--layout", "width_layout", type=click.Choice(["uniform", "per-layer", "padded"]),
               help="How per-layer widths are saved (default uniform; global allocation needs per-layer/padded).")
 @click.option("--components", type=int, help="ICA components per layer (default 32).")
+@click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]), help="ICA implementation (default sklearn).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
 @click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
 @click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
@@ -111,8 +114,10 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, allocation,
-             width_layout, components, threshold, num_samples, max_tokens, batch_size, seed, bias_compensation,
+def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
+             allocation,
+             width_layout, components, ica_engine, threshold, num_samples, max_tokens, batch_size, seed,
+             bias_compensation,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
              quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
@@ -131,6 +136,7 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "selection.keep": (1 - sparsity) if sparsity is not None else keep,
         "selection.method": method,
         "selection.round_to": round_to,
+        "selection.fn_boost": fn_boost,
         "selection.allocation": allocation,
         "output.layout": width_layout,
         "output.push_to_hub": push_to_hub,
@@ -139,6 +145,7 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "selection.bias_compensation": bias_compensation,
         "networks.components": components,
         "networks.threshold": threshold,
+        "networks.engine": ica_engine,
         "calibration.num_samples": num_samples,
         "calibration.max_tokens": max_tokens,
         "calibration.batch_size": batch_size,

@@ -21,6 +21,7 @@ import safetensors
 import sklearn
 import torch
 import transformers
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import __version__, cache
@@ -43,9 +44,10 @@ from .data import Example, check_disjoint, data_source, file_sha256, load_split,
 from .errors import NumericalError, RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
+from .ica import find_networks_torch
 from .models import checkpoint_bytes, count_parameters, load_model
 from .networks import LayerNetworks, find_networks, network_relevance
-from .recipe import ModelSpec, Recipe, TaskSpec, dump_recipe
+from .recipe import ModelSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .surgery import prune_mlp, supports_bias_compensation
 from .tokens import encode_inputs, is_classifier
@@ -106,14 +108,15 @@ def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: b
             f"networks.components ({net.components}) must be below the calibration tokens captured "
             f"({n_tokens}) and the MLP width ({width})"
         )
+    engine = find_networks_torch if net.engine == "torch" else find_networks
     found = []
-    for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
-        try:
-            found.append(
-                find_networks(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
-            )
-        except ValueError as exc:
-            raise NumericalError(f"layer {i}: {exc}") from exc
+    # One BLAS thread: threaded LAPACK on small matrices is much slower on shared CPUs (evaluation/RESULTS.md).
+    with threadpool_limits(1):
+        for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
+            try:
+                found.append(engine(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol))
+            except ValueError as exc:
+                raise NumericalError(f"layer {i}: {exc}") from exc
     dead = {i: n.dead_neurons for i, n in enumerate(found) if n.dead_neurons}
     if dead:
         log.warning("neurons that never vary on the calibration data (layer: count): %s", dead)
@@ -200,13 +203,14 @@ def select_neurons(
     keep: float,
     round_to: int,
     seed: int,
-    boost: float,
+    boost: float | None,
     allocation: str = "uniform",
 ) -> list[torch.Tensor]:
     """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one global
     ranking across layers with `allocation="global"`)."""
     layout = layout_for(model)
     norms = neuron_weight_norms(model, layout)
+    boost = default_fn_boost(keep) if boost is None else boost
     scores = []
     for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
         ev = LayerEvidence(
@@ -292,6 +296,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             evaluation = evaluation[: recipe.evaluation.max_samples]
         model, tokenizer = load_model(recipe.model)
         layout: MLPLayout = layout_for(model)
+        if sel.fn_boost is None:
+            sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep))
         if sel.bias_compensation is None:  # auto: on where the architecture can hold the bias
             sel = dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
         elif sel.bias_compensation and not supports_bias_compensation(layout, model):

@@ -37,6 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 ALLOCATIONS = ("uniform", "global")
 LAYOUTS = ("uniform", "per-layer", "padded")
+ICA_ENGINES = ("sklearn", "torch")
 
 
 @dataclass
@@ -124,9 +125,12 @@ class NetworksSpec:
     max_iter: int = 400
     tol: float = 1e-4
     seed: int = 0
+    engine: str = "sklearn"  # sklearn (numpy whitening + FastICA, the measured default) or torch (fnprune.ica)
 
     def check(self) -> list[str]:
         problems = []
+        if self.engine not in ICA_ENGINES:
+            problems.append(f"networks.engine: {self.engine!r} is not one of {', '.join(ICA_ENGINES)}")
         if self.components < 1:
             problems.append(f"networks.components: must be >= 1, got {self.components}")
         if self.threshold <= 0:
@@ -147,7 +151,7 @@ class SelectionSpec:
     round_to: int = 8
     allocation: str = "uniform"  # uniform: same width in every layer; global: one ranking across layers
     bias_compensation: bool | None = None  # None: on where the architecture allows it
-    fn_boost: float = 1.0
+    fn_boost: float | None = None  # fn-task: weight of task-network membership; None = by keep (see below)
     seed: int = 0
 
     def check(self) -> list[str]:
@@ -160,9 +164,15 @@ class SelectionSpec:
             problems.append(f"selection.round_to: must be >= 1, got {self.round_to}")
         if self.allocation not in ALLOCATIONS:
             problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
-        if self.fn_boost < 0:
+        if self.fn_boost is not None and self.fn_boost < 0:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
         return problems
+
+
+def default_fn_boost(keep: float) -> float:
+    """fn-task's membership boost when none is given: 1 for mild pruning (keep >= 0.75), where the FLAP order
+    is already good, 16 below, where keeping the task networks matters more (evaluation/RESULTS.md)."""
+    return 1.0 if keep >= 0.75 else 16.0
 
 
 @dataclass

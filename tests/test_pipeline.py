@@ -60,6 +60,7 @@ def test_output_folder_and_report(llama_run):
     assert recipe.provenance["versions"]["fnprune"] == fnprune.__version__
     assert len(recipe.provenance["data"]["train"]["sha256"]) == 64
     assert recipe.task.template == "Review: {sentence}\nSentiment:"  # resolved, not left to defaults
+    assert recipe.selection.fn_boost == 16.0 and recipe.selection.bias_compensation is True  # auto values resolved
     assert recipe.task.data_dir.startswith("/") and recipe.model.name_or_path.startswith("/")  # rerun anywhere
 
 
@@ -156,3 +157,12 @@ def test_sharded_output_reloads(model_dir, task_data, tmp_path):
     assert len(shards) > 1 and (result.output_dir / "model.safetensors.index.json").is_file()
     assert result.report["file_bytes"]["pruned"] == sum((result.output_dir / s).stat().st_size for s in shards)
     assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.intermediate_size == 64
+
+
+def test_torch_ica_engine(model_dir, task_data, tmp_path):
+    recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / "o"),
+                             {"networks.engine": "torch", "evaluation.enabled": False})
+    result = fnprune.compress(recipe, progress=False)
+    assert result.recipe.networks.engine == "torch" and result.report["widths"]["pruned"] == [64, 64]
+    meta = json.loads((result.output_dir / "networks.json").read_text())
+    assert all(sum(layer["network_sizes"]) > 0 for layer in meta["layers"])

@@ -70,3 +70,10 @@ def test_network_criteria_need_networks():
     with pytest.raises(ValueError, match="unknown method"):
         score_layer("nope", _evidence(), 0)
     assert set(CRITERIA) == {"fn-task", "fn", "random", "magnitude", "wanda-sp", "flap"}
+
+
+def test_default_fn_boost_follows_the_budget():
+    from fnprune.recipe import default_fn_boost
+
+    assert default_fn_boost(0.9) == default_fn_boost(0.75) == 1.0
+    assert default_fn_boost(0.5) == default_fn_boost(0.25) == 16.0

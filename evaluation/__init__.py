@@ -1,0 +1,1 @@
+"""Benchmarks of fnprune against pruning baselines (not part of the package)."""

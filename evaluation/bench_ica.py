@@ -1,0 +1,293 @@
+"""Speed and agreement of the torch ICA engine (fnprune.ica) against scikit-learn on real SmolLM2 activations.
+
+Captures MLP activations once (256 SST-2 train prompts, 4096 sampled tokens per layer; cached as safetensors in
+evaluation/.cache/), then per layer times, side by side in the same process:
+  (a) `fnprune.networks.find_networks` (numpy Gram + eigh, scikit-learn FastICA on the whitened data);
+  (b) plain scikit-learn `FastICA(n_components=k, whiten="unit-variance")` on the full z-scored neuron x token
+      matrix, as a user would run the reference (full SVD whitening);
+  (c) `fnprune.ica.find_networks_torch`: float64 and float32, randomized (default) and exact eigh whitening.
+(a) and (b) run twice: with the BLAS thread defaults, as users get them, and pinned to one thread (threadpoolctl),
+because threaded LAPACK on a loaded machine is what makes the defaults slow and that is not the algorithm's cost.
+Agreement is the mean |corr| of the maps after Hungarian matching; since FastICA started from another random
+matrix lands on partly different components, the reference against itself with the next seed is the ceiling.
+Machine load is shared and noisy: compare ratios within one run, not absolute seconds across runs.
+
+    python -m evaluation.bench_ica                 # layers 0, 10, 20, 29
+    python -m evaluation.bench_ica --all-layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.decomposition import FastICA
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+
+from fnprune.ica import StreamedCorrelation, fast_ica, find_networks_torch, match_components, whiten_gram
+from fnprune.networks import LayerNetworks, find_networks
+
+HERE = Path(__file__).resolve().parent
+MODEL = Path("~/.cache/fnprune-models/smollm2-135m-instruct").expanduser()
+DATA = Path("/work/shared/data/sst2")
+TORCH_VARIANTS = [  # (name, dtype, eig_method)
+    ("t64", torch.float64, "randomized"),
+    ("t32", torch.float32, "randomized"),
+    ("t64_eigh", torch.float64, "eigh"),
+    ("t32_eigh", torch.float32, "eigh"),
+]
+
+
+def capture_tokens(path: Path, n_samples: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
+    """Per-layer sampled token activations (T, d), captured once and cached as safetensors."""
+    if path.is_file():
+        t = load_file(str(path))
+        return [t[str(i)] for i in range(len(t))]
+    from fnprune.arch import layout_for
+    from fnprune.capture import capture_activations
+    from fnprune.data import load_split, resolve_task, sample
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec, TaskSpec
+    from fnprune.tokens import encode
+
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(DATA)))
+    examples = sample(load_split(task, "train"), n_samples, seed)
+    model, tokenizer = load_model(ModelSpec(name_or_path=str(MODEL)))
+    seqs = encode(tokenizer, [e.prompt for e in examples], 256)
+    acts = capture_activations(
+        model, layout_for(model), seqs, max_tokens=max_tokens, batch_size=16, seed=seed, progress=False
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): a.tokens.contiguous() for i, a in enumerate(acts)}, str(path))
+    return [a.tokens for a in acts]
+
+
+def sklearn_plain(tokens: np.ndarray, components: int, seed: int, max_iter: int, tol: float) -> np.ndarray:
+    """The reference as users run it: FastICA with its own (full SVD) whitening on the neuron x token matrix."""
+    std = tokens.std(axis=0)
+    x = np.where(std > 0, (tokens - tokens.mean(axis=0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T)
+    ica = FastICA(n_components=components, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return ica.fit_transform(x).T  # (k, d) spatial maps
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """Result of the first call and the best wall time of `repeats` calls (the best is the least disturbed)."""
+    best, out = float("inf"), None
+    for i in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+        out = result if i == 0 else out
+    return out, best
+
+
+def same_start_match(
+    tokens: torch.Tensor, components: int, seed: int, max_iter: int, tol: float
+) -> tuple[float, float]:
+    """(match, whitening cosine): the iterations alone, torch vs scikit-learn from the same whitened data and start.
+
+    Also the smallest principal cosine between the randomized and the exact (eigh) whitening subspaces.
+    """
+    stream = StreamedCorrelation(tokens.shape[1])
+    stream.update(tokens)
+    gram = stream.centred_gram()
+    exact, _ = whiten_gram(gram, components, "eigh")  # (d, k)
+    fast, _ = whiten_gram(gram, components, "randomized", seed)
+    cosine = float(torch.linalg.svdvals(exact.T @ fast / exact.shape[0]).min())
+    w_init = np.random.RandomState(seed).normal(size=(components, components))  # what FastICA(random_state=seed) draws
+    ica = FastICA(whiten=False, max_iter=max_iter, tol=tol, random_state=seed)
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = ica.fit_transform(exact.numpy()).T  # (k, d)
+    ours = fast_ica(exact, "logcosh", max_iter, tol, seed, w_init=w_init).sources.T
+    return match_components(ours, ref)[0], cosine
+
+
+def per_component(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|corr| of each row of a (k, n) with its matched row of b (k, n)."""
+    _, perm = match_components(a, b)
+    return np.array([abs(np.corrcoef(a[i], b[j])[0, 1]) for i, j in enumerate(perm)])
+
+
+def stable_match(
+    ours: np.ndarray, ref: np.ndarray, ref_other_seed: np.ndarray, floor: float = 0.9
+) -> tuple[float, int]:
+    """Match with the reference over the reference components that its next seed reproduces (|corr| >= floor)."""
+    per_ours = per_component(ref, ours)
+    keep = per_component(ref, ref_other_seed) >= floor
+    return (float(per_ours[keep].mean()) if keep.any() else float("nan")), int(keep.sum())
+
+
+def bench_layer(tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    k, seed, it, tol, reps = args.components, args.seed, args.max_iter, args.tol, args.repeats
+    x = tokens.numpy()
+    row: dict[str, Any] = {}
+    maps: dict[str, np.ndarray] = {}
+
+    def ref(name: str, fn: Callable[[], Any], pinned: bool, repeats: int) -> None:
+        with threadpool_limits(1) if pinned else nullcontext():
+            out, row[f"t_{name}"] = timed(fn, repeats)
+        maps[name] = out.maps if isinstance(out, LayerNetworks) else out
+        if isinstance(out, LayerNetworks):
+            row[f"converged_{name}"] = out.converged
+
+    if not args.skip_as_run:
+        ref("a", lambda: find_networks(x, k, args.threshold, seed, it, tol), False, 1)
+        ref("b", lambda: sklearn_plain(x, k, seed, it, tol), False, 1)
+    ref("a1", lambda: find_networks(x, k, args.threshold, seed, it, tol), True, reps)
+    ref("b1", lambda: sklearn_plain(x, k, seed, it, tol), True, reps)
+    ref("a1_next_seed", lambda: find_networks(x, k, args.threshold, seed + 1, it, tol), True, 1)
+    for name, dtype, eig in TORCH_VARIANTS:
+        ref(name, lambda d=dtype, e=eig: find_networks_torch(tokens, k, args.threshold, seed, it, tol, dtype=d,
+                                                            eig_method=e), False, reps)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref("t64_1thread", lambda: find_networks_torch(tokens, k, args.threshold, seed, it, tol), False, reps)
+    finally:
+        torch.set_num_threads(torch_threads)
+    stream = StreamedCorrelation(tokens.shape[1])
+    stream.update(tokens)
+    white, _ = whiten_gram(stream.centred_gram(), k, "randomized", seed)
+    multi, row["t_t64_restarts4_ica"] = timed(lambda: fast_ica(white, "logcosh", it, tol, seed, restarts=4), 1)
+    row["stability_t64_restarts4"] = multi.stability
+    row["same_start_match"], row["whitening_min_cos"] = same_start_match(tokens, k, seed, it, tol)
+    ref_key = "a1"
+    for name in [n for n, _, _ in TORCH_VARIANTS] + ["b1"]:
+        row[f"match_{name}_vs_a"] = match_components(maps[name], maps[ref_key])[0]
+    row["match_t64_vs_b"] = match_components(maps["t64"], maps["b1"])[0]
+    row["match_a_vs_a_next_seed"] = match_components(maps[ref_key], maps["a1_next_seed"])[0]
+    row["match_t64_vs_a_stable"], row["n_stable"] = stable_match(maps["t64"], maps[ref_key], maps["a1_next_seed"])
+    return row
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def markdown(rows: list[dict[str, Any]], command: str, info: dict[str, Any]) -> str:
+    as_run = "t_a" in rows[0]
+    refs = (["a", "b"] if as_run else []) + ["a1", "b1"]
+    names = {"a": "(a) find_networks", "b": "(b) sklearn FastICA", "a1": "(a) 1 thread", "b1": "(b) 1 thread"}
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"SmolLM2-135M-Instruct MLP activations ({info['tokens']} tokens x {info['width']} neurons per layer, "
+        f"256 SST-2 train prompts), k = {info['components']}, max_iter = {info['max_iter']}, tol = {info['tol']}. "
+        f"{info['cpus']} CPU cores shared with other jobs (load average {info['load_before']} before, "
+        f"{info['load_after']} after): best of {info['repeats']} runs (as-run references: 1 run); "
+        f"compare ratios, not seconds. torch {info['torch']}, scikit-learn {info['sklearn']}, numpy {info['numpy']}.",
+        "",
+        "Seconds per layer. (a) = fnprune.networks.find_networks (numpy Gram + eigh + sklearn FastICA); "
+        "(b) = sklearn FastICA(whiten='unit-variance') on the z-scored neuron x token matrix; "
+        "\"1 thread\" = BLAS pinned to one thread; t64/t32 = find_networks_torch float64/float32 (randomized "
+        "whitening, the default); _eigh = exact eigh whitening; t64 1 thread = torch pinned to one thread.",
+        "",
+        "| layer | " + " | ".join(names[r] for r in refs) + " | t64 | t32 | t64_eigh | t32_eigh | t64 1 thread |",
+        "|---|" + "---|" * (len(refs) + 5),
+    ]
+    cols = [f"t_{r}" for r in refs] + ["t_t64", "t_t32", "t_t64_eigh", "t_t32_eigh", "t_t64_1thread"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | " + " | ".join(_f(r[c], ".2f") for c in cols) + " |")
+    lines += ["", "Speed-up of torch float64 / float32 (reference seconds / torch seconds; geometric mean last).", ""]
+    lines += ["| layer | " + " | ".join(f"vs {names[r]}" for r in refs) + " |", "|---|" + "---|" * len(refs)]
+    for r in [*rows, geomean_row(rows, refs)]:
+        lines.append(f"| {r['layer']} | " + " | ".join(
+            f"{r[f't_{ref}'] / r['t_t64']:.1f}x / {r[f't_{ref}'] / r['t_t32']:.1f}x" for ref in refs) + " |")
+    lines += [
+        "",
+        "Agreement (mean |corr| of matched maps). Against (a) 1 thread, seed s. \"(a) vs (a) seed s+1\" is the "
+        "reference against itself: FastICA from another start lands on partly different components, so no engine "
+        "can agree with one reference run better than that. \"stable comps\" = only the reference components its "
+        "next seed reproduces (|corr| >= 0.9). \"same start\" = torch vs sklearn iterations from the same whitened "
+        "data and the same initial W (the implementations alone). Whitening cos = smallest principal cosine between "
+        "the randomized and exact whitening subspaces. Stability = torch, 4 restarts.",
+        "",
+        "| layer | t64 vs (a) | t32 vs (a) | t64_eigh vs (a) | (b) vs (a) | t64 vs (b) | (a) vs (a) seed s+1 "
+        "| t64 vs (a), stable comps (n) | same start | whitening cos | stability | converged (a) / t64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['match_t64_vs_a']:.3f} | {r['match_t32_vs_a']:.3f} | {r['match_t64_eigh_vs_a']:.3f} "
+            f"| {r['match_b1_vs_a']:.3f} | {r['match_t64_vs_b']:.3f} | {r['match_a_vs_a_next_seed']:.3f} "
+            f"| {_f(r['match_t64_vs_a_stable'], '.3f')} ({r['n_stable']}) | {r['same_start_match']:.4f} "
+            f"| {r['whitening_min_cos']:.7f} | {r['stability_t64_restarts4']:.3f} "
+            f"| {r['converged_a1']} / {r['converged_t64']} |"
+        )
+    keys = ["match_t64_vs_a", "match_t32_vs_a", "match_b1_vs_a", "match_a_vs_a_next_seed", "same_start_match"]
+    lines += ["", "Means over layers: " + ", ".join(f"{k} {np.mean([r[k] for r in rows]):.3f}" for k in keys)]
+    return "\n".join(lines) + "\n"
+
+
+def geomean_row(rows: list[dict[str, Any]], refs: list[str]) -> dict[str, Any]:
+    """Geometric means of the times, so the ratio of two entries is the geometric mean of the ratios."""
+    out: dict[str, Any] = {"layer": "geomean"}
+    for c in [f"t_{r}" for r in refs] + ["t_t64", "t_t32"]:
+        out[c] = float(np.exp(np.mean([np.log(r[c]) for r in rows])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default="0,10,20,29", help="comma-separated layer indices")
+    p.add_argument("--all-layers", action="store_true", help="every layer (long: add --skip-as-run)")
+    p.add_argument("--skip-as-run", action="store_true", help="do not time (a) and (b) with default BLAS threads")
+    p.add_argument("--components", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--max-iter", type=int, default=400)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--out-prefix", default=str(HERE / "results" / "bench_ica"))
+    args = p.parse_args(argv)
+    torch.set_flush_denormal(True)
+    command = ("python -m evaluation.bench_ica " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    cache = HERE / ".cache" / f"bench_ica_tokens_n{args.samples}_t{args.max_tokens}_s{args.seed}.safetensors"
+    layers_tokens = capture_tokens(cache, args.samples, args.max_tokens, args.seed)
+    layers = range(len(layers_tokens)) if args.all_layers else [int(i) for i in args.layers.split(",")]
+    info: dict[str, Any] = {
+        "tokens": layers_tokens[0].shape[0], "width": layers_tokens[0].shape[1], "components": args.components,
+        "max_iter": args.max_iter, "tol": args.tol, "repeats": args.repeats, "cpus": len(os.sched_getaffinity(0)),
+        "load_before": round(os.getloadavg()[0], 1), "torch": torch.__version__, "sklearn": sklearn.__version__,
+        "numpy": np.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+    }
+    rows = []
+    for i in layers:
+        start = time.perf_counter()
+        row = {"layer": i, **bench_layer(layers_tokens[i], args)}
+        rows.append(row)
+        print(f"layer {i}: {time.perf_counter() - start:.0f}s " + json.dumps(
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    info["load_after"] = round(os.getloadavg()[0], 1)
+    md = markdown(rows, command, info)
+    prefix = Path(args.out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(
+        json.dumps({"command": command, "args": vars(args), "info": info, "rows": rows}, indent=1), encoding="utf-8"
+    )
+    prefix.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Sweep pruning criteria x keep levels on one model + task: zero-shot accuracy and WikiText-2 perplexity.
+
+Pruning is simulated by masking (removed MLP neurons zeroed, or set to their calibration mean for bias
+compensation), which the package's tests prove equal to physical pruning. Calibration (activations and ICA
+networks) and every finished result row are cached on disk, so reruns and interrupted sweeps are cheap.
+
+    python -m evaluation.sweep                      # full sweep, all 872 SST-2 dev sentences
+    python -m evaluation.sweep --eval-samples 100 --ppl-tokens 4096 --keeps 0.5   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fnprune.arch import layout_for
+from fnprune.data import Example, check_disjoint, file_sha256, load_split, resolve_task, sample
+from fnprune.evaluate import evaluate_accuracy
+from fnprune.hooks import masked_neurons
+from fnprune.models import load_model
+from fnprune.networks import LayerNetworks, find_networks, network_relevance
+from fnprune.pipeline import Calibration, calibrate, select_neurons
+from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
+from fnprune.selection import CRITERIA
+
+from . import fn_criteria
+from .cache import RowCache, key_of, load_activations, load_networks, save_activations, save_networks
+from .perplexity import perplexity, wikitext_ids
+
+log = logging.getLogger("sweep")
+HERE = Path(__file__).resolve().parent
+DEFAULT_METHODS = "fn,random,magnitude,wanda-sp,flap,flap+bias,fn-task,fn-task+bias"
+DEFAULT_KEEPS = "0.9,0.75,0.5,0.35,0.25"
+CALIB_FIELDS = ("num_samples", "max_tokens", "batch_size", "max_length", "store_dtype", "seed")
+
+
+@dataclass
+class Bench:
+    """Everything a sweep needs, loaded once: model, data, calibration, perplexity tokens."""
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    tokenizer: Any
+    label_words: dict[str, str]
+    evaluation: list[Example]
+    calibration: list[Example]
+    calib: Calibration
+    calib_key: str
+    ppl_ids: torch.Tensor | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodSpec:
+    """A sweep method: criterion, bias compensation, and optional per-method FN settings."""
+
+    criterion: str
+    bias: bool
+    boost: float | None = None  # None: --fn-boost
+    components: int | None = None  # None: --components
+    cut: float | None = None  # relevance cut of the *-first criteria
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """'fn-task+bias@b=2@k=16' -> fn-task with bias compensation, boost 2, 16 ICA components."""
+    name, *opts = spec.split("@")
+    criterion, bias = (name[: -len("+bias")], True) if name.endswith("+bias") else (name, False)
+    if criterion not in CRITERIA:
+        raise SystemExit(f"unknown method {spec!r}; criteria: {', '.join(CRITERIA)} (append +bias for compensation)")
+    out = MethodSpec(criterion, bias)
+    names = {"b": "boost", "k": "components", "cut": "cut"}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in names:
+            raise SystemExit(f"{spec!r}: unknown option {key!r} (b=boost, k=components, cut=relevance cut)")
+        setattr(out, names[key], int(value) if key == "k" else float(value))
+    return out
+
+
+def _networks(calib: Calibration, a_key: str, args: argparse.Namespace, components: int) -> list[LayerNetworks]:
+    """ICA networks of every layer for `components`, from cache or computed (and cached)."""
+    info = {"activations": a_key, "components": components, "seed": args.seed, "max_iter": 400, "tol": 1e-4}
+    path = Path(args.cache_dir) / "calibration" / a_key / f"ica_{key_of(info)}.safetensors"
+    nets = load_networks(path, args.threshold)
+    if nets is None:
+        start = time.perf_counter()
+        nets = [
+            find_networks(a.tokens.numpy(), components, args.threshold, args.seed, 400, 1e-4)
+            for a in tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
+        ]
+        save_networks(path, nets, {**info, "seconds": round(time.perf_counter() - start, 1)})
+        log.info("ICA k=%d: %.1f s", components, time.perf_counter() - start)
+    return nets
+
+
+def with_networks(calib: Calibration, a_key: str, args: argparse.Namespace, components: int) -> Calibration:
+    """A copy of `calib` carrying ICA networks with `components` components and their label relevance."""
+    nets = _networks(calib, a_key, args, components)
+    rel = [network_relevance(n.maps, a.decision.numpy(), calib.labels) for n, a in zip(nets, calib.activations)]
+    return Calibration(calib.activations, calib.labels, nets, rel, dict(calib.timings))
+
+
+def load_bench(args: argparse.Namespace) -> Bench:
+    """Load model and data, then calibration from cache (or capture + ICA, then cache it)."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    task = resolve_task(TaskSpec(name=args.task, data_dir=args.data_dir))
+    train, dev = load_split(task, task.calibration_split), load_split(task, task.evaluation_split)
+    calibration = sample(train, args.calib_samples, args.seed)
+    check_disjoint(calibration, dev)
+    evaluation = dev[: args.eval_samples] if args.eval_samples else dev
+    model, tok = load_model(ModelSpec(name_or_path=args.model))
+    model.eval()
+    timings["load"] = round(time.perf_counter() - start, 2)
+
+    cal_spec = CalibrationSpec(num_samples=args.calib_samples, max_tokens=args.max_tokens, seed=args.seed)
+    recipe = Recipe(calibration=cal_spec, networks=NetworksSpec(components=args.components, seed=args.seed))
+    a_info = {
+        "model": str(Path(args.model).expanduser().resolve()),
+        "weights_sha": _weights_sha(Path(args.model).expanduser()),
+        "task": {k: getattr(task, k) for k in ("name", "template", "label_column", "label_words")},
+        "train_sha": file_sha256(Path(args.data_dir) / "train.tsv"),
+        "calibration": {k: getattr(cal_spec, k) for k in CALIB_FIELDS},
+    }
+    a_key = key_of(a_info)
+    a_dir = Path(args.cache_dir) / "calibration" / a_key
+    cached = load_activations(a_dir)
+    start = time.perf_counter()
+    if cached is None:
+        calib = calibrate(model, tok, calibration, task.label_words, recipe, with_networks=False)
+        save_activations(a_dir, calib.activations, calib.labels, a_info)
+        timings["capture"] = round(time.perf_counter() - start, 2)
+    else:
+        calib = Calibration(cached[0], cached[1])
+        timings["capture_cached_load"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    calib = with_networks(calib, a_key, args, args.components)
+    timings["networks"] = round(time.perf_counter() - start, 2)
+    ppl_ids = None
+    if args.ppl_tokens:
+        ppl_ids = wikitext_ids(tok, Path(args.wikitext), args.ppl_tokens)
+    log.info("bench ready: %s", timings)
+    return Bench(args, model, tok, task.label_words, evaluation, calibration, calib, a_key, ppl_ids, timings)
+
+
+def _weights_sha(model_dir: Path) -> str:
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else [model_dir]
+    return key_of({f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files})
+
+
+def measure(
+    bench: Bench,
+    keep_idx: list[torch.Tensor] | None,
+    bias: bool,
+    ppl: bool = True,
+    calib: Calibration | None = None,
+) -> dict[str, Any]:
+    """Accuracy (and perplexity) of the model with only `keep_idx` neurons (None = dense)."""
+    calib = calib or bench.calib
+    layout = layout_for(bench.model)
+    out: dict[str, Any] = {}
+    if keep_idx is None:
+        keep_idx = [torch.arange(a.mean.numel()) for a in calib.activations]
+    fill = [a.mean for a in calib.activations] if bias else None
+    with masked_neurons(bench.model, layout, keep_idx, fill=fill):
+        res = evaluate_accuracy(
+            bench.model, bench.tokenizer, bench.evaluation, bench.label_words, bench.args.batch_size, progress=False
+        )
+        correct = "".join("1" if p == e.label else "0" for p, e in zip(res.predictions, bench.evaluation))
+        out.update(accuracy=round(res.accuracy, 6), n=res.n, eval_seconds=round(res.seconds, 1), correct=correct)
+        if ppl and bench.ppl_ids is not None:
+            p = perplexity(bench.model, bench.ppl_ids, bench.args.ppl_window)
+            out.update(ppl=round(p.ppl, 4), ppl_tokens_scored=p.tokens_scored, ppl_seconds=round(p.seconds, 1))
+    return out
+
+
+def dense_gap(bench: Bench) -> np.ndarray:
+    """Dense log p(positive word) - log p(negative word) on every calibration prompt (cached)."""
+    path = Path(bench.args.cache_dir) / "calibration" / bench.calib_key / "dense_gap.json"
+    if path.is_file():
+        return np.array(json.loads(path.read_text(encoding="utf-8")))
+    res = evaluate_accuracy(
+        bench.model, bench.tokenizer, bench.calibration, bench.label_words, bench.args.batch_size, progress=False
+    )
+    gap = (res.scores[:, -1] - res.scores[:, 0]).numpy()
+    path.write_text(json.dumps(gap.tolist()), encoding="utf-8")
+    return gap
+
+
+def select(bench: Bench, method: str, keep: float) -> tuple[list[torch.Tensor], bool]:
+    """Kept neurons per layer for one method spec and budget, and whether it compensates the bias."""
+    a = bench.args
+    spec = parse_method(method)
+    calib = bench.calib
+    if spec.components not in (None, a.components):
+        calib = with_networks(calib, bench.calib_key, a, spec.components)
+    if spec.criterion in fn_criteria.GAP_CRITERIA:
+        maps = [n.maps for n in calib.networks]
+        decision = [x.decision.numpy() for x in calib.activations]
+        fn_criteria.CONTEXT["gap_relevance"] = fn_criteria.gap_relevance(maps, decision, dense_gap(bench))
+    fn_criteria.CONTEXT["decision_var"] = [x.decision.var(dim=0, unbiased=False) for x in calib.activations]
+    fn_criteria.CONTEXT["first_cut"] = 0.3 if spec.cut is None else spec.cut
+    boost = a.fn_boost if spec.boost is None else spec.boost
+    return select_neurons(bench.model, calib, spec.criterion, keep, a.round_to, a.seed, boost), spec.bias
+
+
+def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -> dict[str, Any]:
+    a = bench.args
+    return {
+        "calibration": bench.calib_key, "components": a.components, "threshold": a.threshold,
+        "method": method, "keep": keep, "round_to": a.round_to, "seed": a.seed, "fn_boost": a.fn_boost,
+        "eval_n": len(bench.evaluation), "dev_sha": file_sha256(Path(a.data_dir) / "dev.tsv"),
+        "batch_size": a.batch_size, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
+        "threads": a.threads, **(extra or {}),
+    }
+
+
+def run_sweep(
+    bench: Bench, methods: list[str], keeps: list[float], ppl: bool = True, cached_only: bool = False
+) -> list[dict[str, Any]]:
+    """Dense row, then every (method, keep) row, each from the row cache when already measured."""
+    a = bench.args
+    cache = RowCache(Path(a.cache_dir) / "rows")
+    rows = []
+    jobs = [("dense", 1.0)] + [(m, k) for m in methods for k in keeps]
+    for method, keep in jobs:
+        info = row_key(bench, method, keep)
+        row = cache.get(info)
+        if row is None and cached_only:
+            log.warning("not measured yet, left out: %s keep %s", method, keep)
+            continue
+        if row is None:
+            start = time.perf_counter()
+            if method == "dense":
+                row = {"method": "dense", "keep": 1.0, "width": bench.calib.activations[0].mean.numel()}
+                row.update(measure(bench, None, False, ppl=ppl))
+            else:
+                kept, bias = select(bench, method, keep)
+                row = {"method": method, "keep": keep, "width": len(kept[0])}
+                row.update(measure(bench, kept, bias, ppl=ppl))
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            cache.put(info, row)
+            log.info("measured %s", row)
+        else:
+            log.info("cached   %s", row)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], keeps: list[float], command: str, n: int, ppl_tokens: int) -> str:
+    dense = rows[0]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"SST-2 dev accuracy (n = {n}) / WikiText-2 token-level perplexity (first {ppl_tokens} tokens, "
+        f"non-overlapping windows). Dense: accuracy {dense['accuracy']:.4f}, ppl {dense.get('ppl', float('nan')):.2f}.",
+        "",
+        "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+        "|---|" + "---|" * len(keeps),
+    ]
+    by = {(r["method"], r["keep"]): r for r in rows}
+    for m in dict.fromkeys(r["method"] for r in rows[1:]):
+        cells = []
+        for k in keeps:
+            r = by.get((m, k))
+            cells.append(f"{r['accuracy']:.4f} / {r.get('ppl', float('nan')):.1f}" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    dense = rows[0]
+    ax.axhline(dense["accuracy"], color="black", ls="--", label=f"dense ({dense['accuracy']:.3f})")
+    for m in dict.fromkeys(r["method"] for r in rows[1:]):
+        pts = sorted((r["keep"], r["accuracy"]) for r in rows if r["method"] == m)
+        ax.plot(*zip(*pts), marker="o", label=m)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("fraction of MLP neurons kept per layer")
+    ax.set_ylabel(f"SST-2 dev accuracy (n = {dense['n']})")
+    ax.set_title("SmolLM2-135M-Instruct, SST-2 zero-shot, MLP neuron pruning (masked)")
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, command, fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict[str, Any]], bench: Bench, keeps: list[float], command: str) -> str:
+    prefix = Path(bench.args.out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "correct"]  # per-example: JSON only
+    with open(prefix.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        f.write(f"# {command}\n")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    meta = {"command": command, "args": vars(bench.args), "timings": bench.timings, "rows": rows}
+    prefix.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    md = markdown(rows, keeps, command, len(bench.evaluation), bench.args.ppl_tokens)
+    prefix.with_suffix(".md").write_text(md, encoding="utf-8")
+    plot(rows, prefix.with_suffix(".png"), command)
+    return md
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(Path("~/.cache/fnprune-models/smollm2-135m-instruct").expanduser()))
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data-dir", default="/work/shared/data/sst2")
+    p.add_argument("--wikitext", default="/work/shared/data/wikitext-2-raw/wiki.test.raw")
+    p.add_argument("--eval-samples", type=int, default=0, help="first N dev examples (0 = all)")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens sampled for ICA")
+    p.add_argument("--components", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--fn-boost", type=float, default=1.0)
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--ppl-tokens", type=int, default=32768, help="WikiText-2 test prefix length (0 = skip)")
+    p.add_argument("--ppl-window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="1 is ~4x faster than 2 on a busy 2-core CPU")
+    p.add_argument("--cache-dir", default=str(HERE / ".cache"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; 'X+bias' = X with bias compensation")
+    p.add_argument("--keeps", default=DEFAULT_KEEPS)
+    p.add_argument("--out-prefix", default=str(HERE / "results" / "sweep_sst2"))
+    p.add_argument("--cached-only", action="store_true", help="report cached rows only, measure nothing new")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m evaluation.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    keeps = [float(k) for k in args.keeps.split(",")]
+    for m in methods:
+        parse_method(m)
+    start = time.perf_counter()
+    bench = load_bench(args)
+    rows = run_sweep(bench, methods, keeps, cached_only=args.cached_only)
+    bench.timings["sweep_total"] = round(time.perf_counter() - start, 1)
+    md = write_outputs(rows, bench, keeps, command)
+    print(md)
+    print(f"timings: {bench.timings}; per-row seconds in {Path(args.out_prefix).with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()

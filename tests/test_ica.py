@@ -1,0 +1,207 @@
+"""The torch ICA engine against known sources and against scikit-learn, which stays the reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import FastICA
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+
+from fnprune.ica import (
+    StreamedCorrelation,
+    fast_ica,
+    find_networks_torch,
+    match_components,
+    whiten,
+    whiten_gram,
+)
+from fnprune.networks import find_networks
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """numpy/scipy on one thread: threaded LAPACK on a shared machine made these small tests 10x slower."""
+    with threadpool_limits(1):
+        yield
+
+
+def _mixture(n: int = 3000, features: int = 10, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(mixed data (n, features), true sources (4, n)): four non-Gaussian sources, two heavy- and two
+    light-tailed (nonzero kurtosis, so "cube" can find them too), mixed linearly with a little noise."""
+    rng = np.random.default_rng(seed)
+    sources = np.stack([
+        rng.laplace(size=n),
+        rng.uniform(-1, 1, n),
+        np.sign(rng.standard_normal(n)) * rng.exponential(size=n) ** 2,
+        np.sin(np.linspace(0, 97, n)),
+    ])  # (4, n)
+    sources = (sources - sources.mean(1, keepdims=True)) / sources.std(1, keepdims=True)
+    mixed = sources.T @ rng.standard_normal((4, features)) + 0.01 * rng.standard_normal((n, features))
+    return torch.from_numpy(mixed), sources
+
+
+def _planted(n_tokens: int = 800, width: int = 400, k: int = 4, size: int = 25, seed: int = 0) -> np.ndarray:
+    """Token activations (T, d) with k planted networks of `size` neurons each (as in test_networks)."""
+    rng = np.random.default_rng(seed)
+    maps = np.zeros((k, width))
+    for i in range(k):
+        maps[i, rng.choice(width, size, replace=False)] = rng.uniform(2, 4, size)
+    return rng.standard_normal((n_tokens, k)) @ maps + 0.05 * rng.standard_normal((n_tokens, width))
+
+
+def _sklearn_sources(whitened: torch.Tensor, fun: str, seed: int, max_iter: int = 200) -> np.ndarray:
+    ica = FastICA(whiten=False, fun=fun, random_state=seed, max_iter=max_iter, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return ica.fit_transform(whitened.numpy()).T  # (k, n)
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+@pytest.mark.parametrize("shape", [(3000, 10), (40, 300)])
+def test_whiten_gives_white_columns_in_the_pca_subspace(method, shape):
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((shape[0], 8)) @ rng.standard_normal((8, shape[1])) * 3 + 1)
+    x += 0.1 * torch.from_numpy(rng.standard_normal(shape))
+    white = whiten(x, 5, method, seed=0)
+    n = shape[0]
+    assert white.whitened.shape == (n, 5) and white.components.shape == (5, shape[1])
+    torch.testing.assert_close(white.whitened.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(white.whitened.T @ white.whitened / n, torch.eye(5, dtype=torch.float64))
+    xc = (x - x.mean(0)).numpy()
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    cosines = np.linalg.svd(u[:, :5].T @ white.whitened.numpy() / n**0.5, compute_uv=False)
+    assert cosines.min() > 1 - 1e-8  # the same subspace as a full SVD
+    np.testing.assert_allclose(white.explained.numpy(), s[:5] ** 2 / (s**2).sum(), rtol=1e-8)
+    np.testing.assert_allclose(np.abs(white.components.numpy() @ vt[:5].T), np.eye(5), atol=1e-7)
+
+
+def test_randomized_whitening_is_deterministic_for_a_seed():
+    x, _ = _mixture()
+    a, b = whiten(x, 4, "randomized", seed=3), whiten(x, 4, "randomized", seed=3)
+    assert torch.equal(a.whitened, b.whitened)
+    with pytest.raises(ValueError, match="method"):
+        whiten(x, 4, "svd")
+    with pytest.raises(ValueError, match="k"):
+        whiten(x, 11)
+
+
+@pytest.mark.parametrize("fun", ["logcosh", "cube"])
+def test_recovers_known_sources(fun):
+    x, sources = _mixture()
+    result = fast_ica(whiten(x, 4).whitened, fun=fun, max_iter=400, seed=0)
+    assert result.converged and result.sources.shape == (3000, 4) and result.unmixing.shape == (4, 4)
+    _, perm = match_components(sources, result.sources.T)
+    per = [abs(np.corrcoef(sources[i], result.sources[:, j])[0, 1]) for i, j in enumerate(perm)]
+    assert min(per) > 0.95
+
+
+@pytest.mark.parametrize("fun", ["logcosh", "cube"])
+def test_matches_scikit_learn_on_the_same_whitened_data(fun):
+    x, _ = _mixture(seed=2)
+    whitened = whiten(x, 4).whitened
+    ours = fast_ica(whitened, fun=fun, max_iter=400, seed=0)
+    theirs = _sklearn_sources(whitened, fun, seed=5, max_iter=400)  # its own random start
+    assert match_components(ours.sources.T, theirs)[0] >= 0.95
+    # From scikit-learn's own start the two implementations take the same steps.
+    w_init = np.random.RandomState(5).normal(size=(4, 4))
+    same = fast_ica(whitened, fun=fun, max_iter=400, seed=0, w_init=w_init)
+    np.testing.assert_allclose(same.sources.T.numpy(), theirs, atol=1e-8)
+
+
+def test_deterministic_for_a_seed_and_restarts_keep_run_zero():
+    x, _ = _mixture()
+    whitened = whiten(x, 4).whitened
+    a, b = fast_ica(whitened, seed=7), fast_ica(whitened, seed=7)
+    assert torch.equal(a.sources, b.sources) and a.n_iter == b.n_iter
+    assert not torch.equal(fast_ica(whitened, seed=8).unmixing, a.unmixing)
+    several = fast_ica(whitened, seed=7, restarts=3)
+    torch.testing.assert_close(several.sources, a.sources)
+    assert several.n_iter == a.n_iter and a.stability is None
+    assert several.component_stability.shape == (4,)
+
+
+def test_stability_high_for_clean_mixtures_low_for_gaussian_noise():
+    x, _ = _mixture()
+    clean = fast_ica(whiten(x, 4).whitened, max_iter=400, seed=0, restarts=4)
+    noise = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gauss = fast_ica(whiten(noise, 8).whitened, max_iter=400, seed=0, restarts=4)  # any rotation is as good
+    assert clean.stability > 0.99
+    assert gauss.stability < 0.9
+
+
+def test_match_components_ignores_sign_and_order():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 200))
+    order = np.array([3, 0, 4, 1, 2])
+    b = a[order] * np.array([1, -1, 1, -2, 0.5])[:, None]
+    score, perm = match_components(a, b)
+    assert score == pytest.approx(1.0)
+    np.testing.assert_array_equal(order[perm], np.arange(5))
+
+
+def test_streamed_correlation_equals_the_stored_sample():
+    tokens = _planted()
+    tokens[:, 7] = 1.5  # a dead neuron
+    stream = StreamedCorrelation(400)
+    for chunk in np.array_split(tokens, 7):
+        stream.update(chunk)
+    assert int(stream.constant.sum()) == 1
+    std = tokens.std(0)
+    z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as networks.py
+    z = z - z.mean(0)
+    np.testing.assert_allclose(stream.centred_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
+    streamed, explained = whiten_gram(stream.centred_gram(), 4, "randomized")
+    stored = whiten(torch.from_numpy(z), 4, "gram")
+    torch.testing.assert_close(streamed, stored.whitened)  # same sign convention, too
+    torch.testing.assert_close(explained, stored.explained)
+
+
+def test_find_networks_torch_matches_the_reference():
+    tokens = _planted()
+    ref = find_networks(tokens, 4, 2.5, seed=0)
+    for eig in ("randomized", "eigh"):
+        ours = find_networks_torch(tokens, 4, 2.5, seed=0, eig_method=eig)
+        assert ours.maps.shape == (4, 400) and ours.maps.dtype == np.float64 and ours.converged
+        assert match_components(ours.maps, ref.maps)[0] > 0.99
+        _, perm = match_components(ref.maps, ours.maps)
+        for i, j in enumerate(perm):
+            iou = (ref.members[i] & ours.members[j]).sum() / (ref.members[i] | ours.members[j]).sum()
+            assert iou > 0.9
+        np.testing.assert_allclose(ours.maps.mean(1), 0, atol=1e-9)
+        np.testing.assert_allclose(ours.maps.std(1), 1, atol=1e-9)
+        assert ((ours.maps**3).mean(1) > 0).all()  # heavy tail positive
+
+
+def test_find_networks_torch_float32_and_restarts():
+    tokens = _planted(seed=1)
+    full = find_networks_torch(tokens, 4, 3.0, seed=0)
+    single = find_networks_torch(tokens.astype(np.float32), 4, 3.0, seed=0, dtype=torch.float32, restarts=2)
+    assert single.maps.dtype == np.float64
+    assert match_components(single.maps, full.maps)[0] > 0.99
+
+
+def test_find_networks_torch_checks_like_the_reference():
+    tokens = _planted()
+    tokens[:, :10] = 0.0
+    found = find_networks_torch(tokens, 4, 3.0, seed=0)
+    assert found.dead_neurons == find_networks(tokens, 4, 3.0, seed=0).dead_neurons == 10
+    assert not found.members[:, :10].any()
+    bad = tokens.copy()
+    bad[0, 50] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        find_networks_torch(bad, 4, 3.0, seed=0)
+    bad[0, 50] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        find_networks_torch(bad, 4, 3.0, seed=0)
+    with pytest.raises(ValueError, match="components"):
+        find_networks_torch(tokens[:4], 4, 3.0, seed=0)
+    low_rank = np.random.default_rng(0).standard_normal((300, 3)) @ np.random.default_rng(1).standard_normal((3, 50))
+    for dtype in (torch.float64, torch.float32):
+        with pytest.raises(ValueError, match="rank"):
+            find_networks_torch(low_rank, 4, 3.0, seed=0, dtype=dtype)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fast_ica(torch.zeros(10, 2, dtype=torch.float64), fun="tanh")
