@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.decomposition import FastICA
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -224,7 +225,15 @@ def spatial_ica(
     tokens: np.ndarray, components: int, threshold: float, seed: int, max_iter: int = 400, tol: float = 1e-4
 ) -> LayerNetworks:
     """Spatial ICA of `tokens` (T tokens, D neurons): the same maps as `networks.find_networks`, but the PCA
-    goes through the T x T token Gram matrix, so D may be large (every layer's neurons concatenated)."""
+    goes through the T x T token Gram matrix, so D may be large (every layer's neurons concatenated).
+    Runs with one BLAS thread: threaded LAPACK on these matrices is far slower on shared CPUs."""
+    with threadpool_limits(1):
+        return _spatial_ica(tokens, components, threshold, seed, max_iter, tol)
+
+
+def _spatial_ica(
+    tokens: np.ndarray, components: int, threshold: float, seed: int, max_iter: int, tol: float
+) -> LayerNetworks:
     n_tokens, width = tokens.shape
     if width <= n_tokens:
         return find_networks(tokens, components, threshold, seed, max_iter, tol)
