@@ -8,7 +8,6 @@ last token (the "decision" token, where the label word is predicted). No ICA her
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,6 @@ from .hooks import mlp_input_hooks
 from .tokens import batches, forward
 
 __all__ = ["LayerActivations", "capture_activations", "capture_memory_bytes"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -40,7 +40,6 @@ REPORT_FILE = "report.json"
 NETWORKS_FILE = "networks.safetensors"
 NETWORKS_META_FILE = "networks.json"
 CARD_FILE = "README.md"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def check_disk_space(path: Path, needed_bytes: int) -> None:

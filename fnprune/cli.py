@@ -15,8 +15,6 @@ import click
 from . import __version__
 from .errors import FnpruneError, RecipeError
 
-log = logging.getLogger("fnprune")
-
 
 def _parse_data_files(value: str | None) -> dict[str, str] | None:
     if not value:

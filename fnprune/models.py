@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
 
 __all__ = ["load_model", "load_pruned", "local_model_dir", "PrunedModel", "count_parameters", "checkpoint_bytes"]
-
-log = logging.getLogger(__name__)
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 

@@ -332,7 +332,6 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         )
     with timer.stage("evaluate_dense"):
         dense_params = count_parameters(model)
-        dense_width = calib.activations[0].mean.numel()
         dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
     with timer.stage("surgery"):
         removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
@@ -365,8 +364,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             "tokens_for_ica": int(calib.activations[0].tokens.shape[0]),
         },
         "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
-        "mlp_neurons": {"dense": dense_width * n_layers, "pruned": sum(len(k) for k in kept)},
-        "widths": {"dense": dense_width, "pruned": [len(k) for k in kept]},
+        "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},
+        "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
         "metric": {
             "name": "accuracy",
