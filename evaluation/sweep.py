@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import logging
+import random
 import shlex
 import sys
 import time
@@ -31,7 +32,7 @@ from fnprune.evaluate import evaluate_accuracy
 from fnprune.hooks import masked_neurons
 from fnprune.models import load_model
 from fnprune.networks import LayerNetworks, find_networks, network_relevance
-from fnprune.pipeline import Calibration, calibrate, select_neurons
+from fnprune.pipeline import Calibration, calibrate, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 from fnprune.selection import CRITERIA
 
@@ -68,23 +69,29 @@ class MethodSpec:
 
     criterion: str
     bias: bool
+    reconstruct: bool = False  # "+ls": least-squares reconstruction of removed neurons (fnprune.compensation)
+    ridge: float = 0.1
     boost: float | None = None  # None: --fn-boost
     components: int | None = None  # None: --components
     cut: float | None = None  # relevance cut of the *-first criteria
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """'fn-task+bias@b=2@k=16' -> fn-task with bias compensation, boost 2, 16 ICA components."""
+    """'fn-task+bias+ls@b=2@k=16@r=0.3' -> fn-task with bias compensation and least-squares reconstruction
+    (ridge 0.3), boost 2, 16 ICA components."""
     name, *opts = spec.split("@")
-    criterion, bias = (name[: -len("+bias")], True) if name.endswith("+bias") else (name, False)
-    if criterion not in CRITERIA:
-        raise SystemExit(f"unknown method {spec!r}; criteria: {', '.join(CRITERIA)} (append +bias for compensation)")
-    out = MethodSpec(criterion, bias)
-    names = {"b": "boost", "k": "components", "cut": "cut"}
+    criterion, *suffixes = name.split("+")
+    if criterion not in CRITERIA or any(x not in ("bias", "ls") for x in suffixes):
+        raise SystemExit(
+            f"unknown method {spec!r}; criteria: {', '.join(CRITERIA)} (append +bias for bias compensation, "
+            "+ls for least-squares reconstruction)"
+        )
+    out = MethodSpec(criterion, "bias" in suffixes, "ls" in suffixes)
+    names = {"b": "boost", "k": "components", "cut": "cut", "r": "ridge"}
     for opt in opts:
         key, _, value = opt.partition("=")
         if key not in names:
-            raise SystemExit(f"{spec!r}: unknown option {key!r} (b=boost, k=components, cut=relevance cut)")
+            raise SystemExit(f"{spec!r}: unknown option {key!r} (b=boost, k=components, cut=relevance cut, r=ridge)")
         setattr(out, names[key], int(value) if key == "k" else float(value))
     return out
 
@@ -123,7 +130,8 @@ def load_bench(args: argparse.Namespace) -> Bench:
     train, dev = load_split(task, task.calibration_split), load_split(task, task.evaluation_split)
     calibration = sample(train, args.calib_samples, args.seed)
     check_disjoint(calibration, dev)
-    evaluation = dev[: args.eval_samples] if args.eval_samples else dev
+    evaluation = dev if args.eval_on == "dev" else tuning_split(train, calibration, dev, args)
+    evaluation = evaluation[: args.eval_samples] if args.eval_samples else evaluation
     model, tok = load_model(ModelSpec(name_or_path=args.model))
     model.eval()
     timings["load"] = round(time.perf_counter() - start, 2)
@@ -158,6 +166,24 @@ def load_bench(args: argparse.Namespace) -> Bench:
     return Bench(args, model, tok, task.label_words, evaluation, calibration, calib, a_key, ppl_ids, timings)
 
 
+def tuning_split(
+    train: list[Example], calibration: list[Example], dev: list[Example], args: argparse.Namespace
+) -> list[Example]:
+    """Held-out train examples for choosing settings, so that dev is only ever used to report.
+
+    Disjoint from the calibration sample and from dev; SST-2 train is mostly short phrases while dev holds
+    whole sentences, so only examples of at least `--tune-min-words` words are drawn (seeded).
+    """
+    used = {e.prompt for e in calibration} | {e.prompt for e in dev}
+    pool = [e for e in train if e.prompt not in used and len(" ".join(e.texts).split()) >= args.tune_min_words]
+    if len(pool) < args.tune_samples:
+        raise SystemExit(f"only {len(pool)} held-out train examples for --tune-samples {args.tune_samples}")
+    rng = random.Random(args.tune_seed)
+    held_out = [pool[i] for i in sorted(rng.sample(range(len(pool)), args.tune_samples))]
+    check_disjoint(calibration, held_out)
+    return held_out
+
+
 def _weights_sha(model_dir: Path) -> str:
     files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else [model_dir]
     return key_of({f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files})
@@ -169,15 +195,17 @@ def measure(
     bias: bool,
     ppl: bool = True,
     calib: Calibration | None = None,
+    fill_maps: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy (and perplexity) of the model with only `keep_idx` neurons (None = dense)."""
+    """Accuracy (and perplexity) of the model with only `keep_idx` neurons (None = dense); removed neurons
+    are zero, their mean (`bias`), or rebuilt from the kept ones (`fill_maps`)."""
     calib = calib or bench.calib
     layout = layout_for(bench.model)
     out: dict[str, Any] = {}
     if keep_idx is None:
         keep_idx = [torch.arange(a.mean.numel()) for a in calib.activations]
     fill = [a.mean for a in calib.activations] if bias else None
-    with masked_neurons(bench.model, layout, keep_idx, fill=fill):
+    with masked_neurons(bench.model, layout, keep_idx, fill=fill, fill_map=fill_maps):
         res = evaluate_accuracy(
             bench.model, bench.tokenizer, bench.evaluation, bench.label_words, bench.args.batch_size, progress=False
         )
@@ -202,8 +230,11 @@ def dense_gap(bench: Bench) -> np.ndarray:
     return gap
 
 
-def select(bench: Bench, method: str, keep: float) -> tuple[list[torch.Tensor], bool]:
-    """Kept neurons per layer for one method spec and budget, and whether it compensates the bias."""
+def select(
+    bench: Bench, method: str, keep: float
+) -> tuple[list[torch.Tensor], bool, list[torch.Tensor] | None]:
+    """Kept neurons per layer for one method spec and budget, whether it compensates the bias, and the
+    least-squares reconstruction maps of its removed neurons (None without "+ls")."""
     a = bench.args
     spec = parse_method(method)
     calib = bench.calib
@@ -216,7 +247,12 @@ def select(bench: Bench, method: str, keep: float) -> tuple[list[torch.Tensor], 
     fn_criteria.CONTEXT["decision_var"] = [x.decision.var(dim=0, unbiased=False) for x in calib.activations]
     fn_criteria.CONTEXT["first_cut"] = 0.3 if spec.cut is None else spec.cut
     boost = a.fn_boost if spec.boost is None else spec.boost
-    return select_neurons(bench.model, calib, spec.criterion, keep, a.round_to, a.seed, boost), spec.bias
+    kept = select_neurons(bench.model, calib, spec.criterion, keep, a.round_to, a.seed, boost)
+    fills = None
+    if spec.reconstruct:
+        centres = [x.mean for x in calib.activations] if spec.bias else None
+        fills = reconstruction_fills(calib, kept, centres, spec.ridge)
+    return kept, spec.bias, fills
 
 
 def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -> dict[str, Any]:
@@ -225,6 +261,7 @@ def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -
         "calibration": bench.calib_key, "components": a.components, "threshold": a.threshold,
         "method": method, "keep": keep, "round_to": a.round_to, "seed": a.seed, "fn_boost": a.fn_boost,
         "eval_n": len(bench.evaluation), "dev_sha": file_sha256(Path(a.data_dir) / "dev.tsv"),
+        **({"eval_on": "tune", "tune": [a.tune_samples, a.tune_seed, a.tune_min_words]} if a.eval_on == "tune" else {}),
         "batch_size": a.batch_size, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
         "threads": a.threads, **(extra or {}),
     }
@@ -250,9 +287,9 @@ def run_sweep(
                 row = {"method": "dense", "keep": 1.0, "width": bench.calib.activations[0].mean.numel()}
                 row.update(measure(bench, None, False, ppl=ppl))
             else:
-                kept, bias = select(bench, method, keep)
+                kept, bias, fills = select(bench, method, keep)
                 row = {"method": method, "keep": keep, "width": len(kept[0])}
-                row.update(measure(bench, kept, bias, ppl=ppl))
+                row.update(measure(bench, kept, bias, ppl=ppl, fill_maps=fills))
             row["seconds"] = round(time.perf_counter() - start, 1)
             cache.put(info, row)
             log.info("measured %s", row)
@@ -262,12 +299,18 @@ def run_sweep(
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], keeps: list[float], command: str, n: int, ppl_tokens: int) -> str:
+def split_label(args: argparse.Namespace) -> str:
+    return "SST-2 dev" if args.eval_on == "dev" else f"SST-2 held-out train (tuning split, seed {args.tune_seed})"
+
+
+def markdown(
+    rows: list[dict[str, Any]], keeps: list[float], command: str, n: int, ppl_tokens: int, split: str = "SST-2 dev"
+) -> str:
     dense = rows[0]
     lines = [
         f"Command: `{command}`",
         "",
-        f"SST-2 dev accuracy (n = {n}) / WikiText-2 token-level perplexity (first {ppl_tokens} tokens, "
+        f"{split} accuracy (n = {n}) / WikiText-2 token-level perplexity (first {ppl_tokens} tokens, "
         f"non-overlapping windows). Dense: accuracy {dense['accuracy']:.4f}, ppl {dense.get('ppl', float('nan')):.2f}.",
         "",
         "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
@@ -283,7 +326,7 @@ def markdown(rows: list[dict[str, Any]], keeps: list[float], command: str, n: in
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, command: str) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, command: str, split: str = "SST-2 dev") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +340,7 @@ def plot(rows: list[dict[str, Any]], path: Path, command: str) -> None:
         ax.plot(*zip(*pts), marker="o", label=m)
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("fraction of MLP neurons kept per layer")
-    ax.set_ylabel(f"SST-2 dev accuracy (n = {dense['n']})")
+    ax.set_ylabel(f"{split} accuracy (n = {dense['n']})")
     ax.set_title("SmolLM2-135M-Instruct, SST-2 zero-shot, MLP neuron pruning (masked)")
     ax.legend(fontsize=8)
     fig.text(0.01, 0.005, command, fontsize=6, color="grey")
@@ -317,9 +360,10 @@ def write_outputs(rows: list[dict[str, Any]], bench: Bench, keeps: list[float], 
         w.writerows(rows)
     meta = {"command": command, "args": vars(bench.args), "timings": bench.timings, "rows": rows}
     prefix.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    md = markdown(rows, keeps, command, len(bench.evaluation), bench.args.ppl_tokens)
+    split = split_label(bench.args)
+    md = markdown(rows, keeps, command, len(bench.evaluation), bench.args.ppl_tokens, split)
     prefix.with_suffix(".md").write_text(md, encoding="utf-8")
-    plot(rows, prefix.with_suffix(".png"), command)
+    plot(rows, prefix.with_suffix(".png"), command, split)
     return md
 
 
@@ -328,7 +372,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--data-dir", default="/work/shared/data/sst2")
     p.add_argument("--wikitext", default="/work/shared/data/wikitext-2-raw/wiki.test.raw")
-    p.add_argument("--eval-samples", type=int, default=0, help="first N dev examples (0 = all)")
+    p.add_argument("--eval-samples", type=int, default=0, help="first N evaluation examples (0 = all)")
+    p.add_argument("--eval-on", choices=["dev", "tune"], default="dev",
+                   help="dev (report) or tune: held-out train examples for choosing settings")
+    p.add_argument("--tune-samples", type=int, default=600)
+    p.add_argument("--tune-seed", type=int, default=1234)
+    p.add_argument("--tune-min-words", type=int, default=10)
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens sampled for ICA")
     p.add_argument("--components", type=int, default=32)

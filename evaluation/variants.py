@@ -53,8 +53,8 @@ def run(
                 continue
             if acc is None:
                 start = time.perf_counter()
-                kept, bias = select(bench, spec, keep) if spec != "dense" else (None, False)
-                row = {"method": spec, "keep": keep, **measure(bench, kept, bias, ppl=False)}
+                kept, bias, fills = select(bench, spec, keep) if spec != "dense" else (None, False, None)
+                row = {"method": spec, "keep": keep, **measure(bench, kept, bias, ppl=False, fill_maps=fills)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 cache.put(info, row)
                 acc = row["accuracy"]

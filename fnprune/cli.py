@@ -100,6 +100,9 @@ def main() -> None:
 @click.option("--seed", type=int, help="Seed for calibration sampling, ICA and random selection.")
 @click.option("--bias-compensation/--no-bias-compensation", default=None,
               help="Fold the removed neurons' mean output into the MLP bias (default: when the model allows).")
+@click.option("--reconstruct/--no-reconstruct", default=None,
+              help="Rebuild removed neurons from kept ones by least squares, folded into the weights (default on).")
+@click.option("--ridge", type=float, help="Ridge of that least-squares fit, relative (default 0.1).")
 @click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
 @click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
 @click.option("--cache/--no-cache", default=None,
@@ -115,7 +118,7 @@ def main() -> None:
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
              allocation,
              width_layout, components, ica_engine, threshold, num_samples, max_tokens, batch_size, seed,
-             bias_compensation,
+             bias_compensation, reconstruct, ridge,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
              quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
@@ -141,6 +144,8 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "output.max_shard_size": max_shard_size,
         "output.private": private,
         "selection.bias_compensation": bias_compensation,
+        "selection.reconstruct": reconstruct,
+        "selection.ridge": ridge,
         "networks.components": components,
         "networks.threshold": threshold,
         "networks.engine": ica_engine,

@@ -40,10 +40,13 @@ def masked_neurons(
     keep: list[torch.Tensor],
     fill: list[torch.Tensor] | None = None,
     scale: list[torch.Tensor] | None = None,
+    fill_map: list[torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Run the dense model as if only `keep[layer]` neurons existed.
 
     Removed neurons are set to zero, or to `fill[layer]` (their mean: what bias compensation folds in).
+    With `fill_map[layer]` (n_kept, n_removed), removed neurons are reconstructed from the kept ones instead,
+    `fill_D + (x_K - fill_K) @ fill_map` (fill = 0 when None): what `compensation.fold_into_output` folds in.
     `scale[layer]` (full width) multiplies neurons instead, for amplification experiments.
     """
 
@@ -53,7 +56,13 @@ def masked_neurons(
             gate = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
             gate[keep[i].to(x.device)] = 1
             out = x * gate
-            if fill is not None:
+            if fill_map is not None:
+                kept = keep[i].to(x.device).sort().values
+                removed = (gate == 0).nonzero().flatten()
+                centre = fill[i].to(x.device, x.dtype) if fill is not None else torch.zeros_like(gate)
+                recon = centre[removed] + (x[..., kept] - centre[kept]) @ fill_map[i].to(x.device, x.dtype)
+                out = out.index_copy(-1, removed, recon)
+            elif fill is not None:
                 out = out + (1 - gate) * fill[i].to(x.device, x.dtype)
             if scale is not None:
                 out = out * scale[i].to(x.device, x.dtype)

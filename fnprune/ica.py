@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .networks import LayerNetworks
 
@@ -259,6 +258,8 @@ def _matched_abs_corr(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarra
     a = a / a.norm(dim=1, keepdim=True).clamp(min=1e-300)
     b = b / b.norm(dim=1, keepdim=True).clamp(min=1e-300)
     corr = (a @ b.T).abs().cpu().numpy()  # (k, m)
+    from scipy.optimize import linear_sum_assignment  # only for comparing runs; SciPy is heavy to import
+
     rows, cols = linear_sum_assignment(corr, maximize=True)
     per_row, perm = np.zeros(a.shape[0]), np.full(a.shape[0], -1)
     per_row[rows], perm[rows] = corr[rows, cols], cols

@@ -12,8 +12,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.decomposition import FastICA
-from sklearn.exceptions import ConvergenceWarning
 
 __all__ = ["LayerNetworks", "find_networks", "network_relevance"]
 
@@ -59,6 +57,9 @@ def find_networks(
     if eigval[top[-1]] <= 1e-10 * max(eigval[top[0]], 1e-300):
         raise ValueError(f"activations have rank below {components} components; lower `components`")
     whitened = eigvec[:, top] * np.sqrt(width)  # (d, k), unit variance per component
+    from sklearn.decomposition import FastICA  # imported here: scikit-learn + SciPy cost ~150 MiB of RSS
+    from sklearn.exceptions import ConvergenceWarning
+
     ica = FastICA(
         n_components=components, whiten=False, fun="logcosh", max_iter=max_iter, tol=tol, random_state=seed
     )

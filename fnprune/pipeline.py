@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import logging
 import platform
 import time
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import safetensors
-import sklearn
 import torch
 import transformers
 from threadpoolctl import threadpool_limits
@@ -40,6 +40,7 @@ from .checkpoint import (
     write_json,
     write_per_layer_code,
 )
+from .compensation import reconstruction_map
 from .data import Example, check_disjoint, data_source, file_sha256, load_split, resolve_task, sample
 from .errors import NumericalError, RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
@@ -94,7 +95,7 @@ def versions() -> dict[str, str]:
         "torch": str(torch.__version__),
         "transformers": str(transformers.__version__),
         "safetensors": str(safetensors.__version__),
-        "scikit-learn": str(sklearn.__version__),
+        "scikit-learn": importlib.metadata.version("scikit-learn"),
         "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
@@ -226,6 +227,25 @@ def select_neurons(
     return [top_neurons(s, w) for s, w in zip(scores, widths)]
 
 
+def reconstruction_fills(
+    calib: Calibration,
+    kept: list[torch.Tensor],
+    centres: list[torch.Tensor] | None,
+    ridge: float,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """Per layer, the least-squares map that rebuilds removed neurons from kept ones (fnprune.compensation),
+    fitted on the calibration token sample; centred on `centres` (the means) when the bias can hold it."""
+    fills = []
+    for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
+                                    disable=not progress)):
+        fill = reconstruction_map(a.tokens, k, centres[i] if centres is not None else None, ridge)
+        if not torch.isfinite(fill).all():
+            raise NumericalError(f"layer {i}: the reconstruction of removed neurons is not finite; raise --ridge")
+        fills.append(fill)
+    return fills
+
+
 def _data_provenance(task, splits: list[str]) -> dict[str, Any]:
     out = {}
     for split in splits:
@@ -333,9 +353,13 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     with timer.stage("evaluate_dense"):
         dense_params = count_parameters(model)
         dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+    removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
+    fill_maps = None
+    if sel.reconstruct:
+        with timer.stage("reconstruct"):
+            fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress)
     with timer.stage("surgery"):
-        removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
-        prune_mlp(model, layout, kept, removed_means, recipe.output.layout)
+        prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
     with timer.stage("evaluate_pruned"):
         pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
 
@@ -357,6 +381,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         "layout": recipe.output.layout,
         "keep": sel.keep,
         "bias_compensation": sel.bias_compensation,
+        "reconstruct": sel.reconstruct,
+        "ridge": sel.ridge if sel.reconstruct else None,
         "calibration": {
             "split": task.calibration_split,
             "samples": len(calibration),

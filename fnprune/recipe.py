@@ -151,6 +151,8 @@ class SelectionSpec:
     round_to: int = 8
     allocation: str = "uniform"  # uniform: same width in every layer; global: one ranking across layers
     bias_compensation: bool | None = None  # None: on where the architecture allows it
+    reconstruct: bool = True  # least-squares fill of removed neurons from kept ones (fnprune.compensation)
+    ridge: float = 0.1  # reconstruction ridge, relative to the kept neurons' mean variance
     fn_boost: float | None = None  # fn-task: weight of task-network membership; None = by keep (see below)
     seed: int = 0
 
@@ -166,6 +168,8 @@ class SelectionSpec:
             problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.fn_boost is not None and self.fn_boost < 0:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
+        if self.ridge < 0:
+            problems.append(f"selection.ridge: must be >= 0, got {self.ridge}")
         return problems
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .arch import MLPLayout, get_module, layer_blocks, output_weight_by_neuron
+from .compensation import fold_into_output
 from .errors import ModelError
 
 __all__ = ["prune_mlp", "compensation_bias", "supports_bias_compensation", "layout_record", "WIDTH_LAYOUTS"]
@@ -49,6 +50,11 @@ def _slice_output(module: nn.Module, layout: MLPLayout, keep: torch.Tensor) -> N
     else:  # weight (hidden, d_ff)
         module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous())
         module.in_features = len(keep)
+
+
+def _set_output_weight(module: nn.Module, layout: MLPLayout, w_by_neuron: torch.Tensor) -> None:
+    w = w_by_neuron if layout.conv1d else w_by_neuron.t()
+    module.weight = nn.Parameter(w.contiguous())
 
 
 def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, delta: torch.Tensor) -> None:
@@ -106,6 +112,7 @@ def prune_mlp(
     keep: list[torch.Tensor],
     removed_means: list[torch.Tensor] | None = None,
     width_layout: str = "uniform",
+    fill_maps: list[torch.Tensor] | None = None,
 ) -> nn.Module:
     """Keep neurons `keep[layer]` (sorted indices) in every MLP, in place; returns the model.
 
@@ -114,6 +121,9 @@ def prune_mlp(
     `width_layout`: "uniform" needs equal widths (one intermediate size, vanilla config); "per-layer" keeps
     each layer's width (recorded in `config.fnprune_layout`); "padded" pads every layer with zero neurons up
     to the widest (exact, vanilla config).
+    With `fill_maps` (per layer, n_kept x n_removed; see fnprune.compensation), the removed neurons'
+    least-squares reconstruction from the kept ones is folded into the kept output weights (and, with
+    `removed_means` as the centre, into the bias).
     """
     if width_layout not in WIDTH_LAYOUTS:
         raise ValueError(f"width_layout must be one of {WIDTH_LAYOUTS}, got {width_layout!r}")
@@ -131,14 +141,19 @@ def prune_mlp(
         width = output_weight_by_neuron(out_module, layout).shape[0]
         if idx.numel() == 0 or idx[-1] >= width or idx[0] < 0 or idx.unique().numel() != idx.numel():
             raise ValueError(f"layer {i}: kept indices must be unique and in [0, {width})")
-        delta = None
-        if removed_means is not None:
+        delta = folded = None
+        if fill_maps is not None:
+            centre = removed_means[i] if removed_means is not None else None
+            folded, delta = fold_into_output(output_weight_by_neuron(out_module, layout), idx, fill_maps[i], centre)
+        elif removed_means is not None:
             mean = removed_means[i].clone().to(torch.float64)
             mean[idx] = 0.0
             delta = compensation_bias(out_module, layout, mean)
         for path in layout.inputs:
             _slice_input(get_module(block, path), layout, idx, width)
         _slice_output(out_module, layout, idx)
+        if folded is not None:
+            _set_output_weight(out_module, layout, folded)
         new_width = len(idx)
         if width_layout == "padded" and new_width < max(widths):
             for path in layout.inputs:

@@ -69,5 +69,19 @@ def test_token_cap_and_determinism(llama):
 def test_half_precision_storage(llama):
     model, _, seqs = llama
     acts = _capture(model, seqs, store_dtype="float16")
-    assert acts[0].tokens.dtype == torch.float32  # returned as float32 for the math
+    assert acts[0].tokens.dtype == torch.float16  # kept in the storage dtype; the math converts per layer
     assert capture_memory_bytes(30, 1536, 4096, 256, "float16") < capture_memory_bytes(30, 1536, 4096, 256, "float32")
+
+
+@pytest.mark.parametrize("cap", [1, 7, 20])
+def test_reservoir_is_the_bottom_k_sample_in_stream_order(llama, cap):
+    """The in-place reservoir holds exactly the tokens with the `cap` smallest seeded keys, in stream order."""
+    model, _, seqs = llama
+    full = _capture(model, seqs, batch_size=2)  # under the cap: every token, in stream order
+    sample = _capture(model, seqs, batch_size=2, max_tokens=cap, seed=9)
+    total = full[0].count
+    keys = torch.rand(total, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    expected_rows = keys.argsort(stable=True)[:cap].sort().values
+    for f, s in zip(full, sample):
+        assert s.tokens.shape[0] == min(cap, total)
+        torch.testing.assert_close(s.tokens, f.tokens[expected_rows])

@@ -78,6 +78,30 @@ def test_bias_compensation_equals_mean_filled_mask(arch, model_dir, tmp_path):
     torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reconstruction_equals_reconstructing_mask(arch, model_dir, tmp_path):
+    """Folded least-squares reconstruction == the dense model with removed neurons rebuilt from kept ones:
+    centred with a bias where the architecture has one, through zero elsewhere."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    batch = _batch(tok)
+    widths = mlp_widths(model, layout)
+    keep = _per_layer_keep(widths, widths[0] // 4, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    maps = [0.1 * torch.randn(len(k), w - len(k), generator=gen) for k, w in zip(keep, widths)]
+    means = [torch.randn(w, generator=gen) for w in widths] if supports_bias_compensation(layout, model) else None
+    with masked_neurons(model, layout, keep, fill=means):
+        mean_filled = _logits(model, batch)
+    with masked_neurons(model, layout, keep, fill=means, fill_map=maps):
+        expected = _logits(model, batch)
+    assert not torch.allclose(expected, mean_filled, atol=1e-4), "the reconstruction must change the output"
+    pruned = prune_mlp(copy.deepcopy(model), layout, keep, removed_means=means, fill_maps=maps)
+    torch.testing.assert_close(_logits(pruned, batch), expected, atol=1e-5, rtol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    reloaded = _auto(pruned).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bias_compensation_refused_without_bias(model_dir):
     model, _ = load_model(ModelSpec(name_or_path=str(model_dir("mistral"))))
     layout = layout_for(model)

@@ -1,0 +1,69 @@
+"""Least-squares reconstruction of removed MLP neurons from the kept ones (pure math; knows nothing of models).
+
+Removing neurons D from an MLP drops W_D a_D from its output. Bias compensation (FLAP) replaces a_D by its
+calibration mean. Reconstruction goes one step further: a_D is predicted from the kept neurons,
+
+    a_D ~ c_D + (a_K - c_K) @ M,    M = argmin E||a_D - c_D - (a_K - c_K) M||^2 + ridge term,
+
+which is a ridge regression over the calibration tokens (c = mean for a centred fit with an intercept, c = 0
+where the architecture has no bias to hold the intercept). Because the fill is linear in a_K, it folds into
+the kept output weights exactly: W'_K = W_K + M W_D and bias += (c_D - c_K M) W_D. The output
+projection weights do not enter the fit: the least-squares M minimises the output error in every direction
+at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["reconstruction_map", "removed_indices", "fold_into_output"]
+
+
+def removed_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Sorted indices in [0, width) that are not in `keep`."""
+    removed = torch.ones(width, dtype=torch.bool)
+    removed[keep] = False
+    return removed.nonzero().flatten()
+
+
+def reconstruction_map(
+    tokens: torch.Tensor, keep: torch.Tensor, centre: torch.Tensor | None, ridge: float
+) -> torch.Tensor:
+    """M (n_kept, n_removed), rows and columns in sorted neuron order, fitted on token activations (T, d).
+
+    `centre` (d,): the values the fit is taken around (the mean over all calibration tokens), or None for a
+    fit through zero. `ridge` is relative to the mean variance of the kept neurons, so it means the same in
+    every layer and model: ridge = 0.1 adds a tenth of a typical kept neuron's energy to the diagonal.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    removed = removed_indices(keep, tokens.shape[1])
+    x = tokens.to(torch.float32)
+    if centre is not None:
+        x = x - centre.to(torch.float32)
+    cross = (x[:, keep].T @ x).to(torch.float64) / max(x.shape[0], 1)  # (k, d): serves both blocks
+    kk, kr = cross[:, keep], cross[:, removed]
+    scale = kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    eye = torch.eye(len(keep), dtype=torch.float64)
+    return torch.linalg.solve(kk + max(ridge, 1e-8) * scale * eye, kr).to(torch.float32)
+
+
+def fold_into_output(
+    w_by_neuron: torch.Tensor, keep: torch.Tensor, fill_map: torch.Tensor, centre: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kept output weights with the removed neurons' reconstruction folded in, and the bias to add.
+
+    `w_by_neuron` (d, hidden) is the dense output projection as [neurons, hidden]. Returns W'_K (k, hidden) and
+    (c_D - c_K M) W_D (hidden,), or None for a fit through zero.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    removed = removed_indices(keep, w_by_neuron.shape[0])
+    w = w_by_neuron.to(torch.float64)
+    m = fill_map.to(torch.float64)
+    w_kept = (w[keep] + m @ w[removed]).to(w_by_neuron.dtype)
+    if centre is None:
+        return w_kept, None
+    c = centre.to(torch.float64)
+    bias = ((c[removed] - c[keep] @ m) @ w[removed]).to(w_by_neuron.dtype)
+    return w_kept, bias

@@ -1,0 +1,66 @@
+"""Least-squares reconstruction of removed neurons: the math alone, on synthetic activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fnprune.compensation import fold_into_output, reconstruction_map, removed_indices
+
+
+def _linear_tokens(n_tokens: int = 500, width: int = 12, seed: int = 0):
+    """Activations whose neurons 8..11 are exact affine functions of neurons 0..7."""
+    gen = torch.Generator().manual_seed(seed)
+    kept_part = torch.randn(n_tokens, 8, generator=gen) * torch.linspace(0.5, 2, 8) + 1.5
+    mix = torch.randn(8, width - 8, generator=gen)
+    offset = torch.randn(width - 8, generator=gen)
+    return torch.cat([kept_part, kept_part @ mix + offset], dim=1), mix
+
+
+def test_recovers_an_exact_linear_dependence():
+    tokens, mix = _linear_tokens()
+    keep = torch.arange(8)
+    m = reconstruction_map(tokens, keep, tokens.mean(0), ridge=0)
+    torch.testing.assert_close(m, mix, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_folded_weights_reproduce_the_dense_output(centred):
+    tokens, _ = _linear_tokens(seed=1)
+    keep = torch.tensor([5, 0, 3, 1, 2, 7, 6, 4])  # unsorted on purpose
+    centre = tokens.mean(0) if centred else None
+    m = reconstruction_map(tokens.double(), keep, centre, ridge=0)
+    w = torch.randn(12, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w_kept, bias = fold_into_output(w, keep, m, centre)
+    assert (bias is None) == (not centred)
+    approx = tokens.double()[:, keep.sort().values] @ w_kept + (bias if bias is not None else 0)
+    dense = tokens.double() @ w
+    # Through zero, the affine offset cannot be represented exactly: only the centred fit is exact.
+    if centred:
+        torch.testing.assert_close(approx, dense, atol=1e-3, rtol=1e-3)
+    else:
+        assert (approx - dense).pow(2).mean() < 0.1 * dense.var()
+
+
+def test_beats_the_mean_fill_on_correlated_neurons():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2000, 6, generator=gen)
+    tokens = torch.cat([base, base[:, :3] * 0.8 + 0.3 * torch.randn(2000, 3, generator=gen)], dim=1)
+    fit, test = tokens[:1000], tokens[1000:]
+    keep = torch.arange(6)
+    m = reconstruction_map(fit, keep, fit.mean(0), ridge=0.1)
+    removed = removed_indices(keep, 9)
+    recon = fit.mean(0)[removed] + (test[:, keep] - fit.mean(0)[keep]) @ m
+    mean_fill = fit.mean(0)[removed].expand_as(recon)
+    truth = test[:, removed]
+    assert (recon - truth).pow(2).mean() < 0.2 * (mean_fill - truth).pow(2).mean()
+
+
+def test_ridge_shrinks_the_map_and_negative_ridge_is_refused():
+    tokens, _ = _linear_tokens(seed=4)
+    keep = torch.arange(8)
+    small = reconstruction_map(tokens, keep, tokens.mean(0), ridge=0.01)
+    large = reconstruction_map(tokens, keep, tokens.mean(0), ridge=10)
+    assert large.norm() < 0.5 * small.norm()
+    with pytest.raises(ValueError, match="ridge"):
+        reconstruction_map(tokens, keep, None, ridge=-1)
