@@ -74,7 +74,10 @@ def placement_kwargs(spec: ModelSpec) -> dict:
         return {}
     out: dict = {"device_map": spec.device_map}
     if spec.max_memory:
-        out["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in spec.max_memory.items()}
+        out["max_memory"] = {
+            int(k) if k.isdigit() else k: int(v) if isinstance(v, str) and v.isdigit() else v
+            for k, v in spec.max_memory.items()
+        }
     if spec.offload_folder:
         out["offload_folder"] = str(Path(spec.offload_folder).expanduser())
     return out

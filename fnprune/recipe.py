@@ -43,6 +43,7 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
 _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
 _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
+_BYTES = re.compile(r"\d+")
 
 
 def _is_device(value: Any, disk: bool) -> bool:
@@ -71,7 +72,7 @@ def _device_map_problems(spec: ModelSpec) -> list[str]:
         if not _MEMORY_KEY.fullmatch(key):
             problems.append(f"model.max_memory.{key}: not a device (a GPU index like 0, cpu, disk, mps)")
         ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
-        if not ok_int and not (isinstance(size, str) and _SIZE.fullmatch(size.strip())):
+        if not ok_int and not (isinstance(size, str) and (_SIZE.fullmatch(size.strip()) or _BYTES.fullmatch(size))):
             problems.append(f"model.max_memory.{key}: {size!r} is not a size (bytes, or like 2GiB, 500MB)")
     if dm is None:
         for name in ("max_memory", "offload_folder"):

@@ -312,6 +312,16 @@ def test_compress_with_offload_device_map(model_dir, task_data, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.intermediate_size == 64 and reloaded.config.mlp_bias is True
     assert sum(p.numel() for p in reloaded.parameters()) == report["parameters"]["pruned"]
+    from click.testing import CliRunner
+
+    from fnprune import cli
+
+    run = CliRunner().invoke(cli.main, [
+        "evaluate", "--model", str(out), "--max-samples", "16", "--json", "--quiet", "--device-map", "auto",
+        "--max-memory", "cpu=60000", "--offload-folder", str(tmp_path / "off2"),
+    ])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output.strip().splitlines()[-1])["accuracy"] == report["metric"]["pruned"]
 
 
 def test_compress_streamed_sharded_padded(model_dir, task_data, tmp_path):
