@@ -9,12 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["materialized", "input_device", "is_dispatched"]
-
-
-def is_dispatched(model: nn.Module) -> bool:
-    """Loaded with a device_map (accelerate hooks on its modules)."""
-    return getattr(model, "hf_device_map", None) is not None
+__all__ = ["materialized", "input_device"]
 
 
 @contextmanager
