@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .offload import materialized
 
 __all__ = [
     "MLPLayout",
@@ -122,13 +123,18 @@ def input_weights_by_neuron(module: nn.Module, layout: MLPLayout) -> list[torch.
 
 
 def neuron_weight_norms(model: nn.Module, layout: MLPLayout) -> list[dict[str, torch.Tensor]]:
-    """Per layer: L2 norm of each neuron's output-projection column (`out`) and of all its input rows (`in`)."""
+    """Per layer: L2 norm of each neuron's output-projection column (`out`) and of all its input rows (`in`).
+
+    Offloaded modules (device_map) are loaded one at a time; the norms are returned on the CPU.
+    """
     norms = []
     for block in layer_blocks(model, layout):
-        out = output_weight_by_neuron(get_module(block, layout.output), layout).float().norm(dim=1)
+        with materialized(get_module(block, layout.output)) as module:
+            out = output_weight_by_neuron(module, layout).float().norm(dim=1).cpu()
         sq = torch.zeros_like(out)
         for path in layout.inputs:
-            for w in input_weights_by_neuron(get_module(block, path), layout):
-                sq += w.float().pow(2).sum(dim=1)
+            with materialized(get_module(block, path)) as module:
+                for w in input_weights_by_neuron(module, layout):
+                    sq += w.float().pow(2).sum(dim=1).cpu()
         norms.append({"out": out, "in": sq.sqrt()})
     return norms

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from .capture import LayerActivations
 from .networks import LayerNetworks
+from .safetensors_io import write_safetensors
 
 __all__ = ["cache_dir", "cache_key", "save_activations", "load_activations", "save_networks", "load_networks"]
 
@@ -43,42 +43,12 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]
     return {"files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8",
-}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write a .safetensors file one tensor at a time.
-
-    safetensors' own `save_file` first builds every tensor's bytes in memory, which doubles the peak memory
-    of a large activation cache; this writer streams each tensor's buffer straight to the file (the format is
-    an 8-byte header length, a JSON header of dtypes/shapes/offsets, then the raw little-endian data).
-    """
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
     try:
-        write_safetensors(tensors, tmp, {"meta": json.dumps(meta)})
+        write_safetensors(tmp, tensors, {"meta": json.dumps(meta)})
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -122,7 +122,8 @@ def capture_activations(
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple) -> None:
             mask = step["mask"]
-            x = args[0].detach().reshape(*mask.shape, -1)  # (B, L, d); OPT flattens to (B*L, d)
+            # On the CPU whatever device (or offload hook) ran the layer; OPT flattens to (B*L, d).
+            x = args[0].detach().cpu().reshape(*mask.shape, -1)  # (B, L, d)
             if stats[i] is None:
                 stats[i] = _LayerStats(x.shape[-1], len(seqs), min(max_tokens, total), dtype)
             s = stats[i]
@@ -131,8 +132,8 @@ def capture_activations(
             s.sum_abs += real.abs().sum(0)
             s.sum_sq += real.pow(2).sum(0)
             s.count += real.shape[0]
-            s.decision[step["rows"]] = x[torch.arange(x.shape[0]), step["last"]].to(dtype).cpu()
-            s.tokens[step["slots"]] = real[step["incoming"]].to(dtype).cpu()
+            s.decision[step["rows"]] = x[torch.arange(x.shape[0]), step["last"]].to(dtype)
+            s.tokens[step["slots"]] = real[step["incoming"]].to(dtype)
 
         return hook
 

@@ -28,6 +28,35 @@ def _parse_data_files(value: str | None) -> dict[str, str] | None:
     return files
 
 
+def _parse_device_map(value: str | None) -> str | dict | None:
+    """`auto`, `cpu`, ... as is; a JSON object ({"model.layers.9": "disk", ...}) as a mapping."""
+    if not value or not value.lstrip().startswith("{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not a JSON object of module names to devices: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("expected a JSON object of module names to devices")
+    return parsed
+
+
+def _parse_max_memory(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    out = {}
+    for part in value.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise click.BadParameter(f"{part!r}: expected DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=32GiB")
+        out[device.strip()] = size.strip()
+    return out
+
+
+_DEVICE_MAP_HELP = ("Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
+                    "a JSON object of module names to devices. Surgery then streams from the source files.")
+
+
 def _friendly(fn: Callable) -> Callable:
     """User errors print one clear message (no traceback); Ctrl-C says nothing was written."""
 
@@ -113,6 +142,11 @@ def main() -> None:
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the output folder to this Hub repo.")
 @click.option("--private", is_flag=True, default=None, help="Create the Hub repo as private.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
+@click.option("--device-map", help=_DEVICE_MAP_HELP)
+@click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
+@click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
+@click.option("--streamed", is_flag=True, default=None,
+              help="Streamed surgery from the source files without --device-map (never two copies in memory).")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
@@ -120,7 +154,7 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
              width_layout, components, ica_engine, threshold, num_samples, max_tokens, batch_size, seed,
              bias_compensation, reconstruct, ridge,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
-             quiet) -> None:
+             device_map, max_memory, offload_folder, streamed, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
     from .recipe import Recipe, apply_overrides, load_recipe
@@ -134,6 +168,10 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "model.name_or_path": model,
         "model.trust_remote_code": trust_remote_code,
         "model.dtype": dtype,
+        "model.device_map": _parse_device_map(device_map),
+        "model.max_memory": _parse_max_memory(max_memory),
+        "model.offload_folder": offload_folder,
+        "output.streamed": streamed,
         "selection.keep": (1 - sparsity) if sparsity is not None else keep,
         "selection.method": method,
         "selection.round_to": round_to,
@@ -188,17 +226,20 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--max-samples", type=int, help="Evaluate the first N examples only.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
+@click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
+@click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
+@click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True)
 @_friendly
-def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, trust_remote_code, as_json,
-             quiet) -> None:
+def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, trust_remote_code, device_map,
+             max_memory, offload_folder, as_json, quiet) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split."""
     from .checkpoint import RECIPE_FILE
     from .data import load_split, resolve_task
     from .evaluate import evaluate_accuracy
     from .models import load_model, local_model_dir
-    from .recipe import ModelSpec, TaskSpec, load_recipe, recipe_from_dict
+    from .recipe import TaskSpec, load_recipe, recipe_from_dict
 
     _setup_logging(quiet)
     if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
@@ -217,7 +258,14 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, 
     spec = recipe_from_dict({"task": data}).task
     resolved = resolve_task(spec)
     examples = load_split(resolved, split or resolved.evaluation_split)[:max_samples]
-    m, tok = load_model(ModelSpec(name_or_path=model, trust_remote_code=trust_remote_code))
+    placement = {"device_map": _parse_device_map(device_map), "max_memory": _parse_max_memory(max_memory) or {},
+                 "offload_folder": offload_folder}
+    model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
+                                             **placement}}).model
+    problems = model_spec.check()
+    if problems:
+        raise RecipeError(problems)
+    m, tok = load_model(model_spec)
     result = evaluate_accuracy(m, tok, examples, resolved.label_words, batch_size, progress=not quiet)
     out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split,
            "n": result.n, "accuracy": result.accuracy, "seconds": round(result.seconds, 2)}

@@ -17,7 +17,16 @@ from .errors import ModelError
 from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
 
-__all__ = ["load_model", "load_pruned", "local_model_dir", "PrunedModel", "count_parameters", "checkpoint_bytes"]
+__all__ = [
+    "load_model",
+    "load_pruned",
+    "local_model_dir",
+    "PrunedModel",
+    "count_parameters",
+    "unique_parameters",
+    "checkpoint_bytes",
+    "placement_kwargs",
+]
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
@@ -59,8 +68,27 @@ def _model_class(source: str, kwargs: dict):
     return AutoModelForCausalLM
 
 
+def placement_kwargs(spec: ModelSpec) -> dict:
+    """device_map / max_memory / offload_folder for from_pretrained (GPU indices as ints, as accelerate wants)."""
+    if spec.device_map is None:
+        return {}
+    out: dict = {"device_map": spec.device_map}
+    if spec.max_memory:
+        out["max_memory"] = {
+            int(k) if k.isdigit() else k: int(v) if isinstance(v, str) and v.isdigit() else v
+            for k, v in spec.max_memory.items()
+        }
+    if spec.offload_folder:
+        out["offload_folder"] = str(Path(spec.offload_folder).expanduser())
+    return out
+
+
 def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix."""
+    """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix.
+
+    With `spec.device_map` the weights are placed (and offloaded to CPU or disk) by accelerate: parameters of
+    offloaded modules are then on the meta device and loaded on the fly by accelerate's hooks.
+    """
     source, extra = _source(spec)
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
     tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
@@ -70,7 +98,7 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
-            source, **common, **{_DTYPE_KW: getattr(torch, spec.dtype)}
+            source, **common, **placement_kwargs(spec), **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
@@ -85,10 +113,15 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with shared storage counted once; offloaded (meta) ones have no storage, so by identity."""
+    seen = {p.data_ptr() if p.device.type != "meta" else ("meta", id(p)): p for p in model.parameters()}
+    return list(seen.values())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
-    seen = {p.data_ptr(): p.numel() for p in model.parameters()}
-    return sum(seen.values())
+    return sum(p.numel() for p in unique_parameters(model))
 
 
 def checkpoint_bytes(spec: ModelSpec) -> int | None:

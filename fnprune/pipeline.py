@@ -6,6 +6,7 @@ One linear function that reads like a table of contents; each stage lives in its
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib.metadata
 import logging
@@ -46,10 +47,11 @@ from .errors import NumericalError, RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
 from .ica import find_networks_torch
-from .models import checkpoint_bytes, count_parameters, load_model
+from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
 from .networks import LayerNetworks, find_networks, network_relevance
 from .recipe import ModelSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
+from .stream_surgery import source_weight_map, stream_prune
 from .surgery import prune_mlp, supports_bias_compensation
 from .tokens import encode_inputs, is_classifier
 
@@ -260,6 +262,8 @@ def _data_provenance(task, splits: list[str]) -> dict[str, Any]:
 
 def _absolute_model(spec: ModelSpec) -> ModelSpec:
     """Local model paths made absolute, so a saved recipe reruns from any directory."""
+    if spec.offload_folder:
+        spec = dataclasses.replace(spec, offload_folder=str(Path(spec.offload_folder).expanduser().resolve()))
     path = Path(spec.name_or_path).expanduser()
     return dataclasses.replace(spec, name_or_path=str(path.resolve())) if path.exists() else spec
 
@@ -316,6 +320,9 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             evaluation = evaluation[: recipe.evaluation.max_samples]
         model, tokenizer = load_model(recipe.model)
         layout: MLPLayout = layout_for(model)
+        source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
+        if source is not None:
+            source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
         if sel.fn_boost is None:
             sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep))
         if sel.bias_compensation is None:  # auto: on where the architecture can hold the bias
@@ -332,7 +339,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             f"networks.components ({recipe.networks.components}) must be below the MLP width ({min(widths)}) and "
             f"calibration.max_tokens ({recipe.calibration.max_tokens})"
         )
-    param_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    param_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(model))
     check_disk_space(out_dir, param_bytes + param_bytes // 10)  # the dense size bounds the pruned checkpoint
     log.info(
         "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d tokens)",
@@ -358,14 +365,69 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     if sel.reconstruct:
         with timer.stage("reconstruct"):
             fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress)
-    with timer.stage("surgery"):
-        prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
-    with timer.stage("evaluate_pruned"):
-        pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+    with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
+        if source is not None:  # streamed: the pruned weights go straight from the source files to `tmp`
+            with timer.stage("surgery"):
+                pruned_params = _stream_save(
+                    model, tokenizer, source, tmp, layout, kept, removed_means, fill_maps, recipe
+                )
+            model = None  # free the dense model (its devices, its offload hooks) before loading the pruned one
+            gc.collect()
+            with timer.stage("evaluate_pruned"):
+                pruned_eval = _evaluate_saved(tmp, tokenizer, evaluation, task, recipe, progress)
+        else:
+            with timer.stage("surgery"):
+                prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
+            with timer.stage("evaluate_pruned"):
+                pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+            pruned_params = count_parameters(model)
+        report, resolved = _finish(
+            tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, dense_params, pruned_params,
+            dense_eval, pruned_eval, timer,
+        )
+    if recipe.output.push_to_hub:
+        with timer.stage("push"):
+            push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
+    return CompressResult(out_dir, report, resolved)
 
+
+def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, kept, removed_means, fill_maps,
+                 recipe: Recipe) -> int:
+    """Prune from the source checkpoint files into `tmp` (never a second copy of the weights); write config,
+    generation config and tokenizer as save_pretrained would. Returns the pruned parameter count."""
+    written = stream_prune(
+        source, tmp, model.config, layout, kept, removed_means, recipe.output.layout,
+        dtype=getattr(torch, recipe.model.dtype), max_shard_size=recipe.output.max_shard_size, fill_maps=fill_maps,
+    )
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return count_parameters(model) + written.parameters_delta
+
+
+def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, progress: bool) -> EvalResult | None:
+    """Accuracy of the checkpoint written to `tmp`, loaded with the recipe's device map."""
+    if not recipe.evaluation.enabled:
+        return None
+    pruned, _ = load_model(dataclasses.replace(recipe.model, name_or_path=str(tmp), revision=None))
+    try:
+        return _evaluate(pruned, tokenizer, evaluation, task, recipe, progress)
+    finally:
+        del pruned
+        gc.collect()
+
+
+def _finish(
+    tmp: Path, model, tokenizer, recipe: Recipe, sel, task, calib: Calibration, kept, widths, calibration,
+    dense_params: int, pruned_params: int, dense_eval: EvalResult | None, pruned_eval: EvalResult | None,
+    timer: _Timer,
+) -> tuple[dict[str, Any], Recipe]:
+    """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
+    report and model card into `tmp`; returns (report, resolved recipe)."""
+    output = dataclasses.replace(recipe.output, streamed=recipe.streamed())
     resolved = Recipe(
         model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
-        networks=recipe.networks, selection=sel, evaluation=recipe.evaluation, output=recipe.output,
+        networks=recipe.networks, selection=sel, evaluation=recipe.evaluation, output=output,
         provenance={
             "versions": versions(),
             "data": _data_provenance(task, [task.calibration_split, task.evaluation_split]),
@@ -389,7 +451,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             "tokens_seen": calib.activations[0].count,
             "tokens_for_ica": int(calib.activations[0].tokens.shape[0]),
         },
-        "parameters": {"dense": dense_params, "pruned": count_parameters(model)},
+        "parameters": {"dense": dense_params, "pruned": pruned_params},
         "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},
         "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
@@ -404,11 +466,12 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     }
     report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)
 
-    with timer.stage("save"), atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
-        if recipe.output.layout == "per-layer":
-            write_per_layer_code(tmp, model)
-        model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
-        tokenizer.save_pretrained(tmp)
+    with timer.stage("save"):
+        if model is not None:  # streamed surgery has written the weights already
+            if recipe.output.layout == "per-layer":
+                write_per_layer_code(tmp, model)
+            model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
+            tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
         save_networks(tmp, *_networks_artifact(calib, kept))
         report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
@@ -417,7 +480,4 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         card = CardInfo(recipe.model.name_or_path, task.name, sel.method, sel.keep, report, recipe_yaml)
         (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
     report["timings_seconds"] = timer.seconds
-    if recipe.output.push_to_hub:
-        with timer.stage("push"):
-            push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
-    return CompressResult(out_dir, report, resolved)
+    return report, resolved

@@ -7,6 +7,7 @@ so `fnprune compress --recipe out/recipe.yaml` reproduces the run. No torch here
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,16 +39,64 @@ STORE_DTYPES = ("float32", "float16", "bfloat16")
 ALLOCATIONS = ("uniform", "global")
 LAYOUTS = ("uniform", "per-layer", "padded")
 ICA_ENGINES = ("sklearn", "torch")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
+_MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
+_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
+_BYTES = re.compile(r"\d+")
+
+
+def _is_device(value: Any, disk: bool) -> bool:
+    """A device accelerate can place a module on: GPU index, "cpu", "cuda:0", ... ("disk" in maps only)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value >= 0
+    return isinstance(value, str) and (bool(_DEVICE.fullmatch(value)) or (disk and value == "disk"))
+
+
+def _device_map_problems(spec: ModelSpec) -> list[str]:
+    dm, problems = spec.device_map, []
+    if isinstance(dm, str) and dm not in DEVICE_MAP_STRATEGIES and not _is_device(dm, disk=False):
+        problems.append(
+            f"model.device_map: {dm!r} is not one of {', '.join(DEVICE_MAP_STRATEGIES)} or a device "
+            "(cpu, cuda, cuda:0, mps), or a mapping of module names to devices"
+        )
+    if isinstance(dm, dict):
+        if not dm:
+            problems.append("model.device_map: an empty mapping places nothing; use auto or list modules")
+        for name, device in dm.items():
+            if not _is_device(device, disk=True):
+                problems.append(
+                    f"model.device_map.{name}: {device!r} is not a device (a GPU index, cpu, disk, cuda:0, mps)"
+                )
+    for key, size in spec.max_memory.items():
+        if not _MEMORY_KEY.fullmatch(key):
+            problems.append(f"model.max_memory.{key}: not a device (a GPU index like 0, cpu, disk, mps)")
+        ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        if not ok_int and not (isinstance(size, str) and (_SIZE.fullmatch(size.strip()) or _BYTES.fullmatch(size))):
+            problems.append(f"model.max_memory.{key}: {size!r} is not a size (bytes, or like 2GiB, 500MB)")
+    if dm is None:
+        for name in ("max_memory", "offload_folder"):
+            if getattr(spec, name):
+                problems.append(f"model.{name}: only used with model.device_map (e.g. auto); set both or neither")
+    return problems
 
 
 @dataclass
 class ModelSpec:
-    """Which model to compress: a Hub id, a local HF folder, or a .gguf file."""
+    """Which model to compress: a Hub id, a local HF folder, or a .gguf file.
+
+    `device_map` (with `max_memory`, `offload_folder`) is passed to from_pretrained, so a model larger than a
+    GPU or than RAM is spread over GPUs, CPU and disk (accelerate); it also switches surgery to the streamed
+    path (fnprune.stream_surgery), which never holds a second copy of the weights.
+    """
 
     name_or_path: str = ""
     revision: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    device_map: str | dict[str, str | int] | None = None  # "auto", "cpu", or {module name: device}
+    max_memory: dict[str, str | int] = field(default_factory=dict)  # {"0": "20GiB", "cpu": "32GiB"}
+    offload_folder: str | None = None  # where disk-offloaded weights go
 
     def check(self) -> list[str]:
         problems = []
@@ -55,7 +104,7 @@ class ModelSpec:
             problems.append("model.name_or_path: required (a Hub id, an HF folder or a .gguf file)")
         if self.dtype not in DTYPES:
             problems.append(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        return problems
+        return problems + _device_map_problems(self)
 
 
 @dataclass
@@ -206,11 +255,14 @@ class OutputSpec:
     push_to_hub: str | None = None  # Hub repo id to upload the output folder to
     private: bool = False
     max_shard_size: str = "5GB"  # safetensors shards of at most this size (save_pretrained's format)
+    streamed: bool = False  # surgery from the source files, tensor by tensor (always on with model.device_map)
 
     def check(self) -> list[str]:
         problems = [] if self.dir else ["output.dir: required (use --output DIR)"]
         if self.layout not in LAYOUTS:
             problems.append(f"output.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if not isinstance(self.max_shard_size, str) or not _SIZE.fullmatch(self.max_shard_size.strip()):
+            problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size (like 5GB, 500MB)")
         return problems
 
 
@@ -233,12 +285,21 @@ class Recipe:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 found.extend(section.check())
+        if self.streamed() and self.output.layout == "per-layer":
+            found.append(
+                "output.layout per-layer is not supported by streamed surgery (model.device_map or "
+                "output.streamed): use uniform or padded"
+            )
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":
             found.append(
                 f"selection.allocation {self.selection.allocation!r} gives layers different widths: "
                 "set output.layout to per-layer or padded"
             )
         return found
+
+    def streamed(self) -> bool:
+        """Surgery from the source checkpoint files (model.device_map set, or output.streamed)."""
+        return self.model.device_map is not None or self.output.streamed
 
     def validate(self) -> Recipe:
         """Raise one RecipeError listing every problem, or return self."""
@@ -263,7 +324,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where, problems)
+        matching = [a for a in inner if isinstance(value, typing.get_origin(a) or a)]  # str | dict: by kind
+        return _coerce(value, (matching or inner)[0], where, problems)
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {type(value).__name__}")

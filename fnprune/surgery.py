@@ -9,7 +9,24 @@ from .arch import MLPLayout, get_module, layer_blocks, output_weight_by_neuron
 from .compensation import fold_into_output
 from .errors import ModelError
 
-__all__ = ["prune_mlp", "compensation_bias", "supports_bias_compensation", "layout_record", "WIDTH_LAYOUTS"]
+__all__ = [
+    "prune_mlp",
+    "compensation_bias",
+    "compensation_delta",
+    "supports_bias_compensation",
+    "layout_record",
+    "WIDTH_LAYOUTS",
+    "check_keep",
+    "check_widths",
+    "removed_mean",
+    "slice_input_weight",
+    "slice_input_bias",
+    "slice_output_weight",
+    "pad_input_weight",
+    "pad_input_bias",
+    "pad_output_weight",
+    "update_config",
+]
 
 
 def supports_bias_compensation(layout: MLPLayout, model: nn.Module | None = None) -> bool:
@@ -27,28 +44,103 @@ def compensation_bias(output_module: nn.Module, layout: MLPLayout, removed_mean:
 
     `removed_mean` is the full-width mean activation with kept neurons set to zero.
     """
-    w = output_weight_by_neuron(output_module, layout).double()  # (d_ff, hidden)
-    return (removed_mean.double() @ w).to(output_module.weight.dtype)  # (hidden,)
+    return compensation_delta(output_module.weight.detach(), layout, removed_mean)
+
+
+# Tensor-level math, shared with the streamed surgery (fnprune.stream_surgery), which works on checkpoint
+# tensors instead of modules: one definition of what "removing a neuron" does to each tensor.
+
+
+def compensation_delta(output_weight: torch.Tensor, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
+    """compensation_bias from the output projection's raw weight tensor (any stored orientation)."""
+    w = (output_weight if layout.conv1d else output_weight.t()).double()  # (d_ff, hidden)
+    return (removed_mean.double() @ w).to(output_weight.dtype)  # (hidden,)
+
+
+def removed_mean(mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Full-width mean activation with the kept neurons zeroed: what compensation folds in."""
+    out = mean.clone().to(torch.float64)
+    out[keep] = 0.0
+    return out
+
+
+def check_keep(keep: torch.Tensor, width: int, layer: int) -> torch.Tensor:
+    """Sorted long indices, or ValueError if they are empty, repeated or out of range."""
+    idx = torch.as_tensor(keep, dtype=torch.long).sort().values
+    if idx.numel() == 0 or idx[-1] >= width or idx[0] < 0 or idx.unique().numel() != idx.numel():
+        raise ValueError(f"layer {layer}: kept indices must be unique and in [0, {width})")
+    return idx
+
+
+def check_widths(widths: list[int], width_layout: str) -> None:
+    if width_layout not in WIDTH_LAYOUTS:
+        raise ValueError(f"width_layout must be one of {WIDTH_LAYOUTS}, got {width_layout!r}")
+    if width_layout == "uniform" and len(set(widths)) != 1:
+        raise ModelError(
+            f"per-layer widths {sorted(set(widths))} need --layout per-layer or padded; uniform needs equal widths"
+        )
+
+
+def _rows(layout: MLPLayout, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Neuron rows of an input projection: `keep` in every fused half."""
+    return torch.cat([keep + half * width for half in range(layout.fused)])
+
+
+def slice_input_weight(w: torch.Tensor, layout: MLPLayout, keep: torch.Tensor, width: int) -> torch.Tensor:
+    rows = _rows(layout, keep, width)
+    return (w[:, rows] if layout.conv1d else w[rows]).contiguous()  # conv1d (hidden, d_ff); linear (d_ff, hidden)
+
+
+def slice_input_bias(b: torch.Tensor, layout: MLPLayout, keep: torch.Tensor, width: int) -> torch.Tensor:
+    return b[_rows(layout, keep, width)].contiguous()
+
+
+def slice_output_weight(w: torch.Tensor, layout: MLPLayout, keep: torch.Tensor) -> torch.Tensor:
+    return (w[keep] if layout.conv1d else w[:, keep]).contiguous()  # conv1d (d_ff, hidden); linear (hidden, d_ff)
+
+
+def pad_input_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: int) -> torch.Tensor:
+    """Append zero neurons to an input projection's weight (each fused half padded separately)."""
+    w = w.t() if layout.conv1d else w  # (fused * width, hidden)
+    w = torch.cat([torch.cat([h, h.new_zeros(target - width, h.shape[1])]) for h in w.chunk(layout.fused, dim=0)])
+    return (w.t() if layout.conv1d else w).contiguous()
+
+
+def pad_input_bias(b: torch.Tensor, layout: MLPLayout, width: int, target: int) -> torch.Tensor:
+    return torch.cat([torch.cat([h, h.new_zeros(target - width)]) for h in b.chunk(layout.fused)])
+
+
+def pad_output_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: int) -> torch.Tensor:
+    """Zero output columns for padded neurons: whatever they compute, they add nothing."""
+    w = w if layout.conv1d else w.t()  # (width, hidden)
+    w = torch.cat([w, w.new_zeros(target - width, w.shape[1])])
+    return (w if layout.conv1d else w.t()).contiguous()
+
+
+def update_config(config, layout: MLPLayout, widths: list[int], width_layout: str, compensated: bool) -> None:
+    """The new width (and bias flag, per-layer record) in the config, as the pruned weights need."""
+    setattr(config, layout.width_key, max(widths))
+    if width_layout == "per-layer":
+        config.fnprune_layout = layout_record(layout, widths)
+    if compensated and layout.bias and layout.bias.startswith("config:"):
+        setattr(config, layout.bias.split(":", 1)[1], True)
 
 
 def _slice_input(module: nn.Module, layout: MLPLayout, keep: torch.Tensor, width: int) -> None:
-    rows = torch.cat([keep + half * width for half in range(layout.fused)])
-    if layout.conv1d:  # weight (hidden, d_ff)
-        module.weight = nn.Parameter(module.weight.detach()[:, rows].contiguous())
-        module.nf = len(rows)
-    else:  # weight (d_ff, hidden)
-        module.weight = nn.Parameter(module.weight.detach()[rows].contiguous())
-        module.out_features = len(rows)
+    module.weight = nn.Parameter(slice_input_weight(module.weight.detach(), layout, keep, width))
+    if layout.conv1d:
+        module.nf = layout.fused * len(keep)
+    else:
+        module.out_features = layout.fused * len(keep)
     if getattr(module, "bias", None) is not None:
-        module.bias = nn.Parameter(module.bias.detach()[rows].contiguous())
+        module.bias = nn.Parameter(slice_input_bias(module.bias.detach(), layout, keep, width))
 
 
 def _slice_output(module: nn.Module, layout: MLPLayout, keep: torch.Tensor) -> None:
-    if layout.conv1d:  # weight (d_ff, hidden)
-        module.weight = nn.Parameter(module.weight.detach()[keep].contiguous())
+    module.weight = nn.Parameter(slice_output_weight(module.weight.detach(), layout, keep))
+    if layout.conv1d:
         module.nx = len(keep)
-    else:  # weight (hidden, d_ff)
-        module.weight = nn.Parameter(module.weight.detach()[:, keep].contiguous())
+    else:
         module.in_features = len(keep)
 
 
@@ -73,14 +165,9 @@ WIDTH_LAYOUTS = ("uniform", "per-layer", "padded")
 
 def _pad_input(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:
     """Append zero neurons to an input projection (each fused half padded separately)."""
-    w = module.weight.detach()
-    w = w.t() if layout.conv1d else w  # (fused * width, hidden)
-    halves = [torch.cat([h, h.new_zeros(target - width, h.shape[1])]) for h in w.chunk(layout.fused, dim=0)]
-    w = torch.cat(halves)
-    module.weight = nn.Parameter((w.t() if layout.conv1d else w).contiguous())
+    module.weight = nn.Parameter(pad_input_weight(module.weight.detach(), layout, width, target))
     if getattr(module, "bias", None) is not None:
-        b = [torch.cat([h, h.new_zeros(target - width)]) for h in module.bias.detach().chunk(layout.fused)]
-        module.bias = nn.Parameter(torch.cat(b))
+        module.bias = nn.Parameter(pad_input_bias(module.bias.detach(), layout, width, target))
     if layout.conv1d:
         module.nf = layout.fused * target
     else:
@@ -89,9 +176,7 @@ def _pad_input(module: nn.Module, layout: MLPLayout, width: int, target: int) ->
 
 def _pad_output(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:
     """Zero output columns for padded neurons: whatever they compute, they add nothing."""
-    w = output_weight_by_neuron(module, layout)  # (width, hidden)
-    w = torch.cat([w, w.new_zeros(target - width, w.shape[1])])
-    module.weight = nn.Parameter((w if layout.conv1d else w.t()).contiguous())
+    module.weight = nn.Parameter(pad_output_weight(module.weight.detach(), layout, width, target))
     if layout.conv1d:
         module.nx = target
     else:
@@ -125,30 +210,21 @@ def prune_mlp(
     least-squares reconstruction from the kept ones is folded into the kept output weights (and, with
     `removed_means` as the centre, into the bias).
     """
-    if width_layout not in WIDTH_LAYOUTS:
-        raise ValueError(f"width_layout must be one of {WIDTH_LAYOUTS}, got {width_layout!r}")
     blocks = layer_blocks(model, layout)
     if len(keep) != len(blocks):
         raise ValueError(f"got {len(keep)} index sets for {len(blocks)} layers")
     widths = [len(k) for k in keep]
-    if width_layout == "uniform" and len(set(widths)) != 1:
-        raise ModelError(
-            f"per-layer widths {sorted(set(widths))} need --layout per-layer or padded; uniform needs equal widths"
-        )
+    check_widths(widths, width_layout)
     for i, (block, idx) in enumerate(zip(blocks, keep)):
-        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         out_module = get_module(block, layout.output)
         width = output_weight_by_neuron(out_module, layout).shape[0]
-        if idx.numel() == 0 or idx[-1] >= width or idx[0] < 0 or idx.unique().numel() != idx.numel():
-            raise ValueError(f"layer {i}: kept indices must be unique and in [0, {width})")
+        idx = check_keep(idx, width, i)
         delta = folded = None
         if fill_maps is not None:
             centre = removed_means[i] if removed_means is not None else None
             folded, delta = fold_into_output(output_weight_by_neuron(out_module, layout), idx, fill_maps[i], centre)
         elif removed_means is not None:
-            mean = removed_means[i].clone().to(torch.float64)
-            mean[idx] = 0.0
-            delta = compensation_bias(out_module, layout, mean)
+            delta = compensation_bias(out_module, layout, removed_mean(removed_means[i], idx))
         for path in layout.inputs:
             _slice_input(get_module(block, path), layout, idx, width)
         _slice_output(out_module, layout, idx)
@@ -165,9 +241,5 @@ def prune_mlp(
         mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new_width
-    setattr(model.config, layout.width_key, max(widths))
-    if width_layout == "per-layer":
-        model.config.fnprune_layout = layout_record(layout, widths)
-    if removed_means is not None and layout.bias and layout.bias.startswith("config:"):
-        setattr(model.config, layout.bias.split(":", 1)[1], True)
+    update_config(model.config, layout, widths, width_layout, removed_means is not None)
     return model

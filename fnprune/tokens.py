@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .offload import input_device
+
 __all__ = ["Batch", "encode", "encode_inputs", "is_classifier", "make_batch", "batches", "forward"]
 
 
@@ -72,7 +74,7 @@ def forward(model: nn.Module, batch: Batch, all_logits: bool = True) -> torch.Te
 
     With `all_logits=False` (capture) the LM head may be skipped for all but the last position.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)  # under a device map: the embedding's execution device
     kwargs = {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": batch.attention_mask.to(device),

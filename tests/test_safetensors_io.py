@@ -1,4 +1,4 @@
-"""The streaming safetensors writer of the activation cache reads back with safetensors itself."""
+"""fnprune's streaming safetensors writer (activation cache, streamed surgery) reads back with safetensors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fnprune.cache import write_safetensors
+from fnprune.safetensors_io import write_safetensors
 
 
 def test_streamed_file_reads_back_with_safetensors(tmp_path):
@@ -21,7 +21,7 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
         "f64": torch.randn(1, generator=gen).double(),
     }
     path = tmp_path / "x.safetensors"
-    write_safetensors(tensors, path, {"meta": "{}"})
+    write_safetensors(path, tensors, {"meta": "{}"})
     loaded = load_file(str(path))
     assert loaded.keys() == tensors.keys()
     for name, t in tensors.items():
