@@ -39,9 +39,31 @@ print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "
 """
 
 
-def compress_in_subprocess(recipe: dict) -> dict:
-    """Run one compress in a fresh process, so its peak RSS is its own."""
-    proc = subprocess.run([sys.executable, "-c", COMPRESS_AND_MEASURE, json.dumps(recipe)], capture_output=True,
+FORWARD_ONLY = """
+import json, resource, sys, time, torch
+torch.set_flush_denormal(True)
+from fnprune.data import load_split, resolve_task, sample
+from fnprune.models import load_model
+from fnprune.recipe import recipe_from_dict
+from fnprune.tokens import batches, encode_inputs, forward, is_classifier
+recipe = recipe_from_dict(json.loads(sys.argv[1]))
+cal = recipe.calibration
+task = resolve_task(recipe.task)
+examples = sample(load_split(task, task.calibration_split), cal.num_samples, cal.seed)
+model, tok = load_model(recipe.model)
+seqs = encode_inputs(tok, examples, cal.max_length, is_classifier(model))
+start = time.perf_counter()
+with torch.inference_mode():
+    for batch in batches(seqs, cal.batch_size, "right"):
+        forward(model, batch, all_logits=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"forward_s": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_script(script: str, recipe: dict) -> dict:
+    """Run one measurement script in a fresh process, so its peak RSS is its own."""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(recipe)], capture_output=True,
                           text=True, env=dict(os.environ, FNPRUNE_CACHE_DIR=tempfile.mkdtemp()))
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -90,6 +112,8 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lean-keeps", default="0.5",
+                        help="also compress these with the lean settings (float16 token store, torch ICA)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     from transformers import AutoModelForCausalLM
@@ -104,42 +128,57 @@ def main() -> None:
         "evaluation": {"enabled": False},
     }
     weights_bytes = sum(p.stat().st_size for p in Path(args.model).expanduser().glob("*.safetensors"))
+    # The yardstick: the same calibration forward passes with no hooks, no statistics, nothing kept.
+    forward_only = run_script(FORWARD_ONLY, base)
+    print(f"forward passes alone: {forward_only['forward_s']:.1f}s, "
+          f"peak RSS {forward_only['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    lean = {"calibration": {**base["calibration"], "store_dtype": "float16"}, "networks": {"engine": "torch"}}
+    jobs = [("default", k, {}) for k in keeps]
+    jobs += [("lean", float(k), lean) for k in args.lean_keeps.split(",") if k]
     runs = {}
-    for keep in keeps:
-        recipe = {**base, "selection": {"keep": keep}, "output": {"dir": str(out_root / f"keep{keep}")}}
-        runs[keep] = compress_in_subprocess(recipe)
-        t = runs[keep]["timings"]
-        print(f"keep {keep}: total {runs[keep]['total']:.1f}s, capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, "
-              f"peak RSS {runs[keep]['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    for config, keep, extra in jobs:
+        recipe = {**base, **extra, "selection": {"keep": keep},
+                  "output": {"dir": str(out_root / f"{config}-keep{keep}")}}
+        runs[(config, keep)] = r = run_script(COMPRESS_AND_MEASURE, recipe)
+        t = r["timings"]
+        print(f"{config} keep {keep}: total {r['total']:.1f}s, capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, "
+              f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
 
     dense = AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()
     widths_dense = [dense.config.intermediate_size] * dense.config.num_hidden_layers
     speed = {1.0: throughput(dense, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)}
     flops = {1.0: mlp_attention_flops(dense.config, widths_dense, args.prefill_len)}
     for keep in keeps:
-        pruned = AutoModelForCausalLM.from_pretrained(out_root / f"keep{keep}").eval()
+        pruned = AutoModelForCausalLM.from_pretrained(out_root / f"default-keep{keep}").eval()
         speed[keep] = throughput(pruned, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
-        flops[keep] = mlp_attention_flops(pruned.config, runs[keep]["widths"], args.prefill_len)
+        flops[keep] = mlp_attention_flops(pruned.config, runs[("default", keep)]["widths"], args.prefill_len)
         del pruned
 
     rows = []
-    for keep in [1.0, *keeps]:
-        r = runs.get(keep)
+    for config, keep in [("dense", 1.0), *((c, k) for c, k, _ in jobs)]:
+        r = runs.get((config, keep))
+        t = r["timings"] if r else {}
+        work = sum(v for k, v in t.items() if not k.startswith("evaluate"))
+        row = {
+            "config": config,
+            "keep": keep,
+            "compress_total_s": r and round(r["total"], 1),
+            "forward_only_s": round(forward_only["forward_s"], 1),
+            **{f"{stage}_s": t.get(stage) for stage in ("load", "capture", "networks", "selection", "reconstruct",
+                                                         "surgery", "save")},
+            "total_over_capture": r and round(work / t["capture"], 2),
+            "total_over_forward_only": r and round(work / forward_only["forward_s"], 2),
+            "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
+            "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),
+            "forward_only_rss_gib": round(forward_only["peak_rss"] / 2**30, 2),
+        }
+        rows.append(row)
+        if keep not in speed or config == "lean":
+            continue
         flop_ratio = flops[1.0] / flops[keep]
         prefill_gain = speed[keep]["prefill_tok_s"] / speed[1.0]["prefill_tok_s"]
         decode_gain = speed[keep]["decode_tok_s"] / speed[1.0]["decode_tok_s"]
-        rows.append({
-            "keep": keep,
-            "compress_total_s": r and round(r["total"], 1),
-            "capture_s": r and r["timings"]["capture"],
-            "networks_s": r and r["timings"]["networks"],
-            "selection_s": r and r["timings"]["selection"],
-            "surgery_s": r and r["timings"]["surgery"],
-            "save_s": r and r["timings"].get("save"),
-            "total_over_capture": r and round(
-                sum(v for k, v in r["timings"].items() if not k.startswith("evaluate")) / r["timings"]["capture"], 2),
-            "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
-            "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),
+        row.update({
             "prefill_tok_s": round(speed[keep]["prefill_tok_s"], 1),
             "decode_tok_s": round(speed[keep]["decode_tok_s"], 1),
             "flop_reduction": round(flop_ratio, 3),
@@ -150,9 +189,9 @@ def main() -> None:
         })
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_speed.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
     (RESULTS / "bench_speed.md").write_text(f"Command: `{command}`\n\n{table}\n")
     print(table)

@@ -15,9 +15,9 @@ import torch
 from fnprune.networks import _zscore
 from fnprune.selection import CRITERIA, NEEDS_NETWORKS, LayerEvidence
 
-__all__ = ["CONTEXT", "GAP_CRITERIA", "gap_relevance"]
+__all__ = ["CONTEXT", "GAP_CRITERIA", "OBS_CRITERIA", "gap_relevance", "residual_variances"]
 
-CONTEXT: dict[str, Any] = {"gap_relevance": None, "first_cut": 0.3, "decision_var": None}
+CONTEXT: dict[str, Any] = {"gap_relevance": None, "first_cut": 0.3, "decision_var": None, "residual_var": None}
 
 
 def _unit_mean(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +98,37 @@ def _fn_task_mix(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
     return (_flap(ev) + _dec(ev)) / 2 * (1 + boost * _membership(ev.relevance, ev.networks.members))
 
 
+def _residual(ev: LayerEvidence) -> torch.Tensor:
+    """Unit-mean structured-OBS saliency: the variance a neuron has that the others cannot predict
+    (1 / [Sigma^-1]_ii, ridge-regularized) times its squared output norm: what removing it costs once the
+    others have been refitted by least squares (fnprune.compensation)."""
+    rv = CONTEXT["residual_var"]
+    if rv is None:
+        raise ValueError("obs criteria need CONTEXT['residual_var'] (call residual_variances first)")
+    return _unit_mean(rv[ev.layer].double() * ev.out_norm.double().pow(2))
+
+
+def _obs(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    return _residual(ev)
+
+
+def _fn_task_obs(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
+    """fn-task with the structured-OBS saliency as base instead of FLAP."""
+    return _residual(ev) * (1 + boost * _membership(ev.relevance, ev.networks.members))
+
+
+def residual_variances(tokens: list[torch.Tensor], ridge: float) -> list[torch.Tensor]:
+    """Per layer, 1 / diag((Sigma + ridge * mean(diag Sigma) I)^-1) of the token activations (T, d)."""
+    out = []
+    for t in tokens:
+        x = t.float() - t.float().mean(0)
+        cov = (x.T @ x).double() / len(x)
+        cov += ridge * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        out.append(1 / torch.linalg.inv(cov).diagonal())
+    return out
+
+
+OBS_CRITERIA = {"obs", "fn-task-obs"}
 GAP_CRITERIA = {"fn-gap", "fn-gap-wanda", "fn-gap-first"}
 for _name, _fn in {
     "fn-task-wanda": _fn_task_wanda,
@@ -111,6 +142,9 @@ for _name, _fn in {
 }.items():
     CRITERIA.setdefault(_name, _fn)
     NEEDS_NETWORKS.add(_name)
+CRITERIA.setdefault("obs", _obs)
+CRITERIA.setdefault("fn-task-obs", _fn_task_obs)
+NEEDS_NETWORKS.add("fn-task-obs")
 
 
 def gap_relevance(maps: list[np.ndarray], decision: list[np.ndarray], gap: np.ndarray) -> list[np.ndarray]:

@@ -31,10 +31,10 @@ from fnprune.data import Example, check_disjoint, file_sha256, load_split, resol
 from fnprune.evaluate import evaluate_accuracy
 from fnprune.hooks import masked_neurons
 from fnprune.models import load_model
-from fnprune.networks import LayerNetworks, find_networks, network_relevance
-from fnprune.pipeline import Calibration, calibrate, reconstruction_fills, select_neurons
+from fnprune.networks import LayerNetworks, network_relevance
+from fnprune.pipeline import Calibration, calibrate, layer_networks, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
-from fnprune.selection import CRITERIA
+from fnprune.selection import CRITERIA, NEEDS_NETWORKS
 
 from . import fn_criteria
 from .cache import RowCache, key_of, load_activations, load_networks, save_activations, save_networks
@@ -99,14 +99,15 @@ def parse_method(spec: str) -> MethodSpec:
 def _networks(calib: Calibration, a_key: str, args: argparse.Namespace, components: int) -> list[LayerNetworks]:
     """ICA networks of every layer for `components`, from cache or computed (and cached)."""
     info = {"activations": a_key, "components": components, "seed": args.seed, "max_iter": 400, "tol": 1e-4}
+    if args.ica_engine != "sklearn":  # sklearn rows keep their original cache keys
+        info["engine"] = args.ica_engine
     path = Path(args.cache_dir) / "calibration" / a_key / f"ica_{key_of(info)}.safetensors"
     nets = load_networks(path, args.threshold)
     if nets is None:
         start = time.perf_counter()
-        nets = [
-            find_networks(a.tokens.numpy(), components, args.threshold, args.seed, 400, 1e-4)
-            for a in tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
-        ]
+        spec = NetworksSpec(components=components, threshold=args.threshold, seed=args.seed, engine=args.ica_engine)
+        layers = tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
+        nets = [layer_networks(a.tokens, spec) for a in layers]
         save_networks(path, nets, {**info, "seconds": round(time.perf_counter() - start, 1)})
         log.info("ICA k=%d: %.1f s", components, time.perf_counter() - start)
     return nets
@@ -244,6 +245,10 @@ def select(
         maps = [n.maps for n in calib.networks]
         decision = [x.decision.numpy() for x in calib.activations]
         fn_criteria.CONTEXT["gap_relevance"] = fn_criteria.gap_relevance(maps, decision, dense_gap(bench))
+    if spec.criterion in fn_criteria.OBS_CRITERIA:
+        fn_criteria.CONTEXT["residual_var"] = fn_criteria.residual_variances(
+            [x.tokens for x in calib.activations], spec.ridge
+        )
     fn_criteria.CONTEXT["decision_var"] = [x.decision.var(dim=0, unbiased=False) for x in calib.activations]
     fn_criteria.CONTEXT["first_cut"] = 0.3 if spec.cut is None else spec.cut
     boost = a.fn_boost if spec.boost is None else spec.boost
@@ -255,6 +260,10 @@ def select(
     return kept, spec.bias, fills
 
 
+def _uses_networks(method: str) -> bool:
+    return method != "dense" and parse_method(method).criterion in NEEDS_NETWORKS
+
+
 def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -> dict[str, Any]:
     a = bench.args
     return {
@@ -264,6 +273,7 @@ def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -
         **({"eval_on": "tune", "tune": [a.tune_samples, a.tune_seed, a.tune_min_words]} if a.eval_on == "tune" else {}),
         "batch_size": a.batch_size, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
         "threads": a.threads, **(extra or {}),
+        **({"ica_engine": a.ica_engine} if a.ica_engine != "sklearn" and _uses_networks(method) else {}),
     }
 
 
@@ -382,6 +392,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens sampled for ICA")
     p.add_argument("--components", type=int, default=32)
     p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--ica-engine", choices=["sklearn", "torch"], default="sklearn")
     p.add_argument("--fn-boost", type=float, default=1.0)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

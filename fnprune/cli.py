@@ -115,7 +115,7 @@ def main() -> None:
 @click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
 @click.option("--round-to", type=int, help="Round kept widths to a multiple of this (default 8).")
 @click.option("--fn-boost", type=float,
-              help="fn-task: weight of task-network membership (default 1 at keep >= 0.75, else 16).")
+              help="fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= 0.75).")
 @click.option("--allocation", type=click.Choice(["uniform", "global"]),
               help="uniform: same width per layer (default); global: one ranking across layers.")
 @click.option("--layout", "width_layout", type=click.Choice(["uniform", "per-layer", "padded"]),

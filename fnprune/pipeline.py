@@ -13,7 +13,7 @@ import logging
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from .hub import push_folder
 from .ica import find_networks_torch
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
 from .networks import LayerNetworks, find_networks, network_relevance
-from .recipe import ModelSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
+from .recipe import ModelSpec, NetworksSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
 from .surgery import prune_mlp, supports_bias_compensation
@@ -103,6 +103,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def layer_networks(tokens: torch.Tensor, net: NetworksSpec) -> LayerNetworks:
+    """One layer's ICA networks with the recipe's engine (torch: float32, randomized whitening)."""
+    if net.engine == "torch":
+        return find_networks_torch(
+            tokens, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32
+        )
+    return find_networks(tokens.float().numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
+
+
 def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
     net = recipe.networks
     n_tokens, width = acts[0].tokens.shape
@@ -111,13 +120,13 @@ def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: b
             f"networks.components ({net.components}) must be below the calibration tokens captured "
             f"({n_tokens}) and the MLP width ({width})"
         )
-    engine = find_networks_torch if net.engine == "torch" else find_networks
     found = []
-    # One BLAS thread: threaded LAPACK on small matrices is much slower on shared CPUs (evaluation/RESULTS.md).
-    with threadpool_limits(1):
+    # sklearn: one BLAS thread (threaded LAPACK on small matrices is much slower on shared CPUs, see
+    # evaluation/RESULTS.md); the torch engine threads its big products and pins its small ones itself.
+    with threadpool_limits(1) if net.engine == "sklearn" else nullcontext():
         for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
             try:
-                found.append(engine(a.tokens.numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol))
+                found.append(layer_networks(a.tokens, net))
             except ValueError as exc:
                 raise NumericalError(f"layer {i}: {exc}") from exc
     dead = {i: n.dead_neurons for i, n in enumerate(found) if n.dead_neurons}
@@ -208,12 +217,13 @@ def select_neurons(
     seed: int,
     boost: float | None,
     allocation: str = "uniform",
+    reconstruct: bool = True,
 ) -> list[torch.Tensor]:
     """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one global
     ranking across layers with `allocation="global"`)."""
     layout = layout_for(model)
     norms = neuron_weight_norms(model, layout)
-    boost = default_fn_boost(keep) if boost is None else boost
+    boost = default_fn_boost(keep, reconstruct) if boost is None else boost
     scores = []
     for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
         ev = LayerEvidence(
@@ -324,7 +334,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         if source is not None:
             source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
         if sel.fn_boost is None:
-            sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep))
+            sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep, sel.reconstruct))
         if sel.bias_compensation is None:  # auto: on where the architecture can hold the bias
             sel = dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
         elif sel.bias_compensation and not supports_bias_compensation(layout, model):

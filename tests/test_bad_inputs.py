@@ -106,6 +106,7 @@ CASES = [
     ("no-tokenizer", ["--task", "sst2", "--model", "{bad}/notokenizer", "--data-dir", D],
      "could not load a tokenizer"),
     ("pickled-weights", ["--task", "sst2", "--model", "{bad}/pickled", "--data-dir", D], "never loads pickled"),
+    ("ridge-negative", ["--task", "sst2", "--model", "{model}", "--data-dir", D, "--ridge", "-1"], "selection.ridge"),
     ("bias-impossible", ["--task", "sst2", "--model", "{mistral}", "--data-dir", D, "--bias-compensation"],
      "selection.bias_compensation"),
 ]

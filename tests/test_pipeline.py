@@ -53,7 +53,8 @@ def test_output_folder_and_report(llama_run):
     assert saved["parameters"]["pruned"] < saved["parameters"]["dense"]
     assert saved["metric"]["n"] == 32 and 0 <= saved["metric"]["pruned"] <= 1
     assert saved["bias_compensation"] is True  # auto: llama can hold an MLP bias
-    assert set(saved["timings_seconds"]) >= {"load", "capture", "networks", "selection", "surgery"}
+    assert set(saved["timings_seconds"]) >= {"load", "capture", "networks", "selection", "reconstruct", "surgery"}
+    assert saved["reconstruct"] is True and saved["ridge"] == 0.1
     card = (out / "README.md").read_text()
     assert "tags:\n- fnprune\n- pruned" in card and "| parameters |" in card
     recipe = load_recipe(out / "recipe.yaml")
@@ -166,3 +167,27 @@ def test_torch_ica_engine(model_dir, task_data, tmp_path):
     assert result.recipe.networks.engine == "torch" and result.report["widths"]["pruned"] == [64, 64]
     meta = json.loads((result.output_dir / "networks.json").read_text())
     assert all(sum(layer["network_sizes"]) > 0 for layer in meta["layers"])
+
+
+def test_reconstruction_brings_the_pruned_model_closer_to_dense(model_dir, task_data, tmp_path):
+    """On the calibration prompts, the least-squares fill must track the dense model better than the mean."""
+    from fnprune.data import load_split, resolve_task
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+    from fnprune.tokens import encode, forward, make_batch
+
+    outs = {}
+    for reconstruct in (False, True):
+        recipe = _recipe(model_dir("llama"), task_data, tmp_path / str(reconstruct), reconstruct=reconstruct)
+        outs[reconstruct] = fnprune.compress(recipe, progress=False).output_dir
+    dense, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    task = resolve_task(_recipe(model_dir("llama"), task_data, tmp_path / "x").task)
+    prompts = [e.prompt for e in load_split(task, task.calibration_split)[:16]]
+    batch = make_batch(encode(tok, prompts, 64), list(range(len(prompts))))
+    mask = batch.attention_mask.bool()
+    want = forward(dense, batch)[mask]
+    err = {}
+    for reconstruct, out in outs.items():
+        pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+        err[reconstruct] = (forward(pruned, batch)[mask] - want).pow(2).mean().item()
+    assert err[True] < 0.9 * err[False], err

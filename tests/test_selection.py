@@ -75,5 +75,6 @@ def test_network_criteria_need_networks():
 def test_default_fn_boost_follows_the_budget():
     from fnprune.recipe import default_fn_boost
 
-    assert default_fn_boost(0.9) == default_fn_boost(0.75) == 1.0
-    assert default_fn_boost(0.5) == default_fn_boost(0.25) == 16.0
+    assert default_fn_boost(0.9) == default_fn_boost(0.5) == default_fn_boost(0.25) == 16.0  # reconstruct on
+    assert default_fn_boost(0.9, False) == default_fn_boost(0.75, False) == 1.0
+    assert default_fn_boost(0.5, False) == default_fn_boost(0.25, False) == 16.0
