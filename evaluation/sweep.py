@@ -31,7 +31,7 @@ from fnprune.data import Example, check_disjoint, file_sha256, load_split, resol
 from fnprune.evaluate import evaluate_accuracy
 from fnprune.hooks import masked_neurons
 from fnprune.models import load_model
-from fnprune.networks import LayerNetworks, network_relevance
+from fnprune.networks import LayerNetworks, network_relevance, pool_networks
 from fnprune.pipeline import Calibration, calibrate, layer_networks, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 from fnprune.selection import CRITERIA, NEEDS_NETWORKS
@@ -74,6 +74,8 @@ class MethodSpec:
     boost: float | None = None  # None: --fn-boost
     components: int | None = None  # None: --components
     cut: float | None = None  # relevance cut of the *-first criteria
+    ica_seed: int | None = None  # None: --seed
+    ensemble: int = 1  # ICA runs (seeds ica_seed, ica_seed + 1, ...) whose networks are pooled
 
 
 def parse_method(spec: str) -> MethodSpec:
@@ -87,25 +89,31 @@ def parse_method(spec: str) -> MethodSpec:
             "+ls for least-squares reconstruction)"
         )
     out = MethodSpec(criterion, "bias" in suffixes, "ls" in suffixes)
-    names = {"b": "boost", "k": "components", "cut": "cut", "r": "ridge"}
+    names = {"b": "boost", "k": "components", "cut": "cut", "r": "ridge", "s": "ica_seed", "e": "ensemble"}
     for opt in opts:
         key, _, value = opt.partition("=")
         if key not in names:
-            raise SystemExit(f"{spec!r}: unknown option {key!r} (b=boost, k=components, cut=relevance cut, r=ridge)")
-        setattr(out, names[key], int(value) if key == "k" else float(value))
+            raise SystemExit(
+                f"{spec!r}: unknown option {key!r} (b=boost, k=components, cut=relevance cut, r=ridge, "
+                "s=ICA seed, e=ICA runs pooled)"
+            )
+        setattr(out, names[key], int(value) if key in ("k", "s", "e") else float(value))
     return out
 
 
-def _networks(calib: Calibration, a_key: str, args: argparse.Namespace, components: int) -> list[LayerNetworks]:
-    """ICA networks of every layer for `components`, from cache or computed (and cached)."""
-    info = {"activations": a_key, "components": components, "seed": args.seed, "max_iter": 400, "tol": 1e-4}
+def _networks(
+    calib: Calibration, a_key: str, args: argparse.Namespace, components: int, seed: int | None = None
+) -> list[LayerNetworks]:
+    """ICA networks of every layer for `components` (and an ICA seed), from cache or computed (and cached)."""
+    seed = args.seed if seed is None else seed
+    info = {"activations": a_key, "components": components, "seed": seed, "max_iter": 400, "tol": 1e-4}
     if args.ica_engine != "sklearn":  # sklearn rows keep their original cache keys
         info["engine"] = args.ica_engine
     path = Path(args.cache_dir) / "calibration" / a_key / f"ica_{key_of(info)}.safetensors"
     nets = load_networks(path, args.threshold)
     if nets is None:
         start = time.perf_counter()
-        spec = NetworksSpec(components=components, threshold=args.threshold, seed=args.seed, engine=args.ica_engine)
+        spec = NetworksSpec(components=components, threshold=args.threshold, seed=seed, engine=args.ica_engine)
         layers = tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
         nets = [layer_networks(a.tokens, spec) for a in layers]
         save_networks(path, nets, {**info, "seconds": round(time.perf_counter() - start, 1)})
@@ -113,9 +121,13 @@ def _networks(calib: Calibration, a_key: str, args: argparse.Namespace, componen
     return nets
 
 
-def with_networks(calib: Calibration, a_key: str, args: argparse.Namespace, components: int) -> Calibration:
-    """A copy of `calib` carrying ICA networks with `components` components and their label relevance."""
-    nets = _networks(calib, a_key, args, components)
+def with_networks(
+    calib: Calibration, a_key: str, args: argparse.Namespace, components: int, seeds: list[int] | None = None
+) -> Calibration:
+    """A copy of `calib` carrying ICA networks with `components` components and their label relevance; with
+    several `seeds`, every run's networks pooled (k x runs per layer)."""
+    runs = [_networks(calib, a_key, args, components, s) for s in (seeds or [args.seed])]
+    nets = [pool_networks(list(layer)) for layer in zip(*runs)]
     rel = [network_relevance(n.maps, a.decision.numpy(), calib.labels) for n, a in zip(nets, calib.activations)]
     return Calibration(calib.activations, calib.labels, nets, rel, dict(calib.timings))
 
@@ -239,8 +251,10 @@ def select(
     a = bench.args
     spec = parse_method(method)
     calib = bench.calib
-    if spec.components not in (None, a.components):
-        calib = with_networks(calib, bench.calib_key, a, spec.components)
+    if spec.components not in (None, a.components) or spec.ica_seed is not None or spec.ensemble > 1:
+        first = a.seed if spec.ica_seed is None else spec.ica_seed
+        seeds = list(range(first, first + spec.ensemble))
+        calib = with_networks(calib, bench.calib_key, a, spec.components or a.components, seeds)
     if spec.criterion in fn_criteria.GAP_CRITERIA:
         maps = [n.maps for n in calib.networks]
         decision = [x.decision.numpy() for x in calib.activations]
@@ -320,8 +334,10 @@ def markdown(
     lines = [
         f"Command: `{command}`",
         "",
-        f"{split} accuracy (n = {n}) / WikiText-2 token-level perplexity (first {ppl_tokens} tokens, "
-        f"non-overlapping windows). Dense: accuracy {dense['accuracy']:.4f}, ppl {dense.get('ppl', float('nan')):.2f}.",
+        (f"{split} accuracy (n = {n}) / WikiText-2 token-level perplexity (first {ppl_tokens} tokens, "
+         f"non-overlapping windows). Dense: accuracy {dense['accuracy']:.4f}, "
+         f"ppl {dense.get('ppl', float('nan')):.2f}.")
+        if ppl_tokens else f"{split} accuracy (n = {n}). Dense: accuracy {dense['accuracy']:.4f}.",
         "",
         "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
         "|---|" + "---|" * len(keeps),
@@ -331,7 +347,10 @@ def markdown(
         cells = []
         for k in keeps:
             r = by.get((m, k))
-            cells.append(f"{r['accuracy']:.4f} / {r.get('ppl', float('nan')):.1f}" if r else "-")
+            if r is None:
+                cells.append("-")
+            else:
+                cells.append(f"{r['accuracy']:.4f}" + (f" / {r['ppl']:.1f}" if ppl_tokens and "ppl" in r else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

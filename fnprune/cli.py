@@ -123,6 +123,7 @@ def main() -> None:
 @click.option("--components", type=int, help="ICA components per layer (default 32).")
 @click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]), help="ICA implementation (default sklearn).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
+@click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 1).")
 @click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
 @click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
 @click.option("--batch-size", type=int, help="Calibration batch size (default 16).")
@@ -151,7 +152,7 @@ def main() -> None:
 @_friendly
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
              allocation,
-             width_layout, components, ica_engine, threshold, num_samples, max_tokens, batch_size, seed,
+             width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens, batch_size, seed,
              bias_compensation, reconstruct, ridge,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
              device_map, max_memory, offload_folder, streamed, quiet) -> None:
@@ -187,6 +188,7 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "networks.components": components,
         "networks.threshold": threshold,
         "networks.engine": ica_engine,
+        "networks.runs": ica_runs,
         "calibration.num_samples": num_samples,
         "calibration.max_tokens": max_tokens,
         "calibration.batch_size": batch_size,

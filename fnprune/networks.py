@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LayerNetworks", "find_networks", "network_relevance"]
+__all__ = ["LayerNetworks", "find_networks", "network_relevance", "pool_networks"]
 
 
 @dataclass
@@ -87,3 +87,20 @@ def network_relevance(maps: np.ndarray, decision: np.ndarray, labels: np.ndarray
         group = activity[labels == c]
         between += len(group) * (group.mean(0) - activity.mean(0)) ** 2
     return np.sqrt(np.where(total > 0, between / np.where(total > 0, total, 1), 0.0))
+
+
+def pool_networks(runs: list[LayerNetworks]) -> LayerNetworks:
+    """One layer's networks from several ICA runs (different seeds), stacked as k x runs networks.
+
+    FastICA from another start finds partly different components; pooled, a neuron's relevance-weighted
+    membership is summed over the runs, so selection follows the networks the runs agree on rather than
+    one run's draw.
+    """
+    if not runs:
+        raise ValueError("no ICA runs to pool")
+    if len(runs) == 1:
+        return runs[0]
+    return LayerNetworks(
+        np.concatenate([r.maps for r in runs]), np.concatenate([r.members for r in runs]), runs[0].threshold,
+        all(r.converged for r in runs), runs[0].dead_neurons,
+    )

@@ -48,7 +48,7 @@ from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
 from .ica import find_networks_torch
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
-from .networks import LayerNetworks, find_networks, network_relevance
+from .networks import LayerNetworks, find_networks, network_relevance, pool_networks
 from .recipe import ModelSpec, NetworksSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
@@ -77,6 +77,12 @@ class Calibration:
     relevance: list[np.ndarray] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    def release_token_sample(self) -> None:
+        """Drop the per-layer token samples (the bulk of calibration memory) once ICA and the reconstruction
+        have used them; statistics, decision tokens and networks stay."""
+        for a in self.activations:
+            a.tokens = a.tokens[:0]
+
 
 class _Timer:
     def __init__(self) -> None:
@@ -104,12 +110,18 @@ def versions() -> dict[str, str]:
 
 
 def layer_networks(tokens: torch.Tensor, net: NetworksSpec) -> LayerNetworks:
-    """One layer's ICA networks with the recipe's engine (torch: float32, randomized whitening)."""
-    if net.engine == "torch":
-        return find_networks_torch(
-            tokens, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32
-        )
-    return find_networks(tokens.float().numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol)
+    """One layer's ICA networks with the recipe's engine (torch: float32, randomized whitening), pooled over
+    `net.runs` seeds."""
+    runs = []
+    for seed in range(net.seed, net.seed + net.runs):
+        if net.engine == "torch":
+            runs.append(find_networks_torch(
+                tokens, net.components, net.threshold, seed, net.max_iter, net.tol, dtype=torch.float32
+            ))
+        else:
+            runs.append(find_networks(tokens.float().numpy(), net.components, net.threshold, seed, net.max_iter,
+                                      net.tol))
+    return pool_networks(runs)
 
 
 def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
@@ -375,6 +387,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     if sel.reconstruct:
         with timer.stage("reconstruct"):
             fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress)
+    tokens_for_ica = int(calib.activations[0].tokens.shape[0])
+    calib.release_token_sample()  # before surgery and saving, which need memory of their own
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if source is not None:  # streamed: the pruned weights go straight from the source files to `tmp`
             with timer.stage("surgery"):
@@ -392,7 +406,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                 pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
             pruned_params = count_parameters(model)
         report, resolved = _finish(
-            tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, dense_params, pruned_params,
+            tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, tokens_for_ica, dense_params,
+            pruned_params,
             dense_eval, pruned_eval, timer,
         )
     if recipe.output.push_to_hub:
@@ -429,8 +444,8 @@ def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, prog
 
 def _finish(
     tmp: Path, model, tokenizer, recipe: Recipe, sel, task, calib: Calibration, kept, widths, calibration,
-    dense_params: int, pruned_params: int, dense_eval: EvalResult | None, pruned_eval: EvalResult | None,
-    timer: _Timer,
+    tokens_for_ica: int, dense_params: int, pruned_params: int, dense_eval: EvalResult | None,
+    pruned_eval: EvalResult | None, timer: _Timer,
 ) -> tuple[dict[str, Any], Recipe]:
     """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
     report and model card into `tmp`; returns (report, resolved recipe)."""
@@ -459,7 +474,7 @@ def _finish(
             "split": task.calibration_split,
             "samples": len(calibration),
             "tokens_seen": calib.activations[0].count,
-            "tokens_for_ica": int(calib.activations[0].tokens.shape[0]),
+            "tokens_for_ica": tokens_for_ica,
         },
         "parameters": {"dense": dense_params, "pruned": pruned_params},
         "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},

@@ -175,9 +175,12 @@ class NetworksSpec:
     tol: float = 1e-4
     seed: int = 0
     engine: str = "sklearn"  # sklearn (numpy whitening + FastICA, the measured default) or torch (fnprune.ica)
+    runs: int = 1  # ICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled
 
     def check(self) -> list[str]:
         problems = []
+        if self.runs < 1:
+            problems.append(f"networks.runs: must be >= 1, got {self.runs}")
         if self.engine not in ICA_ENGINES:
             problems.append(f"networks.engine: {self.engine!r} is not one of {', '.join(ICA_ENGINES)}")
         if self.components < 1:

@@ -64,3 +64,21 @@ def test_relevance_picks_the_label_network():
     decision[:, 20:40] += 1.5 * labels[:, None]  # network 1 fires for label 1
     rel = network_relevance(maps, decision, labels)
     assert rel.argmax() == 1 and rel[1] > 0.5 and rel[0] < 0.2
+
+
+def test_pooled_runs_stack_networks_and_sum_membership():
+    from fnprune.networks import network_relevance, pool_networks
+
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 40))
+    runs = [find_networks(tokens, 4, 2.0, seed) for seed in (0, 1, 2)]
+    pooled = pool_networks(runs)
+    assert pooled.maps.shape == (12, 40) and pooled.members.shape == (12, 40)
+    np.testing.assert_array_equal(pooled.maps[4:8], runs[1].maps)
+    assert pool_networks(runs[:1]) is runs[0]
+    labels = rng.integers(0, 2, 50)
+    decision = rng.standard_normal((50, 40))
+    rel = network_relevance(pooled.maps, decision, labels)
+    membership = rel @ pooled.members
+    per_run = sum(network_relevance(r.maps, decision, labels) @ r.members for r in runs)
+    np.testing.assert_allclose(membership, per_run)
