@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .networks import LayerNetworks
+from .networks import LayerNetworks, pool_networks
 
 __all__ = [
     "IcaResult",
@@ -351,12 +351,15 @@ def find_networks_torch(
     dtype: torch.dtype = torch.float64,
     eig_method: str = "randomized",
     restarts: int = 1,
+    runs: int = 1,
 ) -> LayerNetworks:
     """Drop-in for `fnprune.networks.find_networks` (same inputs, checks and post-processing) on this engine.
 
     `tokens` (T, d): one layer's token activations. The whitening is the top-k eigenvectors of the neuron
     correlation Gram (`StreamedCorrelation` over the given tokens; `eig_method` "randomized" or exact "eigh"),
     the same subspace as the reference's. Maps come back as float64 numpy like the reference's.
+    `runs` > 1 repeats FastICA from seeds seed, seed + 1, ... on the same whitening and pools the networks
+    (fnprune.networks.pool_networks); `restarts` only measures stability.
     """
     t = torch.as_tensor(tokens).to(device=device, dtype=dtype)
     n_tokens, width = t.shape
@@ -373,8 +376,12 @@ def find_networks_torch(
     floor = 1e-10 if dtype == torch.float64 else 1e-5  # eigenvalue noise of a rank-deficient Gram, relative
     if explained[-1] <= floor * max(float(explained[0]), 1e-300):
         raise ValueError(f"activations have rank below {components} components; lower `components`")
-    ica = fast_ica(whitened, "logcosh", max_iter, tol, seed, restarts)
-    maps = _zscore_rows(ica.sources.T.to(torch.float64))  # (k, d)
-    skew = maps.pow(3).mean(dim=1)
-    maps = (maps * torch.where(skew < 0, -1.0, 1.0)[:, None]).cpu().numpy()
-    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, ica.converged, int(stream.constant.sum()))
+    found = []
+    for run in range(runs):
+        ica = fast_ica(whitened, "logcosh", max_iter, tol, seed + run, restarts)
+        maps = _zscore_rows(ica.sources.T.to(torch.float64))  # (k, d)
+        skew = maps.pow(3).mean(dim=1)
+        maps = (maps * torch.where(skew < 0, -1.0, 1.0)[:, None]).cpu().numpy()
+        found.append(LayerNetworks(maps, np.abs(maps) > threshold, threshold, ica.converged,
+                                   int(stream.constant.sum())))
+    return pool_networks(found)

@@ -111,17 +111,15 @@ def versions() -> dict[str, str]:
 
 def layer_networks(tokens: torch.Tensor, net: NetworksSpec) -> LayerNetworks:
     """One layer's ICA networks with the recipe's engine (torch: float32, randomized whitening), pooled over
-    `net.runs` seeds."""
-    runs = []
-    for seed in range(net.seed, net.seed + net.runs):
-        if net.engine == "torch":
-            runs.append(find_networks_torch(
-                tokens, net.components, net.threshold, seed, net.max_iter, net.tol, dtype=torch.float32
-            ))
-        else:
-            runs.append(find_networks(tokens.float().numpy(), net.components, net.threshold, seed, net.max_iter,
-                                      net.tol))
-    return pool_networks(runs)
+    `net.runs` FastICA seeds (the torch engine whitens once for all of them)."""
+    if net.engine == "torch":
+        return find_networks_torch(
+            tokens, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
+            runs=net.runs,
+        )
+    x = tokens.float().numpy()
+    seeds = range(net.seed, net.seed + net.runs)
+    return pool_networks([find_networks(x, net.components, net.threshold, s, net.max_iter, net.tol) for s in seeds])
 
 
 def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
@@ -406,9 +404,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                 pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
             pruned_params = count_parameters(model)
         report, resolved = _finish(
-            tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, tokens_for_ica, dense_params,
-            pruned_params,
-            dense_eval, pruned_eval, timer,
+            tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, tokens_for_ica,
+            dense_params, pruned_params, dense_eval, pruned_eval, timer,
         )
     if recipe.output.push_to_hub:
         with timer.stage("push"):
