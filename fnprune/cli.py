@@ -123,7 +123,7 @@ def main() -> None:
 @click.option("--components", type=int, help="ICA components per layer (default 32).")
 @click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]), help="ICA implementation (default sklearn).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
-@click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 1).")
+@click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 5).")
 @click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
 @click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
 @click.option("--batch-size", type=int, help="Calibration batch size (default 16).")

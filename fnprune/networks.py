@@ -37,8 +37,13 @@ def find_networks(
     seed: int,
     max_iter: int = 400,
     tol: float = 1e-4,
+    runs: int = 1,
 ) -> LayerNetworks:
-    """ICA maps of one layer from its token activations `tokens` (T tokens, d neurons)."""
+    """ICA maps of one layer from its token activations `tokens` (T tokens, d neurons).
+
+    `runs` > 1 repeats FastICA from seeds seed, seed + 1, ... on the same (deterministic) whitening and pools
+    the networks (`pool_networks`): the same result as pooling separate calls, for one whitening's cost.
+    """
     tokens = np.asarray(tokens, dtype=np.float64)
     if not np.isfinite(tokens).all():
         raise ValueError("activations contain NaN or inf")
@@ -60,17 +65,20 @@ def find_networks(
     from sklearn.decomposition import FastICA  # imported here: scikit-learn + SciPy cost ~150 MiB of RSS
     from sklearn.exceptions import ConvergenceWarning
 
-    ica = FastICA(
-        n_components=components, whiten=False, fun="logcosh", max_iter=max_iter, tol=tol, random_state=seed
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        sources = ica.fit_transform(whitened)  # (d, k)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    maps = _zscore(sources.T, axis=1)  # (k, d)
-    skew = (maps**3).mean(axis=1)
-    maps = maps * np.where(skew < 0, -1.0, 1.0)[:, None]
-    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
+    found = []
+    for run_seed in range(seed, seed + runs):
+        ica = FastICA(
+            n_components=components, whiten=False, fun="logcosh", max_iter=max_iter, tol=tol, random_state=run_seed
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            sources = ica.fit_transform(whitened)  # (d, k)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        maps = _zscore(sources.T, axis=1)  # (k, d)
+        skew = (maps**3).mean(axis=1)
+        maps = maps * np.where(skew < 0, -1.0, 1.0)[:, None]
+        found.append(LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead))
+    return pool_networks(found)
 
 
 def network_relevance(maps: np.ndarray, decision: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
 from .ica import find_networks_torch
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
-from .networks import LayerNetworks, find_networks, network_relevance, pool_networks
+from .networks import LayerNetworks, find_networks, network_relevance
 from .recipe import ModelSpec, NetworksSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
@@ -117,9 +117,9 @@ def layer_networks(tokens: torch.Tensor, net: NetworksSpec) -> LayerNetworks:
             tokens, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
             runs=net.runs,
         )
-    x = tokens.float().numpy()
-    seeds = range(net.seed, net.seed + net.runs)
-    return pool_networks([find_networks(x, net.components, net.threshold, s, net.max_iter, net.tol) for s in seeds])
+    return find_networks(
+        tokens.float().numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol, runs=net.runs
+    )
 
 
 def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:

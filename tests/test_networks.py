@@ -82,3 +82,14 @@ def test_pooled_runs_stack_networks_and_sum_membership():
     membership = rel @ pooled.members
     per_run = sum(network_relevance(r.maps, decision, labels) @ r.members for r in runs)
     np.testing.assert_allclose(membership, per_run)
+
+
+def test_runs_share_one_whitening_and_equal_pooled_separate_calls():
+    from fnprune.networks import pool_networks
+
+    rng = np.random.default_rng(1)
+    tokens = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 40))
+    together = find_networks(tokens, 4, 2.0, 3, runs=3)
+    separate = pool_networks([find_networks(tokens, 4, 2.0, s) for s in (3, 4, 5)])
+    np.testing.assert_array_equal(together.maps, separate.maps)
+    np.testing.assert_array_equal(together.members, separate.members)
