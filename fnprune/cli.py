@@ -215,8 +215,11 @@ def _print_summary(report: dict, where: Path | str) -> None:
     shown = f"{pruned[0]} per layer" if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)} per layer"
     click.echo(f"  method {report['method']}, keep {report['keep']}, widths {report['widths']['dense']} -> {shown}")
     click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
-    click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples: dense {fmt(m['dense'])}, "
-               f"pruned {fmt(m['pruned'])}")
+    if m["n"] is None:
+        click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
+    else:
+        click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples: dense {fmt(m['dense'])}, "
+                   f"pruned {fmt(m['pruned'])}")
 
 
 @main.command()

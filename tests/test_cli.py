@@ -41,6 +41,7 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["keep"] == 0.25 and report["method"] == "flap" and report["widths"]["pruned"] == [32, 32]
+    assert "not evaluated (--no-eval)" in result.output and "None" not in result.output
 
 
 def test_data_files_flag(model_dir, task_data, tmp_path):
