@@ -22,6 +22,7 @@ __all__ = [
     "layer_blocks",
     "get_module",
     "mlp_widths",
+    "by_neuron",
     "neuron_weight_norms",
 ]
 
@@ -109,10 +110,15 @@ def mlp_widths(model: nn.Module, layout: MLPLayout) -> list[int]:
     return [output_weight_by_neuron(get_module(b, layout.output), layout).shape[0] for b in layer_blocks(model, layout)]
 
 
+def by_neuron(output_weight: torch.Tensor, layout: MLPLayout) -> torch.Tensor:
+    """An output projection's stored weight tensor as [neurons, hidden], and back: the change of orientation
+    (a transpose for nn.Linear, none for Conv1D) is its own inverse."""
+    return output_weight if layout.conv1d else output_weight.t()
+
+
 def output_weight_by_neuron(module: nn.Module, layout: MLPLayout) -> torch.Tensor:
     """The output projection's weight as [neurons, hidden]."""
-    w = module.weight.detach()
-    return w if layout.conv1d else w.t()
+    return by_neuron(module.weight.detach(), layout)
 
 
 def input_weights_by_neuron(module: nn.Module, layout: MLPLayout) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from transformers.utils.hub import convert_file_size_to_int
 
-from .arch import MLPLayout
+from .arch import MLPLayout, by_neuron
 from .compensation import fold_into_output
 from .errors import ModelError
 from .safetensors_io import DTYPES, write_safetensors
@@ -131,11 +131,6 @@ def _entry(name: str, src: _Source, key: str | None, transform: Transform, base:
     return _Entry(name, transform(base()), lambda: transform(base()))
 
 
-def _by_neuron(w: torch.Tensor, layout: MLPLayout) -> torch.Tensor:
-    """An output projection's stored weight as [neurons, hidden] (and back: the transpose is its own inverse)."""
-    return w if layout.conv1d else w.t()
-
-
 def _bias_key(weight_key: str) -> str:
     return weight_key[: -len("weight")] + "bias"
 
@@ -162,7 +157,7 @@ def _layer_entries(
         if out_b not in src.map and not (layout.bias or "").startswith("config:"):
             raise ModelError("bias compensation is not possible for this architecture (no MLP bias)")
         if fill is not None:
-            _, delta = fold_into_output(_by_neuron(cast(src.tensor(out_w)), layout), idx, fill, mean)
+            _, delta = fold_into_output(by_neuron(cast(src.tensor(out_w)), layout), idx, fill, mean)
         else:
             delta = compensation_delta(cast(src.tensor(out_w)), layout, removed_mean(mean, idx))  # read, then freed
         add_input_bias = out_b not in src.map
@@ -185,8 +180,8 @@ def _layer_entries(
         def folded(t: torch.Tensor) -> torch.Tensor:
             if t.is_meta:  # planning: the folded weight has the sliced weight's shape and dtype
                 return pad_o(slice_output_weight(cast(t), layout, idx))
-            w_kept, _ = fold_into_output(_by_neuron(cast(t), layout), idx, fill, mean)
-            return pad_o(_by_neuron(w_kept, layout).contiguous())  # [neurons, hidden] is its own inverse
+            w_kept, _ = fold_into_output(by_neuron(cast(t), layout), idx, fill, mean)
+            return pad_o(by_neuron(w_kept, layout).contiguous())  # back to the stored orientation
 
         out[out_w] = _entry(out_w, src, out_w, folded)
     else:

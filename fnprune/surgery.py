@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import MLPLayout, get_module, layer_blocks, output_weight_by_neuron
+from .arch import MLPLayout, by_neuron, get_module, layer_blocks, output_weight_by_neuron
 from .compensation import fold_into_output
 from .errors import ModelError
 
@@ -53,7 +53,7 @@ def compensation_bias(output_module: nn.Module, layout: MLPLayout, removed_mean:
 
 def compensation_delta(output_weight: torch.Tensor, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
     """compensation_bias from the output projection's raw weight tensor (any stored orientation)."""
-    w = (output_weight if layout.conv1d else output_weight.t()).double()  # (d_ff, hidden)
+    w = by_neuron(output_weight, layout).double()  # (d_ff, hidden)
     return (removed_mean.double() @ w).to(output_weight.dtype)  # (hidden,)
 
 
@@ -112,9 +112,9 @@ def pad_input_bias(b: torch.Tensor, layout: MLPLayout, width: int, target: int) 
 
 def pad_output_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: int) -> torch.Tensor:
     """Zero output columns for padded neurons: whatever they compute, they add nothing."""
-    w = w if layout.conv1d else w.t()  # (width, hidden)
+    w = by_neuron(w, layout)  # (width, hidden)
     w = torch.cat([w, w.new_zeros(target - width, w.shape[1])])
-    return (w if layout.conv1d else w.t()).contiguous()
+    return by_neuron(w, layout).contiguous()
 
 
 def update_config(config, layout: MLPLayout, widths: list[int], width_layout: str, compensated: bool) -> None:
@@ -145,8 +145,7 @@ def _slice_output(module: nn.Module, layout: MLPLayout, keep: torch.Tensor) -> N
 
 
 def _set_output_weight(module: nn.Module, layout: MLPLayout, w_by_neuron: torch.Tensor) -> None:
-    w = w_by_neuron if layout.conv1d else w_by_neuron.t()
-    module.weight = nn.Parameter(w.contiguous())
+    module.weight = nn.Parameter(by_neuron(w_by_neuron, layout).contiguous())
 
 
 def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, delta: torch.Tensor) -> None:
