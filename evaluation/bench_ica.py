@@ -14,6 +14,11 @@ Machine load is shared and noisy: compare ratios within one run, not absolute se
 
     python -m evaluation.bench_ica                 # layers 0, 10, 20, 29
     python -m evaluation.bench_ica --all-layers
+    python -m evaluation.bench_ica --model-wide    # all layers as compress runs them (bench_ica_model.md)
+
+--model-wide times the whole networks stage instead: every layer, 5 pooled runs, the torch engine batched over
+layers from float32 moments (the default) against scikit-learn layer by layer, both from scikit-learn's start
+for the same seeds, so their maps should agree up to rounding amplified by FastICA's own instability.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from fnprune.ica import StreamedCorrelation, fast_ica, find_networks_torch, match_components, whiten_gram
+from fnprune.ica import fast_ica, find_networks_batch, find_networks_torch, match_components, whiten_gram
+from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks, find_networks
 
 HERE = Path(__file__).resolve().parent
@@ -105,9 +111,9 @@ def same_start_match(
 
     Also the smallest principal cosine between the randomized and the exact (eigh) whitening subspaces.
     """
-    stream = StreamedCorrelation(tokens.shape[1])
+    stream = SecondMoments(tokens.shape[1])
     stream.update(tokens)
-    gram = stream.centred_gram()
+    gram = stream.correlation_gram()
     exact, _ = whiten_gram(gram, components, "eigh")  # (d, k)
     fast, _ = whiten_gram(gram, components, "randomized", seed)
     cosine = float(torch.linalg.svdvals(exact.T @ fast / exact.shape[0]).min())
@@ -163,9 +169,9 @@ def bench_layer(tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any
         ref("t64_1thread", lambda: find_networks_torch(tokens, k, args.threshold, seed, it, tol), False, reps)
     finally:
         torch.set_num_threads(torch_threads)
-    stream = StreamedCorrelation(tokens.shape[1])
+    stream = SecondMoments(tokens.shape[1])
     stream.update(tokens)
-    white, _ = whiten_gram(stream.centred_gram(), k, "randomized", seed)
+    white, _ = whiten_gram(stream.correlation_gram(), k, "randomized", seed)
     multi, row["t_t64_restarts4_ica"] = timed(lambda: fast_ica(white, "logcosh", it, tol, seed, restarts=4), 1)
     row["stability_t64_restarts4"] = multi.stability
     row["same_start_match"], row["whitening_min_cos"] = same_start_match(tokens, k, seed, it, tol)
@@ -176,6 +182,75 @@ def bench_layer(tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any
     row["match_a_vs_a_next_seed"] = match_components(maps[ref_key], maps["a1_next_seed"])[0]
     row["match_t64_vs_a_stable"], row["n_stable"] = stable_match(maps["t64"], maps[ref_key], maps["a1_next_seed"])
     return row
+
+
+def bench_model(layers_tokens: list[torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """All layers as compress runs them (5 pooled runs per layer): the torch engine batched over layers, from
+    the float32 second moments capture keeps, against scikit-learn layer by layer (1 BLAS thread), from the
+    same tokens, same seeds. The reference with the next 5 seeds is its own ceiling."""
+    k, seed, it, tol, runs = args.components, args.seed, args.max_iter, args.tol, args.runs
+    out: dict[str, Any] = {"runs": runs, "layers": len(layers_tokens)}
+
+    def sklearn_all(first: int) -> list[LayerNetworks]:
+        with threadpool_limits(1):
+            return [find_networks(SecondMoments.of(t.double()), k, args.threshold, first, it, tol, runs=runs)
+                    for t in layers_tokens]
+
+    def torch_all(dtype: torch.dtype) -> list[LayerNetworks]:
+        moments = (SecondMoments.of(t.to(dtype), dtype) for t in layers_tokens)
+        return find_networks_batch(moments, k, args.threshold, seed, it, tol, runs=runs, dtype=dtype)
+
+    ref, out["t_sklearn"] = timed(lambda: sklearn_all(seed), 1)
+    ours, out["t_torch32"] = timed(lambda: torch_all(torch.float32), args.repeats)
+    ours64, out["t_torch64"] = timed(lambda: torch_all(torch.float64), 1)
+    other = sklearn_all(seed + runs)
+    per_layer = []
+    for i, (r, o, o64, nxt) in enumerate(zip(ref, ours, ours64, other)):
+        per_layer.append({
+            "layer": i,
+            "torch32_vs_sklearn": match_components(o.maps, r.maps)[0],
+            "torch64_vs_sklearn": match_components(o64.maps, r.maps)[0],
+            "sklearn_vs_sklearn_next_seeds": match_components(nxt.maps, r.maps)[0],
+            "member_iou_torch32": float((o.members & r.members).sum() / max((o.members | r.members).sum(), 1)),
+        })
+    out["per_layer"] = per_layer
+    for key in ("torch32_vs_sklearn", "torch64_vs_sklearn", "sklearn_vs_sklearn_next_seeds", "member_iou_torch32"):
+        out[f"mean_{key}"] = float(np.mean([r[key] for r in per_layer]))
+    out["speedup_torch32"] = out["t_sklearn"] / out["t_torch32"]
+    out["speedup_torch64"] = out["t_sklearn"] / out["t_torch64"]
+    return out
+
+
+def model_markdown(res: dict[str, Any], command: str, info: dict[str, Any]) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"All {res['layers']} layers of SmolLM2-135M-Instruct ({info['tokens']} tokens x {info['width']} neurons "
+        f"each), k = {info['components']}, {res['runs']} pooled FastICA runs per layer, max_iter = "
+        f"{info['max_iter']}, as `compress` runs them. scikit-learn: `find_networks` layer by layer on one BLAS "
+        "thread (numpy eigh whitening + FastICA). torch: `find_networks_batch`, every layer's runs in one batched "
+        "fixed-point loop, from float32 moments (float32, the default) or float64 throughout. Both start run r "
+        f"from scikit-learn's matrix for seed {info['seed']} + r. {info['cpus']} CPU cores, load average "
+        f"{info['load_before']} before, {info['load_after']} after.",
+        "",
+        "| engine | seconds (all layers) | speed-up vs scikit-learn | mean matched abs(corr) vs scikit-learn |",
+        "|---|---|---|---|",
+        f"| scikit-learn (1 thread) | {res['t_sklearn']:.1f} | 1.0x | (itself, next {res['runs']} seeds: "
+        f"{res['mean_sklearn_vs_sklearn_next_seeds']:.3f}) |",
+        f"| torch float32 (default) | {res['t_torch32']:.1f} | {res['speedup_torch32']:.1f}x | "
+        f"{res['mean_torch32_vs_sklearn']:.3f} |",
+        f"| torch float64 | {res['t_torch64']:.1f} | {res['speedup_torch64']:.1f}x | "
+        f"{res['mean_torch64_vs_sklearn']:.3f} |",
+        "",
+        f"Mean member IoU, torch float32 vs scikit-learn: {res['mean_member_iou_torch32']:.3f}.",
+        "",
+        "| layer | torch32 vs sklearn | torch64 vs sklearn | sklearn vs sklearn (next seeds) |",
+        "|---|---|---|---|",
+    ]
+    for r in res["per_layer"]:
+        lines.append(f"| {r['layer']} | {r['torch32_vs_sklearn']:.3f} | {r['torch64_vs_sklearn']:.3f} "
+                     f"| {r['sklearn_vs_sklearn_next_seeds']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _f(v: Any, fmt: str) -> str:
@@ -258,7 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--out-prefix", default=str(HERE / "results" / "bench_ica"))
+    p.add_argument("--out-prefix", default=None,
+                   help="default evaluation/results/bench_ica (bench_ica_model with --model-wide)")
+    p.add_argument("--model-wide", action="store_true",
+                   help="all layers as compress runs them (pooled runs, layers batched) instead of per layer")
+    p.add_argument("--runs", type=int, default=5, help="with --model-wide: pooled FastICA runs per layer")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     command = ("python -m evaluation.bench_ica " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
@@ -271,6 +350,18 @@ def main(argv: list[str] | None = None) -> None:
         "load_before": round(os.getloadavg()[0], 1), "torch": torch.__version__, "sklearn": sklearn.__version__,
         "numpy": np.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
     }
+    if args.model_wide:
+        info["seed"] = args.seed
+        res = bench_model(layers_tokens, args)
+        info["load_after"] = round(os.getloadavg()[0], 1)
+        md = model_markdown(res, command, info)
+        prefix = Path(args.out_prefix or HERE / "results" / "bench_ica_model")
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".json").write_text(json.dumps({"command": command, "info": info, **res}, indent=1),
+                                               encoding="utf-8")
+        prefix.with_suffix(".md").write_text(md, encoding="utf-8")
+        print(md)
+        return
     rows = []
     for i in layers:
         start = time.perf_counter()
@@ -280,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     info["load_after"] = round(os.getloadavg()[0], 1)
     md = markdown(rows, command, info)
-    prefix = Path(args.out_prefix)
+    prefix = Path(args.out_prefix or HERE / "results" / "bench_ica")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(
         json.dumps({"command": command, "args": vars(args), "info": info, "rows": rows}, indent=1), encoding="utf-8"

@@ -82,24 +82,27 @@ def mlp_attention_flops(config, widths: list[int], seq: int) -> float:
 
 
 @torch.inference_mode()
-def throughput(model, prefill_batch: int, prefill_len: int, decode_tokens: int, repeats: int) -> dict:
-    """Prefill tokens/s (batch of prompts, last-position logits) and greedy decode tokens/s (batch 1)."""
+def throughput(models: dict, prefill_batch: int, prefill_len: int, decode_tokens: int, repeats: int) -> dict:
+    """Prefill tokens/s (batch of prompts, last-position logits) and greedy decode tokens/s (batch 1) of each
+    model, best of `repeats`. The models take turns within every repeat, so drifting machine load hits them
+    alike instead of whichever happened to run last."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (prefill_batch, prefill_len), generator=gen)
-    model(ids[:1, :16], logits_to_keep=1)  # warm up
-    best_prefill = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        best_prefill = min(best_prefill, time.perf_counter() - start)
     prompt = ids[:1, :32]
-    best_decode = float("inf")
+    for model in models.values():
+        model(ids[:1, :16], logits_to_keep=1)  # warm up
+    best = {key: {"prefill": float("inf"), "decode": float("inf")} for key in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
-                       pad_token_id=0)
-        best_decode = min(best_decode, time.perf_counter() - start)
-    return {"prefill_tok_s": prefill_batch * prefill_len / best_prefill, "decode_tok_s": decode_tokens / best_decode}
+        for key, model in models.items():
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            best[key]["prefill"] = min(best[key]["prefill"], time.perf_counter() - start)
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                           pad_token_id=0)
+            best[key]["decode"] = min(best[key]["decode"], time.perf_counter() - start)
+    return {key: {"prefill_tok_s": prefill_batch * prefill_len / b["prefill"],
+                  "decode_tok_s": decode_tokens / b["decode"]} for key, b in best.items()}
 
 
 def main() -> None:
@@ -111,9 +114,10 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lean-keeps", default="0.5",
-                        help="also compress these with the lean settings (float16 token store, torch ICA)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-keeps", default="0.5",
+                        help="also compress these as fnprune did before the moments store: the token sample "
+                             "kept (float32) and the scikit-learn ICA engine, for a side-by-side comparison")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     from transformers import AutoModelForCausalLM
@@ -132,9 +136,9 @@ def main() -> None:
     forward_only = run_script(FORWARD_ONLY, base)
     print(f"forward passes alone: {forward_only['forward_s']:.1f}s, "
           f"peak RSS {forward_only['peak_rss'] / 2**30:.2f} GiB", flush=True)
-    lean = {"calibration": {**base["calibration"], "store_dtype": "float16"}, "networks": {"engine": "torch"}}
+    reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"}}
     jobs = [("default", k, {}) for k in keeps]
-    jobs += [("lean", float(k), lean) for k in args.lean_keeps.split(",") if k]
+    jobs += [("tokens+sklearn", float(k), reference) for k in args.reference_keeps.split(",") if k]
     runs = {}
     for config, keep, extra in jobs:
         recipe = {**base, **extra, "selection": {"keep": keep},
@@ -144,15 +148,19 @@ def main() -> None:
         print(f"{config} keep {keep}: total {r['total']:.1f}s, capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, "
               f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
 
-    dense = AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()
+    models = {1.0: AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()}
+    dense = models[1.0]
     widths_dense = [dense.config.intermediate_size] * dense.config.num_hidden_layers
-    speed = {1.0: throughput(dense, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)}
     flops = {1.0: mlp_attention_flops(dense.config, widths_dense, args.prefill_len)}
     for keep in keeps:
-        pruned = AutoModelForCausalLM.from_pretrained(out_root / f"default-keep{keep}").eval()
-        speed[keep] = throughput(pruned, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
-        flops[keep] = mlp_attention_flops(pruned.config, runs[("default", keep)]["widths"], args.prefill_len)
-        del pruned
+        models[keep] = AutoModelForCausalLM.from_pretrained(out_root / f"default-keep{keep}").eval()
+        flops[keep] = mlp_attention_flops(models[keep].config, runs[("default", keep)]["widths"], args.prefill_len)
+    speed = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices thread poorly: the 1-thread ratio shows the arithmetic alone
+    speed_1t = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+    torch.set_num_threads(threads)
+    del models, dense
 
     rows = []
     for config, keep in [("dense", 1.0), *((c, k) for c, k, _ in jobs)]:
@@ -173,11 +181,12 @@ def main() -> None:
             "forward_only_rss_gib": round(forward_only["peak_rss"] / 2**30, 2),
         }
         rows.append(row)
-        if keep not in speed or config == "lean":
+        if keep not in speed or config != "default":
             continue
         flop_ratio = flops[1.0] / flops[keep]
         prefill_gain = speed[keep]["prefill_tok_s"] / speed[1.0]["prefill_tok_s"]
         decode_gain = speed[keep]["decode_tok_s"] / speed[1.0]["decode_tok_s"]
+        prefill_gain_1t = speed_1t[keep]["prefill_tok_s"] / speed_1t[1.0]["prefill_tok_s"]
         row.update({
             "prefill_tok_s": round(speed[keep]["prefill_tok_s"], 1),
             "decode_tok_s": round(speed[keep]["decode_tok_s"], 1),
@@ -185,6 +194,8 @@ def main() -> None:
             "prefill_gain": round(prefill_gain, 3),
             "decode_gain": round(decode_gain, 3),
             "prefill_gain_over_flop_reduction": round(prefill_gain / flop_ratio, 3),
+            "prefill_gain_1thread": round(prefill_gain_1t, 3),
+            "prefill_gain_1thread_over_flop_reduction": round(prefill_gain_1t / flop_ratio, 3),
             "decode_gain_over_flop_reduction": round(decode_gain / flop_ratio, 3),
         })
     RESULTS.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fnprune.cache import activation_tensors, activations_from_tensors
 from fnprune.capture import LayerActivations
 from fnprune.networks import LayerNetworks
 
@@ -37,10 +38,7 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_activations(directory: Path, acts: list[LayerActivations], labels: np.ndarray, info: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))}
-    for i, a in enumerate(acts):
-        for name in ("tokens", "decision", "mean", "mean_abs", "var"):
-            tensors[f"{i}.{name}"] = getattr(a, name)
+    tensors = {"labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)), **activation_tensors(acts)}
     _atomic_tensors(directory / "activations.safetensors", tensors)
     _atomic_json(directory / "activations.json", {**info, "counts": [a.count for a in acts]})
 
@@ -51,11 +49,7 @@ def load_activations(directory: Path) -> tuple[list[LayerActivations], np.ndarra
         return None
     counts = json.loads(meta.read_text(encoding="utf-8"))["counts"]
     t = load_file(str(data))
-    acts = [
-        LayerActivations(t[f"{i}.tokens"], t[f"{i}.decision"], t[f"{i}.mean"], t[f"{i}.mean_abs"], t[f"{i}.var"], c)
-        for i, c in enumerate(counts)
-    ]
-    return acts, t["labels"].numpy()
+    return activations_from_tensors(t, counts), t["labels"].numpy()
 
 
 def save_networks(path: Path, nets: list[LayerNetworks], info: dict) -> None:

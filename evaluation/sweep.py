@@ -30,7 +30,9 @@ from fnprune.arch import layout_for
 from fnprune.data import Example, check_disjoint, file_sha256, load_split, resolve_task, sample
 from fnprune.evaluate import evaluate_accuracy
 from fnprune.hooks import masked_neurons
+from fnprune.ica import find_networks_batch
 from fnprune.models import load_model
+from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks, network_relevance, pool_networks
 from fnprune.pipeline import Calibration, calibrate, layer_networks, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
@@ -45,6 +47,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = "fn,random,magnitude,wanda-sp,flap,flap+bias,fn-task,fn-task+bias"
 DEFAULT_KEEPS = "0.9,0.75,0.5,0.35,0.25"
 CALIB_FIELDS = ("num_samples", "max_tokens", "batch_size", "max_length", "store_dtype", "seed")
+# 2: the whitening's eigenvector signs fixed and FastICA started from scikit-learn's matrix in both engines; rows
+# and networks cached by earlier code stay readable with --legacy-ica.
+ICA_CODE = 2
 
 
 @dataclass
@@ -109,13 +114,22 @@ def _networks(
     info = {"activations": a_key, "components": components, "seed": seed, "max_iter": 400, "tol": 1e-4}
     if args.ica_engine != "sklearn":  # sklearn rows keep their original cache keys
         info["engine"] = args.ica_engine
+    if not args.legacy_ica:
+        info["ica_code"] = ICA_CODE
     path = Path(args.cache_dir) / "calibration" / a_key / f"ica_{key_of(info)}.safetensors"
     nets = load_networks(path, args.threshold)
     if nets is None:
+        if args.legacy_ica:
+            raise SystemExit("--legacy-ica only re-reads networks cached by earlier code; this one is not cached")
         start = time.perf_counter()
-        spec = NetworksSpec(components=components, threshold=args.threshold, seed=seed, engine=args.ica_engine)
-        layers = tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
-        nets = [layer_networks(a.tokens, spec) for a in layers]
+        if args.ica_engine == "sklearn":
+            spec = NetworksSpec(components=components, threshold=args.threshold, seed=seed, engine="sklearn")
+            layers = tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
+            nets = [layer_networks(a.tokens, spec) for a in layers]
+        else:  # as compress runs it: float32 moments (torch) or float64 throughout (torch64), layers batched
+            dtype = torch.float64 if args.ica_engine == "torch64" else torch.float32
+            layers = (SecondMoments.of(a.tokens.to(dtype), dtype) for a in calib.activations)
+            nets = find_networks_batch(layers, components, args.threshold, seed, runs=1, dtype=dtype)
         save_networks(path, nets, {**info, "seconds": round(time.perf_counter() - start, 1)})
         log.info("ICA k=%d: %.1f s", components, time.perf_counter() - start)
     return nets
@@ -149,7 +163,8 @@ def load_bench(args: argparse.Namespace) -> Bench:
     model.eval()
     timings["load"] = round(time.perf_counter() - start, 2)
 
-    cal_spec = CalibrationSpec(num_samples=args.calib_samples, max_tokens=args.max_tokens, seed=args.seed)
+    cal_spec = CalibrationSpec(num_samples=args.calib_samples, max_tokens=args.max_tokens, seed=args.seed,
+                               sample_store="tokens")  # the sweep's criteria and caches use the tokens
     recipe = Recipe(calibration=cal_spec, networks=NetworksSpec(components=args.components, seed=args.seed))
     a_info = {
         "model": str(Path(args.model).expanduser().resolve()),
@@ -288,6 +303,7 @@ def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -
         "batch_size": a.batch_size, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
         "threads": a.threads, **(extra or {}),
         **({"ica_engine": a.ica_engine} if a.ica_engine != "sklearn" and _uses_networks(method) else {}),
+        **({"ica_code": ICA_CODE} if not a.legacy_ica and _uses_networks(method) else {}),
     }
 
 
@@ -411,7 +427,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens sampled for ICA")
     p.add_argument("--components", type=int, default=32)
     p.add_argument("--threshold", type=float, default=3.0)
-    p.add_argument("--ica-engine", choices=["sklearn", "torch"], default="sklearn")
+    p.add_argument("--ica-engine", choices=["sklearn", "torch", "torch64"], default="sklearn",
+                   help="torch: compress's engine (float32); torch64: the same in float64")
+    p.add_argument("--legacy-ica", action="store_true",
+                   help="re-read rows and networks cached before ICA code 2 (sign-fixed whitening, scikit-learn's "
+                        "start in both engines); measures nothing new")
     p.add_argument("--fn-boost", type=float, default=1.0)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

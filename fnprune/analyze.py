@@ -717,7 +717,8 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
 
     recipe = Recipe(model=spec.model, task=task,
                     calibration=CalibrationSpec(num_samples=spec.num_samples, max_tokens=spec.max_tokens,
-                                                batch_size=spec.batch_size, seed=spec.seed, cache=spec.cache),
+                                                batch_size=spec.batch_size, seed=spec.seed, cache=spec.cache,
+                                                sample_store="tokens"),  # group ICA needs the tokens
                     networks=NetworksSpec(components=spec.components, threshold=spec.threshold,
                                           max_iter=spec.max_iter, tol=spec.tol, seed=spec.seed))
     widths = mlp_widths(model, layout)

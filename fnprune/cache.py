@@ -19,10 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from .capture import LayerActivations
+from .moments import SecondMoments
 from .networks import LayerNetworks
 from .safetensors_io import write_safetensors
 
-__all__ = ["cache_dir", "cache_key", "save_activations", "load_activations", "save_networks", "load_networks"]
+__all__ = [
+    "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "save_activations",
+    "load_activations", "save_networks", "load_networks",
+]
 
 
 def cache_dir() -> Path:
@@ -68,11 +72,34 @@ def _load(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None
         return None
 
 
-def save_activations(key: str, acts: list[LayerActivations], labels: np.ndarray) -> None:
-    tensors = {"labels": torch.as_tensor(labels, dtype=torch.int64)}
+def activation_tensors(acts: list[LayerActivations]) -> dict[str, torch.Tensor]:
+    """Flat name -> tensor view of per-layer activations (token sample or its moments), for safetensors."""
+    tensors = {}
     for i, a in enumerate(acts):
-        for name in ("tokens", "decision", "mean", "mean_abs", "var"):
+        for name in ("decision", "mean", "mean_abs", "var"):
             tensors[f"{i}.{name}"] = getattr(a, name)
+        if a.tokens is not None:
+            tensors[f"{i}.tokens"] = a.tokens
+        if a.moments is not None:
+            tensors.update({f"{i}.moments.{k}": v for k, v in a.moments.state().items()})
+    return tensors
+
+
+def activations_from_tensors(t: dict[str, torch.Tensor], counts: list[int]) -> list[LayerActivations]:
+    """Inverse of `activation_tensors`."""
+    acts = []
+    for i, c in enumerate(counts):
+        prefix = f"{i}.moments."
+        state = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        acts.append(LayerActivations(
+            t.get(f"{i}.tokens"), t[f"{i}.decision"], t[f"{i}.mean"], t[f"{i}.mean_abs"], t[f"{i}.var"], c,
+            SecondMoments.from_state(state) if state else None,
+        ))
+    return acts
+
+
+def save_activations(key: str, acts: list[LayerActivations], labels: np.ndarray) -> None:
+    tensors = {"labels": torch.as_tensor(labels, dtype=torch.int64), **activation_tensors(acts)}
     _atomic_save(tensors, {"counts": [a.count for a in acts]}, cache_dir() / f"activations-{key}.safetensors")
 
 
@@ -81,11 +108,7 @@ def load_activations(key: str) -> tuple[list[LayerActivations], np.ndarray] | No
     if loaded is None:
         return None
     t, meta = loaded
-    acts = [
-        LayerActivations(t[f"{i}.tokens"], t[f"{i}.decision"], t[f"{i}.mean"], t[f"{i}.mean_abs"], t[f"{i}.var"], c)
-        for i, c in enumerate(meta["counts"])
-    ]
-    return acts, t["labels"].numpy()
+    return activations_from_tensors(t, meta["counts"]), t["labels"].numpy()
 
 
 def save_networks(key: str, networks: list[LayerNetworks]) -> None:

@@ -1,9 +1,10 @@
 """Record MLP intermediate activations on calibration prompts, batch by batch, with bounded memory.
 
 For every layer we keep (a) running statistics over all real (non-padding) tokens: mean, mean |a| and
-variance per neuron; (b) a uniform sample of at most `max_tokens` token activations (the same tokens in every
-layer), drawn by streaming bottom-k sampling with seeded keys, for ICA; (c) the activation at each prompt's
-last token (the "decision" token, where the label word is predicted). No ICA here.
+variance per neuron; (b) a uniform sample of at most `max_tokens` tokens (the same tokens in every layer,
+the `max_tokens` smallest of one seeded random key per token), stored either as the tokens themselves or,
+for ICA and reconstruction, which need no more, as their d x d second moments (fnprune.moments); (c) the
+activation at each prompt's last token (the "decision" token, where the label word is predicted). No ICA here.
 """
 
 from __future__ import annotations
@@ -14,89 +15,92 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, layer_blocks
+from .arch import MLPLayout, mlp_widths
 from .hooks import mlp_input_hooks
+from .moments import SecondMoments
+from .recipe import SAMPLE_STORES
 from .tokens import batches, forward
 
-__all__ = ["LayerActivations", "capture_activations", "capture_memory_bytes"]
-
+__all__ = ["LayerActivations", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes", "resolve_sample_store"]
 
 @dataclass
 class LayerActivations:
     """What calibration left us about one layer's neurons (d = MLP width)."""
 
-    tokens: torch.Tensor  # (T, d) sampled token activations, in the storage dtype (convert where used)
+    tokens: torch.Tensor | None  # (T, d) sampled token activations in the storage dtype, or None (moments)
     decision: torch.Tensor  # (N, d) float32 activation at each prompt's last token, in prompt order
     mean: torch.Tensor  # (d,) over all real tokens
     mean_abs: torch.Tensor  # (d,)
     var: torch.Tensor  # (d,)
     count: int  # real tokens seen
-
-
-class _Reservoir:
-    """Which tokens the bottom-k sample holds, shared by all layers: the k smallest of one seeded random key
-    per token, i.e. a uniform sample without replacement of every token streamed so far.
-
-    Every layer stores its sampled tokens in a preallocated (k, d) buffer. A batch only writes its own
-    incoming tokens into the slots of the ones they evict, so no layer ever copies its buffer;
-    `order` puts the rows back in stream order at the end.
-    """
-
-    def __init__(self, capacity: int, seed: int):
-        self.capacity = capacity
-        self.keys = torch.zeros(0, dtype=torch.float64)  # key of the token in each slot
-        self.position = torch.zeros(0, dtype=torch.long)  # stream index of the token in each slot
-        self.generator = torch.Generator().manual_seed(seed)
-        self.seen = 0
-
-    def admit(self, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw keys for `n_new` tokens; returns (slots to write, which new tokens go there)."""
-        new_keys = torch.rand(n_new, generator=self.generator, dtype=torch.float64)
-        pool = torch.cat([self.keys, new_keys])
-        chosen = pool.argsort(stable=True)[: self.capacity]
-        chosen_old = torch.zeros(len(self.keys), dtype=torch.bool)
-        chosen_old[chosen[chosen < len(self.keys)]] = True
-        incoming = chosen[chosen >= len(self.keys)] - len(self.keys)  # indices into the new tokens
-        free = torch.cat([(~chosen_old).nonzero().flatten(), torch.arange(len(self.keys), self.capacity)])
-        slots = free[: len(incoming)]
-        size = max(len(self.keys), int(slots.max()) + 1 if len(slots) else 0)
-        keys = torch.cat([self.keys, self.keys.new_zeros(size - len(self.keys))])
-        position = torch.cat([self.position, self.position.new_zeros(size - len(self.position))])
-        keys[slots] = new_keys[incoming]
-        position[slots] = incoming + self.seen
-        self.keys, self.position = keys, position
-        self.seen += n_new
-        return slots, incoming
+    moments: SecondMoments | None = None  # second moments of the token sample (float32), or None (tokens)
 
     @property
-    def order(self) -> torch.Tensor:
-        return self.position.argsort()
+    def sampled(self) -> int:
+        """Tokens in the sample that ICA and the reconstruction are fitted on."""
+        return self.moments.count if self.moments is not None else int(self.tokens.shape[0])
+
+    def sample_moments(self) -> SecondMoments:
+        """Second moments of the token sample, however it was stored."""
+        if self.moments is not None:
+            return self.moments
+        if self.tokens is None or self.tokens.shape[0] == 0:
+            raise ValueError("the token sample was released")
+        return SecondMoments.of(self.tokens.float(), torch.float32)
+
+
+def sample_positions(total: int, capacity: int, seed: int) -> torch.Tensor:
+    """Stream indices (sorted) of the uniform sample: the `capacity` smallest of one seeded key per token."""
+    keys = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return keys.argsort(stable=True)[:capacity].sort().values
+
+
+def resolve_sample_store(store: str, width: int, max_tokens: int, store_dtype: str) -> str:
+    """"auto": moments when a layer's d x d float32 matrix is no bigger than its token sample, else tokens."""
+    if store != "auto":
+        return store
+    item = 2 if store_dtype in ("float16", "bfloat16") else 4
+    return "moments" if width * 4 <= max_tokens * item else "tokens"
 
 
 class _LayerStats:
-    def __init__(self, width: int, n_prompts: int, capacity: int, store_dtype: torch.dtype):
+    def __init__(self, width: int, n_prompts: int, capacity: int, store_dtype: torch.dtype,
+                 moments_buffer: torch.Tensor | None):
         self.sum = torch.zeros(width, dtype=torch.float64)
         self.sum_abs = torch.zeros(width, dtype=torch.float64)
         self.sum_sq = torch.zeros(width, dtype=torch.float64)
-        self.tokens = torch.empty(capacity, width, dtype=store_dtype)
+        store_tokens = moments_buffer is None
+        self.tokens = torch.empty(capacity, width, dtype=store_dtype) if store_tokens else None
+        self.moments = None if store_tokens else SecondMoments(width, dtype=torch.float32, out=moments_buffer)
+        self.filled = 0
         self.decision = torch.zeros(n_prompts, width, dtype=store_dtype)
         self.count = 0
 
-    def finish(self, order: torch.Tensor) -> LayerActivations:
+    def add_sample(self, sampled: torch.Tensor) -> None:
+        if self.moments is not None:
+            self.moments.update(sampled)
+            return
+        self.tokens[self.filled : self.filled + sampled.shape[0]] = sampled
+        self.filled += sampled.shape[0]
+
+    def finish(self) -> LayerActivations:
         n = max(self.count, 1)
         mean = self.sum / n
         var = (self.sum_sq / n - mean.pow(2)).clamp(min=0)
-        tokens = self.tokens[order]  # the filled slots, in stream order
-        self.tokens = tokens  # drop the buffer before the next layer finishes
         return LayerActivations(
-            tokens, self.decision.float(), mean.float(), (self.sum_abs / n).float(), var.float(), self.count
+            self.tokens, self.decision.float(), mean.float(), (self.sum_abs / n).float(), var.float(), self.count,
+            self.moments,
         )
 
 
-def capture_memory_bytes(n_layers: int, width: int, max_tokens: int, n_prompts: int, store_dtype: str) -> int:
-    """Upper bound of what capture holds: token sample + decision tokens + statistics, all layers."""
+def capture_memory_bytes(
+    n_layers: int, width: int, max_tokens: int, n_prompts: int, store_dtype: str, sample_store: str = "tokens"
+) -> int:
+    """Upper bound of what capture holds: token sample (or its moments) + decision tokens + statistics."""
     item = 2 if store_dtype in ("float16", "bfloat16") else 4
-    return n_layers * width * ((max_tokens + n_prompts) * item + 3 * 8)
+    store = resolve_sample_store(sample_store, width, max_tokens, store_dtype)
+    sample = SecondMoments.packed_size(width) * 4 // width if store == "moments" else max_tokens * item
+    return n_layers * width * (sample + n_prompts * item + 5 * 8)
 
 
 def capture_activations(
@@ -108,16 +112,37 @@ def capture_activations(
     batch_size: int,
     seed: int,
     store_dtype: str = "float32",
+    sample_store: str = "tokens",
     padding_side: str = "right",
     progress: bool = True,
 ) -> list[LayerActivations]:
-    """Run every sequence through the model once and return per-layer activations (see module doc)."""
+    """Run every sequence through the model once and return per-layer activations (see module doc).
+
+    `sample_store`: "tokens" keeps the sampled tokens (T, d) in `store_dtype`; "moments" keeps only their
+    float32 second moments (d, d); "auto" picks the smaller (`resolve_sample_store`).
+    """
+    if sample_store not in SAMPLE_STORES:
+        raise ValueError(f"sample_store must be one of {SAMPLE_STORES}, got {sample_store!r}")
     dtype = getattr(torch, store_dtype)
-    n_layers = len(layer_blocks(model, layout))
-    stats: list[_LayerStats | None] = [None] * n_layers
-    reservoir = _Reservoir(max_tokens, seed)
+    widths = mlp_widths(model, layout)
+    stats: list[_LayerStats | None] = [None] * len(widths)
+    # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer.
+    sizes = [SecondMoments.packed_size(w) if resolve_sample_store(sample_store, w, max_tokens, store_dtype)
+             == "moments" else 0 for w in widths]
+    pool = torch.zeros(sum(sizes), dtype=torch.float32)
+    offsets = [sum(sizes[:i]) for i in range(len(widths))]
+    total = sum(len(s) for s in seqs)
+    sampled = sample_positions(total, max_tokens, seed)  # stream indices of the uniform token sample
     # Per batch, set before the forward pass and read by every layer's hook:
     step: dict[str, torch.Tensor | list[int]] = {}
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def scratch(name: str, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A reused (len(rows), d) buffer for gathered rows of `like`, grown when a batch needs more."""
+        key = (name, like.shape[-1], like.dtype)
+        if key not in buffers or buffers[key].shape[0] < len(rows):
+            buffers[key] = torch.empty(max(len(rows), 256), like.shape[-1], dtype=like.dtype)
+        return buffers[key][: len(rows)]
 
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -125,30 +150,41 @@ def capture_activations(
             # On the CPU whatever device (or offload hook) ran the layer; OPT flattens to (B*L, d).
             x = args[0].detach().cpu().reshape(*mask.shape, -1)  # (B, L, d)
             if stats[i] is None:
-                stats[i] = _LayerStats(x.shape[-1], len(seqs), min(max_tokens, total), dtype)
+                width = x.shape[-1]
+                if width != widths[i]:
+                    raise RuntimeError(f"layer {i}: the MLP hook saw {width} neurons, the weights have {widths[i]}")
+                buffer = pool[offsets[i] : offsets[i] + sizes[i]] if sizes[i] else None
+                stats[i] = _LayerStats(width, len(seqs), min(max_tokens, total), dtype, buffer)
             s = stats[i]
-            real = x[mask].to(torch.float64)  # (n_real, d)
-            s.sum += real.sum(0)
-            s.sum_abs += real.abs().sum(0)
-            s.sum_sq += real.pow(2).sum(0)
+            flat = x.reshape(-1, x.shape[-1])  # (B * L, d)
+            # Row gathers into reused buffers and float64 sums without float64 copies: capture's temporaries
+            # interleave with the model's, and fresh ones per layer and batch fragmented the heap.
+            real = torch.index_select(flat, 0, step["real_rows"], out=scratch("real", step["real_rows"], flat))
+            s.sum += real.sum(0, dtype=torch.float64)
+            s.sum_abs += torch.linalg.vector_norm(real, 1, dim=0, dtype=torch.float64)
+            s.sum_sq += torch.linalg.vector_norm(real, 2, dim=0, dtype=torch.float64).pow(2)
             s.count += real.shape[0]
             s.decision[step["rows"]] = x[torch.arange(x.shape[0]), step["last"]].to(dtype)
-            s.tokens[step["slots"]] = real[step["incoming"]].to(dtype)
+            picked = torch.index_select(flat, 0, step["picked_rows"], out=scratch("picked", step["picked_rows"], flat))
+            s.add_sample(picked.to(torch.float32) if s.moments is not None else picked.to(dtype))
 
         return hook
 
-    total = sum(len(s) for s in seqs)
     bar = tqdm(total=total, desc="capture", unit="tok", disable=not progress)
+    seen = 0
     with mlp_input_hooks(model, layout, make_hook):
         for batch in batches(seqs, batch_size, padding_side):
             mask = batch.attention_mask.bool()
-            slots, incoming = reservoir.admit(int(mask.sum()))
+            n_real = int(mask.sum())
+            lo, hi = torch.searchsorted(sampled, torch.tensor([seen, seen + n_real])).tolist()
             position = batch.last if layout.decision == "last" else torch.zeros(len(batch.index), dtype=torch.long)
-            step.update(mask=mask, rows=torch.tensor(batch.index), last=position, slots=slots, incoming=incoming)
+            real_rows = mask.flatten().nonzero().flatten()  # the real tokens' rows of the flattened batch
+            step.update(mask=mask, rows=torch.tensor(batch.index), last=position, real_rows=real_rows,
+                        picked_rows=real_rows[sampled[lo:hi] - seen])
             forward(model, batch, all_logits=False)
-            bar.update(int(mask.sum()))
+            seen += n_real
+            bar.update(n_real)
     bar.close()
     if any(s is None for s in stats):
         raise RuntimeError("some MLP layers were never called during capture")
-    order = reservoir.order
-    return [s.finish(order) for s in stats]  # type: ignore[union-attr]
+    return [s.finish() for s in stats]  # type: ignore[union-attr]

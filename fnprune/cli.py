@@ -121,11 +121,14 @@ def main() -> None:
 @click.option("--layout", "width_layout", type=click.Choice(["uniform", "per-layer", "padded"]),
               help="How per-layer widths are saved (default uniform; global allocation needs per-layer/padded).")
 @click.option("--components", type=int, help="ICA components per layer (default 32).")
-@click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]), help="ICA implementation (default sklearn).")
+@click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]),
+              help="ICA implementation: torch (default; all layers batched) or sklearn (the reference).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
 @click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 5).")
 @click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
-@click.option("--max-tokens", type=int, help="Token activations kept per layer for ICA (default 4096).")
+@click.option("--max-tokens", type=int, help="Tokens sampled per layer for ICA and reconstruction (default 4096).")
+@click.option("--sample-store", type=click.Choice(["auto", "tokens", "moments"]),
+              help="Keep the token sample itself or only its d x d second moments (default auto: the smaller).")
 @click.option("--batch-size", type=int, help="Calibration batch size (default 16).")
 @click.option("--seed", type=int, help="Seed for calibration sampling, ICA and random selection.")
 @click.option("--bias-compensation/--no-bias-compensation", default=None,
@@ -151,9 +154,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
-             allocation,
-             width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens, batch_size, seed,
-             bias_compensation, reconstruct, ridge,
+             allocation, width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens,
+             sample_store, batch_size, seed, bias_compensation, reconstruct, ridge,
              do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
              device_map, max_memory, offload_folder, streamed, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
@@ -191,6 +193,7 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "networks.runs": ica_runs,
         "calibration.num_samples": num_samples,
         "calibration.max_tokens": max_tokens,
+        "calibration.sample_store": sample_store,
         "calibration.batch_size": batch_size,
         "calibration.cache": cache,
         "evaluation.enabled": do_eval,

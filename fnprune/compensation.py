@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .moments import SecondMoments
+
 __all__ = ["reconstruction_map", "removed_indices", "fold_into_output"]
 
 
@@ -27,9 +29,10 @@ def removed_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def reconstruction_map(
-    tokens: torch.Tensor, keep: torch.Tensor, centre: torch.Tensor | None, ridge: float
+    sample: torch.Tensor | SecondMoments, keep: torch.Tensor, centre: torch.Tensor | None, ridge: float
 ) -> torch.Tensor:
-    """M (n_kept, n_removed), rows and columns in sorted neuron order, fitted on token activations (T, d).
+    """M (n_kept, n_removed), rows and columns in sorted neuron order, fitted on a token sample: the token
+    activations (T, d) or their `SecondMoments` (the fit needs nothing else).
 
     `centre` (d,): the values the fit is taken around (the mean over all calibration tokens), or None for a
     fit through zero. `ridge` is relative to the mean variance of the kept neurons, so it means the same in
@@ -37,13 +40,12 @@ def reconstruction_map(
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
+    moments = sample if isinstance(sample, SecondMoments) else SecondMoments.of(sample.float(), torch.float32)
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    removed = removed_indices(keep, tokens.shape[1])
-    x = tokens.to(torch.float32)
-    if centre is not None:
-        x = x - centre.to(torch.float32)
-    cross = (x[:, keep].T @ x).to(torch.float64) / max(x.shape[0], 1)  # (k, d): serves both blocks
-    kk, kr = cross[:, keep], cross[:, removed]
+    removed = removed_indices(keep, moments.width)
+    around = torch.zeros(moments.width, dtype=torch.float64) if centre is None else centre
+    second = moments.covariance(around)  # (d, d) float64 E[(a - c)(a - c)^T]
+    kk, kr = second[keep][:, keep], second[keep][:, removed]
     scale = kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
     eye = torch.eye(len(keep), dtype=torch.float64)
     return torch.linalg.solve(kk + max(ridge, 1e-8) * scale * eye, kr).to(torch.float32)

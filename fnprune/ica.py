@@ -3,10 +3,13 @@
 The same algorithm and conventions as scikit-learn's parallel FastICA (`_ica_par`), which stays the reference in
 the tests, without its costs on our shapes:
 - whitening needs only the top k principal directions, so it comes from a Gram/covariance matrix (which can be
-  accumulated batch by batch, `StreamedCorrelation`) or a seeded randomized range finder, never a full SVD;
-- several restarts run as one batch, and their agreement measures how reproducible the components are;
-- LAPACK calls (eigh, qr, svd) and the fixed-point loop run on one CPU thread: they are small, and on a shared
-  machine torch's threaded LAPACK was measured 10-300x slower than single-threaded (threads spin while waiting).
+  accumulated batch by batch, fnprune.moments) or a seeded randomized range finder, never a full SVD;
+- FastICA starts from scikit-learn's own random matrix for a seed (`sklearn_init`), so for the same whitening
+  and seed the two engines run the same iterations up to rounding;
+- several restarts, several runs and several layers go through the fixed-point loop as one batch
+  (`find_networks_batch`); the restarts' agreement measures how reproducible the components are;
+- small LAPACK calls (eigh, Cholesky, QR) run on one CPU thread: on a shared machine torch's threaded LAPACK was
+  measured 10-300x slower than single-threaded (threads spin while waiting); big products use every thread.
 
 Shapes follow scikit-learn: data are (n_samples, n_features). In fnprune's spatial ICA the samples are neurons
 and the features are tokens (see fnprune.networks).
@@ -14,7 +17,7 @@ and the features are tokens (see fnprune.networks).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,14 +25,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .moments import SecondMoments
 from .networks import LayerNetworks, pool_networks
 
 __all__ = [
     "IcaResult",
-    "StreamedCorrelation",
     "Whitening",
     "fast_ica",
+    "find_networks_batch",
     "find_networks_torch",
+    "sklearn_init",
     "match_components",
     "whiten",
     "whiten_gram",
@@ -81,25 +86,41 @@ def _gaussian(rows: int, cols: int, seed: int, like: torch.Tensor) -> torch.Tens
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
 
 
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a tall y (m, l): CholeskyQR, a small (l, l) factorisation and one
+    product (several times faster than Householder QR here), with Householder QR where y^T y is too
+    ill-conditioned for Cholesky. Computed in float64."""
+    y64 = y.to(torch.float64)
+    with _one_thread(y.device):
+        chol, info = torch.linalg.cholesky_ex(y64.T @ y64)
+        if int(info) == 0:
+            q = torch.linalg.solve_triangular(chol.T, y64, upper=True, left=False)  # y R^-1, R = chol^T
+            if torch.isfinite(q).all():
+                return q.to(y.dtype)
+        return torch.linalg.qr(y64).Q.to(y.dtype)
+
+
 def _top_eig(
     sym: torch.Tensor, k: int, method: str, seed: int, oversample: int, power_iters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest k eigenvalues (k,) and eigenvectors (m, k) of a symmetric PSD matrix (m, m), largest first.
 
     "eigh" is exact; "randomized" is seeded subspace iteration (Halko et al. 2011, alg. 4.4 on the Gram) with a
-    Rayleigh-Ritz step: O(m^2 (k + oversample)) per iteration instead of eigh's poorly parallel O(m^3).
+    Rayleigh-Ritz step: O(m^2 (k + oversample)) per iteration instead of eigh's poorly parallel O(m^3). Its
+    products use all threads; the small factorisations run on one (see the module doc).
     """
-    with _one_thread(sym.device):
-        if method == "eigh":
+    if method == "eigh":
+        with _one_thread(sym.device):
             eigval, eigvec = torch.linalg.eigh(sym)  # ascending
-        elif method == "randomized":
-            q = torch.linalg.qr(sym @ _gaussian(sym.shape[0], min(k + oversample, sym.shape[0]), seed, sym)).Q
-            for _ in range(power_iters):
-                q = torch.linalg.qr(sym @ q).Q  # (m, l)
+    elif method == "randomized":
+        q = _orthonormal(sym @ _gaussian(sym.shape[0], min(k + oversample, sym.shape[0]), seed, sym))
+        for _ in range(power_iters):
+            q = _orthonormal(sym @ q)  # (m, l)
+        with _one_thread(sym.device):
             eigval, small = torch.linalg.eigh(q.T @ sym @ q)  # (l,), (l, l) ascending
-            eigvec = q @ small  # (m, l)
-        else:
-            raise ValueError(f"unknown eigen method {method!r}; use 'eigh' or 'randomized'")
+        eigvec = q @ small  # (m, l)
+    else:
+        raise ValueError(f"unknown eigen method {method!r}; use 'eigh' or 'randomized'")
     return eigval.flip(0)[:k].clamp(min=0), _sign_fix(eigvec.flip(1)[:, :k])
 
 
@@ -109,7 +130,7 @@ def whiten_gram(
     """Whitened data (n, k) and explained-variance fractions (k,) from the n x n Gram of column-centred data.
 
     The whitened data are the top-k eigenvectors scaled to unit variance: nothing else of the data is needed,
-    which is why the Gram can come from a stream (`StreamedCorrelation`) instead of a stored sample.
+    which is why the Gram can come from a stream (fnprune.moments) instead of a stored sample.
     """
     if not 0 < k <= gram.shape[0]:
         raise ValueError(f"k ({k}) must be in 1..{gram.shape[0]}")
@@ -179,64 +200,13 @@ def whiten(
     return Whitening(u * n**0.5, components, eigval / xc.pow(2).sum().clamp(min=tiny))
 
 
-class StreamedCorrelation:
-    """Neuron correlation accumulated batch by batch: spatial-ICA whitening over all tokens, no token sample.
-
-    fnprune's spatial ICA z-scores each neuron over tokens, then centres each token across neurons; the Gram of
-    that (d, T) matrix is T * P R P (R = neuron correlation, P = I - 11^T/d), and `whiten_gram` needs nothing
-    else. Memory: one d x d matrix. Sums are taken around the first batch's mean (no cancellation in float32).
-    """
-
-    def __init__(self, width: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
-        self.outer = torch.zeros(width, width, dtype=dtype, device=device)
-        self.sum = torch.zeros(width, dtype=dtype, device=device)
-        self.shift: torch.Tensor | None = None
-        self.low = torch.full((width,), float("inf"), dtype=dtype, device=device)
-        self.high = torch.full((width,), -float("inf"), dtype=dtype, device=device)
-        self.count = 0
-
-    def update(self, tokens: ArrayLike) -> None:
-        """Add a batch of token activations (B, d)."""
-        t = torch.as_tensor(tokens).to(self.outer.device, self.outer.dtype)
-        if self.shift is None:
-            self.shift = t.mean(0)
-        self.low = torch.minimum(self.low, t.amin(0))
-        self.high = torch.maximum(self.high, t.amax(0))
-        t = t - self.shift  # (B, d)
-        self.sum += t.sum(0)
-        # Upper block triangle only: 3 of the 4 (d/2 x d/2) products, 25% less time than t^T t.
-        h = self.outer.shape[0] // 2
-        a, b = t[:, :h], t[:, h:]
-        self.outer[:h, :h].addmm_(a.T, a)
-        self.outer[:h, h:].addmm_(a.T, b)
-        self.outer[h:, h:].addmm_(b.T, b)
-        self.count += t.shape[0]
-
-    @property
-    def constant(self) -> torch.Tensor:
-        """(d,) bool: neurons that never varied (dead); an exact test, so rounding cannot fake a variance."""
-        return self.high == self.low
-
-    def centred_gram(self) -> torch.Tensor:
-        """(d, d) P R P: Gram of the z-scored, token-centred (d, T) matrix divided by T; dead neurons give 0."""
-        if self.count == 0:
-            raise ValueError("no tokens were added")
-        mean = self.sum / self.count  # (d,) mean minus shift
-        h = self.outer.shape[0] // 2
-        gram = self.outer / self.count
-        gram[h:, :h] = gram[:h, h:].T  # fill the lower block from the upper one
-        gram.sub_(torch.outer(mean, mean))  # covariance
-        inv = torch.where(~self.constant, gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
-        gram.mul_(inv[:, None]).mul_(inv[None, :])  # correlation R
-        row = gram.mean(1)  # (d,) = column means too: R is symmetric
-        return gram.sub_(row[:, None]).sub_(row[None, :]).add_(row.mean())  # P R P
-
-
 def _nonlinearity(u: torch.Tensor, fun: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """g(u) and the sample mean of g'(u) for u (..., k, n), as scikit-learn's _logcosh / _cube (alpha = 1)."""
+    """g(u) and the sample mean of g'(u) for u (..., k, n), as scikit-learn's _logcosh / _cube (alpha = 1).
+    logcosh overwrites u with g(u)."""
     if fun == "logcosh":
-        gu = torch.tanh(u)
-        return gu, (1 - gu.pow(2)).mean(-1)
+        gu = torch.tanh_(u)  # in place: u is a temporary of the caller's, as large as the data
+        # mean(1 - g^2) as 1 - ||g||^2 / n: one fused reduction, several times faster than the elementwise form
+        return gu, 1 - torch.linalg.vector_norm(gu, dim=-1).pow(2) / u.shape[-1]
     if fun == "cube":
         return u.pow(3), 3 * u.pow(2).mean(-1)
     raise ValueError(f"unknown FastICA nonlinearity {fun!r}; use 'logcosh' or 'cube'")
@@ -245,7 +215,8 @@ def _nonlinearity(u: torch.Tensor, fun: str) -> tuple[torch.Tensor, torch.Tensor
 def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
     """W <- (W W^T)^{-1/2} W for a batch of square matrices (..., k, k)."""
     s, u = torch.linalg.eigh(w @ w.mT)
-    s = s.clamp(min=torch.finfo(w.dtype).tiny)
+    # Relative floor: a (near) rank-deficient W W^T would otherwise blow W up (to inf in float32).
+    s = torch.maximum(s, s.amax(-1, keepdim=True) * torch.finfo(w.dtype).eps).clamp(min=torch.finfo(w.dtype).tiny)
     return (u * s.rsqrt()[..., None, :]) @ u.mT @ w
 
 
@@ -276,6 +247,16 @@ def match_components(a: ArrayLike, b: ArrayLike) -> tuple[float, np.ndarray]:
     return float(per_row[perm >= 0].mean()), perm
 
 
+def sklearn_init(seed: int, k: int, restarts: int = 1) -> torch.Tensor:
+    """FastICA starting matrices (restarts, k, k) float64: scikit-learn's for `seed` first.
+
+    scikit-learn draws w_init = RandomState(seed).normal(size=(k, k)) when whiten=False; the restarts continue
+    that stream, so start 0 is exactly scikit-learn's whatever `restarts` is.
+    """
+    draws = np.random.RandomState(seed).normal(size=(restarts * k, k))
+    return torch.from_numpy(draws).reshape(restarts, k, k)
+
+
 def fast_ica(
     whitened: ArrayLike,
     fun: str = "logcosh",
@@ -287,22 +268,23 @@ def fast_ica(
 ) -> IcaResult:
     """Parallel FastICA of whitened data (n_samples, k): scikit-learn's `_ica_par` fixed point, in torch.
 
-    W <- sym_decorrelation(E[g(WX) X^T] - E[g'(WX)] W) until max_i |abs(diag(W1 W^T)) - 1| < tol. The random
-    starts come from one seeded generator and run as one batch (run 0 is the same whatever `restarts` is).
-    Run 0 is returned; the others only measure how reproducible its components are (`stability`, 1 =
-    identical). `w_init` (k, k) replaces run 0's start, e.g. with scikit-learn's to compare the iterations.
+    W <- sym_decorrelation(E[g(WX) X^T] - E[g'(WX)] W) until max_i |abs(diag(W1 W^T)) - 1| < tol. The starts
+    are scikit-learn's for `seed` (`sklearn_init`) and run as one batch. Run 0 is returned; the others only
+    measure how reproducible its components are (`stability`, 1 = identical). `w_init` (k, k) replaces run 0's
+    start.
     """
     x = torch.as_tensor(whitened).T  # (k, n): scikit-learn's X1
     k = x.shape[0]
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    _nonlinearity(x[:1, :1], fun)  # reject an unknown `fun` before any work
-    init = _gaussian(restarts * k, k, seed, x).reshape(restarts, k, k)  # (R, k, k)
+    _nonlinearity(x[:1, :1].clone(), fun)  # reject an unknown `fun` before any work (logcosh overwrites u)
+    init = sklearn_init(seed, k, restarts).to(x.device, x.dtype)  # (R, k, k)
     if w_init is not None:
         init[0] = torch.as_tensor(w_init).to(x.device, x.dtype)
     # Per-iteration work is O(R k^2 n): small problems stay on one thread (see the module doc).
     with _one_thread(x.device, small=restarts * k * k * x.shape[1] < 50_000_000):
-        w, n_iter, converged = _ica_par(x, init, fun, max_iter, tol)
+        w, n_iter, converged = _ica_par(x[None], init[None], fun, max_iter, tol)
+        w, n_iter, converged = w[0], n_iter[0], converged[0]
         sources = w @ x  # (R, k, n)
     result = IcaResult(sources[0].T, w[0], int(n_iter[0]), bool(converged[0]))
     if restarts > 1:
@@ -313,25 +295,42 @@ def fast_ica(
 
 
 def _ica_par(
-    x: torch.Tensor, init: torch.Tensor, fun: str, max_iter: int, tol: float
+    x: torch.Tensor, init: torch.Tensor, fun: str, max_iter: int, tol: float, on_iter=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed-point loop on X (k, n) from R starts (R, k, k) at once; a run that converged stops moving."""
-    restarts, n = init.shape[0], x.shape[1]
-    w = _sym_decorrelation(init)  # (R, k, k)
-    active = torch.ones(restarts, dtype=torch.bool, device=x.device)
-    n_iter = torch.full((restarts,), max_iter, dtype=torch.long)
+    """The fixed-point loop for L data sets X (L, k, n), each from R starts (L, R, k, k), all as one batch.
+
+    The data are shared by their R runs (broadcast, never copied). A run stops moving when it converges; a data
+    set whose runs have all converged leaves the batch. Returns W (L, R, k, k), iterations and converged (L, R).
+    """
+    n = x.shape[-1]
+    w = _sym_decorrelation(init)  # (L, R, k, k)
+    n_iter = torch.full(w.shape[:2], max_iter, dtype=torch.long)
+    converged = torch.zeros(w.shape[:2], dtype=torch.bool)
+    active = torch.arange(w.shape[0], device=w.device)  # data sets with a run still iterating
+    xa, wa, moving = x, w, torch.ones(w.shape[:2], dtype=torch.bool, device=w.device)
+    runs, k = w.shape[1], w.shape[2]
     for it in range(max_iter):
-        gu, gpu = _nonlinearity(w @ x, fun)  # (R, k, n), (R, k)
-        w1 = _sym_decorrelation(gu @ x.T / n - gpu[..., None] * w)
-        lim = ((w1 * w).sum(-1).abs() - 1).abs().amax(-1)  # (R,)
-        w = w1 if restarts == 1 else torch.where(active[:, None, None], w1, w)
-        done = (lim < tol) & active
+        # The R runs' unmixing rows stacked, (A, R k, k) @ (A, k, n): one product per data set, X not copied.
+        gu, gpu = _nonlinearity(wa.flatten(1, 2) @ xa, fun)  # (A, R k, n), (A, R k)
+        step = (gu @ xa.mT / n).unflatten(1, (runs, k))  # (A, R, k, k)
+        del gu
+        w1 = _sym_decorrelation(step - gpu.unflatten(1, (runs, k))[..., None] * wa)
+        done = (((w1 * wa).sum(-1).abs() - 1).abs().amax(-1) < tol) & moving  # (A, R) newly converged
+        wa = torch.where(moving[..., None, None], w1, wa)
+        w[active] = wa
+        if on_iter is not None:
+            on_iter()
         if done.any():
-            n_iter[done.cpu()] = it + 1
-            active &= ~done
-            if not active.any():
-                break
-    return w, n_iter, (~active).cpu()
+            sets, which = done.nonzero(as_tuple=True)
+            n_iter[active[sets].cpu(), which.cpu()] = it + 1
+            converged[active[sets].cpu(), which.cpu()] = True
+            moving = moving & ~done
+            still = moving.any(-1)  # (A,)
+            if not still.all():
+                active, xa, wa, moving = active[still], xa[still], wa[still], moving[still]
+                if active.numel() == 0:
+                    break
+    return w, n_iter, converged
 
 
 def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
@@ -340,8 +339,42 @@ def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, (x - x.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, 1), 0.0)
 
 
+def _as_moments(data: ArrayLike | SecondMoments, device, dtype: torch.dtype) -> SecondMoments:
+    if isinstance(data, SecondMoments):
+        return data
+    return SecondMoments.of(torch.as_tensor(data).to(device=device, dtype=dtype), dtype)
+
+
+def _layer_whitening(
+    moments: SecondMoments, components: int, seed: int, eig_method: str, device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Checked spatial-ICA whitening (d, k) of one layer from its moments."""
+    if not moments.finite():
+        raise ValueError("activations contain NaN or inf")
+    if components >= min(moments.count, moments.width):
+        raise ValueError(
+            f"components ({components}) must be smaller than both the number of tokens ({moments.count}) "
+            f"and of neurons ({moments.width})"
+        )
+    gram = moments.correlation_gram(dtype).to(device)
+    whitened, explained = whiten_gram(gram, components, eig_method, seed)  # (d, k), (k,)
+    exact = moments.dtype == dtype == torch.float64
+    floor = 1e-10 if exact else 1e-5  # relative eigenvalue noise of a rank-deficient Gram
+    if explained[-1] <= floor * max(float(explained[0]), 1e-300):
+        raise ValueError(f"activations have rank below {components} components; lower `components`")
+    return whitened.to(dtype)
+
+
+def _maps(sources: torch.Tensor, threshold: float, converged: bool, dead: int) -> LayerNetworks:
+    """LayerNetworks from FastICA sources (k, d): z-scored across neurons, heavy tail positive."""
+    maps = _zscore_rows(sources.to(torch.float64))
+    skew = maps.pow(3).mean(dim=1)
+    maps = (maps * torch.where(skew < 0, -1.0, 1.0)[:, None]).cpu().numpy()
+    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
+
+
 def find_networks_torch(
-    tokens: ArrayLike,
+    tokens: ArrayLike | SecondMoments,
     components: int,
     threshold: float,
     seed: int,
@@ -355,33 +388,73 @@ def find_networks_torch(
 ) -> LayerNetworks:
     """Drop-in for `fnprune.networks.find_networks` (same inputs, checks and post-processing) on this engine.
 
-    `tokens` (T, d): one layer's token activations. The whitening is the top-k eigenvectors of the neuron
-    correlation Gram (`StreamedCorrelation` over the given tokens; `eig_method` "randomized" or exact "eigh"),
-    the same subspace as the reference's. Maps come back as float64 numpy like the reference's.
-    `runs` > 1 repeats FastICA from seeds seed, seed + 1, ... on the same whitening and pools the networks
-    (fnprune.networks.pool_networks); `restarts` only measures stability.
+    `tokens`: one layer's token activations (T, d), or their `SecondMoments`. The whitening is the top-k
+    eigenvectors of the neuron correlation Gram (`eig_method` "randomized" or exact "eigh"), the reference's
+    subspace; FastICA run r starts from scikit-learn's matrix for seed + r. Maps come back as float64 numpy.
+    `runs` > 1 pools the networks of seeds seed, seed + 1, ... on one whitening; `restarts` only measures
+    stability.
     """
-    t = torch.as_tensor(tokens).to(device=device, dtype=dtype)
-    n_tokens, width = t.shape
-    if components >= min(n_tokens, width):
-        raise ValueError(
-            f"components ({components}) must be smaller than both the number of tokens ({n_tokens}) "
-            f"and of neurons ({width})"
-        )
-    stream = StreamedCorrelation(width, t.device, dtype)
-    stream.update(t)
-    if not (torch.isfinite(stream.low).all() and torch.isfinite(stream.high).all()):  # min/max carry NaN and inf
-        raise ValueError("activations contain NaN or inf")
-    whitened, explained = whiten_gram(stream.centred_gram(), components, eig_method, seed)  # (d, k), (k,)
-    floor = 1e-10 if dtype == torch.float64 else 1e-5  # eigenvalue noise of a rank-deficient Gram, relative
-    if explained[-1] <= floor * max(float(explained[0]), 1e-300):
-        raise ValueError(f"activations have rank below {components} components; lower `components`")
+    moments = _as_moments(tokens, device, dtype)
+    whitened = _layer_whitening(moments, components, seed, eig_method, device, dtype)
+    dead = int(moments.constant.sum())
     found = []
     for run in range(runs):
         ica = fast_ica(whitened, "logcosh", max_iter, tol, seed + run, restarts)
-        maps = _zscore_rows(ica.sources.T.to(torch.float64))  # (k, d)
-        skew = maps.pow(3).mean(dim=1)
-        maps = (maps * torch.where(skew < 0, -1.0, 1.0)[:, None]).cpu().numpy()
-        found.append(LayerNetworks(maps, np.abs(maps) > threshold, threshold, ica.converged,
-                                   int(stream.constant.sum())))
+        found.append(_maps(ica.sources.T, threshold, ica.converged, dead))
     return pool_networks(found)
+
+
+def find_networks_batch(
+    layers: Iterable[ArrayLike | SecondMoments],
+    components: int,
+    threshold: float,
+    seed: int,
+    max_iter: int = 400,
+    tol: float = 1e-4,
+    runs: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    eig_method: str = "randomized",
+    progress=None,
+    max_batch_elements: int = 2**23,
+) -> list[LayerNetworks]:
+    """`find_networks_torch` for many layers at once: every layer's FastICA runs go through the fixed-point
+    loop as one batch (layers of equal width together, at most `max_batch_elements` data values per batch),
+    which on the CPU is several times faster than layer after layer. Same networks as the per-layer call.
+
+    `layers` may be a generator: each layer's tokens or moments are only needed for its whitening, so at most
+    one is alive at a time. `progress`: optional tqdm-like bar, advanced once per batched iteration.
+    Raises ValueError naming the layer whose activations cannot be unmixed.
+    """
+    whitened, dead = [], []
+    for i, layer in enumerate(layers):
+        try:
+            moments = _as_moments(layer, device, torch.float64)
+            whitened.append(_layer_whitening(moments, components, seed, eig_method, device, dtype))
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from exc
+        dead.append(int(moments.constant.sum()))
+        del moments
+    starts = torch.stack([sklearn_init(seed + r, components)[0] for r in range(runs)]).to(device, dtype)
+    chunks: list[list[int]] = []
+    for width in sorted({w.shape[0] for w in whitened}):
+        same = [i for i, w in enumerate(whitened) if w.shape[0] == width]
+        per_chunk = max(1, max_batch_elements // (runs * components * width))
+        chunks += [same[j : j + per_chunk] for j in range(0, len(same), per_chunk)]
+    if progress is not None:
+        progress.reset(total=len(chunks) * max_iter)
+    sources: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for chunk in chunks:
+        x = torch.stack([whitened[i].T for i in chunk])  # (L, k, d)
+        w0 = starts.expand(len(chunk), -1, -1, -1)  # (L, runs, k, k)
+        w, n_iter, converged = _ica_par(x, w0, "logcosh", max_iter, tol,
+                                        on_iter=progress.update if progress is not None else None)
+        if progress is not None:
+            progress.update(max_iter - int(n_iter.max()))
+        s = (w.flatten(1, 2) @ x).unflatten(1, (runs, components))  # (L, runs, k, d)
+        for j, i in enumerate(chunk):
+            sources[i] = (s[j], converged[j])
+    return [
+        pool_networks([_maps(sources[i][0][r], threshold, bool(sources[i][1][r]), dead[i]) for r in range(runs)])
+        for i in range(len(whitened))
+    ]

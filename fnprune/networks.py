@@ -1,8 +1,9 @@
 """Functional networks of one layer: spatial ICA over MLP neurons (pure math; knows nothing of models).
 
 As in fMRI spatial ICA, neurons are the samples and tokens the features: each neuron's activation over the
-calibration tokens is z-scored, the neuron x token matrix is reduced by PCA to k components, and FastICA
-unmixes k spatial maps (one weight per neuron). Each map is z-scored across neurons; neurons with
+calibration tokens is z-scored, the neuron x token matrix is reduced by PCA to k components (through its
+neuron Gram, which the tokens' second moments give, fnprune.moments), and FastICA unmixes k spatial maps
+(one weight per neuron). Each map is z-scored across neurons; neurons with
 |z| > threshold are that network's members.
 """
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LayerNetworks", "find_networks", "network_relevance", "pool_networks"]
+from .moments import SecondMoments
+
+__all__ = ["LayerNetworks", "find_networks", "network_relevance", "pool_networks", "whitening"]
 
 
 @dataclass
@@ -30,8 +33,21 @@ def _zscore(x: np.ndarray, axis: int) -> np.ndarray:
     return np.where(std > 0, (x - x.mean(axis=axis, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
 
 
+def whitening(gram: np.ndarray, components: int) -> np.ndarray:
+    """Spatial-ICA whitened data (d, k) from the neuron Gram P R P (`SecondMoments.correlation_gram`): its top
+    eigenvectors scaled to unit variance, each signed so its largest-magnitude entry is positive (LAPACK's
+    signs vary by build, and FastICA's start depends on them)."""
+    eigval, eigvec = np.linalg.eigh(np.asarray(gram, dtype=np.float64))  # ascending
+    top = np.argsort(eigval)[::-1][:components]
+    if eigval[top[-1]] <= 1e-10 * max(eigval[top[0]], 1e-300):
+        raise ValueError(f"activations have rank below {components} components; lower `components`")
+    vec = eigvec[:, top]
+    vec = vec * np.sign(vec[np.abs(vec).argmax(axis=0), np.arange(components)])
+    return vec * np.sqrt(gram.shape[0])
+
+
 def find_networks(
-    tokens: np.ndarray,
+    tokens: np.ndarray | SecondMoments,
     components: int,
     threshold: float,
     seed: int,
@@ -39,29 +55,23 @@ def find_networks(
     tol: float = 1e-4,
     runs: int = 1,
 ) -> LayerNetworks:
-    """ICA maps of one layer from its token activations `tokens` (T tokens, d neurons).
+    """ICA maps of one layer from its token activations `tokens` (T tokens, d neurons) or their moments.
 
-    `runs` > 1 repeats FastICA from seeds seed, seed + 1, ... on the same (deterministic) whitening and pools
-    the networks (`pool_networks`): the same result as pooling separate calls, for one whitening's cost.
+    The reference engine: numpy eigh whitening and scikit-learn's FastICA. `runs` > 1 repeats FastICA from
+    seeds seed, seed + 1, ... on the same (deterministic) whitening and pools the networks (`pool_networks`):
+    the same result as pooling separate calls, for one whitening's cost.
     """
-    tokens = np.asarray(tokens, dtype=np.float64)
-    if not np.isfinite(tokens).all():
+    moments = tokens if isinstance(tokens, SecondMoments) else SecondMoments.of(np.asarray(tokens, np.float64))
+    if not moments.finite():
         raise ValueError("activations contain NaN or inf")
-    n_tokens, width = tokens.shape
+    n_tokens, width = moments.count, moments.width
     if components >= min(n_tokens, width):
         raise ValueError(
             f"components ({components}) must be smaller than both the number of tokens ({n_tokens}) "
             f"and of neurons ({width})"
         )
-    x = _zscore(tokens.T, axis=1)  # (d, T): each neuron's time course standardized
-    dead = int((tokens.std(axis=0) == 0).sum())
-    x = x - x.mean(axis=0, keepdims=True)  # centre every token feature across neurons
-    # PCA whitening through the neuron x neuron Gram matrix (d x d, cheap when T > d).
-    eigval, eigvec = np.linalg.eigh(x @ x.T)  # ascending
-    top = np.argsort(eigval)[::-1][:components]
-    if eigval[top[-1]] <= 1e-10 * max(eigval[top[0]], 1e-300):
-        raise ValueError(f"activations have rank below {components} components; lower `components`")
-    whitened = eigvec[:, top] * np.sqrt(width)  # (d, k), unit variance per component
+    dead = int(moments.constant.sum())
+    whitened = whitening(moments.correlation_gram().numpy(), components)  # (d, k), unit variance per component
     from sklearn.decomposition import FastICA  # imported here: scikit-learn + SciPy cost ~150 MiB of RSS
     from sklearn.exceptions import ConvergenceWarning
 

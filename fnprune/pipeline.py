@@ -13,7 +13,7 @@ import logging
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,10 @@ from .data import Example, check_disjoint, data_source, file_sha256, load_split,
 from .errors import NumericalError, RecipeError
 from .evaluate import EvalResult, evaluate_accuracy
 from .hub import push_folder
-from .ica import find_networks_torch
+from .ica import find_networks_batch, find_networks_torch
+from .memory import release_memory
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
+from .moments import SecondMoments
 from .networks import LayerNetworks, find_networks, network_relevance
 from .recipe import ModelSpec, NetworksSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
@@ -78,10 +80,10 @@ class Calibration:
     timings: dict[str, float] = field(default_factory=dict)
 
     def release_token_sample(self) -> None:
-        """Drop the per-layer token samples (the bulk of calibration memory) once ICA and the reconstruction
-        have used them; statistics, decision tokens and networks stay."""
+        """Drop the per-layer token samples or their moments (the bulk of calibration memory) once ICA and the
+        reconstruction have used them; statistics, decision tokens and networks stay."""
         for a in self.activations:
-            a.tokens = a.tokens[:0]
+            a.tokens = a.moments = None
 
 
 class _Timer:
@@ -109,36 +111,44 @@ def versions() -> dict[str, str]:
     }
 
 
-def layer_networks(tokens: torch.Tensor, net: NetworksSpec) -> LayerNetworks:
-    """One layer's ICA networks with the recipe's engine (torch: float32, randomized whitening), pooled over
-    `net.runs` FastICA seeds (the torch engine whitens once for all of them)."""
+def layer_networks(sample: torch.Tensor | SecondMoments, net: NetworksSpec) -> LayerNetworks:
+    """One layer's ICA networks with the recipe's engine from its token sample or the sample's moments, pooled
+    over `net.runs` FastICA seeds on one whitening."""
     if net.engine == "torch":
         return find_networks_torch(
-            tokens, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
+            sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
             runs=net.runs,
         )
-    return find_networks(
-        tokens.float().numpy(), net.components, net.threshold, net.seed, net.max_iter, net.tol, runs=net.runs
-    )
+    if not isinstance(sample, SecondMoments):
+        sample = SecondMoments.of(sample.double())
+    with threadpool_limits(1):  # threaded LAPACK on these small matrices is much slower on shared CPUs
+        return find_networks(sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, runs=net.runs)
 
 
 def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
     net = recipe.networks
-    n_tokens, width = acts[0].tokens.shape
+    n_tokens, width = acts[0].sampled, int(acts[0].mean.numel())
     if net.components >= min(n_tokens, width):
         raise RecipeError(
             f"networks.components ({net.components}) must be below the calibration tokens captured "
             f"({n_tokens}) and the MLP width ({width})"
         )
-    found = []
-    # sklearn: one BLAS thread (threaded LAPACK on small matrices is much slower on shared CPUs, see
-    # evaluation/RESULTS.md); the torch engine threads its big products and pins its small ones itself.
-    with threadpool_limits(1) if net.engine == "sklearn" else nullcontext():
-        for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
-            try:
-                found.append(layer_networks(a.tokens, net))
-            except ValueError as exc:
-                raise NumericalError(f"layer {i}: {exc}") from exc
+    try:
+        if net.engine == "torch":  # every layer's runs in one batched fixed-point loop
+            with tqdm(desc="ICA", unit="it", disable=not progress) as bar:
+                found = find_networks_batch(
+                    (a.moments if a.moments is not None else a.tokens for a in acts), net.components,
+                    net.threshold, net.seed, net.max_iter, net.tol, net.runs, progress=bar,
+                )
+        else:
+            found = []
+            for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
+                try:
+                    found.append(layer_networks(a.sample_moments(), net))
+                except ValueError as exc:
+                    raise ValueError(f"layer {i}: {exc}") from exc
+    except ValueError as exc:
+        raise NumericalError(str(exc)) from exc
     dead = {i: n.dead_neurons for i, n in enumerate(found) if n.dead_neurons}
     if dead:
         log.warning("neurons that never vary on the calibration data (layer: count): %s", dead)
@@ -189,7 +199,7 @@ def calibrate(
         seqs = encode_inputs(tokenizer, examples, cal.max_length, is_classifier(model))
         acts = capture_activations(
             model, layout_for(model), seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
-            store_dtype=cal.store_dtype, progress=progress,
+            store_dtype=cal.store_dtype, sample_store=cal.sample_store, progress=progress,
         )
         for i, a in enumerate(acts):
             if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
@@ -201,6 +211,7 @@ def calibrate(
         labels = np.array([labels_order.index(e.label) for e in examples])
         if use_cache:
             cache.save_activations(key, acts, labels)
+    release_memory()  # the forward passes' freed temporaries, before ICA allocates its own
     timings["capture"] = round(time.perf_counter() - start, 3)
     calib = Calibration(acts, labels, timings=timings)
     if with_networks:
@@ -209,6 +220,7 @@ def calibrate(
         calib.networks = cache.load_networks(net_key) if use_cache else None
         if calib.networks is None:
             calib.networks = _find_all_networks(acts, recipe, progress)
+            release_memory()
             if use_cache:
                 cache.save_networks(net_key, calib.networks)
         calib.relevance = [
@@ -257,11 +269,13 @@ def reconstruction_fills(
     progress: bool = False,
 ) -> list[torch.Tensor]:
     """Per layer, the least-squares map that rebuilds removed neurons from kept ones (fnprune.compensation),
-    fitted on the calibration token sample; centred on `centres` (the means) when the bias can hold it."""
+    fitted on the calibration token sample's second moments; centred on `centres` (the means) when the bias
+    can hold it."""
     fills = []
     for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
                                     disable=not progress)):
-        fill = reconstruction_map(a.tokens, k, centres[i] if centres is not None else None, ridge)
+        fill = reconstruction_map(a.sample_moments(), k, centres[i] if centres is not None else None, ridge)
+        release_memory(collect=False)  # each layer's d x d float64 temporaries, before the next layer's
         if not torch.isfinite(fill).all():
             raise NumericalError(f"layer {i}: the reconstruction of removed neurons is not finite; raise --ridge")
         fills.append(fill)
@@ -364,7 +378,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     log.info(
         "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d tokens)",
         capture_memory_bytes(
-            n_layers, max(widths), recipe.calibration.max_tokens, len(calibration), recipe.calibration.store_dtype
+            n_layers, max(widths), recipe.calibration.max_tokens, len(calibration), recipe.calibration.store_dtype,
+            recipe.calibration.sample_store,
         ) / 2**20,
         n_layers, max(widths), recipe.calibration.max_tokens,
     )
@@ -385,8 +400,9 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     if sel.reconstruct:
         with timer.stage("reconstruct"):
             fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress)
-    tokens_for_ica = int(calib.activations[0].tokens.shape[0])
+    tokens_for_ica = calib.activations[0].sampled
     calib.release_token_sample()  # before surgery and saving, which need memory of their own
+    release_memory()
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if source is not None:  # streamed: the pruned weights go straight from the source files to `tmp`
             with timer.stage("surgery"):

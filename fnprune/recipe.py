@@ -36,6 +36,7 @@ __all__ = [
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")
 DTYPES = ("float32", "bfloat16", "float16")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+SAMPLE_STORES = ("auto", "tokens", "moments")
 ALLOCATIONS = ("uniform", "global")
 LAYOUTS = ("uniform", "per-layer", "padded")
 ICA_ENGINES = ("sklearn", "torch")
@@ -152,6 +153,9 @@ class CalibrationSpec:
     batch_size: int = 16
     max_length: int = 256
     store_dtype: str = "float32"
+    # How the token sample is kept for ICA and reconstruction: its d x d float32 second moments ("moments"),
+    # the tokens ("tokens"), or whichever is smaller per layer ("auto": moments when d <= max_tokens).
+    sample_store: str = "auto"
     seed: int = 0
     cache: bool = True  # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
 
@@ -162,6 +166,8 @@ class CalibrationSpec:
                 problems.append(f"calibration.{name}: must be >= 1, got {getattr(self, name)}")
         if self.store_dtype not in STORE_DTYPES:
             problems.append(f"calibration.store_dtype: {self.store_dtype!r} is not one of {STORE_DTYPES}")
+        if self.sample_store not in SAMPLE_STORES:
+            problems.append(f"calibration.sample_store: {self.sample_store!r} is not one of {SAMPLE_STORES}")
         return problems
 
 
@@ -174,7 +180,9 @@ class NetworksSpec:
     max_iter: int = 400
     tol: float = 1e-4
     seed: int = 0
-    engine: str = "sklearn"  # sklearn (numpy whitening + FastICA, the measured default) or torch (fnprune.ica)
+    # torch (fnprune.ica: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
+    # reference); both start FastICA from scikit-learn's matrix for the seed.
+    engine: str = "torch"
     runs: int = 5  # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
 
     def check(self) -> list[str]:

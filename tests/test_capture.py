@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fnprune.arch import layout_for
-from fnprune.capture import capture_activations, capture_memory_bytes
+from fnprune.capture import capture_activations, capture_memory_bytes, resolve_sample_store
 from fnprune.models import load_model
+from fnprune.moments import SecondMoments
 from fnprune.recipe import ModelSpec
 from fnprune.tokens import encode
 
@@ -85,3 +86,27 @@ def test_reservoir_is_the_bottom_k_sample_in_stream_order(llama, cap):
     for f, s in zip(full, sample):
         assert s.tokens.shape[0] == min(cap, total)
         torch.testing.assert_close(s.tokens, f.tokens[expected_rows])
+
+
+def test_moments_store_holds_the_token_samples_moments(llama):
+    """"moments" keeps the second moments of exactly the tokens "tokens" would keep, in far less memory
+    when the sample is longer than the MLP is wide."""
+    model, _, seqs = llama
+    tokens = _capture(model, seqs, max_tokens=20, seed=3, sample_store="tokens")
+    moments = _capture(model, seqs, max_tokens=20, seed=3, sample_store="moments")
+    for t, m in zip(tokens, moments):
+        assert m.tokens is None and m.moments is not None and m.sampled == t.sampled == 20
+        want = SecondMoments.of(t.tokens.double())
+        torch.testing.assert_close(m.moments.covariance(), want.covariance(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m.sample_moments().mean(), t.sample_moments().mean().double(), atol=1e-5,
+                                   rtol=1e-4)
+        torch.testing.assert_close(m.mean, t.mean)
+
+
+def test_auto_store_picks_the_smaller():
+    assert resolve_sample_store("auto", 1536, 4096, "float32") == "moments"
+    assert resolve_sample_store("auto", 11008, 4096, "float16") == "tokens"
+    assert resolve_sample_store("tokens", 8, 4096, "float32") == "tokens"
+    small = capture_memory_bytes(30, 1536, 4096, 256, "float32", "moments")
+    assert small < capture_memory_bytes(30, 1536, 4096, 256, "float16", "tokens")
+    assert capture_memory_bytes(30, 1536, 4096, 256, "float32", "auto") == small

@@ -37,10 +37,12 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     recipe.write_text(f"model:\n  name_or_path: {model_dir('gpt2')}\ntask:\n  name: sst2\n  data_dir: {task_data}\n"
                       "selection:\n  keep: 0.5\n  method: flap\n")
     out = tmp_path / "o"
-    result = _run("compress", "--recipe", recipe, "--sparsity", "0.75", "--output", out, "--no-eval", *SMALL)
+    result = _run("compress", "--recipe", recipe, "--sparsity", "0.75", "--output", out, "--no-eval",
+                  "--sample-store", "tokens", *SMALL)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["keep"] == 0.25 and report["method"] == "flap" and report["widths"]["pruned"] == [32, 32]
+    assert "sample_store: tokens" in (out / "recipe.yaml").read_text()
     assert "not evaluated (--no-eval)" in result.output and "None" not in result.output
 
 

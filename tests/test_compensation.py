@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fnprune.compensation import fold_into_output, reconstruction_map, removed_indices
+from fnprune.moments import SecondMoments
 
 
 def _linear_tokens(n_tokens: int = 500, width: int = 12, seed: int = 0):
@@ -64,3 +65,21 @@ def test_ridge_shrinks_the_map_and_negative_ridge_is_refused():
     assert large.norm() < 0.5 * small.norm()
     with pytest.raises(ValueError, match="ridge"):
         reconstruction_map(tokens, keep, None, ridge=-1)
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_the_sample_moments_give_the_same_map_as_the_tokens(centred):
+    tokens, _ = _linear_tokens(seed=4)
+    tokens = tokens + 0.1 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(5))
+    keep = torch.tensor([0, 2, 4, 6, 8, 10])
+    centre = tokens.mean(0) + 0.2 if centred else None  # e.g. the mean over all tokens, not just the sample
+    x = (tokens - (centre if centred else 0)).double()  # the ridge regression written out on the tokens
+    removed = removed_indices(keep, tokens.shape[1])
+    kk, kr = x[:, keep].T @ x[:, keep] / len(x), x[:, keep].T @ x[:, removed] / len(x)
+    want = torch.linalg.solve(kk + 0.1 * kk.diagonal().mean() * torch.eye(len(keep), dtype=torch.float64), kr)
+    moments = SecondMoments(tokens.shape[1], dtype=torch.float32)
+    for chunk in tokens.split(64):
+        moments.update(chunk)
+    for sample in (tokens, moments):
+        torch.testing.assert_close(reconstruction_map(sample, keep, centre, ridge=0.1), want.float(), atol=1e-4,
+                                   rtol=1e-4)

@@ -12,13 +12,14 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 from fnprune.ica import (
-    StreamedCorrelation,
     fast_ica,
+    find_networks_batch,
     find_networks_torch,
     match_components,
     whiten,
     whiten_gram,
 )
+from fnprune.moments import SecondMoments
 from fnprune.networks import find_networks
 
 
@@ -143,18 +144,18 @@ def test_match_components_ignores_sign_and_order():
     np.testing.assert_array_equal(order[perm], np.arange(5))
 
 
-def test_streamed_correlation_equals_the_stored_sample():
+def test_whitening_from_streamed_moments_equals_the_stored_sample():
     tokens = _planted()
     tokens[:, 7] = 1.5  # a dead neuron
-    stream = StreamedCorrelation(400)
+    stream = SecondMoments(400)
     for chunk in np.array_split(tokens, 7):
         stream.update(chunk)
     assert int(stream.constant.sum()) == 1
     std = tokens.std(0)
     z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as networks.py
     z = z - z.mean(0)
-    np.testing.assert_allclose(stream.centred_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
-    streamed, explained = whiten_gram(stream.centred_gram(), 4, "randomized")
+    np.testing.assert_allclose(stream.correlation_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
+    streamed, explained = whiten_gram(stream.correlation_gram(), 4, "randomized")
     stored = whiten(torch.from_numpy(z), 4, "gram")
     torch.testing.assert_close(streamed, stored.whitened)  # same sign convention, too
     torch.testing.assert_close(explained, stored.explained)
@@ -205,3 +206,35 @@ def test_find_networks_torch_checks_like_the_reference():
             find_networks_torch(low_rank, 4, 3.0, seed=0, dtype=dtype)
     with pytest.raises(ValueError, match="nonlinearity"):
         fast_ica(torch.zeros(10, 2, dtype=torch.float64), fun="tanh")
+
+
+def test_torch_engine_takes_scikit_learns_steps_for_the_same_seed():
+    """Same whitening (signs fixed alike) and scikit-learn's start for the seed: the two engines agree."""
+    tokens = _planted(seed=3)
+    for seed in (0, 4):
+        ref = find_networks(tokens, 4, 2.5, seed=seed, runs=2)
+        ours = find_networks_torch(tokens, 4, 2.5, seed=seed, eig_method="eigh", runs=2)
+        np.testing.assert_allclose(ours.maps, ref.maps, atol=1e-6)
+        np.testing.assert_array_equal(ours.members, ref.members)
+
+
+def test_batched_layers_equal_layer_by_layer():
+    layers = [_planted(seed=s) for s in (0, 1)] + [_planted(width=300, seed=2)]  # two widths
+    one_by_one = [find_networks_torch(t, 4, 2.5, seed=1, runs=3) for t in layers]
+    for limit in (2**23, 1):  # one batch per width, or one layer per batch
+        batched = find_networks_batch((t for t in layers), 4, 2.5, seed=1, runs=3, dtype=torch.float64,
+                                      max_batch_elements=limit)
+        for a, b in zip(one_by_one, batched):
+            np.testing.assert_allclose(b.maps, a.maps, atol=1e-8)
+            assert b.maps.shape == (12, a.maps.shape[1]) and b.converged == a.converged
+    moments = [SecondMoments.of(t.astype(np.float32), torch.float32) for t in layers]
+    single = find_networks_batch(moments, 4, 2.5, seed=1, runs=3)  # the pipeline's float32 moments
+    for a, b in zip(one_by_one, single):
+        assert match_components(b.maps, a.maps)[0] > 0.999
+
+
+def test_batched_layers_name_the_bad_layer():
+    layers = [_planted(seed=0), _planted(seed=1)]
+    layers[1][0, 3] = np.nan
+    with pytest.raises(ValueError, match="layer 1: activations contain NaN"):
+        find_networks_batch(layers, 4, 2.5, seed=0)

@@ -160,13 +160,29 @@ def test_sharded_output_reloads(model_dir, task_data, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.intermediate_size == 64
 
 
-def test_torch_ica_engine(model_dir, task_data, tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "sklearn"])
+def test_both_ica_engines(engine, model_dir, task_data, tmp_path):
     recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / "o"),
-                             {"networks.engine": "torch", "evaluation.enabled": False})
+                             {"networks.engine": engine, "evaluation.enabled": False})
     result = fnprune.compress(recipe, progress=False)
-    assert result.recipe.networks.engine == "torch" and result.report["widths"]["pruned"] == [64, 64]
+    assert result.recipe.networks.engine == engine and result.report["widths"]["pruned"] == [64, 64]
     meta = json.loads((result.output_dir / "networks.json").read_text())
     assert all(sum(layer["network_sizes"]) > 0 for layer in meta["layers"])
+
+
+def test_token_sample_or_its_moments_give_the_same_model(model_dir, task_data, tmp_path):
+    """The reconstruction needs only the sample's second moments: keeping them instead of the tokens gives the
+    same pruned weights (to float32 rounding); "auto" picks moments when they are smaller (width 128 <= 400)."""
+    weights = {}
+    for store in ("tokens", "moments", "auto"):
+        recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / store, method="flap"),
+                                 {"calibration.sample_store": store, "evaluation.enabled": False})
+        result = fnprune.compress(recipe, progress=False)
+        assert result.report["calibration"]["tokens_for_ica"] == 400
+        weights[store] = AutoModelForCausalLM.from_pretrained(result.output_dir).state_dict()
+    for name, tensor in weights["tokens"].items():
+        torch.testing.assert_close(weights["moments"][name], tensor, atol=2e-5, rtol=1e-4)
+        assert torch.equal(weights["auto"][name], weights["moments"][name])
 
 
 def test_reconstruction_brings_the_pruned_model_closer_to_dense(model_dir, task_data, tmp_path):

@@ -58,6 +58,15 @@ def test_cache_roundtrip_and_damaged_entry_is_a_miss(isolated_cache):
     cache.save_activations("k1", acts, np.array([0, 1, 1]))
     loaded, labels = cache.load_activations("k1")
     assert torch.equal(loaded[0].tokens, acts[0].tokens) and loaded[0].count == 9 and labels.tolist() == [0, 1, 1]
+    assert loaded[0].moments is None
+    from fnprune.moments import SecondMoments
+
+    with_moments = [LayerActivations(None, torch.randn(3, 4), torch.randn(4), torch.rand(4), torch.rand(4), 9,
+                                     SecondMoments.of(torch.randn(6, 4), torch.float32))]
+    cache.save_activations("k3", with_moments, np.array([0, 1, 1]))
+    (back,), _ = cache.load_activations("k3")
+    assert back.tokens is None and back.sampled == 6
+    assert torch.equal(back.moments.covariance(), with_moments[0].moments.covariance())
     maps = np.random.default_rng(0).standard_normal((2, 4))
     cache.save_networks("k2", [LayerNetworks(maps, np.abs(maps) > 1, 1.0, False, 1)])
     (net,) = cache.load_networks("k2")

@@ -1,0 +1,67 @@
+"""Second moments accumulated batch by batch equal the moments of the stored sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fnprune.moments import SecondMoments
+
+
+def _tokens(n: int = 700, width: int = 37, offset: float = 50.0, seed: int = 0) -> torch.Tensor:
+    """Correlated activations with a large common offset (float32 sums without a shift would cancel)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, width, generator=gen,
+                                                                                 dtype=torch.float64)
+    return base + 0.3 * torch.randn(n, width, generator=gen, dtype=torch.float64) + offset
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_streamed_covariance_equals_the_stored_sample(dtype, tol):
+    tokens = _tokens()  # odd width: the packed blocks are uneven
+    moments = SecondMoments(tokens.shape[1], dtype=dtype)
+    for chunk in tokens.to(dtype).split(97):
+        moments.update(chunk)
+    assert moments.count == len(tokens) and moments.packed.numel() < tokens.shape[1] ** 2
+    scale = tokens.var(0).max().item()
+    torch.testing.assert_close(moments.mean(), tokens.mean(0), atol=tol * 50, rtol=tol)
+    centred = tokens - tokens.mean(0)
+    torch.testing.assert_close(moments.covariance(), centred.T @ centred / len(tokens), atol=tol * scale, rtol=tol)
+    centre = tokens.mean(0) + 0.5  # around another point, e.g. the mean over all tokens, not just the sample
+    around = tokens - centre
+    torch.testing.assert_close(moments.covariance(centre), around.T @ around / len(tokens), atol=tol * scale,
+                               rtol=tol)
+    zero = torch.zeros(tokens.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(moments.covariance(zero), tokens.T @ tokens / len(tokens), rtol=tol, atol=tol)
+
+
+def test_correlation_gram_is_the_spatial_ica_gram():
+    tokens = _tokens(offset=0.0).numpy()
+    tokens[:, 7] = 1.5  # a dead neuron
+    moments = SecondMoments.of(tokens)
+    assert moments.constant.nonzero().flatten().tolist() == [7]
+    std = tokens.std(0)
+    z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as networks.py
+    z = z - z.mean(0)
+    np.testing.assert_allclose(moments.correlation_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
+
+
+def test_state_round_trip_and_checks():
+    tokens = _tokens()
+    moments = SecondMoments.of(tokens, torch.float32)
+    again = SecondMoments.from_state(moments.state())
+    torch.testing.assert_close(again.covariance(), moments.covariance())
+    assert again.count == moments.count and again.width == moments.width
+    with pytest.raises(ValueError, match="no tokens"):
+        SecondMoments(4).covariance()
+    with pytest.raises(ValueError, match="flat"):
+        SecondMoments(4, out=torch.zeros(16))
+    buffer = torch.zeros(SecondMoments.packed_size(6), dtype=torch.float64)
+    into = SecondMoments(6, out=buffer)
+    into.update(torch.randn(10, 6, dtype=torch.float64))
+    assert buffer.abs().sum() > 0  # accumulated in the caller's buffer
+    bad = torch.randn(10, 6, dtype=torch.float64)
+    bad[3, 2] = float("inf")
+    into.update(bad)
+    assert not into.finite()
