@@ -126,12 +126,14 @@ def capture_activations(
     dtype = getattr(torch, store_dtype)
     widths = mlp_widths(model, layout)
     stats: list[_LayerStats | None] = [None] * len(widths)
-    # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer.
-    sizes = [SecondMoments.packed_size(w) if resolve_sample_store(sample_store, w, max_tokens, store_dtype)
+    total = sum(len(s) for s in seqs)
+    # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer; "auto"
+    # compares them with the sample as it will be (fewer tokens than max_tokens on small data).
+    n_sample = min(max_tokens, total)
+    sizes = [SecondMoments.packed_size(w) if resolve_sample_store(sample_store, w, n_sample, store_dtype)
              == "moments" else 0 for w in widths]
     pool = torch.zeros(sum(sizes), dtype=torch.float32)
     offsets = [sum(sizes[:i]) for i in range(len(widths))]
-    total = sum(len(s) for s in seqs)
     sampled = sample_positions(total, max_tokens, seed)  # stream indices of the uniform token sample
     # Per batch, set before the forward pass and read by every layer's hook:
     step: dict[str, torch.Tensor | list[int]] = {}

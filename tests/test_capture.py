@@ -103,6 +103,14 @@ def test_moments_store_holds_the_token_samples_moments(llama):
         torch.testing.assert_close(m.mean, t.mean)
 
 
+def test_auto_store_counts_the_tokens_there_are(llama):
+    """Fewer tokens in all than max_tokens (and than the width): the tokens themselves are the smaller store."""
+    model, _, seqs = llama
+    acts = _capture(model, seqs, max_tokens=10_000, sample_store="auto")
+    assert sum(len(s) for s in seqs) < acts[0].mean.numel()
+    assert acts[0].tokens is not None and acts[0].moments is None
+
+
 def test_auto_store_picks_the_smaller():
     assert resolve_sample_store("auto", 1536, 4096, "float32") == "moments"
     assert resolve_sample_store("auto", 11008, 4096, "float16") == "tokens"
