@@ -53,7 +53,7 @@ from .errors import DataError, RecipeError
 from .evaluate import evaluate_accuracy, label_token_ids
 from .hooks import masked_neurons
 from .models import load_model
-from .networks import LayerNetworks, find_networks, network_relevance
+from .networks import LayerNetworks, find_networks, network_relevance, networks_from_sources
 from .pipeline import Calibration, calibrate
 from .recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 from .tokens import Batch, batches, encode, forward
@@ -261,10 +261,7 @@ def _spatial_ica(
         warnings.simplefilter("always", ConvergenceWarning)
         sources = ica.fit_transform(whitened)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    maps = _zscore_rows(sources.T.copy())
-    skew = (maps**3).mean(axis=1)
-    maps *= np.where(skew < 0, -1.0, 1.0)[:, None]
-    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
+    return networks_from_sources(sources.T, threshold, converged, dead)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .moments import SecondMoments
-from .networks import LayerNetworks, pool_networks
+from .networks import LayerNetworks, check_sample, networks_from_sources, pool_networks
 
 __all__ = [
     "IcaResult",
@@ -333,12 +333,6 @@ def _ica_par(
     return w, n_iter, converged
 
 
-def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows to zero mean and unit (population) std; constant rows to 0, as fnprune.networks._zscore."""
-    std = x.std(dim=1, correction=0, keepdim=True)
-    return torch.where(std > 0, (x - x.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, 1), 0.0)
-
-
 def _as_moments(data: ArrayLike | SecondMoments, device, dtype: torch.dtype) -> SecondMoments:
     if isinstance(data, SecondMoments):
         return data
@@ -349,13 +343,7 @@ def _layer_whitening(
     moments: SecondMoments, components: int, seed: int, eig_method: str, device, dtype: torch.dtype
 ) -> torch.Tensor:
     """Checked spatial-ICA whitening (d, k) of one layer from its moments."""
-    if not moments.finite():
-        raise ValueError("activations contain NaN or inf")
-    if components >= min(moments.count, moments.width):
-        raise ValueError(
-            f"components ({components}) must be smaller than both the number of tokens ({moments.count}) "
-            f"and of neurons ({moments.width})"
-        )
+    check_sample(moments, components)
     gram = moments.correlation_gram(dtype).to(device)
     whitened, explained = whiten_gram(gram, components, eig_method, seed)  # (d, k), (k,)
     exact = moments.dtype == dtype == torch.float64
@@ -363,14 +351,6 @@ def _layer_whitening(
     if explained[-1] <= floor * max(float(explained[0]), 1e-300):
         raise ValueError(f"activations have rank below {components} components; lower `components`")
     return whitened.to(dtype)
-
-
-def _maps(sources: torch.Tensor, threshold: float, converged: bool, dead: int) -> LayerNetworks:
-    """LayerNetworks from FastICA sources (k, d): z-scored across neurons, heavy tail positive."""
-    maps = _zscore_rows(sources.to(torch.float64))
-    skew = maps.pow(3).mean(dim=1)
-    maps = (maps * torch.where(skew < 0, -1.0, 1.0)[:, None]).cpu().numpy()
-    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
 
 
 def find_networks_torch(
@@ -400,7 +380,7 @@ def find_networks_torch(
     found = []
     for run in range(runs):
         ica = fast_ica(whitened, "logcosh", max_iter, tol, seed + run, restarts)
-        found.append(_maps(ica.sources.T, threshold, ica.converged, dead))
+        found.append(networks_from_sources(ica.sources.T.cpu().numpy(), threshold, ica.converged, dead))
     return pool_networks(found)
 
 
@@ -455,6 +435,7 @@ def find_networks_batch(
         for j, i in enumerate(chunk):
             sources[i] = (s[j], converged[j])
     return [
-        pool_networks([_maps(sources[i][0][r], threshold, bool(sources[i][1][r]), dead[i]) for r in range(runs)])
+        pool_networks([networks_from_sources(sources[i][0][r].cpu().numpy(), threshold, bool(sources[i][1][r]), dead[i])
+                       for r in range(runs)])
         for i in range(len(whitened))
     ]

@@ -16,7 +16,10 @@ import numpy as np
 
 from .moments import SecondMoments
 
-__all__ = ["LayerNetworks", "find_networks", "network_relevance", "pool_networks", "whitening"]
+__all__ = [
+    "LayerNetworks", "check_sample", "find_networks", "network_relevance", "networks_from_sources", "pool_networks",
+    "whitening",
+]
 
 
 @dataclass
@@ -62,14 +65,7 @@ def find_networks(
     the same result as pooling separate calls, for one whitening's cost.
     """
     moments = tokens if isinstance(tokens, SecondMoments) else SecondMoments.of(np.asarray(tokens, np.float64))
-    if not moments.finite():
-        raise ValueError("activations contain NaN or inf")
-    n_tokens, width = moments.count, moments.width
-    if components >= min(n_tokens, width):
-        raise ValueError(
-            f"components ({components}) must be smaller than both the number of tokens ({n_tokens}) "
-            f"and of neurons ({width})"
-        )
+    check_sample(moments, components)
     dead = int(moments.constant.sum())
     whitened = whitening(moments.correlation_gram().numpy(), components)  # (d, k), unit variance per component
     from sklearn.decomposition import FastICA  # imported here: scikit-learn + SciPy cost ~150 MiB of RSS
@@ -84,11 +80,27 @@ def find_networks(
             warnings.simplefilter("always", ConvergenceWarning)
             sources = ica.fit_transform(whitened)  # (d, k)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        maps = _zscore(sources.T, axis=1)  # (k, d)
-        skew = (maps**3).mean(axis=1)
-        maps = maps * np.where(skew < 0, -1.0, 1.0)[:, None]
-        found.append(LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead))
+        found.append(networks_from_sources(sources.T, threshold, converged, dead))
     return pool_networks(found)
+
+
+def check_sample(moments: SecondMoments, components: int) -> None:
+    """Refuse a layer's token sample that spatial ICA cannot unmix into `components` maps (ValueError)."""
+    if not moments.finite():
+        raise ValueError("activations contain NaN or inf")
+    if components >= min(moments.count, moments.width):
+        raise ValueError(
+            f"components ({components}) must be smaller than both the number of tokens ({moments.count}) "
+            f"and of neurons ({moments.width})"
+        )
+
+
+def networks_from_sources(sources: np.ndarray, threshold: float, converged: bool, dead: int) -> LayerNetworks:
+    """A run's networks from its FastICA sources (k, d): each map z-scored across neurons and signed so its
+    heavy tail is positive; neurons with |z| > threshold are members. Shared by both engines."""
+    maps = _zscore(np.asarray(sources, dtype=np.float64), axis=1)
+    maps = maps * np.where((maps**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
+    return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
 
 
 def network_relevance(maps: np.ndarray, decision: np.ndarray, labels: np.ndarray) -> np.ndarray:
