@@ -40,12 +40,17 @@ def reconstruction_map(
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    moments = sample if isinstance(sample, SecondMoments) else SecondMoments.of(sample.float(), torch.float32)
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    removed = removed_indices(keep, moments.width)
-    around = torch.zeros(moments.width, dtype=torch.float64) if centre is None else centre
-    second = moments.covariance(around)  # (d, d) float64 E[(a - c)(a - c)^T]
-    kk, kr = second[keep][:, keep], second[keep][:, removed]
+    if isinstance(sample, SecondMoments):
+        around = torch.zeros(sample.width, dtype=torch.float64) if centre is None else centre
+        cross = sample.covariance(around)[keep]  # (k, d) rows of E[(a - c)(a - c)^T], float64
+    else:  # only the kept rows of the second moment, never the whole d x d (wide MLPs keep their tokens)
+        x = sample.to(torch.float32)
+        if centre is not None:
+            x = x - centre.to(torch.float32)
+        cross = (x[:, keep].T @ x).to(torch.float64) / max(x.shape[0], 1)  # (k, d)
+    removed = removed_indices(keep, cross.shape[1])
+    kk, kr = cross[:, keep], cross[:, removed]
     scale = kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
     eye = torch.eye(len(keep), dtype=torch.float64)
     return torch.linalg.solve(kk + max(ridge, 1e-8) * scale * eye, kr).to(torch.float32)

@@ -269,12 +269,13 @@ def reconstruction_fills(
     progress: bool = False,
 ) -> list[torch.Tensor]:
     """Per layer, the least-squares map that rebuilds removed neurons from kept ones (fnprune.compensation),
-    fitted on the calibration token sample's second moments; centred on `centres` (the means) when the bias
-    can hold it."""
+    fitted on the calibration token sample (or its second moments); centred on `centres` (the means) when the
+    bias can hold it."""
     fills = []
     for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
                                     disable=not progress)):
-        fill = reconstruction_map(a.sample_moments(), k, centres[i] if centres is not None else None, ridge)
+        sample = a.moments if a.moments is not None else a.tokens
+        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge)
         release_memory(collect=False)  # each layer's d x d float64 temporaries, before the next layer's
         if not torch.isfinite(fill).all():
             raise NumericalError(f"layer {i}: the reconstruction of removed neurons is not finite; raise --ridge")
