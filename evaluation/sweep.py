@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fnprune import ica
 from fnprune.arch import layout_for
 from fnprune.data import Example, check_disjoint, file_sha256, load_split, resolve_task, sample
 from fnprune.evaluate import evaluate_accuracy
@@ -47,9 +48,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = "fn,random,magnitude,wanda-sp,flap,flap+bias,fn-task,fn-task+bias"
 DEFAULT_KEEPS = "0.9,0.75,0.5,0.35,0.25"
 CALIB_FIELDS = ("num_samples", "max_tokens", "batch_size", "max_length", "store_dtype", "seed")
-# 2: the whitening's eigenvector signs fixed and FastICA started from scikit-learn's matrix in both engines; rows
-# and networks cached by earlier code stay readable with --legacy-ica.
-ICA_CODE = 2
+# Networks and rows carry the code of the ICA that made them, per engine. 2: the whitening's eigenvector signs
+# fixed and FastICA started from scikit-learn's matrix in both engines; 3 (torch engines): every kernel on one
+# thread (fnprune.ica.REVISION). Rows cached by earlier code stay readable with --ica-code.
+ICA_CODE = {"sklearn": 2, "torch": ica.REVISION, "torch64": ica.REVISION}
 
 
 @dataclass
@@ -107,29 +109,37 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def _networks(
-    calib: Calibration, a_key: str, args: argparse.Namespace, components: int, seed: int | None = None
+    calib: Calibration, a_key: str, args: argparse.Namespace, components: int, seed: int | None = None,
+    runs: int = 1,
 ) -> list[LayerNetworks]:
-    """ICA networks of every layer for `components` (and an ICA seed), from cache or computed (and cached)."""
+    """ICA networks of every layer for `components` (and an ICA seed), from cache or computed (and cached).
+    `runs` > 1 (torch engines): seeds seed.. pooled in one call, exactly as compress runs them (the torch
+    whitening's random start follows the first seed)."""
     seed = args.seed if seed is None else seed
     info = {"activations": a_key, "components": components, "seed": seed, "max_iter": 400, "tol": 1e-4}
+    if runs > 1:
+        info["runs"] = runs
     if args.ica_engine != "sklearn":  # sklearn rows keep their original cache keys
         info["engine"] = args.ica_engine
-    if not args.legacy_ica:
-        info["ica_code"] = ICA_CODE
+    code = ica_code(args)
+    if code > 1:
+        info["ica_code"] = code
     path = Path(args.cache_dir) / "calibration" / a_key / f"ica_{key_of(info)}.safetensors"
     nets = load_networks(path, args.threshold)
     if nets is None:
-        if args.legacy_ica:
-            raise SystemExit("--legacy-ica only re-reads networks cached by earlier code; this one is not cached")
+        if code != ICA_CODE[args.ica_engine]:
+            raise SystemExit(f"--ica-code {code} only re-reads networks cached by earlier code; this one is not cached")
         start = time.perf_counter()
         if args.ica_engine == "sklearn":
+            if runs > 1:
+                raise ValueError("the scikit-learn engine's runs are pooled by with_networks")
             spec = NetworksSpec(components=components, threshold=args.threshold, seed=seed, engine="sklearn")
             layers = tqdm(calib.activations, desc=f"ICA k={components}", unit="layer")
             nets = [layer_networks(a.tokens, spec) for a in layers]
         else:  # as compress runs it: float32 moments (torch) or float64 throughout (torch64), layers batched
             dtype = torch.float64 if args.ica_engine == "torch64" else torch.float32
-            layers = (SecondMoments.of(a.tokens.to(dtype), dtype) for a in calib.activations)
-            nets = find_networks_batch(layers, components, args.threshold, seed, runs=1, dtype=dtype)
+            layers = [SecondMoments.of(a.tokens.to(dtype), dtype) for a in calib.activations]  # all threads
+            nets = find_networks_batch(layers, components, args.threshold, seed, runs=runs, dtype=dtype)
         save_networks(path, nets, {**info, "seconds": round(time.perf_counter() - start, 1)})
         log.info("ICA k=%d: %.1f s", components, time.perf_counter() - start)
     return nets
@@ -139,9 +149,14 @@ def with_networks(
     calib: Calibration, a_key: str, args: argparse.Namespace, components: int, seeds: list[int] | None = None
 ) -> Calibration:
     """A copy of `calib` carrying ICA networks with `components` components and their label relevance; with
-    several `seeds`, every run's networks pooled (k x runs per layer)."""
-    runs = [_networks(calib, a_key, args, components, s) for s in (seeds or [args.seed])]
-    nets = [pool_networks(list(layer)) for layer in zip(*runs)]
+    several `seeds`, every run's networks pooled (k x runs per layer), for the torch engines in one call, as
+    compress does."""
+    seeds = seeds or [args.seed]
+    if args.ica_engine != "sklearn" and ica_code(args) >= 3 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        nets = _networks(calib, a_key, args, components, seeds[0], runs=len(seeds))  # compress's own call
+    else:  # scikit-learn's whitening has no random start, so its runs pool alike one seed at a time
+        runs = [_networks(calib, a_key, args, components, s) for s in seeds]
+        nets = [pool_networks(list(layer)) for layer in zip(*runs)]
     rel = [network_relevance(n.maps, a.decision.numpy(), calib.labels) for n, a in zip(nets, calib.activations)]
     return Calibration(calib.activations, calib.labels, nets, rel, dict(calib.timings))
 
@@ -293,6 +308,11 @@ def _uses_networks(method: str) -> bool:
     return method != "dense" and parse_method(method).criterion in NEEDS_NETWORKS
 
 
+def ica_code(args: argparse.Namespace) -> int:
+    """The ICA code whose networks and rows this run reads: --ica-code, else this version's for the engine."""
+    return args.ica_code if args.ica_code is not None else ICA_CODE[args.ica_engine]
+
+
 def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -> dict[str, Any]:
     a = bench.args
     return {
@@ -303,7 +323,7 @@ def row_key(bench: Bench, method: str, keep: float, extra: dict | None = None) -
         "batch_size": a.batch_size, "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window,
         "threads": a.threads, **(extra or {}),
         **({"ica_engine": a.ica_engine} if a.ica_engine != "sklearn" and _uses_networks(method) else {}),
-        **({"ica_code": ICA_CODE} if not a.legacy_ica and _uses_networks(method) else {}),
+        **({"ica_code": ica_code(a)} if ica_code(a) > 1 and _uses_networks(method) else {}),
     }
 
 
@@ -429,9 +449,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=3.0)
     p.add_argument("--ica-engine", choices=["sklearn", "torch", "torch64"], default="sklearn",
                    help="torch: compress's engine (float32); torch64: the same in float64")
-    p.add_argument("--legacy-ica", action="store_true",
-                   help="re-read rows and networks cached before ICA code 2 (sign-fixed whitening, scikit-learn's "
-                        "start in both engines); measures nothing new")
+    p.add_argument("--ica-code", type=int, default=None,
+                   help="re-read rows and networks cached by earlier ICA code (1: before sign-fixed whitening and "
+                        "scikit-learn's start in both engines; 2: torch kernels on all threads); measures nothing "
+                        "new. Default: this version's code for the engine")
     p.add_argument("--fn-boost", type=float, default=1.0)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

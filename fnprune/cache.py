@@ -2,7 +2,8 @@
 
 Entries are safetensors + JSON, keyed by a hash of everything that determines them (model files, prompts,
 settings, library versions), and written to a temporary file that is renamed into place: an interrupted run
-never leaves a half-written entry.
+never leaves a half-written entry. An interrupted capture leaves its progress under the same key
+(`capture_progress_path`), which the next run continues from.
 """
 
 from __future__ import annotations
@@ -10,21 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from .capture import LayerActivations
 from .moments import SecondMoments
 from .networks import LayerNetworks
-from .safetensors_io import write_safetensors
+from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [
-    "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "save_activations",
+    "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
+    "save_activations",
     "load_activations", "save_networks", "load_networks",
 ]
 
@@ -45,31 +45,6 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]
         return {"hub": name_or_path, "revision": revision}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write_safetensors(tmp, tensors, {"meta": json.dumps(meta)})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _load(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    if not target.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(target), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-        return load_file(str(target)), meta
-    except Exception:  # a damaged entry is a cache miss, never a failure
-        return None
 
 
 def activation_tensors(acts: list[LayerActivations]) -> dict[str, torch.Tensor]:
@@ -98,13 +73,18 @@ def activations_from_tensors(t: dict[str, torch.Tensor], counts: list[int]) -> l
     return acts
 
 
+def capture_progress_path(key: str) -> Path:
+    """Where an interrupted capture for this cache key saves its progress (fnprune.capture)."""
+    return cache_dir() / f"capture-{key}.partial.safetensors"
+
+
 def save_activations(key: str, acts: list[LayerActivations], labels: np.ndarray) -> None:
     tensors = {"labels": torch.as_tensor(labels, dtype=torch.int64), **activation_tensors(acts)}
-    _atomic_save(tensors, {"counts": [a.count for a in acts]}, cache_dir() / f"activations-{key}.safetensors")
+    write_atomic(cache_dir() / f"activations-{key}.safetensors", tensors, {"counts": [a.count for a in acts]})
 
 
 def load_activations(key: str) -> tuple[list[LayerActivations], np.ndarray] | None:
-    loaded = _load(cache_dir() / f"activations-{key}.safetensors")
+    loaded = read_with_meta(cache_dir() / f"activations-{key}.safetensors")
     if loaded is None:
         return None
     t, meta = loaded
@@ -114,11 +94,11 @@ def load_activations(key: str) -> tuple[list[LayerActivations], np.ndarray] | No
 def save_networks(key: str, networks: list[LayerNetworks]) -> None:
     tensors = {f"{i}.maps": torch.from_numpy(n.maps) for i, n in enumerate(networks)}
     meta = {"layers": [{"threshold": n.threshold, "converged": n.converged, "dead": n.dead_neurons} for n in networks]}
-    _atomic_save(tensors, meta, cache_dir() / f"networks-{key}.safetensors")
+    write_atomic(cache_dir() / f"networks-{key}.safetensors", tensors, meta)
 
 
 def load_networks(key: str) -> list[LayerNetworks] | None:
-    loaded = _load(cache_dir() / f"networks-{key}.safetensors")
+    loaded = read_with_meta(cache_dir() / f"networks-{key}.safetensors")
     if loaded is None:
         return None
     t, meta = loaded

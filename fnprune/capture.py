@@ -5,11 +5,23 @@ variance per neuron; (b) a uniform sample of at most `max_tokens` tokens (the sa
 the `max_tokens` smallest of one seeded random key per token), stored either as the tokens themselves or,
 for ICA and reconstruction, which need no more, as their d x d second moments (fnprune.moments); (c) the
 activation at each prompt's last token (the "decision" token, where the label word is predicted). No ICA here.
+
+Capture is the long step on a big model, so it can save its progress (`progress_file`): every `save_every`
+seconds and when Ctrl-C is pressed (which then waits for the current batch), the statistics so far go to one
+safetensors file; a later capture of the same prompts with the same settings continues from it and gives the
+same numbers, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,11 +29,16 @@ from tqdm.auto import tqdm
 
 from .arch import MLPLayout, mlp_widths
 from .hooks import mlp_input_hooks
+from .interrupt import deferred_interrupt
 from .moments import SecondMoments
 from .recipe import SAMPLE_STORES
+from .safetensors_io import read_with_meta, write_atomic
 from .tokens import batches, forward
 
 __all__ = ["LayerActivations", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes", "resolve_sample_store"]
+
+log = logging.getLogger("fnprune")
+PROGRESS_FORMAT = 1  # bumped when the progress file's layout changes; other versions are ignored
 
 @dataclass
 class LayerActivations:
@@ -83,6 +100,26 @@ class _LayerStats:
         self.tokens[self.filled : self.filled + sampled.shape[0]] = sampled
         self.filled += sampled.shape[0]
 
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors that `restore` continues from (the tokens or moments sampled so far, sums, decisions)."""
+        out = {f"{prefix}{name}": getattr(self, name) for name in ("sum", "sum_abs", "sum_sq", "decision")}
+        out[f"{prefix}counts"] = torch.tensor([self.count, self.filled])
+        if self.tokens is not None:
+            out[f"{prefix}tokens"] = self.tokens[: self.filled]
+        elif self.moments.count:
+            out.update({f"{prefix}moments.{k}": v for k, v in self.moments.state().items()})
+        return out
+
+    def restore(self, t: dict[str, torch.Tensor], prefix: str) -> None:
+        for name in ("sum", "sum_abs", "sum_sq", "decision"):
+            getattr(self, name).copy_(t[f"{prefix}{name}"])
+        self.count, self.filled = (int(v) for v in t[f"{prefix}counts"])
+        if self.tokens is not None:
+            self.tokens[: self.filled] = t[f"{prefix}tokens"]
+        elif f"{prefix}moments.packed" in t:
+            self.moments.load_state_({k[len(f"{prefix}moments."):]: v for k, v in t.items()
+                                      if k.startswith(f"{prefix}moments.")})
+
     def finish(self) -> LayerActivations:
         n = max(self.count, 1)
         mean = self.sum / n
@@ -115,11 +152,17 @@ def capture_activations(
     sample_store: str = "tokens",
     padding_side: str = "right",
     progress: bool = True,
+    progress_file: Path | None = None,
+    save_every: float = 300.0,
 ) -> list[LayerActivations]:
     """Run every sequence through the model once and return per-layer activations (see module doc).
 
     `sample_store`: "tokens" keeps the sampled tokens (T, d) in `store_dtype`; "moments" keeps only their
     float32 second moments (d, d); "auto" picks the smaller (`resolve_sample_store`).
+    `progress_file`: where to save and resume partial progress (see module doc); it belongs to this model,
+    which the caller's file name must say (the file only checks prompts, settings and MLP widths). It is
+    removed once capture completes. Saving takes at most about a tenth of the time: `save_every` seconds grow
+    to ten times the last save's duration.
     """
     if sample_store not in SAMPLE_STORES:
         raise ValueError(f"sample_store must be one of {SAMPLE_STORES}, got {sample_store!r}")
@@ -172,10 +215,33 @@ def capture_activations(
 
         return hook
 
-    bar = tqdm(total=total, desc="capture", unit="tok", disable=not progress)
-    seen = 0
-    with mlp_input_hooks(model, layout, make_hook):
-        for batch in batches(seqs, batch_size, padding_side):
+    fingerprint = {
+        "format": PROGRESS_FORMAT, "prompts": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
+        "widths": widths, "sizes": sizes, "max_tokens": max_tokens, "batch_size": batch_size, "seed": seed,
+        "store_dtype": store_dtype, "padding_side": padding_side,
+    }
+    done, seen = 0, 0
+    if progress_file is not None:
+        done, seen = _resume(progress_file, fingerprint, stats, lambda i: _LayerStats(
+            widths[i], len(seqs), min(max_tokens, total), dtype, pool[offsets[i] : offsets[i] + sizes[i]]
+            if sizes[i] else None))
+        if done:
+            log.info("capture resumes at token %d of %d from %s", seen, total, progress_file)
+
+    def save() -> float:
+        start = time.monotonic()
+        tensors = {k: v for i, st in enumerate(stats) if st is not None for k, v in st.state(f"{i}.").items()}
+        write_atomic(progress_file, tensors, {**fingerprint, "batches_done": done, "tokens_seen": seen})
+        return time.monotonic() - start
+
+    bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
+    last_save, interval = time.monotonic(), save_every
+    saving = deferred_interrupt("finishing this batch to save capture progress") if progress_file is not None \
+        else nullcontext(lambda: False)
+    with mlp_input_hooks(model, layout, make_hook), saving as interrupted:
+        for number, batch in enumerate(batches(seqs, batch_size, padding_side)):
+            if number < done:
+                continue
             mask = batch.attention_mask.bool()
             n_real = int(mask.sum())
             lo, hi = torch.searchsorted(sampled, torch.tensor([seen, seen + n_real])).tolist()
@@ -185,8 +251,35 @@ def capture_activations(
                         picked_rows=real_rows[sampled[lo:hi] - seen])
             forward(model, batch, all_logits=False)
             seen += n_real
+            done = number + 1
             bar.update(n_real)
+            last = done == -(-len(seqs) // batch_size)
+            if progress_file is not None and (interrupted() or (not last and time.monotonic() - last_save >= interval)):
+                interval = max(save_every, 10 * save())
+                last_save = time.monotonic()
+                if interrupted():
+                    raise KeyboardInterrupt(f"capture progress saved ({seen} of {total} tokens); the same "
+                                            "command continues from there")
     bar.close()
     if any(s is None for s in stats):
         raise RuntimeError("some MLP layers were never called during capture")
+    if progress_file is not None:
+        progress_file.unlink(missing_ok=True)
     return [s.finish() for s in stats]  # type: ignore[union-attr]
+
+
+def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats) -> tuple[int, int]:
+    """Fill `stats` from a progress file written for the same prompts and settings; (batches, tokens) done.
+    A file for anything else, or an unreadable one, is ignored (and later replaced)."""
+    loaded = read_with_meta(path)
+    if loaded is None:
+        return 0, 0
+    t, meta = loaded
+    if {k: meta.get(k) for k in fingerprint} != json.loads(json.dumps(fingerprint)):
+        log.info("ignoring capture progress %s: it was saved for other prompts or settings", path)
+        return 0, 0
+    for i in range(len(stats)):
+        if f"{i}.counts" in t:
+            stats[i] = new_stats(i)
+            stats[i].restore(t, f"{i}.")
+    return int(meta["batches_done"]), int(meta["tokens_seen"])

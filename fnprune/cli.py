@@ -66,8 +66,9 @@ def _friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except FnpruneError as exc:
             raise click.ClickException(str(exc)) from exc
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
+        except KeyboardInterrupt as exc:
+            saved = f"; {exc}" if str(exc) else ""  # e.g. capture saved its progress
+            click.echo(f"interrupted: no output was written{saved}", err=True)
             sys.exit(130)
 
     return wrapper

@@ -134,6 +134,14 @@ class SecondMoments:
         return {"packed": self.packed, "sum": self.sum, "shift": self.shift, "low": self.low, "high": self.high,
                 "count": torch.tensor(self.count)}
 
+    def load_state_(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from `state` (as `state()` gives it) in place, keeping this object's packed buffer."""
+        if state["packed"].shape != self.packed.shape:
+            raise ValueError(f"moments state of {state['packed'].numel()} values, buffer of {self.packed.numel()}")
+        self.packed.copy_(state["packed"])
+        self.sum, self.shift = state["sum"].clone(), state["shift"].clone()
+        self.low, self.high, self.count = state["low"].clone(), state["high"].clone(), int(state["count"])
+
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> SecondMoments:
         moments = cls.__new__(cls)

@@ -99,7 +99,8 @@ def networks_from_sources(sources: np.ndarray, threshold: float, converged: bool
     """A run's networks from its FastICA sources (k, d): each map z-scored across neurons and signed so its
     heavy tail is positive; neurons with |z| > threshold are members. Shared by both engines."""
     maps = _zscore(np.asarray(sources, dtype=np.float64), axis=1)
-    maps = maps * np.where((maps**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
+    skew = (maps * maps * maps).mean(axis=1)  # products, not maps**3: NumPy's float pow is 50x slower here
+    maps = maps * np.where(skew < 0, -1.0, 1.0)[:, None]
     return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
 
 

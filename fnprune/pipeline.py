@@ -25,7 +25,7 @@ import transformers
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from . import __version__, cache
+from . import __version__, cache, ica
 from .arch import MLPLayout, layout_for, mlp_widths, neuron_weight_norms
 from .capture import LayerActivations, capture_activations, capture_memory_bytes
 from .checkpoint import (
@@ -200,6 +200,7 @@ def calibrate(
         acts = capture_activations(
             model, layout_for(model), seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
             store_dtype=cal.store_dtype, sample_store=cal.sample_store, progress=progress,
+            progress_file=cache.capture_progress_path(key) if use_cache else None,
         )
         for i, a in enumerate(acts):
             if not (torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()):
@@ -216,7 +217,10 @@ def calibrate(
     calib = Calibration(acts, labels, timings=timings)
     if with_networks:
         start = time.perf_counter()
-        net_key = cache.cache_key({"activations": key, "networks": dataclasses.asdict(recipe.networks)})
+        net_spec = dataclasses.asdict(recipe.networks)
+        if recipe.networks.engine == "torch":
+            net_spec["revision"] = ica.REVISION  # networks cached by an earlier torch engine are recomputed
+        net_key = cache.cache_key({"activations": key, "networks": net_spec})
         calib.networks = cache.load_networks(net_key) if use_cache else None
         if calib.networks is None:
             calib.networks = _find_all_networks(acts, recipe, progress)
@@ -417,6 +421,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         else:
             with timer.stage("surgery"):
                 prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
+                del fill_maps
+                release_memory()  # the dense MLP weights just freed, before evaluation and saving allocate
             with timer.stage("evaluate_pruned"):
                 pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
             pruned_params = count_parameters(model)

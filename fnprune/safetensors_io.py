@@ -8,13 +8,16 @@ large activation cache or checkpoint shard. Here the header is written from the 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "write_safetensors"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "read_with_meta", "write_atomic", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -53,3 +56,32 @@ def write_safetensors(
                 )
             f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
             del t
+
+
+def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """`tensors` and a JSON `meta` to `target` through a temporary file renamed into place: a crash never
+    leaves a half-written file under the target's name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write_safetensors(tmp, tensors, {"meta": json.dumps(meta)})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_with_meta(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """What `write_atomic` wrote, or None when the file is missing or damaged (callers treat it as absent)."""
+    if not target.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(target), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        return load_file(str(target)), meta
+    except Exception:  # noqa: BLE001 - any unreadable file is "absent"
+        return None

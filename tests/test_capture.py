@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -118,3 +121,82 @@ def test_auto_store_picks_the_smaller():
     small = capture_memory_bytes(30, 1536, 4096, 256, "float32", "moments")
     assert small < capture_memory_bytes(30, 1536, 4096, 256, "float16", "tokens")
     assert capture_memory_bytes(30, 1536, 4096, 256, "float32", "auto") == small
+
+
+MORE_PROMPTS = [f"Review: {'a fine and ' * (i % 4)}film number {i}\nSentiment:" for i in range(10)]
+
+
+def _same_capture(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.count == y.count
+        for name in ("decision", "mean", "mean_abs", "var"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        if x.tokens is not None:
+            assert torch.equal(x.tokens, y.tokens)
+        else:
+            for k, v in x.moments.state().items():
+                assert torch.equal(v, y.moments.state()[k]), k
+
+
+class _Stop:
+    """A forward hook that, on the n-th forward pass, presses Ctrl-C (SIGINT to this process) or fails."""
+
+    def __init__(self, n: int, how: str):
+        self.n, self.how, self.calls = n, how, 0
+
+    def __call__(self, module, args, output) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            if self.how == "ctrl-c":
+                os.kill(os.getpid(), signal.SIGINT)  # lands while the batch is still running
+            else:
+                raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("store", ["tokens", "moments"])
+def test_interrupted_capture_resumes_to_the_same_numbers(llama, tmp_path, store):
+    """Ctrl-C finishes the batch, saves, and stops; the rerun continues and matches an uninterrupted
+    capture bit for bit. A crash keeps the last periodic save."""
+    model, tok, _ = llama
+    seqs = encode(tok, MORE_PROMPTS, 64)
+    kw = dict(max_tokens=25, batch_size=2, seed=1, sample_store=store)
+    want = _capture(model, seqs, **kw)
+    progress = tmp_path / "capture.partial.safetensors"
+    for stop, error, save_every in ((_Stop(3, "ctrl-c"), KeyboardInterrupt, 300.0),
+                                    (_Stop(4, "crash"), RuntimeError, 0.0)):
+        handle = model.register_forward_hook(stop)
+        try:
+            with pytest.raises(error) as caught:
+                _capture(model, seqs, progress_file=progress, save_every=save_every, **kw)
+        finally:
+            handle.remove()
+        assert progress.is_file()
+        if error is KeyboardInterrupt:
+            assert "the same command continues" in str(caught.value)
+        counter = _Stop(0, "count")
+        handle = model.register_forward_hook(counter)
+        try:
+            got = _capture(model, seqs, progress_file=progress, **kw)
+        finally:
+            handle.remove()
+        _same_capture(want, got)
+        # 5 batches: after Ctrl-C in the third, two are left; the crash kept one of the first three
+        assert counter.calls == 2 if error is KeyboardInterrupt else 2 <= counter.calls <= 4
+        assert not progress.exists()  # a finished capture leaves no progress behind
+
+
+def test_capture_progress_for_other_settings_is_ignored(llama, tmp_path):
+    model, tok, _ = llama
+    seqs = encode(tok, MORE_PROMPTS, 64)
+    progress = tmp_path / "capture.partial.safetensors"
+    handle = model.register_forward_hook(_Stop(2, "crash"))
+    try:
+        with pytest.raises(RuntimeError):
+            _capture(model, seqs, max_tokens=25, batch_size=2, seed=1, progress_file=progress, save_every=0.0)
+    finally:
+        handle.remove()
+    other = _capture(model, seqs, max_tokens=25, batch_size=2, seed=2, progress_file=progress)  # another seed
+    _same_capture(_capture(model, seqs, max_tokens=25, batch_size=2, seed=2), other)
+    progress.write_bytes(b"not a safetensors file")  # damaged: ignored, never an error
+    _same_capture(_capture(model, seqs, max_tokens=25, batch_size=2, seed=2),
+                  _capture(model, seqs, max_tokens=25, batch_size=2, seed=2, progress_file=progress))

@@ -155,16 +155,43 @@ def test_whitening_from_streamed_moments_equals_the_stored_sample():
     z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as networks.py
     z = z - z.mean(0)
     np.testing.assert_allclose(stream.correlation_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
-    streamed, explained = whiten_gram(stream.correlation_gram(), 4, "randomized")
     stored = whiten(torch.from_numpy(z), 4, "gram")
-    torch.testing.assert_close(streamed, stored.whitened)  # same sign convention, too
-    torch.testing.assert_close(explained, stored.explained)
+    for method in ("krylov", "randomized"):
+        streamed, explained = whiten_gram(stream.correlation_gram(), 4, method)
+        torch.testing.assert_close(streamed, stored.whitened)  # same sign convention, too
+        torch.testing.assert_close(explained, stored.explained)
+
+
+def _spectrum_gram(m: int, rank: int, seed: int) -> torch.Tensor:
+    """PSD (m, m) with a slowly decaying spectrum of `rank` nonzero eigenvalues: no gap to help the solver."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((m, rank)))[0]
+    return torch.from_numpy(basis @ np.diag(1.0 / np.arange(1, rank + 1) ** 0.3) @ basis.T)
+
+
+@pytest.mark.parametrize("rank", [400, 60])  # full rank, and a space that stops growing after a few blocks
+def test_block_krylov_finds_the_top_eigenpairs(rank):
+    gram = _spectrum_gram(400, rank, seed=rank)
+    exact, _ = whiten_gram(gram, 8, "eigh")
+    eigval = torch.linalg.eigvalsh(gram).flip(0)[:8]
+    for method, tol in (("krylov", 1e-6), ("randomized", 1e-2)):
+        white, explained = whiten_gram(gram, 8, method)
+        cos = torch.linalg.svdvals(white.T @ exact / 400).min()
+        assert 1 - cos < tol, (method, float(1 - cos))  # Krylov is far closer for the same budget
+        if method == "krylov":
+            torch.testing.assert_close(explained, eigval / gram.trace())
+            torch.testing.assert_close(white, exact, atol=1e-3, rtol=0)  # same signs (entries ~ 1)
+    assert torch.equal(whiten_gram(gram, 8, "krylov", seed=5)[0], whiten_gram(gram, 8, "krylov", seed=5)[0])
+    small = gram[:100, :100]  # a Krylov basis of 9 blocks of 16 would not fit: exact eigh instead
+    assert torch.equal(whiten_gram(small, 8, "krylov")[0], whiten_gram(small, 8, "eigh")[0])
+    with pytest.raises(ValueError, match="eigen method"):
+        whiten_gram(gram, 8, "lanczos")
 
 
 def test_find_networks_torch_matches_the_reference():
     tokens = _planted()
     ref = find_networks(tokens, 4, 2.5, seed=0)
-    for eig in ("randomized", "eigh"):
+    for eig in ("krylov", "randomized", "eigh"):
         ours = find_networks_torch(tokens, 4, 2.5, seed=0, eig_method=eig)
         assert ours.maps.shape == (4, 400) and ours.maps.dtype == np.float64 and ours.converged
         assert match_components(ours.maps, ref.maps)[0] > 0.99
@@ -231,6 +258,32 @@ def test_batched_layers_equal_layer_by_layer():
     single = find_networks_batch(moments, 4, 2.5, seed=1, runs=3)  # the pipeline's float32 moments
     for a, b in zip(one_by_one, single):
         assert match_components(b.maps, a.maps)[0] > 0.999
+
+
+def test_batched_layers_do_not_depend_on_the_worker_count():
+    """Workers share the layers out; each layer runs on one torch thread, so its maps are bit for bit the same
+    whatever the worker count (and so whatever the machine's core count)."""
+    layers = [_planted(seed=s) for s in range(4)] + [_planted(width=300, seed=9)]
+    moments = [SecondMoments.of(t.astype(np.float32), torch.float32) for t in layers]
+    threads = torch.get_num_threads()
+    ref = find_networks_batch(moments, 4, 2.5, seed=2, runs=2, workers=1)
+    for workers in (2, 3, 8):
+        got = find_networks_batch(iter(moments), 4, 2.5, seed=2, runs=2, workers=workers)
+        for a, b in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(b.maps, a.maps)
+            np.testing.assert_array_equal(b.members, a.members)
+            assert b.converged == a.converged
+    assert torch.get_num_threads() == threads  # restored
+    with pytest.raises(ValueError, match="workers"):
+        find_networks_batch(moments, 4, 2.5, seed=2, workers=0)
+
+
+def test_batched_layers_report_the_first_bad_layer_with_workers():
+    layers = [_planted(seed=s) for s in range(5)]
+    for bad in (1, 3):
+        layers[bad][0, 3] = np.nan
+    with pytest.raises(ValueError, match="layer 1: activations contain NaN"):
+        find_networks_batch(layers, 4, 2.5, seed=0, workers=2)
 
 
 def test_batched_layers_name_the_bad_layer():

@@ -1,4 +1,5 @@
-"""Interruption and the calibration cache: a killed run leaves no output and the rerun reuses its work."""
+"""Interruption and the calibration cache: a killed or interrupted run leaves no output, and the rerun reuses
+its work (cached activations and networks, or the progress an interrupted capture saved)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,39 @@ def test_no_cache_flag(model_dir, task_data, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [*_args(model_dir("llama"), task_data, tmp_path / "o"), "--no-cache", "--quiet"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(model_dir, task_data, tmp_path, monkeypatch):
+    """Ctrl-C in compress's capture: the batch finishes, progress goes to the cache, exit 130 says so, and the
+    same command continues from there (fewer forward passes) to the output."""
+    import signal
+
+    import torch
+    from click.testing import CliRunner
+
+    monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*_args(model_dir("llama"), task_data, tmp_path / "o"), "--batch-size", "8", "--quiet"]
+    passes, pressed = [], []
+
+    def press_ctrl_c_once(module, inputs, output):
+        if type(module).__name__.endswith("ForCausalLM"):
+            passes.append(1)
+            if len(passes) == 2 and not pressed:
+                pressed.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(press_ctrl_c_once)
+    try:
+        first = CliRunner().invoke(main, args)
+        assert first.exit_code == 130, first.output
+        assert "capture progress saved" in first.output and "the same command continues" in first.output
+        assert not (tmp_path / "o").exists()
+        assert len(list((tmp_path / "cache").glob("capture-*.partial.safetensors"))) == 1
+        passes.clear()
+        second = CliRunner().invoke(main, args)
+    finally:
+        handle.remove()
+    assert second.exit_code == 0, second.output
+    assert len(passes) == 3  # 40 prompts in batches of 8: two were done before Ctrl-C
+    assert not list((tmp_path / "cache").glob("capture-*.partial.safetensors"))
+    assert (tmp_path / "o" / "model.safetensors").is_file()
