@@ -105,6 +105,26 @@ def throughput(models: dict, prefill_batch: int, prefill_len: int, decode_tokens
                   "decode_tok_s": decode_tokens / b["decode"]} for key, b in best.items()}
 
 
+def measure_throughput(args: argparse.Namespace, keeps: list[float], runs: dict, out_root: Path) -> tuple:
+    """Dense vs pruned prefill and decode tokens/s (2 threads and 1), and each model's FLOPs per token."""
+    from transformers import AutoModelForCausalLM
+
+    models = {1.0: AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()}
+    dense = models[1.0]
+    widths_dense = [dense.config.intermediate_size] * dense.config.num_hidden_layers
+    flops = {1.0: mlp_attention_flops(dense.config, widths_dense, args.prefill_len)}
+    for keep in keeps:
+        models[keep] = AutoModelForCausalLM.from_pretrained(out_root / f"default-keep{keep}").eval()
+        flops[keep] = mlp_attention_flops(models[keep].config, runs[("default", keep)]["widths"], args.prefill_len)
+    speed = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices thread poorly: the 1-thread ratio shows the arithmetic alone
+    speed_1t = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
+    torch.set_num_threads(threads)
+    del models, dense
+    return speed, speed_1t, flops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -118,9 +138,12 @@ def main() -> None:
     parser.add_argument("--reference-keeps", default="0.5",
                         help="also compress these as fnprune did before the moments store: the token sample "
                              "kept (float32) and the scikit-learn ICA engine, for a side-by-side comparison")
+    parser.add_argument("--no-throughput", action="store_true",
+                        help="only the compress runs (e.g. to see how the time ratio moves with --num-samples)")
+    parser.add_argument("--out-prefix", default=str(RESULTS / "bench_speed"),
+                        help="results go to PREFIX.json and PREFIX.md")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    from transformers import AutoModelForCausalLM
 
     command = "python " + " ".join(sys.argv)
     keeps = [float(k) for k in args.keeps.split(",")]
@@ -148,19 +171,9 @@ def main() -> None:
         print(f"{config} keep {keep}: total {r['total']:.1f}s, capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, "
               f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
 
-    models = {1.0: AutoModelForCausalLM.from_pretrained(Path(args.model).expanduser()).eval()}
-    dense = models[1.0]
-    widths_dense = [dense.config.intermediate_size] * dense.config.num_hidden_layers
-    flops = {1.0: mlp_attention_flops(dense.config, widths_dense, args.prefill_len)}
-    for keep in keeps:
-        models[keep] = AutoModelForCausalLM.from_pretrained(out_root / f"default-keep{keep}").eval()
-        flops[keep] = mlp_attention_flops(models[keep].config, runs[("default", keep)]["widths"], args.prefill_len)
-    speed = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices thread poorly: the 1-thread ratio shows the arithmetic alone
-    speed_1t = throughput(models, args.prefill_batch, args.prefill_len, args.decode_tokens, args.repeats)
-    torch.set_num_threads(threads)
-    del models, dense
+    speed = speed_1t = flops = {}
+    if not args.no_throughput:
+        speed, speed_1t, flops = measure_throughput(args, keeps, runs, out_root)
 
     rows = []
     for config, keep in [("dense", 1.0), *((c, k) for c, k, _ in jobs)]:
@@ -198,13 +211,14 @@ def main() -> None:
             "prefill_gain_1thread_over_flop_reduction": round(prefill_gain_1t / flop_ratio, 3),
             "decode_gain_over_flop_reduction": round(decode_gain / flop_ratio, 3),
         })
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_speed.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    prefix = Path(args.out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
-    (RESULTS / "bench_speed.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    prefix.with_suffix(".md").write_text(f"Command: `{command}`\n\n{table}\n")
     print(table)
     print(f"(peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 

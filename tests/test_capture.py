@@ -200,3 +200,21 @@ def test_capture_progress_for_other_settings_is_ignored(llama, tmp_path):
     progress.write_bytes(b"not a safetensors file")  # damaged: ignored, never an error
     _same_capture(_capture(model, seqs, max_tokens=25, batch_size=2, seed=2),
                   _capture(model, seqs, max_tokens=25, batch_size=2, seed=2, progress_file=progress))
+
+
+def test_running_statistics_do_not_cancel_in_float32():
+    """Per-batch float32 sums around the first batch's mean keep float64 accuracy even when the mean is 1e5
+    times the spread (a naive float32 E[a^2] - E[a]^2 would return noise)."""
+    from fnprune.capture import _LayerStats
+
+    gen = torch.Generator().manual_seed(0)
+    batches_ = [(1000 + 0.01 * torch.randn(n, 6, generator=gen)).float() for n in (7, 300, 41)]
+    stats = _LayerStats(6, n_prompts=1, capacity=1, store_dtype=torch.float32, moments_buffer=None)
+    for b in batches_:
+        stats.add_statistics(b, torch.empty_like(b))
+    done = stats.finish()
+    every = torch.cat(batches_).double()
+    assert done.count == every.shape[0]
+    torch.testing.assert_close(done.mean.double(), every.mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(done.var.double(), every.var(0, unbiased=False), rtol=1e-4, atol=0)
+    torch.testing.assert_close(done.mean_abs.double(), every.abs().mean(0), rtol=1e-7, atol=0)
