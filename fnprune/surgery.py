@@ -8,6 +8,7 @@ from torch import nn
 from .arch import MLPLayout, by_neuron, get_module, layer_blocks, output_weight_by_neuron
 from .compensation import fold_into_output
 from .errors import ModelError
+from .memory import release_memory
 
 __all__ = [
     "prune_mlp",
@@ -240,5 +241,7 @@ def prune_mlp(
         mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new_width
+        if i % 4 == 3:
+            release_memory(collect=False)  # the dense layers' freed weights back to the OS as we go
     update_config(model.config, layout, widths, width_layout, removed_means is not None)
     return model
