@@ -49,8 +49,8 @@ DEFAULT_METHODS = "fn,random,magnitude,wanda-sp,flap,flap+bias,fn-task,fn-task+b
 DEFAULT_KEEPS = "0.9,0.75,0.5,0.35,0.25"
 CALIB_FIELDS = ("num_samples", "max_tokens", "batch_size", "max_length", "store_dtype", "seed")
 # Networks and rows carry the code of the ICA that made them, per engine. 2: the whitening's eigenvector signs
-# fixed and FastICA started from scikit-learn's matrix in both engines; 3 (torch engines): every kernel on one
-# thread (fnprune.ica.REVISION). Rows cached by earlier code stay readable with --ica-code.
+# fixed and FastICA started from scikit-learn's matrix in both engines; 3 (torch engines): block Krylov whitening,
+# every kernel on one thread (fnprune.ica.REVISION). Rows cached by earlier code stay readable with --ica-code.
 ICA_CODE = {"sklearn": 2, "torch": ica.REVISION, "torch64": ica.REVISION}
 
 

@@ -70,17 +70,22 @@ class IcaResult:
 
 
 @contextmanager
-def _one_thread(device: torch.device, small: bool = True) -> Iterator[None]:
-    """Run the block on one CPU thread (torch's thread count is process-wide; restored on exit)."""
-    if device.type != "cpu" or not small:
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's (process-wide) intra-op thread count set to n inside the block; None leaves it alone."""
+    if n is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _one_thread(device: str | torch.device, small: bool = True):
+    """Run the block on one CPU thread (on other devices, or when not `small`, nothing changes)."""
+    return _torch_threads(1 if torch.device(device).type == "cpu" and small else None)
 
 
 def _sign_fix(u: torch.Tensor) -> torch.Tensor:
@@ -120,8 +125,8 @@ def _top_eig(
     iteration instead of eigh's poorly parallel O(m^3). "krylov" is seeded randomized block Krylov (Musco and
     Musco 2015): Rayleigh-Ritz on the whole span of S G, S^2 G, ..., S^(power_iters + 1) G for a Gaussian G of
     k + `oversample` columns, which converges far faster than the last block alone when the spectrum has no gap
-    (SmolLM2's neuron Grams: 1 - cos of the subspace ~4e-8 with 8 steps against ~1e-5 for 20 subspace
-    iterations, in 2/3 of the time). Products use all threads; small factorisations run on one.
+    (SmolLM2's neuron Grams in float32: 1 - cos of the subspace 4e-7 to 8e-7 with 8 steps against up to 1.4e-5
+    for 20 subspace iterations, in 2/3 of the time). Products use all threads; small factorisations run on one.
     """
     m = sym.shape[0]
     width = min(k + oversample, m)
@@ -506,7 +511,7 @@ def find_networks_batch(
             for j, i in enumerate(chunk)
         ]
 
-    with _torch_threads(1 if torch.device(device).type == "cpu" else None):  # results independent of `workers`
+    with _one_thread(device):  # every kernel on one thread: results independent of `workers`
         whitened = _map_in_threads(whiten_layer, layers, workers)
         # Equal widths batch together; each worker takes every `workers`-th layer of a width, so the slow layers
         # (FastICA runs to max_iter in some layers, converges in tens of iterations in others) spread out.
@@ -529,20 +534,6 @@ def _worker_count(device: str | torch.device, workers: int | None) -> int:
     if torch.device(device).type != "cpu":
         return 1  # one device: its kernels are already parallel
     return workers if workers is not None else max(1, torch.get_num_threads())
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's (process-wide) intra-op thread count set to n inside the block; None leaves it alone."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _locked(fn: Callable[[int], object]) -> Callable[[int], None]:
