@@ -251,11 +251,11 @@ def capture_activations(
         write_atomic(progress_file, tensors, {**fingerprint, "batches_done": done, "tokens_seen": seen})
         return time.monotonic() - start
 
-    bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
     last_save, interval = time.monotonic(), save_every
     saving = deferred_interrupt("finishing this batch to save capture progress") if progress_file is not None \
         else nullcontext(lambda: False)
-    with mlp_input_hooks(model, layout, make_hook), saving as interrupted:
+    bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
+    with mlp_input_hooks(model, layout, make_hook), saving as interrupted, bar:
         for number, batch in enumerate(batches(seqs, batch_size, padding_side)):
             if number < done:
                 continue
@@ -277,7 +277,6 @@ def capture_activations(
                 if interrupted():
                     raise KeyboardInterrupt(f"capture progress saved ({seen} of {total} tokens); the same "
                                             "command continues from there")
-    bar.close()
     if any(s is None for s in stats):
         raise RuntimeError("some MLP layers were never called during capture")
     if progress_file is not None:
