@@ -471,15 +471,19 @@ def find_networks_batch(
     progress=None,
     max_batch_elements: int = 2**23,
     workers: int | None = None,
+    whitening_bytes: int = 2**31,
 ) -> list[LayerNetworks]:
     """`find_networks_torch` for many layers at once: every layer's FastICA runs go through the fixed-point
-    loop as one batch (layers of equal width together, at most `max_batch_elements` data values per batch),
-    which on the CPU is several times faster than layer after layer. Same networks as the per-layer call.
+    loop as one batch (layers of equal width together, at most `max_batch_elements` values of the runs'
+    projections in all workers' batches together), which on the CPU is several times faster than layer after
+    layer. Same networks as the per-layer call.
 
     On the CPU the layers are shared among `workers` threads (default: torch's thread count), each running its
     layers on one torch thread: the loop's many small LAPACK calls (a 32 x 32 eigh per run and iteration) do not
     parallelise inside one call, so two single-threaded workers beat one two-threaded loop by about 1.5x. A
-    layer's result does not depend on which worker or batch it ran in (checked in the tests).
+    layer's result does not depend on which worker or batch it ran in (checked in the tests). Whitening needs
+    d x d matrices (about 12 d^2 bytes from moments, 20 d^2 from tokens): workers whiten side by side only while
+    their estimates sum to at most `whitening_bytes`, so wide MLPs on many cores whiten one layer at a time.
 
     `layers` may be a generator: each layer's tokens or moments are only needed for its whitening, so at most
     one per worker is alive at a time. `progress`: optional tqdm-like bar, advanced once per batched iteration.
@@ -487,10 +491,14 @@ def find_networks_batch(
     """
     workers = _worker_count(device, workers)
 
+    budget = _ByteBudget(whitening_bytes)
+
     def whiten_layer(i: int, layer: ArrayLike | SecondMoments) -> tuple[torch.Tensor, int]:
         try:
-            moments = _as_moments(layer, device, torch.float64)
-            return _layer_whitening(moments, components, seed, eig_method, device, dtype), int(moments.constant.sum())
+            with budget.hold(_whitening_bytes(layer)):
+                moments = _as_moments(layer, device, torch.float64)
+                whitened = _layer_whitening(moments, components, seed, eig_method, device, dtype)
+                return whitened, int(moments.constant.sum())
         except ValueError as exc:
             raise ValueError(f"layer {i}: {exc}") from exc
 
@@ -518,7 +526,7 @@ def find_networks_batch(
         chunks: list[list[int]] = []
         for width in sorted({w.shape[0] for w, _ in whitened}):
             same = [i for i, (w, _) in enumerate(whitened) if w.shape[0] == width]
-            per_chunk = max(1, max_batch_elements // (runs * components * width))
+            per_chunk = max(1, max_batch_elements // (workers * runs * components * width))  # all workers
             for part in (same[j::workers] for j in range(workers)):
                 chunks += [part[j : j + per_chunk] for j in range(0, len(part), per_chunk)]
         if progress is not None:
@@ -534,6 +542,37 @@ def _worker_count(device: str | torch.device, workers: int | None) -> int:
     if torch.device(device).type != "cpu":
         return 1  # one device: its kernels are already parallel
     return workers if workers is not None else max(1, torch.get_num_threads())
+
+
+def _whitening_bytes(layer: ArrayLike | SecondMoments) -> int:
+    """Rough peak working memory of one layer's whitening: the d x d float64 covariance and float32 Gram, plus
+    float64 moments and a float64 copy of the tokens when it starts from tokens."""
+    if isinstance(layer, SecondMoments):
+        return 12 * layer.width**2
+    rows, width = layer.shape
+    return 20 * width**2 + 8 * rows * width
+
+
+class _ByteBudget:
+    """Threads hold at most `limit` bytes of estimated working memory at once; a request larger than the limit
+    waits until it can run alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            while self.used and self.used + nbytes > self.limit:
+                self._changed.wait()
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
 
 
 def _locked(fn: Callable[[int], object]) -> Callable[[int], None]:

@@ -274,8 +274,43 @@ def test_batched_layers_do_not_depend_on_the_worker_count():
             np.testing.assert_array_equal(b.members, a.members)
             assert b.converged == a.converged
     assert torch.get_num_threads() == threads  # restored
+    one_at_a_time = find_networks_batch(moments, 4, 2.5, seed=2, runs=2, workers=3, whitening_bytes=1)
+    for a, b in zip(ref, one_at_a_time, strict=True):
+        np.testing.assert_array_equal(b.maps, a.maps)
     with pytest.raises(ValueError, match="workers"):
         find_networks_batch(moments, 4, 2.5, seed=2, workers=0)
+
+
+def test_whitening_memory_budget_bounds_what_runs_at_once():
+    """Requests run side by side only while their bytes fit the limit; one bigger than the limit runs alone."""
+    import threading
+    import time
+
+    from fnprune.ica import _ByteBudget
+
+    budget, lock = _ByteBudget(100), threading.Lock()
+    held, peaks = [0, 0], []
+
+    def job(nbytes: int) -> None:
+        with budget.hold(nbytes):
+            with lock:
+                held[0] += nbytes
+                held[1] += 1
+                peaks.append((held[0], held[1]))
+            time.sleep(0.05)
+            with lock:
+                held[0] -= nbytes
+                held[1] -= 1
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in (40, 40, 40, 150, 30, 60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert budget.used == 0 and len(peaks) == 6
+    for total, count in peaks:
+        assert total <= 100 or count == 1, (total, count)  # over the limit only when alone
+    assert max(count for _, count in peaks) >= 2  # and small requests did share
 
 
 def test_batched_layers_report_the_first_bad_layer_with_workers():
