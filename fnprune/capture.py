@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,11 @@ def capture_activations(
             buffers[key] = torch.empty(max(len(rows), 256), like.shape[-1], dtype=like.dtype)
         return buffers[key][: len(rows)]
 
+    def new_stats(i: int) -> _LayerStats:
+        """Layer i's empty statistics, its moments in its slice of the pool."""
+        buffer = pool[offsets[i] : offsets[i] + sizes[i]] if sizes[i] else None
+        return _LayerStats(widths[i], len(seqs), min(max_tokens, total), dtype, buffer)
+
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple) -> None:
             mask = step["mask"]
@@ -217,8 +223,7 @@ def capture_activations(
                 width = x.shape[-1]
                 if width != widths[i]:
                     raise RuntimeError(f"layer {i}: the MLP hook saw {width} neurons, the weights have {widths[i]}")
-                buffer = pool[offsets[i] : offsets[i] + sizes[i]] if sizes[i] else None
-                stats[i] = _LayerStats(width, len(seqs), min(max_tokens, total), dtype, buffer)
+                stats[i] = new_stats(i)
             s = stats[i]
             flat = x.reshape(-1, x.shape[-1])  # (B * L, d)
             # Row gathers and the centred copy go into reused buffers: capture's temporaries interleave with the
@@ -239,9 +244,7 @@ def capture_activations(
     }
     done, seen = 0, 0
     if progress_file is not None:
-        done, seen = _resume(progress_file, fingerprint, stats, lambda i: _LayerStats(
-            widths[i], len(seqs), min(max_tokens, total), dtype, pool[offsets[i] : offsets[i] + sizes[i]]
-            if sizes[i] else None))
+        done, seen = _resume(progress_file, fingerprint, stats, new_stats)
         if done:
             log.info("capture resumes at token %d of %d from %s", seen, total, progress_file)
 
@@ -284,7 +287,8 @@ def capture_activations(
     return [s.finish() for s in stats]  # type: ignore[union-attr]
 
 
-def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats) -> tuple[int, int]:
+def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats: Callable[[int], _LayerStats]
+            ) -> tuple[int, int]:
     """Fill `stats` from a progress file written for the same prompts and settings; (batches, tokens) done.
     A file for anything else, or an unreadable one, is ignored (and later replaced)."""
     loaded = read_with_meta(path)

@@ -119,8 +119,6 @@ def layer_networks(sample: torch.Tensor | SecondMoments, net: NetworksSpec) -> L
             sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
             runs=net.runs,
         )
-    if not isinstance(sample, SecondMoments):
-        sample = SecondMoments.of(sample.double())
     with threadpool_limits(1):  # threaded LAPACK on these small matrices is much slower on shared CPUs
         return find_networks(sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, runs=net.runs)
 
