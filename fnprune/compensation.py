@@ -43,7 +43,7 @@ def reconstruction_map(
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     if isinstance(sample, SecondMoments):
         around = torch.zeros(sample.width, dtype=torch.float64) if centre is None else centre
-        cross = sample.covariance(around)[keep]  # (k, d) rows of E[(a - c)(a - c)^T], float64
+        cross = sample.covariance_rows(keep, around)  # (k, d) rows of E[(a - c)(a - c)^T], float64
     else:  # only the kept rows of the second moment, never the whole d x d (wide MLPs keep their tokens)
         x = sample.to(torch.float32)
         if centre is not None:
@@ -52,8 +52,11 @@ def reconstruction_map(
     removed = removed_indices(keep, cross.shape[1])
     kk, kr = cross[:, keep], cross[:, removed]
     scale = kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
-    eye = torch.eye(len(keep), dtype=torch.float64)
-    return torch.linalg.solve(kk + max(ridge, 1e-8) * scale * eye, kr).to(torch.float32)
+    kk.diagonal().add_(max(ridge, 1e-8) * scale)
+    # kk is a covariance plus a ridge: positive definite, so Cholesky (half LU's work); LU where rounding broke it
+    chol, info = torch.linalg.cholesky_ex(kk)
+    fill = torch.cholesky_solve(kr, chol) if int(info) == 0 else torch.linalg.solve(kk, kr)
+    return fill.to(torch.float32)
 
 
 def fold_into_output(

@@ -19,7 +19,10 @@ from pathlib import Path
 from .errors import DataError
 from .recipe import TaskSpec
 
-__all__ = ["BUILTIN_TASKS", "Example", "resolve_task", "load_split", "template_fields", "sample", "check_disjoint"]
+__all__ = [
+    "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "template_fields", "sample",
+    "check_disjoint",
+]
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
@@ -158,18 +161,17 @@ def data_source(task: TaskSpec, split: str) -> Path | None:
     return _split_file(task, split)
 
 
-def load_split(task: TaskSpec, split: str) -> list[Example]:
-    """All examples of one split, prompts filled in; every problem with the data is a DataError."""
+def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
+    """A split's raw rows, every column and label checked, and the template's fields; problems: DataError."""
     path = _split_file(task, split)
     rows = _load_hub_split(task, split) if path is None else _read_rows(path)
     where = str(path) if path else f"{task.dataset} {split}"
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
-    columns = [*template_fields(task.template), task.label_column]
-    absent = [c for c in columns if c not in rows[0]]
+    fields = template_fields(task.template)  # parsed once: per row it was most of a large split's load
+    absent = [c for c in [*fields, task.label_column] if c not in rows[0]]
     if absent:
         raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
-    examples = []
     for n, row in enumerate(rows):
         label = str(row[task.label_column]).strip()
         if label not in task.label_words:
@@ -177,17 +179,36 @@ def load_split(task: TaskSpec, split: str) -> list[Example]:
                 f"{where}: row {n}: label {label!r} is not one of the label words' keys "
                 f"{sorted(task.label_words)}"
             )
-        fields = {c: str(row[c]).strip() for c in template_fields(task.template)}
-        examples.append(Example(prompt=task.template.format(**fields), label=label, texts=tuple(fields.values())))
-    return examples
+    return rows, fields
+
+
+def _example(task: TaskSpec, row: dict, fields: list[str]) -> Example:
+    values = {c: str(row[c]).strip() for c in fields}
+    return Example(task.template.format(**values), str(row[task.label_column]).strip(), tuple(values.values()))
+
+
+def load_split(task: TaskSpec, split: str) -> list[Example]:
+    """All examples of one split, prompts filled in; every problem with the data is a DataError."""
+    rows, fields = _checked_rows(task, split)
+    return [_example(task, row, fields) for row in rows]
+
+
+def load_sample(task: TaskSpec, split: str, n: int, seed: int) -> list[Example]:
+    """`sample(load_split(task, split), n, seed)`, filling in only the sampled prompts (the whole split is still
+    checked): on SST-2's 67k training rows, most of what loading took."""
+    rows, fields = _checked_rows(task, split)
+    return [_example(task, rows[i], fields) for i in _sample_indices(len(rows), n, seed)]
+
+
+def _sample_indices(total: int, n: int, seed: int) -> list[int]:
+    if n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))
 
 
 def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     """A seeded sample of n examples without replacement (all of them, in order, when n >= len)."""
-    if n >= len(examples):
-        return list(examples)
-    rng = random.Random(seed)
-    return [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
+    return [examples[i] for i in _sample_indices(len(examples), n, seed)]
 
 
 def check_disjoint(calibration: list[Example], evaluation: list[Example]) -> None:

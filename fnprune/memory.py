@@ -4,6 +4,10 @@ glibc's malloc keeps freed blocks of mid-sized tensors (a batch's activations, a
 its heap, and after a stage that interleaved many of them the process keeps hundreds of MiB it no longer uses
 (measured on SmolLM2 compress: peak RSS varied by 0.3 GiB between identical runs). `release_memory` collects
 garbage and asks glibc to trim; elsewhere it only collects garbage.
+
+A full garbage collection walks every tracked Python object: about 400,000 once torch and transformers are
+imported and a model is loaded, 0.15 s per collection on these CPUs. Inside `objects_frozen()` the objects that
+already exist are left out of collections (`gc.freeze`), so the pipeline's collections cost nearly nothing.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
-__all__ = ["release_memory"]
+__all__ = ["objects_frozen", "release_memory"]
+
+_frozen_depth = 0
 
 
 @cache
@@ -32,3 +40,21 @@ def release_memory(collect: bool = True) -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@contextmanager
+def objects_frozen() -> Iterator[None]:
+    """Within the block, garbage collections skip the objects alive when it started (see the module doc).
+
+    Unreachable cycles among those objects wait until the outermost block ends; plain references still free
+    them at once, as tensors and modules are. Nested blocks are fine: only the outermost one unfreezes.
+    """
+    global _frozen_depth
+    gc.freeze()
+    _frozen_depth += 1
+    try:
+        yield
+    finally:
+        _frozen_depth -= 1
+        if _frozen_depth == 0:
+            gc.unfreeze()

@@ -116,6 +116,25 @@ class SecondMoments:
         # E[(y + delta)(y + delta)^T] with y = a - shift; rank-one updates in place (no d x d temporaries)
         return m.addr_(around, delta).addr_(delta, around).addr_(delta, delta)
 
+    def covariance_rows(self, rows: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `rows` (r,) of `covariance(centre)`, (r, d) float64, read straight from the packed blocks: the
+        reconstruction needs only the kept neurons' rows, and building all d x d took most of its time."""
+        self._check()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.packed.device)
+        h = self.width // 2
+        aa, ab, bb = self._blocks()
+        first, second = rows < h, rows >= h
+        m = torch.empty(len(rows), self.width, dtype=torch.float64, device=self.packed.device)
+        top, low = rows[first], rows[second] - h
+        m[first] = torch.cat([aa[top], ab[top]], 1).to(torch.float64)
+        m[second] = torch.cat([ab[:, low].T, bb[low]], 1).to(torch.float64)
+        m /= self.count
+        around = self.sum / self.count  # mean minus shift
+        if centre is None:
+            return m.addr_(around[rows], around, alpha=-1)
+        delta = self.shift.to(torch.float64) - centre.to(m.device, torch.float64)
+        return m.addr_(around[rows], delta).addr_(delta[rows], around).addr_(delta[rows], delta)
+
     def correlation_gram(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """(d, d) P R P: R the neuron correlation (dead neurons 0), P = I - 11^T/d centres across neurons.
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fnprune.data import check_disjoint, load_split, resolve_task, sample
+from fnprune.data import check_disjoint, load_sample, load_split, resolve_task, sample
 from fnprune.errors import DataError
 from fnprune.recipe import TaskSpec
 
@@ -46,6 +46,20 @@ def test_sample_is_seeded_subset(task_data):
     a, b = sample(examples, 10, 3), sample(examples, 10, 3)
     assert a == b and len(set(a)) == 10 and sample(examples, 10, 4) != a
     assert sample(examples, 1000, 0) == examples
+
+
+def test_load_sample_is_sample_of_split(task_data):
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    examples = load_split(task, "train")
+    for n, seed in [(10, 3), (1, 0), (64, 1), (1000, 0)]:
+        assert load_sample(task, "train", n, seed) == sample(examples, n, seed)
+
+
+def test_load_sample_checks_every_row(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "ok\t1\n" * 50 + "bad\t7\n")
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="row 50: label '7'"):
+        load_sample(task, "train", 2, 0)  # the bad row is rarely drawn: the whole split is still checked
 
 
 @pytest.mark.parametrize(

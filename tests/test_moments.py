@@ -36,6 +36,17 @@ def test_streamed_covariance_equals_the_stored_sample(dtype, tol):
     torch.testing.assert_close(moments.covariance(zero), tokens.T @ tokens / len(tokens), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_covariance_rows_are_rows_of_the_covariance(dtype):
+    moments = SecondMoments.of(_tokens(), dtype)  # odd width 37: rows from both packed halves
+    rows = torch.tensor([0, 3, 17, 18, 19, 36])
+    centre = moments.mean() + 0.25
+    for around in (None, centre, torch.zeros(37, dtype=torch.float64)):
+        full = moments.covariance(around)
+        assert torch.equal(moments.covariance_rows(rows, around), full[rows])
+    assert moments.covariance_rows(torch.tensor([], dtype=torch.long)).shape == (0, 37)
+
+
 def test_correlation_gram_is_the_spatial_ica_gram():
     tokens = _tokens(offset=0.0).numpy()
     tokens[:, 7] = 1.5  # a dead neuron
