@@ -39,7 +39,7 @@ from .tokens import batches, forward
 __all__ = ["LayerActivations", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes", "resolve_sample_store"]
 
 log = logging.getLogger("fnprune")
-PROGRESS_FORMAT = 1  # bumped when the progress file's layout changes; other versions are ignored
+PROGRESS_FORMAT = 2  # bumped when the progress file's layout changes; other versions are ignored (2: pending rows)
 
 @dataclass
 class LayerActivations:
@@ -140,6 +140,8 @@ class _LayerStats:
                                       if k.startswith(f"{prefix}moments.")})
 
     def finish(self) -> LayerActivations:
+        if self.moments is not None:
+            self.moments.flush()  # the last, shorter group
         n = max(self.count, 1)
         centred = self.sum / n  # mean - shift
         var = (self.sum_sq / n - centred.pow(2)).clamp(min=0)

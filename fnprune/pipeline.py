@@ -167,6 +167,7 @@ def calibration_cache_key(recipe: Recipe, examples: list[Example]) -> str:
         "dtype": recipe.model.dtype,
         "prompts": prompts,
         "calibration": dataclasses.asdict(recipe.calibration),
+        "moments_group_rows": SecondMoments.GROUP_ROWS,  # how the moments' float32 sums were grouped
         "versions": {k: v for k, v in versions().items() if k in ("torch", "transformers", "fnprune")},
     })
 

@@ -71,8 +71,51 @@ def test_state_round_trip_and_checks():
     buffer = torch.zeros(SecondMoments.packed_size(6), dtype=torch.float64)
     into = SecondMoments(6, out=buffer)
     into.update(torch.randn(10, 6, dtype=torch.float64))
+    assert buffer.abs().sum() == 0 and into.n_pending == 10  # fewer rows than a group wait
+    into.flush()
     assert buffer.abs().sum() > 0  # accumulated in the caller's buffer
     bad = torch.randn(10, 6, dtype=torch.float64)
     bad[3, 2] = float("inf")
     into.update(bad)
     assert not into.finite()
+
+
+def _fields(m: SecondMoments) -> list[torch.Tensor]:
+    m.flush()
+    return [m.packed, m.sum, m.shift, m.low, m.high]
+
+
+def test_groups_do_not_depend_on_how_rows_arrive():
+    tokens = _tokens(n=1000).float()
+    first = tokens[:50]  # the shift is the first batch's mean: the same first batch everywhere
+    want = SecondMoments(37, dtype=torch.float32)
+    want.update(first)
+    want.update(tokens[50:])
+    for sizes in ([1] * 30 + [920], [7] * 130 + [40], [128, 300, 1, 500, 21], [950]):
+        m = SecondMoments(37, dtype=torch.float32)
+        m.update(first)
+        start = 50
+        for size in sizes:
+            m.update(tokens[start : start + size])
+            start += size
+        assert start == 1000 and m.count == 1000
+        assert all(torch.equal(a, b) for a, b in zip(_fields(m), _fields(want)))
+
+
+def test_state_with_pending_rows_continues_bit_for_bit():
+    tokens = _tokens(n=600).float()
+    whole = SecondMoments(37, dtype=torch.float32)  # uninterrupted, same batches
+    whole.update(tokens[:300])
+    whole.update(tokens[300:])
+    part = SecondMoments(37, dtype=torch.float32)
+    part.update(tokens[:300])  # one group multiplied in, the rest pending
+    state = {k: v.clone() for k, v in part.state().items()}
+    assert state["pending"].shape == (300 % SecondMoments.GROUP_ROWS, 37)
+    resumed = SecondMoments(37, dtype=torch.float32)
+    resumed.load_state_(state)
+    resumed.update(tokens[300:])
+    assert all(torch.equal(a, b) for a, b in zip(_fields(resumed), _fields(whole)))
+    copy = SecondMoments.from_state(part.state())  # multiplies the pending rows into its own copy
+    want = SecondMoments.of(tokens[:300], torch.float32).covariance()  # other groups: rounding differs
+    torch.testing.assert_close(copy.covariance(), want, rtol=1e-5, atol=1e-4)
+    assert part.n_pending == 300 % SecondMoments.GROUP_ROWS  # the original is untouched
