@@ -141,9 +141,12 @@ def main() -> None:
                         help="also compress these as fnprune did before the moments store: the token sample "
                              "kept (float32) and the scikit-learn ICA engine, for a side-by-side comparison")
     parser.add_argument("--compress-repeats", type=int, default=3,
-                        help="compress runs per default config (and forward-only runs), taking turns so drifting "
-                             "machine load hits them alike; times are the best run's, peak RSS the highest "
-                             "(the reference config runs once)")
+                        help="compress runs per config (and forward-only runs), taking turns so drifting machine "
+                             "load hits them alike; times are the best run's, peak RSS the highest (the "
+                             "tokens+sklearn reference runs once)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also compress at keep 0.5 with FLAP (no ICA) with and without the reconstruction: "
+                             "the pipeline's cost without the networks, and without any token sample")
     parser.add_argument("--no-throughput", action="store_true",
                         help="only the compress runs (e.g. to see how the time ratio moves with --num-samples)")
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_speed"),
@@ -165,6 +168,9 @@ def main() -> None:
     reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"}}
     jobs = [("default", k, {}) for k in keeps]
     jobs += [("tokens+sklearn", float(k), reference) for k in args.reference_keeps.split(",") if k]
+    if args.baselines:
+        jobs += [("flap+reconstruction", 0.5, {"selection": {"method": "flap"}}),
+                 ("flap", 0.5, {"selection": {"method": "flap", "reconstruct": False}})]
     forward_runs: list[dict] = []
     all_runs: dict[tuple, list[dict]] = {(config, keep): [] for config, keep, _ in jobs}
     for repeat in range(args.compress_repeats):
@@ -172,9 +178,9 @@ def main() -> None:
         print(f"[{repeat + 1}/{args.compress_repeats}] forward passes alone: {forward_runs[-1]['forward_s']:.1f}s, "
               f"peak RSS {forward_runs[-1]['peak_rss'] / 2**30:.2f} GiB", flush=True)
         for config, keep, extra in jobs:
-            if config != "default" and repeat:
+            if config == "tokens+sklearn" and repeat:
                 continue
-            recipe = {**base, **extra, "selection": {"keep": keep},
+            recipe = {**base, **extra, "selection": {**extra.get("selection", {}), "keep": keep},
                       "output": {"dir": str(out_root / f"{config}-keep{keep}-run{repeat}")}}
             r = run_script(COMPRESS_AND_MEASURE, recipe)
             if all_runs[(config, keep)]:  # the same recipe writes the same checkpoint: keep the first one only

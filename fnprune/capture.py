@@ -180,7 +180,8 @@ def capture_activations(
     """Run every sequence through the model once and return per-layer activations (see module doc).
 
     `sample_store`: "tokens" keeps the sampled tokens (T, d) in `store_dtype`; "moments" keeps only their
-    float32 second moments (d, d); "auto" picks the smaller (`resolve_sample_store`).
+    float32 second moments (d, d); "auto" picks the smaller (`resolve_sample_store`). `max_tokens=0` keeps no
+    sample at all (an empty token store), for callers that need neither ICA nor the reconstruction.
     `progress_file`: where to save and resume partial progress (see module doc); it belongs to this model,
     which the caller's file name must say (the file only checks prompts, settings and MLP widths). It is
     removed once capture completes. Saving takes at most about a tenth of the time: `save_every` seconds grow
@@ -195,8 +196,8 @@ def capture_activations(
     # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer; "auto"
     # compares them with the sample as it will be (fewer tokens than max_tokens on small data).
     n_sample = min(max_tokens, total)
-    sizes = [SecondMoments.packed_size(w) if resolve_sample_store(sample_store, w, n_sample, store_dtype)
-             == "moments" else 0 for w in widths]
+    sizes = [SecondMoments.packed_size(w) if n_sample and resolve_sample_store(sample_store, w, n_sample, store_dtype)
+             == "moments" else 0 for w in widths]  # no sample (max_tokens 0): an empty token store, no moments
     pool = torch.zeros(sum(sizes), dtype=torch.float32)
     offsets = [sum(sizes[:i]) for i in range(len(widths))]
     sampled = sample_positions(total, max_tokens, seed)  # stream indices of the uniform token sample

@@ -159,10 +159,11 @@ def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: b
     return found
 
 
-def calibration_cache_key(recipe: Recipe, examples: list[Example]) -> str:
+def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: bool = True) -> str:
     """Everything the captured activations depend on (model files, prompts, settings, versions)."""
     prompts = hashlib.sha256("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode()).hexdigest()
     return cache.cache_key({
+        **({} if with_sample else {"token_sample": False}),  # activations without a sample are a different entry
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
         "dtype": recipe.model.dtype,
         "prompts": prompts,
@@ -181,20 +182,26 @@ def calibrate(
     with_networks: bool = True,
     progress: bool = True,
     use_cache: bool = False,
+    with_sample: bool = True,
 ) -> Calibration:
     """Capture activations on calibration prompts, then find each layer's functional networks.
 
     With `use_cache`, activations and networks are read from / written to the on-disk cache (fnprune.cache).
+    `with_sample=False` (only when neither networks nor the reconstruction are wanted) captures no token sample:
+    the per-neuron statistics and decision tokens only, which saves the sample's d x d products.
     """
+    if with_networks and not with_sample:
+        raise ValueError("the networks need the token sample: with_networks requires with_sample")
     with objects_frozen():  # the garbage collections between stages skip the model's and imports' objects
-        return _calibrate(model, tokenizer, examples, label_words, recipe, with_networks, progress, use_cache)
+        return _calibrate(model, tokenizer, examples, label_words, recipe, with_networks, progress, use_cache,
+                          with_sample)
 
 
 def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_networks: bool, progress: bool,
-               use_cache: bool) -> Calibration:
+               use_cache: bool, with_sample: bool) -> Calibration:
     cal = recipe.calibration
     timings: dict[str, float] = {}
-    key = calibration_cache_key(recipe, examples) if use_cache else ""
+    key = calibration_cache_key(recipe, examples, with_sample) if use_cache else ""
     start = time.perf_counter()
     cached = cache.load_activations(key) if use_cache else None
     if cached is not None:
@@ -203,7 +210,8 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
     else:
         seqs = encode_inputs(tokenizer, examples, cal.max_length, is_classifier(model))
         acts = capture_activations(
-            model, layout_for(model), seqs, max_tokens=cal.max_tokens, batch_size=cal.batch_size, seed=cal.seed,
+            model, layout_for(model), seqs, max_tokens=cal.max_tokens if with_sample else 0,
+            batch_size=cal.batch_size, seed=cal.seed,
             store_dtype=cal.store_dtype, sample_store=cal.sample_store, progress=progress,
             progress_file=cache.capture_progress_path(key) if use_cache else None,
         )
@@ -385,20 +393,22 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         )
     param_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(model))
     check_disk_space(out_dir, param_bytes + param_bytes // 10)  # the dense size bounds the pruned checkpoint
+    with_sample = sel.method in NEEDS_NETWORKS or sel.reconstruct  # else no token sample is captured
+    sample_tokens = recipe.calibration.max_tokens if with_sample else 0
     log.info(
-        "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d tokens)",
+        "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d sampled tokens)",
         capture_memory_bytes(
-            n_layers, max(widths), recipe.calibration.max_tokens, len(calibration), recipe.calibration.store_dtype,
+            n_layers, max(widths), sample_tokens, len(calibration), recipe.calibration.store_dtype,
             recipe.calibration.sample_store,
         ) / 2**20,
-        n_layers, max(widths), recipe.calibration.max_tokens,
+        n_layers, max(widths), sample_tokens,
     )
     # From here to surgery the model, tokenizer and imports stay alive: garbage collections skip them
     # (several collections over ~400k objects cost about 0.6 s).
     with objects_frozen():
         calib = calibrate(
             model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress,
-            use_cache=recipe.calibration.cache,
+            use_cache=recipe.calibration.cache, with_sample=with_sample,
         )
         timer.seconds.update(calib.timings)
         with timer.stage("selection"):

@@ -207,3 +207,35 @@ def test_reconstruction_brings_the_pruned_model_closer_to_dense(model_dir, task_
         pruned = AutoModelForCausalLM.from_pretrained(out).eval()
         err[reconstruct] = (forward(pruned, batch)[mask] - want).pow(2).mean().item()
     assert err[True] < 0.9 * err[False], err
+
+
+def test_no_token_sample_when_nothing_needs_it(model_dir, task_data, tmp_path):
+    """FLAP without reconstruction needs neither ICA nor the sample's moments: capture skips the sample (and its
+    d x d products), the statistics and kept neurons are the same as with it, and the sample-less activations
+    get their own cache entry, so a later run that needs the sample does not pick them up."""
+    from fnprune.data import load_sample
+    from fnprune.models import load_model
+    from fnprune.pipeline import calibrate, select_neurons
+
+    plain = _recipe(model_dir("llama"), task_data, tmp_path / "flap", method="flap", reconstruct=False)
+    result = fnprune.compress(apply_overrides(plain, {"evaluation.enabled": False}), progress=False)
+    assert result.report["calibration"]["tokens_for_ica"] == 0
+    assert "networks" not in result.report["timings_seconds"]
+
+    model, tok = load_model(plain.model)
+    task = resolve_task(plain.task)
+    examples = load_sample(task, "train", plain.calibration.num_samples, plain.calibration.seed)
+    runs = {w: calibrate(model, tok, examples, task.label_words, plain, with_networks=False, progress=False,
+                         with_sample=w) for w in (True, False)}
+    assert runs[True].activations[0].sampled == 400 and runs[False].activations[0].sampled == 0
+    for a, b in zip(runs[True].activations, runs[False].activations):
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var) and torch.equal(a.decision, b.decision)
+    kept = [select_neurons(model, runs[w], "flap", 0.5, 8, 0, None) for w in (True, False)]
+    assert all(torch.equal(x, y) for x, y in zip(*kept))
+    with pytest.raises(ValueError, match="need the token sample"):
+        calibrate(model, tok, examples, task.label_words, plain, with_networks=True, with_sample=False)
+
+    # Same calibration settings, now with ICA: the cached sample-less activations must not be used.
+    networks = _recipe(model_dir("llama"), task_data, tmp_path / "fn", reconstruct=False)
+    with_ica = fnprune.compress(apply_overrides(networks, {"evaluation.enabled": False}), progress=False)
+    assert with_ica.report["calibration"]["tokens_for_ica"] == 400
