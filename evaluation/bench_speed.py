@@ -189,8 +189,8 @@ def main() -> None:
             all_runs[(config, keep)].append(r)
             t = r["timings"]
             print(f"[{repeat + 1}/{args.compress_repeats}] {config} keep {keep}: total {r['total']:.1f}s, "
-                  f"capture {t['capture']:.1f}s, ICA {t['networks']:.1f}s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB",
-                  flush=True)
+                  f"capture {t['capture']:.1f}s, ICA {t.get('networks', 0):.1f}s, "
+                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
     forward_only = {"forward_s": min(f["forward_s"] for f in forward_runs),
                     "peak_rss": max(f["peak_rss"] for f in forward_runs)}
     runs = {}
