@@ -218,6 +218,10 @@ def main() -> None:
                                                          "surgery", "save")},
             "total_over_capture": r and round(work / t["capture"], 2),
             "total_over_forward_only": r and round(work / forward_only["forward_s"], 2),
+            # What compress spends even if networks, selection, reconstruction and surgery took no time: reading
+            # the model and data, the calibration pass with its statistics, and writing the checkpoint.
+            "floor_over_forward_only": r and round(
+                (t["load"] + t["capture"] + t["save"]) / forward_only["forward_s"], 2),
             "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
             "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),
             "forward_only_rss_gib": round(forward_only["peak_rss"] / 2**30, 2),

@@ -47,7 +47,9 @@ __all__ = [
 ArrayLike = torch.Tensor | np.ndarray
 # Bumped whenever this engine's networks change for the same inputs and settings, so caches keyed on it
 # recompute: 3 = block Krylov whitening, every CPU kernel single-threaded (networks no longer depend on the
-# core count).
+# core count). Not bumped for whitening stored token samples of wide MLPs (T < d) from the token Gram: the same
+# whitening as the neuron Gram's up to rounding (tests: 1e-9 with exact eigh), and moment-stored layers are
+# untouched, so networks cached by code 3 stay as good as recomputed ones.
 REVISION = 3
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -185,6 +187,10 @@ def _block_krylov(sym: torch.Tensor, width: int, seed: int, steps: int) -> tuple
     return eigval, basis @ small
 
 
+# (oversample, power_iters) of each eigen method when whitening (see `_top_eig`)
+_EIG_DEFAULTS = {"krylov": (8, 8), "randomized": (32, 20), "eigh": (0, 0)}
+
+
 def whiten_gram(
     gram: torch.Tensor, k: int, method: str = "krylov", seed: int = 0, oversample: int | None = None,
     power_iters: int | None = None,
@@ -197,7 +203,7 @@ def whiten_gram(
     """
     if not 0 < k <= gram.shape[0]:
         raise ValueError(f"k ({k}) must be in 1..{gram.shape[0]}")
-    oversample_default, iters_default = (8, 8) if method == "krylov" else (32, 20)
+    oversample_default, iters_default = _EIG_DEFAULTS.get(method, (0, 0))
     eigval, eigvec = _top_eig(
         gram, k, method, seed,
         oversample_default if oversample is None else oversample,
@@ -412,18 +418,56 @@ def _as_moments(data: ArrayLike | SecondMoments, device, dtype: torch.dtype) -> 
     return SecondMoments.of(torch.as_tensor(data).to(device=device, dtype=dtype), dtype)
 
 
+def _token_side(sample: ArrayLike | SecondMoments) -> bool:
+    """Whiten from the token Gram (T x T) rather than the neuron Gram (d x d): a stored token sample with
+    fewer tokens than neurons, as wide MLPs keep (Llama-7B: 4,096 tokens x 11,008 neurons)."""
+    return not isinstance(sample, SecondMoments) and sample.shape[0] < sample.shape[1]
+
+
+def _token_gram_whitening(
+    tokens: ArrayLike, components: int, seed: int, eig_method: str, device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Spatial-ICA whitening (d, k), explained fractions (k,) and dead neurons of a token sample (T, d), T < d.
+
+    With Z (d, T) the spatial-ICA data (each neuron z-scored over tokens, each token centred across neurons),
+    the neuron Gram Z Z^T / T (what `SecondMoments.correlation_gram` gives) and the token Gram Z^T Z / T share
+    their nonzero eigenvalues, and the neuron-side eigenvectors are u = Z v / sqrt(T lambda) for the token-side
+    ones v: the same whitening, from T^2 instead of d^2 values and T^2 d instead of T d^2 multiply-adds.
+    """
+    x = torch.as_tensor(tokens).to(device)  # (T, d) in the storage dtype
+    n = x.shape[0]
+    dead = x.amax(0) == x.amin(0)  # exact, like SecondMoments.constant
+    mean = x.mean(0, dtype=torch.float64)  # (d,)
+    z = x.to(dtype) - mean.to(dtype)  # (T, d) centred, in the working dtype (float16 samples are widened)
+    var = torch.linalg.vector_norm(z, dim=0, dtype=torch.float64).square_() / n  # (d,) summed in float64
+    inv = torch.where(dead, 0.0, var.clamp(min=torch.finfo(torch.float64).tiny).rsqrt())
+    z = z.mul_(inv.to(dtype)).T  # (d, T) z-scored neurons
+    z -= z.mean(0, keepdim=True)  # each token centred across neurons
+    gram = z.T @ z / n  # (T, T)
+    eigval, v = _top_eig(gram, components, eig_method, seed, *_EIG_DEFAULTS.get(eig_method, (0, 0)))  # (k,), (T, k)
+    u = _sign_fix(z @ v / (eigval * n).sqrt().clamp(min=torch.finfo(dtype).tiny))  # (d, k) unit columns
+    total = gram.diagonal().sum().clamp(min=torch.finfo(dtype).tiny)
+    return u * z.shape[0] ** 0.5, eigval / total, int(dead.sum())
+
+
 def _layer_whitening(
-    moments: SecondMoments, components: int, seed: int, eig_method: str, device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Checked spatial-ICA whitening (d, k) of one layer from its moments."""
-    check_sample(moments, components)
-    gram = moments.correlation_gram(dtype).to(device)
-    whitened, explained = whiten_gram(gram, components, eig_method, seed)  # (d, k), (k,)
-    exact = moments.dtype == dtype == torch.float64
+    sample: ArrayLike | SecondMoments, components: int, seed: int, eig_method: str, device, dtype: torch.dtype
+) -> tuple[torch.Tensor, int]:
+    """Checked spatial-ICA whitening (d, k) of one layer and its dead-neuron count, from its moments or its
+    token sample (through the smaller of the two Grams)."""
+    check_sample(sample, components)
+    if _token_side(sample):
+        whitened, explained, dead = _token_gram_whitening(sample, components, seed, eig_method, device, dtype)
+        exact = dtype == torch.float64
+    else:
+        moments = _as_moments(sample, device, torch.float64)
+        gram = moments.correlation_gram(dtype).to(device)
+        whitened, explained = whiten_gram(gram, components, eig_method, seed)  # (d, k), (k,)
+        exact, dead = moments.dtype == dtype == torch.float64, int(moments.constant.sum())
     floor = 1e-10 if exact else 1e-5  # relative eigenvalue noise of a rank-deficient Gram
     if explained[-1] <= floor * max(float(explained[0]), 1e-300):
         raise ValueError(f"activations have rank below {components} components; lower `components`")
-    return whitened.to(dtype)
+    return whitened.to(dtype), dead
 
 
 def find_networks_torch(
@@ -447,9 +491,7 @@ def find_networks_torch(
     `runs` > 1 pools the networks of seeds seed, seed + 1, ... on one whitening; `restarts` only measures
     stability.
     """
-    moments = _as_moments(tokens, device, dtype)
-    whitened = _layer_whitening(moments, components, seed, eig_method, device, dtype)
-    dead = int(moments.constant.sum())
+    whitened, dead = _layer_whitening(tokens, components, seed, eig_method, device, dtype)
     found = []
     for run in range(runs):
         ica = fast_ica(whitened, "logcosh", max_iter, tol, seed + run, restarts)
@@ -496,9 +538,7 @@ def find_networks_batch(
     def whiten_layer(i: int, layer: ArrayLike | SecondMoments) -> tuple[torch.Tensor, int]:
         try:
             with budget.hold(_whitening_bytes(layer)):
-                moments = _as_moments(layer, device, torch.float64)
-                whitened = _layer_whitening(moments, components, seed, eig_method, device, dtype)
-                return whitened, int(moments.constant.sum())
+                return _layer_whitening(layer, components, seed, eig_method, device, dtype)
         except ValueError as exc:
             raise ValueError(f"layer {i}: {exc}") from exc
 
@@ -545,11 +585,14 @@ def _worker_count(device: str | torch.device, workers: int | None) -> int:
 
 
 def _whitening_bytes(layer: ArrayLike | SecondMoments) -> int:
-    """Rough peak working memory of one layer's whitening: the d x d float64 covariance and float32 Gram, plus
-    float64 moments and a float64 copy of the tokens when it starts from tokens."""
+    """Rough peak working memory of one layer's whitening: from moments, the d x d float64 covariance and
+    float32 Gram; from T < d tokens, float64 and float32 copies of them and the T x T Gram (`_token_side`);
+    from more tokens than neurons, their float64 copy and moments, and the neuron Gram."""
     if isinstance(layer, SecondMoments):
         return 12 * layer.width**2
     rows, width = layer.shape
+    if _token_side(layer):
+        return 12 * rows * width + 8 * rows**2
     return 20 * width**2 + 8 * rows * width
 
 

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .moments import SecondMoments
 
@@ -84,14 +85,20 @@ def find_networks(
     return pool_networks(found)
 
 
-def check_sample(moments: SecondMoments, components: int) -> None:
-    """Refuse a layer's token sample that spatial ICA cannot unmix into `components` maps (ValueError)."""
-    if not moments.finite():
+def check_sample(sample: SecondMoments | np.ndarray | torch.Tensor, components: int) -> None:
+    """Refuse a layer's token sample (T, d), or its moments, that spatial ICA cannot unmix into `components`
+    maps (ValueError)."""
+    if isinstance(sample, SecondMoments):
+        finite, (count, width) = sample.finite(), (sample.count, sample.width)
+    else:
+        t = torch.as_tensor(sample)
+        finite, (count, width) = bool(torch.isfinite(t).all()), t.shape
+    if not finite:
         raise ValueError("activations contain NaN or inf")
-    if components >= min(moments.count, moments.width):
+    if components >= min(count, width):
         raise ValueError(
-            f"components ({components}) must be smaller than both the number of tokens ({moments.count}) "
-            f"and of neurons ({moments.width})"
+            f"components ({components}) must be smaller than both the number of tokens ({count}) "
+            f"and of neurons ({width})"
         )
 
 

@@ -12,6 +12,9 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 from fnprune.ica import (
+    _layer_whitening,
+    _token_side,
+    _whitening_bytes,
     fast_ica,
     find_networks_batch,
     find_networks_torch,
@@ -233,6 +236,46 @@ def test_find_networks_torch_checks_like_the_reference():
             find_networks_torch(low_rank, 4, 3.0, seed=0, dtype=dtype)
     with pytest.raises(ValueError, match="nonlinearity"):
         fast_ica(torch.zeros(10, 2, dtype=torch.float64), fun="tanh")
+
+
+def test_wide_layers_whiten_from_the_token_gram():
+    """Fewer tokens than neurons (wide MLPs keep their tokens): the T x T token Gram gives the neuron Gram's
+    whitening, signs and dead neurons included, and so the reference engine's networks."""
+    tokens = _planted(n_tokens=300, width=700, seed=4)
+    tokens[:, 7] = 1.5  # a dead neuron
+    assert _token_side(tokens) and not _token_side(tokens[:, :200]) and not _token_side(SecondMoments.of(tokens))
+    neuron_side, dead = _layer_whitening(SecondMoments.of(tokens), 6, 0, "eigh", "cpu", torch.float64)
+    token_side, token_dead = _layer_whitening(torch.from_numpy(tokens), 6, 0, "eigh", "cpu", torch.float64)
+    torch.testing.assert_close(token_side, neuron_side, atol=1e-9, rtol=0)
+    assert token_dead == dead == 1
+    krylov, _ = _layer_whitening(torch.from_numpy(tokens), 6, 0, "krylov", "cpu", torch.float64)
+    torch.testing.assert_close(krylov[:, :4], neuron_side[:, :4], atol=1e-9, rtol=0)  # the planted networks
+    ref = find_networks(tokens, 4, 2.5, seed=0, runs=2)
+    ours = find_networks_torch(tokens, 4, 2.5, seed=0, eig_method="eigh", runs=2)
+    np.testing.assert_allclose(ours.maps, ref.maps, atol=1e-6)
+    np.testing.assert_array_equal(ours.members, ref.members)
+    assert ours.dead_neurons == ref.dead_neurons == 1
+    # A float16 sample is widened before it is centred: the same as widening it first
+    half = torch.from_numpy(tokens).half()
+    widened, _ = _layer_whitening(half.double(), 6, 0, "eigh", "cpu", torch.float64)
+    torch.testing.assert_close(_layer_whitening(half, 6, 0, "eigh", "cpu", torch.float64)[0], widened,
+                               atol=1e-9, rtol=0)
+
+
+def test_wide_layers_batched_checked_and_budgeted():
+    layers = [_planted(n_tokens=200, width=500, seed=s) for s in (5, 6)]
+    one_by_one = [find_networks_torch(t, 4, 2.5, seed=1, runs=2) for t in layers]
+    batched = find_networks_batch(layers, 4, 2.5, seed=1, runs=2, dtype=torch.float64)
+    for a, b in zip(one_by_one, batched, strict=True):
+        np.testing.assert_allclose(b.maps, a.maps, atol=1e-8)
+    rng = np.random.default_rng(0)
+    low_rank = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 200))
+    for dtype in (torch.float64, torch.float32):
+        with pytest.raises(ValueError, match="rank"):
+            find_networks_torch(low_rank, 4, 3.0, seed=0, dtype=dtype)
+    # Llama-7B's MLP with a 4,096-token sample: the token side needs well under the d x d path's 2.4 GB
+    llama7b = torch.empty(4096, 11008, device="meta")
+    assert _whitening_bytes(llama7b) < 2**30 < 20 * 11008**2
 
 
 def test_torch_engine_takes_scikit_learns_steps_for_the_same_seed():
