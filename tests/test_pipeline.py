@@ -239,3 +239,61 @@ def test_no_token_sample_when_nothing_needs_it(model_dir, task_data, tmp_path):
     networks = _recipe(model_dir("llama"), task_data, tmp_path / "fn", reconstruct=False)
     with_ica = fnprune.compress(apply_overrides(networks, {"evaluation.enabled": False}), progress=False)
     assert with_ica.report["calibration"]["tokens_for_ica"] == 400
+
+
+def test_reconstruction_releases_each_sample_once_fitted(model_dir, task_data, monkeypatch):
+    """compress drops a layer's token sample as soon as its reconstruction is fitted, so the samples and the maps
+    are never all alive together (wide MLPs keep tokens: gigabytes of each); the maps are the same."""
+    from fnprune import pipeline
+    from fnprune.data import load_sample
+    from fnprune.models import load_model
+
+    recipe = apply_overrides(_recipe(model_dir("llama"), task_data, "unused", method="flap"),
+                             {"calibration.sample_store": "tokens"})
+    model, tok = load_model(recipe.model)
+    task = resolve_task(recipe.task)
+    examples = load_sample(task, "train", recipe.calibration.num_samples, recipe.calibration.seed)
+    calib = pipeline.calibrate(model, tok, examples, task.label_words, recipe, with_networks=False, progress=False)
+    kept = pipeline.select_neurons(model, calib, "flap", 0.5, 8, 0, None)
+    centres = [a.mean for a in calib.activations]
+    maps = pipeline.reconstruction_fills(calib, kept, centres, 0.1)  # the sweep's way: samples stay
+    assert all(a.tokens is not None for a in calib.activations)
+
+    alive, fit = [], pipeline.reconstruction_map
+
+    def spy(sample, *args):
+        alive.append(sum(a.tokens is not None for a in calib.activations))
+        return fit(sample, *args)
+
+    monkeypatch.setattr(pipeline, "reconstruction_map", spy)
+    released = pipeline.reconstruction_fills(calib, kept, centres, 0.1, release=True)
+    layers = len(calib.activations)
+    assert layers > 1 and alive == list(range(layers, 0, -1))  # layer i's fit: layers before it already freed
+    assert all(a.tokens is None and a.moments is None for a in calib.activations)
+    assert all(torch.equal(a, b) for a, b in zip(maps, released, strict=True))
+
+
+def test_mlp_wider_than_the_sample_keeps_tokens_and_finds_the_same_networks(model_dir, task_data, tmp_path):
+    """100 sampled tokens < 128 neurons: "auto" keeps the tokens, whitened from their token Gram; the networks
+    match those found through the neuron Gram of the same sample's moments, and the checkpoint reloads.
+
+    FastICA does not converge on these activations, and its iterations amplify rounding (the two stores' maps
+    match 0.998-0.9998 after 10 iterations, 0.82-0.92 after 400), so the comparison stops at 10."""
+    from safetensors.torch import load_file
+
+    from fnprune.capture import resolve_sample_store
+    from fnprune.ica import match_components
+
+    assert resolve_sample_store("auto", 128, 100, "float32") == "tokens"
+    maps = {}
+    for store in ("auto", "moments"):
+        recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / store),
+                                 {"calibration.sample_store": store, "calibration.max_tokens": 100,
+                                  "networks.max_iter": 10, "evaluation.enabled": False})
+        result = fnprune.compress(recipe, progress=False)
+        assert result.report["calibration"]["tokens_for_ica"] == 100
+        saved = load_file(result.output_dir / "networks.safetensors")
+        maps[store] = [saved[f"layers.{i}.maps"].numpy() for i in range(2)]
+        AutoModelForCausalLM.from_pretrained(result.output_dir)
+    for a, b in zip(maps["auto"], maps["moments"], strict=True):
+        assert match_components(a, b)[0] > 0.99
