@@ -24,6 +24,11 @@ from pathlib import Path
 
 import torch
 
+try:  # as `python evaluation/bench_speed.py` (documented) or `python -m evaluation.bench_speed`
+    from tables import write_rows
+except ImportError:
+    from .tables import write_rows
+
 RESULTS = Path(__file__).parent / "results"
 
 COMPRESS_AND_MEASURE = """
@@ -244,15 +249,7 @@ def main() -> None:
             "prefill_gain_1thread_over_flop_reduction": round(prefill_gain_1t / flop_ratio, 3),
             "decode_gain_over_flop_reduction": round(decode_gain / flop_ratio, 3),
         })
-    prefix = Path(args.out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
-    table = "\n".join(lines)
-    prefix.with_suffix(".md").write_text(f"Command: `{command}`\n\n{table}\n")
-    print(table)
+    print(write_rows(Path(args.out_prefix), command, rows))
     print(f"(peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 
 

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .tables import write_rows
+
 RESULTS = Path(__file__).parent / "results"
 
 ONE_LAYER = """
@@ -103,14 +105,7 @@ def main() -> None:
                 "signal_subspace_1_minus_cos": float(f"{subspace_gap(maps['neuron'], maps['token'], 16):.1e}"),
             })
         rows.append(row)
-    prefix = Path(args.out_prefix)
-    prefix.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
-    table = "\n".join(lines)
-    prefix.with_suffix(".md").write_text(f"Command: `{command}`\n\n{table}\n")
-    print(table)
+    print(write_rows(Path(args.out_prefix), command, rows))
     print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 
 
