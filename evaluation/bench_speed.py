@@ -68,10 +68,15 @@ print(json.dumps({"forward_s": seconds, "peak_rss": resource.getrusage(resource.
 """
 
 
-def run_script(script: str, recipe: dict) -> dict:
-    """Run one measurement script in a fresh process, so its peak RSS is its own."""
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(recipe)], capture_output=True,
-                          text=True, env=dict(os.environ, FNPRUNE_CACHE_DIR=tempfile.mkdtemp()))
+def run_script(script: str, recipe: dict, src: str | None = None) -> dict:
+    """Run one measurement script in a fresh process, so its peak RSS is its own; with `src`, fnprune is
+    imported from that checkout instead (e.g. an older version, for a side-by-side run)."""
+    env = dict(os.environ, FNPRUNE_CACHE_DIR=tempfile.mkdtemp())
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    # from an empty folder: the working directory comes first on sys.path and may hold another fnprune
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(recipe)], capture_output=True, text=True,
+                          env=env, cwd=tempfile.mkdtemp())
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,7 +10,11 @@ planted signal directions (subspace 1 - cos of the top components).
     python -m evaluation.bench_wide                       # d = 11008 (Llama-2-7B) and 14336 (Llama-3-8B)
     python -m evaluation.bench_wide --widths 11008,14336,28672 --token-only 28672
 
-Writes evaluation/results/bench_wide.{json,md}.
+Writes evaluation/results/bench_wide.{json,md}. `--compress` instead runs the whole pipeline on a synthetic
+Llama with Llama-2-7B's MLP (random weights, seeded; 4 layers of hidden 2048 x MLP 11008, SmolLM2's
+tokenizer): `fnprune compress` on SST-2 at keep 0.5, no evaluation, in fresh processes taking turns, with this
+checkout and with `--baseline-src` (an older fnprune checkout, e.g. a `git worktree`) side by side; writes
+evaluation/results/bench_wide_compress.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .bench_speed import COMPRESS_AND_MEASURE, run_script
 from .tables import write_rows
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,6 +71,53 @@ def subspace_gap(a, b, top: int) -> float:
     return float(1 - np.linalg.svd(qa.T @ qb, compute_uv=False).min())
 
 
+def build_wide_llama(out: Path, tokenizer: Path, width: int, hidden: int, layers: int) -> Path:
+    """A seeded random-weight Llama with `layers` layers of an MLP `width` wide, saved with `tokenizer`'s files."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=width,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def compare_compress(args: argparse.Namespace, command: str) -> None:
+    """compress on a synthetic wide Llama with this checkout and `--baseline-src`, taking turns (module doc)."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bench-wide-"))
+    model = build_wide_llama(work / "model", Path(args.tokenizer).expanduser(), args.compress_width, args.hidden,
+                             args.layers)
+    versions = {"this checkout": None, **({"baseline": args.baseline_src} if args.baseline_src else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in versions}
+    for repeat in range(args.compress_repeats):
+        for name, src in versions.items():
+            recipe = {"model": {"name_or_path": str(model)},
+                      "task": {"name": "sst2", "data_dir": str(Path(args.data_dir).resolve())},
+                      "calibration": {"cache": False}, "selection": {"keep": 0.5}, "evaluation": {"enabled": False},
+                      "output": {"dir": str(work / f"{name}-{repeat}".replace(" ", "-"))}}
+            r = run_script(COMPRESS_AND_MEASURE, recipe, src)
+            runs[name].append(r)
+            print(f"[{repeat + 1}/{args.compress_repeats}] {name}: total {r['total']:.1f} s, "
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items() if not k.startswith('evaluate'))}, "
+                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    rows = []
+    for name, rs in runs.items():
+        best = min(rs, key=lambda r: r["total"])
+        rows.append({"fnprune": name if name != "baseline" else f"baseline ({args.baseline_src})",
+                     "mlp_width": args.compress_width, "layers": args.layers,
+                     "total_s": round(best["total"], 1), "runs_s": "/".join(f"{r['total']:.1f}" for r in rs),
+                     **{f"{k}_s": round(v, 2) for k, v in best["timings"].items() if not k.startswith("evaluate")},
+                     "peak_rss_gib": round(max(r["peak_rss"] for r in rs) / 2**30, 2)})
+    print(write_rows(Path(args.out_prefix + "_compress"), command, rows))
+
+
 def main() -> None:
     import numpy as np
 
@@ -75,8 +127,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--components", type=int, default=32)
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_wide"))
+    parser.add_argument("--compress", action="store_true", help="the whole pipeline instead (module doc)")
+    parser.add_argument("--compress-width", type=int, default=11008)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--compress-repeats", type=int, default=2)
+    parser.add_argument("--baseline-src", default=None, help="an older fnprune checkout to run side by side")
+    parser.add_argument("--tokenizer", default="~/.cache/fnprune-models/smollm2-135m-instruct")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2"))
     args = parser.parse_args()
     command = "python -m evaluation.bench_wide " + " ".join(sys.argv[1:])
+    if args.compress:
+        compare_compress(args, command)
+        return
     token_only = {int(w) for w in args.token_only.split(",") if w}
     scratch = Path(args.out_prefix).with_suffix(".tmp")
     rows = []
