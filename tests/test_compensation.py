@@ -83,3 +83,28 @@ def test_the_sample_moments_give_the_same_map_as_the_tokens(centred):
     for sample in (tokens, moments):
         torch.testing.assert_close(reconstruction_map(sample, keep, centre, ridge=0.1), want.float(), atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_fewer_tokens_than_kept_neurons_fit_through_the_token_gram(monkeypatch):
+    """Wide MLPs keep fewer tokens than neurons: the fit goes through the T x T token Gram (push-through
+    identity) and gives the k x k fit's map, checked against a float64 solve of the k x k system."""
+    from fnprune import compensation
+
+    calls = []
+    through_tokens = compensation._fit_from_token_gram
+    monkeypatch.setattr(compensation, "_fit_from_token_gram", lambda *a: calls.append(1) or through_tokens(*a))
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(60, 20, generator=gen) @ torch.randn(20, 200, generator=gen) + 0.3 * torch.randn(
+        60, 200, generator=gen) + 2.0  # (T, d): 60 tokens < 100 kept neurons
+    keep = torch.randperm(200, generator=gen)[:100]
+    centre = tokens.mean(0) + 0.1
+    got = reconstruction_map(tokens, keep, centre, ridge=0.1)
+    x = tokens.double() - centre.double()
+    kept, removed = keep.sort().values, removed_indices(keep, 200)
+    kk = x[:, kept].T @ x[:, kept] / 60
+    kk.diagonal().add_(0.1 * kk.diagonal().mean())
+    want = torch.linalg.solve(kk, x[:, kept].T @ x[:, removed] / 60)
+    assert calls and got.shape == (100, 100) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    moments = reconstruction_map(SecondMoments.of(tokens.double()), keep, centre, ridge=0.1)  # the k x k path
+    torch.testing.assert_close(got, moments, atol=1e-4, rtol=1e-3)
