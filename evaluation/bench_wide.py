@@ -14,7 +14,9 @@ Writes evaluation/results/bench_wide.{json,md}. `--compress` instead runs the wh
 Llama with Llama-2-7B's MLP (random weights, seeded; 4 layers of hidden 2048 x MLP 11008, SmolLM2's
 tokenizer): `fnprune compress` on SST-2 at keep 0.5, no evaluation, in fresh processes taking turns, with this
 checkout and with `--baseline-src` (an older fnprune checkout, e.g. a `git worktree`) side by side; writes
-evaluation/results/bench_wide_compress.{json,md}.
+evaluation/results/bench_wide_compress.{json,md}. `--fit` times the reconstruction's ridge fit on the same
+synthetic layers through the k x k kept-neuron Gram and the T x T token Gram (fnprune.compensation), each
+against a float64 solve; writes evaluation/results/bench_wide_fit.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,10 +39,8 @@ torch.set_flush_denormal(True)
 from fnprune.ica import _layer_whitening
 from fnprune.moments import SecondMoments
 width, tokens, components, path, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-gen = torch.Generator().manual_seed(0)
-u = torch.rand(tokens, 64, generator=gen) - 0.5
-sources = -torch.sign(u) * torch.log1p(-2 * u.abs())  # (T, 64) Laplace: heavy-tailed, as ICA wants
-x = sources @ torch.randn(64, width, generator=gen) + torch.randn(tokens, width, generator=gen)  # (T, d) float32
+from evaluation.bench_wide import synthetic_layer
+x = synthetic_layer(width, tokens)  # (T, d) float32
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 # "neuron": the previous path, float64 moments of the tokens then the d x d correlation Gram
@@ -54,9 +54,20 @@ print(json.dumps({"seconds": seconds, "peak_rss": peak, "rss_before": before, "s
 """
 
 
+def synthetic_layer(width: int, tokens: int):
+    """(T, d) float32 activations, seeded: 64 Laplace (heavy-tailed, as ICA wants) sources mixed into `width`
+    neurons, plus unit Gaussian noise."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(tokens, 64, generator=gen) - 0.5
+    sources = -torch.sign(u) * torch.log1p(-2 * u.abs())  # (T, 64) Laplace by the inverse CDF
+    return sources @ torch.randn(64, width, generator=gen) + torch.randn(tokens, width, generator=gen)
+
+
 def run(width: int, tokens: int, components: int, path: str, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", ONE_LAYER, str(width), str(tokens), str(components), path,
-                           str(out)], capture_output=True, text=True)
+                           str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -69,6 +80,45 @@ def subspace_gap(a, b, top: int) -> float:
     qa = np.linalg.qr(a[:, :top].astype(np.float64))[0]
     qb = np.linalg.qr(b[:, :top].astype(np.float64))[0]
     return float(1 - np.linalg.svd(qa.T @ qb, compute_uv=False).min())
+
+
+def compare_fits(args: argparse.Namespace, command: str) -> None:
+    """The reconstruction's ridge fit on one wide layer (keep 0.5 at random, ridge 0.1), through the k x k
+    kept-neuron Gram and the T x T token Gram, timed (best of 2) and each compared with a float64 solve of the
+    k x k system."""
+    import time
+
+    import torch
+
+    from fnprune.compensation import fit_kept_gram, fit_token_gram, removed_indices
+
+    def best_of_two(fit, *a):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            m = fit(*a)
+            times.append(time.perf_counter() - start)
+        return m, min(times)
+
+    rows = []
+    for width in (int(w) for w in args.widths.split(",")):
+        x = synthetic_layer(width, args.tokens)
+        keep = torch.randperm(width, generator=torch.Generator().manual_seed(1))[: width // 2].sort().values
+        x = x - x.mean(0)
+        token, token_s = best_of_two(fit_token_gram, x, keep, 0.1)
+        kept, kept_s = best_of_two(fit_kept_gram, x, keep, 0.1)
+        x64 = x.double()
+        cross = x64[:, keep].T @ x64 / x.shape[0]  # (k, d) float64
+        kk, kr = cross[:, keep], cross[:, removed_indices(keep, width)]
+        kk.diagonal().add_(0.1 * kk.diagonal().mean())
+        exact = torch.linalg.solve(kk, kr)
+        err = {name: float(f"{((m.double() - exact).norm() / exact.norm()).item():.1e}")
+               for name, m in (("token", token), ("kept", kept))}
+        rows.append({"width": width, "tokens": args.tokens, "kept": len(keep), "kept_gram_s": round(kept_s, 2),
+                     "token_gram_s": round(token_s, 2), "speedup": round(kept_s / token_s, 2),
+                     "kept_gram_rel_err_vs_float64": err["kept"], "token_gram_rel_err_vs_float64": err["token"]})
+        print(rows[-1], flush=True)
+    print(write_rows(Path(args.out_prefix + "_fit"), command, rows))
 
 
 def build_wide_llama(out: Path, tokenizer: Path, width: int, hidden: int, layers: int) -> Path:
@@ -128,6 +178,7 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=32)
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_wide"))
     parser.add_argument("--compress", action="store_true", help="the whole pipeline instead (module doc)")
+    parser.add_argument("--fit", action="store_true", help="the reconstruction's two ridge fits instead")
     parser.add_argument("--compress-width", type=int, default=11008)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
@@ -139,6 +190,9 @@ def main() -> None:
     command = "python -m evaluation.bench_wide " + " ".join(sys.argv[1:])
     if args.compress:
         compare_compress(args, command)
+        return
+    if args.fit:
+        compare_fits(args, command)
         return
     token_only = {int(w) for w in args.token_only.split(",") if w}
     scratch = Path(args.out_prefix).with_suffix(".tmp")

@@ -91,8 +91,8 @@ def test_fewer_tokens_than_kept_neurons_fit_through_the_token_gram(monkeypatch):
     from fnprune import compensation
 
     calls = []
-    through_tokens = compensation._fit_from_token_gram
-    monkeypatch.setattr(compensation, "_fit_from_token_gram", lambda *a: calls.append(1) or through_tokens(*a))
+    through_tokens = compensation.fit_token_gram
+    monkeypatch.setattr(compensation, "fit_token_gram", lambda *a: calls.append(1) or through_tokens(*a))
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randn(60, 20, generator=gen) @ torch.randn(20, 200, generator=gen) + 0.3 * torch.randn(
         60, 200, generator=gen) + 2.0  # (T, d): 60 tokens < 100 kept neurons
