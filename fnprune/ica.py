@@ -586,8 +586,9 @@ def _worker_count(device: str | torch.device, workers: int | None) -> int:
 
 def _whitening_bytes(layer: ArrayLike | SecondMoments) -> int:
     """Rough peak working memory of one layer's whitening: from moments, the d x d float64 covariance and
-    float32 Gram; from T < d tokens, float64 and float32 copies of them and the T x T Gram (`_token_side`);
-    from more tokens than neurons, their float64 copy and moments, and the neuron Gram."""
+    float32 Gram; from T < d tokens (`_token_side`), a working copy of them in the whitening dtype with room
+    for its reductions' temporaries, and the T x T Gram; from more tokens than neurons, their float64 copy and
+    moments, and the neuron Gram."""
     if isinstance(layer, SecondMoments):
         return 12 * layer.width**2
     rows, width = layer.shape
