@@ -26,7 +26,12 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from .bench_speed import COMPRESS_AND_MEASURE, run_script
 from .tables import write_rows
@@ -41,24 +46,21 @@ from fnprune.moments import SecondMoments
 width, tokens, components, path, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 from evaluation.bench_wide import synthetic_layer
 x = synthetic_layer(width, tokens)  # (T, d) float32
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 # "neuron": the previous path, float64 moments of the tokens then the d x d correlation Gram
 sample = SecondMoments.of(x.to(torch.float64), torch.float64) if path == "neuron" else x
-whitened, dead = _layer_whitening(sample, components, 0, "krylov", "cpu", torch.float32)
+whitened, _ = _layer_whitening(sample, components, 0, "krylov", "cpu", torch.float32)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 # the whitened data go to the parent as raw float32 bytes (never pickled)
 whitened.contiguous().numpy().tofile(out)
-print(json.dumps({"seconds": seconds, "peak_rss": peak, "rss_before": before, "sample_bytes": x.numel() * 4}))
+print(json.dumps({"seconds": seconds, "peak_rss": peak, "sample_bytes": x.numel() * 4}))
 """
 
 
 def synthetic_layer(width: int, tokens: int):
     """(T, d) float32 activations, seeded: 64 Laplace (heavy-tailed, as ICA wants) sources mixed into `width`
     neurons, plus unit Gaussian noise."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     u = torch.rand(tokens, 64, generator=gen) - 0.5
     sources = -torch.sign(u) * torch.log1p(-2 * u.abs())  # (T, 64) Laplace by the inverse CDF
@@ -75,8 +77,6 @@ def run(width: int, tokens: int, components: int, path: str, out: Path) -> dict:
 
 def subspace_gap(a, b, top: int) -> float:
     """1 - the smallest cosine between the spans of the first `top` columns of a and b (0 = same span)."""
-    import numpy as np
-
     qa = np.linalg.qr(a[:, :top].astype(np.float64))[0]
     qb = np.linalg.qr(b[:, :top].astype(np.float64))[0]
     return float(1 - np.linalg.svd(qa.T @ qb, compute_uv=False).min())
@@ -86,10 +86,6 @@ def compare_fits(args: argparse.Namespace, command: str) -> None:
     """The reconstruction's ridge fit on one wide layer (keep 0.5 at random, ridge 0.1), through the k x k
     kept-neuron Gram and the T x T token Gram, timed (best of 2) and each compared with a float64 solve of the
     k x k system."""
-    import time
-
-    import torch
-
     from fnprune.compensation import fit_kept_gram, fit_token_gram, removed_indices
 
     def best_of_two(fit, *a):
@@ -123,7 +119,6 @@ def compare_fits(args: argparse.Namespace, command: str) -> None:
 
 def build_wide_llama(out: Path, tokenizer: Path, width: int, hidden: int, layers: int) -> Path:
     """A seeded random-weight Llama with `layers` layers of an MLP `width` wide, saved with `tokenizer`'s files."""
-    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -139,8 +134,6 @@ def build_wide_llama(out: Path, tokenizer: Path, width: int, hidden: int, layers
 
 def compare_compress(args: argparse.Namespace, command: str) -> None:
     """compress on a synthetic wide Llama with this checkout and `--baseline-src`, taking turns (module doc)."""
-    import tempfile
-
     work = Path(tempfile.mkdtemp(prefix="bench-wide-"))
     model = build_wide_llama(work / "model", Path(args.tokenizer).expanduser(), args.compress_width, args.hidden,
                              args.layers)
@@ -169,8 +162,6 @@ def compare_compress(args: argparse.Namespace, command: str) -> None:
 
 
 def main() -> None:
-    import numpy as np
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="11008,14336")
     parser.add_argument("--token-only", default="", help="widths whose d x d path is too big to run here")
