@@ -18,14 +18,17 @@ import numpy as np
 import torch
 
 from .capture import LayerActivations
+from .data import Example
+from .evaluate import EvalResult, TaskResult
 from .moments import SecondMoments
 from .networks import LayerNetworks
+from .recipe import TaskSpec
 from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
-    "load_activations", "save_networks", "load_networks",
+    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation",
 ]
 
 
@@ -107,3 +110,29 @@ def load_networks(key: str) -> list[LayerNetworks] | None:
         maps = t[f"{i}.maps"].numpy()
         out.append(LayerNetworks(maps, np.abs(maps) > m["threshold"], m["threshold"], m["converged"], m["dead"]))
     return out
+
+
+def save_evaluation(key: str, result: TaskResult, task: TaskSpec) -> None:
+    """A model's label scores under each template (the dense model's, which every compress of it repeats)."""
+    tensors = {f"{name}.scores": r.scores for name, r in result.by_template.items() if r.scores is not None}
+    if len(tensors) != len(result.by_template):
+        return  # a result without scores cannot be rebuilt
+    meta = {"templates": list(result.by_template), "seconds": [r.seconds for r in result.by_template.values()]}
+    write_atomic(cache_dir() / f"evaluation-{key}.safetensors", tensors, meta)
+
+
+def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) -> TaskResult | None:
+    loaded = read_with_meta(cache_dir() / f"evaluation-{key}.safetensors")
+    if loaded is None:
+        return None
+    t, meta = loaded
+    if meta.get("templates") != list(sets):
+        return None
+    held = {x.name for x in task.held_out_templates()}
+    results = {}
+    for name, seconds in zip(meta["templates"], meta["seconds"]):
+        scores, labels = t[f"{name}.scores"], list(task.label_words)
+        predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
+        correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
+        results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
+    return TaskResult(results, [n for n in results if n in held])

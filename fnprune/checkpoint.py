@@ -156,10 +156,27 @@ def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
+    """The card's accuracy rows: the headline, the two template means, then each template."""
+    metric, means = report.get("metric", {}), report.get("template_means", {})
+    templates = report.get("templates", [])
+    n_held = sum(1 for t in templates if t.get("held_out"))
+    where = f"{metric.get('n', 'n/a')} `{metric.get('split', '')}` examples"
+    rows = [f"| **{task} {metric.get('name', 'accuracy')}, {metric.get('of', '')}** ({where}) | "
+            f"**{_fmt(metric.get('dense'))}** | **{_fmt(metric.get('pruned'))}** |"]
+    if n_held:
+        cal = means.get("calibration", {})
+        rows.append(f"| calibration templates (mean of {len(templates) - n_held}) | {_fmt(cal.get('dense'))} | "
+                    f"{_fmt(cal.get('pruned'))} |")
+    for t in templates:
+        kind = "held out" if t.get("held_out") else "calibration"
+        rows.append(f"| template `{t.get('name')}` ({kind}) | {_fmt(t.get('dense'))} | {_fmt(t.get('pruned'))} |")
+    return "\n".join(rows)
+
+
 def model_card(info: CardInfo, fnprune_version: str) -> str:
     """Hugging Face model card with base_model metadata, what was done and the results table."""
     r = info.report
-    metric = r.get("metric", {})
     params = r["parameters"]
     size = r["file_bytes"]
     mib: Callable[[int | None], str] = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
@@ -183,13 +200,14 @@ plain `AutoModelForCausalLM.from_pretrained`.
 
 | | dense | pruned |
 |---|---|---|
-| {info.task} {metric.get('name', 'accuracy')} ({metric.get('n', 'n/a')} `{metric.get('split', '')}` examples) | \
-{_fmt(metric.get('dense'))} | {_fmt(metric.get('pruned'))} |
+{_accuracy_rows(info.task, r)}
 | parameters | {params['dense']:,} | {params['pruned']:,} |
 | MLP width per layer | {r['widths']['dense']} | {r['widths']['pruned'][0]} |
 | weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
 
-Evaluation is zero-shot (label-word log-probabilities) on a split the calibration never saw.
+Evaluation is zero-shot (label-word log-probabilities) on a split the calibration never saw. The headline is
+the mean over held-out prompt templates, which were never used for calibration or for choosing settings:
+how the model does under a prompt of your own.
 
 ## Recipe
 

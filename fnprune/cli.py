@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -221,9 +222,16 @@ def _print_summary(report: dict, where: Path | str) -> None:
     click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
     if m["n"] is None:
         click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
-    else:
-        click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples: dense {fmt(m['dense'])}, "
-                   f"pruned {fmt(m['pruned'])}")
+        return
+    click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples, {m.get('of', '')}: "
+               f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
+    templates = report.get("templates", [])
+    if any(t.get("held_out") for t in templates):
+        cal = report.get("template_means", {}).get("calibration", {})
+        click.echo(f"    calibration templates (mean): dense {fmt(cal.get('dense'))}, pruned {fmt(cal.get('pruned'))}")
+    for t in templates:
+        kind = "held out" if t.get("held_out") else "calibration"
+        click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
 
 
 @main.command()
@@ -233,6 +241,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
 @click.option("--max-samples", type=int, help="Evaluate the first N examples only.")
+@click.option("--template", help="Template name(s), comma separated (default: all of the task's templates).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
 @click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
@@ -241,12 +250,12 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True)
 @_friendly
-def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, trust_remote_code, device_map,
+def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
              max_memory, offload_folder, as_json, quiet) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split."""
     from .checkpoint import RECIPE_FILE
-    from .data import load_split, resolve_task
-    from .evaluate import evaluate_accuracy
+    from .data import load_evaluation, resolve_task
+    from .evaluate import evaluate_templates
     from .models import load_model, local_model_dir
     from .recipe import TaskSpec, load_recipe, recipe_from_dict
 
@@ -261,12 +270,19 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, 
     else:
         spec = TaskSpec(name=task)
     overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
-    data = {"name": spec.name, **{k: v for k, v in vars(spec).items() if k != "name"}}
+    data = dataclasses.asdict(spec)
     for key, value in overrides.items():
         data[key.split(".", 1)[1]] = value
     spec = recipe_from_dict({"task": data}).task
     resolved = resolve_task(spec)
-    examples = load_split(resolved, split or resolved.evaluation_split)[:max_samples]
+    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
+    if template:
+        wanted = [t.strip() for t in template.split(",")]
+        unknown = [t for t in wanted if t not in sets]
+        if unknown:
+            raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                              f"(its templates: {', '.join(sets)})")
+        sets = {t: sets[t] for t in wanted}
     placement = {"device_map": _parse_device_map(device_map), "max_memory": _parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
     model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
@@ -275,11 +291,21 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, batch_size, 
     if problems:
         raise RecipeError(problems)
     m, tok = load_model(model_spec)
-    result = evaluate_accuracy(m, tok, examples, resolved.label_words, batch_size, progress=not quiet)
-    out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split,
-           "n": result.n, "accuracy": result.accuracy, "seconds": round(result.seconds, 2)}
-    click.echo(json.dumps(out) if as_json else
-               f"{resolved.name} accuracy {result.accuracy:.4f} on {result.n} {out['split']} examples ({model})")
+    result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
+    held, cal = result.mean(held_out=True), result.mean(held_out=False)
+    out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
+           "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
+           "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
+           "templates": {name: r.accuracy for name, r in result.by_template.items()},
+           "seconds": round(result.seconds, 2)}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
+               f"{out['of']} ({model})")
+    for name, r in result.by_template.items():
+        kind = "held out" if name in result.held_out else "calibration"
+        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}")
 
 
 @main.command()

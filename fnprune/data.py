@@ -17,19 +17,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .recipe import TaskSpec
+from .recipe import PromptTemplate, TaskSpec
 
 __all__ = [
-    "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "template_fields", "sample",
-    "check_disjoint",
+    "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
+    "task_fields", "sample", "check_disjoint",
 ]
 
+def _templates(*rows: tuple[str, str, dict[str, str], bool]) -> list[PromptTemplate]:
+    return [PromptTemplate(name, text, words, held_out) for name, text, words, held_out in rows]
+
+
+# Every built-in task has calibration templates (varied wording, text position and label words) and held-out
+# templates, written before any pruning result was seen; lm-evaluation-harness's prompt is always held out.
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
         name="sst2",
         dataset="glue",
         dataset_config="sst2",
-        template="Review: {sentence}\nSentiment:",
+        templates=_templates(
+            ("review", "Review: {sentence}\nSentiment:", {}, False),
+            ("opinion", "Movie review: {sentence}\nIs the reviewer's opinion positive or negative? Answer:", {},
+             False),
+            ("instruction", "Classify the sentiment of this text as positive or negative.\nText: {sentence}\n"
+             "Sentiment:", {}, False),
+            ("good-bad", "{sentence}\nIn short, the film is", {"0": " bad", "1": " good"}, False),
+            ("lm-eval", "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:", {}, True),
+            ("critic", 'A film critic wrote: "{sentence}"\nThe critic\'s feeling about the film is', {}, True),
+            ("yes-no", "Text: {sentence}\nDid the writer like the movie? Yes or no?\nAnswer:",
+             {"0": " No", "1": " Yes"}, True),
+        ),
         label_column="label",
         label_words={"0": " negative", "1": " positive"},
     ),
@@ -37,14 +54,34 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         name="rte",
         dataset="glue",
         dataset_config="rte",
-        template="{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:",
+        templates=_templates(
+            ("true-false", "{sentence1}\nBased on the passage above, is it true that {sentence2}\nAnswer:", {},
+             False),
+            ("imply", '{sentence1}\nDoes this imply that "{sentence2}"? Yes or no?\nAnswer:',
+             {"0": " Yes", "1": " No"}, False),
+            ("premise", "Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the hypothesis? "
+             "Answer:", {"0": " yes", "1": " no"}, False),
+            ("lm-eval", "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", {}, True),
+            ("right-wrong", 'Given that "{sentence1}", it follows that "{sentence2}". Right or wrong?\nAnswer:',
+             {"0": " Right", "1": " Wrong"}, True),
+        ),
         label_column="label",
         label_words={"0": " True", "1": " False"},
     ),
     "ag_news": TaskSpec(
         name="ag_news",
         dataset="ag_news",
-        template="Article: {title}. {description}\nTopic (World, Sports, Business or Technology):",
+        templates=_templates(
+            ("article", "Article: {title}. {description}\nTopic (World, Sports, Business or Technology):", {},
+             False),
+            ("headline", "Headline: {title}\nSummary: {description}\nThis news is about", {}, False),
+            ("section", "{title}. {description}\nNewspaper section (World, Sports, Business, Technology):", {},
+             False),
+            ("question", "{title}. {description}\nQuestion: Is this article about World, Sports, Business or "
+             "Technology?\nAnswer:", {}, True),
+            ("category", "News: {description} ({title})\nCategory:",
+             {"1": " world", "2": " sports", "3": " business", "4": " technology"}, True),
+        ),
         label_column="label",
         label_words={"1": " World", "2": " Sports", "3": " Business", "4": " Technology"},
         calibration_split="train",
@@ -58,26 +95,43 @@ SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example: the filled-in prompt and the label's key in `label_words`."""
+    """One labelled example: the filled-in prompt, the label's key in `label_words`, the template's name."""
 
     prompt: str
     label: str
-    texts: tuple[str, ...] = ()  # the template's fields, in order: the input of a classifier head
+    texts: tuple[str, ...] = ()  # the row's text fields, in order: the input of a classifier head
+    template: str = ""
 
 
 def resolve_task(spec: TaskSpec) -> TaskSpec:
-    """Fill empty fields from the built-in task of the same name; a new task must define everything."""
+    """Fill empty fields from the built-in task of the same name; a new task must define everything.
+
+    A single `template` becomes the only calibration template; a built-in task keeps its held-out templates
+    beside it. The resolved task always lists its templates and has no `template`."""
     base = BUILTIN_TASKS.get(spec.name)
     values = dataclasses.asdict(spec)
+    values["templates"] = list(spec.templates)
+    single = values.pop("template")
     if base is not None:
         defaults = TaskSpec()
         for f in dataclasses.fields(TaskSpec):
-            if values[f.name] in (None, {}, "") or (
+            if f.name == "template":
+                continue
+            if values[f.name] in (None, {}, "", []) or (
                 f.name.endswith("_split") and values[f.name] == getattr(defaults, f.name)
             ):
                 values[f.name] = getattr(base, f.name)
+    if single:
+        held_out = base.held_out_templates() if base is not None and not spec.templates else []
+        own = PromptTemplate("custom", single)
+        values["templates"] = [own] + [
+            t for t in held_out
+            if set(t.label_words) <= set(values["label_words"]) and t.template != single
+        ]
     task = TaskSpec(**values)
-    missing = [n for n in ("template", "label_column") if not getattr(task, n)]
+    missing = [] if task.templates else ["template (or templates)"]
+    if not task.label_column:
+        missing.append("label_column")
     if not task.label_words:
         missing.append("label_words")
     if not (task.dataset or task.data_dir or task.data_files):
@@ -87,9 +141,30 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
         raise DataError(
             f"task {task.name!r} is not built in ({known}); a custom task must set: {', '.join(missing)}"
         )
-    if not template_fields(task.template):
-        raise DataError(f"task.template {task.template!r} has no {{column}} field for the text")
+    problems = task.check()
+    if problems:
+        raise DataError("; ".join(problems))
+    for t in task.templates:
+        if not template_fields(t.template):
+            raise DataError(f"task template {t.name!r} ({t.template!r}) has no {{column}} field for the text")
     return task
+
+
+def task_fields(task: TaskSpec) -> list[str]:
+    """The text columns the task's templates read, the first calibration template's in its order first."""
+    ordered = [*task.calibration_templates(), *task.held_out_templates()]
+    return list(dict.fromkeys(f for t in ordered for f in template_fields(t.template)))
+
+
+def _template(task: TaskSpec, name: str | None) -> PromptTemplate:
+    """A template by name; None: the first calibration template."""
+    if name is None:
+        return task.calibration_templates()[0]
+    for t in task.templates:
+        if t.name == name:
+            return t
+    known = ", ".join(t.name for t in task.templates)
+    raise DataError(f"task {task.name!r} has no template {name!r} (its templates: {known})")
 
 
 def template_fields(template: str) -> list[str]:
@@ -168,7 +243,7 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     where = str(path) if path else f"{task.dataset} {split}"
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
-    fields = template_fields(task.template)  # parsed once: per row it was most of a large split's load
+    fields = task_fields(task)  # parsed once: per row it was most of a large split's load
     absent = [c for c in [*fields, task.label_column] if c not in rows[0]]
     if absent:
         raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
@@ -182,22 +257,37 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     return rows, fields
 
 
-def _example(task: TaskSpec, row: dict, fields: list[str]) -> Example:
+def _example(task: TaskSpec, row: dict, fields: list[str], template: PromptTemplate) -> Example:
     values = {c: str(row[c]).strip() for c in fields}
-    return Example(task.template.format(**values), str(row[task.label_column]).strip(), tuple(values.values()))
+    return Example(template.template.format(**values), str(row[task.label_column]).strip(), tuple(values.values()),
+                   template.name)
 
 
-def load_split(task: TaskSpec, split: str) -> list[Example]:
-    """All examples of one split, prompts filled in; every problem with the data is a DataError."""
+def load_split(task: TaskSpec, split: str, template: str | None = None) -> list[Example]:
+    """All examples of one split under one template (default: the first calibration template); every problem
+    with the data is a DataError."""
     rows, fields = _checked_rows(task, split)
-    return [_example(task, row, fields) for row in rows]
+    chosen = _template(task, template)
+    return [_example(task, row, fields, chosen) for row in rows]
 
 
 def load_sample(task: TaskSpec, split: str, n: int, seed: int) -> list[Example]:
-    """`sample(load_split(task, split), n, seed)`, filling in only the sampled prompts (the whole split is still
-    checked): on SST-2's 67k training rows, most of what loading took."""
+    """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
+    taking turns over the sampled rows. Held-out templates are never used here."""
     rows, fields = _checked_rows(task, split)
-    return [_example(task, rows[i], fields) for i in _sample_indices(len(rows), n, seed)]
+    templates = task.calibration_templates()
+    return [
+        _example(task, rows[i], fields, templates[j % len(templates)])
+        for j, i in enumerate(_sample_indices(len(rows), n, seed))
+    ]
+
+
+def load_evaluation(task: TaskSpec, split: str, max_samples: int | None = None) -> dict[str, list[Example]]:
+    """The evaluation split under every template (calibration templates first), the same rows in each."""
+    rows, fields = _checked_rows(task, split)
+    rows = rows[:max_samples] if max_samples else rows
+    ordered = [*task.calibration_templates(), *task.held_out_templates()]
+    return {t.name: [_example(task, row, fields, t) for row in rows] for t in ordered}
 
 
 def _sample_indices(total: int, n: int, seed: int) -> list[int]:
@@ -212,10 +302,12 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
 
 
 def check_disjoint(calibration: list[Example], evaluation: list[Example]) -> None:
-    """Refuse calibration data that also appears in the evaluation data (the reference code leaked it)."""
-    shared = {e.prompt for e in calibration} & {e.prompt for e in evaluation}
+    """Refuse calibration data that also appears in the evaluation data (the reference code leaked it), under
+    any template: the same text is the same example whatever prompt wraps it."""
+    key = lambda e: e.texts or (e.prompt,)  # noqa: E731
+    shared = {key(e) for e in calibration} & {key(e) for e in evaluation}
     if shared:
-        example = next(iter(shared))
+        example = " / ".join(next(iter(shared)))
         raise DataError(
             f"{len(shared)} calibration example(s) also appear in the evaluation split, e.g. {example[:80]!r}; "
             "calibration and evaluation data must not overlap (use a different calibration split or file)"

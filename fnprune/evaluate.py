@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 from .data import Example
 from .errors import DataError
+from .recipe import TaskSpec
 from .tokens import batches, encode, encode_inputs, forward, is_classifier
 
-__all__ = ["EvalResult", "evaluate_accuracy", "label_token_ids"]
+__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_templates", "label_token_ids"]
 
 
 @dataclass
@@ -114,3 +115,54 @@ def evaluate_accuracy(
     predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
     correct = sum(p == e.label for p, e in zip(predictions, examples))
     return EvalResult(correct / len(examples), len(examples), time.perf_counter() - start, predictions, scores)
+
+
+@dataclass
+class TaskResult:
+    """Accuracy under each of a task's templates, and the means over its calibration and held-out templates.
+
+    The headline is the held-out mean: a user scores the model with their own prompt, not with ours."""
+
+    by_template: dict[str, EvalResult]
+    held_out: list[str]  # names of the held-out templates
+
+    def mean(self, held_out: bool) -> float | None:
+        values = [r.accuracy for name, r in self.by_template.items() if (name in self.held_out) == held_out]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def headline(self) -> float:
+        """The held-out mean; the calibration mean when the task has no held-out template."""
+        held = self.mean(held_out=True)
+        return held if held is not None else self.mean(held_out=False)
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.by_template.values())).n
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.by_template.values())
+
+
+def evaluate_templates(
+    model: nn.Module,
+    tokenizer,
+    sets: dict[str, list[Example]],
+    task: TaskSpec,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> TaskResult:
+    """`evaluate_accuracy` under every template in `sets` (name -> the split's examples under it), each with
+    its own label words. A classifier reads the raw text, not the prompt: it is scored once for all."""
+    by_name = {t.name: t for t in task.templates}
+    results: dict[str, EvalResult] = {}
+    for name, examples in sets.items():
+        if is_classifier(model) and results:
+            results[name] = next(iter(results.values()))
+            continue
+        words = by_name[name].words(task.label_words)
+        if progress:
+            tqdm.write(f"evaluate: template {name}")
+        results[name] = evaluate_accuracy(model, tokenizer, examples, words, batch_size, progress=progress)
+    return TaskResult(results, [n for n in sets if by_name[n].held_out])

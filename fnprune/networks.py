@@ -111,13 +111,24 @@ def networks_from_sources(sources: np.ndarray, threshold: float, converged: bool
     return LayerNetworks(maps, np.abs(maps) > threshold, threshold, converged, dead)
 
 
-def network_relevance(maps: np.ndarray, decision: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def network_relevance(
+    maps: np.ndarray, decision: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None
+) -> np.ndarray:
     """How strongly each network's activity at the decision token separates the labels, in [0, 1].
 
     Activity of network k on prompt n = sum_j z(decision[n, j]) * maps[k, j]; relevance is the correlation
-    ratio (eta) of that activity with the label classes (|Pearson r| for two classes).
+    ratio (eta) of that activity with the label classes (|Pearson r| for two classes). With `groups` (the
+    template of each prompt) each neuron is z-scored within its group, so what tells one prompt wording from
+    another does not count as telling the labels apart.
     """
-    activity = _zscore(np.asarray(decision, dtype=np.float64), axis=0) @ maps.T  # (N, k)
+    decision = np.asarray(decision, dtype=np.float64)
+    if groups is None:
+        z = _zscore(decision, axis=0)
+    else:
+        z = np.empty_like(decision)
+        for g in np.unique(groups):
+            z[groups == g] = _zscore(decision[groups == g], axis=0)
+    activity = z @ maps.T  # (N, k)
     labels = np.asarray(labels)
     total = ((activity - activity.mean(0)) ** 2).sum(0)
     between = np.zeros(maps.shape[0])

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import hashlib
 import importlib.metadata
+import json
 import logging
 import platform
 import time
@@ -42,9 +43,9 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .compensation import reconstruction_map
-from .data import Example, check_disjoint, data_source, file_sha256, load_sample, load_split, resolve_task
+from .data import Example, check_disjoint, data_source, file_sha256, load_evaluation, load_sample, resolve_task
 from .errors import NumericalError, RecipeError
-from .evaluate import EvalResult, evaluate_accuracy
+from .evaluate import TaskResult, evaluate_templates
 from .hub import push_folder
 from .ica import find_networks_batch, find_networks_torch
 from .memory import objects_frozen, release_memory
@@ -240,11 +241,18 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
             release_memory()
             if use_cache:
                 cache.save_networks(net_key, calib.networks)
+        groups = template_groups(examples) if recipe.networks.relevance_within_template else None
         calib.relevance = [
-            network_relevance(n.maps, a.decision.numpy(), labels) for n, a in zip(calib.networks, acts)
+            network_relevance(n.maps, a.decision.numpy(), labels, groups) for n, a in zip(calib.networks, acts)
         ]
         timings["networks"] = round(time.perf_counter() - start, 3)
     return calib
+
+
+def template_groups(examples: list[Example]) -> np.ndarray:
+    """(N,) index of each calibration prompt's template, in order of first appearance."""
+    names = list(dict.fromkeys(e.template for e in examples))
+    return np.array([names.index(e.template) for e in examples])
 
 
 def select_neurons(
@@ -336,12 +344,66 @@ def _absolute_data(task: TaskSpec) -> TaskSpec:
     )
 
 
-def _evaluate(model, tokenizer, examples, task, recipe, progress) -> EvalResult | None:
+def _evaluate(model, tokenizer, sets, task, recipe: Recipe, progress: bool, cached_as: ModelSpec | None = None,
+              ) -> TaskResult | None:
+    """Accuracy under every template; with `cached_as` (the dense model's spec) read from / saved to the cache,
+    so the next compress of the same base model does not score it again."""
     if not recipe.evaluation.enabled:
         return None
-    return evaluate_accuracy(
-        model, tokenizer, examples, task.label_words, recipe.evaluation.batch_size, progress=progress
-    )
+    key = ""
+    if cached_as is not None and recipe.calibration.cache:
+        key = evaluation_cache_key(cached_as, sets, task, recipe.evaluation.batch_size)
+        found = cache.load_evaluation(key, sets, task)
+        if found is not None:
+            log.info("dense evaluation from cache %s", cache.cache_dir())
+            return found
+    result = evaluate_templates(model, tokenizer, sets, task, recipe.evaluation.batch_size, progress=progress)
+    if key:
+        cache.save_evaluation(key, result, task)
+    return result
+
+
+def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: TaskSpec, batch_size: int) -> str:
+    """Everything a model's scores depend on: model files, prompts, label words, batching, versions."""
+    digest = hashlib.sha256()
+    for name, examples in sets.items():
+        words = next(t for t in task.templates if t.name == name).words(task.label_words)
+        digest.update(json.dumps([name, words]).encode())
+        digest.update("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode())
+    return cache.cache_key({
+        "evaluation": digest.hexdigest(),
+        "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
+        "dtype": spec.dtype,
+        "batch_size": batch_size,
+        "versions": {k: v for k, v in versions().items() if k in ("torch", "transformers", "fnprune")},
+    })
+
+
+def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult | None) -> dict[str, Any]:
+    """report.json's accuracy: the headline (held-out template mean), each template, and both means."""
+    held = dense.held_out if dense else [t.name for t in task.held_out_templates()]
+    acc = lambda r, name: r.by_template[name].accuracy if r else None  # noqa: E731
+    mean = lambda r, h: r.mean(h) if r else None  # noqa: E731
+    names = list(dense.by_template) if dense else [t.name for t in task.templates]
+    texts = {t.name: t.template for t in task.templates}
+    return {
+        "metric": {
+            "name": "accuracy",
+            "split": task.evaluation_split,
+            "n": dense.n if dense else None,
+            "of": "held-out templates (mean)" if held else "calibration templates (mean)",
+            "dense": dense.headline if dense else None,
+            "pruned": pruned.headline if pruned else None,
+        },
+        "template_means": {
+            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h)}
+            for kind, h in (("calibration", False), ("held_out", True))
+        },
+        "templates": [
+            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n)}
+            for n in names
+        ],
+    }
 
 
 def _networks_artifact(calib: Calibration, kept: list[torch.Tensor]) -> tuple[dict, dict]:
@@ -374,10 +436,10 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         task = resolve_task(recipe.task)
         calibration = load_sample(task, task.calibration_split, recipe.calibration.num_samples,
                                   recipe.calibration.seed)
-        evaluation = load_split(task, task.evaluation_split)
-        check_disjoint(calibration, evaluation)
+        evaluation = load_evaluation(task, task.evaluation_split)
+        check_disjoint(calibration, next(iter(evaluation.values())))
         if recipe.evaluation.max_samples:
-            evaluation = evaluation[: recipe.evaluation.max_samples]
+            evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
         model, tokenizer = load_model(recipe.model)
         layout: MLPLayout = layout_for(model)
         source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
@@ -425,7 +487,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             )
         with timer.stage("evaluate_dense"):
             dense_params = count_parameters(model)
-            dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+            dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress, cached_as=recipe.model)
         removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
         fill_maps = None
         tokens_for_ica = calib.activations[0].sampled
@@ -476,7 +538,7 @@ def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, k
     return count_parameters(model) + written.parameters_delta
 
 
-def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, progress: bool) -> EvalResult | None:
+def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, progress: bool) -> TaskResult | None:
     """Accuracy of the checkpoint written to `tmp`, loaded with the recipe's device map."""
     if not recipe.evaluation.enabled:
         return None
@@ -490,8 +552,8 @@ def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, prog
 
 def _finish(
     tmp: Path, model, tokenizer, recipe: Recipe, sel, task, calib: Calibration, kept, widths, calibration,
-    tokens_for_ica: int, dense_params: int, pruned_params: int, dense_eval: EvalResult | None,
-    pruned_eval: EvalResult | None, timer: _Timer,
+    tokens_for_ica: int, dense_params: int, pruned_params: int, dense_eval: TaskResult | None,
+    pruned_eval: TaskResult | None, timer: _Timer,
 ) -> tuple[dict[str, Any], Recipe]:
     """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
     report and model card into `tmp`; returns (report, resolved recipe)."""
@@ -526,13 +588,7 @@ def _finish(
         "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},
         "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
-        "metric": {
-            "name": "accuracy",
-            "split": task.evaluation_split,
-            "n": dense_eval.n if dense_eval else None,
-            "dense": dense_eval.accuracy if dense_eval else None,
-            "pruned": pruned_eval.accuracy if pruned_eval else None,
-        },
+        **accuracy_report(task, dense_eval, pruned_eval),
         "timings_seconds": timer.seconds,
     }
     report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)

@@ -20,6 +20,7 @@ from .errors import RecipeError
 
 __all__ = [
     "ModelSpec",
+    "PromptTemplate",
     "TaskSpec",
     "CalibrationSpec",
     "NetworksSpec",
@@ -109,11 +110,28 @@ class ModelSpec:
 
 
 @dataclass
+class PromptTemplate:
+    """One wording of a task's prompt. `held_out` templates are never used for calibration, relevance or any
+    setting choice: like the evaluation split, they only measure whether the pruned model keeps the task
+    under prompts it was not calibrated with."""
+
+    name: str = ""
+    template: str = ""
+    label_words: dict[str, str] = field(default_factory=dict)  # empty: the task's label words
+    held_out: bool = False
+
+    def words(self, task_words: dict[str, str]) -> dict[str, str]:
+        """This template's label words, in the task's label order."""
+        return {label: self.label_words.get(label, word) for label, word in task_words.items()}
+
+
+@dataclass
 class TaskSpec:
     """A classification task scored zero-shot by label-word log-probabilities.
 
     `name` picks a built-in task whose fields fill whatever is left empty here; a task with a new name must
-    give every field (data, template, label words). Text columns are the `{fields}` of the template.
+    give every field (data, templates or template, label words). Text columns are the `{fields}` of the
+    templates. `template` is shorthand for one calibration template; `templates` lists several, some held out.
     """
 
     name: str = "sst2"
@@ -122,6 +140,7 @@ class TaskSpec:
     data_dir: str | None = None
     data_files: dict[str, str] = field(default_factory=dict)
     template: str | None = None
+    templates: list[PromptTemplate] = field(default_factory=list)
     label_column: str | None = None
     label_words: dict[str, str] = field(default_factory=dict)
     calibration_split: str = "train"
@@ -141,7 +160,37 @@ class TaskSpec:
         for split in self.data_files:
             if not isinstance(self.data_files[split], str):
                 problems.append(f"task.data_files.{split}: must be a file path")
-        return problems
+        return problems + _template_problems(self)
+
+    def calibration_templates(self) -> list[PromptTemplate]:
+        return [t for t in self.templates if not t.held_out]
+
+    def held_out_templates(self) -> list[PromptTemplate]:
+        return [t for t in self.templates if t.held_out]
+
+
+def _template_problems(task: TaskSpec) -> list[str]:
+    problems, names = [], [t.name for t in task.templates]
+    if task.template and task.templates:
+        problems.append("task.template and task.templates: give one template or a list, not both")
+    for i, t in enumerate(task.templates):
+        where = f"task.templates[{i}]"
+        if not t.name:
+            problems.append(f"{where}.name: required (a short name for reports)")
+        if not t.template:
+            problems.append(f"{where}.template: required (the prompt with {{column}} fields)")
+        extra = sorted(set(t.label_words) - set(task.label_words)) if task.label_words else []
+        if extra:
+            problems.append(f"{where}.label_words: labels {extra} are not in task.label_words")
+        words = t.words(task.label_words) if task.label_words else t.label_words
+        if len(set(words.values())) != len(words):
+            problems.append(f"{where}.label_words: two labels share the same word")
+    duplicated = sorted({n for n in names if n and names.count(n) > 1})
+    if duplicated:
+        problems.append(f"task.templates: names {duplicated} are used twice")
+    if task.templates and not task.calibration_templates():
+        problems.append("task.templates: every template is held out; at least one must be for calibration")
+    return problems
 
 
 @dataclass
@@ -184,6 +233,9 @@ class NetworksSpec:
     # reference); both start FastICA from scikit-learn's matrix for the seed.
     engine: str = "torch"
     runs: int = 5  # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
+    # Relevance from decision activity z-scored within each calibration template (what tells the wordings
+    # apart is not label evidence); false: over all calibration prompts at once.
+    relevance_within_template: bool = True
 
     def check(self) -> list[str]:
         problems = []
@@ -340,6 +392,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         matching = [a for a in inner if isinstance(value, typing.get_origin(a) or a)]  # str | dict: by kind
         return _coerce(value, (matching or inner)[0], where, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return []
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {type(value).__name__}")

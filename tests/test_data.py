@@ -51,8 +51,11 @@ def test_sample_is_seeded_subset(task_data):
 def test_load_sample_is_sample_of_split(task_data):
     task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
     examples = load_split(task, "train")
+    names = [t.name for t in task.calibration_templates()]
     for n, seed in [(10, 3), (1, 0), (64, 1), (1000, 0)]:
-        assert load_sample(task, "train", n, seed) == sample(examples, n, seed)
+        drawn = load_sample(task, "train", n, seed)
+        assert [e.texts for e in drawn] == [e.texts for e in sample(examples, n, seed)]  # the same rows
+        assert [e.template for e in drawn] == [names[j % len(names)] for j in range(len(drawn))]  # taking turns
 
 
 def test_load_sample_checks_every_row(tmp_path):
@@ -94,7 +97,7 @@ def test_missing_split_and_dir(tmp_path):
 
 
 def test_unknown_task_lists_what_is_missing():
-    with pytest.raises(DataError, match="not built in .* must set: template, label_column, label_words"):
+    with pytest.raises(DataError, match=r"not built in .* must set: template \(or templates\), label_column"):
         resolve_task(TaskSpec(name="mytask", data_dir="."))
     with pytest.raises(DataError, match="no \\{column\\} field"):
         resolve_task(TaskSpec(name="sst2", template="no fields here"))

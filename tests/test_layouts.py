@@ -66,7 +66,7 @@ def test_per_layer_loads_in_a_process_without_fnprune(model_dir, tmp_path):
 def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, tmp_path):
     base = {
         "model": {"name_or_path": str(model_dir("llama"))},
-        "task": {"name": "sst2", "data_dir": str(task_data)},
+        "task": {"name": "sst2", "data_dir": str(task_data), "template": "Review: {sentence}\nSentiment:"},
         "calibration": {"num_samples": 48, "max_tokens": 400},
         "networks": {"components": 8},
         "selection": {"keep": 0.5, "allocation": "global", "method": "flap"},
