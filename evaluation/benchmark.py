@@ -1,0 +1,119 @@
+"""Held-out-template benchmark: `fnprune.compress` for each configuration x keep (x ICA seed), read back from
+the report.json each run writes, so every number is the product's own (physically pruned, the CLI's code path).
+
+    python -m evaluation.benchmark --model ~/.cache/fnprune-models/smollm2-135m-instruct \
+        --data-dir ../shared/data/sst2 --keeps 0.5,0.25 --configs default,flap+recon --seeds 0,5,10
+
+Each run's checkpoint folder stays under --work, and a rerun skips the runs whose report.json exists (so an
+interrupted benchmark continues). The dense model is scored once and then read from fnprune's cache.
+Writes PREFIX.json / PREFIX.md: one row per run, then the mean and spread over seeds per configuration and keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.tables import write_rows
+
+# Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
+# compensation, wanda-sp and random without), the ablations change one thing of the default.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "flap+recon": {"selection.method": "flap"},
+    "flap": {"selection.method": "flap", "selection.reconstruct": False},
+    "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False},
+    "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False},
+    "single-template": {"task.template": "Review: {sentence}\nSentiment:"},
+    "relevance-pooled": {"networks.relevance_within_template": False},
+    "no-recon": {"selection.reconstruct": False},
+    "ridge-1": {"selection.ridge": 1.0},
+}
+WITH_ICA = {"default", "single-template", "relevance-pooled", "no-recon", "ridge-1"}  # one run per ICA seed
+
+
+def run_one(args: argparse.Namespace, config: str, keep: float, seed: int) -> dict[str, Any]:
+    """One compress (or its saved report when the run is already done)."""
+    import fnprune
+    from fnprune.recipe import Recipe, apply_overrides
+
+    out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}"
+    if not (out / "report.json").is_file():
+        overrides = {
+            "model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
+            "calibration.num_samples": args.num_samples, "output.dir": str(out), "output.overwrite": True,
+            "selection.keep": keep, "networks.seed": seed, **CONFIGS[config],
+        }
+        fnprune.compress(apply_overrides(Recipe(), overrides), progress=not args.quiet)
+    report = json.loads((out / "report.json").read_text())
+    return row_of(config, keep, seed, report)
+
+
+def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
+    m, means, templates = report["metric"], report["template_means"], report["templates"]
+    held = [t for t in templates if t["held_out"]]
+    row = {
+        "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
+        "held_out_dense": round(m["dense"], 4), "held_out_pruned": round(m["pruned"], 4),
+        "held_out_pct": round(100 * m["pruned"] / m["dense"], 1),
+        "worst_held_out_pct": round(min(100 * t["pruned"] / t["dense"] for t in held), 1),
+        "calibration_dense": round(means["calibration"]["dense"], 4),
+        "calibration_pruned": round(means["calibration"]["pruned"], 4),
+        "calibration_pct": round(100 * means["calibration"]["pruned"] / means["calibration"]["dense"], 1),
+    }
+    row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean (and min..max over seeds) of the held-out and calibration percentages per configuration and keep."""
+    out = []
+    for key in dict.fromkeys((r["config"], r["keep"]) for r in rows):
+        group = [r for r in rows if (r["config"], r["keep"]) == key]
+        entry: dict[str, Any] = {"config": key[0], "keep": key[1], "runs": len(group)}
+        for col in ("held_out_pruned", "held_out_pct", "worst_held_out_pct", "calibration_pct"):
+            values = [r[col] for r in group]
+            spread = f" ({min(values)}..{max(values)})" if len(values) > 1 else ""
+            entry[col] = f"{round(statistics.fmean(values), 4 if col == 'held_out_pruned' else 1)}{spread}"
+        out.append(entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--keeps", default="0.75,0.5,0.35,0.25")
+    p.add_argument("--configs", default="default,flap+recon,flap,wanda-sp,random")
+    p.add_argument("--seeds", default="0,5,10", help="networks.seed of the ICA rows (5 pooled runs each)")
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--work", default="evaluation/.runs")
+    p.add_argument("--out-prefix", default="evaluation/results/templates_sst2")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_flush_denormal(True)
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    rows = []
+    for keep in [float(k) for k in args.keeps.split(",")]:
+        for config in args.configs.split(","):
+            seeds = [int(s) for s in args.seeds.split(",")] if config in WITH_ICA else [0]
+            for seed in seeds:
+                rows.append(run_one(args, config, keep, seed))
+                print(json.dumps(rows[-1]), flush=True)
+    command = "python -m evaluation.benchmark " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    write_rows(Path(args.out_prefix), command, rows)
+    print(write_rows(Path(args.out_prefix + "_summary"), command, summary(rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Prompt templates: calibration templates take turns, held-out templates never reach calibration, every
+template is scored and reported, multi-template recipes round-trip, the dense scores are cached."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+import fnprune
+from fnprune import pipeline
+from fnprune.data import BUILTIN_TASKS, load_evaluation, load_sample, resolve_task
+from fnprune.errors import DataError, RecipeError
+from fnprune.recipe import TaskSpec, apply_overrides, dump_recipe, recipe_from_dict
+
+CUSTOM = {
+    "name": "polarity",
+    "label_column": "label",
+    "label_words": {"0": " negative", "1": " positive"},
+    "templates": [
+        {"name": "a", "template": "Review: {sentence}\nSentiment:"},
+        {"name": "b", "template": "{sentence}\nIn short, the film is", "label_words": {"0": " bad", "1": " good"}},
+        {"name": "c", "template": "Text: {sentence}\nMood:", "held_out": True},
+    ],
+}
+
+
+def _task(**change) -> TaskSpec:
+    return recipe_from_dict({"task": {**CUSTOM, **change}}).task
+
+
+def _recipe(model_path, data_dir, out, task=None, **extra):
+    return recipe_from_dict({
+        "model": {"name_or_path": str(model_path)},
+        "task": {**(task or {"name": "sst2"}), "data_dir": str(data_dir)},
+        "calibration": {"num_samples": 24, "max_tokens": 300, "batch_size": 8},
+        "networks": {"components": 6, "max_iter": 50},
+        "evaluation": {"max_samples": 12},
+        "output": {"dir": str(out)},
+        **extra,
+    })
+
+
+def test_every_builtin_task_has_five_templates_with_the_lm_eval_prompt_held_out():
+    for name, task in BUILTIN_TASKS.items():
+        resolved = resolve_task(TaskSpec(name=name, data_dir="."))
+        assert len(resolved.templates) >= 5, name
+        assert resolved.calibration_templates() and resolved.held_out_templates(), name
+        held = {t.template for t in resolved.held_out_templates()}
+        assert not held & {t.template for t in resolved.calibration_templates()}, name
+        if name in ("sst2", "rte"):
+            lm_eval = next(t for t in task.templates if t.name == "lm-eval")
+            assert lm_eval.held_out
+    sst2 = next(t for t in BUILTIN_TASKS["sst2"].templates if t.name == "lm-eval")
+    assert sst2.template == "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    assert sst2.words(BUILTIN_TASKS["sst2"].label_words) == {"0": " negative", "1": " positive"}
+
+
+def test_calibration_takes_turns_over_calibration_templates_only(task_data):
+    task = resolve_task(_task(data_dir=str(task_data)))
+    drawn = load_sample(task, "train", 30, 0)
+    assert [e.template for e in drawn] == ["a", "b"] * 15
+    assert all(e.prompt.startswith("Review: ") or e.prompt.endswith("the film is") for e in drawn)
+    sets = load_evaluation(task, "validation")
+    assert list(sets) == ["a", "b", "c"]  # calibration templates first, every template scored
+    assert len({tuple(e.texts for e in v) for v in sets.values()}) == 1  # the same rows under each
+
+
+def test_a_single_template_keeps_the_builtin_held_out_ones_unless_it_is_one_of_them():
+    own = resolve_task(TaskSpec(name="sst2", template="Say: {sentence}\nSo:"))
+    assert [t.name for t in own.calibration_templates()] == ["custom"]
+    assert own.held_out_templates() == BUILTIN_TASKS["sst2"].held_out_templates()
+    lm_eval = next(t for t in BUILTIN_TASKS["sst2"].templates if t.name == "lm-eval")
+    same = resolve_task(TaskSpec(name="sst2", template=lm_eval.template))
+    assert lm_eval.template not in {t.template for t in same.held_out_templates()}  # calibrated on: not held out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"templates": [{"name": "a", "template": "{sentence}", "held_out": True}]}, "every template is held out"),
+        ({"templates": [{"name": "a", "template": "{sentence}"}, {"name": "a", "template": "x {sentence}"}]},
+         "used twice"),
+        ({"templates": [{"name": "a", "template": "{sentence}", "label_words": {"7": " x"}}]}, "not in task.label"),
+        ({"templates": [{"name": "", "template": "{sentence}"}]}, r"templates\[0\].name: required"),
+        ({"template": "{sentence}"}, "not both"),
+    ],
+)
+def test_bad_templates_are_named(change, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"task": {**CUSTOM, **change}}).validate()
+
+
+def test_multi_template_recipe_round_trips():
+    recipe = recipe_from_dict({"task": CUSTOM})
+    assert recipe.task.templates[1].label_words == {"0": " bad", "1": " good"}
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_template_without_a_field_is_refused():
+    with pytest.raises(DataError, match="no {column} field"):
+        resolve_task(_task(data_dir=".", templates=[{"name": "a", "template": "no field"}]))
+
+
+def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_path, monkeypatch, tokenizer_dir):
+    """Whatever is run through the model before selection, and whatever relevance reads, comes from the
+    calibration templates: no sequence captured is a held-out prompt, and the relevance groups are theirs."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    task = resolve_task(_task(data_dir=str(task_data)))
+    held = [t for t in task.templates if t.held_out]
+    forbidden = set()
+    for split in ("train", "validation"):
+        for t in held:
+            forbidden |= {tuple(tok(e.prompt)["input_ids"]) for e in load_evaluation(task, split)[t.name]}
+    seen: dict[str, list] = {"seqs": [], "templates": []}
+    capture, groups = pipeline.capture_activations, pipeline.template_groups
+
+    def spy_capture(model, layout, seqs, **kw):
+        seen["seqs"] += [tuple(s) for s in seqs]
+        return capture(model, layout, seqs, **kw)
+
+    def spy_groups(examples):
+        seen["templates"] += [e.template for e in examples]
+        return groups(examples)
+
+    monkeypatch.setattr(pipeline, "capture_activations", spy_capture)
+    monkeypatch.setattr(pipeline, "template_groups", spy_groups)
+    recipe = _recipe(model_dir("llama"), task_data, tmp_path / "out", task=CUSTOM, calibration={
+        "num_samples": 24, "max_tokens": 300, "batch_size": 8, "cache": False})
+    report = fnprune.compress(recipe, progress=False).report
+    assert seen["seqs"] and not forbidden & set(seen["seqs"])
+    assert set(seen["templates"]) == {"a", "b"}
+    assert [t["name"] for t in report["templates"]] == ["a", "b", "c"]
+    assert report["metric"]["of"] == "held-out templates (mean)"
+    assert report["metric"]["pruned"] == report["templates"][2]["pruned"]
+    assert report["template_means"]["calibration"]["dense"] == pytest.approx(
+        (report["templates"][0]["dense"] + report["templates"][1]["dense"]) / 2)
+
+
+def test_dense_scores_come_from_the_cache_the_second_time(model_dir, task_data, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.evaluate_templates
+
+    def spy(model, *args, **kw):
+        calls.append(model.config.intermediate_size)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "evaluate_templates", spy)
+    base = _recipe(model_dir("llama"), task_data, tmp_path / "a")
+    first = fnprune.compress(base, progress=False).report
+    second = fnprune.compress(apply_overrides(base, {"output.dir": str(tmp_path / "b"), "selection.keep": 0.25}),
+                              progress=False).report
+    dense = model_dir("llama")
+    width = int(__import__("json").loads((dense / "config.json").read_text())["intermediate_size"])
+    assert calls.count(width) == 1 and len(calls) == 3  # dense once, each pruned model once
+    assert first["metric"]["dense"] == second["metric"]["dense"]
+    assert [t["dense"] for t in first["templates"]] == [t["dense"] for t in second["templates"]]
