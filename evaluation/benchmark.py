@@ -35,8 +35,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "relevance-pooled": {"networks.relevance_within_template": False},
     "no-recon": {"selection.reconstruct": False},
     "ridge-1": {"selection.ridge": 1.0},
+    "raw-25": {"calibration.raw_share": 0.25},
+    "n1024": {"calibration.num_samples": 1024},
+    "n1024-t16k": {"calibration.num_samples": 1024, "calibration.max_tokens": 16384},
 }
-WITH_ICA = {"default", "single-template", "relevance-pooled", "no-recon", "ridge-1"}  # one run per ICA seed
+WITH_ICA = set(CONFIGS) - {"flap+recon", "flap", "wanda-sp", "random"}  # one run per ICA seed
 
 
 def run_one(args: argparse.Namespace, config: str, keep: float, seed: int) -> dict[str, Any]:

@@ -271,15 +271,23 @@ def load_split(task: TaskSpec, split: str, template: str | None = None) -> list[
     return [_example(task, row, fields, chosen) for row in rows]
 
 
-def load_sample(task: TaskSpec, split: str, n: int, seed: int) -> list[Example]:
+RAW = PromptTemplate("(raw)", "")  # a calibration prompt that is the row's text alone
+
+
+def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0) -> list[Example]:
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
-    taking turns over the sampled rows. Held-out templates are never used here."""
+    taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
+    Held-out templates are never used here."""
     rows, fields = _checked_rows(task, split)
-    templates = task.calibration_templates()
-    return [
-        _example(task, rows[i], fields, templates[j % len(templates)])
-        for j, i in enumerate(_sample_indices(len(rows), n, seed))
-    ]
+    templates, out, turn = task.calibration_templates(), [], 0
+    for j, i in enumerate(_sample_indices(len(rows), n, seed)):
+        if int((j + 1) * raw_share) > int(j * raw_share):
+            values = tuple(str(rows[i][c]).strip() for c in fields)
+            out.append(Example("\n".join(values), str(rows[i][task.label_column]).strip(), values, RAW.name))
+        else:
+            out.append(_example(task, rows[i], fields, templates[turn % len(templates)]))
+            turn += 1
+    return out
 
 
 def load_evaluation(task: TaskSpec, split: str, max_samples: int | None = None) -> dict[str, list[Example]]:

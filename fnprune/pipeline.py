@@ -435,7 +435,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     with timer.stage("load"):
         task = resolve_task(recipe.task)
         calibration = load_sample(task, task.calibration_split, recipe.calibration.num_samples,
-                                  recipe.calibration.seed)
+                                  recipe.calibration.seed, recipe.calibration.raw_share)
         evaluation = load_evaluation(task, task.evaluation_split)
         check_disjoint(calibration, next(iter(evaluation.values())))
         if recipe.evaluation.max_samples:

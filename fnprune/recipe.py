@@ -207,6 +207,7 @@ class CalibrationSpec:
     sample_store: str = "auto"
     seed: int = 0
     cache: bool = True  # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
+    raw_share: float = 0.0  # share of calibration prompts that are the row's text alone, without any template
 
     def check(self) -> list[str]:
         problems = []
@@ -217,6 +218,8 @@ class CalibrationSpec:
             problems.append(f"calibration.store_dtype: {self.store_dtype!r} is not one of {STORE_DTYPES}")
         if self.sample_store not in SAMPLE_STORES:
             problems.append(f"calibration.sample_store: {self.sample_store!r} is not one of {SAMPLE_STORES}")
+        if not 0 <= self.raw_share < 1:
+            problems.append(f"calibration.raw_share: must be in [0, 1), got {self.raw_share}")
         return problems
 
 

@@ -28,6 +28,12 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.output.strip().splitlines()[-1])
     assert evaluated["accuracy"] == report["metric"]["pruned"] and evaluated["n"] == 32
+    assert evaluated["templates"] == {t["name"]: t["pruned"] for t in report["templates"]}
+    one = _run("evaluate", "--model", out, "--template", "lm-eval", "--quiet")
+    lm_eval = next(t["pruned"] for t in report["templates"] if t["name"] == "lm-eval")
+    assert f"accuracy {lm_eval:.4f}" in one.output and "held-out templates (mean)" in one.output
+    bad = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--template", "nope"])
+    assert bad.exit_code != 0 and "not a template of sst2" in bad.output
     result = _run("inspect", out)
     assert result.exit_code == 0 and "128 -> 64" in result.output and "timings" in result.output
 

@@ -155,3 +155,14 @@ def test_dense_scores_come_from_the_cache_the_second_time(model_dir, task_data, 
     assert calls.count(width) == 1 and len(calls) == 3  # dense once, each pruned model once
     assert first["metric"]["dense"] == second["metric"]["dense"]
     assert [t["dense"] for t in first["templates"]] == [t["dense"] for t in second["templates"]]
+
+
+def test_raw_share_spreads_untemplated_rows_evenly(task_data):
+    task = resolve_task(_task(data_dir=str(task_data)))
+    drawn = load_sample(task, "train", 12, 0, raw_share=0.25)
+    assert [j for j, e in enumerate(drawn) if e.template == "(raw)"] == [3, 7, 11]
+    raw = [e for e in drawn if e.template == "(raw)"]
+    assert all(e.prompt == e.texts[0] for e in raw)
+    templated = [e.template for e in drawn if e.template != "(raw)"]
+    assert templated == ["a", "b"] * 4 + ["a"]
+    assert [e.texts for e in drawn] == [e.texts for e in load_sample(task, "train", 12, 0)]  # same rows
