@@ -21,16 +21,21 @@ from fnprune import cache
 from fnprune.cli import main
 
 SMALL = ["--num-samples", "40", "--max-tokens", "300", "--components", "8", "--quiet"]
-DATA = {  # folder -> {file: text}: task data that must be refused with a clear line
-    "tsvextra": {"train.tsv": "sentence\tlabel\nfine\t1\nhi\t1\textra\n"},
-    "tsvheader": {"train.tsv": "sentence\tsentence\tlabel\nhi\tho\t1\n"},
-    "jsonlist": {"train.jsonl": '{"sentence": "a", "label": 1}\n[1, "x"]\n'},
-    "jsonarray": {"train.json": '[1, "a"]'},
-    "jsonbroken": {"train.json": '[{"sentence": "a", '},
-    "jsonmissing": {"train.jsonl": '{"sentence": "a", "label": 1}\n{"text": "b", "label": "0"}\n'},
-    "jsonnull": {"train.jsonl": '{"sentence": null, "label": 1}\n'},
-    "jsonobject": {"train.jsonl": '{"sentence": {"text": "a"}, "label": 1}\n'},
-    "csvopen": {"train.csv": 'sentence,label\n"unclosed,1\nb,0\n'},
+DATA = {  # case -> (file, text, the line it must print): task data refused with a clear line
+    "tsv-extra-field": ("train.tsv", "sentence\tlabel\nfine\t1\nhi\t1\textra\n",
+                        "train.tsv:3: 3 field(s), the header has 2 (sentence, label); TSV fields are separated"),
+    "tsv-duplicate-header": ("train.tsv", "sentence\tsentence\tlabel\nhi\tho\t1\n", "the header names a column twice"),
+    "jsonl-row-not-object": ("train.jsonl", '{"sentence": "a", "label": 1}\n[1, "x"]\n',
+                             "train.jsonl:2: list, not a JSON object"),
+    "json-array-of-scalars": ("train.json", '[1, "a"]', "item 0 is int, not a JSON object"),
+    "json-broken": ("train.json", '[{"sentence": "a", ', "train.json: not valid JSON"),
+    "jsonl-missing-key": ("train.jsonl", '{"sentence": "a", "label": 1}\n{"text": "b", "label": "0"}\n',
+                          "row 1: column 'sentence' is missing"),
+    "jsonl-null": ("train.jsonl", '{"sentence": null, "label": 1}\n', "row 0: column 'sentence' is null"),
+    "jsonl-object-value": ("train.jsonl", '{"sentence": {"text": "a"}, "label": 1}\n',
+                           "row 0: column 'sentence' is a dict"),
+    "csv-unclosed-quote": ("train.csv", 'sentence,label\n"unclosed,1\nb,0\n',
+                           "cannot parse the CSV (unexpected end of data)"),
 }
 REPORTS = {  # inspect: report.json text -> the line it must print (exit 1)
     "notjson": ("{", "not valid JSON"),
@@ -51,10 +56,9 @@ def world(tmp_path_factory, model_dir, task_data):
     (root / "afile").write_text("a file\n")
     (root / "dup.yaml").write_text("selection:\n  keep: 0.3\n  method: flap\n  keep: 0.5\n")
     (root / "seed.yaml").write_text("networks:\n  seed: 4294967293\n")
-    for folder, files in DATA.items():
-        for name, text in files.items():
-            (root / folder).mkdir(exist_ok=True)
-            (root / folder / name).write_text(text)
+    for case, (name, text, _) in DATA.items():
+        (root / case).mkdir()
+        (root / case / name).write_text(text)
     shutil.copytree(model_dir("llama"), root / "badindex")
     (root / "badindex/model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "../x"}}')
     for name, (text, _) in REPORTS.items():
@@ -90,24 +94,8 @@ CASES = [
     ("networks-seed-runs", [*BASE, "--recipe", f"{R}/seed.yaml", "--output", "o"],
      "networks.seed: must be between 0 and 2**32 - 1 - 4 (it seeds 5 runs"),
     # task data
-    ("tsv-extra-field", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/tsvextra", "--output", "o"],
-     "train.tsv:3: 3 field(s), the header has 2 (sentence, label); TSV fields are separated by tabs"),
-    ("tsv-duplicate-header", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/tsvheader", "--output", "o"],
-     "the header names a column twice"),
-    ("jsonl-row-not-object", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonlist", "--output", "o"],
-     "train.jsonl:2: list, not a JSON object"),
-    ("json-array-of-scalars", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonarray", "--output", "o"],
-     "item 0 is int, not a JSON object"),
-    ("json-broken", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonbroken", "--output", "o"],
-     "train.json: not valid JSON"),
-    ("jsonl-missing-key", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonmissing", "--output", "o"],
-     "row 1: column 'sentence' is missing"),
-    ("jsonl-null", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonnull", "--output", "o"],
-     "row 0: column 'sentence' is null"),
-    ("jsonl-object-value", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/jsonobject", "--output", "o"],
-     "row 0: column 'sentence' is a dict"),
-    ("csv-unclosed-quote", ["--task", "sst2", "--model", M, "--data-dir", f"{R}/csvopen", "--output", "o"],
-     "cannot parse the CSV (unexpected end of data)"),
+    *[(case, ["--task", "sst2", "--model", M, "--data-dir", f"{R}/{case}", "--output", "o"], message)
+      for case, (_, _, message) in DATA.items()],
     # model folder
     ("shard-index-outside", ["--task", "sst2", "--model", f"{R}/badindex", "--data-dir", D, "--streamed",
                              "--output", "o"], "not a valid shard index"),
