@@ -100,7 +100,7 @@ def _check_plain(model: nn.Module, spec: ModelSpec) -> None:
         what = f"weights packed as {', '.join(packed)}" if packed else "a quantization config"
         raise ModelError(
             f"{spec.name_or_path} loads as a quantized model ({what}), which cannot be pruned and saved as a plain "
-            "checkpoint; use an unquantized copy (a Hugging Face folder, or an F32/F16 GGUF)"
+            "checkpoint; use an unquantized checkpoint (GGUF files of any type load dequantized)"
         )
 
 
