@@ -45,6 +45,7 @@ _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
 _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
 _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 _BYTES = re.compile(r"\d+")
+_SHARD_SIZE = re.compile(r"\d+\s*[KMG]i?B", re.IGNORECASE)  # what save_pretrained parses: a whole number, no TB
 
 
 def _is_device(value: Any, disk: bool) -> bool:
@@ -286,8 +287,9 @@ class OutputSpec:
         problems = [] if self.dir else ["output.dir: required (use --output DIR)"]
         if self.layout not in LAYOUTS:
             problems.append(f"output.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
-        if not isinstance(self.max_shard_size, str) or not _SIZE.fullmatch(self.max_shard_size.strip()):
-            problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size (like 5GB, 500MB)")
+        if not isinstance(self.max_shard_size, str) or not _SHARD_SIZE.fullmatch(self.max_shard_size):
+            problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size saving accepts (a whole "
+                            "number of KB, MB, GB, KiB, MiB or GiB, like 5GB, 500MB)")
         return problems
 
 

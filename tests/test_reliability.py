@@ -93,6 +93,9 @@ CASES = [
     ("seed-negative", [*BASE, "--seed", "-1", "--output", "o"], "selection.seed: must be between 0 and 2**32 - 1"),
     ("networks-seed-runs", [*BASE, "--recipe", f"{R}/seed.yaml", "--output", "o"],
      "networks.seed: must be between 0 and 2**32 - 1 - 4 (it seeds 5 runs"),
+    ("max-shard-size-decimal", [*BASE, "--max-shard-size", "1.5GB", "--output", "o"],
+     "output.max_shard_size: '1.5GB' is not a size saving accepts"),  # transformers takes whole numbers only
+    ("max-shard-size-tb", [*BASE, "--max-shard-size", "1TB", "--output", "o"], "output.max_shard_size: '1TB'"),
     # task data
     *[(case, ["--task", "sst2", "--model", M, "--data-dir", f"{R}/{case}", "--output", "o"], message)
       for case, (_, _, message) in DATA.items()],
