@@ -60,6 +60,9 @@ def world(tmp_path_factory, model_dir, task_data):
         (root / case).mkdir()
         (root / case / name).write_text(text)
     shutil.copytree(model_dir("llama"), root / "badindex")
+    shutil.copytree(model_dir("llama"), root / "badconfig")
+    (root / "badconfig/config.json").write_text("{not json")
+    (root / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
     (root / "badindex/model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "../x"}}')
     for name, (text, _) in REPORTS.items():
         (root / "reports" / name).mkdir(parents=True)
@@ -102,6 +105,10 @@ CASES = [
     # model folder
     ("shard-index-outside", ["--task", "sst2", "--model", f"{R}/badindex", "--data-dir", D, "--streamed",
                              "--output", "o"], "not a valid shard index"),
+    ("config-not-json", ["--task", "sst2", "--model", f"{R}/badconfig", "--data-dir", D, "--output", "o"],
+     "could not load a tokenizer from"),
+    ("gguf-not-gguf", ["--task", "sst2", "--model", f"{R}/garbage.gguf", "--data-dir", D, "--output", "o"],
+     "could not load a tokenizer from"),
     # evaluate sizes
     ("evaluate-batch-size-zero", ["evaluate", "--model", M, "--task", "sst2", "--data-dir", D, "--batch-size", "0"],
      "Invalid value for '--batch-size': 0 is not in the range x>=1"),
