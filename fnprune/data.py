@@ -151,34 +151,38 @@ def _json_rows(path: Path, text: str) -> list[dict]:
 
 
 def _table_rows(path: Path, text: str) -> list[dict[str, str]]:
-    """CSV with its quoting, or TSV as GLUE writes it: one row per line, tabs between fields, no quoting (a quote
-    is text, so a sentence starting with one does not swallow the next lines). Every row has the header's
-    number of fields; header names are stripped of surrounding spaces."""
+    """CSV with its quoting, or TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
+    csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines. Every
+    row has the header's number of fields; blank lines are skipped; header names lose surrounding spaces."""
     tsv = path.suffix == ".tsv"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
-                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=not tsv)
+    if tsv:
+        records = ((n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        records = ((reader.line_num, fields) for fields in reader)
+    header: list[str] | None = None
+    rows = []
     previous = csv.field_size_limit(_FIELD_LIMIT)
     try:
-        records = [(reader.line_num, fields) for fields in reader if any(f.strip() for f in fields)]
+        for line, fields in records:
+            if header is None:
+                if any(f.strip() for f in fields):
+                    header = [f.strip() for f in fields]
+                continue
+            if len(fields) != len(header):
+                if not any(f.strip() for f in fields):
+                    continue
+                raise DataError(
+                    f"{path}:{line}: {len(fields)} field(s), the header has {len(header)} ({', '.join(header)})"
+                    + ("; TSV fields are separated by tabs, without quoting" if tsv else "")
+                )
+            rows.append(dict(zip(header, fields)))
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: cannot parse the {'TSV' if tsv else 'CSV'} ({exc})") from exc
+        raise DataError(f"{path}:{reader.line_num}: cannot parse the CSV ({exc})") from exc
     finally:
         csv.field_size_limit(previous)
-    if not records:
-        return []
-    header = [name.strip() for name in records[0][1]]
-    if len(set(header)) != len(header):
+    if header is not None and len(set(header)) != len(header):
         raise DataError(f"{path}: the header names a column twice: {header}")
-    rows = []
-    for line, fields in records[1:]:
-        if len(fields) != len(header):
-            raise DataError(
-                f"{path}:{line}: {len(fields)} field(s), the header has {len(header)} ({', '.join(header)})"
-                + ("; TSV fields are separated by tabs, without quoting" if tsv else "")
-            )
-        rows.append(dict(zip(header, fields)))
-    if tsv and len(rows) != sum(1 for line in text.split("\n") if line.strip()) - 1:
-        raise DataError(f"{path}: rows and lines do not match up (a stray carriage return?)")
     return rows
 
 
@@ -230,8 +234,9 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     absent = [c for c in columns if c not in rows[0]]
     if absent:
         raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
+    per_row = path is None or path.suffix in (".json", ".jsonl")  # TSV and CSV rows are complete and text
     for n, row in enumerate(rows):
-        for c in columns:  # JSON rows may differ: a missing key, null, a list or an object is not text
+        for c in columns if per_row else ():  # a missing key, null, a list or an object is not text
             value = row.get(c, KeyError)
             if value is KeyError or value is None or isinstance(value, (dict, list)):
                 what = "missing" if value is KeyError else "null" if value is None else f"a {type(value).__name__}"

@@ -75,7 +75,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str
 
 def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """`tensors` and a JSON `meta` to `target` through a temporary file renamed into place: a crash never
-    leaves a half-written file under the target's name. The header carries the tensors' checksum."""
+    leaves a half-written file under the target's name. The header carries a checksum of the metadata and tensors."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
