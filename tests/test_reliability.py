@@ -109,6 +109,10 @@ CASES = [
      "could not load a tokenizer from"),
     ("gguf-not-gguf", ["--task", "sst2", "--model", f"{R}/garbage.gguf", "--data-dir", D, "--output", "o"],
      "could not load a tokenizer from"),
+    ("analyze-output-is-model", ["analyze", "--task", "sst2", "--model", M, "--data-dir", D, "--output", M,
+                                 "--overwrite"], "is the input"),
+    ("analyze-seed-negative", ["analyze", "--task", "sst2", "--model", M, "--data-dir", D, "--output", "o",
+                               "--seed", "-1"], "seed: must be between 0 and 2**32 - 1 - 11"),
     # evaluate sizes
     ("evaluate-batch-size-zero", ["evaluate", "--model", M, "--task", "sst2", "--data-dir", D, "--batch-size", "0"],
      "Invalid value for '--batch-size': 0 is not in the range x>=1"),
@@ -127,7 +131,7 @@ def test_bad_input_round_two(name, args, message, world, monkeypatch):
     monkeypatch.chdir(world / "work")
     before = _digests(world)
     args = [a.format(root=world) for a in args]
-    command = args if args[0] in ("evaluate", "inspect") else ["compress", *args]
+    command = args if args[0] in ("analyze", "evaluate", "inspect") else ["compress", *args]
     result = CliRunner().invoke(main, command)
     assert result.exit_code in (1, 2), result.output
     assert message in result.output, result.output
