@@ -81,7 +81,7 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | 
         if _inside(target, source) or _inside(source, target):
             where = "is" if target == source else "is inside" if _inside(target, source) else "contains"
             raise OutputError(
-                f"output {path} {where} the input {item}; write the pruned checkpoint to another folder"
+                f"output {path} {where} the input {item}; choose another output folder"
             )
     if os.path.lexists(path) and not overwrite:
         raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
