@@ -55,7 +55,7 @@ from .hooks import masked_neurons
 from .models import load_model
 from .networks import LayerNetworks, find_networks, network_relevance, networks_from_sources
 from .pipeline import Calibration, calibrate
-from .recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
+from .recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec, seed_problems
 from .tokens import Batch, batches, encode, forward
 
 __all__ = [
@@ -139,6 +139,7 @@ class AnalysisSpec:
             out.append(f"scales: need at least one factor, all >= 0, got {list(self.scales)}")
         if not self.model.name_or_path:
             out.append("model: required")
+        out += seed_problems("seed", self.seed, max(self.recurrence_groups, NetworksSpec().runs))  # seed + g, ...
         return out + self.model.check() + self.task.check() + [p for t in self.also_tasks for p in t.check()]
 
     def validate(self) -> AnalysisSpec:
@@ -1304,7 +1305,8 @@ def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     if not spec.output:
         raise RecipeError("output: required (use --output DIR)")
     spec.validate()
-    check_output_dir(Path(spec.output).expanduser(), spec.overwrite)
+    data = [p for t in (spec.task, *spec.also_tasks) for p in (t.data_dir, *t.data_files.values())]
+    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, [spec.model.name_or_path, *data])
     start = time.perf_counter()
     analysis = run_analysis(spec, progress)
     write_report(analysis, spec.output, spec.overwrite)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,13 +30,31 @@ from .safetensors_io import read_with_meta, write_atomic
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
-    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation",
+    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "usable",
 ]
+
+log = logging.getLogger("fnprune")
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
     """$FNPRUNE_CACHE_DIR, else ~/.cache/fnprune."""
     return Path(os.environ.get("FNPRUNE_CACHE_DIR", "~/.cache/fnprune")).expanduser()
+
+
+def usable() -> bool:
+    """Whether the cache folder can be created and written; if not, say so once per run and go on without it
+    (the cache only saves time)."""
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        ok = os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        log.warning("cache folder %s cannot be written (set FNPRUNE_CACHE_DIR or use --no-cache): running without "
+                    "the cache", path)
+    return ok
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -81,58 +101,82 @@ def capture_progress_path(key: str) -> Path:
     return cache_dir() / f"capture-{key}.partial.safetensors"
 
 
+def _write(name: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write one entry; a full disk or an unwritable folder only costs the cache, never the run."""
+    target = cache_dir() / name
+    try:
+        write_atomic(target, tensors, {"kind": kind, **meta})
+    except OSError as exc:
+        log.warning("could not write cache entry %s (%s); going on without it", target, exc)
+
+
+def _load(name: str, kind: str, parse: Callable[[dict[str, torch.Tensor], dict[str, Any]], T]) -> T | None:
+    """`parse(tensors, meta)` of one entry, or None (a miss: recomputed and overwritten) when it is absent,
+    damaged (see `read_with_meta`), of another kind, or its contents do not fit together."""
+    target = cache_dir() / name
+    loaded = read_with_meta(target)
+    if loaded is None:
+        return None
+    try:
+        if loaded[1].get("kind") != kind:
+            raise ValueError(f"not a {kind} entry")
+        return parse(*loaded)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        log.warning("ignoring cache entry %s (%s: %s); recomputing it", target, type(exc).__name__, exc)
+        return None
+
+
 def save_activations(key: str, acts: list[LayerActivations], labels: np.ndarray) -> None:
     tensors = {"labels": torch.as_tensor(labels, dtype=torch.int64), **activation_tensors(acts)}
-    write_atomic(cache_dir() / f"activations-{key}.safetensors", tensors, {"counts": [a.count for a in acts]})
+    _write(f"activations-{key}.safetensors", "activations", tensors, {"counts": [a.count for a in acts]})
 
 
 def load_activations(key: str) -> tuple[list[LayerActivations], np.ndarray] | None:
-    loaded = read_with_meta(cache_dir() / f"activations-{key}.safetensors")
-    if loaded is None:
-        return None
-    t, meta = loaded
-    return activations_from_tensors(t, meta["counts"]), t["labels"].numpy()
+    return _load(f"activations-{key}.safetensors", "activations",
+                 lambda t, meta: (activations_from_tensors(t, meta["counts"]), t["labels"].numpy()))
 
 
 def save_networks(key: str, networks: list[LayerNetworks]) -> None:
     tensors = {f"{i}.maps": torch.from_numpy(n.maps) for i, n in enumerate(networks)}
     meta = {"layers": [{"threshold": n.threshold, "converged": n.converged, "dead": n.dead_neurons} for n in networks]}
-    write_atomic(cache_dir() / f"networks-{key}.safetensors", tensors, meta)
+    _write(f"networks-{key}.safetensors", "networks", tensors, meta)
 
 
 def load_networks(key: str) -> list[LayerNetworks] | None:
-    loaded = read_with_meta(cache_dir() / f"networks-{key}.safetensors")
-    if loaded is None:
-        return None
-    t, meta = loaded
-    out = []
-    for i, m in enumerate(meta["layers"]):
-        maps = t[f"{i}.maps"].numpy()
-        out.append(LayerNetworks(maps, np.abs(maps) > m["threshold"], m["threshold"], m["converged"], m["dead"]))
-    return out
+    def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[LayerNetworks]:
+        out = []
+        for i, m in enumerate(meta["layers"]):
+            maps = t[f"{i}.maps"].numpy()
+            out.append(LayerNetworks(maps, np.abs(maps) > m["threshold"], m["threshold"], m["converged"], m["dead"]))
+        return out
+
+    return _load(f"networks-{key}.safetensors", "networks", parse)
 
 
-def save_evaluation(key: str, result: TaskResult, task: TaskSpec) -> None:
+def save_evaluation(key: str, result: TaskResult) -> None:
     """A model's label scores under each template (the dense model's, which every compress of it repeats)."""
     tensors = {f"{name}.scores": r.scores for name, r in result.by_template.items() if r.scores is not None}
     if len(tensors) != len(result.by_template):
         return  # a result without scores cannot be rebuilt
     meta = {"templates": list(result.by_template), "seconds": [r.seconds for r in result.by_template.values()]}
-    write_atomic(cache_dir() / f"evaluation-{key}.safetensors", tensors, meta)
+    _write(f"evaluation-{key}.safetensors", "evaluation", tensors, meta)
 
 
 def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) -> TaskResult | None:
-    loaded = read_with_meta(cache_dir() / f"evaluation-{key}.safetensors")
-    if loaded is None:
-        return None
-    t, meta = loaded
-    if meta.get("templates") != list(sets):
-        return None
-    held = {x.name for x in task.held_out_templates()}
-    results = {}
-    for name, seconds in zip(meta["templates"], meta["seconds"]):
-        scores, labels = t[f"{name}.scores"], list(task.label_words)
-        predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
-        correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
-        results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
-    return TaskResult(results, [n for n in results if n in held])
+    """The cached scores re-read as results for `sets` (accuracies recomputed from the scores)."""
+
+    def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TaskResult:
+        if meta["templates"] != list(sets):
+            raise ValueError("the entry's templates are not this evaluation's")
+        labels, results = list(task.label_words), {}
+        for name, seconds in zip(meta["templates"], meta["seconds"], strict=True):
+            scores = t[f"{name}.scores"]
+            if scores.shape != (len(sets[name]), len(labels)):
+                raise ValueError(f"template {name}: scores of shape {tuple(scores.shape)}")
+            predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
+            correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
+            results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
+        held = {x.name for x in task.held_out_templates()}
+        return TaskResult(results, [n for n in results if n in held])
+
+    return _load(f"evaluation-{key}.safetensors", "evaluation", parse)

@@ -278,11 +278,18 @@ def capture_activations(
             bar.update(n_real)
             last = done == -(-len(seqs) // batch_size)
             if progress_file is not None and (interrupted() or (not last and time.monotonic() - last_save >= interval)):
-                interval = max(save_every, 10 * save())
+                try:
+                    interval = max(save_every, 10 * save())
+                    note = f"capture progress saved ({seen} of {total} tokens); the same command continues from there"
+                except OSError as exc:  # a full disk costs the resume, not the capture
+                    log.warning("cannot save capture progress to %s (%s); capture goes on without saving it",
+                                progress_file, exc)
+                    progress_file, note = None, "capture progress could not be saved"
                 last_save = time.monotonic()
                 if interrupted():
-                    raise KeyboardInterrupt(f"capture progress saved ({seen} of {total} tokens); the same "
-                                            "command continues from there")
+                    raise KeyboardInterrupt(note)
+            elif interrupted():  # saving failed earlier: stop at this batch all the same
+                raise KeyboardInterrupt("capture progress could not be saved")
     if any(s is None for s in stats):
         raise RuntimeError("some MLP layers were never called during capture")
     if progress_file is not None:

@@ -6,11 +6,12 @@ run never leaves a half-written checkpoint, and an existing directory is replace
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .errors import OutputError
+from .errors import FnpruneError, OutputError
 
 __all__ = [
     "RECIPE_FILE",
@@ -44,10 +45,7 @@ CARD_FILE = "README.md"
 
 def check_disk_space(path: Path, needed_bytes: int) -> None:
     """Refuse early when the output's filesystem cannot hold the checkpoint (estimated from its size)."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
+    free = shutil.disk_usage(_existing_ancestor(path)).free
     if free < needed_bytes:
         raise OutputError(
             f"not enough disk space for {path}: about {needed_bytes / 2**20:.0f} MiB needed, "
@@ -55,17 +53,75 @@ def check_disk_space(path: Path, needed_bytes: int) -> None:
         )
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Fail before any heavy work if the output cannot be written."""
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a directory")
+def _existing_ancestor(path: Path) -> Path:
     parent = path.absolute().parent
-    while not parent.exists():
+    while not os.path.lexists(parent):
         parent = parent.parent
+    return parent
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Fail before any heavy work if the output cannot be written, or if writing it (which replaces the whole
+    folder with --overwrite) would destroy the current directory or a local input (`inputs`: model and data
+    paths; Hub ids and None are skipped)."""
+    target = path.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, target):
+        raise OutputError(
+            f"output {path} is the current directory or contains it; give a new folder, e.g. {path / 'pruned'}"
+        )
+    for item in inputs:
+        if not item or not Path(item).expanduser().exists():
+            continue
+        source = Path(item).expanduser().resolve()
+        if _inside(target, source) or _inside(source, target):
+            where = "is" if target == source else "is inside" if _inside(target, source) else "contains"
+            raise OutputError(
+                f"output {path} {where} the input {item}; choose another output folder"
+            )
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
+    if os.path.lexists(path) and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory")
+    parent = _existing_ancestor(path)
+    if not parent.is_dir():
+        raise OutputError(f"cannot create output {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _ordinary_modes(directory: Path) -> None:
+    """Give every file the mode a plain write gives (0666 minus the umask): safetensors writes its files 0600
+    (through a private temp file), so another user or a non-root container could not read the weights."""
+    mode = 0o666 & ~_umask()
+    for f in directory.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
+def _rename_if_absent(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` only if nothing is at `dst` (False otherwise). A directory rename never replaces a
+    non-empty directory or a file (POSIX), so an output that appears between the check and the rename is kept;
+    only an empty directory could be replaced."""
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,26 +144,54 @@ def _remove_stale_partials(path: Path) -> None:
 
 @contextmanager
 def atomic_output_dir(path: Path, overwrite: bool):
-    """Yield a temporary directory; on success it replaces `path`, on any failure it is deleted."""
+    """Yield a temporary directory; on success it replaces `path`, on any failure it is deleted.
+
+    Without `overwrite`, an output that another run created meanwhile is never replaced: this run's finished
+    checkpoint is then kept beside it (`<name>.fnprune-<pid>`, named in the OutputError), so no work is lost.
+    """
     check_output_dir(path, overwrite)
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
-        if path.exists():
+        _ordinary_modes(tmp)
+        if overwrite and os.path.lexists(path):
             old = tmp.with_suffix(".old")
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+            return
+        placed = _rename_if_absent(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not placed:
+        kept = path.absolute().parent / f"{path.name}.fnprune-{os.getpid()}"
+        if not _rename_if_absent(tmp, kept):
+            kept = tmp
+        raise OutputError(
+            f"output {path} appeared while this run was writing it (another run?) and was left as it is; this "
+            f"run's checkpoint is in {kept}: move it into place, or rerun with --overwrite"
+        )
+
+
+def read_report(directory: Path) -> dict[str, Any]:
+    """An output folder's report.json, read as untrusted input: it must be a non-empty JSON object (its fields
+    may still be missing or of the wrong type; readers check each one)."""
+    path = directory / REPORT_FILE
+    if not path.is_file():
+        raise FnpruneError(f"{directory} has no {REPORT_FILE}: not an fnprune output folder")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FnpruneError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(report, dict):
+        raise FnpruneError(f"{path}: a JSON {type(report).__name__}, not fnprune's report object")
+    if not report:
+        raise FnpruneError(f"{path}: an empty object, not an fnprune report")
+    return report
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -67,6 +67,8 @@ def _friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except FnpruneError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # a full disk, a permission: the environment, which the user fixes
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except KeyboardInterrupt as exc:
             saved = f"; {exc}" if str(exc) else ""  # e.g. capture saved its progress
             click.echo(f"interrupted: no output was written{saved}", err=True)
@@ -240,9 +242,9 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--data-dir", help="Folder with GLUE-style split files.")
 @click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
-@click.option("--max-samples", type=int, help="Evaluate the first N examples only.")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate the first N examples only.")
 @click.option("--template", help="Template name(s), comma separated (default: all of the task's templates).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
 @click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
 @click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
@@ -308,28 +310,57 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
         click.echo(f"  {name} ({kind}): {r.accuracy:.4f}")
 
 
+def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
+    """report[a][b]... if it is there with the expected type, else None (report.json is untrusted input)."""
+    node: Any = report
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, kind) and not isinstance(node, bool) else None
+
+
+def _report_lines(report: dict) -> list[str]:
+    """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
+    na = "n/a"
+
+    def num(dotted: str, pattern: str = "{}", scale: float = 1) -> str:
+        value = _field(report, dotted)
+        return na if value is None else pattern.format(value / scale if scale != 1 else value)
+
+    def text(dotted: str) -> str:
+        return _field(report, dotted, str) or na
+
+    pruned = [w for w in _field(report, "widths.pruned", list) or [] if isinstance(w, int)]
+    shown = na if not pruned else str(pruned[0]) if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)}"
+    dense, after = _field(report, "parameters.dense", int), _field(report, "parameters.pruned", int)
+    fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
+    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
+    mib = "{:.1f} MiB"
+    return [
+        f"  method {text('method')}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
+        f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
+        f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples: "
+        f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}",
+        f"  timings {', '.join(timings) or na}",
+        f"  weights file {num('file_bytes.dense', mib, 2**20)} -> {num('file_bytes.pruned', mib, 2**20)}",
+        f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
+        f"{num('calibration.tokens_for_ica')} tokens for ICA",
+    ]
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @_friendly
 def inspect(directory) -> None:
     """Summarize a pruned checkpoint from its report.json and recipe.yaml."""
-    from .checkpoint import RECIPE_FILE, REPORT_FILE
+    from .checkpoint import RECIPE_FILE, read_report
 
     path = Path(directory)
-    if not (path / REPORT_FILE).is_file():
-        raise FnpruneError(f"{path} has no {REPORT_FILE}: not an fnprune output folder")
-    report = json.loads((path / REPORT_FILE).read_text())
-    _print_summary(report, path)
-    t = report.get("timings_seconds", {})
-    click.echo("  timings " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
-    f = report.get("file_bytes", {})
-    if f.get("pruned"):
-        dense = f"{f['dense'] / 2**20:.1f} MiB" if f.get("dense") else "n/a"
-        click.echo(f"  weights file {dense} -> {f['pruned'] / 2**20:.1f} MiB")
-    cal = report.get("calibration", {})
-    click.echo(f"  calibration {cal.get('samples')} examples from {cal.get('split')}, "
-               f"{cal.get('tokens_for_ica')} tokens for ICA")
-    click.echo(f"  recipe: {path / RECIPE_FILE}")
+    report = read_report(path)
+    click.echo(f"{path}: {_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "
+               f"{_field(report, 'fnprune_version', str) or 'n/a'}")
+    for line in _report_lines(report):
+        click.echo(line)
+    click.echo(f"  recipe: {path / RECIPE_FILE if (path / RECIPE_FILE).is_file() else 'n/a (no ' + RECIPE_FILE + ')'}")
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import random
 import string
@@ -193,24 +194,84 @@ def _split_file(task: TaskSpec, split: str) -> Path | None:
     return None
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+_FIELD_LIMIT = 2**31 - 1  # csv's default limit (131,072 characters) is below one long document
+
+
+def _json_rows(path: Path, text: str) -> list[dict]:
+    """JSON lines (one object per line); a .json file may instead hold one array of objects, or one object."""
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip().startswith("["):
+                raise DataError(f"{path}: not valid JSON ({exc})") from exc
+        else:
+            items = whole if isinstance(whole, list) else [whole]
+            for n, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise DataError(f"{path}: item {n} is {type(item).__name__}, not a JSON object (one per row)")
+            return items
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: {type(row).__name__}, not a JSON object (one object per line)")
+        rows.append(row)
+    return rows
+
+
+def _table_rows(path: Path, text: str) -> list[dict[str, str]]:
+    """CSV with its quoting, or TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
+    csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines. Every
+    row has the header's number of fields; blank lines are skipped; header names lose surrounding spaces."""
+    tsv = path.suffix == ".tsv"
+    if tsv:
+        records = ((n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        records = ((reader.line_num, fields) for fields in reader)
+    header: list[str] | None = None
+    rows = []
+    previous = csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        for line, fields in records:
+            if header is None:
+                if any(f.strip() for f in fields):
+                    header = [f.strip() for f in fields]
+                continue
+            if len(fields) != len(header):
+                if not any(f.strip() for f in fields):
+                    continue
+                raise DataError(
+                    f"{path}:{line}: {len(fields)} field(s), the header has {len(header)} ({', '.join(header)})"
+                    + ("; TSV fields are separated by tabs, without quoting" if tsv else "")
+                )
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: cannot parse the CSV ({exc})") from exc
+    finally:
+        csv.field_size_limit(previous)
+    if header is not None and len(set(header)) != len(header):
+        raise DataError(f"{path}: the header names a column twice: {header}")
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A local file's rows (see `_table_rows`, `_json_rows`); a UTF-8 byte-order mark is skipped."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
-        return rows
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    return list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+        return _json_rows(path, text)
+    return _table_rows(path, text)
 
 
 def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
@@ -244,10 +305,17 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
     fields = task_fields(task)  # parsed once: per row it was most of a large split's load
-    absent = [c for c in [*fields, task.label_column] if c not in rows[0]]
+    columns = [*fields, task.label_column]
+    absent = [c for c in columns if c not in rows[0]]
     if absent:
         raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
+    per_row = path is None or path.suffix in (".json", ".jsonl")  # TSV and CSV rows are complete and text
     for n, row in enumerate(rows):
+        for c in columns if per_row else ():  # a missing key, null, a list or an object is not text
+            value = row.get(c, KeyError)
+            if value is KeyError or value is None or isinstance(value, (dict, list)):
+                what = "missing" if value is KeyError else "null" if value is None else f"a {type(value).__name__}"
+                raise DataError(f"{where}: row {n}: column {c!r} is {what}, not text or a label")
         label = str(row[task.label_column]).strip()
         if label not in task.label_words:
             raise DataError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +82,28 @@ def placement_kwargs(spec: ModelSpec) -> dict:
     return out
 
 
+def _dequantized(extra: dict) -> dict:
+    """For a GGUF file, ask for the weights unpacked into a plain model (transformers 5 otherwise marks it as
+    quantized even when it dequantizes, and then refuses to save it); older versions always unpacked."""
+    if "gguf_file" not in extra or not hasattr(transformers, "GgufConfig"):
+        return {}
+    return {"quantization_config": transformers.GgufConfig(dequantize=True)}
+
+
+def _check_plain(model: nn.Module, spec: ModelSpec) -> None:
+    """Refuse, before any calibration, a model that save_pretrained could not write as plain safetensors (one
+    still quantized, or with packed weights), instead of failing at the very end of the run."""
+    markers = (getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None))
+    quantized = any(m is not None for m in markers)
+    packed = sorted({str(p.dtype) for p in model.parameters() if not p.is_floating_point()})
+    if quantized or packed:
+        what = f"weights packed as {', '.join(packed)}" if packed else "a quantization config"
+        raise ModelError(
+            f"{spec.name_or_path} loads as a quantized model ({what}), which cannot be pruned and saved as a plain "
+            "checkpoint; use an unquantized checkpoint (GGUF files of any type load dequantized)"
+        )
+
+
 def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix.
 
@@ -98,10 +119,11 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
-            source, **common, **placement_kwargs(spec), **{_DTYPE_KW: getattr(torch, spec.dtype)}
+            source, **common, **_dequantized(extra), **placement_kwargs(spec), **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
+    _check_plain(model, spec)
     layout_for(model)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
@@ -162,11 +184,11 @@ def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
 
 def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:
     """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present."""
-    from .checkpoint import RECIPE_FILE, REPORT_FILE
+    from .checkpoint import RECIPE_FILE, REPORT_FILE, read_report
     from .recipe import load_recipe
 
     local = local_model_dir(path, revision)
     model, tokenizer = load_model(ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code))
-    report = json.loads((local / REPORT_FILE).read_text()) if (local / REPORT_FILE).is_file() else None
+    report = read_report(local) if (local / REPORT_FILE).is_file() else None
     recipe = load_recipe(local / RECIPE_FILE) if (local / RECIPE_FILE).is_file() else None
     return PrunedModel(model, tokenizer, report, recipe)

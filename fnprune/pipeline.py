@@ -202,6 +202,7 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
                use_cache: bool, with_sample: bool) -> Calibration:
     cal = recipe.calibration
     timings: dict[str, float] = {}
+    use_cache = use_cache and cache.usable()  # an unwritable cache folder: warned, run without it
     key = calibration_cache_key(recipe, examples, with_sample) if use_cache else ""
     start = time.perf_counter()
     cached = cache.load_activations(key) if use_cache else None
@@ -283,6 +284,10 @@ def select_neurons(
         widths = allocate_widths(scores, keep, round_to)
     else:
         widths = [layer_width(s.numel(), keep, round_to) for s in scores]
+    floor = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths)) if w <= round_to < s.numel()]
+    if floor:
+        log.warning("keep %g: %d of %d layers keep only the round_to minimum of %d neurons (layer: kept of width; "
+                    "%s); a lower round_to keeps fewer", keep, len(floor), len(widths), round_to, ", ".join(floor))
     return [top_neurons(s, w) for s, w in zip(scores, widths)]
 
 
@@ -359,7 +364,7 @@ def _evaluate(model, tokenizer, sets, task, recipe: Recipe, progress: bool, cach
             return found
     result = evaluate_templates(model, tokenizer, sets, task, recipe.evaluation.batch_size, progress=progress)
     if key:
-        cache.save_evaluation(key, result, task)
+        cache.save_evaluation(key, result)
     return result
 
 
@@ -428,7 +433,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     """Run one compression; returns where the checkpoint went and its report."""
     recipe.validate()
     out_dir = Path(recipe.output.dir).expanduser()
-    check_output_dir(out_dir, recipe.output.overwrite)
+    inputs = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values()]
+    check_output_dir(out_dir, recipe.output.overwrite, inputs)  # before loading: never replaces an input
     timer = _Timer()
     sel = recipe.selection
 

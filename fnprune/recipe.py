@@ -46,6 +46,7 @@ _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
 _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
 _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 _BYTES = re.compile(r"\d+")
+_SHARD_SIZE = re.compile(r"\d+\s*[KMG]i?B", re.IGNORECASE)  # what save_pretrained parses: a whole number, no TB
 
 
 def _is_device(value: Any, disk: bool) -> bool:
@@ -81,6 +82,17 @@ def _device_map_problems(spec: ModelSpec) -> list[str]:
             if getattr(spec, name):
                 problems.append(f"model.{name}: only used with model.device_map (e.g. auto); set both or neither")
     return problems
+
+
+MAX_SEED = 2**32 - 1  # NumPy's and scikit-learn's seeds are 32-bit
+
+
+def seed_problems(where: str, seed: int, count: int = 1) -> list[str]:
+    """Seeds `seed .. seed + count - 1` must all be valid NumPy seeds: refused up front, not after calibration."""
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED - (count - 1):
+        extra = f" - {count - 1} (it seeds {count} runs: seed, seed + 1, ...)" if count > 1 else ""
+        return [f"{where}: must be between 0 and 2**32 - 1{extra}, got {seed}"]
+    return []
 
 
 @dataclass
@@ -220,7 +232,7 @@ class CalibrationSpec:
             problems.append(f"calibration.sample_store: {self.sample_store!r} is not one of {SAMPLE_STORES}")
         if not 0 <= self.raw_share < 1:
             problems.append(f"calibration.raw_share: must be in [0, 1), got {self.raw_share}")
-        return problems
+        return problems + seed_problems("calibration.seed", self.seed)
 
 
 @dataclass
@@ -254,7 +266,7 @@ class NetworksSpec:
             problems.append(f"networks.max_iter: must be >= 1, got {self.max_iter}")
         if self.tol <= 0:
             problems.append(f"networks.tol: must be > 0, got {self.tol}")
-        return problems
+        return problems + seed_problems("networks.seed", self.seed, max(self.runs, 1))
 
 
 @dataclass
@@ -285,7 +297,7 @@ class SelectionSpec:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
         if self.ridge < 0:
             problems.append(f"selection.ridge: must be >= 0, got {self.ridge}")
-        return problems
+        return problems + seed_problems("selection.seed", self.seed)
 
 
 def default_fn_boost(keep: float, reconstruct: bool = True) -> float:
@@ -330,8 +342,9 @@ class OutputSpec:
         problems = [] if self.dir else ["output.dir: required (use --output DIR)"]
         if self.layout not in LAYOUTS:
             problems.append(f"output.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
-        if not isinstance(self.max_shard_size, str) or not _SIZE.fullmatch(self.max_shard_size.strip()):
-            problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size (like 5GB, 500MB)")
+        if not isinstance(self.max_shard_size, str) or not _SHARD_SIZE.fullmatch(self.max_shard_size):
+            problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size saving accepts (a whole "
+                            "number of KB, MB, GB, KiB, MiB or GiB, like 5GB, 500MB)")
         return problems
 
 
@@ -475,13 +488,46 @@ def recipe_from_dict(data: Any) -> Recipe:
     return recipe
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first}); YAML would keep only the "
+                         "last value: remove one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML silently keeps
+    the last value, e.g. the second `keep:`). Keys brought in by a `<<` merge may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    """`yaml.safe_load(text)` with duplicate keys refused."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML recipe with `yaml.safe_load` (never the unsafe loader)."""
+    """Read a YAML recipe with a safe loader (yaml.safe_load's, which refuses duplicate keys)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_load(path.read_text(encoding="utf-8"))
+    except _DuplicateKey as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
     return recipe_from_dict(data)

@@ -7,7 +7,9 @@ large activation cache or checkpoint shard. Here the header is written from the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "read_with_meta", "write_atomic", "write_safetensors"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "read_with_meta", "tensors_sha256", "write_atomic", "write_safetensors"]
+
+log = logging.getLogger("fnprune")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,14 +62,26 @@ def write_safetensors(
             del t
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str:
+    """Checksum of the metadata and the tensors' names, dtypes, shapes and bytes (in name order), so a garbled,
+    zeroed or truncated file is noticed."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}\0{DTYPE_NAMES[t.dtype]}\0{list(t.shape)}\0".encode())
+        digest.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """`tensors` and a JSON `meta` to `target` through a temporary file renamed into place: a crash never
-    leaves a half-written file under the target's name."""
+    leaves a half-written file under the target's name. The header carries a checksum of the metadata and tensors."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     os.close(fd)
     try:
-        write_safetensors(tmp, tensors, {"meta": json.dumps(meta)})
+        meta_json = json.dumps(meta)
+        write_safetensors(tmp, tensors, {"meta": meta_json, "sha256": tensors_sha256(tensors, meta_json)})
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -73,7 +89,8 @@ def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
 
 
 def read_with_meta(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """What `write_atomic` wrote, or None when the file is missing or damaged (callers treat it as absent)."""
+    """What `write_atomic` wrote, or None when the file is missing, unreadable or fails its checksum (callers
+    treat it as absent and write it anew; a damaged file is logged)."""
     if not target.is_file():
         return None
     try:
@@ -81,7 +98,13 @@ def read_with_meta(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         from safetensors.torch import load_file
 
         with safe_open(str(target), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-        return load_file(str(target)), meta
-    except Exception:  # noqa: BLE001 - any unreadable file is "absent"
+            header = f.metadata() or {}
+        meta, tensors = json.loads(header["meta"]), load_file(str(target))
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+        if header.get("sha256") != tensors_sha256(tensors, header["meta"]):
+            raise ValueError("checksum mismatch (garbled, truncated or written by an older fnprune)")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is "absent"
+        log.warning("ignoring %s: %s", target, f"{type(exc).__name__}: {exc}")
         return None
+    return tensors, meta

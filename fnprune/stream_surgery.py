@@ -59,8 +59,14 @@ class StreamResult:
 def source_weight_map(folder: Path) -> dict[str, Path]:
     """Checkpoint key -> safetensors file, from the shard index or the single model.safetensors."""
     index = folder / INDEX_NAME
-    if index.is_file():
-        return {k: folder / v for k, v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    if index.is_file():  # untrusted input: a JSON object whose weight_map names shard files in this folder
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not all(isinstance(v, str) and Path(v).name == v for v in weight_map.values()):
+                raise ValueError("a shard is not a file name in the model folder")
+            return {str(k): folder / v for k, v in weight_map.items()}
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index}: not a valid shard index ({type(exc).__name__}: {exc})") from exc
     single = folder / WEIGHTS_NAME
     if single.is_file():
         with safe_open(str(single), framework="pt") as f:

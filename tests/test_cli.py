@@ -84,10 +84,11 @@ def test_bad_flags(model_dir, task_data, tmp_path, extra, message):
 def test_bad_model_and_data(model_dir, task_data, tmp_path):
     cases = [
         (["--model", tmp_path / "missing", "--data-dir", task_data], "model path not found"),
-        (["--model", tmp_path, "--data-dir", task_data], "no config.json"),
+        (["--model", tmp_path / "notamodel", "--data-dir", task_data], "no config.json"),
         (["--model", model_dir("llama"), "--data-dir", tmp_path / "nodata"], "not a directory"),
         (["--model", tmp_path / "m.gguf", "--data-dir", task_data], "GGUF file not found"),
     ]
+    (tmp_path / "notamodel").mkdir()
     for args, message in cases:
         result = CliRunner().invoke(main, ["compress", "--task", "sst2", *map(str, args),
                                            "--output", str(tmp_path / "o"), "--quiet"])

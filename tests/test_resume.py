@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from fnprune import cache
 from fnprune.cli import main
 from fnprune.networks import LayerNetworks
@@ -86,9 +88,12 @@ def test_no_cache_flag(model_dir, task_data, tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(model_dir, task_data, tmp_path, monkeypatch):
-    """Ctrl-C in compress's capture: the batch finishes, progress goes to the cache, exit 130 says so, and the
-    same command continues from there (fewer forward passes) to the output."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(sig, model_dir, task_data, tmp_path,
+                                                                     monkeypatch):
+    """Ctrl-C (or SIGTERM, as `kill` or a container stop sends) in compress's capture: the batch finishes,
+    progress goes to the cache, exit 130 says so, and the same command continues from there (fewer forward
+    passes) to the output. The handlers are restored afterwards."""
     import signal
 
     import torch
@@ -103,8 +108,9 @@ def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(model_dir,
             passes.append(1)
             if len(passes) == 2 and not pressed:
                 pressed.append(True)
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), getattr(signal, sig))
 
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     handle = torch.nn.modules.module.register_module_forward_hook(press_ctrl_c_once)
     try:
         first = CliRunner().invoke(main, args)
@@ -117,6 +123,7 @@ def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(model_dir,
     finally:
         handle.remove()
     assert second.exit_code == 0, second.output
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert len(passes) == 3  # 40 prompts in batches of 8: two were done before Ctrl-C
     assert not list((tmp_path / "cache").glob("capture-*.partial.safetensors"))
     assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -28,7 +28,9 @@ __all__ = [
     "NEGATIVE",
     "POSITIVE",
     "VOCAB_SIZE",
+    "GGUF_ARCH",
     "make_config",
+    "make_gguf",
     "make_model",
     "make_task_data",
     "make_tokenizer",
@@ -217,4 +219,65 @@ def make_task_data(dest: Path, n_train: int = 64, n_dev: int = 32, seed: int = 0
         rng.shuffle(part)
         text = "".join(f"{s}\t{y}\n" for s, y in part)
         (dest / name).write_text("sentence\tlabel\n" + text, encoding="utf-8")
+    return dest
+
+
+GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2"}  # tiny architectures make_gguf can write
+
+
+def _llama_permute(w, n_head: int):
+    """llama.cpp's convert_hf_to_gguf q/k row order, which transformers' GGUF loader undoes."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_gguf(model_dir: Path, dest: Path, qtype: str = "F32") -> Path:
+    """Write the tiny model saved in ``model_dir`` (a ``GGUF_ARCH`` type) and its byte-level BPE tokenizer as a
+    GGUF file, 2-D weights in ``qtype`` (F32, F16, Q8_0, ...; quantized with gguf.quants), norms in F32."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[cfg["model_type"]])
+    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(f"tiny-{cfg['model_type']}")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 1e4)))
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if t == EOS else gguf.TokenType.NORMAL for t, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(EOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    quant = getattr(gguf.GGMLQuantizationType, qtype)
+    for key, array in load_file(str(model_dir / "model.safetensors")).items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if cfg["model_type"] == "llama" and ".attn_q." in name:
+            array = _llama_permute(array, cfg["num_attention_heads"])
+        elif cfg["model_type"] == "llama" and ".attn_k." in name:
+            array = _llama_permute(array, cfg["num_key_value_heads"])
+        if array.ndim < 2 or quant == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array.astype(np.float32))
+        elif quant == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), quant), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return dest
