@@ -70,6 +70,7 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
         "calibration_dense": round(means["calibration"]["dense"], 4),
         "calibration_pruned": round(means["calibration"]["pruned"], 4),
         "calibration_pct": round(100 * means["calibration"]["pruned"] / means["calibration"]["dense"], 1),
+        "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
     return row

@@ -21,7 +21,7 @@ import torch
 
 from .capture import LayerActivations
 from .data import Example
-from .evaluate import EvalResult, TaskResult
+from .evaluate import EvalResult, TaskResult, majority_share
 from .moments import SecondMoments
 from .networks import LayerNetworks
 from .recipe import TaskSpec
@@ -177,6 +177,6 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
             correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
             results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
         held = {x.name for x in task.held_out_templates()}
-        return TaskResult(results, [n for n in results if n in held])
+        return TaskResult(results, [n for n in results if n in held], majority_share(next(iter(sets.values()))))
 
     return _load(f"evaluation-{key}.safetensors", "evaluation", parse)

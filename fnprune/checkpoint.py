@@ -255,6 +255,8 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     for t in templates:
         kind = "held out" if t.get("held_out") else "calibration"
         rows.append(f"| template `{t.get('name')}` ({kind}) | {_fmt(t.get('dense'))} | {_fmt(t.get('pruned'))} |")
+    if metric.get("majority_class") is not None:
+        rows.append(f"| always the most frequent label (chance level) | {_fmt(metric['majority_class'])} | |")
     return "\n".join(rows)
 
 

@@ -234,6 +234,8 @@ def _print_summary(report: dict, where: Path | str) -> None:
     for t in templates:
         kind = "held out" if t.get("held_out") else "calibration"
         click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
+    if m.get("majority_class") is not None:
+        click.echo(f"    always the most frequent label: {fmt(m['majority_class'])} (chance level)")
 
 
 @main.command()
@@ -299,6 +301,7 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
            "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
            "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
            "templates": {name: r.accuracy for name, r in result.by_template.items()},
+           "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
            "seconds": round(result.seconds, 2)}
     if as_json:
         click.echo(json.dumps(out))
@@ -307,7 +310,8 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
                f"{out['of']} ({model})")
     for name, r in result.by_template.items():
         kind = "held out" if name in result.held_out else "calibration"
-        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}")
+        predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
+        click.echo(f"  {name} ({kind}): {r.accuracy:.4f} (predicted: {predicted})")
 
 
 def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:

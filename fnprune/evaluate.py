@@ -18,7 +18,7 @@ from .errors import DataError
 from .recipe import TaskSpec
 from .tokens import batches, encode, encode_inputs, forward, is_classifier
 
-__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_templates", "label_token_ids"]
+__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_templates", "label_token_ids", "majority_share"]
 
 
 @dataclass
@@ -28,6 +28,10 @@ class EvalResult:
     seconds: float
     predictions: list[str] = field(repr=False, default_factory=list)
     scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels) log-probabilities
+
+    def label_shares(self) -> dict[str, float]:
+        """How often each label was predicted: a model that lost the task often answers one label for all."""
+        return {label: round(self.predictions.count(label) / self.n, 4) for label in sorted(set(self.predictions))}
 
 
 def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:
@@ -125,6 +129,7 @@ class TaskResult:
 
     by_template: dict[str, EvalResult]
     held_out: list[str]  # names of the held-out templates
+    majority: float | None = None  # accuracy of always answering the most frequent label: chance level
 
     def mean(self, held_out: bool) -> float | None:
         values = [r.accuracy for name, r in self.by_template.items() if (name in self.held_out) == held_out]
@@ -165,4 +170,10 @@ def evaluate_templates(
         if progress:
             tqdm.write(f"evaluate: template {name}")
         results[name] = evaluate_accuracy(model, tokenizer, examples, words, batch_size, progress=progress)
-    return TaskResult(results, [n for n in sets if by_name[n].held_out])
+    return TaskResult(results, [n for n in sets if by_name[n].held_out], majority_share(next(iter(sets.values()))))
+
+
+def majority_share(examples: list[Example]) -> float:
+    """Share of the most frequent label: what a model that ignores the text scores."""
+    labels = [e.label for e in examples]
+    return max(labels.count(x) for x in set(labels)) / len(labels)

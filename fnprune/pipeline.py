@@ -388,6 +388,7 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
     """report.json's accuracy: the headline (held-out template mean), each template, and both means."""
     held = dense.held_out if dense else [t.name for t in task.held_out_templates()]
     acc = lambda r, name: r.by_template[name].accuracy if r else None  # noqa: E731
+    shares = lambda r, name: r.by_template[name].label_shares() if r else None  # noqa: E731
     mean = lambda r, h: r.mean(h) if r else None  # noqa: E731
     names = list(dense.by_template) if dense else [t.name for t in task.templates]
     texts = {t.name: t.template for t in task.templates}
@@ -399,13 +400,15 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "of": "held-out templates (mean)" if held else "calibration templates (mean)",
             "dense": dense.headline if dense else None,
             "pruned": pruned.headline if pruned else None,
+            "majority_class": dense.majority if dense else None,
         },
         "template_means": {
             kind: {"dense": mean(dense, h), "pruned": mean(pruned, h)}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
-            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n)}
+            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
+             "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)}}
             for n in names
         ],
     }

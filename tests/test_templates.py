@@ -133,6 +133,9 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
     assert [t["name"] for t in report["templates"]] == ["a", "b", "c"]
     assert report["metric"]["of"] == "held-out templates (mean)"
     assert report["metric"]["pruned"] == report["templates"][2]["pruned"]
+    assert sum(report["templates"][2]["predicted"]["pruned"].values()) == pytest.approx(1)
+    labels = [e.label for e in load_evaluation(resolve_task(recipe.task), "validation", 12)["a"]]
+    assert report["metric"]["majority_class"] == max(labels.count("0"), labels.count("1")) / 12
     assert report["template_means"]["calibration"]["dense"] == pytest.approx(
         (report["templates"][0]["dense"] + report["templates"][1]["dense"]) / 2)
 
