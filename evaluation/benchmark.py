@@ -36,6 +36,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-recon": {"selection.reconstruct": False},
     "ridge-1": {"selection.ridge": 1.0},
     "raw-25": {"calibration.raw_share": 0.25},
+    "answer-50": {"selection.answer_weight": 0.5},
     "n1024": {"calibration.num_samples": 1024},
     "n1024-t16k": {"calibration.num_samples": 1024, "calibration.max_tokens": 16384},
 }

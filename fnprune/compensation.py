@@ -29,7 +29,8 @@ def removed_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def reconstruction_map(
-    sample: torch.Tensor | SecondMoments, keep: torch.Tensor, centre: torch.Tensor | None, ridge: float
+    sample: torch.Tensor | SecondMoments, keep: torch.Tensor, centre: torch.Tensor | None, ridge: float,
+    emphasis: torch.Tensor | None = None, emphasis_weight: float = 0.0,
 ) -> torch.Tensor:
     """M (n_kept, n_removed), rows and columns in sorted neuron order, fitted on a token sample: the token
     activations (T, d) or their `SecondMoments` (the fit needs nothing else).
@@ -37,10 +38,23 @@ def reconstruction_map(
     `centre` (d,): the values the fit is taken around (the mean over all calibration tokens), or None for a
     fit through zero. `ridge` is relative to the mean variance of the kept neurons, so it means the same in
     every layer and model: ridge = 0.1 adds a tenth of a typical kept neuron's energy to the diagonal.
+
+    `emphasis` (N, d): tokens whose error counts `emphasis_weight` of the fit's objective and the sample's the
+    rest (e.g. the prompts' last tokens, where the answer is read).
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    if emphasis is not None and emphasis_weight > 0:
+        around = torch.zeros(emphasis.shape[1], dtype=torch.float64) if centre is None else centre.double()
+        if isinstance(sample, SecondMoments):
+            rows = sample.covariance_rows(keep, around)
+        else:
+            x = sample.double() - around
+            rows = x[:, keep].T @ x / max(x.shape[0], 1)
+        e = emphasis.double() - around
+        rows = (1 - emphasis_weight) * rows + emphasis_weight * (e[:, keep].T @ e) / max(e.shape[0], 1)
+        return _solve_kept_rows(rows, keep, ridge)
     if isinstance(sample, SecondMoments):
         around = torch.zeros(sample.width, dtype=torch.float64) if centre is None else centre
         return _solve_kept_rows(sample.covariance_rows(keep, around), keep, ridge)  # rows of E[(a-c)(a-c)^T]

@@ -298,6 +298,7 @@ def reconstruction_fills(
     ridge: float,
     progress: bool = False,
     release: bool = False,
+    answer_weight: float = 0.0,
 ) -> list[torch.Tensor]:
     """Per layer, the least-squares map that rebuilds removed neurons from kept ones (fnprune.compensation),
     fitted on the calibration token sample (or its second moments); centred on `centres` (the means) when the
@@ -311,7 +312,8 @@ def reconstruction_fills(
     for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
                                     disable=not progress)):
         sample = a.moments if a.moments is not None else a.tokens
-        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge)
+        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge,
+                                  emphasis=a.decision if answer_weight else None, emphasis_weight=answer_weight)
         if release:
             a.tokens = a.moments = sample = None
         release_memory(collect=False)  # each layer's d x d float64 temporaries, before the next layer's
@@ -502,7 +504,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         tokens_for_ica = calib.activations[0].sampled
         if sel.reconstruct:
             with timer.stage("reconstruct"):
-                fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress, release=True)
+                fill_maps = reconstruction_fills(calib, kept, removed_means, sel.ridge, progress, release=True,
+                                                 answer_weight=sel.answer_weight)
         calib.release_token_sample()  # before surgery and saving, which need memory of their own
         release_memory()
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:

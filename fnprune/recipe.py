@@ -280,6 +280,8 @@ class SelectionSpec:
     bias_compensation: bool | None = None  # None: on where the architecture allows it
     reconstruct: bool = True  # least-squares fill of removed neurons from kept ones (fnprune.compensation)
     ridge: float = 0.1  # reconstruction ridge, relative to the kept neurons' mean variance
+    # share of the reconstruction's objective given to the calibration prompts' last tokens (the answer position)
+    answer_weight: float = 0.0
     fn_boost: float | None = None  # fn-task: weight of task-network membership; None = default_fn_boost
     seed: int = 0
 
@@ -297,6 +299,8 @@ class SelectionSpec:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
         if self.ridge < 0:
             problems.append(f"selection.ridge: must be >= 0, got {self.ridge}")
+        if not 0 <= self.answer_weight < 1:
+            problems.append(f"selection.answer_weight: must be in [0, 1), got {self.answer_weight}")
         return problems + seed_problems("selection.seed", self.seed)
 
 

@@ -108,3 +108,21 @@ def test_fewer_tokens_than_kept_neurons_fit_through_the_token_gram(monkeypatch):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
     moments = reconstruction_map(SecondMoments.of(tokens.double()), keep, centre, ridge=0.1)  # the k x k path
     torch.testing.assert_close(got, moments, atol=1e-4, rtol=1e-3)
+
+
+def test_answer_emphasis_blends_the_fit_between_the_sample_and_the_emphasised_tokens():
+    from fnprune.compensation import reconstruction_map
+    from fnprune.moments import SecondMoments
+
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(400, 12, generator=g), torch.randn(50, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    keep, centre = torch.tensor([0, 2, 3, 7, 9, 11]), x.double().mean(0)
+    plain = reconstruction_map(x, keep, centre, 0.1)
+    assert torch.allclose(reconstruction_map(x, keep, centre, 0.1, emphasis=e, emphasis_weight=0.0), plain)
+    blended = reconstruction_map(x, keep, centre, 0.1, emphasis=e, emphasis_weight=0.5)
+    assert not torch.allclose(blended, plain, atol=1e-3)
+    from_moments = reconstruction_map(SecondMoments.of(x), keep, centre, 0.1, emphasis=e, emphasis_weight=0.5)
+    torch.testing.assert_close(from_moments, blended, atol=1e-5, rtol=1e-4)
+    nearly_all = reconstruction_map(x, keep, centre, 0.1, emphasis=e, emphasis_weight=1 - 1e-9)
+    only_e = reconstruction_map(e - centre.float(), keep, None, 0.1)
+    torch.testing.assert_close(nearly_all, only_e, atol=1e-4, rtol=1e-3)
