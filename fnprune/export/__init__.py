@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..arch import MLP_LAYOUTS
 from ..errors import ModelError, OutputError
 
 __all__ = ["Checkpoint", "read_checkpoint", "export", "FORMATS"]
@@ -87,11 +88,11 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     per_layer = (config.get("fnprune_layout") or {}).get("widths")
     if per_layer:
         widths, layout = [int(w) for w in per_layer], "per-layer"
-    else:
-        width = config.get("intermediate_size")
-        if width is None:
-            raise ModelError(f"{path}/config.json has no intermediate_size")
-        widths, layout = [int(width)] * n_layers, "padded" if report.get("layout") == "padded" else "uniform"
+    else:  # a family without an MLP width in config.json is refused by the exporter that needs it
+        row = MLP_LAYOUTS.get(str(config.get("model_type")))
+        width = config.get(row.width_key if row else "intermediate_size")
+        widths = [int(width)] * n_layers if width else []
+        layout = "padded" if report.get("layout") == "padded" else "uniform"
     return Checkpoint(path, config, files, widths, layout, report)
 
 

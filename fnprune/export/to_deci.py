@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import LLAMA_CPP_ARCH
-from ..checkpoint import atomic_output_dir
+from ..checkpoint import atomic_output_dir, check_output_dir
 from ..errors import ModelError
 from . import Checkpoint
 
@@ -110,6 +110,7 @@ def deci_config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def write_deci(ckpt: Checkpoint, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the DeciLM folder at `out` (temporary folder renamed into place); weights are copied unchanged."""
+    check_output_dir(out, overwrite)
     config = deci_config(ckpt)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
