@@ -31,7 +31,7 @@ log = logging.getLogger("fnprune")
 OUTTYPES = ("f32", "f16", "q8_0")
 GGUF_ARCHS = ("auto", "llama", "deci")
 _PERMUTED = ("llama", "deci")  # llama.cpp archs with "normal" (adjacent-pair) RoPE: HF's Q/K rows re-ordered
-_ROPE_TYPES = (None, "default", "linear")
+_ROPE_TYPES = (None, "default", "linear", "llama3")
 
 # Tokenizer fingerprint -> llama.cpp's `tokenizer.ggml.pre` (which regex splits text before BPE). The key is
 # sha256 of the token ids of _PROBE (see tokenizer_pre); add a row per tokenizer family checked in llama.cpp.
@@ -93,13 +93,32 @@ def _file_type(outtype: str) -> int:
     return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[outtype]
 
 
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
 def _rope(config: dict[str, Any]) -> tuple[float, str | None, float | None]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    params = _rope_params(config)
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type"))
     if kind not in _ROPE_TYPES:
-        raise ModelError(f"RoPE type {kind!r} is not supported by fnprune's GGUF export yet (default, linear are)")
+        raise ModelError(f"RoPE type {kind!r} is not supported by fnprune's GGUF export yet "
+                         f"(supported: {', '.join(str(k) for k in _ROPE_TYPES[1:])})")
     return float(theta), kind, params.get("factor")
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """Llama 3's frequency-dependent RoPE scaling as one divisor per rotary frequency (llama.cpp's
+    `rope_freqs.weight`): long wavelengths are slowed by `factor`, short ones kept, the band between blended."""
+    params = _rope_params(config)
+    theta, _, _ = _rope(config)
+    dim = _head_dim(config)
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
 
 
 def _head_dim(config: dict[str, Any]) -> int:
@@ -252,6 +271,9 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
             else:
                 writer.add_tensor(target, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16
                                                       else np.float32))
+        if _rope(ckpt.config)[1] == "llama3":
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                              llama3_rope_factors(ckpt.config))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
