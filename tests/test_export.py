@@ -387,6 +387,19 @@ def _examples(n: int) -> list[tuple[str, int]]:
     return [(f"Review: {row.split(chr(9))[0].strip()}\nSentiment:", int(row.split(chr(9))[1])) for row in rows]
 
 
+def _one(tok, model, llm, text: str, label: int, words: list[int]) -> dict[str, float]:
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+    llm.reset()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    pred_hf, pred_cpp = int(ref[words].argmax()), int(got[words].argmax())
+    return {"agree": got.argmax() == ref.argmax(), "diff": float(np.abs(got - ref).max()),
+            "same_tokens": llm.tokenize(text.encode(), add_bos=False, special=True) == ids,
+            "same_pred": pred_hf == pred_cpp, "right_hf": pred_hf == label, "right_cpp": pred_cpp == label}
+
+
 def compare_with_llama_cpp(hf_dir: Path, gguf_file: Path, examples: list[tuple[str, int]]) -> dict[str, float]:
     """Next-token logits after each prompt, transformers (float32) against llama.cpp on the same token ids, and
     the SST-2 prediction each makes from them (" positive" vs " negative")."""
@@ -395,28 +408,18 @@ def compare_with_llama_cpp(hf_dir: Path, gguf_file: Path, examples: list[tuple[s
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
-    llm = Llama(str(gguf_file), n_ctx=512, n_threads=1, verbose=False)
+    llm = Llama(str(gguf_file), n_ctx=512, n_threads=1, logits_all=True, use_mmap=False, verbose=False)
     words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" negative", " positive")]
-    agree = same_tokens = same_pred = right_hf = right_cpp = 0
-    max_diff = 0.0
-    for text, label in examples:
-        ids = tok(text)["input_ids"]
-        same_tokens += llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        llm.reset()
-        llm.eval(ids)
-        got = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        agree += int(got.argmax() == ref.argmax())
-        max_diff = max(max_diff, float(np.abs(got - ref).max()))
-        pred_hf, pred_cpp = int(ref[words].argmax()), int(got[words].argmax())
-        same_pred += pred_hf == pred_cpp
-        right_hf += pred_hf == label
-        right_cpp += pred_cpp == label
-    n = len(examples)
-    return {"argmax_agreement": agree / n, "max_abs_diff": round(max_diff, 4), "same_tokenization": same_tokens / n,
-            "same_sst2_prediction": same_pred / n, "sst2_acc_transformers": right_hf / n,
-            "sst2_acc_llama_cpp": right_cpp / n}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core each, side by side with llama.cpp's one thread
+    try:
+        rows = [_one(tok, model, llm, text, label, words) for text, label in examples]
+    finally:
+        torch.set_num_threads(threads)
+    mean = {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0] if k != "diff"}
+    return {"argmax_agreement": mean["agree"], "max_abs_diff": round(max(r["diff"] for r in rows), 4),
+            "same_tokenization": mean["same_tokens"], "same_sst2_prediction": mean["same_pred"],
+            "sst2_acc_transformers": mean["right_hf"], "sst2_acc_llama_cpp": mean["right_cpp"]}
 
 
 def _real(fn):
