@@ -144,3 +144,8 @@ def neuron_weight_norms(model: nn.Module, layout: MLPLayout) -> list[dict[str, t
                     sq += w.float().pow(2).sum(dim=1).cpu()
         norms.append({"out": out, "in": sq.sqrt()})
     return norms
+
+
+# model_type -> llama.cpp architecture of its GGUF files (`fnprune export --format gguf`); families not listed
+# are not exported yet. Per-layer widths of a "llama" row are written as llama.cpp's "deci" architecture.
+LLAMA_CPP_ARCH: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -431,5 +431,29 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
                    f"random same layer {r['random_acc_mean']:.4f} +- {r['random_acc_std']:.4f}")
 
 
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["gguf", "deci"]), required=True,
+              help="gguf: one file for llama.cpp / Ollama; deci: a DeciLM (Nemotron-NAS) folder for vLLM.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
+              help="gguf: tensor type of the weight matrices (norms and biases stay f32).")
+@click.option("--gguf-arch", type=click.Choice(["auto", "llama", "deci"]), default="auto", show_default=True,
+              help="gguf: llama.cpp architecture; auto = the family's, deci for per-layer widths.")
+@click.option("--output", required=True, help="Output .gguf file (gguf) or folder (deci).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="Only warnings and the result.")
+@_friendly
+def export(directory, fmt, outtype, gguf_arch, output, overwrite, quiet) -> None:
+    """Write a checkpoint as GGUF (llama.cpp) or as a DeciLM folder (vLLM), per-layer widths included."""
+    from .export import export as run
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="fnprune: %(message)s")
+    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, overwrite=overwrite)
+    widths = info["widths"]
+    shown = f"{widths[0]}" if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"
+    kind = f"GGUF arch {info['arch']}, {info['outtype']}" if fmt == "gguf" else "DeciLM (nemotron-nas) folder"
+    click.echo(f"wrote {info['path']} ({kind}, FFN widths {shown})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,286 @@
+"""fnprune's own GGUF writer (on the `gguf` package): metadata, tokenizer and tensors for llama.cpp.
+
+llama.cpp's `llama` architecture has one FFN width for every layer, so a per-layer checkpoint is written as its
+`deci` architecture, which reads `deci.feed_forward_length` (and head counts) as per-layer arrays and otherwise
+runs the Llama block. Q/K projections are re-ordered for llama.cpp's rotary layout (pairs of adjacent
+channels) where its architecture needs it; everything else is renamed, not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..arch import LLAMA_CPP_ARCH
+from ..errors import ModelError
+from . import Checkpoint
+
+__all__ = ["OUTTYPES", "GGUF_ARCHS", "write_gguf", "gguf_arch_for", "tokenizer_pre", "permute_for_rope",
+           "quant_type"]
+
+log = logging.getLogger("fnprune")
+
+OUTTYPES = ("f32", "f16", "q8_0")
+GGUF_ARCHS = ("auto", "llama", "deci")
+_PERMUTED = ("llama", "deci")  # llama.cpp archs with "normal" (adjacent-pair) RoPE: HF's Q/K rows re-ordered
+_ROPE_TYPES = (None, "default", "linear", "llama3")
+
+# Tokenizer fingerprint -> llama.cpp's `tokenizer.ggml.pre` (which regex splits text before BPE). The key is
+# sha256 of the token ids of _PROBE (see tokenizer_pre); add a row per tokenizer family checked in llama.cpp.
+_PROBE = ("fnprune probe:\n \n\n\t\t x  y   z\r\n 7 42 123 4567 3.14 1,000,000 -= += == ... !!? 'll 's 'T n't I'M "
+          "don't café naïve Ünïcödé Привет мир 你好世界 こんにちは 안녕 مرحبا 🚀🦙 ✅ <tag> {\"k\": [1, 2]}")
+_PRE_BY_FINGERPRINT: dict[str, str] = {
+    # HuggingFaceTB SmolLM / SmolLM2 (135M ... 1.7B share one tokenizer); llama.cpp calls it "smollm"
+    "66bffb19a4c6066ed021edde89a7cdf6a43aacced33f0aababdefc445b744dbc": "smollm",
+}
+
+
+def gguf_arch_for(ckpt: Checkpoint, requested: str = "auto") -> str:
+    """The llama.cpp architecture for this checkpoint, or a one-line error saying why it cannot be written."""
+    if requested not in GGUF_ARCHS:
+        raise ModelError(f"unknown GGUF architecture {requested!r}; choose one of {', '.join(GGUF_ARCHS)}")
+    base = LLAMA_CPP_ARCH.get(ckpt.model_type)
+    if base is None:
+        raise ModelError(f"GGUF export of {ckpt.model_type!r} checkpoints is not supported; supported: "
+                         f"{', '.join(sorted(LLAMA_CPP_ARCH))}")
+    varied = len(set(ckpt.widths)) > 1
+    if requested == "deci" or (requested == "auto" and varied):
+        if base != "llama":
+            raise ModelError(f"per-layer widths of {ckpt.model_type!r} cannot be written as GGUF (llama.cpp's "
+                             "per-layer 'deci' architecture is Llama-only); re-run compress with --layout padded")
+        return "deci"
+    if varied:
+        raise ModelError(f"llama.cpp's {base!r} architecture has one FFN width, this checkpoint has per-layer widths "
+                         f"{min(ckpt.widths)}..{max(ckpt.widths)}; use --gguf-arch deci (the default, auto) or "
+                         "re-run compress with --layout padded")
+    if requested == "llama" and base != "llama":
+        raise ModelError(f"{ckpt.model_type!r} is llama.cpp architecture {base!r}, not 'llama'; use --gguf-arch auto")
+    return base
+
+
+def permute_for_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rotary layout (each head's first half rotates with its second half) to llama.cpp's (channel 2i
+    with 2i+1): within each head, rows [h0 | h1] become interleaved h0[0], h1[0], h0[1], h1[1], ..."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def quant_type(name: str, shape: tuple[int, ...], outtype: str):
+    """GGML type of one tensor: 1-D tensors (norms, biases) stay F32; q8_0 needs rows of whole 32-blocks."""
+    from gguf import GGMLQuantizationType as Q
+
+    if outtype == "f32" or len(shape) < 2:
+        return Q.F32
+    if outtype == "q8_0" and shape[-1] % 32 == 0:
+        return Q.Q8_0
+    if outtype == "q8_0":
+        log.info("%s: rows of %d values are not whole q8_0 blocks of 32; written as f16", name, shape[-1])
+    return Q.F16
+
+
+def _file_type(outtype: str) -> int:
+    from gguf import LlamaFileType
+
+    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, str | None, float | None]:
+    params = _rope_params(config)
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type"))
+    if kind not in _ROPE_TYPES:
+        raise ModelError(f"RoPE type {kind!r} is not supported by fnprune's GGUF export yet "
+                         f"(supported: {', '.join(str(k) for k in _ROPE_TYPES[1:])})")
+    return float(theta), kind, params.get("factor")
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """Llama 3's frequency-dependent RoPE scaling as one divisor per rotary frequency (llama.cpp's
+    `rope_freqs.weight`): long wavelengths are slowed by `factor`, short ones kept, the band between blended."""
+    params = _rope_params(config)
+    theta, _, _ = _rope(config)
+    dim = _head_dim(config)
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _hparams(writer, ckpt: Checkpoint, arch: str, outtype: str) -> None:
+    """Model hyperparameters from config.json, under the keys llama.cpp reads for `arch`."""
+    import gguf
+
+    c = ckpt.config
+    n_layers = int(c["num_hidden_layers"])
+    n_head, n_kv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"])
+    window = c.get("sliding_window")
+    if window and c.get("use_sliding_window", True) and window < c.get("max_position_embeddings", window + 1):
+        raise ModelError(f"sliding-window attention (window {window}) is not written to GGUF by fnprune yet")
+    name = Path(str(ckpt.report.get("base_model") or ckpt.path.name)).name
+    writer.add_name(f"{name} (fnprune)" if ckpt.report else name)
+    writer.add_file_type(_file_type(outtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(int(c.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(c["hidden_size"]))
+    writer.add_block_count(n_layers)
+    if arch == "deci":  # per-layer arrays, as llama.cpp's deci loader reads them
+        writer.add_feed_forward_length([int(w) for w in ckpt.widths])
+        writer.add_head_count([n_head] * n_layers)
+        writer.add_head_count_kv([n_kv] * n_layers)
+    else:
+        writer.add_feed_forward_length(int(ckpt.widths[0]))
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+    theta, kind, factor = _rope(c)
+    writer.add_rope_freq_base(theta)
+    if kind == "linear" and factor:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+    head_dim = _head_dim(c)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(int(c["vocab_size"]))
+
+
+def _fingerprint(tokenizer) -> str:
+    ids = tokenizer.encode(_PROBE, add_special_tokens=False).ids
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def tokenizer_pre(tokenizer) -> str:
+    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer`: from the fingerprint table, else "default"."""
+    fingerprint = _fingerprint(tokenizer)
+    pre = _PRE_BY_FINGERPRINT.get(fingerprint)
+    if pre is None:
+        log.warning("tokenizer not in fnprune's llama.cpp pre-tokenizer table (fingerprint %s): writing "
+                    "tokenizer.ggml.pre = default; llama.cpp may split some text differently", fingerprint[:16])
+        return "default"
+    return pre
+
+
+def _vocab(writer, ckpt: Checkpoint) -> str:
+    """Byte-level BPE vocabulary, merges, special ids and chat template; returns the pre-tokenizer name."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    file = ckpt.path / "tokenizer.json"
+    if not file.is_file():
+        raise ModelError(f"{ckpt.path} has no tokenizer.json: GGUF export needs the (byte-level BPE) tokenizer")
+    data = json.loads(file.read_text(encoding="utf-8"))
+    decoder = json.dumps(data.get("decoder"))
+    if data.get("model", {}).get("type") != "BPE" or "ByteLevel" not in decoder:
+        raise ModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json) only; "
+                         f"this one is {data.get('model', {}).get('type')!r} with decoder {decoder[:60]}")
+    n_vocab = int(ckpt.config["vocab_size"])
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    entries = [(tok, i, gguf.TokenType.NORMAL) for tok, i in data["model"]["vocab"].items()]
+    entries += [(t["content"], t["id"], gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED)
+                for t in data.get("added_tokens", [])]
+    for tok, i, kind in entries:
+        if i >= n_vocab:
+            raise ModelError(f"token {tok!r} has id {i}, beyond the model's vocab_size {n_vocab}")
+        tokens[i], types[i] = tok, kind
+    tokenizer = Tokenizer.from_file(str(file))
+    pre = tokenizer_pre(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=n_vocab)
+    plain, marked = tokenizer.encode("a", add_special_tokens=False).ids, tokenizer.encode("a").ids
+    special.add_special_token = {"bos": marked[:1] != plain[:1], "eos": marked[-1:] != plain[-1:]}
+    special.add_to_gguf(writer, quiet=True)
+    return pre
+
+
+def _tensor_plan(ckpt: Checkpoint, arch: str):
+    """(gguf name, HF name, transform) for every tensor written; errors on a tensor llama.cpp has no name for."""
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, int(ckpt.config["num_hidden_layers"]))
+    tied = bool(ckpt.config.get("tie_word_embeddings", False))
+    n_head = int(ckpt.config["num_attention_heads"])
+    n_kv = int(ckpt.config.get("num_key_value_heads") or n_head)
+    for hf_name in ckpt.tensor_names():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"tensor {hf_name} has no llama.cpp name in architecture {arch!r}")
+        heads = None
+        if arch in _PERMUTED and ".q_proj." in hf_name:
+            heads = n_head
+        elif arch in _PERMUTED and ".k_proj." in hf_name:
+            heads = n_kv
+        yield target, hf_name, heads
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto") -> dict[str, Any]:
+    """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place)."""
+    try:
+        import gguf
+        from gguf.quants import quantize
+    except ImportError as exc:
+        raise ModelError("GGUF export needs the gguf package: pip install 'fnprune[gguf]'") from exc
+    if outtype not in OUTTYPES:
+        raise ModelError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    arch = gguf_arch_for(ckpt, arch)
+    _rope(ckpt.config)
+    plan = {hf: (target, heads) for target, hf, heads in _tensor_plan(ckpt, arch)}
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.absolute().parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _hparams(writer, ckpt, arch, outtype)
+        pre = _vocab(writer, ckpt)
+        for hf_name, tensor in ckpt.tensors():
+            if hf_name not in plan:
+                continue
+            target, heads = plan[hf_name]
+            t = tensor.to(torch.float32)
+            if heads is not None:
+                t = permute_for_rope(t, heads)
+            data = t.numpy()
+            qtype = quant_type(target, data.shape, outtype)
+            if qtype == gguf.GGMLQuantizationType.Q8_0:
+                writer.add_tensor(target, quantize(data, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(target, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16
+                                                      else np.float32))
+        if _rope(ckpt.config)[1] == "llama3":
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                              llama3_rope_factors(ckpt.config))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"path": str(out), "format": "gguf", "arch": arch, "outtype": outtype, "tensors": len(plan),
+            "widths": ckpt.widths, "tokenizer_pre": pre, "bytes": out.stat().st_size}

@@ -1,0 +1,464 @@
+"""`fnprune export`: GGUF files (llama.cpp) and DeciLM folders (vLLM) read back, per-layer widths included.
+
+Fast tests use tiny models. The GGUF files are read with `gguf.GGUFReader` and, for dense models, loaded by
+transformers' own GGUF loader (an independent reader of names and the Q/K re-ordering). vLLM does not run on
+these machines: its loaders' expectations (config keys, tensor names, shapes; from vLLM's
+model_executor/models/llama.py and nemotron_nas.py) are checked against the files instead.
+The opt-in test at the end runs the real SmolLM2 in llama.cpp (llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from fnprune.arch import layout_for, mlp_widths
+from fnprune.checkpoint import write_per_layer_code
+from fnprune.cli import main
+from fnprune.export import export, read_checkpoint
+from fnprune.models import load_model
+from fnprune.recipe import ModelSpec
+from fnprune.surgery import prune_mlp
+
+gguf = pytest.importorskip("gguf")
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16  # tests/tiny.py's Llama-like configs
+
+
+def _prune(model_dir, dest: Path, arch: str, widths: list[int], layout: str = "uniform", bias: bool = False,
+           dense_width: int | None = None) -> Path:
+    """A tiny pruned checkpoint: random kept neurons, optionally bias-compensated (Llama: mlp_bias true)."""
+    if dense_width is None:
+        model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    else:  # a wider tiny model (DeciLM widths must be multiples of 256)
+        import tiny
+        from transformers import AutoModelForCausalLM
+
+        _, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+        config = tiny.make_config(arch, len(tok))
+        config.intermediate_size = dense_width
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tiny._reinit(model, 0)
+    mlp = layout_for(model)
+    gen = torch.Generator().manual_seed(0)
+    dense = mlp_widths(model, mlp)
+    keep = [torch.randperm(d, generator=gen)[:w].sort().values for d, w in zip(dense, widths)]
+    means = [torch.rand(d, generator=gen) for d in dense] if bias else None
+    prune_mlp(model, mlp, keep, removed_means=means, width_layout=layout)
+    if layout == "per-layer":
+        write_per_layer_code(dest, model)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    (dest / "report.json").write_text(json.dumps({"layout": layout, "base_model": "tiny"}))
+    return dest
+
+
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's rotary row order (pairs 2i, 2i+1 per head) back to HF's (halves per head)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            for t in reader.tensors}
+
+
+def _hf_names(arch: str, n_layers: int = 2) -> dict[str, str]:
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+    return names
+
+
+def _compare(ckpt_dir: Path, gguf_file: Path, arch: str, check) -> None:
+    """Every checkpoint tensor (but a tied lm_head) is in the file, under llama.cpp's name, with its values."""
+    hf = load_file(str(ckpt_dir / "model.safetensors"))
+    got = _read(gguf_file)
+    names = _hf_names(arch)
+    expected = {names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in hf if k != "lm_head.weight"}
+    assert set(got) == set(expected)
+    for target, name in expected.items():
+        want = hf[name].float().numpy()
+        have = got[target].reshape(want.shape)
+        if arch in ("llama", "deci") and ".q_proj." in name:
+            have = _unpermute(have, HEADS)
+        elif arch in ("llama", "deci") and ".k_proj." in name:
+            have = _unpermute(have, KV_HEADS)
+        check(name, want, have)
+
+
+def _exact(name, want, have):
+    np.testing.assert_array_equal(have, want, err_msg=name)
+
+
+def test_gguf_uniform_llama_with_mlp_bias_f32_is_exact(model_dir, tmp_path, caplog):
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [64, 64], bias=True)
+    assert json.loads((ckpt / "config.json").read_text())["mlp_bias"] is True
+    out = tmp_path / "m.gguf"
+    with caplog.at_level(logging.WARNING, logger="fnprune"):
+        info = export(ckpt, "gguf", out, outtype="f32")
+    assert info["arch"] == "llama" and info["tokenizer_pre"] == "default"
+    assert "pre-tokenizer table" in caplog.text  # the tiny tokenizer is unknown: a warning, not a guess
+    reader = gguf.GGUFReader(out)
+    assert _field(reader, "general.architecture") == "llama"
+    meta = {k: _field(reader, f"llama.{k}") for k in (
+        "block_count", "feed_forward_length", "embedding_length", "context_length", "attention.head_count",
+        "attention.head_count_kv", "attention.key_length", "rope.dimension_count", "vocab_size")}
+    assert meta == {"block_count": 2, "feed_forward_length": 64, "embedding_length": HIDDEN, "context_length": 128,
+                    "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS,
+                    "attention.key_length": HEAD_DIM, "rope.dimension_count": HEAD_DIM, "vocab_size": 384}
+    config = json.loads((ckpt / "config.json").read_text())
+    assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config["rms_norm_eps"])
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert len(_field(reader, "tokenizer.ggml.tokens")) == 384 and len(_field(reader, "tokenizer.ggml.merges")) > 0
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == 0
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is False
+    shapes = {t.name: list(t.shape) for t in reader.tensors}  # GGUF order: [in, out]
+    assert shapes["blk.0.ffn_gate.weight"] == [HIDDEN, 64] and shapes["blk.1.ffn_down.weight"] == [64, HIDDEN]
+    assert "blk.0.ffn_down.bias" in shapes and "output.weight" not in shapes  # tied: llama.cpp uses token_embd
+    _compare(ckpt, out, "llama", _exact)
+
+
+def test_gguf_f16_and_q8_0_within_tolerance(model_dir, tmp_path):
+    """f16: within half an f16 ulp (2^-11 relative); q8_0: within one step (block max / 127) of each 32-block."""
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [64, 64], bias=True)
+    export(ckpt, "gguf", tmp_path / "f16.gguf", outtype="f16")
+    export(ckpt, "gguf", tmp_path / "q8.gguf", outtype="q8_0")
+
+    def f16(name, want, have):
+        assert np.all(np.abs(have - want) <= 2**-11 * np.abs(want) + 1e-7), name
+
+    def q8(name, want, have):
+        if want.ndim == 1:
+            return _exact(name, want, have)
+        blocks = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True)
+        assert np.all(np.abs(have - want).reshape(-1, 32) <= blocks / 127 * 1.01 + 1e-7), name
+
+    _compare(ckpt, tmp_path / "f16.gguf", "llama", f16)
+    _compare(ckpt, tmp_path / "q8.gguf", "llama", q8)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}
+    assert types["blk.0.ffn_gate.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_gguf_loads_in_transformers_with_the_same_logits(arch, model_dir, tmp_path):
+    """transformers' GGUF loader (its own tensor-name map and Q/K re-ordering) gets the model back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = _prune(model_dir, tmp_path / "ckpt", arch, [64, 64])
+    export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    ids = torch.tensor([[5, 17, 33, 80, 2, 41, 7, 99]])
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    # transformers' GGUF config reader ignores qwen3.attention.key_length (head_dim; llama.cpp reads it): give it
+    extra = {"config": AutoConfig.from_pretrained(ckpt)} if arch == "qwen3" else {}
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32, **extra).eval()
+    assert back.config.intermediate_size == 64
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_per_layer_is_deci_with_a_width_array(model_dir, tmp_path):
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [24, 40], layout="per-layer", bias=True)
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(main, ["export", str(ckpt), "--format", "gguf", "--outtype", "f32", "--output",
+                                       str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "GGUF arch deci" in result.output and "24..40" in result.output
+    reader = gguf.GGUFReader(out)
+    assert _field(reader, "general.architecture") == "deci"
+    assert _field(reader, "deci.feed_forward_length") == [24, 40]
+    assert _field(reader, "deci.attention.head_count") == [HEADS, HEADS]
+    assert _field(reader, "deci.attention.head_count_kv") == [KV_HEADS, KV_HEADS]
+    shapes = {t.name: list(t.shape) for t in reader.tensors}
+    assert shapes["blk.0.ffn_up.weight"] == [HIDDEN, 24] and shapes["blk.1.ffn_up.weight"] == [HIDDEN, 40]
+    _compare(ckpt, out, "deci", _exact)
+    export(ckpt, "gguf", tmp_path / "q8.gguf", outtype="q8_0")  # 24-wide rows are not 32-blocks: f16 instead
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+
+
+def test_gguf_padded_is_llama(model_dir, tmp_path):
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [24, 40], layout="padded")
+    info = export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    assert info["arch"] == "llama" and info["widths"] == [40, 40]
+    assert _field(gguf.GGUFReader(tmp_path / "m.gguf"), "llama.feed_forward_length") == 40
+    _compare(ckpt, tmp_path / "m.gguf", "llama", _exact)
+
+
+def _cli_error(*args: str) -> str:
+    result = CliRunner().invoke(main, ["export", *args])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / "x.gguf")
+    assert "not an fnprune output folder" in _cli_error(str(tmp_path / "empty"), "--format", "gguf", "--output", out)
+    per_layer = _prune(model_dir, tmp_path / "pl", "llama", [24, 40], layout="per-layer")
+    msg = _cli_error(str(per_layer), "--format", "gguf", "--gguf-arch", "llama", "--output", out)
+    assert "one FFN width" in msg and "deci" in msg
+    msg = _cli_error(str(model_dir("gpt2")), "--format", "gguf", "--output", out)
+    assert "not supported" in msg and "llama" in msg
+    qwen = _prune(model_dir, tmp_path / "qw", "qwen2", [24, 40], layout="per-layer")
+    assert "--layout padded" in _cli_error(str(qwen), "--format", "gguf", "--output", out)
+    uniform = _prune(model_dir, tmp_path / "u", "llama", [64, 64])
+    Path(out).write_text("keep me")
+    assert "--overwrite" in _cli_error(str(uniform), "--format", "gguf", "--output", out)
+    assert Path(out).read_text() == "keep me"
+    (tmp_path / "d").mkdir()
+    assert "--overwrite" in _cli_error(str(uniform), "--format", "deci", "--output", str(tmp_path / "d"))
+    assert "--round-to 256" in _cli_error(str(per_layer), "--format", "deci", "--output", str(tmp_path / "d2"))
+    padded = _prune(model_dir, tmp_path / "pad", "llama", [24, 40], layout="padded")
+    assert "padded" in _cli_error(str(padded), "--format", "deci", "--output", str(tmp_path / "d3"))
+    assert not list(tmp_path.glob(".*partial"))  # nothing half-written left behind
+
+
+def _tiny_llama3_rope(model_dir, dest: Path) -> Path:
+    """A tiny Llama with Llama 3's RoPE scaling (llama.cpp: the rope_freqs tensor), short original context so
+    that 100 positions exercise every band."""
+    import tiny
+    from transformers import AutoModelForCausalLM
+
+    _, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    config = tiny.make_config("llama", len(tok))
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tiny._reinit(model, 0)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_gguf_llama3_rope_factors(model_dir, tmp_path):
+    ckpt = _tiny_llama3_rope(model_dir, tmp_path / "ckpt")
+    export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    factors = _read(tmp_path / "m.gguf")["rope_freqs.weight"]
+    # head_dim 16: wavelengths 2 pi 10000^(2i/16); below 32/4 kept (1), above 32 slowed 8x, one blended between
+    wavelen = 2 * np.pi * 10000 ** (np.arange(0, 16, 2) / 16)
+    smooth = np.clip((32 / wavelen - 1) / 3, 0, 1)
+    np.testing.assert_allclose(factors, 1 / ((1 - smooth) / 8 + smooth), rtol=1e-6)
+    assert factors[0] == 1 and factors[-1] == 8 and 1 < factors[1] < 8
+
+
+def _llama_cpp_or_skip():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (build it from source)")
+
+
+@pytest.mark.parametrize("case", ["llama-bias", "per-layer-deci", "padded", "llama3-rope", "mistral", "qwen2",
+                                  "qwen3"])
+def test_tiny_gguf_runs_in_llama_cpp_like_transformers(case, model_dir, tmp_path):
+    """When llama-cpp-python is installed: llama.cpp's logits of every tiny export equal transformers'."""
+    llama_cpp = _llama_cpp_or_skip()
+    from transformers import AutoModelForCausalLM
+
+    dest = tmp_path / "ckpt"
+    if case == "llama3-rope":
+        ckpt = _tiny_llama3_rope(model_dir, dest)
+    elif case in ("llama-bias", "per-layer-deci", "padded"):
+        layout = {"llama-bias": "uniform", "per-layer-deci": "per-layer", "padded": "padded"}[case]
+        ckpt = _prune(model_dir, dest, "llama", [64, 64] if layout == "uniform" else [24, 40], layout, bias=True)
+    else:
+        ckpt = _prune(model_dir, dest, case, [64, 64])
+    export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 384, (100,), generator=gen).tolist()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=True).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # f32 KV cache (default f16)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    print(f"\n{case}: max |llama.cpp - transformers| = {np.abs(got - ref).max():.2e}")
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+# --- vLLM: what its loaders read (vLLM is not run here) --------------------------------------------------------
+
+
+def _vllm_deci_width(ffn_mult: float, hidden: int) -> int:
+    """vLLM nemotron_nas.py `_ffn_mult_to_intermediate_size` (llama.cpp's deci converter uses the same rule)."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def _vllm_llama_params(config: dict, widths: list[int]) -> dict[str, list[int]]:
+    """Checkpoint tensors vLLM's Llama/DeciLM loaders fill (before fusing q/k/v and gate/up), with HF shapes.
+    LlamaMLP gives gate_up_proj AND down_proj a bias when `mlp_bias`: gate/up biases must be in the file."""
+    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or h // heads
+    out = {"model.embed_tokens.weight": [config["vocab_size"], h], "model.norm.weight": [h]}
+    if not config.get("tie_word_embeddings"):
+        out["lm_head.weight"] = [config["vocab_size"], h]
+    for i, w in enumerate(widths):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
+                    p + "self_attn.q_proj.weight": [heads * hd, h], p + "self_attn.k_proj.weight": [kv * hd, h],
+                    p + "self_attn.v_proj.weight": [kv * hd, h], p + "self_attn.o_proj.weight": [h, heads * hd],
+                    p + "mlp.gate_proj.weight": [w, h], p + "mlp.up_proj.weight": [w, h],
+                    p + "mlp.down_proj.weight": [h, w]})
+        if config.get("mlp_bias"):
+            out.update({p + "mlp.gate_proj.bias": [w], p + "mlp.up_proj.bias": [w], p + "mlp.down_proj.bias": [h]})
+    return out
+
+
+def _shapes(folder: Path) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def test_vllm_llama_with_mlp_bias_format(model_dir, tmp_path):
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [64, 64], bias=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["mlp_bias"] is True
+    assert config["intermediate_size"] == 64 and "auto_map" not in config  # plain Llama: no remote code
+    assert _shapes(ckpt) == _vllm_llama_params(config, [64, 64])
+
+
+def test_deci_folder_matches_vllm_and_llama_cpp_readers(model_dir, tmp_path):
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [256, 512], layout="per-layer", bias=True, dense_width=512)
+    out = tmp_path / "deci"
+    result = CliRunner().invoke(main, ["export", str(ckpt), "--format", "deci", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert "fnprune_layout" not in config and config["mlp_bias"] is True
+    blocks = config["block_configs"]
+    assert len(blocks) == config["num_hidden_layers"] == 2
+    widths = [_vllm_deci_width(b["ffn"]["ffn_mult"], config["hidden_size"]) for b in blocks]
+    assert widths == [256, 512]
+    for b in blocks:  # keys read by vLLM (no_op, n_heads_in_group, ffn_mult) and llama.cpp (replace_with_linear)
+        assert b["attention"] == {"n_heads_in_group": HEADS // KV_HEADS, "no_op": False, "replace_with_linear": False}
+        assert b["ffn"]["no_op"] is False and b["ffn"]["replace_with_linear"] is False
+    assert _shapes(out) == _vllm_llama_params(config, widths)
+    assert not (out / "modeling_fnprune.py").exists() and (out / "tokenizer.json").is_file()
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(out, trust_remote_code=True)  # the config class vLLM would build
+    assert loaded.model_type == "nemotron-nas"
+    assert [b.ffn.ffn_mult for b in loaded.block_configs] == [b["ffn"]["ffn_mult"] for b in blocks]
+    assert loaded.block_configs[0].attention.n_heads_in_group == 2 and not loaded.block_configs[0].ffn.no_op
+    assert json.loads(loaded.to_json_string())["block_configs"] == blocks
+    assert read_checkpoint(ckpt).widths == [256, 512]
+
+
+# --- opt-in: the real SmolLM2 in llama.cpp -------------------------------------------------------------------
+
+MODEL = Path(os.environ.get("FNPRUNE_SMOLLM2", "~/.cache/fnprune-models/smollm2-135m-instruct")).expanduser()
+DATA = Path(os.environ.get("FNPRUNE_SST2", Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+
+
+def _llama_cpp_missing() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+real = [
+    pytest.mark.real,
+    pytest.mark.skipif(os.environ.get("FNPRUNE_REAL_TESTS") != "1", reason="opt-in: set FNPRUNE_REAL_TESTS=1"),
+    pytest.mark.skipif(_llama_cpp_missing(), reason="llama-cpp-python is not installed (build it from source)"),
+    pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason=f"no SmolLM2 at {MODEL}"),
+    pytest.mark.skipif(not (DATA / "dev.tsv").is_file(), reason=f"no SST-2 data at {DATA}"),
+]
+
+
+def _examples(n: int) -> list[tuple[str, int]]:
+    rows = (DATA / "dev.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
+    return [(f"Review: {row.split(chr(9))[0].strip()}\nSentiment:", int(row.split(chr(9))[1])) for row in rows]
+
+
+def _one(tok, model, llm, text: str, label: int, words: list[int]) -> dict[str, float]:
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+    llm.reset()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    pred_hf, pred_cpp = int(ref[words].argmax()), int(got[words].argmax())
+    return {"agree": got.argmax() == ref.argmax(), "diff": float(np.abs(got - ref).max()),
+            "same_tokens": llm.tokenize(text.encode(), add_bos=False, special=True) == ids,
+            "same_pred": pred_hf == pred_cpp, "right_hf": pred_hf == label, "right_cpp": pred_cpp == label}
+
+
+def compare_with_llama_cpp(hf_dir: Path, gguf_file: Path, examples: list[tuple[str, int]]) -> dict[str, float]:
+    """Next-token logits after each prompt, transformers (float32) against llama.cpp on the same token ids, and
+    the SST-2 prediction each makes from them (" positive" vs " negative")."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
+    llm = Llama(str(gguf_file), n_ctx=512, n_threads=1, logits_all=True, use_mmap=False, verbose=False)
+    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" negative", " positive")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core each, side by side with llama.cpp's one thread
+    try:
+        rows = [_one(tok, model, llm, text, label, words) for text, label in examples]
+    finally:
+        torch.set_num_threads(threads)
+    mean = {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0] if k != "diff"}
+    return {"argmax_agreement": mean["agree"], "max_abs_diff": round(max(r["diff"] for r in rows), 4),
+            "same_tokenization": mean["same_tokens"], "same_sst2_prediction": mean["same_pred"],
+            "sst2_acc_transformers": mean["right_hf"], "sst2_acc_llama_cpp": mean["right_cpp"]}
+
+
+def _real(fn):
+    for mark in reversed(real):
+        fn = mark(fn)
+    return fn
+
+
+def _real_source(which: str, cache: Path) -> Path:
+    """The dense model, or a keep-0.5 checkpoint: from $FNPRUNE_REAL_PRUNED/<which> if given, else compressed."""
+    import fnprune
+    from fnprune.recipe import recipe_from_dict
+
+    if which == "dense":
+        return MODEL
+    given = os.environ.get("FNPRUNE_REAL_PRUNED")
+    if given and (Path(given) / which / "config.json").is_file():
+        return Path(given) / which
+    src = cache / which
+    if not src.exists():
+        extra = {"allocation": "global"} if which == "per-layer" else {}
+        fnprune.compress(recipe_from_dict({
+            "model": {"name_or_path": str(MODEL)}, "task": {"name": "sst2", "data_dir": str(DATA)},
+            "selection": {"keep": 0.5, **extra}, "evaluation": {"enabled": False},
+            "output": {"dir": str(src), "layout": which},
+        }), progress=False)
+    return src
+
+
+@_real
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+@pytest.mark.parametrize("which", ["dense", "uniform", "per-layer"])
+def test_real_smollm2_in_llama_cpp(which, outtype, tmp_path_factory):
+    """llama.cpp runs the exported SmolLM2 (dense, keep 0.5 uniform, keep 0.5 per-layer as deci) like
+    transformers: the same next token after >= 99.5% of 200 SST-2 prompts."""
+    src = _real_source(which, tmp_path_factory.getbasetemp() / "real-export")
+    out = tmp_path_factory.mktemp("gguf") / f"{which}-{outtype}.gguf"
+    info = export(src, "gguf", out, outtype=outtype)
+    assert info["arch"] == ("deci" if which == "per-layer" else "llama") and info["tokenizer_pre"] == "smollm"
+    result = compare_with_llama_cpp(src, out, _examples(200))
+    print(f"\n{which} {outtype} widths {min(info['widths'])}..{max(info['widths'])}: {result}")
+    assert result["argmax_agreement"] >= 0.995, result
