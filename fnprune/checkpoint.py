@@ -295,6 +295,12 @@ Evaluation is zero-shot (label-word log-probabilities) on a split the calibratio
 the mean over held-out prompt templates, which were never used for calibration or for choosing settings:
 how the model does under a prompt of your own.
 
+## Run it elsewhere
+
+llama.cpp / Ollama: `fnprune export DIR --format gguf --outtype f16 --output model.gguf` (per-layer widths are
+written as llama.cpp's `deci` architecture). vLLM: `fnprune export DIR --format deci --output DIR-deci` (FFN
+widths must be multiples of 256: compress with `--round-to 256`).
+
 ## Recipe
 
 Rerun with `fnprune compress --recipe recipe.yaml --output DIR`:

@@ -67,7 +67,7 @@ def test_output_folder_and_report(llama_run):
     assert [t["name"] for t in saved["templates"]] == [t.name for t in recipe.task.templates]
     held = [t["pruned"] for t in saved["templates"] if t["held_out"]]
     assert saved["metric"]["pruned"] == pytest.approx(sum(held) / len(held))
-    assert "held out" in card and "`lm-eval`" in card
+    assert "held out" in card and "`lm-eval`" in card and "fnprune export DIR --format gguf" in card
     assert recipe.selection.fn_boost == 16.0 and recipe.selection.bias_compensation is True  # auto values resolved
     assert recipe.task.data_dir.startswith("/") and recipe.model.name_or_path.startswith("/")  # rerun anywhere
 
