@@ -25,22 +25,24 @@ from evaluation.tables import write_rows
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
 # compensation, wanda-sp and random without), the ablations change one thing of the default.
+N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the calibration of earlier versions
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "flap+recon": {"selection.method": "flap"},
     "flap": {"selection.method": "flap", "selection.reconstruct": False},
     "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False},
     "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False},
-    "single-template": {"task.template": "Review: {sentence}\nSentiment:"},
     "relevance-pooled": {"networks.relevance_within_template": False},
     "no-recon": {"selection.reconstruct": False},
     "ridge-1": {"selection.ridge": 1.0},
     "raw-25": {"calibration.raw_share": 0.25},
     "answer-50": {"selection.answer_weight": 0.5},
-    "n1024": {"calibration.num_samples": 1024},
-    "n1024-t16k": {"calibration.num_samples": 1024, "calibration.max_tokens": 16384},
+    "n256": N256,
+    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:"},
+    "flap+recon-n256": {**N256, "selection.method": "flap"},
+    "answer-50-n256": {**N256, "selection.answer_weight": 0.5},
 }
-WITH_ICA = set(CONFIGS) - {"flap+recon", "flap", "wanda-sp", "random"}  # one run per ICA seed
+WITH_ICA = set(CONFIGS) - {"flap+recon", "flap", "wanda-sp", "random", "flap+recon-n256"}  # one run per ICA seed
 
 
 def run_one(args: argparse.Namespace, config: str, keep: float, seed: int) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keeps", default="0.75,0.5,0.35,0.25")
     p.add_argument("--configs", default="default,flap+recon,flap,wanda-sp,random")
     p.add_argument("--seeds", default="0,5,10", help="networks.seed of the ICA rows (5 pooled runs each)")
-    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--num-samples", type=int, help="calibration prompts (default: the recipe's)")
     p.add_argument("--work", default="evaluation/.runs")
     p.add_argument("--out-prefix", default="evaluation/results/templates_sst2")
     p.add_argument("--quiet", action="store_true")

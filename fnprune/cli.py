@@ -129,8 +129,8 @@ def main() -> None:
               help="ICA implementation: torch (default; all layers batched) or sklearn (the reference).")
 @click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
 @click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 5).")
-@click.option("--num-samples", type=int, help="Calibration examples from the train split (default 256).")
-@click.option("--max-tokens", type=int, help="Tokens sampled per layer for ICA and reconstruction (default 4096).")
+@click.option("--num-samples", type=int, help="Calibration examples from the train split (default 1024).")
+@click.option("--max-tokens", type=int, help="Tokens sampled per layer for ICA and reconstruction (default 16384).")
 @click.option("--sample-store", type=click.Choice(["auto", "tokens", "moments"]),
               help="Keep the token sample itself or only its d x d second moments (default auto: the smaller).")
 @click.option("--batch-size", type=int, help="Calibration batch size (default 16).")

@@ -312,8 +312,8 @@ def reconstruction_fills(
     for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
                                     disable=not progress)):
         sample = a.moments if a.moments is not None else a.tokens
-        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge,
-                                  emphasis=a.decision if answer_weight else None, emphasis_weight=answer_weight)
+        emphasis = {"emphasis": a.decision, "emphasis_weight": answer_weight} if answer_weight else {}
+        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge, **emphasis)
         if release:
             a.tokens = a.moments = sample = None
         release_memory(collect=False)  # each layer's d x d float64 temporaries, before the next layer's

@@ -209,8 +209,8 @@ def _template_problems(task: TaskSpec) -> list[str]:
 class CalibrationSpec:
     """Task data run through the model to record MLP activations (from the calibration split only)."""
 
-    num_samples: int = 256
-    max_tokens: int = 4096
+    num_samples: int = 1024
+    max_tokens: int = 16384
     batch_size: int = 16
     max_length: int = 256
     store_dtype: str = "float32"
