@@ -19,7 +19,7 @@ import torch
 
 from .capture import LayerActivations
 from .data import Example
-from .evaluate import EvalResult, TaskResult
+from .evaluate import TaskResult, choice_lengths, scored
 from .moments import SecondMoments
 from .networks import LayerNetworks
 from .recipe import TaskSpec
@@ -129,10 +129,13 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
     if meta.get("templates") != list(sets):
         return None
     held = {x.name for x in task.held_out_templates()}
+    by_name = {x.name: x for x in task.templates}
     results = {}
     for name, seconds in zip(meta["templates"], meta["seconds"]):
-        scores, labels = t[f"{name}.scores"], list(task.label_words)
-        predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
-        correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
-        results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
+        scores, examples = t[f"{name}.scores"], sets[name]
+        if task.kind == "multiple_choice":
+            labels, words = [str(j) for j in range(scores.shape[1])], None
+        else:
+            labels, words = list(task.label_words), by_name[name].words(task.label_words)
+        results[name] = scored(scores, examples, labels, choice_lengths(examples, words), seconds)
     return TaskResult(results, [n for n in results if n in held])

@@ -43,7 +43,16 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .compensation import reconstruction_map
-from .data import Example, check_disjoint, data_source, file_sha256, load_evaluation, load_sample, resolve_task
+from .data import (
+    Example,
+    check_disjoint,
+    data_source,
+    file_sha256,
+    label_keys,
+    load_evaluation,
+    load_sample,
+    resolve_task,
+)
 from .errors import NumericalError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .hub import push_folder
@@ -370,6 +379,8 @@ def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: 
         words = next(t for t in task.templates if t.name == name).words(task.label_words)
         digest.update(json.dumps([name, words]).encode())
         digest.update("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode())
+        if task.kind != "classification":  # classification keys stay as they were
+            digest.update(json.dumps([task.kind, [[e.delimiter, *e.choices] for e in examples]]).encode())
     return cache.cache_key({
         "evaluation": digest.hexdigest(),
         "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
@@ -383,7 +394,8 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
     """report.json's accuracy: the headline (held-out template mean), each template, and both means."""
     held = dense.held_out if dense else [t.name for t in task.held_out_templates()]
     acc = lambda r, name: r.by_template[name].accuracy if r else None  # noqa: E731
-    mean = lambda r, h: r.mean(h) if r else None  # noqa: E731
+    norm = lambda r, name: r.by_template[name].accuracy_norm if r else None  # noqa: E731
+    mean = lambda r, h, n=False: r.mean(h, n) if r else None  # noqa: E731
     names = list(dense.by_template) if dense else [t.name for t in task.templates]
     texts = {t.name: t.template for t in task.templates}
     return {
@@ -394,13 +406,18 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "of": "held-out templates (mean)" if held else "calibration templates (mean)",
             "dense": dense.headline if dense else None,
             "pruned": pruned.headline if pruned else None,
+            "kind": task.kind,
+            "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
+            "pruned_acc_norm": mean(pruned, bool(held), True),
         },
         "template_means": {
-            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h)}
+            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
+                   "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True)}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
-            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n)}
+            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
+             "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n)}
             for n in names
         ],
     }
@@ -477,7 +494,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     # (several collections over ~400k objects cost about 0.6 s).
     with objects_frozen():
         calib = calibrate(
-            model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress,
+            model, tokenizer, calibration, dict.fromkeys(label_keys(task, calibration), ""), recipe,
+            sel.method in NEEDS_NETWORKS, progress,
             use_cache=recipe.calibration.cache, with_sample=with_sample,
         )
         timer.seconds.update(calib.timings)

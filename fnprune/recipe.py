@@ -40,6 +40,8 @@ STORE_DTYPES = ("float32", "float16", "bfloat16")
 SAMPLE_STORES = ("auto", "tokens", "moments")
 ALLOCATIONS = ("uniform", "global")
 LAYOUTS = ("uniform", "per-layer", "padded")
+TASK_KINDS = ("classification", "multiple_choice")
+FILE_FORMATS = ("tsv", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
@@ -119,6 +121,10 @@ class PromptTemplate:
     template: str = ""
     label_words: dict[str, str] = field(default_factory=dict)  # empty: the task's label words
     held_out: bool = False
+    # multiple choice: each choice as scored after the prompt (fields: {choice}, filters allowed, e.g.
+    # {choice|lower_first}) and what joins prompt and choice (lm-eval's target_delimiter)
+    choice: str = "{choice}"
+    delimiter: str = " "
 
     def words(self, task_words: dict[str, str]) -> dict[str, str]:
         """This template's label words, in the task's label order."""
@@ -127,11 +133,17 @@ class PromptTemplate:
 
 @dataclass
 class TaskSpec:
-    """A classification task scored zero-shot by label-word log-probabilities.
+    """A task scored zero-shot: `classification` by label-word log-probabilities, `multiple_choice` by each
+    per-example choice's log-likelihood after the prompt (acc and length-normalized acc_norm, as lm-eval).
 
     `name` picks a built-in task whose fields fill whatever is left empty here; a task with a new name must
-    give every field (data, templates or template, label words). Text columns are the `{fields}` of the
-    templates. `template` is shorthand for one calibration template; `templates` lists several, some held out.
+    give every field (data, templates or template, label words or choices). Text columns are the `{fields}` of
+    the templates (nested paths and filters: fnprune.fields; `columns` names them). `template` is shorthand for
+    one calibration template; `templates` lists several, some held out.
+
+    A task that ships one labelled file sets `split_of` to that split: its rows are cut, seeded by
+    `split_seed`, into a calibration part (`calibration_share` of the distinct texts) and an evaluation part,
+    disjoint by construction and checked like any other split.
     """
 
     name: str = "sst2"
@@ -145,11 +157,31 @@ class TaskSpec:
     label_words: dict[str, str] = field(default_factory=dict)
     calibration_split: str = "train"
     evaluation_split: str = "validation"
+    kind: str = "classification"  # classification | multiple_choice
+    columns: dict[str, str] = field(default_factory=dict)  # template field -> row expression (fnprune.fields)
+    choices: list[str] = field(default_factory=list)  # multiple choice: one expression per choice, or one list
+    choice_labels: str | None = None  # expression of the choices' labels the answer names (else: an index)
+    file_format: str | None = None  # tsv (GLUE style: no quoting) | csv | jsonl; None: by the file's suffix
+    header: list[str] = field(default_factory=list)  # column names of a file without a header line
+    split_files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
+    split_of: str | None = None  # the one labelled split calibration and evaluation are carved from
+    calibration_share: float = 0.5
+    split_seed: int = 0
 
     def check(self) -> list[str]:
         problems = []
         if not self.name:
             problems.append("task.name: required")
+        if self.kind not in TASK_KINDS:
+            problems.append(f"task.kind: {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if self.kind == "multiple_choice" and self.label_words:
+            problems.append("task.label_words: a multiple_choice task takes its choices from `choices`")
+        if self.kind == "classification" and self.choices:
+            problems.append("task.choices: only for kind multiple_choice")
+        if self.file_format is not None and self.file_format not in FILE_FORMATS:
+            problems.append(f"task.file_format: {self.file_format!r} is not one of {', '.join(FILE_FORMATS)}")
+        if not 0 < self.calibration_share < 1:
+            problems.append(f"task.calibration_share: must be in (0, 1), got {self.calibration_share}")
         if self.calibration_split == self.evaluation_split:
             problems.append(
                 f"task.calibration_split and task.evaluation_split are both {self.calibration_split!r}: "
