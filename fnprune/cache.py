@@ -8,6 +8,7 @@ never leaves a half-written entry. An interrupted capture leaves its progress un
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,13 +23,15 @@ from .data import Example
 from .evaluate import TaskResult, choice_lengths, scored
 from .moments import SecondMoments
 from .networks import LayerNetworks
+from .perplexity import PerplexityResult
 from .recipe import TaskSpec
 from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
-    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation",
+    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "save_perplexity",
+    "load_perplexity",
 ]
 
 
@@ -139,3 +142,20 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
             labels, words = list(task.label_words), by_name[name].words(task.label_words)
         results[name] = scored(scores, examples, labels, choice_lengths(examples, words), seconds)
     return TaskResult(results, [n for n in results if n in held])
+
+
+def save_perplexity(key: str, result: PerplexityResult) -> None:
+    """A model's perplexity (the dense model's, like its task scores), written atomically as JSON."""
+    path = cache_dir() / f"perplexity-{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_perplexity(key: str) -> PerplexityResult | None:
+    path = cache_dir() / f"perplexity-{key}.json"
+    try:
+        return PerplexityResult(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None

@@ -42,6 +42,21 @@ def _parse_device_map(value: str | None) -> str | dict | None:
     return parsed
 
 
+def _parse_validate(values: tuple[str, ...]) -> list[dict[str, str]] | None:
+    """`--validate NAME=PATH`: a built-in task with its data folder, or wikitext with its raw file (or folder)."""
+    if not values:
+        return None
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise click.BadParameter(f"{value!r}: expected TASK=PATH, e.g. boolq=../shared/data/superglue_boolq")
+        name, path = name.strip(), path.strip()
+        where = "file" if name == "wikitext" and not Path(path).expanduser().is_dir() else "data_dir"
+        out.append({"task": name, where: path})
+    return out
+
+
 def _parse_max_memory(value: str | None) -> dict[str, str] | None:
     if not value:
         return None
@@ -54,6 +69,7 @@ def _parse_max_memory(value: str | None) -> dict[str, str] | None:
     return out
 
 
+_TASKS = ("sst2, rte, ag_news, boolq, cb, copa, wic, mrpc, qnli, cola, arc_easy, arc_challenge")
 _DEVICE_MAP_HELP = ("Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
                     "a JSON object of module names to devices. Surgery then streams from the source files.")
 
@@ -107,7 +123,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
-@click.option("--task", help="Task name (built in: sst2, rte, ag_news; or defined in the recipe).")
+@click.option("--task", help=f"Task name (built in: {_TASKS}; or defined in the recipe).")
 @click.option("--model", help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
@@ -140,6 +156,11 @@ def main() -> None:
 @click.option("--ridge", type=float, help="Ridge of that least-squares fit, relative (default 0.1).")
 @click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
 @click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
+@click.option("--validate", multiple=True, metavar="TASK=PATH",
+              help="Also score this benchmark dense and pruned: a built-in task and its data folder, or "
+                   "wikitext=FILE (perplexity). Repeatable.")
+@click.option("--perplexity-tokens", type=int, help="WikiText tokens scored with --validate wikitext (default 16384).")
+@click.option("--perplexity-window", type=int, help="Window of that perplexity, in tokens (default 512).")
 @click.option("--cache/--no-cache", default=None,
               help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
 @click.option("--output", help="Output directory for the pruned checkpoint.")
@@ -158,7 +179,8 @@ def main() -> None:
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
              allocation, width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens,
              sample_store, batch_size, seed, bias_compensation, reconstruct, ridge,
-             do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
+             do_eval, eval_samples, validate, perplexity_tokens, perplexity_window, cache, output, overwrite,
+             max_shard_size, push_to_hub, private, trust_remote_code,
              device_map, max_memory, offload_folder, streamed, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
@@ -200,6 +222,9 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "calibration.cache": cache,
         "evaluation.enabled": do_eval,
         "evaluation.max_samples": eval_samples,
+        "evaluation.validation": _parse_validate(validate),
+        "evaluation.perplexity_tokens": perplexity_tokens,
+        "evaluation.perplexity_window": perplexity_window,
         "output.dir": output,
         "output.overwrite": overwrite,
     })
@@ -232,11 +257,22 @@ def _print_summary(report: dict, where: Path | str) -> None:
     for t in templates:
         kind = "held out" if t.get("held_out") else "calibration"
         click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
+    validation = report.get("validation", {})
+    for v in validation.get("tasks", []):
+        vm = v["metric"]
+        norm = (f"; acc_norm dense {fmt(vm.get('dense_acc_norm'))}, pruned {fmt(vm.get('pruned_acc_norm'))}"
+                if vm.get("kind") == "multiple_choice" else "")
+        click.echo(f"  validate {v['task']} accuracy on {vm['n']} {vm['split']} examples, {vm.get('of', '')}: "
+                   f"dense {fmt(vm['dense'])}, pruned {fmt(vm['pruned'])}{norm}")
+    ppl = validation.get("perplexity")
+    if ppl:
+        click.echo(f"  validate {ppl['task']} perplexity ({ppl['tokens']} tokens, windows of {ppl['window']}): "
+                   f"dense {fmt(ppl['dense'])}, pruned {fmt(ppl['pruned'])}")
 
 
 @main.command()
 @click.option("--model", required=True, help="Pruned output folder, HF folder, Hub id or .gguf file.")
-@click.option("--task", help="Task name; defaults to the task in the model folder's recipe.yaml.")
+@click.option("--task", help=f"Task name ({_TASKS}, or custom); defaults to the model folder's recipe.yaml task.")
 @click.option("--data-dir", help="Folder with GLUE-style split files.")
 @click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
@@ -297,6 +333,8 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
            "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
            "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
            "templates": {name: r.accuracy for name, r in result.by_template.items()},
+           "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
+           "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
            "seconds": round(result.seconds, 2)}
     if as_json:
         click.echo(json.dumps(out))
@@ -333,7 +371,7 @@ def inspect(directory) -> None:
 
 
 @main.command()
-@click.option("--task", required=True, help="Task name (built in: sst2, rte, ag_news).")
+@click.option("--task", required=True, help=f"Task name (built in: {_TASKS}).")
 @click.option("--model", required=True, help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")

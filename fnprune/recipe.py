@@ -26,6 +26,7 @@ __all__ = [
     "NetworksSpec",
     "SelectionSpec",
     "EvaluationSpec",
+    "ValidationTask",
     "OutputSpec",
     "Recipe",
     "load_recipe",
@@ -329,13 +330,43 @@ def default_fn_boost(keep: float, reconstruct: bool = True) -> float:
     return 1.0 if keep >= 0.75 else 16.0
 
 
+PERPLEXITY_TASK = "wikitext"
+
+
+@dataclass
+class ValidationTask:
+    """One more benchmark scored dense and pruned in the same run: a built-in task on its evaluation split
+    (under `templates`, default its held-out ones), or `wikitext`: perplexity of a WikiText-2 raw file (`file`,
+    or wiki.test.raw in `data_dir`) over `evaluation.perplexity_tokens` tokens in fixed windows."""
+
+    task: str = ""
+    data_dir: str | None = None
+    file: str | None = None
+    templates: list[str] = field(default_factory=list)
+    max_samples: int | None = None  # None: evaluation.max_samples
+
+    def problems(self, where: str) -> list[str]:
+        found = [] if self.task else [f"{where}.task: required (a built-in task or {PERPLEXITY_TASK})"]
+        if self.task == PERPLEXITY_TASK and not (self.file or self.data_dir):
+            found.append(f"{where}: {PERPLEXITY_TASK} needs file (or data_dir holding wiki.test.raw)")
+        if self.task != PERPLEXITY_TASK and not self.data_dir:
+            found.append(f"{where}.data_dir: required (the folder with the task's files)")
+        if self.max_samples is not None and self.max_samples < 1:
+            found.append(f"{where}.max_samples: must be >= 1 or null, got {self.max_samples}")
+        return found
+
+
 @dataclass
 class EvaluationSpec:
-    """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all)."""
+    """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all), and the
+    `validation` benchmarks beside it."""
 
     enabled: bool = True
     max_samples: int | None = None
     batch_size: int = 32
+    validation: list[ValidationTask] = field(default_factory=list)
+    perplexity_tokens: int = 16384  # WikiText-2 tokens scored (the model's own tokens), first ones of the file
+    perplexity_window: int = 512  # non-overlapping windows; each window's first token is context only
 
     def check(self) -> list[str]:
         problems = []
@@ -343,6 +374,13 @@ class EvaluationSpec:
             problems.append(f"evaluation.max_samples: must be >= 1 or null, got {self.max_samples}")
         if self.batch_size < 1:
             problems.append(f"evaluation.batch_size: must be >= 1, got {self.batch_size}")
+        names = [v.task for v in self.validation]
+        for i, v in enumerate(self.validation):
+            problems.extend(v.problems(f"evaluation.validation[{i}]"))
+        if len(set(names)) != len(names):
+            problems.append(f"evaluation.validation: a task is listed twice ({', '.join(names)})")
+        if self.perplexity_window < 2 or self.perplexity_tokens < self.perplexity_window:
+            problems.append("evaluation.perplexity_window: must be >= 2 and at most evaluation.perplexity_tokens")
         return problems
 
 
