@@ -283,12 +283,17 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
 @click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
 @click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
+@click.option("--lm-eval-tasks", help="Also run lm-evaluation-harness on these tasks, comma separated (needs "
+                                     "fnprune[lm-eval]); the model is loaded by fnprune, so every layout works.")
+@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
+              help="Folder of lm-eval task YAMLs (e.g. evaluation/lm_eval_tasks over local files).")
+@click.option("--lm-eval-limit", type=int, help="lm-eval: the first N documents of each task only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True)
 @_friendly
 def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
-             max_memory, offload_folder, as_json, quiet) -> None:
-    """Zero-shot accuracy of a model on a task's evaluation split."""
+             max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
+    """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
     from .checkpoint import RECIPE_FILE
     from .data import load_evaluation, resolve_task
     from .evaluate import evaluate_templates
@@ -299,26 +304,31 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
         model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
     saved = Path(model).expanduser() / RECIPE_FILE
+    harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
     if task is None and saved.is_file():
         spec = load_recipe(saved).task
+    elif task is None and harness:
+        spec = None  # lm-eval only
     elif task is None:
         raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
     else:
         spec = TaskSpec(name=task)
-    overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
-    data = dataclasses.asdict(spec)
-    for key, value in overrides.items():
-        data[key.split(".", 1)[1]] = value
-    spec = recipe_from_dict({"task": data}).task
-    resolved = resolve_task(spec)
-    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
-    if template:
-        wanted = [t.strip() for t in template.split(",")]
-        unknown = [t for t in wanted if t not in sets]
-        if unknown:
-            raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
-                              f"(its templates: {', '.join(sets)})")
-        sets = {t: sets[t] for t in wanted}
+    resolved = sets = None
+    if spec is not None:
+        overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
+        data = dataclasses.asdict(spec)
+        for key, value in overrides.items():
+            data[key.split(".", 1)[1]] = value
+        spec = recipe_from_dict({"task": data}).task
+        resolved = resolve_task(spec)
+        sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
+        if template:
+            wanted = [t.strip() for t in template.split(",")]
+            unknown = [t for t in wanted if t not in sets]
+            if unknown:
+                raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                                  f"(its templates: {', '.join(sets)})")
+            sets = {t: sets[t] for t in wanted}
     placement = {"device_map": _parse_device_map(device_map), "max_memory": _parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
     model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
@@ -327,23 +337,36 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if problems:
         raise RecipeError(problems)
     m, tok = load_model(model_spec)
-    result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
-    held, cal = result.mean(held_out=True), result.mean(held_out=False)
-    out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
-           "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
-           "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
-           "templates": {name: r.accuracy for name, r in result.by_template.items()},
-           "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
-           "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
-           "seconds": round(result.seconds, 2)}
+    out: dict[str, Any] = {"model": model}
+    if resolved is not None:
+        result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
+        held, cal = result.mean(held_out=True), result.mean(held_out=False)
+        out.update({
+            "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
+            "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
+            "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
+            "templates": {name: r.accuracy for name, r in result.by_template.items()},
+            "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
+            "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
+            "seconds": round(result.seconds, 2),
+        })
+    if harness:
+        from .lm_eval_backend import run_lm_eval
+
+        out["lm_eval"] = run_lm_eval(m, tok, harness, lm_eval_include, batch_size, lm_eval_limit)
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
-               f"{out['of']} ({model})")
-    for name, r in result.by_template.items():
-        kind = "held out" if name in result.held_out else "calibration"
-        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}")
+    if resolved is not None:
+        click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
+                   f"{out['of']} ({model})")
+        for name, r in result.by_template.items():
+            kind = "held out" if name in result.held_out else "calibration"
+            norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
+            click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm}")
+    for name, metrics in out.get("lm_eval", {}).get("results", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and "stderr" not in k)
+        click.echo(f"lm-eval {name}: {shown} (n={metrics.get('n')})")
 
 
 @main.command()
