@@ -28,7 +28,7 @@ OUT = HERE / "results"
 # lm-eval task -> (fnprune task, data folder under ../shared/data, split, rows: None = all). The same rows as
 # the YAMLs read: SST-2 dev, BoolQ val's first 500 rows, COPA val, the ARC Dev files.
 TASKS = {
-    "fnp_sst2": ("sst2", "sst2", "validation", None),
+    "fnp_sst2": ("sst2", "sst2", "validation", None),  # fnp_sst2_raw: the same without stripping the sentences
     "fnp_boolq": ("boolq", "superglue_boolq", "validation", 500),
     "fnp_copa": ("copa", "superglue_copa", "validation", None),
     "fnp_arc_easy": ("arc_easy", "arc_easy", "validation", None),
@@ -51,18 +51,21 @@ def run_lm_eval(model: str, out: Path, batch_size: int, tasks: list[str]) -> Non
 
 
 def read_lm_eval(out: Path) -> tuple[dict[str, dict], dict[str, dict[int, list[float]]]]:
-    """(task -> {acc, acc_norm}, task -> {doc_id: choice log-likelihoods}) from the newest lm-eval output."""
+    """(task -> {acc, acc_norm}, task -> {doc_id: choice log-likelihoods}) from the lm-eval outputs under `out`,
+    the newest run of each task."""
     results = sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     if not results:
         raise SystemExit(f"no lm-eval results under {out}")
-    data = json.loads(results[-1].read_text())["results"]
-    metrics = {t: {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none")} for t, r in data.items()}
+    metrics: dict[str, dict] = {}
     samples: dict[str, dict[int, list[float]]] = {}
-    for task in metrics:
-        files = sorted(results[-1].parent.glob(f"samples_{task}_*.jsonl"), key=lambda p: p.stat().st_mtime)
-        if files:
-            rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
-            samples[task] = {r["doc_id"]: [float(x[0]) for x in r["filtered_resps"]] for r in rows}
+    for path in results:  # oldest first: a later run of a task replaces an earlier one
+        stamp = path.stem.removeprefix("results_")
+        for task, r in json.loads(path.read_text())["results"].items():
+            metrics[task] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none")}
+            logged = path.parent / f"samples_{task}_{stamp}.jsonl"
+            if logged.is_file():
+                rows = [json.loads(line) for line in logged.read_text().splitlines() if line.strip()]
+                samples[task] = {r["doc_id"]: [float(x[0]) for x in r["filtered_resps"]] for r in rows}
     return metrics, samples
 
 

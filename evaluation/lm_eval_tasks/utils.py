@@ -23,6 +23,10 @@ def arc_docs(dataset):
     return dataset.map(_arc, remove_columns=dataset.column_names)
 
 
+def sst2_docs(dataset):
+    return dataset.map(lambda d: {"sentence": d["sentence"].strip()})
+
+
 def boolq_docs(dataset):
     subset = dataset.select(range(min(BOOLQ_ROWS, len(dataset))))
     return subset.map(lambda d: {"label": {"false": 0, "true": 1}[str(d["label"]).lower()]})
