@@ -30,7 +30,7 @@ class PerplexityResult:
 def wikitext_file(path: str | Path) -> Path:
     """The raw test file: `path` itself, or wiki.test.raw inside the folder `path`."""
     p = Path(path).expanduser()
-    p = p / WIKITEXT_FILE if p.is_dir() else p
+    p = (p / WIKITEXT_FILE if p.is_dir() else p).resolve()
     if not p.is_file():
         raise DataError(f"WikiText file not found: {p}")
     return p
