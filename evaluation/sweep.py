@@ -35,13 +35,13 @@ from fnprune.ica import find_networks_batch
 from fnprune.models import load_model
 from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks, network_relevance, pool_networks
+from fnprune.perplexity import perplexity, wikitext_ids
 from fnprune.pipeline import Calibration, calibrate, layer_networks, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 from fnprune.selection import CRITERIA, NEEDS_NETWORKS
 
 from . import fn_criteria
 from .cache import RowCache, key_of, load_activations, load_networks, save_activations, save_networks
-from .perplexity import perplexity, wikitext_ids
 
 log = logging.getLogger("sweep")
 HERE = Path(__file__).resolve().parent

@@ -599,8 +599,14 @@ def _bootstrap_ci(diff: np.ndarray, seed: int, n: int = 2000) -> tuple[float, fl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def _classification(task: TaskSpec) -> TaskSpec:
+    if task.kind != "classification":
+        raise DataError(f"analyze scores label words: task {task.name!r} is {task.kind}, not classification")
+    return task
+
+
 def _load_data(spec: AnalysisSpec):
-    task = resolve_task(spec.task)
+    task = _classification(resolve_task(spec.task))
     pool = load_split(task, task.calibration_split)
     evaluation = load_split(task, task.evaluation_split)
     calibration = sample(pool, spec.num_samples, spec.seed)
@@ -707,7 +713,7 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     task, calibration, eval_set, held_out, n_pool, n_eval_split = _load_data(spec)
     also = []
     for extra in spec.also_tasks:
-        t = resolve_task(extra)
+        t = _classification(resolve_task(extra))
         also.append((t, load_split(t, t.calibration_split)))
     model, tokenizer = load_model(spec.model)
     layout = layout_for(model)

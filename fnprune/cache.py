@@ -8,6 +8,7 @@ never leaves a half-written entry. An interrupted capture leaves its progress un
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,16 +22,18 @@ import torch
 
 from .capture import LayerActivations
 from .data import Example
-from .evaluate import EvalResult, TaskResult, majority_share
+from .evaluate import TaskResult, choice_lengths, majority_share, scored
 from .moments import SecondMoments
 from .networks import LayerNetworks
+from .perplexity import PerplexityResult
 from .recipe import TaskSpec
 from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
-    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "usable",
+    "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "save_perplexity",
+    "load_perplexity", "usable",
 ]
 
 log = logging.getLogger("fnprune")
@@ -168,15 +171,38 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
     def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TaskResult:
         if meta["templates"] != list(sets):
             raise ValueError("the entry's templates are not this evaluation's")
-        labels, results = list(task.label_words), {}
-        for name, seconds in zip(meta["templates"], meta["seconds"], strict=True):
-            scores = t[f"{name}.scores"]
-            if scores.shape != (len(sets[name]), len(labels)):
-                raise ValueError(f"template {name}: scores of shape {tuple(scores.shape)}")
-            predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
-            correct = sum(p == e.label for p, e in zip(predictions, sets[name]))
-            results[name] = EvalResult(correct / len(sets[name]), len(sets[name]), seconds, predictions, scores)
         held = {x.name for x in task.held_out_templates()}
+        by_name = {x.name: x for x in task.templates}
+        results = {}
+        for name, seconds in zip(meta["templates"], meta["seconds"], strict=True):
+            scores, examples = t[f"{name}.scores"], sets[name]
+            if task.kind == "multiple_choice":
+                labels, words = [str(j) for j in range(scores.shape[1])], None
+            else:
+                labels, words = list(task.label_words), by_name[name].words(task.label_words)
+                if scores.shape != (len(examples), len(labels)):
+                    raise ValueError(f"template {name}: scores of shape {tuple(scores.shape)}")
+            results[name] = scored(scores, examples, labels, choice_lengths(examples, words), seconds)
         return TaskResult(results, [n for n in results if n in held], majority_share(next(iter(sets.values()))))
 
     return _load(f"evaluation-{key}.safetensors", "evaluation", parse)
+
+
+def save_perplexity(key: str, result: PerplexityResult) -> None:
+    """A model's perplexity (the dense model's, like its task scores), written atomically as JSON."""
+    path = cache_dir() / f"perplexity-{key}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not write cache entry %s (%s); going on without it", path, exc)
+
+
+def load_perplexity(key: str) -> PerplexityResult | None:
+    path = cache_dir() / f"perplexity-{key}.json"
+    try:
+        return PerplexityResult(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None

@@ -260,6 +260,24 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _validation_rows(report: dict[str, Any]) -> str:
+    """The card's rows for the extra benchmarks (report["validation"]): each task's headline, the perplexity."""
+    validation, rows = report.get("validation") or {}, []
+    for v in validation.get("tasks", []):
+        m = v.get("metric", {})
+        rows.append(f"| validation: {v.get('task')} accuracy, {m.get('of', '')} ({m.get('n', 'n/a')} "
+                    f"`{m.get('split', '')}` examples) | {_fmt(m.get('dense'))} | {_fmt(m.get('pruned'))} |")
+        if m.get("kind") == "multiple_choice":
+            rows.append(f"| validation: {v.get('task')} acc_norm | {_fmt(m.get('dense_acc_norm'))} | "
+                        f"{_fmt(m.get('pruned_acc_norm'))} |")
+    ppl = validation.get("perplexity")
+    if ppl:
+        rows.append(f"| validation: {ppl.get('task')} perplexity ({ppl.get('tokens')} tokens, windows of "
+                    f"{ppl.get('window')}) | {_fmt(ppl.get('dense'), '{:.3f}')} | "
+                    f"{_fmt(ppl.get('pruned'), '{:.3f}')} |")
+    return "".join(row + "\n" for row in rows)
+
+
 def model_card(info: CardInfo, fnprune_version: str) -> str:
     """Hugging Face model card with base_model metadata, what was done and the results table."""
     r = info.report
@@ -287,7 +305,7 @@ plain `AutoModelForCausalLM.from_pretrained`.
 | | dense | pruned |
 |---|---|---|
 {_accuracy_rows(info.task, r)}
-| parameters | {params['dense']:,} | {params['pruned']:,} |
+{_validation_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
 | MLP width per layer | {r['widths']['dense']} | {r['widths']['pruned'][0]} |
 | weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
 

@@ -42,6 +42,21 @@ def _parse_device_map(value: str | None) -> str | dict | None:
     return parsed
 
 
+def _parse_validate(values: tuple[str, ...]) -> list[dict[str, str]] | None:
+    """`--validate NAME=PATH`: a built-in task with its data folder, or wikitext with its raw file (or folder)."""
+    if not values:
+        return None
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise click.BadParameter(f"{value!r}: expected TASK=PATH, e.g. boolq=../shared/data/superglue_boolq")
+        name, path = name.strip(), path.strip()
+        where = "file" if name == "wikitext" and not Path(path).expanduser().is_dir() else "data_dir"
+        out.append({"task": name, where: path})
+    return out
+
+
 def _parse_max_memory(value: str | None) -> dict[str, str] | None:
     if not value:
         return None
@@ -54,6 +69,7 @@ def _parse_max_memory(value: str | None) -> dict[str, str] | None:
     return out
 
 
+_TASKS = ("sst2, rte, ag_news, boolq, cb, copa, wic, mrpc, qnli, cola, arc_easy, arc_challenge")
 _DEVICE_MAP_HELP = ("Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
                     "a JSON object of module names to devices. Surgery then streams from the source files.")
 
@@ -109,7 +125,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
-@click.option("--task", help="Task name (built in: sst2, rte, ag_news; or defined in the recipe).")
+@click.option("--task", help=f"Task name (built in: {_TASKS}; or defined in the recipe).")
 @click.option("--model", help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
@@ -142,6 +158,11 @@ def main() -> None:
 @click.option("--ridge", type=float, help="Ridge of that least-squares fit, relative (default 0.1).")
 @click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
 @click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
+@click.option("--validate", multiple=True, metavar="TASK=PATH",
+              help="Also score this benchmark dense and pruned: a built-in task and its data folder, or "
+                   "wikitext=FILE (perplexity). Repeatable.")
+@click.option("--perplexity-tokens", type=int, help="WikiText tokens scored with --validate wikitext (default 16384).")
+@click.option("--perplexity-window", type=int, help="Window of that perplexity, in tokens (default 512).")
 @click.option("--cache/--no-cache", default=None,
               help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
 @click.option("--output", help="Output directory for the pruned checkpoint.")
@@ -160,7 +181,8 @@ def main() -> None:
 def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
              allocation, width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens,
              sample_store, batch_size, seed, bias_compensation, reconstruct, ridge,
-             do_eval, eval_samples, cache, output, overwrite, max_shard_size, push_to_hub, private, trust_remote_code,
+             do_eval, eval_samples, validate, perplexity_tokens, perplexity_window, cache, output, overwrite,
+             max_shard_size, push_to_hub, private, trust_remote_code,
              device_map, max_memory, offload_folder, streamed, quiet) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
@@ -202,6 +224,9 @@ def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsi
         "calibration.cache": cache,
         "evaluation.enabled": do_eval,
         "evaluation.max_samples": eval_samples,
+        "evaluation.validation": _parse_validate(validate),
+        "evaluation.perplexity_tokens": perplexity_tokens,
+        "evaluation.perplexity_window": perplexity_window,
         "output.dir": output,
         "output.overwrite": overwrite,
     })
@@ -236,11 +261,22 @@ def _print_summary(report: dict, where: Path | str) -> None:
         click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
     if m.get("majority_class") is not None:
         click.echo(f"    always the most frequent label: {fmt(m['majority_class'])} (chance level)")
+    validation = report.get("validation", {})
+    for v in validation.get("tasks", []):
+        vm = v["metric"]
+        norm = (f"; acc_norm dense {fmt(vm.get('dense_acc_norm'))}, pruned {fmt(vm.get('pruned_acc_norm'))}"
+                if vm.get("kind") == "multiple_choice" else "")
+        click.echo(f"  validate {v['task']} accuracy on {vm['n']} {vm['split']} examples, {vm.get('of', '')}: "
+                   f"dense {fmt(vm['dense'])}, pruned {fmt(vm['pruned'])}{norm}")
+    ppl = validation.get("perplexity")
+    if ppl:
+        click.echo(f"  validate {ppl['task']} perplexity ({ppl['tokens']} tokens, windows of {ppl['window']}): "
+                   f"dense {fmt(ppl['dense'])}, pruned {fmt(ppl['pruned'])}")
 
 
 @main.command()
 @click.option("--model", required=True, help="Pruned output folder, HF folder, Hub id or .gguf file.")
-@click.option("--task", help="Task name; defaults to the task in the model folder's recipe.yaml.")
+@click.option("--task", help=f"Task name ({_TASKS}, or custom); defaults to the model folder's recipe.yaml task.")
 @click.option("--data-dir", help="Folder with GLUE-style split files.")
 @click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
@@ -251,12 +287,17 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
 @click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
 @click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
+@click.option("--lm-eval-tasks", help="Also run lm-evaluation-harness on these tasks, comma separated (needs "
+                                     "fnprune[lm-eval]); the model is loaded by fnprune, so every layout works.")
+@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
+              help="Folder of lm-eval task YAMLs (e.g. evaluation/lm_eval_tasks over local files).")
+@click.option("--lm-eval-limit", type=int, help="lm-eval: the first N documents of each task only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True)
 @_friendly
 def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
-             max_memory, offload_folder, as_json, quiet) -> None:
-    """Zero-shot accuracy of a model on a task's evaluation split."""
+             max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
+    """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
     from .checkpoint import RECIPE_FILE
     from .data import load_evaluation, resolve_task
     from .evaluate import evaluate_templates
@@ -267,26 +308,31 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
         model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
     saved = Path(model).expanduser() / RECIPE_FILE
+    harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
     if task is None and saved.is_file():
         spec = load_recipe(saved).task
+    elif task is None and harness:
+        spec = None  # lm-eval only
     elif task is None:
         raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
     else:
         spec = TaskSpec(name=task)
-    overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
-    data = dataclasses.asdict(spec)
-    for key, value in overrides.items():
-        data[key.split(".", 1)[1]] = value
-    spec = recipe_from_dict({"task": data}).task
-    resolved = resolve_task(spec)
-    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
-    if template:
-        wanted = [t.strip() for t in template.split(",")]
-        unknown = [t for t in wanted if t not in sets]
-        if unknown:
-            raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
-                              f"(its templates: {', '.join(sets)})")
-        sets = {t: sets[t] for t in wanted}
+    resolved = sets = None
+    if spec is not None:
+        overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
+        data = dataclasses.asdict(spec)
+        for key, value in overrides.items():
+            data[key.split(".", 1)[1]] = value
+        spec = recipe_from_dict({"task": data}).task
+        resolved = resolve_task(spec)
+        sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
+        if template:
+            wanted = [t.strip() for t in template.split(",")]
+            unknown = [t for t in wanted if t not in sets]
+            if unknown:
+                raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                                  f"(its templates: {', '.join(sets)})")
+            sets = {t: sets[t] for t in wanted}
     placement = {"device_map": _parse_device_map(device_map), "max_memory": _parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
     model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
@@ -295,23 +341,38 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if problems:
         raise RecipeError(problems)
     m, tok = load_model(model_spec)
-    result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
-    held, cal = result.mean(held_out=True), result.mean(held_out=False)
-    out = {"model": model, "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
-           "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
-           "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
-           "templates": {name: r.accuracy for name, r in result.by_template.items()},
-           "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
-           "seconds": round(result.seconds, 2)}
+    out: dict[str, Any] = {"model": model}
+    if resolved is not None:
+        result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
+        held, cal = result.mean(held_out=True), result.mean(held_out=False)
+        out.update({
+            "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
+            "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
+            "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
+            "templates": {name: r.accuracy for name, r in result.by_template.items()},
+            "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
+            "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
+            "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
+            "seconds": round(result.seconds, 2),
+        })
+    if harness:
+        from .lm_eval_backend import run_lm_eval
+
+        out["lm_eval"] = run_lm_eval(m, tok, harness, lm_eval_include, batch_size, lm_eval_limit)
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
-               f"{out['of']} ({model})")
-    for name, r in result.by_template.items():
-        kind = "held out" if name in result.held_out else "calibration"
-        predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
-        click.echo(f"  {name} ({kind}): {r.accuracy:.4f} (predicted: {predicted})")
+    if resolved is not None:
+        click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
+                   f"{out['of']} ({model})")
+        for name, r in result.by_template.items():
+            kind = "held out" if name in result.held_out else "calibration"
+            norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
+            predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
+            click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm} (predicted: {predicted})")
+    for name, metrics in out.get("lm_eval", {}).get("results", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and "stderr" not in k)
+        click.echo(f"lm-eval {name}: {shown} (n={metrics.get('n')})")
 
 
 def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -368,7 +429,7 @@ def inspect(directory) -> None:
 
 
 @main.command()
-@click.option("--task", required=True, help="Task name (built in: sst2, rte, ag_news).")
+@click.option("--task", required=True, help=f"Task name (built in: {_TASKS}).")
 @click.option("--model", required=True, help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")

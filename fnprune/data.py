@@ -14,15 +14,17 @@ import io
 import json
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fields as rowfields
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
-    "task_fields", "sample", "check_disjoint",
+    "task_fields", "sample", "check_disjoint", "label_keys",
 ]
 
 def _templates(*rows: tuple[str, str, dict[str, str], bool]) -> list[PromptTemplate]:
@@ -88,6 +90,161 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         calibration_split="train",
         evaluation_split="test",
     ),
+    # The tasks below read the files under ../shared/data (see each PROVENANCE.md). BoolQ, CB, COPA, WiC,
+    # QNLI and MRPC ship one labelled file: `split_of` cuts it, seeded, into disjoint calibration and evaluation
+    # halves. CoLA calibrates on in_domain_train and is evaluated on in_domain_dev; ARC calibrates on the Dev
+    # file and is evaluated on the Test file. The `lm-eval` templates are lm-evaluation-harness 0.4.13's prompts.
+    "boolq": TaskSpec(
+        name="boolq",
+        templates=_templates(
+            ("yes-no", "{passage}\nQuestion: {question}? Yes or no?\nAnswer:", {"false": " No", "true": " Yes"},
+             False),
+            ("true-false", "Read the passage and answer the question with true or false.\nPassage: {passage}\n"
+             "Question: {question}?\nAnswer:", {"false": " false", "true": " true"}, False),
+            ("question-first", "Question: {question}?\nPassage: {passage}\nAnswer (yes or no):", {}, False),
+            ("lm-eval", "{passage}\nQuestion: {question}?\nAnswer:", {}, True),
+            ("based-on", "Based on the following text, {question}?\n{passage}\nAnswer (yes or no):", {}, True),
+        ),
+        label_column="label",
+        label_words={"false": " no", "true": " yes"},
+        split_files={"validation": "val.jsonl"},
+        split_of="validation",
+    ),
+    "cb": TaskSpec(
+        name="cb",
+        templates=_templates(
+            ("infer", 'Suppose "{premise}" Can we infer that "{hypothesis}"? Yes, no, or maybe?\nAnswer:',
+             {"entailment": " Yes", "contradiction": " No", "neutral": " Maybe"}, False),
+            ("premise", "Premise: {premise}\nHypothesis: {hypothesis}\nIs the hypothesis true, false, or neither?"
+             "\nAnswer:", {"entailment": " true", "contradiction": " false", "neutral": " neither"}, False),
+            ("given", 'Given that "{premise}", is "{hypothesis}" true, false, or neither?\nAnswer:',
+             {"entailment": " true", "contradiction": " false", "neutral": " neither"}, False),
+            ("lm-eval", "{premise}\nQuestion: {hypothesis}. True, False, or Neither?\nAnswer:", {}, True),
+            ("correct", '{premise}\nBased on that, "{hypothesis}" is correct, incorrect, or neither?\nAnswer:',
+             {"entailment": " correct", "contradiction": " incorrect", "neutral": " neither"}, True),
+        ),
+        label_column="label",
+        label_words={"entailment": " True", "contradiction": " False", "neutral": " Neither"},
+        split_files={"validation": "val.jsonl"},
+        split_of="validation",
+    ),
+    "copa": TaskSpec(
+        name="copa",
+        kind="multiple_choice",
+        templates=[
+            PromptTemplate("what-was", "Premise: {premise}\nWhat was the {question} of this?\nAnswer:"),
+            PromptTemplate("question", "{premise}\nQuestion: {question|map(cause=What was the cause?,"
+                           "effect=What happened as a result?)}\nAnswer:"),
+            PromptTemplate("connector", "{premise|drop_last}{question|map(cause=. The reason was that,"
+                           "effect=. As a consequence)}", choice="{choice|lower_first}"),
+            # lm-eval: premise without its final character, " because"/" therefore", choices with a lower-case
+            # first letter and a leading space, after the target delimiter " "
+            PromptTemplate("lm-eval", "{premise|drop_last} {question|map(cause=because,effect=therefore)}",
+                           held_out=True, choice=" {choice|lower_first}"),
+            PromptTemplate("options", '{premise} Which is more likely the {question}: "{choice1}" or "{choice2}"?'
+                           "\nAnswer:", held_out=True),
+        ],
+        label_column="label",
+        choices=["choice1", "choice2"],
+        split_files={"validation": "val.jsonl"},
+        split_of="validation",
+    ),
+    "wic": TaskSpec(
+        name="wic",
+        templates=_templates(
+            ("same-meaning", 'Does the word "{word}" mean the same thing in these two sentences?\n1. {sentence1}\n'
+             "2. {sentence2}\nAnswer:", {"false": " No", "true": " Yes"}, False),
+            ("sense", '{sentence1}\n{sentence2}\nIs "{target}" used with the same sense in both sentences? Answer:',
+             {}, False),
+            ("meaning", 'Word: {word}\nFirst use: {sentence1}\nSecond use: {sentence2}\nDoes the word have the same '
+             "meaning in both? Answer:", {"false": " No", "true": " Yes"}, False),
+            ("lm-eval", "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Is the word '{target}' used in "
+             "the same way in the two sentences above?\nAnswer:", {}, True),
+            ("two-uses", 'Here are two uses of "{word}".\nA: {sentence1}\nB: {sentence2}\nSame meaning? Answer:', {},
+             True),
+        ),
+        label_column="label",
+        label_words={"false": " no", "true": " yes"},
+        columns={"target": "sentence1[start1:end1]"},
+        split_files={"validation": "val.jsonl"},
+        split_of="validation",
+    ),
+    "mrpc": TaskSpec(
+        name="mrpc",
+        templates=_templates(
+            ("paraphrase", 'Is "{sentence1}" a paraphrase of "{sentence2}"? Yes or no?\nAnswer:',
+             {"0": " No", "1": " Yes"}, False),
+            ("equivalent", "First: {sentence1}\nSecond: {sentence2}\nDo these two sentences say the same thing? "
+             "Answer:", {}, False),
+            ("rewording", "{sentence1}\nIn other words: {sentence2}\nIs that an accurate rewording? Answer:", {},
+             False),
+            ("lm-eval", "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the "
+             "same thing?\nAnswer:", {}, True),
+            ("restated", 'Sentence: {sentence1}\nIs the following a correct restatement of it? "{sentence2}"\n'
+             "Answer:", {"0": " No", "1": " Yes"}, True),
+        ),
+        label_column="Quality",
+        label_words={"0": " no", "1": " yes"},
+        columns={"sentence1": "#1 String", "sentence2": "#2 String"},
+        file_format="tsv",
+        split_files={"test": "msr_paraphrase_test.txt"},
+        split_of="test",
+        evaluation_split="test",
+    ),
+    "qnli": TaskSpec(
+        name="qnli",
+        templates=_templates(
+            ("answers", "Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question? Yes or "
+             "no?\nAnswer:", {"entailment": " Yes", "not_entailment": " No"}, False),
+            ("contains", '{sentence}\nDoes the text above contain the answer to "{question}"? Answer:', {}, False),
+            ("reading", "Context: {sentence}\nQuestion: {question}\nCan the question be answered from the context? "
+             "Answer:", {}, False),
+            ("lm-eval", "{question}\n{sentence}\nQuestion: Does this response answer the question?\nAnswer:", {},
+             True),
+            ("responds", 'Q: {question}\nA: {sentence}\nIs A an answer to Q? Yes or no?\nAnswer:',
+             {"entailment": " Yes", "not_entailment": " No"}, True),
+        ),
+        label_column="label",
+        label_words={"entailment": " yes", "not_entailment": " no"},
+        file_format="tsv",
+        split_files={"validation": "dev.tsv"},
+        split_of="validation",
+    ),
+    "cola": TaskSpec(
+        name="cola",
+        templates=_templates(
+            ("grammatical", "Sentence: {sentence}\nIs this sentence grammatically correct? Answer:",
+             {"0": " No", "1": " Yes"}, False),
+            ("acceptable", "{sentence}\nIs the sentence above acceptable English? Answer:", {}, False),
+            ("native", 'Would a native speaker say "{sentence}"? Answer:', {}, False),
+            ("lm-eval", "{sentence}\nQuestion: Does this sentence make sense?\nAnswer:", {}, True),
+            ("correct-english", "Text: {sentence}\nIs this correct English? Yes or no?\nAnswer:",
+             {"0": " No", "1": " Yes"}, True),
+        ),
+        label_column="label",
+        label_words={"0": " no", "1": " yes"},
+        file_format="tsv",
+        header=["source", "label", "mark", "sentence"],
+        split_files={"train": "in_domain_train.tsv", "validation": "in_domain_dev.tsv"},
+    ),
+    **{name: TaskSpec(
+        name=name,
+        kind="multiple_choice",
+        templates=[
+            PromptTemplate("qa", "Q: {question}\nA:"),
+            PromptTemplate("science", "Science question: {question}\nThe answer is"),
+            PromptTemplate("answer", "Answer the question.\n{question}\nAnswer:"),
+            PromptTemplate("lm-eval", "Question: {question}\nAnswer:", held_out=True),
+            PromptTemplate("correct", "{question}\nThe correct answer is:", held_out=True),
+        ],
+        label_column="answerKey",
+        columns={"question": "question.stem"},
+        choices=["question.choices[].text"],
+        choice_labels="question.choices[].label",
+        split_files={"validation": f"ARC-{part}-Dev.jsonl", "test": f"ARC-{part}-Test.jsonl"},
+        calibration_split="validation",
+        evaluation_split="test",
+    ) for name, part in (("arc_easy", "Easy"), ("arc_challenge", "Challenge"))},
 }
 
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
@@ -102,6 +259,8 @@ class Example:
     label: str
     texts: tuple[str, ...] = ()  # the row's text fields, in order: the input of a classifier head
     template: str = ""
+    choices: tuple[str, ...] = ()  # multiple choice: each choice as written (label: the answer's index)
+    delimiter: str = ""  # what joins the prompt and each choice (lm-eval's target_delimiter)
 
 
 def resolve_task(spec: TaskSpec) -> TaskSpec:
@@ -119,7 +278,7 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
             if f.name == "template":
                 continue
             if values[f.name] in (None, {}, "", []) or (
-                f.name.endswith("_split") and values[f.name] == getattr(defaults, f.name)
+                (f.name.endswith("_split") or f.name in _DEFAULTED) and values[f.name] == getattr(defaults, f.name)
             ):
                 values[f.name] = getattr(base, f.name)
     if single:
@@ -133,8 +292,10 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
     missing = [] if task.templates else ["template (or templates)"]
     if not task.label_column:
         missing.append("label_column")
-    if not task.label_words:
+    if task.kind == "classification" and not task.label_words:
         missing.append("label_words")
+    if task.kind == "multiple_choice" and not task.choices:
+        missing.append("choices")
     if not (task.dataset or task.data_dir or task.data_files):
         missing.append("dataset, data_dir or data_files")
     if missing:
@@ -148,6 +309,8 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
     for t in task.templates:
         if not template_fields(t.template):
             raise DataError(f"task template {t.name!r} ({t.template!r}) has no {{column}} field for the text")
+    if _uses_fields(task):
+        _check_expressions(task)
     return task
 
 
@@ -182,6 +345,11 @@ def _split_file(task: TaskSpec, split: str) -> Path | None:
         directory = Path(task.data_dir).expanduser()
         if not directory.is_dir():
             raise DataError(f"task.data_dir {directory} is not a directory")
+        if split in task.split_files:
+            named = directory / task.split_files[split]
+            if not named.is_file():
+                raise DataError(f"no file {task.split_files[split]!r} for split {split!r} in {directory}")
+            return named
         for stem in SPLIT_FILE_STEMS.get(split, (split,)):
             for suffix in SUFFIXES:
                 candidate = directory / f"{stem}{suffix}"
@@ -294,7 +462,7 @@ def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
 
 def data_source(task: TaskSpec, split: str) -> Path | None:
     """The local file a split is read from, or None when it comes from the Hub."""
-    return _split_file(task, split)
+    return _split_file(task, _carved_from(task, split))
 
 
 def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
@@ -331,12 +499,179 @@ def _example(task: TaskSpec, row: dict, fields: list[str], template: PromptTempl
                    template.name)
 
 
+# Tasks that use nested paths, filters, named columns, multiple choice, headerless or non-suffix files, or one
+# labelled file carved in two are read here; classic tasks keep the classic path above, unchanged.
+_DEFAULTED = {"kind", "calibration_share", "split_seed"}  # resolve_task: a default value means "not given"
+
+
+def _uses_fields(task: TaskSpec) -> bool:
+    return bool(
+        task.kind != "classification" or task.columns or task.file_format or task.header or task.split_of
+        or any(not rowfields.is_plain(f) for t in task.templates for f in template_fields(t.template))
+    )
+
+
+def _check_expressions(task: TaskSpec) -> None:
+    for name, expr in task.columns.items():
+        rowfields.check_expression(expr, f"task.columns.{name}")
+    for expr in [*task.choices, *([task.choice_labels] if task.choice_labels else []), task.label_column or ""]:
+        rowfields.check_expression(expr, f"task {task.name}")
+    for t in task.templates:
+        for expr in template_fields(t.template):
+            rowfields.check_expression(expr, f"template {t.name}")
+        for expr in template_fields(t.choice):
+            if not expr.split("|")[0].strip() == "choice":
+                raise DataError(f"template {t.name}: choice {t.choice!r} may only use {{choice}} (with filters)")
+            rowfields.check_expression(expr, f"template {t.name}")
+
+
+def _carved_from(task: TaskSpec, split: str) -> str:
+    """The split whose file holds `split`: `split_of` for the two carved splits, else the split itself."""
+    if task.split_of and split in (task.calibration_split, task.evaluation_split):
+        return task.split_of
+    return split
+
+
+def _read_table(task: TaskSpec, path: Path) -> list[dict]:
+    """A file's rows. With `task.file_format` or `task.header` set (MRPC's .txt, CoLA's headerless TSV, QNLI's
+    quotes) they are read here with GLUE's conventions: a TSV has no quoting, a BOM is dropped; other files go
+    to the classic reader."""
+    by_suffix = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix)
+    fmt = task.file_format or by_suffix
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the file format from its suffix; set task.file_format (tsv, csv, jsonl)")
+    if task.file_format is None and not task.header:
+        return _read_rows(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    if fmt == "jsonl":
+        return _json_lines(path, text)
+    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+    lines = list(csv.reader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting))
+    header = list(task.header) if task.header else (lines.pop(0) if lines else [])
+    rows = []
+    for n, values in enumerate(lines, 1 if task.header else 2):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path}:{n}: {len(values)} fields, expected {len(header)} ({', '.join(header)})")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def _json_lines(path: Path, text: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
+    return rows
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row parsed once: every template field's value, the label (or answer index) and the choices."""
+
+    values: dict[str, str]
+    label: str
+    choices: tuple[str, ...] = ()
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    return "".join(lit + (values[f] if f else "") for lit, f, _, _ in string.Formatter().parse(template))
+
+
+def _parse_row(task: TaskSpec, row: dict, fields: list[str], where: str) -> _Row:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: not a mapping of columns")
+    values = {}
+    for f in fields:
+        value = rowfields.resolve(row, f, task.columns, where)
+        if isinstance(value, list):
+            raise DataError(f"{where}: template field {{{f}}} is a list; pick an item or use it in task.choices")
+        values[f] = value
+    answer = rowfields.resolve(row, task.label_column, None, where)
+    if task.kind == "classification":
+        if answer not in task.label_words:
+            raise DataError(f"{where}: label {answer!r} is not one of the label words' keys {sorted(task.label_words)}")
+        return _Row(values, answer)
+    choices = [rowfields.resolve(row, c, None, where) for c in task.choices]
+    if len(choices) == 1 and isinstance(choices[0], list):
+        choices = choices[0]
+    if len(choices) < 2 or any(isinstance(c, list) or not c for c in choices):
+        raise DataError(f"{where}: expected at least two non-empty choices, got {choices!r}")
+    if task.choice_labels:
+        labels = rowfields.resolve(row, task.choice_labels, None, where)
+        if not isinstance(labels, list) or len(labels) != len(choices):
+            raise DataError(f"{where}: task.choice_labels {task.choice_labels!r} must give one label per choice")
+        if answer not in labels:
+            raise DataError(f"{where}: answer {answer!r} is not one of the choices' labels {labels}")
+        index = labels.index(answer)
+    else:
+        if not answer.isdigit() or int(answer) >= len(choices):
+            raise DataError(f"{where}: answer {answer!r} is not a choice index 0..{len(choices) - 1}")
+        index = int(answer)
+    return _Row(values, str(index), tuple(choices))
+
+
+def _build(task: TaskSpec, row: _Row, fields: list[str], template: PromptTemplate) -> Example:
+    texts = _texts(row, fields)
+    choices = tuple(_fill(template.choice, {f: rowfields.resolve({"choice": c}, f) for f in
+                                           template_fields(template.choice)}) for c in row.choices)
+    return Example(_fill(template.template, row.values), row.label, texts, template.name, choices,
+                   template.delimiter if task.kind == "multiple_choice" else "")
+
+
+def _texts(row: _Row, fields: list[str]) -> tuple[str, ...]:
+    """What makes a row the same example under any template: its field values, then its choices as given
+    (ARC's Dev and Test files share two questions, with other choices)."""
+    return tuple(row.values[f] for f in fields) + row.choices
+
+
+def _parsed_rows(task: TaskSpec, split: str) -> tuple[list[_Row], list[str]]:
+    source = _carved_from(task, split)
+    path = _split_file(task, source)
+    rows = _load_hub_split(task, source) if path is None else _read_table(task, path)
+    where = str(path) if path else f"{task.dataset} {source}"
+    if not rows:
+        raise DataError(f"{where}: split {source!r} is empty")
+    fields = task_fields(task)
+    parsed = [_parse_row(task, row, fields, f"{where}: row {n}") for n, row in enumerate(rows)]
+    if task.split_of and split in (task.calibration_split, task.evaluation_split):
+        parsed = _carve(task, parsed, split == task.calibration_split)
+    return parsed, fields
+
+
+def _carve(task: TaskSpec, rows: list[_Row], calibration: bool) -> list[_Row]:
+    """The calibration or the evaluation part of one labelled file: its distinct texts shuffled by
+    `split_seed`, the first `calibration_share` of them for calibration; rows sharing a text stay together."""
+    keys = list(dict.fromkeys(_texts(r, list(r.values)) for r in rows))
+    random.Random(task.split_seed).shuffle(keys)
+    first = set(keys[: round(task.calibration_share * len(keys))])
+    return [r for r in rows if (_texts(r, list(r.values)) in first) == calibration]
+
+
+def _prepared(task: TaskSpec, split: str) -> tuple[list, Callable[[object, PromptTemplate], Example]]:
+    """A split's rows (every one checked) and how to make an example of a row under a template."""
+    if _uses_fields(task):
+        parsed, fields = _parsed_rows(task, split)
+        return parsed, lambda row, t: _build(task, row, fields, t)
+    rows, fields = _checked_rows(task, split)
+    return rows, lambda row, t: _example(task, row, fields, t)
+
+
 def load_split(task: TaskSpec, split: str, template: str | None = None) -> list[Example]:
     """All examples of one split under one template (default: the first calibration template); every problem
     with the data is a DataError."""
-    rows, fields = _checked_rows(task, split)
+    rows, build = _prepared(task, split)
     chosen = _template(task, template)
-    return [_example(task, row, fields, chosen) for row in rows]
+    return [build(row, chosen) for row in rows]
 
 
 RAW = PromptTemplate("(raw)", "")  # a calibration prompt that is the row's text alone
@@ -345,25 +680,33 @@ RAW = PromptTemplate("(raw)", "")  # a calibration prompt that is the row's text
 def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0) -> list[Example]:
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
     taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
-    Held-out templates are never used here."""
-    rows, fields = _checked_rows(task, split)
+    Held-out templates are never used here. A multiple-choice prompt is the question alone (the decision is made
+    at its end), labelled with the answer's index."""
+    rows, build = _prepared(task, split)
     templates, out, turn = task.calibration_templates(), [], 0
     for j, i in enumerate(_sample_indices(len(rows), n, seed)):
         if int((j + 1) * raw_share) > int(j * raw_share):
-            values = tuple(str(rows[i][c]).strip() for c in fields)
-            out.append(Example("\n".join(values), str(rows[i][task.label_column]).strip(), values, RAW.name))
+            e = build(rows[i], templates[0])
+            out.append(Example("\n".join(e.texts), e.label, e.texts, RAW.name, e.choices, e.delimiter))
         else:
-            out.append(_example(task, rows[i], fields, templates[turn % len(templates)]))
+            out.append(build(rows[i], templates[turn % len(templates)]))
             turn += 1
     return out
 
 
 def load_evaluation(task: TaskSpec, split: str, max_samples: int | None = None) -> dict[str, list[Example]]:
     """The evaluation split under every template (calibration templates first), the same rows in each."""
-    rows, fields = _checked_rows(task, split)
+    rows, build = _prepared(task, split)
     rows = rows[:max_samples] if max_samples else rows
     ordered = [*task.calibration_templates(), *task.held_out_templates()]
-    return {t.name: [_example(task, row, fields, t) for row in rows] for t in ordered}
+    return {t.name: [build(row, t) for row in rows] for t in ordered}
+
+
+def label_keys(task: TaskSpec, examples: list[Example]) -> list[str]:
+    """The label of each class in order: the label words' keys, or a multiple-choice task's answer indices."""
+    if task.kind == "multiple_choice":
+        return [str(i) for i in range(max(len(e.choices) for e in examples))]
+    return list(task.label_words)
 
 
 def _sample_indices(total: int, n: int, seed: int) -> list[int]:

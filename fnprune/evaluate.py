@@ -1,11 +1,16 @@
-"""Zero-shot task accuracy of any causal LM: which label word is most likely after the prompt.
+"""Zero-shot task accuracy of any causal LM: which label word, or which of an example's choices, is most
+likely after the prompt.
 
-A label word's score is the sum of its tokens' log-probabilities after the prompt (lm-eval-harness style:
-prompt and word tokenized separately, then joined). Knows nothing about pruning.
+A label word's score is the sum of its tokens' log-probabilities after the prompt (prompt and word tokenized
+separately, then joined). A choice is scored exactly as lm-evaluation-harness 0.4.13 scores a multiple-choice
+request: continuation = delimiter + choice, whitespace at the prompt's end moved onto the continuation, the
+whole text tokenized and split where the prompt's own tokens end. `acc_norm` divides each score by the
+choice's length in characters (lm-eval's acc_norm; without the delimiter). Knows nothing about pruning.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +23,8 @@ from .errors import DataError
 from .recipe import TaskSpec
 from .tokens import batches, encode, encode_inputs, forward, is_classifier
 
-__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_templates", "label_token_ids", "majority_share"]
+__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_choices", "evaluate_templates",
+           "label_token_ids", "encode_pair", "majority_share", "scored"]
 
 
 @dataclass
@@ -27,11 +33,36 @@ class EvalResult:
     n: int
     seconds: float
     predictions: list[str] = field(repr=False, default_factory=list)
-    scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels) log-probabilities
+    scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels or choices) log-probabilities
+    accuracy_norm: float | None = None  # lm-eval's acc_norm: scores divided by the choice's characters
 
     def label_shares(self) -> dict[str, float]:
         """How often each label was predicted: a model that lost the task often answers one label for all."""
         return {label: round(self.predictions.count(label) / self.n, 4) for label in sorted(set(self.predictions))}
+
+
+def choice_lengths(examples: list[Example], label_words: dict[str, str] | None) -> torch.Tensor:
+    """(n, k) characters of each choice as lm-eval counts them: the choice without the delimiter (a label word
+    without its leading space, as lm-eval's " " delimiter + choice). Missing choices: 1 (their score is -inf)."""
+    if label_words is not None:
+        words = [w[1:] if w.startswith(" ") else w for w in label_words.values()]
+        return torch.tensor([[max(len(w), 1) for w in words]], dtype=torch.float64).expand(len(examples), -1)
+    width = max(len(e.choices) for e in examples)
+    out = torch.ones(len(examples), width, dtype=torch.float64)
+    for i, e in enumerate(examples):
+        out[i, : len(e.choices)] = torch.tensor([max(len(c), 1) for c in e.choices], dtype=torch.float64)
+    return out
+
+
+def scored(scores: torch.Tensor, examples: list[Example], labels: list[str], lengths: torch.Tensor,
+           seconds: float) -> EvalResult:
+    """Accuracy and acc_norm of per-class scores (ties go to the first class, as lm-eval's argmax)."""
+    predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
+    normed = [labels[j] for j in (scores / lengths).argmax(dim=1).tolist()]
+    correct = sum(p == e.label for p, e in zip(predictions, examples))
+    correct_norm = sum(p == e.label for p, e in zip(normed, examples))
+    return EvalResult(correct / len(examples), len(examples), seconds, predictions, scores,
+                      correct_norm / len(examples))
 
 
 def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:
@@ -116,9 +147,69 @@ def evaluate_accuracy(
             model, tokenizer, [e.prompt for e in examples], label_ids, batch_size, max_length, progress
         )
     model.train(was_training)
-    predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
-    correct = sum(p == e.label for p, e in zip(predictions, examples))
-    return EvalResult(correct / len(examples), len(examples), time.perf_counter() - start, predictions, scores)
+    return scored(scores, examples, labels, choice_lengths(examples, label_words), time.perf_counter() - start)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's causal `_encode_pair`: trailing whitespace of the context moves to the continuation, then
+    context + continuation is tokenized whole and cut where the context's own tokens end."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # lm-eval: an empty context is the prefix token (BOS, else EOS)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def _choice_scores(model, tokenizer, examples, batch_size, max_length, progress) -> torch.Tensor:
+    seqs, spans = [], []
+    for i, e in enumerate(examples):
+        for j, choice in enumerate(e.choices):
+            ctx, cont = encode_pair(tokenizer, e.prompt, e.delimiter + choice)
+            if not cont:
+                raise DataError(f"example {i}: choice {choice!r} tokenizes to nothing after the prompt")
+            full = (ctx + cont)[-(max_length + 1):]  # lm-eval: cut from the left, the last token only a target
+            seqs.append(full[:-1])
+            spans.append((i, j, cont))
+    scores = torch.full((len(examples), max(len(e.choices) for e in examples)), -math.inf, dtype=torch.float64)
+    bar = tqdm(total=len(seqs), desc="evaluate", unit="choice", disable=not progress)
+    for batch in batches(seqs, batch_size):  # sorted by length: little padding
+        logits = forward(model, batch)  # (B, L, V), right padded
+        for row, k in enumerate(batch.index):
+            i, j, cont = spans[k]
+            end = len(seqs[k])
+            logp = torch.log_softmax(logits[row, end - len(cont):end].double(), dim=-1)
+            scores[i, j] = logp[torch.arange(len(cont)), torch.tensor(cont)].sum().cpu()
+        bar.update(len(batch.index))
+    bar.close()
+    return scores
+
+
+def evaluate_choices(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int = 32,
+    max_length: int = 2048,
+    progress: bool = True,
+) -> EvalResult:
+    """acc and acc_norm of the most likely choice per example (each example's own choices; label = the
+    answer's index), scored as lm-eval scores multiple choice."""
+    if not examples:
+        raise DataError("no evaluation examples")
+    if is_classifier(model):
+        raise DataError("a classifier checkpoint cannot score multiple-choice tasks (no language-model head)")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    scores = _choice_scores(model, tokenizer, examples, batch_size, max_length, progress)
+    model.train(was_training)
+    labels = [str(j) for j in range(scores.shape[1])]
+    return scored(scores, examples, labels, choice_lengths(examples, None), time.perf_counter() - start)
 
 
 @dataclass
@@ -131,9 +222,10 @@ class TaskResult:
     held_out: list[str]  # names of the held-out templates
     majority: float | None = None  # accuracy of always answering the most frequent label: chance level
 
-    def mean(self, held_out: bool) -> float | None:
-        values = [r.accuracy for name, r in self.by_template.items() if (name in self.held_out) == held_out]
-        return sum(values) / len(values) if values else None
+    def mean(self, held_out: bool, norm: bool = False) -> float | None:
+        values = [r.accuracy_norm if norm else r.accuracy for name, r in self.by_template.items()
+                  if (name in self.held_out) == held_out]
+        return sum(values) / len(values) if values and None not in values else None
 
     @property
     def headline(self) -> float:
@@ -166,9 +258,12 @@ def evaluate_templates(
         if is_classifier(model) and results:
             results[name] = next(iter(results.values()))
             continue
-        words = by_name[name].words(task.label_words)
         if progress:
-            tqdm.write(f"evaluate: template {name}")
+            tqdm.write(f"evaluate: {task.name} template {name}")
+        if task.kind == "multiple_choice":
+            results[name] = evaluate_choices(model, tokenizer, examples, batch_size, progress=progress)
+            continue
+        words = by_name[name].words(task.label_words)
         results[name] = evaluate_accuracy(model, tokenizer, examples, words, batch_size, progress=progress)
     return TaskResult(results, [n for n in sets if by_name[n].held_out], majority_share(next(iter(sets.values()))))
 

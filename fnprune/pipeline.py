@@ -43,7 +43,17 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .compensation import reconstruction_map
-from .data import Example, check_disjoint, data_source, file_sha256, load_evaluation, load_sample, resolve_task
+from .data import (
+    BUILTIN_TASKS,
+    Example,
+    check_disjoint,
+    data_source,
+    file_sha256,
+    label_keys,
+    load_evaluation,
+    load_sample,
+    resolve_task,
+)
 from .errors import NumericalError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .hub import push_folder
@@ -52,7 +62,17 @@ from .memory import objects_frozen, release_memory
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
 from .moments import SecondMoments
 from .networks import LayerNetworks, find_networks, network_relevance
-from .recipe import ModelSpec, NetworksSpec, Recipe, TaskSpec, default_fn_boost, dump_recipe
+from .perplexity import perplexity, wikitext_file, wikitext_ids
+from .recipe import (
+    PERPLEXITY_TASK,
+    ModelSpec,
+    NetworksSpec,
+    Recipe,
+    TaskSpec,
+    ValidationTask,
+    default_fn_boost,
+    dump_recipe,
+)
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
 from .surgery import prune_mlp, supports_bias_compensation
@@ -377,6 +397,8 @@ def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: 
         words = next(t for t in task.templates if t.name == name).words(task.label_words)
         digest.update(json.dumps([name, words]).encode())
         digest.update("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode())
+        if task.kind != "classification":  # classification keys stay as they were
+            digest.update(json.dumps([task.kind, [[e.delimiter, *e.choices] for e in examples]]).encode())
     return cache.cache_key({
         "evaluation": digest.hexdigest(),
         "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
@@ -386,12 +408,96 @@ def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: 
     })
 
 
+@dataclass
+class Validation:
+    """A run's extra benchmarks, loaded once: each task's examples under its templates, the perplexity tokens."""
+
+    tasks: list[tuple[ValidationTask, TaskSpec, dict[str, list[Example]]]] = field(default_factory=list)
+    perplexity: tuple[ValidationTask, Path, torch.Tensor] | None = None
+    window: int = 512
+
+
+def load_validation(recipe: Recipe, tokenizer) -> Validation:
+    """The recipe's `evaluation.validation`: built-in tasks on their evaluation split (held-out templates unless
+    named), WikiText-2 as the first `evaluation.perplexity_tokens` tokens of the file. Problems: Data/RecipeError."""
+    ev = recipe.evaluation
+    out = Validation(window=ev.perplexity_window)
+    if not ev.enabled:
+        return out
+    for v in ev.validation:
+        if v.task == PERPLEXITY_TASK:
+            path = wikitext_file(v.file or v.data_dir or "")
+            out.perplexity = (v, path, wikitext_ids(tokenizer, path, ev.perplexity_tokens))
+            continue
+        if v.task not in BUILTIN_TASKS:
+            raise RecipeError(f"evaluation.validation: {v.task!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}) "
+                              f"or {PERPLEXITY_TASK}")
+        task = resolve_task(TaskSpec(name=v.task, data_dir=v.data_dir))
+        sets = load_evaluation(task, task.evaluation_split, v.max_samples or ev.max_samples)
+        wanted = v.templates or [t.name for t in task.held_out_templates()] or list(sets)
+        unknown = [n for n in wanted if n not in sets]
+        if unknown:
+            raise RecipeError(f"evaluation.validation {v.task}: no template(s) {unknown} (its templates: "
+                              f"{', '.join(sets)})")
+        out.tasks.append((v, task, {n: sets[n] for n in wanted}))
+    return out
+
+
+def _validate(model, tokenizer, validation: Validation, recipe: Recipe, progress: bool,
+              cached_as: ModelSpec | None = None) -> dict[str, Any]:
+    """Every validation benchmark's result (TaskResult, or PerplexityResult for wikitext); the dense model's
+    read from / saved to the cache like its task scores."""
+    out: dict[str, Any] = {}
+    for v, task, sets in validation.tasks:
+        out[v.task] = _evaluate(model, tokenizer, sets, task, recipe, progress, cached_as)
+    if validation.perplexity is not None and recipe.evaluation.enabled:
+        v, path, ids = validation.perplexity
+        window, key = validation.window, ""
+        if cached_as is not None and recipe.calibration.cache:
+            key = cache.cache_key({
+                "perplexity": file_sha256(path), "tokens": ids.numel(), "window": window,
+                "model": cache.model_fingerprint(cached_as.name_or_path, cached_as.revision), "dtype": cached_as.dtype,
+                "versions": {k: x for k, x in versions().items() if k in ("torch", "transformers", "fnprune")},
+            })
+        found = cache.load_perplexity(key) if key else None
+        if found is not None:
+            log.info("dense perplexity from cache %s", cache.cache_dir())
+        else:
+            if progress:
+                tqdm.write(f"evaluate: {PERPLEXITY_TASK} perplexity over {ids.numel()} tokens")
+            found = perplexity(model, ids, window)
+            if key:
+                cache.save_perplexity(key, found)
+        out[v.task] = found
+    return out
+
+
+def validation_report(validation: Validation, dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """report.json's `validation`: each task's accuracy_report, and the perplexity, dense beside pruned."""
+    if not (validation.tasks or validation.perplexity):
+        return {}
+    out: dict[str, Any] = {"tasks": [
+        {"task": v.task, "data_dir": v.data_dir, **accuracy_report(task, dense.get(v.task), pruned.get(v.task))}
+        for v, task, _ in validation.tasks
+    ]}
+    if validation.perplexity is not None:
+        v, path, ids = validation.perplexity
+        d, p = dense.get(v.task), pruned.get(v.task)
+        out["perplexity"] = {
+            "task": v.task, "file": str(path), "tokens": int(ids.numel()),
+            "tokens_scored": d.tokens_scored if d else None, "window": validation.window,
+            "dense": d.ppl if d else None, "pruned": p.ppl if p else None,
+        }
+    return out
+
+
 def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult | None) -> dict[str, Any]:
     """report.json's accuracy: the headline (held-out template mean), each template, and both means."""
     held = dense.held_out if dense else [t.name for t in task.held_out_templates()]
     acc = lambda r, name: r.by_template[name].accuracy if r else None  # noqa: E731
     shares = lambda r, name: r.by_template[name].label_shares() if r else None  # noqa: E731
-    mean = lambda r, h: r.mean(h) if r else None  # noqa: E731
+    norm = lambda r, name: r.by_template[name].accuracy_norm if r else None  # noqa: E731
+    mean = lambda r, h, n=False: r.mean(h, n) if r else None  # noqa: E731
     names = list(dense.by_template) if dense else [t.name for t in task.templates]
     texts = {t.name: t.template for t in task.templates}
     return {
@@ -403,13 +509,18 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "dense": dense.headline if dense else None,
             "pruned": pruned.headline if pruned else None,
             "majority_class": dense.majority if dense else None,
+            "kind": task.kind,
+            "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
+            "pruned_acc_norm": mean(pruned, bool(held), True),
         },
         "template_means": {
-            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h)}
+            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
+                   "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True)}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
             {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
+             "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n),
              "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)}}
             for n in names
         ],
@@ -452,6 +563,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         if recipe.evaluation.max_samples:
             evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
         model, tokenizer = load_model(recipe.model)
+        validation = load_validation(recipe, tokenizer)
         layout: MLPLayout = layout_for(model)
         source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
         if source is not None:
@@ -488,7 +600,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     # (several collections over ~400k objects cost about 0.6 s).
     with objects_frozen():
         calib = calibrate(
-            model, tokenizer, calibration, task.label_words, recipe, sel.method in NEEDS_NETWORKS, progress,
+            model, tokenizer, calibration, dict.fromkeys(label_keys(task, calibration), ""), recipe,
+            sel.method in NEEDS_NETWORKS, progress,
             use_cache=recipe.calibration.cache, with_sample=with_sample,
         )
         timer.seconds.update(calib.timings)
@@ -499,6 +612,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         with timer.stage("evaluate_dense"):
             dense_params = count_parameters(model)
             dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress, cached_as=recipe.model)
+            dense_val = _validate(model, tokenizer, validation, recipe, progress, cached_as=recipe.model)
         removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
         fill_maps = None
         tokens_for_ica = calib.activations[0].sampled
@@ -517,7 +631,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             model = None  # free the dense model (its devices, its offload hooks) before loading the pruned one
             gc.collect()
             with timer.stage("evaluate_pruned"):
-                pruned_eval = _evaluate_saved(tmp, tokenizer, evaluation, task, recipe, progress)
+                pruned_eval, pruned_val = _evaluate_saved(tmp, tokenizer, evaluation, task, validation, recipe,
+                                                          progress)
         else:
             with timer.stage("surgery"):
                 prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
@@ -525,10 +640,12 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                 release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
             with timer.stage("evaluate_pruned"):
                 pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+                pruned_val = _validate(model, tokenizer, validation, recipe, progress)
             pruned_params = count_parameters(model)
         report, resolved = _finish(
             tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, tokens_for_ica,
-            dense_params, pruned_params, dense_eval, pruned_eval, timer,
+            dense_params, pruned_params, dense_eval, pruned_eval, timer, validation_report(validation, dense_val,
+                                                                                         pruned_val),
         )
     if recipe.output.push_to_hub:
         with timer.stage("push"):
@@ -550,13 +667,16 @@ def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, k
     return count_parameters(model) + written.parameters_delta
 
 
-def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, progress: bool) -> TaskResult | None:
-    """Accuracy of the checkpoint written to `tmp`, loaded with the recipe's device map."""
+def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, validation: Validation, recipe: Recipe, progress: bool,
+                    ) -> tuple[TaskResult | None, dict[str, Any]]:
+    """Accuracy (and the validation benchmarks) of the checkpoint written to `tmp`, loaded with the recipe's
+    device map."""
     if not recipe.evaluation.enabled:
-        return None
+        return None, {}
     pruned, _ = load_model(dataclasses.replace(recipe.model, name_or_path=str(tmp), revision=None))
     try:
-        return _evaluate(pruned, tokenizer, evaluation, task, recipe, progress)
+        return (_evaluate(pruned, tokenizer, evaluation, task, recipe, progress),
+                _validate(pruned, tokenizer, validation, recipe, progress))
     finally:
         del pruned
         gc.collect()
@@ -565,7 +685,7 @@ def _evaluate_saved(tmp: Path, tokenizer, evaluation, task, recipe: Recipe, prog
 def _finish(
     tmp: Path, model, tokenizer, recipe: Recipe, sel, task, calib: Calibration, kept, widths, calibration,
     tokens_for_ica: int, dense_params: int, pruned_params: int, dense_eval: TaskResult | None,
-    pruned_eval: TaskResult | None, timer: _Timer,
+    pruned_eval: TaskResult | None, timer: _Timer, validation: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Recipe]:
     """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
     report and model card into `tmp`; returns (report, resolved recipe)."""
@@ -601,6 +721,7 @@ def _finish(
         "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
         **accuracy_report(task, dense_eval, pruned_eval),
+        **({"validation": validation} if validation else {}),
         "timings_seconds": timer.seconds,
     }
     report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)

@@ -26,6 +26,7 @@ __all__ = [
     "NetworksSpec",
     "SelectionSpec",
     "EvaluationSpec",
+    "ValidationTask",
     "OutputSpec",
     "Recipe",
     "load_recipe",
@@ -40,6 +41,8 @@ STORE_DTYPES = ("float32", "float16", "bfloat16")
 SAMPLE_STORES = ("auto", "tokens", "moments")
 ALLOCATIONS = ("uniform", "global")
 LAYOUTS = ("uniform", "per-layer", "padded")
+TASK_KINDS = ("classification", "multiple_choice")
+FILE_FORMATS = ("tsv", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
@@ -131,6 +134,10 @@ class PromptTemplate:
     template: str = ""
     label_words: dict[str, str] = field(default_factory=dict)  # empty: the task's label words
     held_out: bool = False
+    # multiple choice: each choice as scored after the prompt (fields: {choice}, filters allowed, e.g.
+    # {choice|lower_first}) and what joins prompt and choice (lm-eval's target_delimiter)
+    choice: str = "{choice}"
+    delimiter: str = " "
 
     def words(self, task_words: dict[str, str]) -> dict[str, str]:
         """This template's label words, in the task's label order."""
@@ -139,11 +146,17 @@ class PromptTemplate:
 
 @dataclass
 class TaskSpec:
-    """A classification task scored zero-shot by label-word log-probabilities.
+    """A task scored zero-shot: `classification` by label-word log-probabilities, `multiple_choice` by each
+    per-example choice's log-likelihood after the prompt (acc and length-normalized acc_norm, as lm-eval).
 
     `name` picks a built-in task whose fields fill whatever is left empty here; a task with a new name must
-    give every field (data, templates or template, label words). Text columns are the `{fields}` of the
-    templates. `template` is shorthand for one calibration template; `templates` lists several, some held out.
+    give every field (data, templates or template, label words or choices). Text columns are the `{fields}` of
+    the templates (nested paths and filters: fnprune.fields; `columns` names them). `template` is shorthand for
+    one calibration template; `templates` lists several, some held out.
+
+    A task that ships one labelled file sets `split_of` to that split: its rows are cut, seeded by
+    `split_seed`, into a calibration part (`calibration_share` of the distinct texts) and an evaluation part,
+    disjoint by construction and checked like any other split.
     """
 
     name: str = "sst2"
@@ -157,11 +170,31 @@ class TaskSpec:
     label_words: dict[str, str] = field(default_factory=dict)
     calibration_split: str = "train"
     evaluation_split: str = "validation"
+    kind: str = "classification"  # classification | multiple_choice
+    columns: dict[str, str] = field(default_factory=dict)  # template field -> row expression (fnprune.fields)
+    choices: list[str] = field(default_factory=list)  # multiple choice: one expression per choice, or one list
+    choice_labels: str | None = None  # expression of the choices' labels the answer names (else: an index)
+    file_format: str | None = None  # tsv (GLUE style: no quoting) | csv | jsonl; None: by the file's suffix
+    header: list[str] = field(default_factory=list)  # column names of a file without a header line
+    split_files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
+    split_of: str | None = None  # the one labelled split calibration and evaluation are carved from
+    calibration_share: float = 0.5
+    split_seed: int = 0
 
     def check(self) -> list[str]:
         problems = []
         if not self.name:
             problems.append("task.name: required")
+        if self.kind not in TASK_KINDS:
+            problems.append(f"task.kind: {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if self.kind == "multiple_choice" and self.label_words:
+            problems.append("task.label_words: a multiple_choice task takes its choices from `choices`")
+        if self.kind == "classification" and self.choices:
+            problems.append("task.choices: only for kind multiple_choice")
+        if self.file_format is not None and self.file_format not in FILE_FORMATS:
+            problems.append(f"task.file_format: {self.file_format!r} is not one of {', '.join(FILE_FORMATS)}")
+        if not 0 < self.calibration_share < 1:
+            problems.append(f"task.calibration_share: must be in (0, 1), got {self.calibration_share}")
         if self.calibration_split == self.evaluation_split:
             problems.append(
                 f"task.calibration_split and task.evaluation_split are both {self.calibration_split!r}: "
@@ -313,13 +346,43 @@ def default_fn_boost(keep: float, reconstruct: bool = True) -> float:
     return 1.0 if keep >= 0.75 else 16.0
 
 
+PERPLEXITY_TASK = "wikitext"
+
+
+@dataclass
+class ValidationTask:
+    """One more benchmark scored dense and pruned in the same run: a built-in task on its evaluation split
+    (under `templates`, default its held-out ones), or `wikitext`: perplexity of a WikiText-2 raw file (`file`,
+    or wiki.test.raw in `data_dir`) over `evaluation.perplexity_tokens` tokens in fixed windows."""
+
+    task: str = ""
+    data_dir: str | None = None
+    file: str | None = None
+    templates: list[str] = field(default_factory=list)
+    max_samples: int | None = None  # None: evaluation.max_samples
+
+    def problems(self, where: str) -> list[str]:
+        found = [] if self.task else [f"{where}.task: required (a built-in task or {PERPLEXITY_TASK})"]
+        if self.task == PERPLEXITY_TASK and not (self.file or self.data_dir):
+            found.append(f"{where}: {PERPLEXITY_TASK} needs file (or data_dir holding wiki.test.raw)")
+        if self.task != PERPLEXITY_TASK and not self.data_dir:
+            found.append(f"{where}.data_dir: required (the folder with the task's files)")
+        if self.max_samples is not None and self.max_samples < 1:
+            found.append(f"{where}.max_samples: must be >= 1 or null, got {self.max_samples}")
+        return found
+
+
 @dataclass
 class EvaluationSpec:
-    """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all)."""
+    """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all), and the
+    `validation` benchmarks beside it."""
 
     enabled: bool = True
     max_samples: int | None = None
     batch_size: int = 32
+    validation: list[ValidationTask] = field(default_factory=list)
+    perplexity_tokens: int = 16384  # WikiText-2 tokens scored (the model's own tokens), first ones of the file
+    perplexity_window: int = 512  # non-overlapping windows; each window's first token is context only
 
     def check(self) -> list[str]:
         problems = []
@@ -327,6 +390,13 @@ class EvaluationSpec:
             problems.append(f"evaluation.max_samples: must be >= 1 or null, got {self.max_samples}")
         if self.batch_size < 1:
             problems.append(f"evaluation.batch_size: must be >= 1, got {self.batch_size}")
+        names = [v.task for v in self.validation]
+        for i, v in enumerate(self.validation):
+            problems.extend(v.problems(f"evaluation.validation[{i}]"))
+        if len(set(names)) != len(names):
+            problems.append(f"evaluation.validation: a task is listed twice ({', '.join(names)})")
+        if self.perplexity_window < 2 or self.perplexity_tokens < self.perplexity_window:
+            problems.append("evaluation.perplexity_window: must be >= 2 and at most evaluation.perplexity_tokens")
         return problems
 
 

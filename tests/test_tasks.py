@@ -1,0 +1,247 @@
+"""Task kinds and data mapping: multiple choice scored as lm-eval scores it, nested paths and filters, seeded
+disjoint splits of one labelled file, every built-in task reading files shaped like the real ones, bad data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fnprune import fields
+from fnprune.data import BUILTIN_TASKS, check_disjoint, load_evaluation, load_sample, resolve_task
+from fnprune.errors import DataError
+from fnprune.evaluate import encode_pair, evaluate_choices, evaluate_templates
+from fnprune.recipe import PromptTemplate, TaskSpec
+
+WORDS = ["film", "movie", "story", "plot", "cast", "great", "dull", "funny", "bad", "warm", "flat", "smart"]
+
+
+def _arc_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.choice([3, 4, 5])
+        labels = "ABCDE"[:k] if i % 3 else "12345"[:k]
+        choices = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))), "label": lab}
+                   for lab in labels]
+        rows.append({"id": f"q{i}", "question": {"stem": f"question {i} about the {rng.choice(WORDS)}?",
+                                                 "choices": choices}, "answerKey": rng.choice(labels)})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def arc_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("arc")
+    _write_jsonl(d / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    _write_jsonl(d / "ARC-Easy-Test.jsonl", _arc_rows(20, 2))
+    return d
+
+
+@pytest.fixture(scope="module")
+def copa_dir(tmp_path_factory) -> Path:
+    rng = random.Random(3)
+    rows = [{"premise": f"The {rng.choice(WORDS)} was {rng.choice(WORDS)} {i}.",
+             "choice1": f"It was {rng.choice(WORDS)}.", "choice2": f"Everyone liked the {rng.choice(WORDS)}.",
+             "question": rng.choice(["cause", "effect"]),
+             "label": i % 2, "idx": i} for i in range(30)]
+    d = tmp_path_factory.mktemp("copa")
+    _write_jsonl(d / "val.jsonl", rows)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama(model_dir):
+    path = model_dir("llama")
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_field_paths_and_filters():
+    row = {"q": {"stem": " Why? ", "choices": [{"text": "A b", "label": "A"}, {"text": "c.", "label": "B"}]},
+           "s": "the word here", "start": 4, "end": 8, "kind": "cause"}
+    assert fields.resolve(row, "q.stem") == "Why?"
+    assert fields.resolve(row, "q.choices[].text") == ["A b", "c."]
+    assert fields.resolve(row, "q.choices[1].label") == "B"
+    assert fields.resolve(row, "s[start:end]") == "word"
+    assert fields.resolve(row, "q.choices[].text | lower_first") == ["a b", "c."]
+    assert fields.resolve(row, "q.choices[1].text|strip_period|upper_first") == "C"
+    assert fields.resolve(row, "kind|map(cause=because,effect=therefore)") == "because"
+    assert fields.resolve(row, "stem", {"stem": "q.stem"}) == "Why?"
+    for bad, match in [("q.nope", "no field 'nope'"), ("kind|map(effect=x)", "is not one of"),
+                       ("s|shout", "unknown filter"), ("q", "is a mapping"), ("s[kind:end]", "slice bound")]:
+        with pytest.raises(DataError, match=match):
+            fields.resolve(row, bad)
+    with pytest.raises(DataError, match="not a field path"):
+        fields.check_expression("a..b")
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ctx, cont = encode_pair(tok, "Review: a film\nSentiment: ", "positive")
+    assert ctx == tok("Review: a film\nSentiment:")["input_ids"]
+    whole = tok("Review: a film\nSentiment: positive")["input_ids"]
+    assert ctx + cont == whole and cont
+
+
+def test_multiple_choice_scores_are_continuation_log_likelihoods(llama, arc_dir):
+    model, tok = llama
+    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
+    assert task.kind == "multiple_choice"
+    examples = load_evaluation(task, "test")["lm-eval"]
+    assert {len(e.choices) for e in examples} == {3, 4, 5}  # choices differ per example
+    result = evaluate_choices(model, tok, examples, batch_size=3, progress=False)
+    for i in (0, 7):
+        e = examples[i]
+        for j, choice in enumerate(e.choices):  # one unpadded forward pass per choice
+            ctx, cont = encode_pair(tok, e.prompt, " " + choice)
+            ids = torch.tensor([ctx + cont])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            want = sum(logp[len(ctx) - 1 + t, c].item() for t, c in enumerate(cont))
+            assert result.scores[i, j].item() == pytest.approx(want, abs=1e-4)
+        assert torch.isinf(result.scores[i, len(e.choices):]).all()
+    gold = [int(e.label) for e in examples]
+    acc = sum(int(result.scores[i].argmax()) == g for i, g in enumerate(gold)) / len(gold)
+    norm = [max(range(len(e.choices)), key=lambda j, i=i, e=e: result.scores[i, j].item() / len(e.choices[j]))
+            for i, e in enumerate(examples)]
+    assert result.accuracy == acc
+    assert result.accuracy_norm == sum(n == g for n, g in zip(norm, gold)) / len(gold)
+
+
+def test_answer_can_be_a_label_letter_or_an_index(arc_dir, copa_dir):
+    arc = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
+    rows = [json.loads(line) for line in (arc_dir / "ARC-Easy-Test.jsonl").read_text().splitlines()]
+    examples = load_evaluation(arc, "test")["qa"]
+    for row, e in zip(rows, examples):
+        labels = [c["label"] for c in row["question"]["choices"]]
+        assert e.label == str(labels.index(row["answerKey"]))
+        assert e.prompt == f"Q: {row['question']['stem']}\nA:"
+    copa = resolve_task(TaskSpec(name="copa", data_dir=str(copa_dir)))
+    e = load_evaluation(copa, "validation")["lm-eval"][0]
+    rows = {r["premise"]: r for r in map(json.loads, (copa_dir / "val.jsonl").read_text().splitlines())}
+    row = rows[next(t for t in e.texts if t in rows)]
+    connector = {"cause": "because", "effect": "therefore"}[row["question"]]
+    assert e.prompt == row["premise"][:-1] + " " + connector  # lm-eval's copa doc_to_text
+    assert e.choices == tuple(" " + c[0].lower() + c[1:] for c in (row["choice1"], row["choice2"]))
+    assert e.delimiter == " " and e.label == str(row["label"])
+
+
+def test_one_labelled_file_is_split_seeded_and_disjoint(copa_dir):
+    task = resolve_task(TaskSpec(name="copa", data_dir=str(copa_dir)))
+    cal = load_sample(task, task.calibration_split, 1000, seed=0)
+    ev = next(iter(load_evaluation(task, task.evaluation_split).values()))
+    assert len(cal) + len(ev) == 30 and len(cal) == 15
+    check_disjoint(cal, ev)
+    again = load_sample(task, task.calibration_split, 1000, seed=5)
+    assert [e.texts for e in again] == [e.texts for e in cal]  # the cut depends on split_seed only
+    other = resolve_task(TaskSpec(name="copa", data_dir=str(copa_dir), split_seed=1))
+    assert [e.texts for e in load_sample(other, "train", 1000, 0)] != [e.texts for e in cal]
+    assert {e.template for e in cal} <= {t.name for t in task.calibration_templates()}
+    assert all(e.label in ("0", "1") and e.choices for e in cal)  # calibration labels: the answer's index
+
+
+def test_rows_sharing_a_text_stay_on_one_side(tmp_path):
+    rows = [{"question": f"q{i // 2}", "passage": "p", "label": "true" if i % 3 else "false"} for i in range(40)]
+    _write_jsonl(tmp_path / "val.jsonl", rows)
+    task = resolve_task(TaskSpec(name="boolq", data_dir=str(tmp_path)))
+    cal = load_sample(task, "train", 100, 0)
+    ev = load_evaluation(task, "validation")["lm-eval"]
+    check_disjoint(cal, ev)
+    assert len(cal) + len(ev) == 40
+
+
+def _builtin_files(root: Path) -> dict[str, Path]:
+    """Tiny files shaped like ../shared/data (names, headers, label conventions, BOM, no header)."""
+    rng = random.Random(0)
+    s = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))  # noqa: E731
+    n = 16
+    out = {}
+    out["boolq"] = _write_jsonl(root / "boolq" / "val.jsonl", [
+        {"question": s(), "passage": s(), "idx": i, "label": ["false", "true"][i % 2]} for i in range(n)]).parent
+    out["cb"] = _write_jsonl(root / "cb" / "val.jsonl", [
+        {"premise": s(), "hypothesis": s(), "idx": i, "label": ["entailment", "contradiction", "neutral"][i % 3]}
+        for i in range(n)]).parent
+    out["wic"] = _write_jsonl(root / "wic" / "val.jsonl", [
+        {"word": "film", "sentence1": "the film " + s(), "sentence2": s(), "start1": 4, "end1": 8, "start2": 0,
+         "end2": 1, "idx": i, "label": ["false", "true"][i % 2]} for i in range(n)]).parent
+    (root / "mrpc").mkdir()
+    (root / "mrpc" / "msr_paraphrase_test.txt").write_text(
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        + "".join(f"{i % 2}\t{i}\t{i + 100}\t\"{s()}\t{s()}\n" for i in range(n)), encoding="utf-8")
+    out["mrpc"] = root / "mrpc"
+    (root / "qnli").mkdir()
+    (root / "qnli" / "dev.tsv").write_text("index\tquestion\tsentence\tlabel\n" + "".join(
+        f"{i}\t{s()}?\t\"{s()}\" he said.\t{['entailment', 'not_entailment'][i % 2]}\n" for i in range(n)))
+    out["qnli"] = root / "qnli"
+    (root / "cola").mkdir()
+    for name in ("in_domain_train.tsv", "in_domain_dev.tsv"):
+        (root / "cola" / name).write_text("".join(f"gj04\t{i % 2}\t{'' if i % 2 else '*'}\t{s()}.\n"
+                                                  for i in range(n)))
+    out["cola"] = root / "cola"
+    return out
+
+
+def test_every_new_builtin_task_reads_files_shaped_like_the_real_ones(tmp_path, arc_dir, copa_dir):
+    dirs = {**_builtin_files(tmp_path), "copa": copa_dir, "arc_easy": arc_dir}
+    for name, d in dirs.items():
+        task = resolve_task(TaskSpec(name=name, data_dir=str(d)))
+        sets = load_evaluation(task, task.evaluation_split)
+        cal = load_sample(task, task.calibration_split, 8, 0)
+        assert set(sets) == {t.name for t in task.templates} and cal, name
+        if task.split_of:
+            check_disjoint(cal, next(iter(sets.values())))
+        assert any(t.name == "lm-eval" and t.held_out for t in task.templates), name
+    mrpc = resolve_task(TaskSpec(name="mrpc", data_dir=str(dirs["mrpc"])))
+    e = load_evaluation(mrpc, "test")["lm-eval"][0]
+    assert e.prompt.startswith('Sentence 1: "') and e.label in ("0", "1")  # no quoting: the quote is text
+    wic = load_evaluation(resolve_task(TaskSpec(name="wic", data_dir=str(dirs["wic"]))), "validation")
+    assert "the word 'film' used" in wic["lm-eval"][0].prompt  # sentence1[start1:end1]
+    cola = load_evaluation(resolve_task(TaskSpec(name="cola", data_dir=str(dirs["cola"]))), "validation")
+    assert len(cola["lm-eval"]) == 16  # headerless: the first line is a row
+    assert "arc_challenge" in BUILTIN_TASKS
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+       "answerKey": "C"}], "answer 'C' is not one of the choices' labels"),
+    ([{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "A"}],
+     "at least two non-empty choices"),
+    ([{"question": {"stem": "x"}, "answerKey": "A"}], "no field 'choices'"),
+    ([{"question": "x", "answerKey": "A"}], "no field 'stem'"),
+])
+def test_bad_multiple_choice_rows_give_one_clear_error(tmp_path, rows, match):
+    _write_jsonl(tmp_path / "ARC-Easy-Test.jsonl", rows)
+    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match=match) as info:
+        load_evaluation(task, "test")
+    assert "row 0" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_custom_multiple_choice_task_and_its_checks(tmp_path, llama):
+    _write_jsonl(tmp_path / "validation.jsonl", [{"q": f"pick {i}", "opts": ["good", "bad", "flat"], "gold": i % 3}
+                                                 for i in range(9)])
+    spec = TaskSpec(name="pick", kind="multiple_choice", data_dir=str(tmp_path), label_column="gold",
+                    choices=["opts"], templates=[PromptTemplate("a", "Q: {q}\nA:"),
+                                                 PromptTemplate("b", "{q} ->", held_out=True, delimiter="")])
+    task = resolve_task(spec)
+    sets = load_evaluation(task, "validation")
+    assert sets["b"][0].delimiter == "" and sets["a"][0].label == "0"
+    result = evaluate_templates(*llama, sets, task, batch_size=4, progress=False)
+    assert set(result.by_template) == {"a", "b"} and result.by_template["a"].accuracy_norm is not None
+    with pytest.raises(DataError, match="choices"):
+        resolve_task(TaskSpec(name="pick2", kind="multiple_choice", data_dir=str(tmp_path), label_column="gold",
+                              template="{q}"))
+    with pytest.raises(DataError, match="task.kind"):
+        resolve_task(TaskSpec(name="pick3", kind="ranking", data_dir=str(tmp_path), label_column="gold",
+                              template="{q}", label_words={"0": " a"}))
+    with pytest.raises(DataError, match="unknown filter"):
+        resolve_task(TaskSpec(name="pick4", kind="multiple_choice", data_dir=str(tmp_path), label_column="gold",
+                              choices=["opts"], template="{q|shout}"))

@@ -1,0 +1,114 @@
+"""Extra validation in one compress run: more tasks and WikiText perplexity, dense beside pruned in report.json,
+the CLI summary and the model card; the dense results come from the cache the second time; compress on a
+multiple-choice task; `fnprune evaluate` on any built-in task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_tasks import _arc_rows, _write_jsonl
+
+import fnprune
+from fnprune import pipeline
+from fnprune.cli import main
+from fnprune.errors import RecipeError
+from fnprune.recipe import recipe_from_dict
+
+SMALL = ["--num-samples", "24", "--max-tokens", "300", "--components", "6", "--eval-samples", "10", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    _write_jsonl(root / "arc" / "ARC-Easy-Dev.jsonl", _arc_rows(30, 1))
+    _write_jsonl(root / "arc" / "ARC-Easy-Test.jsonl", _arc_rows(12, 2))
+    _write_jsonl(root / "copa" / "val.jsonl", [
+        {"premise": f"The film {i} was long.", "choice1": "People left early.", "choice2": f"It won award {i}.",
+         "question": ["cause", "effect"][i % 2], "label": i % 2, "idx": i} for i in range(24)])
+    wiki = root / "wiki.test.raw"
+    wiki.write_text("\r\n".join(f" = Film {i} = \r\n The film was {'good' if i % 2 else 'bad'} and the movie is a "
+                                "story with a plot ." for i in range(60)), encoding="utf-8")
+    return {"arc": root / "arc", "copa": root / "copa", "wiki": wiki}
+
+
+def test_compress_validates_tasks_and_perplexity_dense_beside_pruned(model_dir, task_data, bench_data, tmp_path,
+                                                                      monkeypatch):
+    calls, ppl_calls = [], []
+    real, real_ppl = pipeline.evaluate_templates, pipeline.perplexity
+    monkeypatch.setattr(pipeline, "evaluate_templates",
+                        lambda m, *a, **k: calls.append(m.config.intermediate_size) or real(m, *a, **k))
+    monkeypatch.setattr(pipeline, "perplexity",
+                        lambda m, *a, **k: ppl_calls.append(m.config.intermediate_size) or real_ppl(m, *a, **k))
+    model = model_dir("llama")
+    args = ["compress", "--task", "sst2", "--model", str(model), "--data-dir", str(task_data), *SMALL,
+            "--validate", f"copa={bench_data['copa']}", "--validate", f"arc_easy={bench_data['arc']}",
+            "--validate", f"wikitext={bench_data['wiki']}", "--perplexity-tokens", "256", "--perplexity-window", "64"]
+    first = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    v = report["validation"]
+    assert [t["task"] for t in v["tasks"]] == ["copa", "arc_easy"]
+    for t in v["tasks"]:
+        m = t["metric"]
+        assert m["kind"] == "multiple_choice" and m["n"] > 0
+        assert all(m[k] is not None for k in ("dense", "pruned", "dense_acc_norm", "pruned_acc_norm"))
+    held = {"copa": {"lm-eval", "options"}, "arc_easy": {"lm-eval", "correct"}}  # held-out templates by default
+    assert [{x["name"] for x in t["templates"]} for t in v["tasks"]] == [held["copa"], held["arc_easy"]]
+    assert v["perplexity"]["tokens"] == 256 and v["perplexity"]["window"] == 64
+    assert v["perplexity"]["tokens_scored"] == 4 * 63
+    assert v["perplexity"]["dense"] > 1 and v["perplexity"]["pruned"] > 1
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "validation: copa accuracy" in card and "validation: wikitext perplexity" in card
+    assert "validate arc_easy accuracy" in first.output and "validate wikitext perplexity" in first.output
+    dense = json.loads((model / "config.json").read_text())["intermediate_size"]
+    assert calls.count(dense) == 3 and ppl_calls.count(dense) == 1  # sst2, copa, arc_easy; wikitext
+    second = CliRunner().invoke(main, [*args, "--keep", "0.25", "--output", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    assert calls.count(dense) == 3 and ppl_calls.count(dense) == 1  # the dense model: all from the cache
+    again = json.loads((tmp_path / "b" / "report.json").read_text())["validation"]
+    assert [t["metric"]["dense"] for t in again["tasks"]] == [t["metric"]["dense"] for t in v["tasks"]]
+    assert again["perplexity"]["dense"] == v["perplexity"]["dense"]
+
+
+def test_validation_entries_are_checked(task_data):
+    bad = [{"task": ""}, {"task": "wikitext"}, {"task": "boolq"}, {"task": "copa", "data_dir": "x", "max_samples": 0}]
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"evaluation": {"validation": bad}}).validate()
+    text = str(info.value)
+    for part in ("validation[0].task: required", "validation[1]: wikitext needs file",
+                 "validation[2].data_dir: required", "validation[3].max_samples"):
+        assert part in text
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        recipe_from_dict({"evaluation": {"validation": ["boolq"]}})
+
+
+def test_unknown_validation_task_is_one_clear_error(model_dir, task_data, tmp_path):
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(model_dir("llama")),
+                                       "--data-dir", str(task_data), *SMALL, "--validate", f"nope={tmp_path}",
+                                       "--output", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "'nope' is not a built-in task" in result.output
+
+
+def test_compress_and_evaluate_a_multiple_choice_task(model_dir, bench_data, tmp_path):
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model_dir("llama"))},
+        "task": {"name": "arc_easy", "data_dir": str(bench_data["arc"])},
+        "calibration": {"num_samples": 30, "max_tokens": 300, "batch_size": 8},
+        "networks": {"components": 6, "max_iter": 50},
+        "output": {"dir": str(tmp_path / "arc")},
+    })
+    report = fnprune.compress(recipe, progress=False).report
+    assert report["metric"]["kind"] == "multiple_choice" and report["metric"]["split"] == "test"
+    assert report["calibration"]["samples"] == 30 and report["metric"]["pruned_acc_norm"] is not None
+    out = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "arc"), "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.output.strip().splitlines()[-1])
+    assert got["task"] == "arc_easy" and got["accuracy"] == pytest.approx(report["metric"]["pruned"])
+    assert got["acc_norm"] == pytest.approx(report["metric"]["pruned_acc_norm"])
+    dense = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir("llama")), "--task", "copa",
+                                      "--data-dir", str(bench_data["copa"]), "--json", "--quiet"])
+    assert dense.exit_code == 0, dense.output
+    assert json.loads(dense.output.strip().splitlines()[-1])["n"] == 12  # the evaluation half of 24 rows
