@@ -162,10 +162,11 @@ def test_inspect_prints_what_is_there(world, tmp_path):
 
 
 def _task(path: Path):
+    from fnprune.data import resolve_task
     from fnprune.recipe import TaskSpec
 
-    return TaskSpec(name="sst2", template="Review: {sentence}\nSentiment:", label_column="label",
-                    label_words={"0": " negative", "1": " positive"}, data_files={"train": str(path)})
+    return resolve_task(TaskSpec(name="sst2", template="Review: {sentence}\nSentiment:", label_column="label",
+                                 label_words={"0": " negative", "1": " positive"}, data_files={"train": str(path)}))
 
 
 @pytest.mark.parametrize(("name", "text", "sentences", "labels"), [
