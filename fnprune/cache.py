@@ -22,7 +22,7 @@ import torch
 
 from .capture import LayerActivations
 from .data import Example
-from .evaluate import TaskResult, choice_lengths, majority_share, scored
+from .evaluate import TaskResult, choice_lengths, scored
 from .moments import SecondMoments
 from .networks import LayerNetworks
 from .perplexity import PerplexityResult
@@ -171,7 +171,6 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
     def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TaskResult:
         if meta["templates"] != list(sets):
             raise ValueError("the entry's templates are not this evaluation's")
-        held = {x.name for x in task.held_out_templates()}
         by_name = {x.name: x for x in task.templates}
         results = {}
         for name, seconds in zip(meta["templates"], meta["seconds"], strict=True):
@@ -183,7 +182,7 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
                 if scores.shape != (len(examples), len(labels)):
                     raise ValueError(f"template {name}: scores of shape {tuple(scores.shape)}")
             results[name] = scored(scores, examples, labels, choice_lengths(examples, words), seconds)
-        return TaskResult(results, [n for n in results if n in held], majority_share(next(iter(sets.values()))))
+        return TaskResult.of(results, task, sets)
 
     return _load(f"evaluation-{key}.safetensors", "evaluation", parse)
 

@@ -241,6 +241,12 @@ class TaskResult:
     def seconds(self) -> float:
         return sum(r.seconds for r in self.by_template.values())
 
+    @classmethod
+    def of(cls, results: dict[str, EvalResult], task: TaskSpec, sets: dict[str, list[Example]]) -> TaskResult:
+        """Results under `sets`' templates, with the task's held-out names and the split's chance level."""
+        held = {t.name for t in task.held_out_templates()}
+        return cls(results, [n for n in results if n in held], majority_share(next(iter(sets.values()))))
+
 
 def evaluate_templates(
     model: nn.Module,
@@ -265,7 +271,7 @@ def evaluate_templates(
             continue
         words = by_name[name].words(task.label_words)
         results[name] = evaluate_accuracy(model, tokenizer, examples, words, batch_size, progress=progress)
-    return TaskResult(results, [n for n in sets if by_name[n].held_out], majority_share(next(iter(sets.values()))))
+    return TaskResult.of(results, task, sets)
 
 
 def majority_share(examples: list[Example]) -> float:
