@@ -41,8 +41,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:"},
     "flap+recon-n256": {**N256, "selection.method": "flap"},
     "answer-50-n256": {**N256, "selection.answer_weight": 0.5},
+    # recovery (distillation toward the dense model); the model before it is the matching row without it
+    "recover": {"recovery.enabled": True, "recovery.evaluate_before": False},
+    "flap+recon+recover": {"selection.method": "flap", "recovery.enabled": True, "recovery.evaluate_before": False},
 }
-WITH_ICA = set(CONFIGS) - {"flap+recon", "flap", "wanda-sp", "random", "flap+recon-n256"}  # one run per ICA seed
+NO_ICA = {"flap+recon", "flap", "wanda-sp", "random", "flap+recon-n256", "flap+recon+recover"}
+WITH_ICA = set(CONFIGS) - NO_ICA  # one run per ICA seed
 
 
 def run_one(args: argparse.Namespace, config: str, keep: float, seed: int) -> dict[str, Any]:
@@ -76,6 +80,10 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
         "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
+    if "recovery" in report:
+        row["recovery_seconds"] = round(report["recovery"]["seconds"], 1)
+    row["compress_seconds"] = round(sum(v for k, v in report["timings_seconds"].items()
+                                        if not k.startswith("evaluate")), 1)
     return row
 
 

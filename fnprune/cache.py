@@ -27,13 +27,14 @@ from .moments import SecondMoments
 from .networks import LayerNetworks
 from .perplexity import PerplexityResult
 from .recipe import TaskSpec
+from .recovery import TeacherTargets
 from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
     "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "save_perplexity",
-    "load_perplexity", "usable",
+    "load_perplexity", "save_teacher", "load_teacher", "usable",
 ]
 
 log = logging.getLogger("fnprune")
@@ -205,3 +206,18 @@ def load_perplexity(key: str) -> PerplexityResult | None:
         return PerplexityResult(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def save_teacher(key: str, targets: TeacherTargets) -> None:
+    """The dense model's top-k next-token distributions on the calibration prompts (recovery's teacher)."""
+    _write(f"teacher-{key}.safetensors", "teacher", targets.tensors(), {})
+
+
+def load_teacher(key: str) -> TeacherTargets | None:
+    def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TeacherTargets:
+        targets = TeacherTargets(t["indices"], t["logprobs"], t["offsets"])
+        if targets.indices.shape != targets.logprobs.shape or int(targets.offsets[-1]) != targets.indices.shape[0]:
+            raise ValueError("teacher tensors do not fit together")
+        return targets
+
+    return _load(f"teacher-{key}.safetensors", "teacher", parse)

@@ -278,6 +278,20 @@ def _validation_rows(report: dict[str, Any]) -> str:
     return "".join(row + "\n" for row in rows)
 
 
+def _recovery_note(r: dict) -> str:
+    """A paragraph on the recovery stage, with the scores before it, when the run had one."""
+    rec = r.get("recovery")
+    if not rec:
+        return ""
+    before = (rec.get("before") or {}).get("template_means")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    scores = (f" Before recovery: held-out template mean {fmt(before['held_out']['pruned'])}, calibration template "
+              f"mean {fmt(before['calibration']['pruned'])}." if before else "")
+    return (f"\nAfter surgery the pruned model was distilled toward the dense one ({rec['steps']} steps, "
+            f"{rec['settings']['params']} weights, {rec['seconds']:.0f} s) on the calibration prompts only; the "
+            f"table shows the recovered model.{scores}\n")
+
+
 def model_card(info: CardInfo, fnprune_version: str) -> str:
     """Hugging Face model card with base_model metadata, what was done and the results table."""
     r = info.report
@@ -312,7 +326,7 @@ plain `AutoModelForCausalLM.from_pretrained`.
 Evaluation is zero-shot (label-word log-probabilities) on a split the calibration never saw. The headline is
 the mean over held-out prompt templates, which were never used for calibration or for choosing settings:
 how the model does under a prompt of your own.
-
+{_recovery_note(r)}
 ## Run it elsewhere
 
 llama.cpp / Ollama: `fnprune export DIR --format gguf --outtype f16 --output model.gguf` (per-layer widths are

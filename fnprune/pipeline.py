@@ -73,6 +73,7 @@ from .recipe import (
     default_fn_boost,
     dump_recipe,
 )
+from .recovery import RecoveryResult, TeacherTargets, recover, teacher_targets
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
 from .surgery import prune_mlp, supports_bias_compensation
@@ -613,6 +614,10 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             dense_params = count_parameters(model)
             dense_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress, cached_as=recipe.model)
             dense_val = _validate(model, tokenizer, validation, recipe, progress, cached_as=recipe.model)
+        teacher = None
+        if recipe.recovery.enabled:
+            with timer.stage("teacher"):
+                teacher = _teacher(model, tokenizer, calibration, recipe, progress)
         removed_means = [a.mean for a in calib.activations] if sel.bias_compensation else None
         fill_maps = None
         tokens_for_ica = calib.activations[0].sampled
@@ -638,19 +643,84 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                 prune_mlp(model, layout, kept, removed_means, recipe.output.layout, fill_maps)
                 del fill_maps
                 release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
-            with timer.stage("evaluate_pruned"):
-                pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
-                pruned_val = _validate(model, tokenizer, validation, recipe, progress)
+            pruned_eval, pruned_val = None, {}
+            if teacher is None or recipe.recovery.evaluate_before:
+                with timer.stage("evaluate_pruned"):
+                    pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+                    pruned_val = _validate(model, tokenizer, validation, recipe, progress)
+            if teacher is not None:
+                before = {"eval": pruned_eval, "validation": pruned_val}
+                with timer.stage("recover"):
+                    recovered = _recover(model, tokenizer, layout, calibration, teacher, recipe, progress)
+                with timer.stage("evaluate_recovered"):
+                    pruned_eval = _evaluate(model, tokenizer, evaluation, task, recipe, progress)
+                    pruned_val = _validate(model, tokenizer, validation, recipe, progress)
             pruned_params = count_parameters(model)
+        extra = {}
+        if teacher is not None:
+            extra["recovery"] = recovery_report(recipe, recovered, task, dense_eval, before, validation, dense_val)
         report, resolved = _finish(
             tmp, model, tokenizer, recipe, sel, task, calib, kept, widths, calibration, tokens_for_ica,
             dense_params, pruned_params, dense_eval, pruned_eval, timer, validation_report(validation, dense_val,
-                                                                                         pruned_val),
+                                                                                         pruned_val), extra,
         )
     if recipe.output.push_to_hub:
         with timer.stage("push"):
             push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
     return CompressResult(out_dir, report, resolved)
+
+
+def teacher_cache_key(recipe: Recipe, seqs: list[list[int]]) -> str:
+    """Everything the dense model's distributions on the calibration prompts depend on."""
+    return cache.cache_key({
+        "teacher": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
+        "top_k": recipe.recovery.top_k,
+        "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
+        "dtype": recipe.model.dtype,
+        "versions": {k: v for k, v in versions().items() if k in ("torch", "transformers", "fnprune")},
+    })
+
+
+def _recovery_inputs(tokenizer, model, calibration: list[Example], recipe: Recipe) -> list[list[int]]:
+    return encode_inputs(tokenizer, calibration, recipe.calibration.max_length, is_classifier(model))
+
+
+def _teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, progress: bool) -> TeacherTargets:
+    """The dense model's distributions on the calibration prompts (recovery's targets), from the cache if there."""
+    seqs = _recovery_inputs(tokenizer, model, calibration, recipe)
+    use_cache = recipe.calibration.cache and cache.usable()
+    key = teacher_cache_key(recipe, seqs) if use_cache else ""
+    found = cache.load_teacher(key) if key else None
+    if found is not None:
+        log.info("teacher distributions from cache %s", cache.cache_dir())
+        return found
+    targets = teacher_targets(model, seqs, recipe.recovery.top_k, recipe.calibration.batch_size, progress)
+    log.info("teacher: %d positions x top %d = %.1f MiB", targets.indices.shape[0], targets.indices.shape[1],
+             targets.nbytes / 2**20)
+    if key:
+        cache.save_teacher(key, targets)
+    return targets
+
+
+def _recover(model, tokenizer, layout: MLPLayout, calibration: list[Example], teacher: TeacherTargets,
+             recipe: Recipe, progress: bool) -> RecoveryResult:
+    seqs = _recovery_inputs(tokenizer, model, calibration, recipe)
+    use_cache = recipe.calibration.cache and cache.usable()
+    return recover(model, layout, seqs, teacher, recipe.recovery, progress,
+                   progress_dir=cache.cache_dir() if use_cache else None)
+
+
+def recovery_report(recipe: Recipe, result: RecoveryResult, task: TaskSpec, dense: TaskResult | None,
+                    before: dict[str, Any], validation: Validation, dense_val: dict[str, Any]) -> dict[str, Any]:
+    """report.json's `recovery`: its settings and cost, and the pruned model's scores before it."""
+    acc = accuracy_report(task, dense, before["eval"]) if before["eval"] is not None else None
+    return {
+        "settings": dataclasses.asdict(recipe.recovery),
+        **dataclasses.asdict(result),
+        "before": {"metric": acc["metric"], "template_means": acc["template_means"],
+                   "templates": {t["name"]: t["pruned"] for t in acc["templates"]}} if acc else None,
+        "validation_before": validation_report(validation, dense_val, before["validation"]) or None,
+    }
 
 
 def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, kept, removed_means, fill_maps,
@@ -686,13 +756,15 @@ def _finish(
     tmp: Path, model, tokenizer, recipe: Recipe, sel, task, calib: Calibration, kept, widths, calibration,
     tokens_for_ica: int, dense_params: int, pruned_params: int, dense_eval: TaskResult | None,
     pruned_eval: TaskResult | None, timer: _Timer, validation: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Recipe]:
     """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
     report and model card into `tmp`; returns (report, resolved recipe)."""
     output = dataclasses.replace(recipe.output, streamed=recipe.streamed())
     resolved = Recipe(
         model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
-        networks=recipe.networks, selection=sel, evaluation=recipe.evaluation, output=output,
+        networks=recipe.networks, selection=sel, recovery=recipe.recovery, evaluation=recipe.evaluation,
+        output=output,
         provenance={
             "versions": versions(),
             "data": _data_provenance(task, [task.calibration_split, task.evaluation_split]),
@@ -722,6 +794,7 @@ def _finish(
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
         **accuracy_report(task, dense_eval, pruned_eval),
         **({"validation": validation} if validation else {}),
+        **(extra or {}),
         "timings_seconds": timer.seconds,
     }
     report["parameters"]["ratio"] = round(report["parameters"]["pruned"] / dense_params, 6)

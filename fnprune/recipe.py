@@ -25,6 +25,7 @@ __all__ = [
     "CalibrationSpec",
     "NetworksSpec",
     "SelectionSpec",
+    "RecoverySpec",
     "EvaluationSpec",
     "ValidationTask",
     "OutputSpec",
@@ -44,6 +45,7 @@ LAYOUTS = ("uniform", "per-layer", "padded")
 TASK_KINDS = ("classification", "multiple_choice")
 FILE_FORMATS = ("tsv", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
+RECOVERY_PARAMS = ("mlp", "all", "lora")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
 _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
@@ -346,6 +348,44 @@ def default_fn_boost(keep: float, reconstruct: bool = True) -> float:
     return 1.0 if keep >= 0.75 else 16.0
 
 
+@dataclass
+class RecoverySpec:
+    """Optional distillation after surgery (fnprune.recovery): the pruned model is trained toward the dense
+    model's next-token distributions on the calibration prompts only (no labels), then saved with the same
+    shapes. `params`: which weights train (the MLP projections, everything, or LoRA adapters on the MLP
+    projections merged back before saving)."""
+
+    enabled: bool = False
+    epochs: int = 1
+    steps: int | None = None  # optimisation steps; None: `epochs` passes over the calibration prompts
+    batch_size: int = 8
+    lr: float = 1e-4  # peak learning rate (AdamW, linear warm-up then cosine decay)
+    warmup: float = 0.05  # share of the steps spent warming up
+    params: str = "mlp"
+    lora_rank: int = 16
+    answer_weight: float = 0.5  # share of the loss given to each prompt's answer position
+    top_k: int = 64  # teacher log-probabilities kept per token (plus the mass of all other tokens)
+    evaluate_before: bool = True  # also score the pruned model before recovery (report.json `recovery.before`)
+    seed: int = 0
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("epochs", "batch_size", "lora_rank", "top_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"recovery.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"recovery.steps: must be >= 1 or null, got {self.steps}")
+        if not self.lr > 0:
+            problems.append(f"recovery.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            problems.append(f"recovery.warmup: must be in [0, 1), got {self.warmup}")
+        if not 0 <= self.answer_weight <= 1:
+            problems.append(f"recovery.answer_weight: must be in [0, 1], got {self.answer_weight}")
+        if self.params not in RECOVERY_PARAMS:
+            problems.append(f"recovery.params: {self.params!r} is not one of {', '.join(RECOVERY_PARAMS)}")
+        return problems + seed_problems("recovery.seed", self.seed)
+
+
 PERPLEXITY_TASK = "wikitext"
 
 
@@ -431,6 +471,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     networks: NetworksSpec = field(default_factory=NetworksSpec)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -446,6 +487,9 @@ class Recipe:
                 "output.layout per-layer is not supported by streamed surgery (model.device_map or "
                 "output.streamed): use uniform or padded"
             )
+        if self.recovery.enabled and self.streamed():
+            found.append("recovery trains the pruned model in memory: it does not run with streamed surgery "
+                         "(model.device_map or output.streamed)")
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":
             found.append(
                 f"selection.allocation {self.selection.allocation!r} gives layers different widths: "

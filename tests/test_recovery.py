@@ -1,0 +1,194 @@
+"""Recovery (distillation toward the dense model): the loss, the training loop, and compress with it."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fnprune
+from fnprune import pipeline, recovery
+from fnprune.arch import layout_for
+from fnprune.data import load_evaluation, load_sample, resolve_task
+from fnprune.errors import RecipeError
+from fnprune.recipe import RecoverySpec, apply_overrides, recipe_from_dict
+from fnprune.recovery import bucket_kl, recover, teacher_targets
+from fnprune.surgery import prune_mlp
+
+
+def _recipe(model_path, data_dir, out, **recovery_fields):
+    return recipe_from_dict({
+        "model": {"name_or_path": str(model_path)},
+        "task": {"name": "sst2", "data_dir": str(data_dir)},
+        "calibration": {"num_samples": 32, "max_tokens": 300, "batch_size": 8},
+        "networks": {"components": 8},
+        "selection": {"keep": 0.5},
+        "recovery": {"enabled": True, "epochs": 2, "lr": 1e-3, **recovery_fields},
+        "evaluation": {"max_samples": 16},
+        "output": {"dir": str(out)},
+    })
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bucket_kl_is_the_exact_kl_with_the_whole_vocabulary_and_zero_at_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(5, 11, generator=g).log_softmax(-1)
+    student = torch.randn(5, 11, generator=g).log_softmax(-1)
+    exact = (teacher.exp() * (teacher - student)).sum(-1)
+    top, ids = teacher.topk(11, dim=-1)
+    assert torch.allclose(bucket_kl(student, ids, top), exact, atol=1e-5)
+    top3, ids3 = teacher.topk(3, dim=-1)
+    coarse = bucket_kl(student, ids3, top3)
+    assert (coarse >= -1e-6).all() and (coarse <= exact + 1e-5).all()  # coarsening never adds divergence
+    assert bucket_kl(teacher, ids3, top3).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(model_dir, tokenizer_dir, task_data):
+    """(dense, pruned copy, prompts as token ids, teacher targets) on the tiny llama."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir("llama")).eval()
+    task = resolve_task(fnprune.recipe.TaskSpec(name="sst2", data_dir=str(task_data)))
+    seqs = [tok(e.prompt)["input_ids"] for e in load_sample(task, "train", 24, 0)]
+    targets = teacher_targets(dense, seqs, 16, 8, progress=False)
+    pruned = copy.deepcopy(dense)
+    layout = layout_for(pruned)
+    prune_mlp(pruned, layout, [torch.arange(0, 128, 2)] * 2, None, "uniform", None)
+    return dense, pruned, seqs, targets
+
+
+def _mean_kl(model, seqs, targets):
+    with torch.no_grad():
+        return float(recovery._loss(model, seqs, targets, list(range(len(seqs))), 0.0))
+
+
+@pytest.mark.parametrize("params", ["mlp", "lora", "all"])
+def test_recovery_lowers_the_divergence_and_keeps_the_shapes(pruned_llama, params):
+    _, pruned, seqs, targets = pruned_llama
+    student = copy.deepcopy(pruned)
+    shapes = {k: v.shape for k, v in student.state_dict().items()}
+    before = _mean_kl(student, seqs, targets)
+    result = recover(student, layout_for(student), seqs, targets,
+                     RecoverySpec(enabled=True, epochs=4, lr=3e-2 if params == "lora" else 3e-3, params=params),
+                     progress=False)
+    assert _mean_kl(student, seqs, targets) < 0.9 * before
+    assert {k: v.shape for k, v in student.state_dict().items()} == shapes  # LoRA merged: same plain weights
+    assert result.steps == 4 * 3 and result.trained_parameters > 0
+    assert all(p.grad is None for p in student.parameters())
+    if params == "mlp":  # attention and embeddings untouched
+        for (name, a), b in zip(pruned.state_dict().items(), student.state_dict().values()):
+            assert torch.equal(a, b) == ("mlp" not in name), name
+
+
+def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, tmp_path, monkeypatch):
+    _, pruned, seqs, targets = pruned_llama
+    spec = RecoverySpec(enabled=True, epochs=2, lr=1e-3)
+    whole = copy.deepcopy(pruned)
+    recover(whole, layout_for(whole), seqs, targets, spec, progress=False)
+    again = copy.deepcopy(pruned)
+    recover(again, layout_for(again), seqs, targets, spec, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), again.state_dict().values()))
+
+    calls = {"n": 0}
+
+    class StopAfterTwoSteps:  # stands in for deferred_interrupt: "Ctrl-C" arrives during the third step
+        def __init__(self, what):
+            pass
+
+        def __enter__(self):
+            def interrupted():
+                calls["n"] += 1
+                return calls["n"] >= 3
+            return interrupted
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(recovery, "deferred_interrupt", StopAfterTwoSteps)
+    stopped = copy.deepcopy(pruned)
+    with pytest.raises(KeyboardInterrupt, match="continues from there"):
+        recover(stopped, layout_for(stopped), seqs, targets, spec, progress=False, progress_dir=tmp_path)
+    assert len(list(tmp_path.glob("recovery-*.partial.safetensors"))) == 1
+    monkeypatch.undo()
+    resumed = copy.deepcopy(pruned)
+    result = recover(resumed, layout_for(resumed), seqs, targets, spec, progress=False, progress_dir=tmp_path)
+    assert result.resumed_at == 3
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    assert not list(tmp_path.glob("recovery-*"))  # done: the progress file is gone
+
+
+@pytest.fixture(scope="module")
+def recovered_run(model_dir, task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recovery") / "llama"
+    return fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
+
+
+def test_recovered_checkpoint_reloads_with_the_scores_of_the_report(recovered_run):
+    out, report = recovered_run.output_dir, recovered_run.report
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    task = resolve_task(recovered_run.recipe.task)
+    sets = {k: v[:16] for k, v in load_evaluation(task, "validation").items()}
+    result = fnprune.evaluate.evaluate_templates(model, AutoTokenizer.from_pretrained(out), sets, task, progress=False)
+    assert [r.accuracy for r in result.by_template.values()] == [t["pruned"] for t in report["templates"]]
+    rec = report["recovery"]
+    assert rec["steps"] == 2 * 4 and rec["settings"]["lr"] == 1e-3 and rec["seconds"] > 0
+    assert rec["before"]["metric"]["pruned"] is not None and set(rec["before"]["templates"]) == set(result.by_template)
+    assert {"teacher", "recover", "evaluate_recovered"} <= set(report["timings_seconds"])
+    assert recovered_run.recipe.recovery.enabled
+    card = (out / "README.md").read_text()
+    assert "before recovery" in card.lower()
+
+
+def test_recovered_checkpoint_is_byte_identical_on_rerun(recovered_run, tmp_path):
+    again = apply_overrides(recovered_run.recipe, {"output.dir": str(tmp_path / "again")})
+    result = fnprune.compress(again, progress=False)
+    assert _sha(result.output_dir / "model.safetensors") == _sha(recovered_run.output_dir / "model.safetensors")
+
+
+def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, task_data, tmp_path, monkeypatch,
+                                                                     tokenizer_dir):
+    """The teacher and the training loop see exactly the calibration prompts: none of the evaluation split's
+    prompts under any template, none of the held-out templates' prompts of any split."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    recipe = _recipe(model_dir("llama"), task_data, tmp_path / "out")
+    task = resolve_task(recipe.task)
+    forbidden = {tuple(tok(e.prompt)["input_ids"]) for ex in load_evaluation(task, "validation").values() for e in ex}
+    for t in task.held_out_templates():
+        forbidden |= {tuple(tok(e.prompt)["input_ids"]) for e in load_evaluation(task, "train")[t.name]}
+    seen: dict[str, set] = {"teacher": set(), "train": set()}
+    real_teacher, real_recover = pipeline.teacher_targets, pipeline.recover
+
+    def spy_teacher(model, seqs, *a, **kw):
+        seen["teacher"] |= {tuple(s) for s in seqs}
+        return real_teacher(model, seqs, *a, **kw)
+
+    def spy_recover(model, layout, seqs, *a, **kw):
+        seen["train"] |= {tuple(s) for s in seqs}
+        return real_recover(model, layout, seqs, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "teacher_targets", spy_teacher)
+    monkeypatch.setattr(pipeline, "recover", spy_recover)
+    fnprune.compress(apply_overrides(recipe, {"calibration.cache": False}), progress=False)
+    calibration = {tuple(tok(e.prompt)["input_ids"]) for e in load_sample(task, "train", 32, 0)}
+    assert seen["teacher"] == seen["train"] == calibration
+    assert not forbidden & seen["train"]
+
+
+def test_recovery_settings_are_checked(tmp_path):
+    base = {"model": {"name_or_path": "m"}, "task": {"name": "sst2"}, "output": {"dir": str(tmp_path)}}
+    bad = recipe_from_dict({**base, "recovery": {"enabled": True, "lr": 0, "params": "head", "answer_weight": 2}})
+    with pytest.raises(RecipeError) as err:
+        bad.validate()
+    assert "recovery.lr" in str(err.value) and "recovery.params" in str(err.value)
+    assert "recovery.answer_weight" in str(err.value)
+    streamed = recipe_from_dict({**base, "recovery": {"enabled": True}, "output": {"dir": "x", "streamed": True}})
+    with pytest.raises(RecipeError, match="streamed"):
+        streamed.validate()
+    assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] is False
