@@ -1,7 +1,8 @@
 """Speed and agreement of the torch ICA engine (fnprune.ica) against scikit-learn on real SmolLM2 activations.
 
-Captures MLP activations once (256 SST-2 train prompts, 4096 sampled tokens per layer; cached as safetensors in
-evaluation/.cache/), then per layer times, side by side in the same process:
+Captures MLP activations once through `fnprune.pipeline.calibrate` (compress's calibration sample, kept as tokens;
+--samples / --max-tokens default to the recipe's, in fnprune's cache), then per layer times, side by side in the
+same process:
   (a) `fnprune.networks.find_networks` (numpy Gram + eigh, scikit-learn FastICA on the whitened data);
   (b) plain scikit-learn `FastICA(n_components=k, whiten="unit-variance")` on the full z-scored neuron x token
       matrix, as a user would run the reference (full SVD whitening);
@@ -12,11 +13,11 @@ Agreement is the mean |corr| of the maps after Hungarian matching; since FastICA
 matrix lands on partly different components, the reference against itself with the next seed is the ceiling.
 Machine load is shared and noisy: compare ratios within one run, not absolute seconds across runs.
 
-    python -m evaluation.bench_ica                 # layers 0, 10, 20, 29
-    python -m evaluation.bench_ica --all-layers
-    python -m evaluation.bench_ica --model-wide    # all layers as compress runs them (bench_ica_model.md)
+    python -m evaluation.bench_ica --samples 256 --max-tokens 4096                 # layers 0, 10, 20, 29
+    python -m evaluation.bench_ica --samples 256 --max-tokens 4096 --all-layers
+    python -m evaluation.bench_ica --samples 256 --max-tokens 4096 --model-wide    # bench_ica_model.md
 
---model-wide times the whole networks stage instead: every layer, 5 pooled runs, the torch engine batched over
+--model-wide times the whole networks stage instead: every layer, pooled runs, the torch engine batched over
 layers from float32 moments (the default) against scikit-learn layer by layer, both from scikit-learn's start
 for the same seeds, so their maps should agree up to rounding amplified by FastICA's own instability.
 """
@@ -39,7 +40,6 @@ from typing import Any
 import numpy as np
 import sklearn
 import torch
-from safetensors.torch import load_file, save_file
 from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
@@ -47,6 +47,7 @@ from threadpoolctl import threadpool_limits
 from fnprune.ica import fast_ica, find_networks_batch, find_networks_torch, match_components, whiten_gram
 from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks, find_networks
+from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 
 HERE = Path(__file__).resolve().parent
 MODEL = Path("~/.cache/fnprune-models/smollm2-135m-instruct").expanduser()
@@ -59,28 +60,24 @@ TORCH_VARIANTS = [  # (name, dtype, eig_method)
 ]
 
 
-def capture_tokens(path: Path, n_samples: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
-    """Per-layer sampled token activations (T, d), captured once and cached as safetensors."""
-    if path.is_file():
-        t = load_file(str(path))
-        return [t[str(i)] for i in range(len(t))]
-    from fnprune.arch import layout_for
-    from fnprune.capture import capture_activations
-    from fnprune.data import load_split, resolve_task, sample
+def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
+    """Per-layer sampled token activations (T, d) of the calibration sample compress draws, through the
+    package's calibrate (kept as tokens, not moments) and its on-disk cache."""
+    from fnprune.data import label_keys, load_sample, resolve_task
     from fnprune.models import load_model
-    from fnprune.recipe import ModelSpec, TaskSpec
-    from fnprune.tokens import encode
+    from fnprune.pipeline import calibrate
 
-    task = resolve_task(TaskSpec(name="sst2", data_dir=str(DATA)))
-    examples = sample(load_split(task, "train"), n_samples, seed)
-    model, tokenizer = load_model(ModelSpec(name_or_path=str(MODEL)))
-    seqs = encode(tokenizer, [e.prompt for e in examples], 256)
-    acts = capture_activations(
-        model, layout_for(model), seqs, max_tokens=max_tokens, batch_size=16, seed=seed, progress=False
+    recipe = Recipe(
+        model=ModelSpec(name_or_path=str(MODEL)), task=TaskSpec(name="sst2", data_dir=str(DATA)),
+        calibration=CalibrationSpec(num_samples=n_samples, max_tokens=max_tokens, seed=seed, sample_store="tokens"),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({str(i): a.tokens.contiguous() for i, a in enumerate(acts)}, str(path))
-    return [a.tokens for a in acts]
+    task = resolve_task(recipe.task)
+    cal = recipe.calibration
+    examples = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)
+    model, tokenizer = load_model(recipe.model)
+    calib = calibrate(model, tokenizer, examples, dict.fromkeys(label_keys(task, examples), ""), recipe,
+                      with_networks=False, progress=False, use_cache=True)
+    return [a.tokens for a in calib.activations]
 
 
 def sklearn_plain(tokens: np.ndarray, components: int, seed: int, max_iter: int, tol: float) -> np.ndarray:
@@ -189,9 +186,9 @@ def bench_layer(tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any
 
 
 def bench_model(layers_tokens: list[torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
-    """All layers as compress runs them (5 pooled runs per layer): the torch engine batched over layers, from
-    the float32 second moments capture keeps, against scikit-learn layer by layer (1 BLAS thread), from the
-    same tokens' moments, same seeds. The reference with the next 5 seeds is its own ceiling."""
+    """All layers as compress runs them (--runs pooled runs per layer): the torch engine batched over layers,
+    from the float32 second moments capture keeps, against scikit-learn layer by layer (1 BLAS thread), from the
+    same tokens' moments, same seeds. The reference with the next --runs seeds is its own ceiling."""
     k, seed, it, tol, runs = args.components, args.seed, args.max_iter, args.tol, args.runs
     out: dict[str, Any] = {"runs": runs, "layers": len(layers_tokens)}
 
@@ -336,24 +333,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="0,10,20,29", help="comma-separated layer indices")
     p.add_argument("--all-layers", action="store_true", help="every layer (long: add --skip-as-run)")
     p.add_argument("--skip-as-run", action="store_true", help="do not time (a) and (b) with default BLAS threads")
-    p.add_argument("--components", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=3.0)
-    p.add_argument("--max-iter", type=int, default=400)
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    net, cal = NetworksSpec(), CalibrationSpec()  # defaults: the recipe's
+    p.add_argument("--components", type=int, default=net.components)
+    p.add_argument("--threshold", type=float, default=net.threshold)
+    p.add_argument("--max-iter", type=int, default=net.max_iter)
+    p.add_argument("--tol", type=float, default=net.tol)
+    p.add_argument("--seed", type=int, default=net.seed, help="ICA seed and calibration sample seed")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=cal.num_samples, help="calibration prompts")
+    p.add_argument("--max-tokens", type=int, default=cal.max_tokens, help="sampled tokens per layer")
     p.add_argument("--out-prefix", default=None,
                    help="default evaluation/results/bench_ica (bench_ica_model with --model-wide)")
     p.add_argument("--model-wide", action="store_true",
                    help="all layers as compress runs them (pooled runs, layers batched) instead of per layer")
-    p.add_argument("--runs", type=int, default=5, help="with --model-wide: pooled FastICA runs per layer")
+    p.add_argument("--runs", type=int, default=net.runs, help="with --model-wide: pooled FastICA runs per layer")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     command = ("python -m evaluation.bench_ica " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    cache = HERE / ".cache" / f"bench_ica_tokens_n{args.samples}_t{args.max_tokens}_s{args.seed}.safetensors"
-    layers_tokens = capture_tokens(cache, args.samples, args.max_tokens, args.seed)
+    layers_tokens = capture_tokens(args.samples, args.max_tokens, args.seed)
     layers = range(len(layers_tokens)) if args.all_layers else [int(i) for i in args.layers.split(",")]
     info: dict[str, Any] = {
         "tokens": layers_tokens[0].shape[0], "width": layers_tokens[0].shape[1], "components": args.components,

@@ -49,14 +49,14 @@ print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "
 FORWARD_ONLY = """
 import json, resource, sys, time, torch
 torch.set_flush_denormal(True)
-from fnprune.data import load_split, resolve_task, sample
+from fnprune.data import load_sample, resolve_task
 from fnprune.models import load_model
 from fnprune.recipe import recipe_from_dict
 from fnprune.tokens import batches, encode_inputs, forward, is_classifier
 recipe = recipe_from_dict(json.loads(sys.argv[1]))
 cal = recipe.calibration
 task = resolve_task(recipe.task)
-examples = sample(load_split(task, task.calibration_split), cal.num_samples, cal.seed)
+examples = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)  # compress's prompts
 model, tok = load_model(recipe.model)
 seqs = encode_inputs(tok, examples, cal.max_length, is_classifier(model))
 start = time.perf_counter()
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--keeps", default="0.75,0.5,0.25")
-    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, help="calibration prompts (default: the recipe's)")
     parser.add_argument("--prefill-batch", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -170,7 +170,7 @@ def main() -> None:
     base = {
         "model": {"name_or_path": str(Path(args.model).expanduser())},
         "task": {"name": "sst2", "data_dir": str(Path(args.data_dir).resolve())},
-        "calibration": {"num_samples": args.num_samples, "cache": False},
+        "calibration": {"cache": False, **({"num_samples": args.num_samples} if args.num_samples else {})},
         "evaluation": {"enabled": False},
     }
     weights_bytes = sum(p.stat().st_size for p in Path(args.model).expanduser().glob("*.safetensors"))

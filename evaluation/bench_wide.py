@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fnprune.recipe import NetworksSpec
+
 from .bench_speed import COMPRESS_AND_MEASURE, run_script
 from .tables import write_rows
 
@@ -166,7 +168,7 @@ def main() -> None:
     parser.add_argument("--widths", default="11008,14336")
     parser.add_argument("--token-only", default="", help="widths whose d x d path is too big to run here")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--components", type=int, default=32)
+    parser.add_argument("--components", type=int, default=NetworksSpec().components)
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_wide"))
     parser.add_argument("--compress", action="store_true", help="the whole pipeline instead (module doc)")
     parser.add_argument("--fit", action="store_true", help="the reconstruction's two ridge fits instead")

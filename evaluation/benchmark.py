@@ -4,14 +4,18 @@ the report.json each run writes, so every number is the product's own (physicall
     python -m evaluation.benchmark --model ~/.cache/fnprune-models/smollm2-135m-instruct \
         --data-dir ../shared/data/sst2 --keeps 0.5,0.25 --configs default,flap+recon --seeds 0,5,10
 
-Each run's checkpoint folder stays under --work, and a rerun skips the runs whose report.json exists (so an
-interrupted benchmark continues). The dense model is scored once and then read from fnprune's cache.
-Writes PREFIX.json / PREFIX.md: one row per run, then the mean and spread over seeds per configuration and keep.
+Every setting not named by a configuration, `--set KEY=VALUE` or a flag is the recipe's default (fnprune.recipe):
+this is the evaluation driver, not a second pipeline. `--wikitext FILE` adds the WikiText-2 perplexity of both
+models (the recipe's `evaluation.validation`). Each run's checkpoint folder stays under --work, and a rerun skips
+the runs whose report.json exists (so an interrupted benchmark continues). Calibration, networks and the dense
+model's scores are read from fnprune's cache after the first run. Writes PREFIX.json / PREFIX.md: one row per
+run, then the mean and spread over seeds per configuration and keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from evaluation.tables import write_rows
 
@@ -49,21 +54,44 @@ NO_ICA = {"flap+recon", "flap", "wanda-sp", "random", "flap+recon-n256", "flap+r
 WITH_ICA = set(CONFIGS) - NO_ICA  # one run per ICA seed
 
 
-def run_one(args: argparse.Namespace, config: str, keep: float, seed: int) -> dict[str, Any]:
-    """One compress (or its saved report when the run is already done)."""
+def run_one(
+    args: argparse.Namespace, config: str, keep: float, seed: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One compress (or its saved report when the run is already done); `extra`: recipe overrides applied after
+    the configuration's (from --set and --wikitext), which give the run folder a suffix of their own."""
     import fnprune
     from fnprune.recipe import Recipe, apply_overrides
 
-    out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}"
+    out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}{overrides_suffix(extra)}"
     if not (out / "report.json").is_file():
         overrides = {
             "model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "calibration.num_samples": args.num_samples, "output.dir": str(out), "output.overwrite": True,
-            "selection.keep": keep, "networks.seed": seed, **CONFIGS[config],
+            "selection.keep": keep, "networks.seed": seed, **CONFIGS[config], **(extra or {}),
         }
         fnprune.compress(apply_overrides(Recipe(), overrides), progress=not args.quiet)
     report = json.loads((out / "report.json").read_text())
     return row_of(config, keep, seed, report)
+
+
+def overrides_suffix(extra: dict[str, Any] | None) -> str:
+    """'' without overrides, else '-' and a short hash of them (runs with other settings get other folders)."""
+    if not extra:
+        return ""
+    return "-" + hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
+    """`--set selection.ridge=1.0` (values read as YAML) and `--wikitext FILE` as dotted recipe overrides."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with a dotted recipe key, e.g. selection.ridge=1.0")
+        out[key.strip()] = yaml.safe_load(value)
+    if wikitext:
+        out["evaluation.validation"] = [{"task": "wikitext", "file": str(Path(wikitext).expanduser().resolve())}]
+    return out
 
 
 def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +108,9 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
         "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
+    ppl = report.get("validation", {}).get("perplexity")
+    if ppl:
+        row.update(ppl_dense=round(ppl["dense"], 2), ppl_pruned=round(ppl["pruned"], 2))
     if "recovery" in report:
         row["recovery_seconds"] = round(report["recovery"]["seconds"], 1)
     row["compress_seconds"] = round(sum(v for k, v in report["timings_seconds"].items()
@@ -108,8 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--keeps", default="0.75,0.5,0.35,0.25")
     p.add_argument("--configs", default="default,flap+recon,flap,wanda-sp,random")
-    p.add_argument("--seeds", default="0,5,10", help="networks.seed of the ICA rows (5 pooled runs each)")
+    p.add_argument("--seeds", default="0,5,10", help="networks.seed of the ICA rows (networks.runs pooled runs each)")
     p.add_argument("--num-samples", type=int, help="calibration prompts (default: the recipe's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every run, e.g. networks.engine=sklearn (repeatable)")
+    p.add_argument("--wikitext", help="WikiText-2 raw file: also report both models' perplexity")
     p.add_argument("--work", default="evaluation/.runs")
     p.add_argument("--out-prefix", default="evaluation/results/templates_sst2")
     p.add_argument("--quiet", action="store_true")
@@ -118,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         p.error(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    extra = parse_overrides(args.set, args.wikitext)
     rows = []
     for keep in [float(k) for k in args.keeps.split(",")]:
         for config in args.configs.split(","):
             seeds = [int(s) for s in args.seeds.split(",")] if config in WITH_ICA else [0]
             for seed in seeds:
-                rows.append(run_one(args, config, keep, seed))
+                rows.append(run_one(args, config, keep, seed, extra))
                 print(json.dumps(rows[-1]), flush=True)
     command = "python -m evaluation.benchmark " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     write_rows(Path(args.out_prefix), command, rows)

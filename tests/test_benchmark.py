@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from evaluation import benchmark
@@ -30,3 +31,60 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
         model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=24,
         work=str(tmp_path / "runs"), quiet=True), "flap+recon", 0.5, 0)
     assert rerun == row  # a finished run is read back, not run again
+
+
+def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task_data, tmp_path):
+    """The default configuration (fn-task networks + reconstruction) with --set overrides and --wikitext: the
+    same numbers as `fnprune compress` given the same settings as flags."""
+    wiki = tmp_path / "wiki.test.raw"
+    wiki.write_text("\n".join(f" = Film {i} = \n The film was {'good' if i % 2 else 'bad'} and the story is long ."
+                              for i in range(60)), encoding="utf-8")
+    small = {"calibration.max_tokens": 300, "networks.components": 6, "selection.ridge": 1.0,
+             "evaluation.perplexity_tokens": 256, "evaluation.perplexity_window": 64}
+    prefix = tmp_path / "bench"
+    benchmark.main(["--model", str(model_dir("llama")), "--data-dir", str(task_data), "--keeps", "0.5",
+                    "--configs", "default", "--seeds", "0", "--num-samples", "24", "--wikitext", str(wiki),
+                    *[a for k, v in small.items() for a in ("--set", f"{k}={v}")],
+                    "--work", str(tmp_path / "runs"), "--out-prefix", str(prefix), "--quiet"])
+    row = json.loads(prefix.with_suffix(".json").read_text())["rows"][0]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("sst2-default-k0.5-s0-")  # other settings, another folder
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, [
+        "compress", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+        "--keep", "0.5", "--num-samples", "24", "--max-tokens", "300", "--components", "6", "--ridge", "1.0",
+        "--validate", f"wikitext={wiki}", "--perplexity-tokens", "256", "--perplexity-window", "64",
+        "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "fn-task" and report["reconstruct"] and report["ridge"] == 1.0
+    assert row["held_out_pruned"] == round(report["metric"]["pruned"], 4)
+    assert row["calibration_pruned"] == round(report["template_means"]["calibration"]["pruned"], 4)
+    assert row["params"] == report["parameters"]["ratio"]
+    assert row["ppl_pruned"] == round(report["validation"]["perplexity"]["pruned"], 2)
+    assert row["ppl_dense"] == round(report["validation"]["perplexity"]["dense"], 2)
+    for name in ("model.safetensors", "networks.safetensors"):
+        assert (run_dir / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_benchmark_set_needs_key_and_value():
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        benchmark.parse_overrides(["selection.ridge"], None)
+    assert benchmark.parse_overrides(["networks.engine=sklearn", "selection.fn_boost=4"], None) == {
+        "networks.engine": "sklearn", "selection.fn_boost": 4}
+
+
+def test_bench_ica_captures_through_the_package_and_its_cache(model_dir, task_data, monkeypatch):
+    """The ICA benchmark's activations are compress's calibration sample, from fnprune's one cache."""
+    from evaluation import bench_ica
+    from fnprune import pipeline
+
+    monkeypatch.setattr(bench_ica, "MODEL", model_dir("llama"))
+    monkeypatch.setattr(bench_ica, "DATA", task_data)
+    first = bench_ica.capture_tokens(24, 64, 0)
+    assert first and all(t.shape[0] == 64 for t in first)  # the sampled tokens, kept as tokens
+    calls = []
+    real = pipeline.capture_activations
+    monkeypatch.setattr(pipeline, "capture_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = bench_ica.capture_tokens(24, 64, 0)
+    assert not calls and all(a.equal(b) for a, b in zip(first, again))

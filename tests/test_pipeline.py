@@ -265,7 +265,7 @@ def test_reconstruction_releases_each_sample_once_fitted(model_dir, task_data, m
     calib = pipeline.calibrate(model, tok, examples, task.label_words, recipe, with_networks=False, progress=False)
     kept = pipeline.select_neurons(model, calib, "flap", 0.5, 8, 0, None)
     centres = [a.mean for a in calib.activations]
-    maps = pipeline.reconstruction_fills(calib, kept, centres, 0.1)  # the sweep's way: samples stay
+    maps = pipeline.reconstruction_fills(calib, kept, centres, 0.1)  # without release: samples stay
     assert all(a.tokens is not None for a in calib.activations)
 
     alive, fit = [], pipeline.reconstruction_map
