@@ -14,64 +14,18 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_flags import (
+    FLAG_BY_DECL,
+    TASK_NAMES,
+    compress_options,
+    flag_overrides,
+    parse_data_files,
+    parse_device_map,
+    parse_max_memory,
+    task_overrides,
+)
 from .errors import FnpruneError, RecipeError
-
-
-def _parse_data_files(value: str | None) -> dict[str, str] | None:
-    if not value:
-        return None
-    files = {}
-    for part in value.split(","):
-        split, sep, path = part.partition("=")
-        if not sep or not split.strip() or not path.strip():
-            raise click.BadParameter(f"{part!r}: expected SPLIT=PATH, e.g. train=train.tsv,validation=dev.tsv")
-        files[split.strip()] = path.strip()
-    return files
-
-
-def _parse_device_map(value: str | None) -> str | dict | None:
-    """`auto`, `cpu`, ... as is; a JSON object ({"model.layers.9": "disk", ...}) as a mapping."""
-    if not value or not value.lstrip().startswith("{"):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not a JSON object of module names to devices: {exc}") from exc
-    if not isinstance(parsed, dict):
-        raise click.BadParameter("expected a JSON object of module names to devices")
-    return parsed
-
-
-def _parse_validate(values: tuple[str, ...]) -> list[dict[str, str]] | None:
-    """`--validate NAME=PATH`: a built-in task with its data folder, or wikitext with its raw file (or folder)."""
-    if not values:
-        return None
-    out = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise click.BadParameter(f"{value!r}: expected TASK=PATH, e.g. boolq=../shared/data/superglue_boolq")
-        name, path = name.strip(), path.strip()
-        where = "file" if name == "wikitext" and not Path(path).expanduser().is_dir() else "data_dir"
-        out.append({"task": name, where: path})
-    return out
-
-
-def _parse_max_memory(value: str | None) -> dict[str, str] | None:
-    if not value:
-        return None
-    out = {}
-    for part in value.split(","):
-        device, sep, size = part.partition("=")
-        if not sep or not device.strip() or not size.strip():
-            raise click.BadParameter(f"{part!r}: expected DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=32GiB")
-        out[device.strip()] = size.strip()
-    return out
-
-
-_TASKS = ("sst2, rte, ag_news, boolq, cb, copa, wic, mrpc, qnli, cola, arc_easy, arc_challenge")
-_DEVICE_MAP_HELP = ("Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
-                    "a JSON object of module names to devices. Surgery then streams from the source files.")
+from .recipe import Recipe, TaskSpec, apply_overrides, load_recipe
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -104,19 +58,6 @@ def _setup_logging(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _task_overrides(task: str | None, data_dir: str | None, data_files: dict | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if task:
-        out["task"] = {"name": task}
-    if data_dir:
-        out["task.data_dir"] = data_dir
-        out["task.data_files"] = {}
-    if data_files:
-        out["task.data_files"] = data_files
-        out["task.data_dir"] = None
-    return out
-
-
 @click.group()
 @click.version_option(__version__, prog_name="fnprune")
 def main() -> None:
@@ -125,113 +66,18 @@ def main() -> None:
 
 @main.command()
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="Recipe YAML; flags override it.")
-@click.option("--task", help=f"Task name (built in: {_TASKS}; or defined in the recipe).")
-@click.option("--model", help="Hub id, local Hugging Face folder, or .gguf file.")
-@click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
-@click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype (default float32).")
-@click.option("--keep", type=float, help="Fraction of MLP neurons kept in every layer (default 0.5).")
-@click.option("--sparsity", type=float, help="Fraction of MLP neurons removed (= 1 - keep).")
-@click.option("--method", help="Selection criterion: fn-task (default), fn, random, magnitude, wanda-sp, flap.")
-@click.option("--round-to", type=int, help="Round kept widths to a multiple of this (default 8).")
-@click.option("--fn-boost", type=float,
-              help="fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= 0.75).")
-@click.option("--allocation", type=click.Choice(["uniform", "global"]),
-              help="uniform: same width per layer (default); global: one ranking across layers.")
-@click.option("--layout", "width_layout", type=click.Choice(["uniform", "per-layer", "padded"]),
-              help="How per-layer widths are saved (default uniform; global allocation needs per-layer/padded).")
-@click.option("--components", type=int, help="ICA components per layer (default 32).")
-@click.option("--ica-engine", type=click.Choice(["sklearn", "torch"]),
-              help="ICA implementation: torch (default; all layers batched) or sklearn (the reference).")
-@click.option("--threshold", type=float, help="|z| above which a neuron belongs to a network (default 3).")
-@click.option("--ica-runs", type=int, help="ICA runs per layer (seeds) whose networks are pooled (default 5).")
-@click.option("--num-samples", type=int, help="Calibration examples from the train split (default 1024).")
-@click.option("--max-tokens", type=int, help="Tokens sampled per layer for ICA and reconstruction (default 16384).")
-@click.option("--sample-store", type=click.Choice(["auto", "tokens", "moments"]),
-              help="Keep the token sample itself or only its d x d second moments (default auto: the smaller).")
-@click.option("--batch-size", type=int, help="Calibration batch size (default 16).")
-@click.option("--seed", type=int, help="Seed for calibration sampling, ICA and random selection.")
-@click.option("--bias-compensation/--no-bias-compensation", default=None,
-              help="Fold the removed neurons' mean output into the MLP bias (default: when the model allows).")
-@click.option("--reconstruct/--no-reconstruct", default=None,
-              help="Rebuild removed neurons from kept ones by least squares, folded into the weights (default on).")
-@click.option("--ridge", type=float, help="Ridge of that least-squares fit, relative (default 0.1).")
-@click.option("--eval/--no-eval", "do_eval", default=None, help="Evaluate dense and pruned models (default on).")
-@click.option("--eval-samples", type=int, help="Evaluate on the first N evaluation examples only.")
-@click.option("--validate", multiple=True, metavar="TASK=PATH",
-              help="Also score this benchmark dense and pruned: a built-in task and its data folder, or "
-                   "wikitext=FILE (perplexity). Repeatable.")
-@click.option("--perplexity-tokens", type=int, help="WikiText tokens scored with --validate wikitext (default 16384).")
-@click.option("--perplexity-window", type=int, help="Window of that perplexity, in tokens (default 512).")
-@click.option("--cache/--no-cache", default=None,
-              help="Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default on).")
-@click.option("--output", help="Output directory for the pruned checkpoint.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
-@click.option("--max-shard-size", help="Split model.safetensors into shards of at most this size, e.g. 2GB.")
-@click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the output folder to this Hub repo.")
-@click.option("--private", is_flag=True, default=None, help="Create the Hub repo as private.")
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own code (off).")
-@click.option("--device-map", help=_DEVICE_MAP_HELP)
-@click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
-@click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
-@click.option("--streamed", is_flag=True, default=None,
-              help="Streamed surgery from the source files without --device-map (never two copies in memory).")
+@compress_options
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def compress(recipe_path, task, model, data_dir, data_files, dtype, keep, sparsity, method, round_to, fn_boost,
-             allocation, width_layout, components, ica_engine, threshold, ica_runs, num_samples, max_tokens,
-             sample_store, batch_size, seed, bias_compensation, reconstruct, ridge,
-             do_eval, eval_samples, validate, perplexity_tokens, perplexity_window, cache, output, overwrite,
-             max_shard_size, push_to_hub, private, trust_remote_code,
-             device_map, max_memory, offload_folder, streamed, quiet) -> None:
+def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **values: Any) -> None:
     """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
     from .pipeline import compress as run
-    from .recipe import Recipe, apply_overrides, load_recipe
 
     _setup_logging(quiet)
-    if keep is not None and sparsity is not None:
+    if values["keep"] is not None and sparsity is not None:
         raise RecipeError("give --keep or --sparsity, not both")
     base = load_recipe(recipe_path) if recipe_path else Recipe()
-    overrides: dict[str, Any] = _task_overrides(task, data_dir, _parse_data_files(data_files))
-    overrides.update({
-        "model.name_or_path": model,
-        "model.trust_remote_code": trust_remote_code,
-        "model.dtype": dtype,
-        "model.device_map": _parse_device_map(device_map),
-        "model.max_memory": _parse_max_memory(max_memory),
-        "model.offload_folder": offload_folder,
-        "output.streamed": streamed,
-        "selection.keep": (1 - sparsity) if sparsity is not None else keep,
-        "selection.method": method,
-        "selection.round_to": round_to,
-        "selection.fn_boost": fn_boost,
-        "selection.allocation": allocation,
-        "output.layout": width_layout,
-        "output.push_to_hub": push_to_hub,
-        "output.max_shard_size": max_shard_size,
-        "output.private": private,
-        "selection.bias_compensation": bias_compensation,
-        "selection.reconstruct": reconstruct,
-        "selection.ridge": ridge,
-        "networks.components": components,
-        "networks.threshold": threshold,
-        "networks.engine": ica_engine,
-        "networks.runs": ica_runs,
-        "calibration.num_samples": num_samples,
-        "calibration.max_tokens": max_tokens,
-        "calibration.sample_store": sample_store,
-        "calibration.batch_size": batch_size,
-        "calibration.cache": cache,
-        "evaluation.enabled": do_eval,
-        "evaluation.max_samples": eval_samples,
-        "evaluation.validation": _parse_validate(validate),
-        "evaluation.perplexity_tokens": perplexity_tokens,
-        "evaluation.perplexity_window": perplexity_window,
-        "output.dir": output,
-        "output.overwrite": overwrite,
-    })
-    if seed is not None:
-        overrides.update({f"{s}.seed": seed for s in ("calibration", "networks", "selection")})
+    overrides = flag_overrides(values, sparsity)
     if recipe_path and "task" in overrides and base.provenance:
         base.provenance = {}
     recipe = apply_overrides(base, overrides)
@@ -276,7 +122,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
 
 @main.command()
 @click.option("--model", required=True, help="Pruned output folder, HF folder, Hub id or .gguf file.")
-@click.option("--task", help=f"Task name ({_TASKS}, or custom); defaults to the model folder's recipe.yaml task.")
+@click.option("--task", help=f"Task name ({TASK_NAMES}, or custom); defaults to the model folder's recipe.yaml task.")
 @click.option("--data-dir", help="Folder with GLUE-style split files.")
 @click.option("--data-files", help="SPLIT=PATH pairs (tsv/csv/jsonl).")
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
@@ -284,9 +130,9 @@ def _print_summary(report: dict, where: Path | str) -> None:
 @click.option("--template", help="Template name(s), comma separated (default: all of the task's templates).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
-@click.option("--device-map", help=_DEVICE_MAP_HELP.split(". ")[0] + ".")
-@click.option("--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB.")
-@click.option("--offload-folder", type=click.Path(file_okay=False), help="With --device-map: disk offload folder.")
+@click.option("--device-map", help=FLAG_BY_DECL["--device-map"].settings["help"].split(". ")[0] + ".")
+@FLAG_BY_DECL["--max-memory"].decorate
+@FLAG_BY_DECL["--offload-folder"].decorate
 @click.option("--lm-eval-tasks", help="Also run lm-evaluation-harness on these tasks, comma separated (needs "
                                      "fnprune[lm-eval]); the model is loaded by fnprune, so every layout works.")
 @click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
@@ -298,42 +144,16 @@ def _print_summary(report: dict, where: Path | str) -> None:
 def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
              max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
-    from .checkpoint import RECIPE_FILE
-    from .data import load_evaluation, resolve_task
     from .evaluate import evaluate_templates
     from .models import load_model, local_model_dir
-    from .recipe import TaskSpec, load_recipe, recipe_from_dict
+    from .recipe import recipe_from_dict
 
     _setup_logging(quiet)
     if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
         model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
-    saved = Path(model).expanduser() / RECIPE_FILE
     harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
-    if task is None and saved.is_file():
-        spec = load_recipe(saved).task
-    elif task is None and harness:
-        spec = None  # lm-eval only
-    elif task is None:
-        raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
-    else:
-        spec = TaskSpec(name=task)
-    resolved = sets = None
-    if spec is not None:
-        overrides = _task_overrides(None, data_dir, _parse_data_files(data_files))
-        data = dataclasses.asdict(spec)
-        for key, value in overrides.items():
-            data[key.split(".", 1)[1]] = value
-        spec = recipe_from_dict({"task": data}).task
-        resolved = resolve_task(spec)
-        sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
-        if template:
-            wanted = [t.strip() for t in template.split(",")]
-            unknown = [t for t in wanted if t not in sets]
-            if unknown:
-                raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
-                                  f"(its templates: {', '.join(sets)})")
-            sets = {t: sets[t] for t in wanted}
-    placement = {"device_map": _parse_device_map(device_map), "max_memory": _parse_max_memory(max_memory) or {},
+    resolved, sets = _evaluation_sets(model, task, data_dir, data_files, split, max_samples, template, bool(harness))
+    placement = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
     model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
                                              **placement}}).model
@@ -342,19 +162,10 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
         raise RecipeError(problems)
     m, tok = load_model(model_spec)
     out: dict[str, Any] = {"model": model}
+    result = None
     if resolved is not None:
         result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
-        held, cal = result.mean(held_out=True), result.mean(held_out=False)
-        out.update({
-            "task": resolved.name, "split": split or resolved.evaluation_split, "n": result.n,
-            "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
-            "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
-            "templates": {name: r.accuracy for name, r in result.by_template.items()},
-            "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
-            "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
-            "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
-            "seconds": round(result.seconds, 2),
-        })
+        out.update(_evaluation_summary(result, resolved, split or resolved.evaluation_split))
     if harness:
         from .lm_eval_backend import run_lm_eval
 
@@ -362,17 +173,67 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if as_json:
         click.echo(json.dumps(out))
         return
-    if resolved is not None:
-        click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {out['split']} examples, "
-                   f"{out['of']} ({model})")
-        for name, r in result.by_template.items():
-            kind = "held out" if name in result.held_out else "calibration"
-            norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
-            predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
-            click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm} (predicted: {predicted})")
+    if result is not None:
+        _echo_evaluation(result, resolved, out["split"], out["of"], model)
     for name, metrics in out.get("lm_eval", {}).get("results", {}).items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and "stderr" not in k)
         click.echo(f"lm-eval {name}: {shown} (n={metrics.get('n')})")
+
+
+def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_files: str | None, split: str | None,
+                     max_samples: int | None, template: str | None, harness: bool) -> tuple[Any, Any]:
+    """The resolved task and its evaluation examples by template; (None, None) for lm-eval only. The task is
+    --task, else the model folder's recipe.yaml task."""
+    from .checkpoint import RECIPE_FILE
+    from .data import load_evaluation, resolve_task
+    from .recipe import recipe_from_dict
+
+    saved = Path(model).expanduser() / RECIPE_FILE
+    if task is None and saved.is_file():
+        spec = load_recipe(saved).task
+    elif task is None and harness:
+        return None, None  # lm-eval only
+    elif task is None:
+        raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
+    else:
+        spec = TaskSpec(name=task)
+    data = dataclasses.asdict(spec)
+    for key, value in task_overrides(None, data_dir, parse_data_files(data_files)).items():
+        data[key.split(".", 1)[1]] = value
+    resolved = resolve_task(recipe_from_dict({"task": data}).task)
+    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
+    if template:
+        wanted = [t.strip() for t in template.split(",")]
+        unknown = [t for t in wanted if t not in sets]
+        if unknown:
+            raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                              f"(its templates: {', '.join(sets)})")
+        sets = {t: sets[t] for t in wanted}
+    return resolved, sets
+
+
+def _evaluation_summary(result: Any, resolved: Any, split: str) -> dict[str, Any]:
+    """What `evaluate --json` prints for the task."""
+    held, cal = result.mean(held_out=True), result.mean(held_out=False)
+    return {
+        "task": resolved.name, "split": split, "n": result.n,
+        "accuracy": result.headline, "of": "held-out templates (mean)" if held is not None else
+        "calibration templates (mean)", "held_out_mean": held, "calibration_mean": cal,
+        "templates": {name: r.accuracy for name, r in result.by_template.items()},
+        "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
+        "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
+        "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _echo_evaluation(result: Any, resolved: Any, split: str, of: str, model: str) -> None:
+    click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {split} examples, {of} ({model})")
+    for name, r in result.by_template.items():
+        kind = "held out" if name in result.held_out else "calibration"
+        norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
+        predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
+        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm} (predicted: {predicted})")
 
 
 def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -429,7 +290,7 @@ def inspect(directory) -> None:
 
 
 @main.command()
-@click.option("--task", required=True, help=f"Task name (built in: {_TASKS}).")
+@click.option("--task", required=True, help=f"Task name (built in: {TASK_NAMES}).")
 @click.option("--model", required=True, help="Hub id, local Hugging Face folder, or .gguf file.")
 @click.option("--data-dir", help="Folder with GLUE-style split files (train.tsv, dev.tsv, ...).")
 @click.option("--data-files", help="SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl).")
@@ -468,7 +329,7 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
 
     _setup_logging(quiet)
     start = time.perf_counter()
-    files = _parse_data_files(data_files)
+    files = parse_data_files(data_files)
     spec_task = TaskSpec(name=task, data_dir=None if files else data_dir, data_files=files or {})
     values = {
         "components": components, "threshold": threshold, "num_samples": num_samples, "max_tokens": max_tokens,

@@ -34,6 +34,7 @@ __all__ = [
     "dump_recipe",
     "recipe_from_dict",
     "apply_overrides",
+    "flag",
 ]
 
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")
@@ -52,6 +53,20 @@ _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
 _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 _BYTES = re.compile(r"\d+")
 _SHARD_SIZE = re.compile(r"\d+\s*[KMG]i?B", re.IGNORECASE)  # what save_pretrained parses: a whole number, no TB
+
+
+def flag(name: str, help: str, **cli: Any) -> dict[str, Any]:
+    """Field metadata: the `fnprune compress` flag that sets this field, so the CLI is built from the recipe.
+
+    In `help`, `{default}` and `{choices}` (the choices, the default marked) are filled in from the field, and
+    `{tasks}` with the built-in task names. `cli` holds what the field's type does not say: `choices` (offered as
+    a click choice; `strict=False` leaves the check and its message to check()), and click.option keywords such
+    as `metavar`. A flag given to several fields (`--seed`) sets them all. fnprune.cli_flags builds the options.
+    """
+    return {"flag": name, "help": help, **cli}
+
+
+_SEED = flag("--seed", "Seed for calibration sampling, ICA and random selection (default {default}).")
 
 
 def _is_device(value: Any, disk: bool) -> bool:
@@ -109,13 +124,21 @@ class ModelSpec:
     path (fnprune.stream_surgery), which never holds a second copy of the weights.
     """
 
-    name_or_path: str = ""
+    name_or_path: str = field(default="", metadata=flag("--model", "Hub id, local Hugging Face folder, or .gguf file."))
     revision: str | None = None
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    device_map: str | dict[str, str | int] | None = None  # "auto", "cpu", or {module name: device}
-    max_memory: dict[str, str | int] = field(default_factory=dict)  # {"0": "20GiB", "cpu": "32GiB"}
-    offload_folder: str | None = None  # where disk-offloaded weights go
+    dtype: str = field(default="float32", metadata=flag("--dtype", "Model dtype (default {default}).", choices=DTYPES))
+    trust_remote_code: bool = field(default=False, metadata=flag(
+        "--trust-remote-code", "Allow the model's own code ({default})."))
+    # "auto", "cpu", or {module name: device}
+    device_map: str | dict[str, str | int] | None = field(default=None, metadata=flag(
+        "--device-map", "Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
+        "a JSON object of module names to devices. Surgery then streams from the source files."))
+    # {"0": "20GiB", "cpu": "32GiB"}
+    max_memory: dict[str, str | int] = field(default_factory=dict, metadata=flag(
+        "--max-memory", "With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB."))
+    # where disk-offloaded weights go
+    offload_folder: str | None = field(default=None, metadata=flag(
+        "--offload-folder", "With --device-map: disk offload folder."))
 
     def check(self) -> list[str]:
         problems = []
@@ -161,11 +184,14 @@ class TaskSpec:
     disjoint by construction and checked like any other split.
     """
 
-    name: str = "sst2"
+    name: str = field(default="sst2", metadata=flag(
+        "--task", "Task name (built in: {tasks}; or defined in the recipe; default {default})."))
     dataset: str | None = None
     dataset_config: str | None = None
-    data_dir: str | None = None
-    data_files: dict[str, str] = field(default_factory=dict)
+    data_dir: str | None = field(default=None, metadata=flag(
+        "--data-dir", "Folder with GLUE-style split files (train.tsv, dev.tsv, ...)."))
+    data_files: dict[str, str] = field(default_factory=dict, metadata=flag(
+        "--data-files", "SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl)."))
     template: str | None = None
     templates: list[PromptTemplate] = field(default_factory=list)
     label_column: str | None = None
@@ -244,16 +270,23 @@ def _template_problems(task: TaskSpec) -> list[str]:
 class CalibrationSpec:
     """Task data run through the model to record MLP activations (from the calibration split only)."""
 
-    num_samples: int = 1024
-    max_tokens: int = 16384
-    batch_size: int = 16
+    num_samples: int = field(default=1024, metadata=flag(
+        "--num-samples", "Calibration examples from the train split (default {default})."))
+    max_tokens: int = field(default=16384, metadata=flag(
+        "--max-tokens", "Tokens sampled per layer for ICA and reconstruction (default {default})."))
+    batch_size: int = field(default=16, metadata=flag("--batch-size", "Calibration batch size (default {default})."))
     max_length: int = 256
     store_dtype: str = "float32"
     # How the token sample is kept for ICA and reconstruction: its d x d float32 second moments ("moments"),
     # the tokens ("tokens"), or whichever is smaller per layer ("auto": moments when d <= max_tokens).
-    sample_store: str = "auto"
-    seed: int = 0
-    cache: bool = True  # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
+    sample_store: str = field(default="auto", metadata=flag(
+        "--sample-store", "Keep the token sample itself or only its d x d second moments (default {default}: the "
+        "smaller).", choices=SAMPLE_STORES))
+    seed: int = field(default=0, metadata=_SEED)
+    # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
+    cache: bool = field(default=True, metadata=flag(
+        "--cache/--no-cache",
+        "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))
     raw_share: float = 0.0  # share of calibration prompts that are the row's text alone, without any template
 
     def check(self) -> list[str]:
@@ -274,15 +307,20 @@ class CalibrationSpec:
 class NetworksSpec:
     """Per-layer spatial ICA: k components, maps z-scored across neurons, |z| > threshold = member."""
 
-    components: int = 32
-    threshold: float = 3.0
+    components: int = field(default=32, metadata=flag("--components", "ICA components per layer (default {default})."))
+    threshold: float = field(default=3.0, metadata=flag(
+        "--threshold", "|z| above which a neuron belongs to a network (default {default})."))
     max_iter: int = 400
     tol: float = 1e-4
-    seed: int = 0
+    seed: int = field(default=0, metadata=_SEED)
     # torch (fnprune.ica: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
     # reference); both start FastICA from scikit-learn's matrix for the seed.
-    engine: str = "torch"
-    runs: int = 5  # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
+    engine: str = field(default="torch", metadata=flag(
+        "--ica-engine", "ICA implementation: torch (default; all layers batched) or sklearn (the reference).",
+        choices=ICA_ENGINES))
+    # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
+    runs: int = field(default=5, metadata=flag(
+        "--ica-runs", "ICA runs per layer (seeds) whose networks are pooled (default {default})."))
     # Relevance from decision activity z-scored within each calibration template (what tells the wordings
     # apart is not label evidence); false: over all calibration prompts at once.
     relevance_within_template: bool = True
@@ -308,17 +346,35 @@ class NetworksSpec:
 class SelectionSpec:
     """Which MLP neurons to keep: a criterion (`method`) and a budget (`keep` fraction, uniform per layer)."""
 
-    method: str = "fn-task"
-    keep: float = 0.5
-    round_to: int = 8
-    allocation: str = "uniform"  # uniform: same width in every layer; global: one ranking across layers
-    bias_compensation: bool | None = None  # None: on where the architecture allows it
-    reconstruct: bool = True  # least-squares fill of removed neurons from kept ones (fnprune.compensation)
-    ridge: float = 0.1  # reconstruction ridge, relative to the kept neurons' mean variance
+    # an unknown method is refused by check(), which names the methods
+    method: str = field(default="fn-task", metadata=flag(
+        "--method", "Selection criterion: {choices}.", choices=METHODS, strict=False))
+    keep: float = field(default=0.5, metadata=flag(
+        "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
+    round_to: int = field(default=8, metadata=flag(
+        "--round-to", "Round kept widths to a multiple of this (default {default})."))
+    # uniform: same width in every layer; global: one ranking across layers
+    allocation: str = field(default="uniform", metadata=flag(
+        "--allocation", "uniform (default): same width per layer; global: one ranking across layers.",
+        choices=ALLOCATIONS))
+    # None: on where the architecture allows it
+    bias_compensation: bool | None = field(default=None, metadata=flag(
+        "--bias-compensation/--no-bias-compensation",
+        "Fold the removed neurons' mean output into the MLP bias (default: when the model allows)."))
+    # least-squares fill of removed neurons from kept ones (fnprune.compensation)
+    reconstruct: bool = field(default=True, metadata=flag(
+        "--reconstruct/--no-reconstruct",
+        "Rebuild removed neurons from kept ones by least squares, folded into the weights (default {default})."))
+    # reconstruction ridge, relative to the kept neurons' mean variance
+    ridge: float = field(default=0.1, metadata=flag(
+        "--ridge", "Ridge of that least-squares fit, relative (default {default})."))
     # share of the reconstruction's objective given to the calibration prompts' last tokens (the answer position)
     answer_weight: float = 0.0
-    fn_boost: float | None = None  # fn-task: weight of task-network membership; None = default_fn_boost
-    seed: int = 0
+    # fn-task: weight of task-network membership; None = default_fn_boost
+    fn_boost: float | None = field(default=None, metadata=flag(
+        "--fn-boost", "fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= "
+        "0.75)."))
+    seed: int = field(default=0, metadata=_SEED)
 
     def check(self) -> list[str]:
         problems = []
@@ -417,12 +473,20 @@ class EvaluationSpec:
     """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all), and the
     `validation` benchmarks beside it."""
 
-    enabled: bool = True
-    max_samples: int | None = None
+    enabled: bool = field(default=True, metadata=flag(
+        "--eval/--no-eval", "Evaluate dense and pruned models (default {default})."))
+    max_samples: int | None = field(default=None, metadata=flag(
+        "--eval-samples", "Evaluate on the first N evaluation examples only."))
     batch_size: int = 32
-    validation: list[ValidationTask] = field(default_factory=list)
-    perplexity_tokens: int = 16384  # WikiText-2 tokens scored (the model's own tokens), first ones of the file
-    perplexity_window: int = 512  # non-overlapping windows; each window's first token is context only
+    validation: list[ValidationTask] = field(default_factory=list, metadata=flag(
+        "--validate", "Also score this benchmark dense and pruned: a built-in task and its data folder, or "
+        "wikitext=FILE (perplexity). Repeatable.", multiple=True, metavar="TASK=PATH"))
+    # WikiText-2 tokens scored (the model's own tokens), first ones of the file
+    perplexity_tokens: int = field(default=16384, metadata=flag(
+        "--perplexity-tokens", "WikiText tokens scored with --validate wikitext (default {default})."))
+    # non-overlapping windows; each window's first token is context only
+    perplexity_window: int = field(default=512, metadata=flag(
+        "--perplexity-window", "Window of that perplexity, in tokens (default {default})."))
 
     def check(self) -> list[str]:
         problems = []
@@ -444,13 +508,22 @@ class EvaluationSpec:
 class OutputSpec:
     """Where the pruned checkpoint goes; an existing directory is replaced only with `overwrite`."""
 
-    dir: str = ""
-    overwrite: bool = False
-    layout: str = "uniform"  # uniform | per-layer | padded (how per-layer widths are stored)
-    push_to_hub: str | None = None  # Hub repo id to upload the output folder to
-    private: bool = False
-    max_shard_size: str = "5GB"  # safetensors shards of at most this size (save_pretrained's format)
-    streamed: bool = False  # surgery from the source files, tensor by tensor (always on with model.device_map)
+    dir: str = field(default="", metadata=flag("--output", "Output directory for the pruned checkpoint."))
+    overwrite: bool = field(default=False, metadata=flag("--overwrite", "Replace an existing output directory."))
+    # uniform | per-layer | padded (how per-layer widths are stored)
+    layout: str = field(default="uniform", metadata=flag(
+        "--layout", "How per-layer widths are saved (default {default}; global allocation needs per-layer/padded).",
+        choices=LAYOUTS))
+    # Hub repo id to upload the output folder to
+    push_to_hub: str | None = field(default=None, metadata=flag(
+        "--push-to-hub", "Upload the output folder to this Hub repo.", metavar="REPO"))
+    private: bool = field(default=False, metadata=flag("--private", "Create the Hub repo as private."))
+    # safetensors shards of at most this size (save_pretrained's format)
+    max_shard_size: str = field(default="5GB", metadata=flag(
+        "--max-shard-size", "Split model.safetensors into shards of at most this size, e.g. 2GB (default {default})."))
+    # surgery from the source files, tensor by tensor (always on with model.device_map)
+    streamed: bool = field(default=False, metadata=flag(
+        "--streamed", "Streamed surgery from the source files without --device-map (never two copies in memory)."))
 
     def check(self) -> list[str]:
         problems = [] if self.dir else ["output.dir: required (use --output DIR)"]

@@ -118,3 +118,135 @@ def test_existing_output_refused(model_dir, task_data, tmp_path):
 def test_evaluate_needs_a_task(model_dir):
     result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir("llama"))])
     assert result.exit_code == 1 and "--task is required" in result.output
+
+
+# --- the compress flags are built from the recipe's field metadata (fnprune.recipe.flag, fnprune.cli_flags)
+
+FLAGS_BEFORE_GENERATION = {  # every flag `compress` had when its options were written by hand
+    "--recipe", "--task", "--model", "--data-dir", "--data-files", "--dtype", "--keep", "--sparsity", "--method",
+    "--round-to", "--fn-boost", "--allocation", "--layout", "--components", "--ica-engine", "--threshold",
+    "--ica-runs", "--num-samples", "--max-tokens", "--sample-store", "--batch-size", "--seed", "--bias-compensation",
+    "--no-bias-compensation", "--reconstruct", "--no-reconstruct", "--ridge", "--eval", "--no-eval", "--eval-samples",
+    "--validate", "--perplexity-tokens", "--perplexity-window", "--cache", "--no-cache", "--output", "--overwrite",
+    "--max-shard-size", "--push-to-hub", "--private", "--trust-remote-code", "--device-map", "--max-memory",
+    "--offload-folder", "--streamed", "--quiet",
+}
+CLI_ONLY = {"recipe_path", "sparsity", "quiet"}  # compress options that are no recipe field
+
+
+def _recipe_fields():
+    """{"selection.keep": (field, annotation)} for every field of every recipe section."""
+    import dataclasses
+    import typing
+
+    from fnprune.recipe import Recipe
+
+    out = {}
+    for section in dataclasses.fields(Recipe):
+        spec = typing.get_type_hints(Recipe)[section.name]
+        if dataclasses.is_dataclass(spec):
+            hints = typing.get_type_hints(spec)
+            out.update({f"{section.name}.{f.name}": (f, hints[f.name]) for f in dataclasses.fields(spec)})
+    return out
+
+
+def test_every_recipe_field_has_a_flag_or_is_recipe_only():
+    from fnprune.cli_flags import FLAGS, RECIPE_ONLY
+
+    fields, flagged = _recipe_fields(), [f for flag in FLAGS for f in flag.fields]
+    missing = sorted(set(fields) - set(flagged) - RECIPE_ONLY)
+    assert not missing, ("give these recipe fields a flag (fnprune.recipe.flag metadata) or list them in "
+                         f"fnprune.cli_flags.RECIPE_ONLY: {missing}")
+    assert not set(flagged) & RECIPE_ONLY and len(flagged) == len(set(flagged))
+    assert RECIPE_ONLY <= set(fields), sorted(RECIPE_ONLY - set(fields))
+
+
+def test_every_compress_option_is_a_recipe_flag():
+    from fnprune.cli_flags import _CLICK_TYPES, FLAGS, PARSERS, _scalar
+
+    params = main.commands["compress"].params
+    names = [p.name for p in params]
+    assert len(names) == len(set(names))
+    assert set(names) - CLI_ONLY == {flag.name for flag in FLAGS}
+    assert FLAGS_BEFORE_GENERATION <= {opt for p in params for opt in p.opts + p.secondary_opts}
+    fields = _recipe_fields()
+    assert set(PARSERS) | set(_CLICK_TYPES) <= {flag.decl for flag in FLAGS}
+    for flag in FLAGS:
+        assert set(flag.fields) <= set(fields), flag
+        field, annotation = fields[flag.fields[0]]
+        assert all(fields[f][0].metadata == field.metadata for f in flag.fields), f"{flag.decl}: one help, one default"
+        assert all(fields[f][0].default == field.default for f in flag.fields), flag
+        if _scalar(annotation) is None:
+            assert flag.decl in PARSERS, f"{flag.decl}: {annotation} from the flag's text needs a parser in PARSERS"
+
+
+def test_help_states_the_recipe_defaults_and_choices():
+    import re
+
+    from fnprune.cli_flags import FLAGS, shown_default
+    from fnprune.data import BUILTIN_TASKS
+
+    params = {p.name: p for p in main.commands["compress"].params}
+    fields = _recipe_fields()
+    for flag in FLAGS:
+        field, help_text, option = fields[flag.fields[0]][0], flag.settings["help"], params[flag.name]
+        assert "{" not in help_text and help_text == option.help
+        choices = list(field.metadata.get("choices", ()))
+        if choices and field.metadata.get("strict", True):
+            assert list(option.type.choices) == choices, flag.decl
+        elif choices:
+            assert all(c in help_text for c in choices), flag.decl
+        if field.default is None:  # worked out at run time: the help says how
+            continue
+        default = shown_default(field)
+        stated = re.findall(r"\bdefault:? ([^\s;:,)]+)", help_text) + re.findall(r"(\S+) \(default[;:)]", help_text)
+        assert all(value == default for value in stated), (flag.decl, stated, default)
+        one_sided_switch = option.is_flag and not option.secondary_opts
+        if default not in ("", "[]", "{}") and not one_sided_switch:
+            assert stated, f"{flag.decl}: the help does not say the default ({default}); use {{default}}"
+    assert all(name in params["task"].help for name in BUILTIN_TASKS)
+
+
+def test_every_flag_reaches_its_field(monkeypatch, tmp_path):
+    """Each scalar flag, given a value other than the default, lands in its recipe field(s)."""
+    import click
+
+    import fnprune
+    from fnprune.cli_flags import FLAGS, PARSERS, _scalar
+
+    fields, args, expected = _recipe_fields(), [], {}
+    for flag in FLAGS:
+        field, annotation = fields[flag.fields[0]]
+        kind, option = _scalar(annotation), flag.decl.split("/")
+        if flag.decl in PARSERS or flag.name in ("task", "data_dir"):
+            continue
+        if kind is bool:
+            value = not field.default if field.default is not None else True
+            args.append(option[0] if value else option[1])
+        elif isinstance(flag.settings.get("type"), click.Choice):
+            value = next(c for c in flag.settings["type"].choices if c != field.default)
+            args += [option[0], value]
+        else:
+            value = {int: 7, float: 0.25, str: f"x-{flag.name}"}[kind]
+            args += [option[0], str(value)]
+        expected.update(dict.fromkeys(flag.fields, value))
+    seen = {}
+
+    def fake(recipe, progress):
+        seen["recipe"] = recipe
+        raise fnprune.errors.FnpruneError("stop here")
+
+    monkeypatch.setattr("fnprune.pipeline.compress", fake)
+    files = "train=a.tsv,validation=b.tsv"
+    result = CliRunner().invoke(main, ["compress", *args, "--task", "rte", "--data-dir", "d", "--data-files", files,
+                                       "--validate", "boolq=dir", "--device-map", '{"model.layers.0": "cpu"}',
+                                       "--max-memory", "cpu=1GiB", "--quiet"])
+    assert "stop here" in result.output, result.output
+    recipe = seen["recipe"]
+    for dotted, value in expected.items():
+        section, name = dotted.split(".")
+        assert getattr(getattr(recipe, section), name) == value, dotted
+    assert recipe.task.name == "rte" and recipe.task.data_files == {"train": "a.tsv", "validation": "b.tsv"}
+    assert recipe.task.data_dir is None  # --data-files wins over --data-dir, as before
+    assert [(v.task, v.data_dir) for v in recipe.evaluation.validation] == [("boolq", "dir")]
+    assert recipe.model.device_map == {"model.layers.0": "cpu"} and recipe.model.max_memory == {"cpu": "1GiB"}
