@@ -411,13 +411,21 @@ class RecoverySpec:
     shapes. `params`: which weights train (the MLP projections, everything, or LoRA adapters on the MLP
     projections merged back before saving)."""
 
-    enabled: bool = False
-    epochs: int = 1
-    steps: int | None = None  # optimisation steps; None: `epochs` passes over the calibration prompts
-    batch_size: int = 8
-    lr: float = 1e-4  # peak learning rate (AdamW, linear warm-up then cosine decay)
+    enabled: bool = field(default=False, metadata=flag(
+        "--recover/--no-recover", "After surgery, distil the pruned model toward the dense one on the calibration "
+        "prompts (default {default})."))
+    epochs: int = field(default=1, metadata=flag("--recover-epochs", "Recovery passes over the calibration prompts "
+                                                 "(default {default})."))
+    steps: int | None = field(default=None, metadata=flag(
+        "--recover-steps", "Recovery optimisation steps (default: --recover-epochs passes)."))
+    batch_size: int = field(default=8, metadata=flag("--recover-batch-size", "Prompts per recovery step "
+                                                     "(default {default})."))
+    lr: float = field(default=1e-4, metadata=flag(
+        "--recover-lr", "Peak learning rate of recovery (AdamW, warm-up then cosine decay; default {default})."))
     warmup: float = 0.05  # share of the steps spent warming up
-    params: str = "mlp"
+    params: str = field(default="mlp", metadata=flag(
+        "--recover-params", "Weights recovery trains: {choices} (LoRA adapters merged into the weights).",
+        choices=RECOVERY_PARAMS))
     lora_rank: int = 16
     answer_weight: float = 0.5  # share of the loss given to each prompt's answer position
     top_k: int = 64  # teacher log-probabilities kept per token (plus the mass of all other tokens)
