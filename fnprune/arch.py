@@ -18,7 +18,10 @@ from .offload import materialized
 __all__ = [
     "MLPLayout",
     "MLP_LAYOUTS",
+    "CAUSAL_LM",
+    "CLASSIFIER",
     "layout_for",
+    "is_classifier",
     "layer_blocks",
     "get_module",
     "mlp_widths",
@@ -27,11 +30,16 @@ __all__ = [
 ]
 
 
+CAUSAL_LM = "AutoModelForCausalLM"
+CLASSIFIER = "AutoModelForSequenceClassification"
+
+
 @dataclass(frozen=True)
 class MLPLayout:
-    """How to find and slice one family's MLP.
+    """How to find and slice one family's MLP, and the facts about its checkpoints that surgery needs.
 
-    layers:   attribute path from the *ForCausalLM model to the list of transformer blocks.
+    layers:   attribute path from the model to the list of transformer blocks; its first part is the base
+              model's attribute (`prefix`).
     inputs:   module paths inside a block whose output channels are the neurons.
     output:   module path inside a block whose input channels are the neurons (its input is what we capture).
     conv1d:   weights stored [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in].
@@ -40,7 +48,8 @@ class MLPLayout:
     bias:     how a constant can be added after the output projection (bias compensation):
               "native" = the output projection has a bias (checked on the model); "config:<flag>" = set that
               config flag, which gives every MLP projection a bias (the input ones are zeroed); None = never.
-    decision: which token carries the prediction: "last" (causal LMs) or "first" (encoder [CLS] heads).
+    head:     the transformers auto class the family's checkpoints load with: a causal LM (predicts label
+              words at the last token) or a sequence classifier (predicts with its head from the first token).
     """
 
     layers: str
@@ -50,11 +59,31 @@ class MLPLayout:
     conv1d: bool = False
     fused: int = 1
     bias: str | None = None
-    decision: str = "last"
+    head: str = CAUSAL_LM
+
+    @property
+    def bias_flag(self) -> str | None:
+        """The config flag that gives the MLP projections a bias ("config:<flag>" rows), else None."""
+        return self.bias.split(":", 1)[1] if self.bias and self.bias.startswith("config:") else None
+
+    @property
+    def classifier(self) -> bool:
+        return self.head == CLASSIFIER
+
+    @property
+    def decision(self) -> str:
+        """Which token carries the prediction: "last" (causal LMs) or "first" (encoder [CLS] heads)."""
+        return "first" if self.classifier else "last"
+
+    @property
+    def prefix(self) -> str:
+        """The base model's attribute (transformers' `base_model_prefix`): some checkpoints store their keys
+        without it (GPT-2's on the Hub: `h.0.mlp.c_fc.weight` for `transformer.h.0.mlp.c_fc.weight`)."""
+        return self.layers.split(".", 1)[0]
 
 
 _ENCODER = dict(inputs=("intermediate.dense",), output="output.dense", width_key="intermediate_size", bias="native",
-                decision="first")
+                head=CLASSIFIER)
 _GATED = dict(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj", width_key="intermediate_size")
 
 MLP_LAYOUTS: dict[str, MLPLayout] = {
@@ -78,7 +107,7 @@ MLP_LAYOUTS: dict[str, MLPLayout] = {
     "bert": MLPLayout("bert.encoder.layer", **_ENCODER),
     "roberta": MLPLayout("roberta.encoder.layer", **_ENCODER),
     "distilbert": MLPLayout(
-        "distilbert.transformer.layer", ("ffn.lin1",), "ffn.lin2", "hidden_dim", bias="native", decision="first"
+        "distilbert.transformer.layer", ("ffn.lin1",), "ffn.lin2", "hidden_dim", bias="native", head=CLASSIFIER
     ),
 }
 
@@ -92,6 +121,11 @@ def layout_for(model_or_type: nn.Module | str) -> MLPLayout:
             "A new family needs one MLPLayout row in fnprune/arch.py."
         )
     return MLP_LAYOUTS[model_type]
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """A sequence classifier: predicts with its head, not with label words (the layout's `head`)."""
+    return layout_for(model).classifier
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -29,10 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import MLPLayout, mlp_widths
+from .choices import SAMPLE_STORES
 from .hooks import mlp_input_hooks
 from .interrupt import deferred_interrupt
 from .moments import SecondMoments
-from .recipe import SAMPLE_STORES
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import batches, forward
 

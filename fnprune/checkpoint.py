@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .arch import layout_for
 from .errors import FnpruneError, OutputError
 
 __all__ = [
@@ -219,11 +220,9 @@ def shim_source(base_class: str) -> str:
 def write_per_layer_code(directory: Path, model) -> None:
     """Save the loader beside the weights and point `auto_map` at it (loads with trust_remote_code=True)."""
     base = type(model).__name__
-    classifier = base.endswith("ForSequenceClassification")
-    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SHIM_FILE).write_text(shim_source(base), encoding="utf-8")
-    model.config.auto_map = {auto: "modeling_fnprune.FnpruneModel"}
+    model.config.auto_map = {layout_for(model).head: "modeling_fnprune.FnpruneModel"}
 
 
 @dataclass

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import is_classifier
 from .data import Example
 from .errors import DataError
 from .recipe import TaskSpec
-from .tokens import batches, encode, encode_inputs, forward, is_classifier
+from .tokens import batches, encode, encode_inputs, forward
 
 __all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_choices", "evaluate_templates",
            "label_token_ids", "encode_pair", "majority_share", "scored"]

@@ -9,9 +9,9 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .arch import layout_for
+from .arch import MLP_LAYOUTS, layout_for
 from .errors import ModelError
 from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
@@ -52,8 +52,8 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
 
 
 def _model_class(source: str, kwargs: dict):
-    """AutoModelForCausalLM, AutoModelForSequenceClassification for classifier checkpoints, or, for an fnprune
-    per-layer checkpoint, its base class with per-layer MLP widths (fnprune's own loader, no remote code)."""
+    """The auto class of the family's layout (causal LM or sequence classifier) or, for an fnprune per-layer
+    checkpoint, its base class with per-layer MLP widths (fnprune's own loader, no remote code)."""
     config_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
     config = AutoConfig.from_pretrained(source, **config_kwargs)
     architectures = getattr(config, "architectures", None) or []
@@ -62,9 +62,15 @@ def _model_class(source: str, kwargs: dict):
         if base is None:
             raise ModelError(f"per-layer checkpoint with unknown base class {architectures}")
         return per_layer_class(base)
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return AutoModelForSequenceClassification
-    return AutoModelForCausalLM
+    layout = MLP_LAYOUTS.get(config.model_type)
+    if layout is None:
+        return AutoModelForCausalLM  # load_model then names the supported families
+    if architectures and any(a.endswith("ForSequenceClassification") for a in architectures) != layout.classifier:
+        raise ModelError(
+            f"{source} holds a {architectures[0]}; fnprune prunes {config.model_type} checkpoints as "
+            f"{layout.head} (the family's row in fnprune/arch.py)"
+        )
+    return getattr(transformers, layout.head)
 
 
 def placement_kwargs(spec: ModelSpec) -> dict:

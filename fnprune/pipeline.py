@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import __version__, cache, ica
-from .arch import MLPLayout, layout_for, mlp_widths, neuron_weight_norms
+from .arch import MLPLayout, is_classifier, layout_for, mlp_widths, neuron_weight_norms
 from .capture import LayerActivations, capture_activations, capture_memory_bytes
 from .checkpoint import (
     CARD_FILE,
@@ -77,7 +77,7 @@ from .recovery import RecoveryResult, TeacherTargets, recover, teacher_targets
 from .selection import NEEDS_NETWORKS, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .stream_surgery import source_weight_map, stream_prune
 from .surgery import prune_mlp, supports_bias_compensation
-from .tokens import encode_inputs, is_classifier
+from .tokens import encode_inputs
 
 __all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons"]
 

@@ -16,6 +16,19 @@ from typing import Any
 
 import yaml
 
+from .choices import (
+    ALLOCATIONS,
+    DEVICE_MAP_STRATEGIES,
+    DTYPES,
+    FILE_FORMATS,
+    ICA_ENGINES,
+    LAYOUTS,
+    METHODS,
+    RECOVERY_PARAMS,
+    SAMPLE_STORES,
+    STORE_DTYPES,
+    TASK_KINDS,
+)
 from .errors import RecipeError
 
 __all__ = [
@@ -37,17 +50,6 @@ __all__ = [
     "flag",
 ]
 
-METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")
-DTYPES = ("float32", "bfloat16", "float16")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
-SAMPLE_STORES = ("auto", "tokens", "moments")
-ALLOCATIONS = ("uniform", "global")
-LAYOUTS = ("uniform", "per-layer", "padded")
-TASK_KINDS = ("classification", "multiple_choice")
-FILE_FORMATS = ("tsv", "csv", "jsonl")
-ICA_ENGINES = ("sklearn", "torch")
-RECOVERY_PARAMS = ("mlp", "all", "lora")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
 _MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
 _SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)

@@ -28,12 +28,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, get_module, layer_blocks
+from .arch import MLPLayout, get_module, is_classifier, layer_blocks
 from .interrupt import deferred_interrupt
 from .offload import input_device
 from .recipe import RecoverySpec
 from .safetensors_io import read_with_meta, write_atomic
-from .tokens import batches, is_classifier, make_batch
+from .tokens import batches, make_batch
 
 __all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters"]
 

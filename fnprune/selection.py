@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .choices import ALLOCATIONS, METHODS, NETWORK_METHODS
 from .errors import NumericalError
 from .networks import LayerNetworks
 
@@ -78,16 +79,9 @@ def _fn_task(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
     return flap * (1 + boost * membership)
 
 
-CRITERIA: dict[str, Criterion] = {
-    "fn-task": _fn_task,
-    "fn": _fn,
-    "random": _random,
-    "magnitude": _magnitude,
-    "wanda-sp": _wanda_sp,
-    "flap": _flap,
-}
-NEEDS_NETWORKS = {"fn", "fn-task"}
-ALLOCATIONS = ("uniform", "global")
+# The recipe's methods (fnprune.choices.METHODS), in its order; evaluation/ registers experimental ones here too.
+CRITERIA: dict[str, Criterion] = dict(zip(METHODS, (_fn_task, _fn, _random, _magnitude, _wanda_sp, _flap), strict=True))
+NEEDS_NETWORKS = set(NETWORK_METHODS)
 
 
 def layer_width(width: int, keep: float, round_to: int) -> int:

@@ -22,28 +22,25 @@ from safetensors import safe_open
 from transformers.utils.hub import convert_file_size_to_int
 
 from .arch import MLPLayout, by_neuron
-from .compensation import fold_into_output
+from .choices import STREAMED_LAYOUTS
 from .errors import ModelError
 from .safetensors_io import DTYPES, write_safetensors
 from .surgery import (
-    check_keep,
-    check_widths,
-    compensation_delta,
+    LayerPlan,
     pad_input_bias,
     pad_input_weight,
     pad_output_weight,
-    removed_mean,
+    plan_layers,
     slice_input_bias,
     slice_input_weight,
     slice_output_weight,
     update_config,
 )
 
-__all__ = ["StreamResult", "stream_prune", "source_weight_map", "checkpoint_key", "STREAMED_LAYOUTS"]
+__all__ = ["StreamResult", "stream_prune", "source_weight_map", "checkpoint_key"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-STREAMED_LAYOUTS = ("uniform", "padded")
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -77,10 +74,10 @@ def source_weight_map(folder: Path) -> dict[str, Path]:
     )
 
 
-def checkpoint_key(name: str, keys: dict[str, Path] | set[str]) -> str:
-    """The checkpoint key of module parameter `name`: as is, or without its first component (some checkpoints,
-    e.g. GPT-2's, store `h.0.mlp.c_fc.weight` for the module path `transformer.h.0.mlp.c_fc.weight`)."""
-    candidates = [name] + ([name.split(".", 1)[1]] if "." in name else [])
+def checkpoint_key(name: str, keys: dict[str, Path] | set[str], layout: MLPLayout) -> str:
+    """The checkpoint key of module parameter `name`: as is, or without the layout's base-model prefix (some
+    checkpoints, e.g. GPT-2's, store `h.0.mlp.c_fc.weight` for the module path `transformer.h.0.mlp.c_fc.weight`)."""
+    candidates = [name] + ([name.removeprefix(layout.prefix + ".")] if name.startswith(layout.prefix + ".") else [])
     for key in candidates:
         if key in keys:
             return key
@@ -141,34 +138,29 @@ def _bias_key(weight_key: str) -> str:
     return weight_key[: -len("weight")] + "bias"
 
 
+def _output_key(src: _Source, layout: MLPLayout, i: int) -> str:
+    return checkpoint_key(f"{layout.layers}.{i}.{layout.output}.weight", src.map, layout)
+
+
 def _layer_entries(
-    src: _Source, layout: MLPLayout, i: int, idx: torch.Tensor, width: int, target: int,
-    mean: torch.Tensor | None, cast: Transform, fill: torch.Tensor | None = None,
+    src: _Source, layout: MLPLayout, i: int, plan: LayerPlan, cast: Transform
 ) -> tuple[dict[str, _Entry], set[str]]:
-    """Output tensors of layer i's MLP, and the source keys they replace. With `fill` (a least-squares
-    reconstruction map, fnprune.compensation) the kept output weights absorb the removed neurons."""
+    """Output tensors of layer i's MLP as `plan` has them, and the source keys they replace."""
     prefix = f"{layout.layers}.{i}."
-    new = len(idx)
+    idx, width, new = plan.keep, plan.width, len(plan.keep)
     out: dict[str, _Entry] = {}
     replaced: set[str] = set()
 
     def pad(fn):  # padded layout: zero neurons up to the widest layer
-        return (lambda t: fn(t, layout, new, target)) if target > new else (lambda t: t)
+        return (lambda t: fn(t, layout, new, plan.target)) if plan.target > new else (lambda t: t)
 
-    add_input_bias = False
-    out_w = checkpoint_key(prefix + layout.output + ".weight", src.map)
+    out_w = _output_key(src, layout, i)
     out_b = _bias_key(out_w)
     delta = None
-    if mean is not None:
-        if out_b not in src.map and not (layout.bias or "").startswith("config:"):
-            raise ModelError("bias compensation is not possible for this architecture (no MLP bias)")
-        if fill is not None:
-            _, delta = fold_into_output(by_neuron(cast(src.tensor(out_w)), layout), idx, fill, mean)
-        else:
-            delta = compensation_delta(cast(src.tensor(out_w)), layout, removed_mean(mean, idx))  # read, then freed
-        add_input_bias = out_b not in src.map
+    if plan.centre is not None:  # the output weight is read for the bias now, then freed, and read again to slice
+        _, delta = plan.output_change(by_neuron(cast(src.tensor(out_w)), layout))
     for path in layout.inputs:
-        w_key = checkpoint_key(prefix + path + ".weight", src.map)
+        w_key = checkpoint_key(prefix + path + ".weight", src.map, layout)
         pad_w = pad(pad_input_weight)
         out[w_key] = _entry(w_key, src, w_key, lambda t, f=pad_w: f(slice_input_weight(cast(t), layout, idx, width)))
         replaced.add(w_key)
@@ -177,16 +169,16 @@ def _layer_entries(
             pad_b = pad(pad_input_bias)
             out[b_key] = _entry(b_key, src, b_key, lambda t, f=pad_b: f(slice_input_bias(cast(t), layout, idx, width)))
             replaced.add(b_key)
-        elif add_input_bias:  # the config flag gives these a bias too: zero, so outputs are unchanged
+        elif plan.new_biases:  # the config flag gives these a bias too: zero, so outputs are unchanged
             rows = out[w_key].planned.shape[1 if layout.conv1d else 0]
             dtype = out[w_key].planned.dtype
             out[b_key] = _entry(b_key, src, None, lambda t: t, lambda r=rows, d=dtype: torch.zeros(r, dtype=d))
     pad_o = pad(pad_output_weight)
-    if fill is not None:
+    if plan.fill is not None:
         def folded(t: torch.Tensor) -> torch.Tensor:
             if t.is_meta:  # planning: the folded weight has the sliced weight's shape and dtype
                 return pad_o(slice_output_weight(cast(t), layout, idx))
-            w_kept, _ = fold_into_output(by_neuron(cast(t), layout), idx, fill, mean)
+            w_kept, _ = plan.output_change(by_neuron(cast(t), layout))
             return pad_o(by_neuron(w_kept, layout).contiguous())  # back to the stored orientation
 
         out[out_w] = _entry(out_w, src, out_w, folded)
@@ -194,7 +186,7 @@ def _layer_entries(
         out[out_w] = _entry(out_w, src, out_w, lambda t: pad_o(slice_output_weight(cast(t), layout, idx)))
     replaced.add(out_w)
     if delta is not None:
-        if out_b in src.map:
+        if not plan.new_biases:
             out[out_b] = _entry(out_b, src, out_b, lambda t: (b := cast(t)) + delta.to(b.device, b.dtype))
             replaced.add(out_b)
         else:
@@ -245,24 +237,20 @@ def stream_prune(
     """
     if width_layout not in STREAMED_LAYOUTS:
         raise ModelError(f"streamed surgery writes layouts {' and '.join(STREAMED_LAYOUTS)}, not {width_layout!r}")
-    widths = [len(k) for k in keep]
-    check_widths(widths, width_layout)
-    target = max(widths)
     cast = _cast(dtype)
     with ExitStack() as stack:
         src = _Source(source_weight_map(Path(source)), stack)
         n_layers = getattr(config, "num_hidden_layers", None)
         if n_layers is not None and n_layers != len(keep):
             raise ValueError(f"got {len(keep)} index sets for {n_layers} layers")
+        outputs = [_output_key(src, layout, i) for i in range(len(keep))]
+        widths = [src.meta(k).shape[0 if layout.conv1d else 1] for k in outputs]
+        has_bias = [_bias_key(k) in src.map for k in outputs]
+        plans = plan_layers(layout, keep, widths, has_bias, removed_means, width_layout, fill_maps)
         planned: dict[str, _Entry] = {}
         replaced: set[str] = set()
-        for i, k in enumerate(keep):
-            out_w = src.meta(checkpoint_key(f"{layout.layers}.{i}.{layout.output}.weight", src.map))
-            width = out_w.shape[0 if layout.conv1d else 1]
-            idx = check_keep(k, width, i)
-            mean = removed_means[i] if removed_means is not None else None
-            fill = fill_maps[i] if fill_maps is not None else None
-            layer, gone = _layer_entries(src, layout, i, idx, width, target, mean, cast, fill)
+        for i, plan in enumerate(plans):
+            layer, gone = _layer_entries(src, layout, i, plan, cast)
             planned.update(layer)
             replaced |= gone
         for key in src.map:
@@ -283,7 +271,6 @@ def stream_prune(
                  "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     new_config = copy.deepcopy(config)
-    update_config(new_config, layout, widths, width_layout, removed_means is not None)
+    update_config(new_config, layout, plans, width_layout)
     new_config.save_pretrained(out)
-    final = [target] * len(widths) if width_layout == "padded" else widths
-    return StreamResult(names, int(delta), final)
+    return StreamResult(names, int(delta), [p.target for p in plans])

@@ -1,22 +1,29 @@
-"""Physically remove MLP neurons: slice the projection weights and write the new width into the config."""
+"""Physically remove MLP neurons: slice the projection weights and write the new width into the config.
+
+The per-layer decisions (which neurons, reconstruction or mean fill, new biases, padding, widths) are made once
+by `plan_layers`; `prune_mlp` applies the plan to a loaded model and fnprune.stream_surgery to checkpoint
+tensors, both with the tensor-level functions below.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .arch import MLPLayout, by_neuron, get_module, layer_blocks, output_weight_by_neuron
+from .choices import LAYOUTS
 from .compensation import fold_into_output
 from .errors import ModelError
 from .memory import release_memory
 
 __all__ = [
+    "LayerPlan",
+    "plan_layers",
     "prune_mlp",
-    "compensation_bias",
-    "compensation_delta",
     "supports_bias_compensation",
     "layout_record",
-    "WIDTH_LAYOUTS",
     "check_keep",
     "check_widths",
     "removed_mean",
@@ -40,29 +47,60 @@ def supports_bias_compensation(layout: MLPLayout, model: nn.Module | None = None
     return True
 
 
-def compensation_bias(output_module: nn.Module, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
-    """Mean contribution of the removed neurons to the output: W_out[:, removed] @ mean(a_removed).
-
-    `removed_mean` is the full-width mean activation with kept neurons set to zero.
-    """
-    return compensation_delta(output_module.weight.detach(), layout, removed_mean)
-
-
-# Tensor-level math, shared with the streamed surgery (fnprune.stream_surgery), which works on checkpoint
-# tensors instead of modules: one definition of what "removing a neuron" does to each tensor.
-
-
-def compensation_delta(output_weight: torch.Tensor, layout: MLPLayout, removed_mean: torch.Tensor) -> torch.Tensor:
-    """compensation_bias from the output projection's raw weight tensor (any stored orientation)."""
-    w = by_neuron(output_weight, layout).double()  # (d_ff, hidden)
-    return (removed_mean.double() @ w).to(output_weight.dtype)  # (hidden,)
-
-
 def removed_mean(mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Full-width mean activation with the kept neurons zeroed: what compensation folds in."""
     out = mean.clone().to(torch.float64)
     out[keep] = 0.0
     return out
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What surgery does to one layer's MLP, whatever holds its weights (a module or checkpoint tensors)."""
+
+    keep: torch.Tensor  # (k,) sorted kept neuron indices
+    width: int  # neurons before surgery
+    target: int  # neurons stored after surgery: k, or more when padded with zero neurons to the widest layer
+    fill: torch.Tensor | None  # (k, width - k) reconstruction map folded into the kept output weights
+    centre: torch.Tensor | None  # (width,) mean activation: with it, the removed neurons' mean joins the bias
+    new_biases: bool  # the output projection has no bias: the layout's config flag gives each projection one
+
+    def output_change(self, w_by_neuron: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """From the dense output weight (width, hidden): the kept rows (k, hidden) with the reconstruction folded
+        in (None without one: the plain slice) and the bias to add (hidden,) (None without compensation)."""
+        if self.fill is not None:
+            return fold_into_output(w_by_neuron, self.keep, self.fill, self.centre)
+        if self.centre is None:
+            return None, None
+        w = w_by_neuron.double()  # (width, hidden)
+        return None, (removed_mean(self.centre, self.keep).double() @ w).to(w_by_neuron.dtype)  # (hidden,)
+
+
+def plan_layers(
+    layout: MLPLayout,
+    keep: list[torch.Tensor],
+    widths: list[int],
+    output_biases: list[bool],
+    removed_means: list[torch.Tensor] | None = None,
+    width_layout: str = "uniform",
+    fill_maps: list[torch.Tensor] | None = None,
+) -> list[LayerPlan]:
+    """The plan of every layer, from its kept indices, its width before surgery and whether its output
+    projection has a bias (as stored); `removed_means`, `width_layout` and `fill_maps` as in `prune_mlp`."""
+    if len(keep) != len(widths):
+        raise ValueError(f"got {len(keep)} index sets for {len(widths)} layers")
+    kept = [len(k) for k in keep]
+    check_widths(kept, width_layout)
+    plans = []
+    for i, (idx, width, has_bias) in enumerate(zip(keep, widths, output_biases)):
+        idx = check_keep(idx, width, i)
+        centre = removed_means[i] if removed_means is not None else None
+        if centre is not None and not has_bias and layout.bias_flag is None:
+            raise ModelError("bias compensation is not possible for this architecture (no MLP bias)")
+        target = max(kept) if width_layout == "padded" else len(idx)
+        fill = fill_maps[i] if fill_maps is not None else None
+        plans.append(LayerPlan(idx, width, target, fill, centre, centre is not None and not has_bias))
+    return plans
 
 
 def check_keep(keep: torch.Tensor, width: int, layer: int) -> torch.Tensor:
@@ -74,8 +112,8 @@ def check_keep(keep: torch.Tensor, width: int, layer: int) -> torch.Tensor:
 
 
 def check_widths(widths: list[int], width_layout: str) -> None:
-    if width_layout not in WIDTH_LAYOUTS:
-        raise ValueError(f"width_layout must be one of {WIDTH_LAYOUTS}, got {width_layout!r}")
+    if width_layout not in LAYOUTS:
+        raise ValueError(f"width_layout must be one of {LAYOUTS}, got {width_layout!r}")
     if width_layout == "uniform" and len(set(widths)) != 1:
         raise ModelError(
             f"per-layer widths {sorted(set(widths))} need --layout per-layer or padded; uniform needs equal widths"
@@ -118,13 +156,14 @@ def pad_output_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: in
     return by_neuron(w, layout).contiguous()
 
 
-def update_config(config, layout: MLPLayout, widths: list[int], width_layout: str, compensated: bool) -> None:
+def update_config(config, layout: MLPLayout, plans: list[LayerPlan], width_layout: str) -> None:
     """The new width (and bias flag, per-layer record) in the config, as the pruned weights need."""
+    widths = [len(p.keep) for p in plans]
     setattr(config, layout.width_key, max(widths))
     if width_layout == "per-layer":
         config.fnprune_layout = layout_record(layout, widths)
-    if compensated and layout.bias and layout.bias.startswith("config:"):
-        setattr(config, layout.bias.split(":", 1)[1], True)
+    if layout.bias_flag and any(p.centre is not None for p in plans):
+        setattr(config, layout.bias_flag, True)
 
 
 def _slice_input(module: nn.Module, layout: MLPLayout, keep: torch.Tensor, width: int) -> None:
@@ -149,18 +188,13 @@ def _set_output_weight(module: nn.Module, layout: MLPLayout, w_by_neuron: torch.
     module.weight = nn.Parameter(by_neuron(w_by_neuron, layout).contiguous())
 
 
-def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, delta: torch.Tensor) -> None:
-    if getattr(module, "bias", None) is None:
-        if layout.bias is None or not layout.bias.startswith("config:"):
-            raise ModelError("bias compensation is not possible for this architecture (no MLP bias)")
-        for path in layout.inputs:  # the config flag gives these a bias too: zero, so outputs are unchanged
-            inp = get_module(block, path)
-            inp.bias = nn.Parameter(torch.zeros(inp.weight.shape[0], dtype=inp.weight.dtype))
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
+def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, plan: LayerPlan,
+                     delta: torch.Tensor) -> None:
+    if plan.new_biases:  # the config flag gives the input projections a bias too: zero, so outputs are unchanged
+        for inp in [get_module(block, path) for path in layout.inputs] + [module]:
+            if getattr(inp, "bias", None) is None:
+                inp.bias = nn.Parameter(torch.zeros(inp.weight.shape[0], dtype=inp.weight.dtype))
     module.bias = nn.Parameter(module.bias.detach() + delta.to(module.bias.dtype))
-
-
-WIDTH_LAYOUTS = ("uniform", "per-layer", "padded")
 
 
 def _pad_input(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:
@@ -211,37 +245,33 @@ def prune_mlp(
     `removed_means` as the centre, into the bias).
     """
     blocks = layer_blocks(model, layout)
-    if len(keep) != len(blocks):
-        raise ValueError(f"got {len(keep)} index sets for {len(blocks)} layers")
-    widths = [len(k) for k in keep]
-    check_widths(widths, width_layout)
-    for i, (block, idx) in enumerate(zip(blocks, keep)):
-        out_module = get_module(block, layout.output)
-        width = output_weight_by_neuron(out_module, layout).shape[0]
-        idx = check_keep(idx, width, i)
-        delta = folded = None
-        if fill_maps is not None:
-            centre = removed_means[i] if removed_means is not None else None
-            folded, delta = fold_into_output(output_weight_by_neuron(out_module, layout), idx, fill_maps[i], centre)
-        elif removed_means is not None:
-            delta = compensation_bias(out_module, layout, removed_mean(removed_means[i], idx))
-        for path in layout.inputs:
-            _slice_input(get_module(block, path), layout, idx, width)
-        _slice_output(out_module, layout, idx)
-        if folded is not None:
-            _set_output_weight(out_module, layout, folded)
-        new_width = len(idx)
-        if width_layout == "padded" and new_width < max(widths):
-            for path in layout.inputs:
-                _pad_input(get_module(block, path), layout, new_width, max(widths))
-            _pad_output(out_module, layout, new_width, max(widths))
-            new_width = max(widths)
-        if delta is not None:
-            _add_output_bias(out_module, block, layout, delta)
-        mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = new_width
+    outputs = [get_module(b, layout.output) for b in blocks]
+    widths = [output_weight_by_neuron(m, layout).shape[0] for m in outputs]
+    has_bias = [getattr(m, "bias", None) is not None for m in outputs]
+    plans = plan_layers(layout, keep, widths, has_bias, removed_means, width_layout, fill_maps)
+    for i, (block, plan) in enumerate(zip(blocks, plans)):
+        _prune_block(block, layout, plan)
         if i % 4 == 3:
             release_memory(collect=False)  # the dense layers' freed weights back to the OS as we go
-    update_config(model.config, layout, widths, width_layout, removed_means is not None)
+    update_config(model.config, layout, plans, width_layout)
     return model
+
+
+def _prune_block(block: nn.Module, layout: MLPLayout, plan: LayerPlan) -> None:
+    out_module = get_module(block, layout.output)
+    folded, delta = plan.output_change(output_weight_by_neuron(out_module, layout))
+    for path in layout.inputs:
+        _slice_input(get_module(block, path), layout, plan.keep, plan.width)
+    _slice_output(out_module, layout, plan.keep)
+    if folded is not None:
+        _set_output_weight(out_module, layout, folded)
+    kept = len(plan.keep)
+    if plan.target > kept:
+        for path in layout.inputs:
+            _pad_input(get_module(block, path), layout, kept, plan.target)
+        _pad_output(out_module, layout, kept, plan.target)
+    if delta is not None:
+        _add_output_bias(out_module, block, layout, plan, delta)
+    mlp = get_module(block, layout.output.rpartition(".")[0]) if "." in layout.output else block
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = plan.target

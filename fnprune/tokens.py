@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .arch import is_classifier
 from .offload import input_device
 
-__all__ = ["Batch", "encode", "encode_inputs", "is_classifier", "make_batch", "batches", "forward"]
+__all__ = ["Batch", "encode", "encode_inputs", "make_batch", "batches", "forward"]
 
 
 @dataclass
@@ -25,11 +26,6 @@ class Batch:
         """Position of each row's last real token, for either padding side."""
         length = self.attention_mask.shape[1]
         return length - 1 - self.attention_mask.flip(-1).argmax(-1)
-
-
-def is_classifier(model: nn.Module) -> bool:
-    """A *ForSequenceClassification model: predicts with its head, not with label words."""
-    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def encode_inputs(tokenizer, examples, max_length: int, classifier: bool) -> list[list[int]]:

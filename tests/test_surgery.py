@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fnprune.arch import MLP_LAYOUTS, layout_for, mlp_widths
+from fnprune.arch import CAUSAL_LM, CLASSIFIER, MLP_LAYOUTS, is_classifier, layout_for, mlp_widths
 from fnprune.errors import ModelError
 from fnprune.hooks import masked_neurons, mlp_input_hooks
 from fnprune.models import load_model
 from fnprune.recipe import ModelSpec
-from fnprune.surgery import prune_mlp, supports_bias_compensation
-from fnprune.tokens import encode, forward, is_classifier, make_batch
+from fnprune.surgery import plan_layers, prune_mlp, supports_bias_compensation
+from fnprune.tokens import encode, forward, make_batch
 
 PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:",
            "Review: fresh\nSentiment:"]
@@ -108,6 +108,52 @@ def test_bias_compensation_refused_without_bias(model_dir):
     widths = mlp_widths(model, layout)
     with pytest.raises(ModelError, match="bias compensation"):
         prune_mlp(model, layout, _per_layer_keep(widths, 8), [torch.ones(w) for w in widths])
+
+
+def test_refused_compensation_leaves_the_model_untouched(model_dir):
+    """The plan is made for every layer before any is cut: a refusal finds the model as it was."""
+    model, _ = load_model(ModelSpec(name_or_path=str(model_dir("mistral"))))
+    layout = layout_for(model)
+    widths = mlp_widths(model, layout)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match="bias compensation"):
+        prune_mlp(model, layout, _per_layer_keep(widths, 8), [torch.ones(w) for w in widths])
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_plan_decides_padding_and_new_biases():
+    layout = MLP_LAYOUTS["llama"]  # no MLP bias stored; the mlp_bias flag can add one
+    keep = [torch.tensor([5, 1]), torch.tensor([0, 2, 4, 6])]
+    means = [torch.ones(8), torch.ones(8)]
+    plans = plan_layers(layout, keep, [8, 8], [False, False], means, "padded")
+    assert [p.keep.tolist() for p in plans] == [[1, 5], [0, 2, 4, 6]] and [p.target for p in plans] == [4, 4]
+    assert all(p.new_biases for p in plans)
+    assert [p.target for p in plan_layers(layout, keep, [8, 8], [False, False], None, "per-layer")] == [2, 4]
+    assert not any(p.new_biases for p in plan_layers(layout, keep, [8, 8], [True, True], means, "padded"))
+    with pytest.raises(ModelError, match="bias compensation"):
+        plan_layers(MLP_LAYOUTS["mistral"], keep, [8, 8], [False, False], means, "padded")
+
+
+def test_layout_facts():
+    for arch, layout in MLP_LAYOUTS.items():
+        assert layout.head in (CAUSAL_LM, CLASSIFIER)
+        assert layout.decision == ("first" if layout.classifier else "last"), arch
+        assert layout.layers.startswith(layout.prefix + ".")
+    assert {a for a, lay in MLP_LAYOUTS.items() if lay.classifier} == {"bert", "roberta", "distilbert"}
+    assert MLP_LAYOUTS["llama"].bias_flag == "mlp_bias" and MLP_LAYOUTS["gpt2"].bias_flag is None
+    assert MLP_LAYOUTS["gpt2"].prefix == "transformer"
+
+
+def test_checkpoint_with_another_head_refused(model_dir, tmp_path):
+    """A Llama classifier is not in the support table: refused, not loaded as a causal LM without its head."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir("llama"), num_labels=2, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(model_dir("llama")).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="LlamaForSequenceClassification.*AutoModelForCausalLM"):
+        load_model(ModelSpec(name_or_path=str(tmp_path)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])

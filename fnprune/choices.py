@@ -1,0 +1,34 @@
+"""The values a recipe's choice fields can take: one definition, read by the recipe's checks and by the stages
+that act on them (selection, surgery, capture). No torch, no imports."""
+
+from __future__ import annotations
+
+__all__ = [
+    "METHODS",
+    "NETWORK_METHODS",
+    "ALLOCATIONS",
+    "LAYOUTS",
+    "STREAMED_LAYOUTS",
+    "DTYPES",
+    "STORE_DTYPES",
+    "SAMPLE_STORES",
+    "TASK_KINDS",
+    "FILE_FORMATS",
+    "ICA_ENGINES",
+    "DEVICE_MAP_STRATEGIES",
+    "RECOVERY_PARAMS",
+]
+
+METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")  # selection criteria
+NETWORK_METHODS = ("fn", "fn-task")  # criteria that read functional networks
+ALLOCATIONS = ("uniform", "global")  # per-layer budget: same width everywhere, or one ranking across layers
+LAYOUTS = ("uniform", "per-layer", "padded")  # how per-layer widths are stored
+STREAMED_LAYOUTS = ("uniform", "padded")  # the layouts streamed surgery writes (per-layer needs the model)
+DTYPES = ("float32", "bfloat16", "float16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+SAMPLE_STORES = ("auto", "tokens", "moments")
+TASK_KINDS = ("classification", "multiple_choice")
+FILE_FORMATS = ("tsv", "csv", "jsonl")
+ICA_ENGINES = ("sklearn", "torch")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+RECOVERY_PARAMS = ("mlp", "all", "lora")  # which weights recovery trains
