@@ -20,13 +20,12 @@ from .errors import FnpruneError, RecipeError
 def _parse_data_files(value: str | None) -> dict[str, str] | None:
     if not value:
         return None
-    files = {}
-    for part in value.split(","):
-        split, sep, path = part.partition("=")
-        if not sep or not split.strip() or not path.strip():
-            raise click.BadParameter(f"{part!r}: expected SPLIT=PATH, e.g. train=train.tsv,validation=dev.tsv")
-        files[split.strip()] = path.strip()
-    return files
+    from .data import parse_data_files
+
+    try:
+        return parse_data_files(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _parse_device_map(value: str | None) -> str | dict | None:
@@ -462,8 +461,8 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
     """Functional-network experiments (networks, recurrence, key networks, amplification) with a report."""
     import time
 
-    from .analyze import AnalysisSpec, parse_scales, task_from_arg
-    from .analyze import analyze as run
+    from .analysis import AnalysisSpec, parse_scales, task_from_arg
+    from .analysis import analyze as run
     from .recipe import ModelSpec, TaskSpec
 
     _setup_logging(quiet)
@@ -477,7 +476,7 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
         "scales": parse_scales(scales), "group_mask": group_mask, "eval_samples": eval_samples, "seed": seed,
         "cache": cache,
     }
-    spec = AnalysisSpec(
+    spec = AnalysisSpec.from_settings(
         model=ModelSpec(name_or_path=model, trust_remote_code=trust_remote_code), task=spec_task,
         also_tasks=[task_from_arg(v) for v in also_task], output=output, overwrite=overwrite,
         **{k: v for k, v in values.items() if v is not None},
