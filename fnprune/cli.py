@@ -323,8 +323,8 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
     """Functional-network experiments (networks, recurrence, key networks, amplification) with a report."""
     import time
 
-    from .analyze import AnalysisSpec, parse_scales, task_from_arg
-    from .analyze import analyze as run
+    from .analysis import AnalysisSpec, parse_scales, task_from_arg
+    from .analysis import analyze as run
     from .recipe import ModelSpec, TaskSpec
 
     _setup_logging(quiet)
@@ -338,7 +338,7 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
         "scales": parse_scales(scales), "group_mask": group_mask, "eval_samples": eval_samples, "seed": seed,
         "cache": cache,
     }
-    spec = AnalysisSpec(
+    spec = AnalysisSpec.from_settings(
         model=ModelSpec(name_or_path=model, trust_remote_code=trust_remote_code), task=spec_task,
         also_tasks=[task_from_arg(v) for v in also_task], output=output, overwrite=overwrite,
         **{k: v for k, v in values.items() if v is not None},

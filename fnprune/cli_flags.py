@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from . import data
 from .data import BUILTIN_TASKS
 from .recipe import Recipe, TaskSpec
 
@@ -37,7 +38,10 @@ def parse_data_files(value: str | None) -> dict[str, str] | None:
     """`train=a.tsv,validation=b.tsv` as {split: path}."""
     if not value:
         return None
-    return dict(_pair(part, "SPLIT=PATH, e.g. train=train.tsv,validation=dev.tsv") for part in value.split(","))
+    try:
+        return data.parse_data_files(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def parse_max_memory(value: str | None) -> dict[str, str] | None:

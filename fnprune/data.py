@@ -24,7 +24,7 @@ from .recipe import PromptTemplate, TaskSpec
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
-    "task_fields", "sample", "check_disjoint", "label_keys",
+    "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files",
 ]
 
 def _templates(*rows: tuple[str, str, dict[str, str], bool]) -> list[PromptTemplate]:
@@ -249,6 +249,17 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
 
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+def parse_data_files(value: str) -> dict[str, str]:
+    """`train=a.tsv,validation=b.tsv` -> {split: path} (a TaskSpec's `data_files`); ValueError names the bad pair."""
+    files = {}
+    for part in value.split(","):
+        split, sep, path = part.partition("=")
+        if not sep or not split.strip() or not path.strip():
+            raise ValueError(f"{part!r}: expected SPLIT=PATH, e.g. train=train.tsv,validation=dev.tsv")
+        files[split.strip()] = path.strip()
+    return files
 
 
 @dataclass(frozen=True)

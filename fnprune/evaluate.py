@@ -22,10 +22,10 @@ from .arch import is_classifier
 from .data import Example
 from .errors import DataError
 from .recipe import TaskSpec
-from .tokens import batches, encode, encode_inputs, forward
+from .tokens import Batch, batches, encode, encode_inputs, forward
 
 __all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_choices", "evaluate_templates",
-           "label_token_ids", "encode_pair", "majority_share", "scored"]
+           "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
 
 
 @dataclass
@@ -77,6 +77,13 @@ def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[in
     return ids
 
 
+def next_token_logprobs(model: nn.Module, batch: Batch, ids: list[int]) -> torch.Tensor:
+    """(B, len(ids)) float64 log-probabilities of the tokens `ids` right after each (left-padded) prompt: the
+    score of one-token label words."""
+    logp = torch.log_softmax(forward(model, batch, all_logits=False)[:, -1].double(), dim=-1)
+    return logp[:, ids].cpu()
+
+
 @torch.inference_mode()
 def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, progress) -> torch.Tensor:
     contexts = encode(tokenizer, prompts, max_length)
@@ -87,10 +94,9 @@ def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, 
     bar = tqdm(total=len(prompts) * len(runs), desc="evaluate", unit="ex", disable=not progress)
     for label in runs:
         if label is None:  # one token per label word: only the last position's logits are needed
+            ids = [label_ids[lab][0] for lab in labels]
             for batch in batches(contexts, batch_size, padding_side="left"):
-                logp = torch.log_softmax(forward(model, batch, all_logits=False)[:, -1].double(), dim=-1)
-                for j, lab in enumerate(labels):
-                    scores[batch.index, j] = logp[:, label_ids[lab][0]].cpu()
+                scores[batch.index] = next_token_logprobs(model, batch, ids)
                 bar.update(len(batch.index))
             continue
         cont = label_ids[label]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fnprune import analyze as an
+from fnprune import analysis as an
+from fnprune.analysis import scoring
 from fnprune.arch import get_module, layer_blocks, layout_for
 from fnprune.cli import main
 from fnprune.data import load_split, resolve_task
@@ -26,8 +27,9 @@ CLI_SMALL = ["--num-samples", "40", "--max-tokens", "300", "--components", "8", 
 
 
 def _spec(model_dir, task_data, out: Path, **kw) -> an.AnalysisSpec:
-    return an.AnalysisSpec(model=ModelSpec(name_or_path=str(model_dir("llama"))),
-                           task=TaskSpec(name="sst2", data_dir=str(task_data)), output=str(out), **{**SMALL, **kw})
+    return an.AnalysisSpec.from_settings(model=ModelSpec(name_or_path=str(model_dir("llama"))),
+                                         task=TaskSpec(name="sst2", data_dir=str(task_data)), output=str(out),
+                                         **{**SMALL, **kw})
 
 
 def _rows(path: Path) -> list[dict]:
@@ -122,12 +124,12 @@ def test_masking_zeroes_exactly_the_network_in_its_layer(model_dir, task_data):
 def test_verify_masking_catches_a_late_bound_mask(model_dir, task_data, monkeypatch):
     """The reference code's bug (every layer got the last layer's mask) must not pass the check."""
     model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
-    real = an.masked_neurons
+    real = scoring.masked_neurons
 
     def buggy(model, layout, keep, fill=None, scale=None):
         return real(model, layout, [keep[-1]] * len(keep), fill, scale)
 
-    monkeypatch.setattr(an, "masked_neurons", buggy)
+    monkeypatch.setattr(scoring, "masked_neurons", buggy)
     check = an.verify_masking(model, tok, ["Review: a fine film\nSentiment:"], {1: np.array([1, 2, 3])})
     assert not check["ok"] and any("layer 0" in p for p in check["problems"])
 

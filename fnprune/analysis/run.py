@@ -1,0 +1,197 @@
+"""One analysis from data to tables: load the task and model, calibrate and find each layer's networks as
+`compress` does (the same Recipe), then run the four experiments."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..arch import layout_for, mlp_widths
+from ..checkpoint import check_output_dir
+from ..data import Example, check_disjoint, load_split, resolve_task, sample
+from ..errors import DataError, RecipeError
+from ..models import load_model
+from ..pipeline import Calibration, calibrate
+from ..recipe import TaskSpec
+from .cross_layer import GroupNetworks, group_networks
+from .experiments import (
+    Baseline,
+    amplification,
+    dense_baseline,
+    group_mask,
+    group_tables,
+    key_networks,
+    network_tables,
+    pick_networks,
+    recurrence,
+    rounded,
+)
+from .report import write_report
+from .scoring import Scorer
+from .spec import AnalysisSpec, spec_command
+
+__all__ = ["Analysis", "analyze", "run_analysis"]
+
+log = logging.getLogger("fnprune")
+
+
+@dataclass
+class Analysis:
+    """Results: `tables` (name -> list of row dicts, one CSV each), `info` (settings, timings, headline
+    numbers), and the objects behind them for further work in a notebook."""
+
+    spec: AnalysisSpec
+    tables: dict[str, list[dict[str, Any]]]
+    info: dict[str, Any]
+    calibration: Calibration | None = None
+    group: GroupNetworks | None = None
+
+
+@dataclass
+class _Data:
+    task: TaskSpec  # resolved
+    calibration: list[Example]  # sampled from the calibration split
+    evaluation: list[Example]  # sampled from the evaluation split
+    held_out: list[Example]  # calibration-split examples in neither sample: the recurrence groups' source
+    pool_size: int  # examples in the calibration split
+    evaluation_split_size: int
+
+
+class _Laps:
+    """Seconds of each stage, in order, logged as each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self._start, 2)
+        log.info("%s done in %.1f s", name, self.seconds[name])
+        self._start = time.perf_counter()
+
+
+def _classification(task: TaskSpec) -> TaskSpec:
+    if task.kind != "classification":
+        raise DataError(f"analyze scores label words: task {task.name!r} is {task.kind}, not classification")
+    return task
+
+
+def _load_data(spec: AnalysisSpec) -> _Data:
+    task = _classification(resolve_task(spec.task))
+    pool = load_split(task, task.calibration_split)
+    evaluation = load_split(task, task.evaluation_split)
+    calibration = sample(pool, spec.calibration.num_samples, spec.seed)
+    check_disjoint(calibration, evaluation)
+    eval_set = sample(evaluation, spec.eval_samples, spec.seed)
+    used = {e.prompt for e in calibration} | {e.prompt for e in evaluation}
+    held_out = [e for e in pool if e.prompt not in used]
+    return _Data(task, calibration, eval_set, held_out, len(pool), len(evaluation))
+
+
+def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
+    """Run all four experiments; nothing is written (see `write_report`)."""
+    spec.validate()
+    lap = _Laps()
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    data = _load_data(spec)
+    also = []
+    for extra in spec.also_tasks:
+        t = _classification(resolve_task(extra))
+        also.append((t, load_split(t, t.calibration_split)))
+    model, tokenizer = load_model(spec.model)
+    lap("load")
+
+    widths = mlp_widths(model, layout_for(model))
+    components, max_tokens = spec.networks.components, spec.calibration.max_tokens
+    if components >= min(min(widths), max_tokens):
+        raise RecipeError(f"components ({components}) must be below the MLP width ({min(widths)}) and "
+                          f"max_tokens ({max_tokens})")
+    calib = calibrate(model, tokenizer, data.calibration, data.task.label_words, spec.recipe(data.task), True,
+                      progress, use_cache=spec.calibration.cache)
+    lap("calibration + per-layer ICA")
+
+    tables = network_tables(calib)
+    group = group_networks(calib, spec)
+    tables.update(group_tables(group))
+    lap("group ICA")
+
+    sources = [(data.task.name, data.held_out)] + [(t.name, list(pool)) for t, pool in also]
+    tables.update(recurrence(model, tokenizer, spec, group, sources, progress))
+    lap("recurrence")
+
+    nets = pick_networks(calib, spec)
+    scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
+                    progress=progress)
+    base = dense_baseline(scorer, nets, spec)
+    lap("dense evaluation")
+    key, masked = key_networks(base, nets, spec, progress)
+    tables.update(key)
+    lap("key networks")
+    tables["group_mask"] = group_mask(base, group, spec)
+    lap("group masking")
+    tables.update(amplification(base, nets, masked, spec, progress))
+    lap("amplification")
+
+    info = _info(spec, data, [t.name for t, _ in also], calib, group, base, lap.seconds, load_before)
+    return Analysis(spec, tables, info, calib, group)
+
+
+def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibration, group: GroupNetworks,
+          base: Baseline, timings: dict[str, float], load_before: list[float]) -> dict[str, Any]:
+    """summary.json: what the analysis ran on, the headline numbers, and where the time went."""
+    widths, scorer, halves = base.scorer.widths, base.scorer, base.halves
+    ica_tokens = int(calib.activations[0].tokens.shape[0])
+    return {
+        "fnprune_version": __version__,
+        "model": spec.model.name_or_path,
+        "task": data.task.name,
+        "also_tasks": also_tasks,
+        "calibration": {"split": data.task.calibration_split, "samples": len(data.calibration),
+                        "pool": data.pool_size, "tokens_for_ica": ica_tokens,
+                        "group_ica_tokens": min(spec.group_tokens, ica_tokens)},
+        "evaluation": {"split": data.task.evaluation_split, "samples": len(data.evaluation),
+                       "split_size": data.evaluation_split_size, "half_sizes": [len(h) for h in halves],
+                       "disjoint_from_calibration": True},
+        "layers": len(widths), "mlp_width": widths[0], "mlp_neurons": int(sum(widths)),
+        "dense_accuracy": rounded(base.accuracy, 4),
+        "dense_accuracy_halves": [rounded(base.correct[h].mean(), 4) for h in halves],
+        "group_ica_converged": group.converged,
+        "per_layer_ica_converged_layers": int(sum(n.converged for n in calib.networks)),
+        "evaluation_runs": scorer.runs,
+        "evaluation_seconds": round(scorer.seconds, 1),
+        "replay_layers": sorted(k for k, v in scorer.replay_ok.items() if v),
+        "timings_seconds": timings,
+        "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "load_average_1_5_15_min_at_start": load_before,
+                "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()]},
+        "spec": _spec_dict(spec),
+        "command": spec_command(spec),
+    }
+
+
+def _spec_dict(spec: AnalysisSpec) -> dict[str, Any]:
+    d = dataclasses.asdict(spec)
+    d["scales"] = list(spec.scales)
+    return d
+
+
+def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
+    """Run the analysis and write the report into `spec.output` (refuses an existing folder without overwrite)."""
+    if not spec.output:
+        raise RecipeError("output: required (use --output DIR)")
+    spec.validate()
+    data = [p for t in (spec.task, *spec.also_tasks) for p in (t.data_dir, *t.data_files.values())]
+    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, [spec.model.name_or_path, *data])
+    start = time.perf_counter()
+    analysis = run_analysis(spec, progress)
+    write_report(analysis, spec.output, spec.overwrite)
+    analysis.info["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return analysis
