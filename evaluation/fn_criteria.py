@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fnprune.networks import _zscore
+from fnprune.networks import zscore as _zscore
 from fnprune.selection import CRITERIA, NEEDS_NETWORKS, LayerEvidence
 
 __all__ = ["CONTEXT", "GAP_CRITERIA", "OBS_CRITERIA", "gap_relevance", "residual_variances"]

@@ -26,17 +26,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fnprune import ica
 from fnprune.arch import layout_for
 from fnprune.data import Example, check_disjoint, file_sha256, load_split, resolve_task, sample
 from fnprune.evaluate import evaluate_accuracy
 from fnprune.hooks import masked_neurons
-from fnprune.ica import find_networks_batch
 from fnprune.models import load_model
 from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks, network_relevance, pool_networks
+from fnprune.networks import engines as ica
+from fnprune.networks import find_networks as layer_networks
+from fnprune.networks.engines import find_networks_batch
 from fnprune.perplexity import perplexity, wikitext_ids
-from fnprune.pipeline import Calibration, calibrate, layer_networks, reconstruction_fills, select_neurons
+from fnprune.pipeline import Calibration, calibrate, reconstruction_fills, select_neurons
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 from fnprune.selection import CRITERIA, NEEDS_NETWORKS
 

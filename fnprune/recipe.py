@@ -277,7 +277,7 @@ class NetworksSpec:
     max_iter: int = 400
     tol: float = 1e-4
     seed: int = 0
-    # torch (fnprune.ica: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
+    # torch (fnprune.networks: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
     # reference); both start FastICA from scikit-learn's matrix for the seed.
     engine: str = "torch"
     runs: int = 5  # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
