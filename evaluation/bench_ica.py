@@ -1,12 +1,13 @@
-"""Speed and agreement of the torch ICA engine (fnprune.ica) against scikit-learn on real SmolLM2 activations.
+"""Speed and agreement of the torch ICA engine (fnprune.networks) against scikit-learn on real SmolLM2 activations.
 
 Captures MLP activations once through `fnprune.pipeline.calibrate` (compress's calibration sample, kept as tokens;
 --samples / --max-tokens default to the recipe's, in fnprune's cache), then per layer times, side by side in the
 same process:
-  (a) `fnprune.networks.find_networks` (numpy Gram + eigh, scikit-learn FastICA on the whitened data);
+  (a) `fnprune.networks.engines.find_networks_reference` (numpy Gram + eigh, scikit-learn FastICA on the whitened data);
   (b) plain scikit-learn `FastICA(n_components=k, whiten="unit-variance")` on the full z-scored neuron x token
       matrix, as a user would run the reference (full SVD whitening);
-  (c) `fnprune.ica.find_networks_torch`: float64 and float32, randomized (default) and exact eigh whitening.
+  (c) `fnprune.networks.engines.find_networks_torch`: float64 and float32, randomized (default) and exact eigh
+      whitening.
 (a) and (b) run twice: with the BLAS thread defaults, as users get them, and pinned to one thread (threadpoolctl),
 because threaded LAPACK on a loaded machine is what makes the defaults slow and that is not the algorithm's cost.
 Agreement is the mean |corr| of the maps after Hungarian matching; since FastICA started from another random
@@ -44,9 +45,11 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from fnprune.ica import fast_ica, find_networks_batch, find_networks_torch, match_components, whiten_gram
 from fnprune.moments import SecondMoments
-from fnprune.networks import LayerNetworks, find_networks
+from fnprune.networks import LayerNetworks
+from fnprune.networks.engines import find_networks_batch, find_networks_reference, find_networks_torch
+from fnprune.networks.fastica import fast_ica, match_components
+from fnprune.networks.whitening import whiten_gram
 from fnprune.recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
 
 HERE = Path(__file__).resolve().parent
@@ -156,11 +159,11 @@ def bench_layer(tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any
             row[f"converged_{name}"] = out.converged
 
     if not args.skip_as_run:
-        ref("a", lambda: find_networks(x, k, args.threshold, seed, it, tol), False, 1)
+        ref("a", lambda: find_networks_reference(x, k, args.threshold, seed, it, tol), False, 1)
         ref("b", lambda: sklearn_plain(x, k, seed, it, tol), False, 1)
-    ref("a1", lambda: find_networks(x, k, args.threshold, seed, it, tol), True, reps)
+    ref("a1", lambda: find_networks_reference(x, k, args.threshold, seed, it, tol), True, reps)
     ref("b1", lambda: sklearn_plain(x, k, seed, it, tol), True, reps)
-    ref("a1_next_seed", lambda: find_networks(x, k, args.threshold, seed + 1, it, tol), True, 1)
+    ref("a1_next_seed", lambda: find_networks_reference(x, k, args.threshold, seed + 1, it, tol), True, 1)
     for name, dtype, eig in TORCH_VARIANTS:
         ref(name, lambda d=dtype, e=eig: find_networks_torch(tokens, k, args.threshold, seed, it, tol, dtype=d,
                                                             eig_method=e), False, reps)
@@ -199,7 +202,8 @@ def bench_model(layers_tokens: list[torch.Tensor], args: argparse.Namespace) -> 
 
     def sklearn_all(first: int) -> list[LayerNetworks]:
         with threadpool_limits(1):
-            return [find_networks(m, k, args.threshold, first, it, tol, runs=runs) for m in moments[torch.float64]]
+            return [find_networks_reference(m, k, args.threshold, first, it, tol, runs=runs)
+                    for m in moments[torch.float64]]
 
     def torch_all(dtype: torch.dtype) -> list[LayerNetworks]:
         return find_networks_batch(moments[dtype], k, args.threshold, seed, it, tol, runs=runs, dtype=dtype)
@@ -232,9 +236,9 @@ def model_markdown(res: dict[str, Any], command: str, info: dict[str, Any]) -> s
         "",
         f"All {res['layers']} layers of SmolLM2-135M-Instruct ({info['tokens']} tokens x {info['width']} neurons "
         f"each), k = {info['components']}, {res['runs']} pooled FastICA runs per layer, max_iter = "
-        f"{info['max_iter']}, as `compress` runs them. scikit-learn: `find_networks` layer by layer on one BLAS "
-        "thread (numpy eigh whitening + FastICA) from float64 moments. torch: `find_networks_batch`, every layer's "
-        "runs in one batched fixed-point loop, the layers shared by one single-threaded worker per core, from "
+        f"{info['max_iter']}, as `compress` runs them. scikit-learn: `find_networks_reference` layer by layer on "
+        "one BLAS thread (numpy eigh whitening + FastICA) from float64 moments. torch: `find_networks_batch`, every "
+        "layer's runs in one batched fixed-point loop, the layers shared by one single-threaded worker per core, from "
         "float32 moments (float32, the default) or float64 throughout. Both are timed from moments formed "
         "beforehand, as capture leaves them. Both start run r "
         f"from scikit-learn's matrix for seed {info['seed']} + r. {info['cpus']} CPU cores, load average "
@@ -278,8 +282,8 @@ def markdown(rows: list[dict[str, Any]], command: str, info: dict[str, Any]) -> 
         f"{info['load_after']} after): best of {info['repeats']} runs (as-run references: 1 run); "
         f"compare ratios, not seconds. torch {info['torch']}, scikit-learn {info['sklearn']}, numpy {info['numpy']}.",
         "",
-        "Seconds per layer. (a) = fnprune.networks.find_networks (numpy Gram + eigh + sklearn FastICA); "
-        "(b) = sklearn FastICA(whiten='unit-variance') on the z-scored neuron x token matrix; "
+        "Seconds per layer. (a) = fnprune.networks.engines.find_networks_reference (numpy Gram + eigh + sklearn "
+        "FastICA); (b) = sklearn FastICA(whiten='unit-variance') on the z-scored neuron x token matrix; "
         "\"1 thread\" = BLAS pinned to one thread; t64/t32 = find_networks_torch float64/float32 (randomized "
         "whitening, the default); _eigh = exact eigh whitening; t64 1 thread = torch pinned to one thread.",
         "",

@@ -1,5 +1,5 @@
 """Whitening one wide MLP layer from its stored token sample: the neuron Gram (d x d, as fnprune did before)
-against the token Gram (T x T, `fnprune.ica._token_gram_whitening`), time and peak RSS side by side.
+against the token Gram (T x T, `fnprune.networks.whitening._token_gram_whitening`), time and peak RSS side by side.
 
 Wide MLPs keep their token sample instead of its d x d moments (`calibration.sample_store: auto`), so their
 whitening starts from tokens. No wide real model fits these machines, so the layer is synthetic: T = 4096
@@ -43,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 ONE_LAYER = """
 import json, resource, sys, time, torch
 torch.set_flush_denormal(True)
-from fnprune.ica import _layer_whitening
+from fnprune.networks.whitening import layer_whitening
 from fnprune.moments import SecondMoments
 width, tokens, components, path, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 from evaluation.bench_wide import synthetic_layer
@@ -51,7 +51,7 @@ x = synthetic_layer(width, tokens)  # (T, d) float32
 start = time.perf_counter()
 # "neuron": the previous path, float64 moments of the tokens then the d x d correlation Gram
 sample = SecondMoments.of(x.to(torch.float64), torch.float64) if path == "neuron" else x
-whitened, _ = _layer_whitening(sample, components, 0, "krylov", "cpu", torch.float32)
+whitened, _ = layer_whitening(sample, components, 0, "krylov", "cpu", torch.float32)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 # the whitened data go to the parent as raw float32 bytes (never pickled)

@@ -23,10 +23,9 @@ import numpy as np
 import safetensors
 import torch
 import transformers
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from . import __version__, cache, ica
+from . import __version__, cache
 from .arch import MLPLayout, is_classifier, layout_for, mlp_widths, neuron_weight_norms
 from .capture import LayerActivations, capture_activations, capture_memory_bytes
 from .checkpoint import (
@@ -57,16 +56,14 @@ from .data import (
 from .errors import NumericalError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .hub import push_folder
-from .ica import find_networks_batch, find_networks_torch
 from .memory import objects_frozen, release_memory
 from .models import checkpoint_bytes, count_parameters, load_model, local_model_dir, unique_parameters
 from .moments import SecondMoments
-from .networks import LayerNetworks, find_networks, network_relevance
+from .networks import LayerNetworks, cache_identity, find_all_networks, network_relevance
 from .perplexity import perplexity, wikitext_file, wikitext_ids
 from .recipe import (
     PERPLEXITY_TASK,
     ModelSpec,
-    NetworksSpec,
     Recipe,
     TaskSpec,
     ValidationTask,
@@ -131,54 +128,6 @@ def versions() -> dict[str, str]:
         "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
-
-
-def layer_networks(sample: torch.Tensor | SecondMoments, net: NetworksSpec) -> LayerNetworks:
-    """One layer's ICA networks with the recipe's engine from its token sample or the sample's moments, pooled
-    over `net.runs` FastICA seeds on one whitening."""
-    if net.engine == "torch":
-        return find_networks_torch(
-            sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, dtype=torch.float32,
-            runs=net.runs,
-        )
-    with threadpool_limits(1):  # threaded LAPACK on these small matrices is much slower on shared CPUs
-        return find_networks(sample, net.components, net.threshold, net.seed, net.max_iter, net.tol, runs=net.runs)
-
-
-def _find_all_networks(acts: list[LayerActivations], recipe: Recipe, progress: bool) -> list[LayerNetworks]:
-    net = recipe.networks
-    n_tokens, width = acts[0].sampled, int(acts[0].mean.numel())
-    if net.components >= min(n_tokens, width):
-        raise RecipeError(
-            f"networks.components ({net.components}) must be below the calibration tokens captured "
-            f"({n_tokens}) and the MLP width ({width})"
-        )
-    try:
-        if net.engine == "torch":  # every layer's runs in one batched fixed-point loop
-            with tqdm(desc="ICA", unit="it", disable=not progress) as bar:
-                found = find_networks_batch(
-                    (a.moments if a.moments is not None else a.tokens for a in acts), net.components,
-                    net.threshold, net.seed, net.max_iter, net.tol, net.runs, progress=bar,
-                )
-        else:
-            found = []
-            for i, a in enumerate(tqdm(acts, desc="ICA", unit="layer", disable=not progress)):
-                try:
-                    found.append(layer_networks(a.sample_moments(), net))
-                except ValueError as exc:
-                    raise ValueError(f"layer {i}: {exc}") from exc
-    except ValueError as exc:
-        raise NumericalError(str(exc)) from exc
-    dead = {i: n.dead_neurons for i, n in enumerate(found) if n.dead_neurons}
-    if dead:
-        log.warning("neurons that never vary on the calibration data (layer: count): %s", dead)
-    slow = [i for i, n in enumerate(found) if not n.converged]
-    if slow:
-        log.warning(
-            "FastICA stopped at max_iter=%d before tol=%g in %d of %d layers (%s); the maps are still used",
-            net.max_iter, net.tol, len(slow), len(acts), ", ".join(map(str, slow)),
-        )
-    return found
 
 
 def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: bool = True) -> str:
@@ -253,13 +202,10 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
     calib = Calibration(acts, labels, timings=timings)
     if with_networks:
         start = time.perf_counter()
-        net_spec = dataclasses.asdict(recipe.networks)
-        if recipe.networks.engine == "torch":
-            net_spec["revision"] = ica.REVISION  # networks cached by an earlier torch engine are recomputed
-        net_key = cache.cache_key({"activations": key, "networks": net_spec})
+        net_key = cache.cache_key({"activations": key, "networks": cache_identity(recipe.networks)})
         calib.networks = cache.load_networks(net_key) if use_cache else None
         if calib.networks is None:
-            calib.networks = _find_all_networks(acts, recipe, progress)
+            calib.networks = find_all_networks(acts, recipe.networks, progress)
             release_memory()
             if use_cache:
                 cache.save_networks(net_key, calib.networks)

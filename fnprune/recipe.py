@@ -315,7 +315,7 @@ class NetworksSpec:
     max_iter: int = 400
     tol: float = 1e-4
     seed: int = field(default=0, metadata=_SEED)
-    # torch (fnprune.ica: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
+    # torch (fnprune.networks: all layers' runs batched) or sklearn (numpy whitening + scikit-learn FastICA, the
     # reference); both start FastICA from scikit-learn's matrix for the seed.
     engine: str = field(default="torch", metadata=flag(
         "--ica-engine", "ICA implementation: torch (default; all layers batched) or sklearn (the reference).",

@@ -11,19 +11,14 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from fnprune.ica import (
-    _layer_whitening,
-    _token_side,
-    _whitening_bytes,
-    fast_ica,
-    find_networks_batch,
-    find_networks_torch,
-    match_components,
-    whiten,
-    whiten_gram,
-)
 from fnprune.moments import SecondMoments
-from fnprune.networks import find_networks
+from fnprune.networks.engines import find_networks_batch, find_networks_torch
+from fnprune.networks.engines import find_networks_reference as find_networks
+from fnprune.networks.fastica import fast_ica, match_components
+from fnprune.networks.whitening import estimated_whitening_bytes as _whitening_bytes
+from fnprune.networks.whitening import layer_whitening as _layer_whitening
+from fnprune.networks.whitening import token_side as _token_side
+from fnprune.networks.whitening import whiten, whiten_gram
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +150,7 @@ def test_whitening_from_streamed_moments_equals_the_stored_sample():
         stream.update(chunk)
     assert int(stream.constant.sum()) == 1
     std = tokens.std(0)
-    z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as networks.py
+    z = np.where(std > 0, (tokens - tokens.mean(0)) / np.where(std > 0, std, 1), 0.0).T  # (d, T) as the whitening
     z = z - z.mean(0)
     np.testing.assert_allclose(stream.correlation_gram().numpy(), z @ z.T / len(tokens), atol=1e-10)
     stored = whiten(torch.from_numpy(z), 4, "gram")
@@ -329,7 +324,7 @@ def test_whitening_memory_budget_bounds_what_runs_at_once():
     import threading
     import time
 
-    from fnprune.ica import _ByteBudget
+    from fnprune.networks.threads import ByteBudget as _ByteBudget
 
     budget, lock = _ByteBudget(100), threading.Lock()
     held, peaks = [0, 0], []

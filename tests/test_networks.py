@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fnprune.networks import find_networks, network_relevance
+from fnprune.networks import network_relevance
+from fnprune.networks.engines import find_networks_reference as find_networks
 
 
 def _planted(n_tokens=800, width=400, k=4, size=25, seed=0):
@@ -93,3 +94,83 @@ def test_runs_share_one_whitening_and_equal_pooled_separate_calls():
     separate = pool_networks([find_networks(tokens, 4, 2.0, s) for s in (3, 4, 5)])
     np.testing.assert_array_equal(together.maps, separate.maps)
     np.testing.assert_array_equal(together.members, separate.members)
+
+
+def _layer(tokens: np.ndarray):
+    """A layer as capture leaves it with `sample_store: moments` (the token sample's float32 moments only)."""
+    import torch
+
+    from fnprune.capture import LayerActivations
+    from fnprune.moments import SecondMoments
+
+    t = torch.from_numpy(tokens).float()
+    moments = SecondMoments.of(t, torch.float32)
+    empty = torch.zeros(t.shape[1])
+    return LayerActivations(None, torch.zeros(2, t.shape[1]), t.mean(0), empty, empty, len(t), moments), moments
+
+
+def test_one_layer_and_all_layers_agree_for_both_engines():
+    """find_networks(sample, spec) is the stage's per-layer answer: the reference engine's networks from the
+    sample's moments, and the torch engine's batched loop for a layer alone in its batch."""
+    from fnprune import networks
+    from fnprune.networks.engines import find_networks_batch, find_networks_reference
+    from fnprune.recipe import NetworksSpec
+
+    tokens = _planted()[0]
+    layer, moments = _layer(tokens)
+    for runs in (1, 3):
+        reference = NetworksSpec(components=4, threshold=2.5, seed=2, engine="sklearn", runs=runs)
+        ours = networks.find_networks(moments, reference)
+        np.testing.assert_array_equal(ours.maps, find_networks_reference(moments, 4, 2.5, 2, runs=runs).maps)
+        np.testing.assert_array_equal(networks.find_all_networks([layer], reference)[0].maps, ours.maps)
+        spec = NetworksSpec(components=4, threshold=2.5, seed=2, engine="torch", runs=runs)
+        single = networks.find_networks(moments, spec)
+        assert single.maps.shape == (4 * runs, 400)
+        np.testing.assert_array_equal(single.maps, find_networks_batch([moments], 4, 2.5, 2, runs=runs)[0].maps)
+        np.testing.assert_array_equal(networks.find_all_networks([layer], spec)[0].maps, single.maps)
+    with pytest.raises(ValueError, match="engine"):
+        networks.find_networks(moments, NetworksSpec(engine="jax"))
+
+
+def test_all_layers_refuse_what_cannot_be_unmixed():
+    from fnprune.errors import NumericalError, RecipeError
+    from fnprune.networks import find_all_networks
+    from fnprune.recipe import NetworksSpec
+
+    tokens = _planted()[0]
+    good, _ = _layer(tokens)
+    bad_tokens = tokens.copy()
+    bad_tokens[0, 5] = np.nan
+    bad, _ = _layer(bad_tokens)
+    for engine in ("torch", "sklearn"):
+        spec = NetworksSpec(components=4, threshold=2.5, engine=engine, runs=1)
+        with pytest.raises(NumericalError, match="layer 1: activations contain NaN"):
+            find_all_networks([good, bad], spec)
+        with pytest.raises(RecipeError, match="networks.components"):
+            find_all_networks([good], NetworksSpec(components=400, engine=engine))
+
+
+def test_cache_identity_carries_the_torch_engines_revision():
+    import dataclasses
+
+    from fnprune.networks import REVISION, cache_identity
+    from fnprune.recipe import NetworksSpec
+
+    torch_spec, reference = NetworksSpec(engine="torch"), NetworksSpec(engine="sklearn")
+    assert cache_identity(torch_spec) == {**dataclasses.asdict(torch_spec), "revision": REVISION}
+    assert cache_identity(reference) == dataclasses.asdict(reference)  # its networks never changed
+
+
+def test_wide_token_whitening_spans_the_neuron_grams_subspace():
+    """The reference whitening of a token sample with more neurons than tokens (the analysis' group ICA) goes
+    through the T x T token Gram and spans what the neuron Gram's whitening spans."""
+    from fnprune.moments import SecondMoments
+    from fnprune.networks.whitening import reference_gram_whitening, reference_token_whitening
+
+    tokens = _planted(n_tokens=150, width=400)[0]
+    tokens[:, 9] = 2.0
+    wide, dead = reference_token_whitening(tokens, 4)
+    narrow = reference_gram_whitening(SecondMoments.of(tokens).correlation_gram().numpy(), 4)
+    assert wide.shape == narrow.shape == (400, 4) and dead == 1
+    np.testing.assert_allclose(wide.T @ wide / 400, np.eye(4), atol=1e-5)
+    assert np.linalg.svd(wide.T @ narrow / 400, compute_uv=False).min() > 1 - 1e-5

@@ -291,7 +291,7 @@ def test_mlp_wider_than_the_sample_keeps_tokens_and_finds_the_same_networks(mode
     from safetensors.torch import load_file
 
     from fnprune.capture import resolve_sample_store
-    from fnprune.ica import match_components
+    from fnprune.networks.fastica import match_components
 
     assert resolve_sample_store("auto", 128, 100, "float32") == "tokens"
     maps = {}

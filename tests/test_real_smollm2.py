@@ -103,10 +103,11 @@ def test_torch_ica_matches_scikit_learn_on_real_activations():
     from fnprune.arch import layout_for
     from fnprune.capture import capture_activations
     from fnprune.data import load_split, resolve_task, sample
-    from fnprune.ica import find_networks_batch, match_components
     from fnprune.models import load_model
     from fnprune.moments import SecondMoments
-    from fnprune.networks import find_networks
+    from fnprune.networks.engines import find_networks_batch
+    from fnprune.networks.engines import find_networks_reference as find_networks
+    from fnprune.networks.fastica import match_components
     from fnprune.recipe import ModelSpec, TaskSpec
     from fnprune.tokens import encode
 
