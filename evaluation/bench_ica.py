@@ -66,9 +66,9 @@ TORCH_VARIANTS = [  # (name, dtype, eig_method)
 def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
     """Per-layer sampled token activations (T, d) of the calibration sample compress draws, through the
     package's calibrate (kept as tokens, not moments) and its on-disk cache."""
+    from fnprune.calibration import calibrate
     from fnprune.data import label_keys, load_sample, resolve_task
     from fnprune.models import load_model
-    from fnprune.pipeline import calibrate
 
     recipe = Recipe(
         model=ModelSpec(name_or_path=str(MODEL)), task=TaskSpec(name="sst2", data_dir=str(DATA)),

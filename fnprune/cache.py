@@ -22,12 +22,12 @@ import torch
 
 from .capture import LayerActivations
 from .data import Example
+from .distillation import TeacherTargets
 from .evaluate import TaskResult, choice_lengths, scored
 from .moments import SecondMoments
 from .networks import LayerNetworks
 from .perplexity import PerplexityResult
 from .recipe import TaskSpec
-from .recovery import TeacherTargets
 from .safetensors_io import read_with_meta, write_atomic
 
 __all__ = [

@@ -1,331 +1,76 @@
-"""Recovery: a short, label-free distillation of the pruned model toward the dense one on the calibration prompts.
-
-The teacher is the dense model before surgery. Its next-token distribution at every real prompt token is kept as
-the top-k log-probabilities plus the mass outside them, and the student minimises the KL divergence between the
-two (k + 1)-bucket distributions, which is exact for the coarsened distributions and needs k + 1 numbers per
-token instead of the vocabulary. A classifier's teacher is its head's label distribution at the decision token.
-
-Only the calibration prompts reach training: the caller passes the same examples the activations were captured
-on, so the evaluation split and the held-out templates never do. Whatever trains is merged into the weights
-(LoRA included), so the checkpoint keeps its shapes and loads like any other.
-"""
+"""Stage 5 (optional), recover: distil the pruned model toward the dense one on the calibration prompts
+(fnprune.distillation), with the dense model's distributions cached and the training resumable."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import math
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
+from . import cache
+from .arch import MLPLayout, is_classifier
+from .data import Example
+from .distillation import RecoveryResult, TeacherTargets, recover, teacher_targets
+from .provenance import key_versions
+from .recipe import Recipe, TaskSpec
+from .tokens import encode_inputs
+from .validation import Scores, Validation, accuracy_report, validation_report
 
-from .arch import MLPLayout, get_module, is_classifier, layer_blocks
-from .interrupt import deferred_interrupt
-from .offload import input_device
-from .recipe import RecoverySpec
-from .safetensors_io import read_with_meta, write_atomic
-from .tokens import batches, make_batch
-
-__all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters"]
+__all__ = ["teacher", "recover_model", "recovery_report", "teacher_cache_key"]
 
 log = logging.getLogger("fnprune")
 
 
-@dataclass
-class TeacherTargets:
-    """The teacher's distribution at each scored position of every prompt, rows concatenated prompt by prompt:
-    `offsets[i]:offsets[i + 1]` are prompt i's rows, the last of them its answer position."""
-
-    indices: torch.Tensor  # (T, k) int64 token (or label) ids
-    logprobs: torch.Tensor  # (T, k) float32 teacher log-probabilities of those ids
-    offsets: torch.Tensor  # (N + 1,) int64
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.logprobs, self.offsets))
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.indices, "logprobs": self.logprobs, "offsets": self.offsets}
+def teacher_cache_key(recipe: Recipe, seqs: list[list[int]]) -> str:
+    """Everything the dense model's distributions on the calibration prompts depend on."""
+    return cache.cache_key({
+        "teacher": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
+        "top_k": recipe.recovery.top_k,
+        "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
+        "dtype": recipe.model.dtype,
+        "versions": key_versions(),
+    })
 
 
-@dataclass
-class RecoveryResult:
-    steps: int
-    seconds: float
-    loss_first: float  # mean distillation loss over the first 10% of steps
-    loss_last: float  # and over the last 10%
-    trained_parameters: int
-    teacher_bytes: int
-    resumed_at: int = 0
+def recovery_inputs(tokenizer, model, calibration: list[Example], recipe: Recipe) -> list[list[int]]:
+    return encode_inputs(tokenizer, calibration, recipe.calibration.max_length, is_classifier(model))
 
 
-def _scored_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits of every position (LMs, (B, L, V)) or the head's (classifiers, (B, 1, C))."""
-    device = input_device(model)
-    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False) \
-        if not is_classifier(model) else model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    logits = out.logits
-    return logits[:, None, :] if logits.dim() == 2 else logits
+def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, progress: bool) -> TeacherTargets:
+    """The dense model's distributions on the calibration prompts (recovery's targets), from the cache if there."""
+    seqs = recovery_inputs(tokenizer, model, calibration, recipe)
+    use_cache = recipe.calibration.cache and cache.usable()
+    key = teacher_cache_key(recipe, seqs) if use_cache else ""
+    found = cache.load_teacher(key) if key else None
+    if found is not None:
+        log.info("teacher distributions from cache %s", cache.cache_dir())
+        return found
+    targets = teacher_targets(model, seqs, recipe.recovery.top_k, recipe.calibration.batch_size, progress)
+    log.info("teacher: %d positions x top %d = %.1f MiB", targets.indices.shape[0], targets.indices.shape[1],
+             targets.nbytes / 2**20)
+    if key:
+        cache.save_teacher(key, targets)
+    return targets
 
 
-def _positions(mask: torch.Tensor, classifier: bool) -> list[torch.Tensor]:
-    """Per row, the positions whose distribution is distilled: every real token, or the one head output."""
-    if classifier:
-        return [torch.zeros(1, dtype=torch.long) for _ in range(mask.shape[0])]
-    return [row.nonzero().flatten() for row in mask.bool()]
+def recover_model(model, tokenizer, layout: MLPLayout, calibration: list[Example], teacher: TeacherTargets,
+             recipe: Recipe, progress: bool) -> RecoveryResult:
+    seqs = recovery_inputs(tokenizer, model, calibration, recipe)
+    use_cache = recipe.calibration.cache and cache.usable()
+    return recover(model, layout, seqs, teacher, recipe.recovery, progress,
+                   progress_dir=cache.cache_dir() if use_cache else None)
 
 
-@torch.inference_mode()
-def teacher_targets(model: nn.Module, seqs: list[list[int]], top_k: int, batch_size: int,
-                    progress: bool = True) -> TeacherTargets:
-    """The dense model's top-k log-probabilities at every real token of each prompt (the full label
-    distribution for a classifier)."""
-    classifier = is_classifier(model)
-    per_prompt: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
-    bar = tqdm(total=sum(map(len, seqs)), desc="teacher", unit="tok", disable=not progress)
-    with bar:
-        for batch in batches(seqs, batch_size, "right"):
-            logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1).cpu()
-            k = min(top_k, logp.shape[-1])
-            for row, (i, pos) in enumerate(zip(batch.index, _positions(batch.attention_mask, classifier))):
-                values, ids = logp[row, pos].topk(k, dim=-1)
-                per_prompt[i] = (ids, values)
-            bar.update(int(batch.attention_mask.sum()))
-    lengths = torch.tensor([0] + [p[0].shape[0] for p in per_prompt if p is not None])
-    return TeacherTargets(
-        indices=torch.cat([p[0] for p in per_prompt if p is not None]),
-        logprobs=torch.cat([p[1] for p in per_prompt if p is not None]),
-        offsets=lengths.cumsum(0),
-    )
-
-
-def bucket_kl(student_logp: torch.Tensor, indices: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Per row, KL(teacher || student) over the teacher's top-k ids and one bucket for all other ids.
-
-    student_logp: (T, V) log-softmax; indices, teacher_logp: (T, k)."""
-    s_top = student_logp.gather(-1, indices)
-    t_top = teacher_logp
-    t_rest = (-t_top.exp().sum(-1)).log1p().clamp(min=-80.0)  # log of the teacher's mass outside the top k
-    s_rest = (-s_top.exp().sum(-1)).clamp(min=-1 + 1e-6).log1p()
-    top = (t_top.exp() * (t_top - s_top)).sum(-1)
-    return top + t_rest.exp() * (t_rest - s_rest)
-
-
-def trainable_parameters(model: nn.Module, layout: MLPLayout, which: str) -> list[nn.Parameter]:
-    """The parameters `which` names: "mlp" (every MLP projection's weight and bias), "all", or "lora" (the
-    adapters `add_lora` attached)."""
-    if which == "all":
-        return [p for p in model.parameters()]
-    if which == "lora":
-        return [p for n, p in model.named_parameters() if n.endswith((".lora_a", ".lora_b"))]
-    params = []
-    for block in layer_blocks(model, layout):
-        for path in (*layout.inputs, layout.output):
-            params.extend(get_module(block, path).parameters(recurse=False))
-    return params
-
-
-class _LowRankDelta(nn.Module):
-    """weight + scale * B @ A, with B starting at zero so training starts from the pruned model."""
-
-    def __init__(self, shape: torch.Size, rank: int, generator: torch.Generator, dtype: torch.dtype):
-        super().__init__()
-        rank = min(rank, *shape)
-        bound = 1 / math.sqrt(shape[1])
-        self.lora_a = nn.Parameter((torch.rand(rank, shape[1], generator=generator, dtype=torch.float32) * 2 - 1)
-                                   .mul_(bound).to(dtype))
-        self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=dtype))
-        self.scale = 1.0
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scale * (self.lora_b @ self.lora_a)
-
-
-def add_lora(model: nn.Module, layout: MLPLayout, rank: int, seed: int) -> list[nn.Module]:
-    """Low-rank adapters on every MLP projection's weight (torch parametrizations); returns the modules."""
-    generator = torch.Generator().manual_seed(seed)
-    modules = []
-    for block in layer_blocks(model, layout):
-        for path in (*layout.inputs, layout.output):
-            module = get_module(block, path)
-            delta = _LowRankDelta(module.weight.shape, rank, generator, module.weight.dtype)
-            parametrize.register_parametrization(module, "weight", delta.to(module.weight.device))
-            modules.append(module)
-    return modules
-
-
-def merge_lora(modules: list[nn.Module]) -> None:
-    """Fold each adapter into its weight and drop the parametrization: plain weights of the same shapes."""
-    for module in modules:
-        with torch.no_grad():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-
-def _learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warm-up over the first `warmup` share of steps, then cosine decay to zero."""
-    ramp = max(1, round(warmup * total))
-    if step < ramp:
-        return peak * (step + 1) / ramp
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))
-
-
-def step_batches(n_prompts: int, spec: RecoverySpec) -> list[list[int]]:
-    """Prompt indices of every optimisation step: seeded shuffles, epoch after epoch, cut at `spec.steps`."""
-    rng = np.random.default_rng(spec.seed)
-    per_epoch = -(-n_prompts // spec.batch_size)
-    total = spec.steps or spec.epochs * per_epoch
-    order: list[list[int]] = []
-    while len(order) < total:
-        perm = rng.permutation(n_prompts).tolist()
-        order.extend(perm[s : s + spec.batch_size] for s in range(0, n_prompts, spec.batch_size))
-    return order[:total]
-
-
-def _loss(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int],
-          answer_weight: float) -> torch.Tensor:
-    """(1 - answer_weight) x mean KL over all scored tokens + answer_weight x mean KL at the answer positions."""
-    batch = make_batch([seqs[i] for i in idx], idx, "right")
-    logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1)
-    positions = _positions(batch.attention_mask, is_classifier(model))
-    rows = torch.cat([logp[r, p] for r, p in enumerate(positions)])
-    device = rows.device
-    ids = torch.cat([targets.indices[targets.rows(i)] for i in idx]).to(device)
-    t_logp = torch.cat([targets.logprobs[targets.rows(i)] for i in idx]).to(device)
-    kl = bucket_kl(rows, ids, t_logp)
-    ends = torch.tensor([len(p) for p in positions]).cumsum(0) - 1
-    return (1 - answer_weight) * kl.mean() + answer_weight * kl[ends.to(device)].mean()
-
-
-def run_fingerprint(start: list[nn.Parameter], targets: TeacherTargets, seqs: list[list[int]],
-                    spec: RecoverySpec) -> str:
-    """What a saved recovery progress belongs to: the starting MLP weights, the teacher, the prompts, the settings."""
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
-    for p in start:
-        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for t in targets.tensors().values():
-        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(json.dumps(seqs).encode())
-    return digest.hexdigest()
-
-
-def _save_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    tensors = {f"param.{i}": p.detach().cpu() for i, p in enumerate(params)}
-    for i, p in enumerate(params):
-        state = opt.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            if name in state:
-                tensors[f"adam.{i}.{name}"] = state[name].detach().cpu().reshape(-1) if name == "step" \
-                    else state[name].detach().cpu()
-    write_atomic(path, tensors, meta)
-
-
-def _load_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, fingerprint: str) -> int:
-    """Restore weights and optimiser state saved for this same run; returns the steps done (0: none usable)."""
-    loaded = read_with_meta(path)
-    if loaded is None:
-        return 0
-    tensors, meta = loaded
-    if meta.get("fingerprint") != fingerprint:
-        log.info("ignoring recovery progress %s: it was saved for another run", path)
-        return 0
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"].to(p.device))
-            if f"adam.{i}.exp_avg" in tensors:
-                opt.state[p] = {
-                    "step": tensors[f"adam.{i}.step"].reshape(()).clone(),
-                    "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device).clone(),
-                    "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device).clone(),
-                }
-    return int(meta["steps_done"])
-
-
-def recover(
-    model: nn.Module,
-    layout: MLPLayout,
-    seqs: list[list[int]],
-    targets: TeacherTargets,
-    spec: RecoverySpec,
-    progress: bool = True,
-    progress_dir: Path | None = None,
-    save_every: float = 60.0,
-) -> RecoveryResult:
-    """Distil `model` (pruned, in place) toward `targets` on the prompts `seqs`; merge anything trained.
-
-    With `progress_dir`, the weights and optimiser state are saved there every `save_every` seconds and on
-    Ctrl-C / SIGTERM (after the current step), and a rerun of the same run continues from them."""
-    start = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    fingerprint, progress_file = "", None
-    if progress_dir is not None:
-        fingerprint = run_fingerprint(trainable_parameters(model, layout, "mlp"), targets, seqs, spec)
-        progress_file = progress_dir / f"recovery-{fingerprint[:40]}.partial.safetensors"
-    lora = add_lora(model, layout, spec.lora_rank, spec.seed) if spec.params == "lora" else []
-    params = trainable_parameters(model, layout, spec.params)
-    wanted = {id(p) for p in params}
-    grad_before = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    plan = step_batches(len(seqs), spec)
-    done = _load_progress(progress_file, params, opt, fingerprint) if progress_file is not None else 0
-    if done:
-        log.info("recovery resumes at step %d of %d from %s", done, len(plan), progress_file)
-    losses: list[float] = []
-    was_training = model.training
-    model.eval()  # no dropout: the student's distribution is compared with the teacher's as evaluated
-    saving: Any = deferred_interrupt("finishing this step to save recovery progress") if progress_file is not None \
-        else nullcontext(lambda: False)
-    last_save = time.monotonic()
-    try:
-        bar = tqdm(total=len(plan), initial=done, desc="recover", unit="step", disable=not progress)
-        with torch.enable_grad(), saving as interrupted, bar:
-            for step in range(done, len(plan)):
-                for group in opt.param_groups:
-                    group["lr"] = _learning_rate(step, len(plan), spec.lr, spec.warmup)
-                loss = _loss(model, seqs, targets, plan[step], spec.answer_weight)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower recovery.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                last = step + 1 == len(plan)
-                if progress_file is not None and not last and (
-                        interrupted() or time.monotonic() - last_save >= save_every):
-                    _save_progress(progress_file, params, opt, {"fingerprint": fingerprint, "steps_done": step + 1})
-                    last_save = time.monotonic()
-                    if interrupted():
-                        raise KeyboardInterrupt(f"recovery progress saved ({step + 1} of {len(plan)} steps); the "
-                                                "same command continues from there")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(grad_before.get(id(p), False))
-        model.train(was_training)
-    merge_lora(lora)
-    for p in model.parameters():
-        p.grad = None
-    if progress_file is not None:
-        progress_file.unlink(missing_ok=True)
-    tenth = max(1, len(losses) // 10)
-    return RecoveryResult(
-        steps=len(plan), seconds=round(time.perf_counter() - start, 3),
-        loss_first=round(float(np.mean(losses[:tenth])), 6) if losses else float("nan"),
-        loss_last=round(float(np.mean(losses[-tenth:])), 6) if losses else float("nan"),
-        trained_parameters=sum(p.numel() for p in params), teacher_bytes=targets.nbytes, resumed_at=done,
-    )
-
+def recovery_report(recipe: Recipe, result: RecoveryResult, task: TaskSpec, validation: Validation, dense: Scores,
+                    before: Scores) -> dict[str, Any]:
+    """report.json's `recovery`: its settings and cost, and the pruned model's scores before it."""
+    acc = accuracy_report(task, dense.task, before.task) if before.task is not None else None
+    return {
+        "settings": dataclasses.asdict(recipe.recovery),
+        **dataclasses.asdict(result),
+        "before": {"metric": acc["metric"], "template_means": acc["template_means"],
+                   "templates": {t["name"]: t["pruned"] for t in acc["templates"]}} if acc else None,
+        "validation_before": validation_report(validation, dense.validation, before.validation) or None,
+    }

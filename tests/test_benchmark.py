@@ -77,14 +77,14 @@ def test_benchmark_set_needs_key_and_value():
 def test_bench_ica_captures_through_the_package_and_its_cache(model_dir, task_data, monkeypatch):
     """The ICA benchmark's activations are compress's calibration sample, from fnprune's one cache."""
     from evaluation import bench_ica
-    from fnprune import pipeline
+    from fnprune import calibration
 
     monkeypatch.setattr(bench_ica, "MODEL", model_dir("llama"))
     monkeypatch.setattr(bench_ica, "DATA", task_data)
     first = bench_ica.capture_tokens(24, 64, 0)
     assert first and all(t.shape[0] == 64 for t in first)  # the sampled tokens, kept as tokens
     calls = []
-    real = pipeline.capture_activations
-    monkeypatch.setattr(pipeline, "capture_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = calibration.capture_activations
+    monkeypatch.setattr(calibration, "capture_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = bench_ica.capture_tokens(24, 64, 0)
     assert not calls and all(a.equal(b) for a, b in zip(first, again))

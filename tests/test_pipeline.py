@@ -253,7 +253,7 @@ def test_no_token_sample_when_nothing_needs_it(model_dir, task_data, tmp_path):
 def test_reconstruction_releases_each_sample_once_fitted(model_dir, task_data, monkeypatch):
     """compress drops a layer's token sample as soon as its reconstruction is fitted, so the samples and the maps
     are never all alive together (wide MLPs keep tokens: gigabytes of each); the maps are the same."""
-    from fnprune import pipeline
+    from fnprune import pipeline, pruning
     from fnprune.data import load_sample
     from fnprune.models import load_model
 
@@ -268,13 +268,13 @@ def test_reconstruction_releases_each_sample_once_fitted(model_dir, task_data, m
     maps = pipeline.reconstruction_fills(calib, kept, centres, 0.1)  # without release: samples stay
     assert all(a.tokens is not None for a in calib.activations)
 
-    alive, fit = [], pipeline.reconstruction_map
+    alive, fit = [], pruning.reconstruction_map
 
     def spy(sample, *args):
         alive.append(sum(a.tokens is not None for a in calib.activations))
         return fit(sample, *args)
 
-    monkeypatch.setattr(pipeline, "reconstruction_map", spy)
+    monkeypatch.setattr(pruning, "reconstruction_map", spy)
     released = pipeline.reconstruction_fills(calib, kept, centres, 0.1, release=True)
     layers = len(calib.activations)
     assert layers > 1 and alive == list(range(layers, 0, -1))  # layer i's fit: layers before it already freed

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fnprune
-from fnprune import pipeline, recovery
+from fnprune import distillation, recovery
 from fnprune.arch import layout_for
 from fnprune.data import load_evaluation, load_sample, resolve_task
+from fnprune.distillation import bucket_kl, recover, teacher_targets
 from fnprune.errors import RecipeError
 from fnprune.recipe import RecoverySpec, apply_overrides, recipe_from_dict
-from fnprune.recovery import bucket_kl, recover, teacher_targets
 from fnprune.surgery import prune_mlp
 
 
@@ -66,7 +66,7 @@ def pruned_llama(model_dir, tokenizer_dir, task_data):
 
 def _mean_kl(model, seqs, targets):
     with torch.no_grad():
-        return float(recovery._loss(model, seqs, targets, list(range(len(seqs))), 0.0))
+        return float(distillation._loss(model, seqs, targets, list(range(len(seqs))), 0.0))
 
 
 @pytest.mark.parametrize("params", ["mlp", "lora", "all"])
@@ -111,7 +111,7 @@ def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, 
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(recovery, "deferred_interrupt", StopAfterTwoSteps)
+    monkeypatch.setattr(distillation, "deferred_interrupt", StopAfterTwoSteps)
     stopped = copy.deepcopy(pruned)
     with pytest.raises(KeyboardInterrupt, match="continues from there"):
         recover(stopped, layout_for(stopped), seqs, targets, spec, progress=False, progress_dir=tmp_path)
@@ -163,7 +163,7 @@ def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, 
     for t in task.held_out_templates():
         forbidden |= {tuple(tok(e.prompt)["input_ids"]) for e in load_evaluation(task, "train")[t.name]}
     seen: dict[str, set] = {"teacher": set(), "train": set()}
-    real_teacher, real_recover = pipeline.teacher_targets, pipeline.recover
+    real_teacher, real_recover = recovery.teacher_targets, recovery.recover
 
     def spy_teacher(model, seqs, *a, **kw):
         seen["teacher"] |= {tuple(s) for s in seqs}
@@ -173,8 +173,8 @@ def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, 
         seen["train"] |= {tuple(s) for s in seqs}
         return real_recover(model, layout, seqs, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "teacher_targets", spy_teacher)
-    monkeypatch.setattr(pipeline, "recover", spy_recover)
+    monkeypatch.setattr(recovery, "teacher_targets", spy_teacher)
+    monkeypatch.setattr(recovery, "recover", spy_recover)
     fnprune.compress(apply_overrides(recipe, {"calibration.cache": False}), progress=False)
     calibration = {tuple(tok(e.prompt)["input_ids"]) for e in load_sample(task, "train", 32, 0)}
     assert seen["teacher"] == seen["train"] == calibration

@@ -8,7 +8,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import fnprune
-from fnprune import pipeline
+from fnprune import calibration, validation
 from fnprune.data import BUILTIN_TASKS, load_evaluation, load_sample, resolve_task
 from fnprune.errors import DataError, RecipeError
 from fnprune.recipe import TaskSpec, apply_overrides, dump_recipe, recipe_from_dict
@@ -113,7 +113,7 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
         for t in held:
             forbidden |= {tuple(tok(e.prompt)["input_ids"]) for e in load_evaluation(task, split)[t.name]}
     seen: dict[str, list] = {"seqs": [], "templates": []}
-    capture, groups = pipeline.capture_activations, pipeline.template_groups
+    capture, groups = calibration.capture_activations, calibration.template_groups
 
     def spy_capture(model, layout, seqs, **kw):
         seen["seqs"] += [tuple(s) for s in seqs]
@@ -123,8 +123,8 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
         seen["templates"] += [e.template for e in examples]
         return groups(examples)
 
-    monkeypatch.setattr(pipeline, "capture_activations", spy_capture)
-    monkeypatch.setattr(pipeline, "template_groups", spy_groups)
+    monkeypatch.setattr(calibration, "capture_activations", spy_capture)
+    monkeypatch.setattr(calibration, "template_groups", spy_groups)
     recipe = _recipe(model_dir("llama"), task_data, tmp_path / "out", task=CUSTOM, calibration={
         "num_samples": 24, "max_tokens": 300, "batch_size": 8, "cache": False})
     report = fnprune.compress(recipe, progress=False).report
@@ -142,13 +142,13 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
 
 def test_dense_scores_come_from_the_cache_the_second_time(model_dir, task_data, tmp_path, monkeypatch):
     calls = []
-    real = pipeline.evaluate_templates
+    real = validation.evaluate_templates
 
     def spy(model, *args, **kw):
         calls.append(model.config.intermediate_size)
         return real(model, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "evaluate_templates", spy)
+    monkeypatch.setattr(validation, "evaluate_templates", spy)
     base = _recipe(model_dir("llama"), task_data, tmp_path / "a")
     first = fnprune.compress(base, progress=False).report
     second = fnprune.compress(apply_overrides(base, {"output.dir": str(tmp_path / "b"), "selection.keep": 0.25}),

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from test_tasks import _arc_rows, _write_jsonl
 
 import fnprune
-from fnprune import pipeline
+from fnprune import validation
 from fnprune.cli import main
 from fnprune.errors import RecipeError
 from fnprune.recipe import recipe_from_dict
@@ -37,10 +37,10 @@ def bench_data(tmp_path_factory) -> dict[str, Path]:
 def test_compress_validates_tasks_and_perplexity_dense_beside_pruned(model_dir, task_data, bench_data, tmp_path,
                                                                       monkeypatch):
     calls, ppl_calls = [], []
-    real, real_ppl = pipeline.evaluate_templates, pipeline.perplexity
-    monkeypatch.setattr(pipeline, "evaluate_templates",
+    real, real_ppl = validation.evaluate_templates, validation.perplexity
+    monkeypatch.setattr(validation, "evaluate_templates",
                         lambda m, *a, **k: calls.append(m.config.intermediate_size) or real(m, *a, **k))
-    monkeypatch.setattr(pipeline, "perplexity",
+    monkeypatch.setattr(validation, "perplexity",
                         lambda m, *a, **k: ppl_calls.append(m.config.intermediate_size) or real_ppl(m, *a, **k))
     model = model_dir("llama")
     args = ["compress", "--task", "sst2", "--model", str(model), "--data-dir", str(task_data), *SMALL,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..calibration import Calibration
 from ..networks import network_relevance
-from ..pipeline import Calibration
 from .group_ica import spatial_ica
 from .spec import AnalysisSpec
 

@@ -19,9 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..arch import layout_for
+from ..calibration import Calibration
 from ..capture import capture_activations
 from ..data import Example, sample
-from ..pipeline import Calibration
 from ..tokens import encode
 from .cross_layer import GroupNetworks, concat_layers, match_templates, shuffle_within_layers
 from .group_ica import spatial_ica

@@ -15,11 +15,11 @@ import torch
 
 from .. import __version__
 from ..arch import layout_for, mlp_widths
+from ..calibration import Calibration, calibrate
 from ..checkpoint import check_output_dir
 from ..data import Example, check_disjoint, load_split, resolve_task, sample
 from ..errors import DataError, RecipeError
 from ..models import load_model
-from ..pipeline import Calibration, calibrate
 from ..recipe import TaskSpec
 from .cross_layer import GroupNetworks, group_networks
 from .experiments import (

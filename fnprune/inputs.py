@@ -1,0 +1,90 @@
+"""Stage 0, load: the task's calibration and evaluation examples, the model and tokenizer, the validation
+benchmarks, and the checks that can fail before any forward pass (disjoint data, budgets, disk space)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .arch import MLPLayout, layout_for, mlp_widths
+from .capture import capture_memory_bytes
+from .checkpoint import check_disk_space
+from .data import Example, check_disjoint, load_evaluation, load_sample, resolve_task
+from .errors import RecipeError
+from .models import load_model, local_model_dir, unique_parameters
+from .pruning import resolve_selection
+from .recipe import Recipe, SelectionSpec, TaskSpec
+from .selection import NEEDS_NETWORKS
+from .stream_surgery import source_weight_map
+from .validation import Validation, load_validation
+
+__all__ = ["Inputs", "load_inputs", "check_budgets"]
+
+log = logging.getLogger("fnprune")
+
+
+@dataclass
+class Inputs:
+    """What one compress run reads: the recipe with its task resolved and its automatic selection values filled
+    in, the examples, and the dense model."""
+
+    recipe: Recipe
+    task: TaskSpec
+    selection: SelectionSpec  # the recipe's, automatic values resolved
+    calibration: list[Example]  # calibration prompts (calibration split, calibration templates)
+    evaluation: dict[str, list[Example]]  # evaluation split, per template
+    validation: Validation
+    model: Any
+    tokenizer: Any
+    layout: MLPLayout
+    widths: list[int]  # dense MLP width of each layer
+    source: Path | None  # the local checkpoint folder streamed surgery reads, or None (in-memory surgery)
+
+    @property
+    def with_sample(self) -> bool:
+        """Whether capture keeps a token sample: the networks and the reconstruction need one."""
+        return self.selection.method in NEEDS_NETWORKS or self.selection.reconstruct
+
+
+def load_inputs(recipe: Recipe) -> Inputs:
+    task = resolve_task(recipe.task)
+    cal = recipe.calibration
+    calibration = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)
+    evaluation = load_evaluation(task, task.evaluation_split)
+    check_disjoint(calibration, next(iter(evaluation.values())))
+    if recipe.evaluation.max_samples:
+        evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
+    model, tokenizer = load_model(recipe.model)
+    validation = load_validation(recipe, tokenizer)
+    layout = layout_for(model)
+    source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
+    if source is not None:
+        source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
+    selection = resolve_selection(recipe.selection, layout, model)
+    return Inputs(recipe, task, selection, calibration, evaluation, validation, model, tokenizer, layout,
+                  mlp_widths(model, layout), source)
+
+
+def check_budgets(inputs: Inputs, out_dir: Path) -> None:
+    """Refuse networks the calibration cannot give and an output disk that cannot hold the checkpoint; log the
+    capture's memory bound."""
+    recipe, widths = inputs.recipe, inputs.widths
+    if inputs.selection.method in NEEDS_NETWORKS and recipe.networks.components >= min(
+            min(widths), recipe.calibration.max_tokens):
+        raise RecipeError(
+            f"networks.components ({recipe.networks.components}) must be below the MLP width ({min(widths)}) and "
+            f"calibration.max_tokens ({recipe.calibration.max_tokens})"
+        )
+    param_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(inputs.model))
+    check_disk_space(out_dir, param_bytes + param_bytes // 10)  # the dense size bounds the pruned checkpoint
+    sample_tokens = recipe.calibration.max_tokens if inputs.with_sample else 0
+    log.info(
+        "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d sampled tokens)",
+        capture_memory_bytes(
+            len(widths), max(widths), sample_tokens, len(inputs.calibration), recipe.calibration.store_dtype,
+            recipe.calibration.sample_store,
+        ) / 2**20,
+        len(widths), max(widths), sample_tokens,
+    )

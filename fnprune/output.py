@@ -1,0 +1,136 @@
+"""Stage 7, save: the pruned checkpoint folder as save_pretrained writes it, plus the resolved recipe, the
+networks, report.json and the model card."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .calibration import Calibration
+from .checkpoint import (
+    CARD_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
+    CardInfo,
+    model_card,
+    save_networks,
+    write_json,
+    write_per_layer_code,
+)
+from .inputs import Inputs
+from .models import checkpoint_bytes
+from .provenance import data_provenance, versions
+from .recipe import ModelSpec, Recipe, TaskSpec, dump_recipe
+from .validation import Scores, accuracy_report, validation_report
+
+__all__ = ["resolved_recipe", "build_report", "write_output"]
+
+
+def _absolute_model(spec: ModelSpec) -> ModelSpec:
+    """Local model paths made absolute, so a saved recipe reruns from any directory."""
+    if spec.offload_folder:
+        spec = dataclasses.replace(spec, offload_folder=str(Path(spec.offload_folder).expanduser().resolve()))
+    path = Path(spec.name_or_path).expanduser()
+    return dataclasses.replace(spec, name_or_path=str(path.resolve())) if path.exists() else spec
+
+
+def _absolute_data(task: TaskSpec) -> TaskSpec:
+    return dataclasses.replace(
+        task,
+        data_dir=str(Path(task.data_dir).expanduser().resolve()) if task.data_dir else None,
+        data_files={k: str(Path(v).expanduser().resolve()) for k, v in task.data_files.items()},
+    )
+
+
+def resolved_recipe(inputs: Inputs) -> Recipe:
+    """The recipe as saved beside the checkpoint: task and automatic values resolved, paths absolute, versions
+    and data hashes recorded, so it reruns the same compression from anywhere."""
+    recipe, task = inputs.recipe, inputs.task
+    return Recipe(
+        model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
+        networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery, evaluation=recipe.evaluation,
+        output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),
+        provenance={
+            "versions": versions(),
+            "data": data_provenance(task, [task.calibration_split, task.evaluation_split]),
+        },
+    )
+
+
+def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], tokens_for_ica: int,
+                 parameters: tuple[int, int], dense: Scores, pruned: Scores, timings: dict[str, float],
+                 extra: dict[str, Any]) -> dict[str, Any]:
+    """report.json: what was done, the sizes, dense and pruned scores (`extra`: optional stages' sections)."""
+    recipe, task, sel, widths = inputs.recipe, inputs.task, inputs.selection, inputs.widths
+    validation = validation_report(inputs.validation, dense.validation, pruned.validation)
+    report: dict[str, Any] = {
+        "fnprune_version": __version__,
+        "base_model": recipe.model.name_or_path,
+        "task": task.name,
+        "method": sel.method,
+        "allocation": sel.allocation,
+        "layout": recipe.output.layout,
+        "keep": sel.keep,
+        "bias_compensation": sel.bias_compensation,
+        "reconstruct": sel.reconstruct,
+        "ridge": sel.ridge if sel.reconstruct else None,
+        "calibration": {
+            "split": task.calibration_split,
+            "samples": len(inputs.calibration),
+            "tokens_seen": calib.activations[0].count,
+            "tokens_for_ica": tokens_for_ica,
+        },
+        "parameters": {"dense": parameters[0], "pruned": parameters[1]},
+        "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},
+        "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
+        "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
+        **accuracy_report(task, dense.task, pruned.task),
+        **({"validation": validation} if validation else {}),
+        **extra,
+        "timings_seconds": timings,
+    }
+    report["parameters"]["ratio"] = round(parameters[1] / parameters[0], 6)
+    return report
+
+
+def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dict[str, Any], calib: Calibration,
+                 kept: list[torch.Tensor]) -> None:
+    """Write the in-memory pruned model (None: streamed, already written) and tokenizer, the recipe, networks,
+    report and model card into `tmp`."""
+    recipe = inputs.recipe
+    recipe_yaml = dump_recipe(resolved)
+    if model is not None:  # streamed surgery has written the weights already
+        if recipe.output.layout == "per-layer":
+            write_per_layer_code(tmp, model)
+        model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
+        inputs.tokenizer.save_pretrained(tmp)
+    (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+    save_networks(tmp, *_networks_artifact(calib, kept))
+    report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+    write_json(tmp / REPORT_FILE, report)
+    sel = inputs.selection
+    card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml)
+    (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
+
+
+def _networks_artifact(calib: Calibration, kept: list[torch.Tensor]) -> tuple[dict, dict]:
+    tensors: dict[str, torch.Tensor] = {f"layers.{i}.kept": k.to(torch.int64) for i, k in enumerate(kept)}
+    meta: dict[str, Any] = {"layers": []}
+    for i, n in enumerate(calib.networks or []):
+        tensors[f"layers.{i}.maps"] = torch.from_numpy(n.maps.astype(np.float32))
+        meta["layers"].append(
+            {
+                "layer": i,
+                "threshold": n.threshold,
+                "converged": n.converged,
+                "dead_neurons": n.dead_neurons,
+                "network_sizes": n.members.sum(axis=1).tolist(),
+                "relevance": [round(float(r), 6) for r in calib.relevance[i]] if calib.relevance else None,
+            }
+        )
+    return tensors, meta

@@ -1,0 +1,48 @@
+"""What a run depends on: library versions (for cache keys and the saved recipe) and the data files' hashes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+import transformers
+
+from . import __version__
+from .data import data_source, file_sha256
+from .recipe import TaskSpec
+
+__all__ = ["versions", "key_versions", "data_provenance"]
+
+
+def versions() -> dict[str, str]:
+    return {
+        "fnprune": __version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "safetensors": str(safetensors.__version__),
+        "scikit-learn": importlib.metadata.version("scikit-learn"),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def key_versions() -> dict[str, str]:
+    """The versions a cache entry depends on: a new torch, transformers or fnprune recomputes it."""
+    return {k: v for k, v in versions().items() if k in ("torch", "transformers", "fnprune")}
+
+
+def data_provenance(task: TaskSpec, splits: list[str]) -> dict[str, Any]:
+    """Each split's file and sha256 (or its Hub dataset), as the saved recipe records them."""
+    out = {}
+    for split in splits:
+        path = data_source(task, split)
+        out[split] = (
+            {"file": str(path), "sha256": file_sha256(path)}
+            if path
+            else {"dataset": task.dataset, "config": task.dataset_config}
+        )
+    return out

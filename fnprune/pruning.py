@@ -1,0 +1,106 @@
+"""Stages 2 and 3, select and reconstruct: which MLP neurons each layer keeps, and the least-squares maps that
+rebuild the removed ones from the kept ones (folded into the weights at surgery)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import MLPLayout, layout_for, neuron_weight_norms
+from .calibration import Calibration
+from .compensation import reconstruction_map
+from .errors import NumericalError, RecipeError
+from .memory import release_memory
+from .recipe import SelectionSpec, default_fn_boost
+from .selection import LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
+from .surgery import supports_bias_compensation
+
+__all__ = ["resolve_selection", "select_neurons", "reconstruction_fills"]
+
+log = logging.getLogger("fnprune")
+
+
+def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Module) -> SelectionSpec:
+    """The selection with its automatic values filled in (fn_boost; bias compensation on where the architecture
+    can hold the bias), as the saved recipe records them; RecipeError when bias compensation is asked of a family
+    that cannot hold it."""
+    if sel.fn_boost is None:
+        sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep, sel.reconstruct))
+    if sel.bias_compensation is None:
+        return dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
+    if sel.bias_compensation and not supports_bias_compensation(layout, model):
+        raise RecipeError(
+            f"selection.bias_compensation: {model.config.model_type} MLPs have no bias to fold the removed "
+            "neurons' mean into; set it to false"
+        )
+    return sel
+
+
+def select_neurons(
+    model: torch.nn.Module,
+    calib: Calibration,
+    method: str,
+    keep: float,
+    round_to: int,
+    seed: int,
+    boost: float | None,
+    allocation: str = "uniform",
+    reconstruct: bool = True,
+) -> list[torch.Tensor]:
+    """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one global
+    ranking across layers with `allocation="global"`)."""
+    layout = layout_for(model)
+    norms = neuron_weight_norms(model, layout)
+    boost = default_fn_boost(keep, reconstruct) if boost is None else boost
+    scores = []
+    for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
+        ev = LayerEvidence(
+            layer=i, mean_abs=a.mean_abs, var=a.var, out_norm=nrm["out"], in_norm=nrm["in"],
+            networks=calib.networks[i] if calib.networks else None,
+            relevance=calib.relevance[i] if calib.relevance else None,
+        )
+        scores.append(score_layer(method, ev, seed, boost))
+    if allocation == "global":
+        widths = allocate_widths(scores, keep, round_to)
+    else:
+        widths = [layer_width(s.numel(), keep, round_to) for s in scores]
+    floor = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths)) if w <= round_to < s.numel()]
+    if floor:
+        log.warning("keep %g: %d of %d layers keep only the round_to minimum of %d neurons (layer: kept of width; "
+                    "%s); a lower round_to keeps fewer", keep, len(floor), len(widths), round_to, ", ".join(floor))
+    return [top_neurons(s, w) for s, w in zip(scores, widths)]
+
+
+def reconstruction_fills(
+    calib: Calibration,
+    kept: list[torch.Tensor],
+    centres: list[torch.Tensor] | None,
+    ridge: float,
+    progress: bool = False,
+    release: bool = False,
+    answer_weight: float = 0.0,
+) -> list[torch.Tensor]:
+    """Per layer, the least-squares map that rebuilds removed neurons from kept ones (fnprune.compensation),
+    fitted on the calibration token sample (or its second moments); centred on `centres` (the means) when the
+    bias can hold it.
+
+    `release` drops each layer's sample as soon as its map is fitted, for callers that fit once, as compress
+    does: a token sample (one tensor per layer, as wide MLPs keep) is freed at once, so the samples and the maps
+    are never all in memory together (Llama-7B: 32 samples of 4,096 x 11,008 float32 are 5.8 GB, its maps at
+    keep 0.5 3.9 GB); moments share one allocation, freed with the last layer's."""
+    fills = []
+    for i, (a, k) in enumerate(tqdm(list(zip(calib.activations, kept)), desc="reconstruct", unit="layer",
+                                    disable=not progress)):
+        sample = a.moments if a.moments is not None else a.tokens
+        emphasis = {"emphasis": a.decision, "emphasis_weight": answer_weight} if answer_weight else {}
+        fill = reconstruction_map(sample, k, centres[i] if centres is not None else None, ridge, **emphasis)
+        if release:
+            a.tokens = a.moments = sample = None
+        release_memory(collect=False)  # each layer's d x d float64 temporaries, before the next layer's
+        if not torch.isfinite(fill).all():
+            raise NumericalError(f"layer {i}: the reconstruction of removed neurons is not finite; raise --ridge")
+        fills.append(fill)
+    return fills

@@ -1,0 +1,201 @@
+"""Stage 6, validate: the task's accuracy under every template, the extra validation benchmarks and WikiText-2
+perplexity, for the dense and the pruned model; the dense model's results are cached. And report.json's
+accuracy sections built from them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import cache
+from .data import BUILTIN_TASKS, Example, file_sha256, load_evaluation, resolve_task
+from .errors import RecipeError
+from .evaluate import TaskResult, evaluate_templates
+from .perplexity import perplexity, wikitext_file, wikitext_ids
+from .provenance import key_versions
+from .recipe import PERPLEXITY_TASK, ModelSpec, Recipe, TaskSpec, ValidationTask
+
+__all__ = [
+    "Scores", "Validation", "load_validation", "score", "score_task", "score_validation", "evaluation_cache_key",
+    "accuracy_report", "validation_report",
+]
+
+log = logging.getLogger("fnprune")
+
+
+@dataclass
+class Scores:
+    """One model's results: the task under every template (None: evaluation off) and each validation benchmark."""
+
+    task: TaskResult | None = None
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def score_task(model, tokenizer, sets, task, recipe: Recipe, progress: bool, cached_as: ModelSpec | None = None,
+              ) -> TaskResult | None:
+    """Accuracy under every template; with `cached_as` (the dense model's spec) read from / saved to the cache,
+    so the next compress of the same base model does not score it again."""
+    if not recipe.evaluation.enabled:
+        return None
+    key = ""
+    if cached_as is not None and recipe.calibration.cache:
+        key = evaluation_cache_key(cached_as, sets, task, recipe.evaluation.batch_size)
+        found = cache.load_evaluation(key, sets, task)
+        if found is not None:
+            log.info("dense evaluation from cache %s", cache.cache_dir())
+            return found
+    result = evaluate_templates(model, tokenizer, sets, task, recipe.evaluation.batch_size, progress=progress)
+    if key:
+        cache.save_evaluation(key, result)
+    return result
+
+
+def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: TaskSpec, batch_size: int) -> str:
+    """Everything a model's scores depend on: model files, prompts, label words, batching, versions."""
+    digest = hashlib.sha256()
+    for name, examples in sets.items():
+        words = next(t for t in task.templates if t.name == name).words(task.label_words)
+        digest.update(json.dumps([name, words]).encode())
+        digest.update("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode())
+        if task.kind != "classification":  # classification keys stay as they were
+            digest.update(json.dumps([task.kind, [[e.delimiter, *e.choices] for e in examples]]).encode())
+    return cache.cache_key({
+        "evaluation": digest.hexdigest(),
+        "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
+        "dtype": spec.dtype,
+        "batch_size": batch_size,
+        "versions": key_versions(),
+    })
+
+
+@dataclass
+class Validation:
+    """A run's extra benchmarks, loaded once: each task's examples under its templates, the perplexity tokens."""
+
+    tasks: list[tuple[ValidationTask, TaskSpec, dict[str, list[Example]]]] = field(default_factory=list)
+    perplexity: tuple[ValidationTask, Path, torch.Tensor] | None = None
+    window: int = 512
+
+
+def load_validation(recipe: Recipe, tokenizer) -> Validation:
+    """The recipe's `evaluation.validation`: built-in tasks on their evaluation split (held-out templates unless
+    named), WikiText-2 as the first `evaluation.perplexity_tokens` tokens of the file. Problems: Data/RecipeError."""
+    ev = recipe.evaluation
+    out = Validation(window=ev.perplexity_window)
+    if not ev.enabled:
+        return out
+    for v in ev.validation:
+        if v.task == PERPLEXITY_TASK:
+            path = wikitext_file(v.file or v.data_dir or "")
+            out.perplexity = (v, path, wikitext_ids(tokenizer, path, ev.perplexity_tokens))
+            continue
+        if v.task not in BUILTIN_TASKS:
+            raise RecipeError(f"evaluation.validation: {v.task!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}) "
+                              f"or {PERPLEXITY_TASK}")
+        task = resolve_task(TaskSpec(name=v.task, data_dir=v.data_dir))
+        sets = load_evaluation(task, task.evaluation_split, v.max_samples or ev.max_samples)
+        wanted = v.templates or [t.name for t in task.held_out_templates()] or list(sets)
+        unknown = [n for n in wanted if n not in sets]
+        if unknown:
+            raise RecipeError(f"evaluation.validation {v.task}: no template(s) {unknown} (its templates: "
+                              f"{', '.join(sets)})")
+        out.tasks.append((v, task, {n: sets[n] for n in wanted}))
+    return out
+
+
+def score_validation(model, tokenizer, validation: Validation, recipe: Recipe, progress: bool,
+              cached_as: ModelSpec | None = None) -> dict[str, Any]:
+    """Every validation benchmark's result (TaskResult, or PerplexityResult for wikitext); the dense model's
+    read from / saved to the cache like its task scores."""
+    out: dict[str, Any] = {}
+    for v, task, sets in validation.tasks:
+        out[v.task] = score_task(model, tokenizer, sets, task, recipe, progress, cached_as)
+    if validation.perplexity is not None and recipe.evaluation.enabled:
+        v, path, ids = validation.perplexity
+        window, key = validation.window, ""
+        if cached_as is not None and recipe.calibration.cache:
+            key = cache.cache_key({
+                "perplexity": file_sha256(path), "tokens": ids.numel(), "window": window,
+                "model": cache.model_fingerprint(cached_as.name_or_path, cached_as.revision), "dtype": cached_as.dtype,
+                "versions": key_versions(),
+            })
+        found = cache.load_perplexity(key) if key else None
+        if found is not None:
+            log.info("dense perplexity from cache %s", cache.cache_dir())
+        else:
+            if progress:
+                tqdm.write(f"evaluate: {PERPLEXITY_TASK} perplexity over {ids.numel()} tokens")
+            found = perplexity(model, ids, window)
+            if key:
+                cache.save_perplexity(key, found)
+        out[v.task] = found
+    return out
+
+
+def validation_report(validation: Validation, dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """report.json's `validation`: each task's accuracy_report, and the perplexity, dense beside pruned."""
+    if not (validation.tasks or validation.perplexity):
+        return {}
+    out: dict[str, Any] = {"tasks": [
+        {"task": v.task, "data_dir": v.data_dir, **accuracy_report(task, dense.get(v.task), pruned.get(v.task))}
+        for v, task, _ in validation.tasks
+    ]}
+    if validation.perplexity is not None:
+        v, path, ids = validation.perplexity
+        d, p = dense.get(v.task), pruned.get(v.task)
+        out["perplexity"] = {
+            "task": v.task, "file": str(path), "tokens": int(ids.numel()),
+            "tokens_scored": d.tokens_scored if d else None, "window": validation.window,
+            "dense": d.ppl if d else None, "pruned": p.ppl if p else None,
+        }
+    return out
+
+
+def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult | None) -> dict[str, Any]:
+    """report.json's accuracy: the headline (held-out template mean), each template, and both means."""
+    held = dense.held_out if dense else [t.name for t in task.held_out_templates()]
+    acc = lambda r, name: r.by_template[name].accuracy if r else None  # noqa: E731
+    shares = lambda r, name: r.by_template[name].label_shares() if r else None  # noqa: E731
+    norm = lambda r, name: r.by_template[name].accuracy_norm if r else None  # noqa: E731
+    mean = lambda r, h, n=False: r.mean(h, n) if r else None  # noqa: E731
+    names = list(dense.by_template) if dense else [t.name for t in task.templates]
+    texts = {t.name: t.template for t in task.templates}
+    return {
+        "metric": {
+            "name": "accuracy",
+            "split": task.evaluation_split,
+            "n": dense.n if dense else None,
+            "of": "held-out templates (mean)" if held else "calibration templates (mean)",
+            "dense": dense.headline if dense else None,
+            "pruned": pruned.headline if pruned else None,
+            "majority_class": dense.majority if dense else None,
+            "kind": task.kind,
+            "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
+            "pruned_acc_norm": mean(pruned, bool(held), True),
+        },
+        "template_means": {
+            kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
+                   "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True)}
+            for kind, h in (("calibration", False), ("held_out", True))
+        },
+        "templates": [
+            {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
+             "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n),
+             "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)}}
+            for n in names
+        ],
+    }
+
+
+def score(model, tokenizer, sets: dict[str, list[Example]], task: TaskSpec, validation: Validation, recipe: Recipe,
+          progress: bool, cached_as: ModelSpec | None = None) -> Scores:
+    """The task and the validation benchmarks of one model (`cached_as`: the dense model's spec, see score_task)."""
+    return Scores(score_task(model, tokenizer, sets, task, recipe, progress, cached_as),
+                  score_validation(model, tokenizer, validation, recipe, progress, cached_as))
