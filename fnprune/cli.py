@@ -118,6 +118,22 @@ def _print_summary(report: dict, where: Path | str) -> None:
     if ppl:
         click.echo(f"  validate {ppl['task']} perplexity ({ppl['tokens']} tokens, windows of {ppl['window']}): "
                    f"dense {fmt(ppl['dense'])}, pruned {fmt(ppl['pruned'])}")
+    _print_recovery(report.get("recovery"), fmt)
+
+
+def _print_recovery(rec: dict | None, fmt) -> None:
+    """The recovery stage's cost and the scores before it (the lines above are after it)."""
+    if not rec:
+        return
+    click.echo(f"  recovered: {rec['steps']} steps in {rec['seconds']:.0f} s, distillation loss {rec['loss_first']:.4f}"
+               f" -> {rec['loss_last']:.4f}; the scores above are after recovery")
+    means = (rec.get("before") or {}).get("template_means")
+    if means:
+        click.echo(f"    before recovery: held-out templates (mean) {fmt(means['held_out']['pruned'])}, calibration "
+                   f"templates (mean) {fmt(means['calibration']['pruned'])}")
+    ppl = (rec.get("validation_before") or {}).get("perplexity")
+    if ppl:
+        click.echo(f"    before recovery: {ppl['task']} perplexity {fmt(ppl['pruned'])}")
 
 
 @main.command()

@@ -1,13 +1,13 @@
 """Give freed memory back to the operating system between pipeline stages.
 
 glibc's malloc keeps freed blocks of mid-sized tensors (a batch's activations, a layer's d x d matrices) in
-its heap, and after a stage that interleaved many of them the process keeps hundreds of MiB it no longer uses
-(measured on SmolLM2 compress: peak RSS varied by 0.3 GiB between identical runs). `release_memory` collects
-garbage and asks glibc to trim; elsewhere it only collects garbage.
+its heap, and after a stage that interleaved many of them the process keeps memory it no longer uses, so peak
+memory varies between identical runs. `release_memory` collects garbage and asks glibc to trim; elsewhere it
+only collects garbage.
 
-A full garbage collection walks every tracked Python object: about 400,000 once torch and transformers are
-imported and a model is loaded, 0.15 s per collection on these CPUs. Inside `objects_frozen()` the objects that
-already exist are left out of collections (`gc.freeze`), so the pipeline's collections cost nearly nothing.
+A full garbage collection walks every tracked Python object, and there are hundreds of thousands once torch and
+transformers are imported and a model is loaded. Inside `objects_frozen()` the objects that already exist are
+left out of collections (`gc.freeze`), so the pipeline's collections cost nearly nothing.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from .checkpoint import (
 from .inputs import Inputs
 from .models import checkpoint_bytes
 from .provenance import data_provenance, versions
-from .recipe import ModelSpec, Recipe, TaskSpec, dump_recipe
+from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
 from .validation import Scores, accuracy_report, validation_report
 
 __all__ = ["resolved_recipe", "build_report", "write_output"]
@@ -47,13 +47,22 @@ def _absolute_data(task: TaskSpec) -> TaskSpec:
     )
 
 
+def _absolute_validation(evaluation: EvaluationSpec) -> EvaluationSpec:
+    """Validation benchmarks' local folders and files made absolute, like the task's data."""
+    absolute = lambda p: str(Path(p).expanduser().resolve()) if p else p  # noqa: E731
+    tasks = [dataclasses.replace(v, data_dir=absolute(v.data_dir), file=absolute(v.file))
+             for v in evaluation.validation]
+    return dataclasses.replace(evaluation, validation=tasks)
+
+
 def resolved_recipe(inputs: Inputs) -> Recipe:
     """The recipe as saved beside the checkpoint: task and automatic values resolved, paths absolute, versions
     and data hashes recorded, so it reruns the same compression from anywhere."""
     recipe, task = inputs.recipe, inputs.task
     return Recipe(
         model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
-        networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery, evaluation=recipe.evaluation,
+        networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery,
+        evaluation=_absolute_validation(recipe.evaluation),
         output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),
         provenance={
             "versions": versions(),

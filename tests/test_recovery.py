@@ -192,3 +192,23 @@ def test_recovery_settings_are_checked(tmp_path):
     with pytest.raises(RecipeError, match="streamed"):
         streamed.validate()
     assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] is False
+
+
+def test_cli_recover_flags_reach_the_run_and_the_summary(model_dir, task_data, tmp_path):
+    from click.testing import CliRunner
+
+    from fnprune.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "compress", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+        "--output", str(out), "--num-samples", "16", "--max-tokens", "200", "--components", "4",
+        "--eval-samples", "8", "--recover", "--recover-steps", "3", "--recover-lr", "0.001",
+        "--recover-params", "lora",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["steps"] == 3 and report["recovery"]["settings"]["params"] == "lora"
+    assert "recovered: 3 steps" in result.output and "before recovery: held-out templates" in result.output
+    shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_pretrained(out).state_dict().items()}
+    assert not any("lora" in k or "parametrizations" in k for k in shapes)

@@ -15,7 +15,7 @@ import fnprune
 from fnprune import validation
 from fnprune.cli import main
 from fnprune.errors import RecipeError
-from fnprune.recipe import recipe_from_dict
+from fnprune.recipe import load_recipe, recipe_from_dict
 
 SMALL = ["--num-samples", "24", "--max-tokens", "300", "--components", "6", "--eval-samples", "10", "--quiet"]
 
@@ -71,6 +71,8 @@ def test_compress_validates_tasks_and_perplexity_dense_beside_pruned(model_dir, 
     again = json.loads((tmp_path / "b" / "report.json").read_text())["validation"]
     assert [t["metric"]["dense"] for t in again["tasks"]] == [t["metric"]["dense"] for t in v["tasks"]]
     assert again["perplexity"]["dense"] == v["perplexity"]["dense"]
+    saved = load_recipe(tmp_path / "a" / "recipe.yaml").evaluation.validation
+    assert all(Path(x.data_dir or x.file).is_absolute() for x in saved)  # the saved recipe reruns from anywhere
 
 
 def test_validation_entries_are_checked(task_data):
