@@ -209,7 +209,6 @@ def capture_activations(
     saver = _ProgressSaver(progress_file, fingerprint, save_every)
     saving = deferred_interrupt("finishing this batch to save capture progress") if progress_file is not None \
         else nullcontext(lambda: False)
-    n_batches = -(-len(seqs) // batch_size)
     bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
     with mlp_input_hooks(model, layout, recorder.hook), saving as interrupted, bar:
         for number, batch in enumerate(batches(seqs, batch_size, padding_side)):
@@ -220,7 +219,8 @@ def capture_activations(
             seen += n_real
             done = number + 1
             bar.update(n_real)
-            saver.after_batch(recorder.stats, done, seen, total, done == n_batches, interrupted)
+            last = done == -(-len(seqs) // batch_size)
+            saver.after_batch(recorder.stats, done, seen, total, last, interrupted)
     if any(s is None for s in recorder.stats):
         raise RuntimeError("some MLP layers were never called during capture")
     saver.finished()
