@@ -34,7 +34,7 @@ from .hooks import mlp_input_hooks
 from .interrupt import deferred_interrupt
 from .moments import SecondMoments
 from .safetensors_io import read_with_meta, write_atomic
-from .tokens import batches, forward
+from .tokens import Batch, batches, forward
 
 __all__ = ["LayerActivations", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes", "resolve_sample_store"]
 
@@ -191,55 +191,11 @@ def capture_activations(
         raise ValueError(f"sample_store must be one of {SAMPLE_STORES}, got {sample_store!r}")
     dtype = getattr(torch, store_dtype)
     widths = mlp_widths(model, layout)
-    stats: list[_LayerStats | None] = [None] * len(widths)
     total = sum(len(s) for s in seqs)
-    # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer; "auto"
-    # compares them with the sample as it will be (fewer tokens than max_tokens on small data).
-    n_sample = min(max_tokens, total)
-    sizes = [SecondMoments.packed_size(w) if n_sample and resolve_sample_store(sample_store, w, n_sample, store_dtype)
-             == "moments" else 0 for w in widths]  # no sample (max_tokens 0): an empty token store, no moments
-    pool = torch.zeros(sum(sizes), dtype=torch.float32)
-    offsets = [sum(sizes[:i]) for i in range(len(widths))]
+    capacity = min(max_tokens, total)  # the sample as it will be (fewer tokens than max_tokens on small data)
+    sizes = _moment_sizes(widths, capacity, sample_store, store_dtype)
+    recorder = _Recorder(widths, sizes, len(seqs), capacity, dtype)
     sampled = sample_positions(total, max_tokens, seed)  # stream indices of the uniform token sample
-    # Per batch, set before the forward pass and read by every layer's hook:
-    step: dict[str, torch.Tensor | list[int]] = {}
-    buffers: dict[tuple, torch.Tensor] = {}
-
-    def scratch(name: str, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A reused (len(rows), d) buffer for gathered rows of `like`, grown when a batch needs more."""
-        key = (name, like.shape[-1], like.dtype)
-        if key not in buffers or buffers[key].shape[0] < len(rows):
-            buffers[key] = torch.empty(max(len(rows), 256), like.shape[-1], dtype=like.dtype)
-        return buffers[key][: len(rows)]
-
-    def new_stats(i: int) -> _LayerStats:
-        """Layer i's empty statistics, its moments in its slice of the pool."""
-        buffer = pool[offsets[i] : offsets[i] + sizes[i]] if sizes[i] else None
-        return _LayerStats(widths[i], len(seqs), min(max_tokens, total), dtype, buffer)
-
-    def make_hook(i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            mask = step["mask"]
-            # On the CPU whatever device (or offload hook) ran the layer; OPT flattens to (B*L, d).
-            x = args[0].detach().cpu().reshape(*mask.shape, -1)  # (B, L, d)
-            if stats[i] is None:
-                width = x.shape[-1]
-                if width != widths[i]:
-                    raise RuntimeError(f"layer {i}: the MLP hook saw {width} neurons, the weights have {widths[i]}")
-                stats[i] = new_stats(i)
-            s = stats[i]
-            flat = x.reshape(-1, x.shape[-1])  # (B * L, d)
-            # Row gathers and the centred copy go into reused buffers: capture's temporaries interleave with the
-            # model's, and fresh ones per layer and batch fragmented the heap.
-            real = torch.index_select(flat, 0, step["real_rows"], out=scratch("real", step["real_rows"], flat))
-            real32 = real if real.dtype == torch.float32 else real.float()
-            s.add_statistics(real32, scratch("centred", step["real_rows"], real32))
-            s.decision[step["rows"]] = x[torch.arange(x.shape[0]), step["last"]].to(dtype)
-            picked = torch.index_select(flat, 0, step["picked_rows"], out=scratch("picked", step["picked_rows"], flat))
-            s.add_sample(picked.to(torch.float32) if s.moments is not None else picked.to(dtype))
-
-        return hook
-
     fingerprint = {
         "format": PROGRESS_FORMAT, "prompts": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
         "widths": widths, "sizes": sizes, "max_tokens": max_tokens, "batch_size": batch_size, "seed": seed,
@@ -247,54 +203,150 @@ def capture_activations(
     }
     done, seen = 0, 0
     if progress_file is not None:
-        done, seen = _resume(progress_file, fingerprint, stats, new_stats)
+        done, seen = _resume(progress_file, fingerprint, recorder.stats, recorder.new_stats)
         if done:
             log.info("capture resumes at token %d of %d from %s", seen, total, progress_file)
-
-    def save() -> float:
-        start = time.monotonic()
-        tensors = {k: v for i, st in enumerate(stats) if st is not None for k, v in st.state(f"{i}.").items()}
-        write_atomic(progress_file, tensors, {**fingerprint, "batches_done": done, "tokens_seen": seen})
-        return time.monotonic() - start
-
-    last_save, interval = time.monotonic(), save_every
+    saver = _ProgressSaver(progress_file, fingerprint, save_every)
     saving = deferred_interrupt("finishing this batch to save capture progress") if progress_file is not None \
         else nullcontext(lambda: False)
     bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
-    with mlp_input_hooks(model, layout, make_hook), saving as interrupted, bar:
+    with mlp_input_hooks(model, layout, recorder.hook), saving as interrupted, bar:
         for number, batch in enumerate(batches(seqs, batch_size, padding_side)):
             if number < done:
                 continue
-            mask = batch.attention_mask.bool()
-            n_real = int(mask.sum())
-            lo, hi = torch.searchsorted(sampled, torch.tensor([seen, seen + n_real])).tolist()
-            position = batch.last if layout.decision == "last" else torch.zeros(len(batch.index), dtype=torch.long)
-            real_rows = mask.flatten().nonzero().flatten()  # the real tokens' rows of the flattened batch
-            step.update(mask=mask, rows=torch.tensor(batch.index), last=position, real_rows=real_rows,
-                        picked_rows=real_rows[sampled[lo:hi] - seen])
+            n_real = recorder.next_batch(batch, layout.decision, sampled, seen)
             forward(model, batch, all_logits=False)
             seen += n_real
             done = number + 1
             bar.update(n_real)
             last = done == -(-len(seqs) // batch_size)
-            if progress_file is not None and (interrupted() or (not last and time.monotonic() - last_save >= interval)):
-                try:
-                    interval = max(save_every, 10 * save())
-                    note = f"capture progress saved ({seen} of {total} tokens); the same command continues from there"
-                except OSError as exc:  # a full disk costs the resume, not the capture
-                    log.warning("cannot save capture progress to %s (%s); capture goes on without saving it",
-                                progress_file, exc)
-                    progress_file, note = None, "capture progress could not be saved"
-                last_save = time.monotonic()
-                if interrupted():
-                    raise KeyboardInterrupt(note)
-            elif interrupted():  # saving failed earlier: stop at this batch all the same
-                raise KeyboardInterrupt("capture progress could not be saved")
-    if any(s is None for s in stats):
+            saver.after_batch(recorder.stats, done, seen, total, last, interrupted)
+    if any(s is None for s in recorder.stats):
         raise RuntimeError("some MLP layers were never called during capture")
-    if progress_file is not None:
-        progress_file.unlink(missing_ok=True)
-    return [s.finish() for s in stats]  # type: ignore[union-attr]
+    saver.finished()
+    return [s.finish() for s in recorder.stats]  # type: ignore[union-attr]
+
+
+def _moment_sizes(widths: list[int], n_sample: int, sample_store: str, store_dtype: str) -> list[int]:
+    """Each layer's share of the moments pool (0: the layer keeps tokens, or no sample when n_sample is 0)."""
+    return [SecondMoments.packed_size(w) if n_sample and resolve_sample_store(sample_store, w, n_sample, store_dtype)
+            == "moments" else 0 for w in widths]
+
+
+@dataclass
+class _BatchRows:
+    """Where, in the batch being run, every layer's hook finds what it records."""
+
+    mask: torch.Tensor  # (B, L) bool, True = real token
+    prompts: torch.Tensor  # (B,) each row's index in the prompt list
+    decision: torch.Tensor  # (B,) position of each row's decision token
+    real: torch.Tensor  # rows of the flattened (B * L) batch that are real tokens
+    picked: torch.Tensor  # rows of the flattened batch that are in the token sample
+
+
+class _Recorder:
+    """Every layer's running statistics, filled by one forward pre-hook per layer from the current batch's rows."""
+
+    def __init__(self, widths: list[int], sizes: list[int], n_prompts: int, capacity: int, dtype: torch.dtype):
+        self.widths, self.sizes, self.n_prompts, self.capacity, self.dtype = widths, sizes, n_prompts, capacity, dtype
+        # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer.
+        self.pool = torch.zeros(sum(sizes), dtype=torch.float32)
+        self.offsets = [sum(sizes[:i]) for i in range(len(widths))]
+        self.stats: list[_LayerStats | None] = [None] * len(widths)
+        self.rows: _BatchRows | None = None  # set by next_batch before each forward pass
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def new_stats(self, i: int) -> _LayerStats:
+        """Layer i's empty statistics, its moments in its slice of the pool."""
+        buffer = self.pool[self.offsets[i] : self.offsets[i] + self.sizes[i]] if self.sizes[i] else None
+        return _LayerStats(self.widths[i], self.n_prompts, self.capacity, self.dtype, buffer)
+
+    def next_batch(self, batch: Batch, decision: str, sampled: torch.Tensor, seen: int) -> int:
+        """Point the hooks at this batch's rows (`seen`: real tokens before it); returns its real tokens."""
+        mask = batch.attention_mask.bool()
+        n_real = int(mask.sum())
+        lo, hi = torch.searchsorted(sampled, torch.tensor([seen, seen + n_real])).tolist()
+        position = batch.last if decision == "last" else torch.zeros(len(batch.index), dtype=torch.long)
+        real_rows = mask.flatten().nonzero().flatten()  # the real tokens' rows of the flattened batch
+        self.rows = _BatchRows(mask, torch.tensor(batch.index), position, real_rows, real_rows[sampled[lo:hi] - seen])
+        return n_real
+
+    def hook(self, i: int) -> Callable[[nn.Module, tuple], None]:
+        """Layer i's forward pre-hook on its output projection, whose input is the MLP activation."""
+
+        def record(module: nn.Module, args: tuple) -> None:
+            self._record(i, args[0])
+
+        return record
+
+    def _record(self, i: int, activation: torch.Tensor) -> None:
+        rows = self.rows
+        # On the CPU whatever device (or offload hook) ran the layer; OPT flattens to (B*L, d).
+        x = activation.detach().cpu().reshape(*rows.mask.shape, -1)  # (B, L, d)
+        if self.stats[i] is None:
+            width = x.shape[-1]
+            if width != self.widths[i]:
+                raise RuntimeError(f"layer {i}: the MLP hook saw {width} neurons, the weights have {self.widths[i]}")
+            self.stats[i] = self.new_stats(i)
+        s = self.stats[i]
+        flat = x.reshape(-1, x.shape[-1])  # (B * L, d)
+        # Row gathers and the centred copy go into reused buffers: capture's temporaries interleave with the
+        # model's, and fresh ones per layer and batch fragmented the heap.
+        real = torch.index_select(flat, 0, rows.real, out=self._scratch("real", rows.real, flat))
+        real32 = real if real.dtype == torch.float32 else real.float()
+        s.add_statistics(real32, self._scratch("centred", rows.real, real32))
+        s.decision[rows.prompts] = x[torch.arange(x.shape[0]), rows.decision].to(self.dtype)
+        picked = torch.index_select(flat, 0, rows.picked, out=self._scratch("picked", rows.picked, flat))
+        s.add_sample(picked.to(torch.float32) if s.moments is not None else picked.to(self.dtype))
+
+    def _scratch(self, name: str, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A reused (len(rows), d) buffer for gathered rows of `like`, grown when a batch needs more."""
+        key = (name, like.shape[-1], like.dtype)
+        if key not in self._buffers or self._buffers[key].shape[0] < len(rows):
+            self._buffers[key] = torch.empty(max(len(rows), 256), like.shape[-1], dtype=like.dtype)
+        return self._buffers[key][: len(rows)]
+
+
+class _ProgressSaver:
+    """When capture saves its progress file: every `save_every` seconds (at least ten times the last save's
+    duration) and on Ctrl-C, which then stops capture. `path` None: nothing is saved (also after a failed save)."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], save_every: float):
+        self.path, self.fingerprint, self.save_every = path, fingerprint, save_every
+        self.last_save, self.interval = time.monotonic(), save_every
+
+    def after_batch(self, stats: list, done: int, seen: int, total: int, last: bool,
+                    interrupted: Callable[[], bool]) -> None:
+        """Save if it is time or Ctrl-C was pressed (then raise KeyboardInterrupt); `last`: the final batch."""
+        if self.path is not None and (interrupted() or self._due(last)):
+            try:
+                self.interval = max(self.save_every, 10 * self._save(stats, done, seen))
+                note = f"capture progress saved ({seen} of {total} tokens); the same command continues from there"
+            except OSError as exc:  # a full disk costs the resume, not the capture
+                log.warning("cannot save capture progress to %s (%s); capture goes on without saving it",
+                            self.path, exc)
+                self.path, note = None, "capture progress could not be saved"
+            self.last_save = time.monotonic()
+            if interrupted():
+                raise KeyboardInterrupt(note)
+        elif interrupted():  # saving failed earlier: stop at this batch all the same
+            raise KeyboardInterrupt("capture progress could not be saved")
+
+    def _due(self, last: bool) -> bool:
+        """A periodic save is due (never after the final batch: capture is about to finish)."""
+        return not last and time.monotonic() - self.last_save >= self.interval
+
+    def _save(self, stats: list, done: int, seen: int) -> float:
+        """Write the statistics so far; returns how long it took."""
+        start = time.monotonic()
+        tensors = {k: v for i, st in enumerate(stats) if st is not None for k, v in st.state(f"{i}.").items()}
+        write_atomic(self.path, tensors, {**self.fingerprint, "batches_done": done, "tokens_seen": seen})
+        return time.monotonic() - start
+
+    def finished(self) -> None:
+        """Capture completed: its progress file has served."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats: Callable[[int], _LayerStats]
