@@ -10,6 +10,8 @@ from click.testing import CliRunner
 from evaluation import benchmark
 from fnprune.cli import main
 
+pytestmark = pytest.mark.slow  # full compress runs
+
 
 def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, tmp_path):
     prefix = tmp_path / "bench"

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from fnprune.cli import main
 
+pytestmark = pytest.mark.slow  # full compress runs
+
 SMALL = ["--num-samples", "40", "--max-tokens", "300", "--components", "8", "--quiet"]
 
 

@@ -15,6 +15,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # full compress runs
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = "hf_fnprunetestsecret0123456789"
 

@@ -24,6 +24,8 @@ from fnprune.stream_surgery import stream_prune
 from fnprune.surgery import prune_mlp, supports_bias_compensation
 from fnprune.tokens import encode, forward, make_batch
 
+pytestmark = pytest.mark.slow  # full compress runs
+
 PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:",
            "Review: fresh\nSentiment:"]
 

@@ -16,6 +16,8 @@ from fnprune.errors import OutputError, RecipeError
 from fnprune.evaluate import evaluate_templates
 from fnprune.recipe import apply_overrides, load_recipe, recipe_from_dict
 
+pytestmark = pytest.mark.slow  # full compress runs
+
 EXPECTED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "report.json",
                   "README.md", "networks.safetensors", "networks.json"}
 

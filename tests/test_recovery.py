@@ -130,6 +130,7 @@ def recovered_run(model_dir, task_data, tmp_path_factory):
     return fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
 
 
+@pytest.mark.slow
 def test_recovered_checkpoint_reloads_with_the_scores_of_the_report(recovered_run):
     out, report = recovered_run.output_dir, recovered_run.report
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -146,12 +147,14 @@ def test_recovered_checkpoint_reloads_with_the_scores_of_the_report(recovered_ru
     assert "before recovery" in card.lower()
 
 
+@pytest.mark.slow
 def test_recovered_checkpoint_is_byte_identical_on_rerun(recovered_run, tmp_path):
     again = apply_overrides(recovered_run.recipe, {"output.dir": str(tmp_path / "again")})
     result = fnprune.compress(again, progress=False)
     assert _sha(result.output_dir / "model.safetensors") == _sha(recovered_run.output_dir / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, task_data, tmp_path, monkeypatch,
                                                                      tokenizer_dir):
     """The teacher and the training loop see exactly the calibration prompts: none of the evaluation split's
@@ -194,6 +197,7 @@ def test_recovery_settings_are_checked(tmp_path):
     assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] is False
 
 
+@pytest.mark.slow
 def test_cli_recover_flags_reach_the_run_and_the_summary(model_dir, task_data, tmp_path):
     from click.testing import CliRunner
 

@@ -17,6 +17,8 @@ from fnprune.cli import main
 from fnprune.errors import RecipeError
 from fnprune.recipe import load_recipe, recipe_from_dict
 
+pytestmark = pytest.mark.slow  # full compress runs
+
 SMALL = ["--num-samples", "24", "--max-tokens", "300", "--components", "6", "--eval-samples", "10", "--quiet"]
 
 
