@@ -112,7 +112,15 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
     if ppl:
         row.update(ppl_dense=round(ppl["dense"], 2), ppl_pruned=round(ppl["pruned"], 2))
     if "recovery" in report:
-        row["recovery_seconds"] = round(report["recovery"]["seconds"], 1)
+        rec = report["recovery"]
+        row["recovery_seconds"] = round(rec["seconds"], 1)
+        before = (rec.get("before") or {}).get("template_means")
+        if before:
+            row["held_out_before"] = round(before["held_out"]["pruned"], 4)
+            row["calibration_before"] = round(before["calibration"]["pruned"], 4)
+        ppl = (rec.get("validation_before") or {}).get("perplexity")
+        if ppl:
+            row["ppl_before"] = round(ppl["pruned"], 2)
     row["compress_seconds"] = round(sum(v for k, v in report["timings_seconds"].items()
                                         if not k.startswith("evaluate")), 1)
     return row
