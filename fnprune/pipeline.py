@@ -63,11 +63,11 @@ class _Timer:
 
 @dataclass
 class _Plan:
-    """What surgery applies: kept neurons per layer, the removed neurons' means (bias compensation) and the
-    reconstruction maps; and what the rest of the run needs from calibration."""
+    """What surgery applies: kept neurons per layer, every neuron's mean activation (bias compensation folds
+    the removed ones'), the reconstruction maps; and what the report needs from calibration."""
 
     kept: list[torch.Tensor]
-    means: list[torch.Tensor] | None
+    means: list[torch.Tensor] | None  # per layer, (width,): None without bias compensation
     fills: list[torch.Tensor] | None
     tokens_for_ica: int
 
