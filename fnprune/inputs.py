@@ -33,7 +33,7 @@ class Inputs:
     recipe: Recipe
     task: TaskSpec
     selection: SelectionSpec  # the recipe's, automatic values resolved
-    calibration: list[Example]  # calibration prompts (calibration split, calibration templates)
+    prompts: list[Example]  # calibration prompts (calibration split, calibration templates)
     evaluation: dict[str, list[Example]]  # evaluation split, per template
     validation: Validation
     model: Any
@@ -50,10 +50,10 @@ class Inputs:
 
 def load_inputs(recipe: Recipe) -> Inputs:
     task = resolve_task(recipe.task)
-    cal = recipe.calibration
-    calibration = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)
+    spec = recipe.calibration
+    prompts = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     evaluation = load_evaluation(task, task.evaluation_split)
-    check_disjoint(calibration, next(iter(evaluation.values())))
+    check_disjoint(prompts, next(iter(evaluation.values())))
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
@@ -63,7 +63,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if source is not None:
         source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
     selection = resolve_selection(recipe.selection, layout, model)
-    return Inputs(recipe, task, selection, calibration, evaluation, validation, model, tokenizer, layout,
+    return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
 
 
@@ -83,7 +83,7 @@ def check_budgets(inputs: Inputs, out_dir: Path) -> None:
     log.info(
         "capture holds at most %.1f MiB of activations (%d layers x %d neurons x %d sampled tokens)",
         capture_memory_bytes(
-            len(widths), max(widths), sample_tokens, len(inputs.calibration), recipe.calibration.store_dtype,
+            len(widths), max(widths), sample_tokens, len(inputs.prompts), recipe.calibration.store_dtype,
             recipe.calibration.sample_store,
         ) / 2**20,
         len(widths), max(widths), sample_tokens,

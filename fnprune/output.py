@@ -90,7 +90,7 @@ def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], t
         "ridge": sel.ridge if sel.reconstruct else None,
         "calibration": {
             "split": task.calibration_split,
-            "samples": len(inputs.calibration),
+            "samples": len(inputs.prompts),
             "tokens_seen": calib.activations[0].count,
             "tokens_for_ica": tokens_for_ica,
         },

@@ -84,15 +84,15 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     check_budgets(inputs, out_dir)
     # From here to surgery the model, tokenizer and imports stay alive: garbage collections skip them.
     with objects_frozen():
-        calib, plan = _calibrate_and_select(inputs, timer, progress)
+        measured, plan = _calibrate_and_select(inputs, timer, progress)
         with timer.stage("evaluate_dense"):
             dense_params = count_parameters(inputs.model)
             dense = _score(inputs.model, inputs, progress, cached=True)
         targets = None
         if recipe.recovery.enabled:
             with timer.stage("teacher"):
-                targets = teacher(inputs.model, inputs.tokenizer, inputs.calibration, recipe, progress)
-        _reconstruct(calib, plan, inputs, timer, progress)
+                targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, recipe, progress)
+        _reconstruct(measured, plan, inputs, timer, progress)
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if inputs.source is not None:
             model, pruned_params, pruned, extra = _streamed(tmp, inputs, plan, timer, progress)
@@ -100,10 +100,10 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             model, pruned, extra = _in_memory(inputs, plan, targets, dense, timer, progress)
             pruned_params = count_parameters(model)
         resolved = resolved_recipe(inputs)
-        report = build_report(inputs, calib, plan.kept, plan.tokens_for_ica, (dense_params, pruned_params), dense,
+        report = build_report(inputs, measured, plan.kept, plan.tokens_for_ica, (dense_params, pruned_params), dense,
                               pruned, timer.seconds, extra)
         with timer.stage("save"):
-            write_output(tmp, inputs, model, resolved, report, calib, plan.kept)
+            write_output(tmp, inputs, model, resolved, report, measured, plan.kept)
     if recipe.output.push_to_hub:
         with timer.stage("push"):
             push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
@@ -113,27 +113,27 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
 def _calibrate_and_select(inputs: Inputs, timer: _Timer, progress: bool) -> tuple[Calibration, _Plan]:
     """Stages 1 and 2: activations and networks (timed inside calibrate), then the kept neurons."""
     recipe, sel = inputs.recipe, inputs.selection
-    calib = calibrate(
-        inputs.model, inputs.tokenizer, inputs.calibration,
-        dict.fromkeys(label_keys(inputs.task, inputs.calibration), ""), recipe, sel.method in NEEDS_NETWORKS,
+    measured = calibrate(
+        inputs.model, inputs.tokenizer, inputs.prompts,
+        dict.fromkeys(label_keys(inputs.task, inputs.prompts), ""), recipe, sel.method in NEEDS_NETWORKS,
         progress, use_cache=recipe.calibration.cache, with_sample=inputs.with_sample,
     )
-    timer.seconds.update(calib.timings)
+    timer.seconds.update(measured.timings)
     with timer.stage("selection"):
-        kept = select_neurons(inputs.model, calib, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost,
+        kept = select_neurons(inputs.model, measured, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost,
                               sel.allocation)
-    means = [a.mean for a in calib.activations] if sel.bias_compensation else None
-    return calib, _Plan(kept, means, None, calib.activations[0].sampled)
+    means = [a.mean for a in measured.activations] if sel.bias_compensation else None
+    return measured, _Plan(kept, means, None, measured.activations[0].sampled)
 
 
-def _reconstruct(calib: Calibration, plan: _Plan, inputs: Inputs, timer: _Timer, progress: bool) -> None:
+def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: _Timer, progress: bool) -> None:
     """Stage 3: the reconstruction maps (each layer's sample freed once fitted), then the rest of the sample."""
     sel = inputs.selection
     if sel.reconstruct:
         with timer.stage("reconstruct"):
-            plan.fills = reconstruction_fills(calib, plan.kept, plan.means, sel.ridge, progress, release=True,
+            plan.fills = reconstruction_fills(measured, plan.kept, plan.means, sel.ridge, progress, release=True,
                                               answer_weight=sel.answer_weight)
-    calib.release_token_sample()  # before surgery and saving, which need memory of their own
+    measured.release_token_sample()  # before surgery and saving, which need memory of their own
     release_memory()
 
 
@@ -158,7 +158,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     if targets is None:
         return model, pruned, {}
     with timer.stage("recover"):
-        result = recover_model(model, inputs.tokenizer, inputs.layout, inputs.calibration, targets, recipe,
+        result = recover_model(model, inputs.tokenizer, inputs.layout, inputs.prompts, targets, recipe,
                                progress)
     with timer.stage("evaluate_recovered"):
         recovered = _score(model, inputs, progress)
