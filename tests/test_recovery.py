@@ -87,6 +87,19 @@ def test_recovery_lowers_the_divergence_and_keeps_the_shapes(pruned_llama, param
             assert torch.equal(a, b) == ("mlp" not in name), name
 
 
+def test_recovered_model_reloads_with_the_same_logits(pruned_llama, tmp_path):
+    _, pruned, seqs, targets = pruned_llama
+    student = copy.deepcopy(pruned)
+    recover(student, layout_for(student), seqs, targets, RecoverySpec(enabled=True, steps=4, lr=1e-2, params="lora"),
+            progress=False)
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([seqs[0]])
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, reloaded(ids).logits, atol=1e-5)
+        assert not torch.allclose(student(ids).logits, pruned(ids).logits, atol=1e-3)  # it did train
+
+
 def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, tmp_path, monkeypatch):
     _, pruned, seqs, targets = pruned_llama
     spec = RecoverySpec(enabled=True, epochs=2, lr=1e-3)
