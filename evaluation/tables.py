@@ -7,13 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
+def with_extension(prefix: Path, extension: str) -> Path:
+    """PREFIX + extension; unlike Path.with_suffix, a dot inside the prefix (`..._k0.25`) is kept."""
+    return prefix.parent / (prefix.name + extension)
+
+
 def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:
     """Write PREFIX.json and PREFIX.md; returns the markdown table (columns in first-seen order, None blank)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    with_extension(prefix, ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
-    prefix.with_suffix(".md").write_text(f"Command: `{command}`\n\n{table}\n")
+    with_extension(prefix, ".md").write_text(f"Command: `{command}`\n\n{table}\n")
     return table
