@@ -90,3 +90,10 @@ def test_bench_ica_captures_through_the_package_and_its_cache(model_dir, task_da
     monkeypatch.setattr(calibration, "capture_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = bench_ica.capture_tokens(24, 64, 0)
     assert not calls and all(a.equal(b) for a, b in zip(first, again))
+
+
+def test_tables_keep_a_dot_in_the_prefix(tmp_path):
+    from evaluation.tables import write_rows
+
+    write_rows(tmp_path / "rows_k0.25", "cmd", [{"a": 1}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows_k0.25.json", "rows_k0.25.md"]
