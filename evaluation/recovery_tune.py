@@ -28,7 +28,7 @@ from evaluation.tables import write_rows
 def main(argv: list[str] | None = None) -> None:
     from fnprune.arch import layout_for
     from fnprune.data import load_sample, resolve_task
-    from fnprune.distillation import _loss, recover, teacher_targets
+    from fnprune.distillation import divergences, recover, teacher_targets
     from fnprune.models import load_model
     from fnprune.recipe import load_recipe
     from fnprune.recovery import recovery_inputs, teacher
@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     del dense
 
     def divergence(model) -> dict[str, float]:
-        idx = list(range(len(tune_seqs)))
+        """Mean KL over all tokens and at the answer positions, batch by batch (one forward pass per batch)."""
+        parts = []
         with torch.no_grad():
-            parts = [(_loss(model, tune_seqs, tune_targets, idx[i:i + 16], 0.0).item(),
-                      _loss(model, tune_seqs, tune_targets, idx[i:i + 16], 1.0).item()) for i in range(0, len(idx), 16)]
+            for i in range(0, len(tune_seqs), 16):
+                kl, ends = divergences(model, tune_seqs, tune_targets, list(range(i, min(i + 16, len(tune_seqs)))))
+                parts.append((kl.mean().item(), kl[ends].mean().item()))
         return {"kl_tokens": round(sum(a for a, _ in parts) / len(parts), 5),
                 "kl_answer": round(sum(b for _, b in parts) / len(parts), 5)}
 

@@ -35,7 +35,7 @@ from .recipe import RecoverySpec
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import batches, make_batch
 
-__all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters"]
+__all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters", "divergences"]
 
 log = logging.getLogger("fnprune")
 
@@ -74,9 +74,8 @@ class RecoveryResult:
 def _scored_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits of every position (LMs, (B, L, V)) or the head's (classifiers, (B, 1, C))."""
     device = input_device(model)
-    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False) \
-        if not is_classifier(model) else model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    logits = out.logits
+    kwargs = {} if is_classifier(model) else {"use_cache": False}
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
     return logits[:, None, :] if logits.dim() == 2 else logits
 
 
@@ -193,9 +192,10 @@ def step_batches(n_prompts: int, spec: RecoverySpec) -> list[list[int]]:
     return order[:total]
 
 
-def _loss(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int],
-          answer_weight: float) -> torch.Tensor:
-    """(1 - answer_weight) x mean KL over all scored tokens + answer_weight x mean KL at the answer positions."""
+def divergences(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || model) at every scored position of prompts `idx`, and which of those rows are the answer
+    positions (each prompt's last)."""
     batch = make_batch([seqs[i] for i in idx], idx, "right")
     logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1)
     positions = _positions(batch.attention_mask, is_classifier(model))
@@ -203,9 +203,15 @@ def _loss(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx:
     device = rows.device
     ids = torch.cat([targets.indices[targets.rows(i)] for i in idx]).to(device)
     t_logp = torch.cat([targets.logprobs[targets.rows(i)] for i in idx]).to(device)
-    kl = bucket_kl(rows, ids, t_logp)
     ends = torch.tensor([len(p) for p in positions]).cumsum(0) - 1
-    return (1 - answer_weight) * kl.mean() + answer_weight * kl[ends.to(device)].mean()
+    return bucket_kl(rows, ids, t_logp), ends.to(device)
+
+
+def _loss(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int],
+          answer_weight: float) -> torch.Tensor:
+    """(1 - answer_weight) x mean KL over all scored tokens + answer_weight x mean KL at the answer positions."""
+    kl, ends = divergences(model, seqs, targets, idx)
+    return (1 - answer_weight) * kl.mean() + answer_weight * kl[ends].mean()
 
 
 def run_fingerprint(start: list[nn.Parameter], targets: TeacherTargets, seqs: list[list[int]],

@@ -56,7 +56,7 @@ def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, progre
 
 
 def recover_model(model, tokenizer, layout: MLPLayout, calibration: list[Example], teacher: TeacherTargets,
-             recipe: Recipe, progress: bool) -> RecoveryResult:
+                  recipe: Recipe, progress: bool) -> RecoveryResult:
     seqs = recovery_inputs(tokenizer, model, calibration, recipe)
     use_cache = recipe.calibration.cache and cache.usable()
     return recover(model, layout, seqs, teacher, recipe.recovery, progress,
