@@ -95,7 +95,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         _reconstruct(measured, plan, inputs, timer, progress)
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if inputs.source is not None:
-            model, pruned_params, pruned, extra = _streamed(tmp, inputs, plan, timer, progress)
+            pruned_params, pruned = _streamed(tmp, inputs, plan, timer, progress)
+            model, extra = None, {}  # the weights are written already; recovery is refused with streaming
         else:
             model, pruned, extra = _in_memory(inputs, plan, targets, dense, timer, progress)
             pruned_params = count_parameters(model)
@@ -167,7 +168,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
 
 
 def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, timer: _Timer, progress: bool
-              ) -> tuple[None, int, Scores, dict[str, Any]]:
+              ) -> tuple[int, Scores]:
     """Stages 4 and 6 from the source files: the pruned weights go straight into `tmp`, then the saved checkpoint
     is loaded and scored. The dense model is freed first (its devices, its offload hooks)."""
     with timer.stage("surgery"):
@@ -177,7 +178,7 @@ def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, timer: _Timer, progress: b
     gc.collect()
     with timer.stage("evaluate_pruned"):
         pruned = _score_saved(tmp, inputs, progress)
-    return None, pruned_params, pruned, {}
+    return pruned_params, pruned
 
 
 def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, kept, removed_means, fill_maps,
