@@ -34,7 +34,7 @@ __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
     "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "save_perplexity",
-    "load_perplexity", "save_teacher", "load_teacher", "usable",
+    "load_perplexity", "save_lm_eval", "load_lm_eval", "save_teacher", "load_teacher", "usable",
 ]
 
 log = logging.getLogger("fnprune")
@@ -188,24 +188,46 @@ def load_evaluation(key: str, sets: dict[str, list[Example]], task: TaskSpec) ->
     return _load(f"evaluation-{key}.safetensors", "evaluation", parse)
 
 
-def save_perplexity(key: str, result: PerplexityResult) -> None:
-    """A model's perplexity (the dense model's, like its task scores), written atomically as JSON."""
-    path = cache_dir() / f"perplexity-{key}.json"
+def _write_json(name: str, data: Any) -> None:
+    """One JSON entry, written atomically; like `_write`, a failure only costs the cache."""
+    path = cache_dir() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
         tmp.replace(path)
     except OSError as exc:
         log.warning("could not write cache entry %s (%s); going on without it", path, exc)
 
 
-def load_perplexity(key: str) -> PerplexityResult | None:
-    path = cache_dir() / f"perplexity-{key}.json"
+def _read_json(name: str) -> Any:
+    """A JSON entry's data, or None when it is absent or damaged (a miss)."""
     try:
-        return PerplexityResult(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        return json.loads((cache_dir() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+
+
+def save_perplexity(key: str, result: PerplexityResult) -> None:
+    """A model's perplexity (the dense model's, like its task scores), written atomically as JSON."""
+    _write_json(f"perplexity-{key}.json", dataclasses.asdict(result))
+
+
+def load_perplexity(key: str) -> PerplexityResult | None:
+    try:
+        return PerplexityResult(**_read_json(f"perplexity-{key}.json"))
+    except TypeError:  # absent (None), or not this kind's fields
+        return None
+
+
+def save_lm_eval(key: str, result: dict[str, Any]) -> None:
+    """A model's lm-eval results (fnprune.lm_eval_backend.run_lm_eval's; the dense model's), as JSON."""
+    _write_json(f"lm-eval-{key}.json", result)
+
+
+def load_lm_eval(key: str) -> dict[str, Any] | None:
+    found = _read_json(f"lm-eval-{key}.json")
+    return found if isinstance(found, dict) and isinstance(found.get("results"), dict) else None
 
 
 def save_teacher(key: str, targets: TeacherTargets) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .arch import layout_for
 from .errors import FnpruneError, OutputError
+from .lm_eval_backend import lm_eval_metrics
 
 __all__ = [
     "RECIPE_FILE",
@@ -277,6 +278,17 @@ def _validation_rows(report: dict[str, Any]) -> str:
     return "".join(row + "\n" for row in rows)
 
 
+def _lm_eval_rows(report: dict[str, Any]) -> str:
+    """The card's rows for lm-evaluation-harness (report["lm_eval"]): each task's metrics, dense beside pruned."""
+    section, rows = report.get("lm_eval") or {}, []
+    limit = f", limit {section['limit']}" if section.get("limit") else ""
+    for task, entry in (section.get("tasks") or {}).items():
+        for metric, dense, pruned in lm_eval_metrics(entry):
+            rows.append(f"| lm-eval {section.get('version') or ''}: {task} {metric} ({entry.get('n', 'n/a')} "
+                        f"documents{limit}) | {_fmt(dense)} | {_fmt(pruned)} |")
+    return "".join(row + "\n" for row in rows)
+
+
 def _recovery_note(r: dict) -> str:
     """A paragraph on the recovery stage, with the scores before it, when the run had one."""
     rec = r.get("recovery")
@@ -318,7 +330,7 @@ plain `AutoModelForCausalLM.from_pretrained`.
 | | dense | pruned |
 |---|---|---|
 {_accuracy_rows(info.task, r)}
-{_validation_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
+{_validation_rows(r)}{_lm_eval_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
 | MLP width per layer | {r['widths']['dense']} | {r['widths']['pruned'][0]} |
 | weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
 

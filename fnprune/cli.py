@@ -21,6 +21,7 @@ from .cli_flags import (
     flag_overrides,
     parse_data_files,
     parse_device_map,
+    parse_lm_eval_tasks,
     parse_max_memory,
     task_overrides,
 )
@@ -118,7 +119,18 @@ def _print_summary(report: dict, where: Path | str) -> None:
     if ppl:
         click.echo(f"  validate {ppl['task']} perplexity ({ppl['tokens']} tokens, windows of {ppl['window']}): "
                    f"dense {fmt(ppl['dense'])}, pruned {fmt(ppl['pruned'])}")
+    _print_lm_eval(report.get("lm_eval"), fmt)
     _print_recovery(report.get("recovery"), fmt)
+
+
+def _print_lm_eval(section: dict | None, fmt) -> None:
+    """lm-evaluation-harness's metrics per task, dense beside pruned."""
+    from .lm_eval_backend import lm_eval_metrics
+
+    limit = f", limit {section['limit']}" if section and section.get("limit") else ""
+    for task, entry in ((section or {}).get("tasks") or {}).items():
+        shown = "; ".join(f"{m} dense {fmt(d)}, pruned {fmt(p)}" for m, d, p in lm_eval_metrics(entry))
+        click.echo(f"  lm-eval {task} on {entry.get('n')} documents{limit}: {shown}")
 
 
 def _print_recovery(rec: dict | None, fmt) -> None:
@@ -149,11 +161,9 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 @click.option("--device-map", help=FLAG_BY_DECL["--device-map"].settings["help"].split(". ")[0] + ".")
 @FLAG_BY_DECL["--max-memory"].decorate
 @FLAG_BY_DECL["--offload-folder"].decorate
-@click.option("--lm-eval-tasks", help="Also run lm-evaluation-harness on these tasks, comma separated (needs "
-                                     "fnprune[lm-eval]); the model is loaded by fnprune, so every layout works.")
-@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
-              help="Folder of lm-eval task YAMLs (e.g. evaluation/lm_eval_tasks over local files).")
-@click.option("--lm-eval-limit", type=int, help="lm-eval: the first N documents of each task only.")
+@FLAG_BY_DECL["--lm-eval-tasks"].decorate  # compress's options, from the recipe's evaluation.lm_eval_* fields
+@FLAG_BY_DECL["--lm-eval-include"].decorate
+@FLAG_BY_DECL["--lm-eval-limit"].decorate
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True)
 @_friendly
@@ -161,30 +171,32 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
              max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
     from .evaluate import evaluate_templates
+    from .lm_eval_backend import check_lm_eval, run_lm_eval
     from .models import load_model, local_model_dir
     from .recipe import recipe_from_dict
 
     _setup_logging(quiet)
     if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
         model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
-    harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
-    resolved, sets = _evaluation_sets(model, task, data_dir, data_files, split, max_samples, template, bool(harness))
+    harness = parse_lm_eval_tasks(lm_eval_tasks) or []
     placement = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
-    model_spec = recipe_from_dict({"model": {"name_or_path": model, "trust_remote_code": trust_remote_code,
-                                             **placement}}).model
-    problems = model_spec.check()
+    checked = recipe_from_dict({
+        "model": {"name_or_path": model, "trust_remote_code": trust_remote_code, **placement},
+        "evaluation": {"lm_eval_tasks": harness, "lm_eval_include": lm_eval_include, "lm_eval_limit": lm_eval_limit},
+    })
+    problems = checked.model.check() + checked.evaluation.check()
     if problems:
         raise RecipeError(problems)
-    m, tok = load_model(model_spec)
+    check_lm_eval(harness, lm_eval_include)  # installed, the folder there, the tasks known: before any loading
+    resolved, sets = _evaluation_sets(model, task, data_dir, data_files, split, max_samples, template, bool(harness))
+    m, tok = load_model(checked.model)
     out: dict[str, Any] = {"model": model}
     result = None
     if resolved is not None:
         result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
         out.update(_evaluation_summary(result, resolved, split or resolved.evaluation_split))
     if harness:
-        from .lm_eval_backend import run_lm_eval
-
         out["lm_eval"] = run_lm_eval(m, tok, harness, lm_eval_include, batch_size, lm_eval_limit)
     if as_json:
         click.echo(json.dumps(out))

@@ -19,7 +19,8 @@ from .recipe import Recipe, TaskSpec
 
 __all__ = [
     "FLAGS", "FLAG_BY_DECL", "PARSERS", "RECIPE_ONLY", "TASK_NAMES", "RecipeFlag", "compress_options",
-    "flag_overrides", "parse_data_files", "parse_device_map", "parse_max_memory", "parse_validate",
+    "flag_overrides", "parse_data_files", "parse_device_map", "parse_lm_eval_tasks", "parse_max_memory",
+    "parse_validate",
     "recipe_flags", "shown_default", "task_overrides",
 ]
 
@@ -76,6 +77,12 @@ def parse_validate(values: tuple[str, ...]) -> list[dict[str, str]] | None:
     return out
 
 
+def parse_lm_eval_tasks(value: str | None) -> list[str] | None:
+    """`sst2,boolq` as ["sst2", "boolq"] (empty parts dropped); None or "": not given."""
+    tasks = [t.strip() for t in (value or "").split(",") if t.strip()]
+    return tasks or None
+
+
 # Recipe fields no flag sets: they are set in a recipe YAML. tests/test_cli.py fails on a field that is neither
 # here nor given a flag (fnprune.recipe.flag), so a new recipe field cannot go without a decision. The task's own
 # definition (everything but the name and the data location) comes from the recipe or the built-in task.
@@ -96,9 +103,11 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "--device-map": parse_device_map,
     "--max-memory": parse_max_memory,
     "--validate": parse_validate,
+    "--lm-eval-tasks": parse_lm_eval_tasks,
 }
 # click types a flag needs beyond what its field's type and metadata say.
-_CLICK_TYPES: dict[str, click.ParamType] = {"--offload-folder": click.Path(file_okay=False)}
+_CLICK_TYPES: dict[str, click.ParamType] = {"--offload-folder": click.Path(file_okay=False),
+                                            "--lm-eval-include": click.Path(file_okay=False)}
 _NOT_CLICK = ("flag", "help", "choices", "strict")  # metadata keys read here; the others go to click.option
 
 

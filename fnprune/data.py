@@ -66,16 +66,31 @@ def _split_file(task: TaskSpec, split: str) -> Path | None:
             if not named.is_file():
                 raise DataError(f"no file {task.split_files[split]!r} for split {split!r} in {directory}")
             return named
-        for stem in SPLIT_FILE_STEMS.get(split, (split,)):
-            for suffix in SUFFIXES:
-                candidate = directory / f"{stem}{suffix}"
-                if candidate.is_file():
-                    return candidate
-        raise DataError(
-            f"no file for split {split!r} in {directory} (looked for "
-            f"{', '.join(s + x for s in SPLIT_FILE_STEMS.get(split, (split,)) for x in SUFFIXES)})"
-        )
+        found = _stem_file(directory, split)
+        if found is None:
+            looked = ", ".join(s + x for s in SPLIT_FILE_STEMS.get(split, (split,)) for x in SUFFIXES)
+            raise DataError(f"no file for split {split!r} in {directory} (looked for {looked})"
+                            f"{_carve_hint(task, split, directory)}")
+        return found
     return None
+
+
+def _stem_file(directory: Path, split: str) -> Path | None:
+    """The split's file in a data folder by its usual names (dev.tsv for validation, ...), or None."""
+    names = (directory / f"{stem}{suffix}" for stem in SPLIT_FILE_STEMS.get(split, (split,)) for suffix in SUFFIXES)
+    return next((p for p in names if p.is_file()), None)
+
+
+def _carve_hint(task: TaskSpec, split: str, directory: Path) -> str:
+    """What to do when the folder has the evaluation split's file but not the calibration split's (AG News)."""
+    evaluation = _stem_file(directory, task.evaluation_split)
+    if split != task.calibration_split or task.split_of or evaluation is None:
+        return ""
+    return (f"; to calibrate on a seeded half of {evaluation.name} instead (the other half evaluated), set "
+            f"task.split_of: {task.evaluation_split} in a recipe (task: {{name: {task.name}, data_dir: {directory}, "
+            f"split_of: {task.evaluation_split}}}) and run compress --recipe FILE without --task (--task replaces the "
+            f"recipe's task), or give a calibration file: --data-files "
+            f"{task.calibration_split}=FILE,{task.evaluation_split}={evaluation}")
 
 
 _FIELD_LIMIT = 2**31 - 1  # csv's default limit (131,072 characters) is below one long document

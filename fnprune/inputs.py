@@ -13,6 +13,7 @@ from .capture import capture_memory_bytes
 from .checkpoint import check_disk_space
 from .data import Example, check_disjoint, load_evaluation, load_sample, resolve_task
 from .errors import RecipeError
+from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, unique_parameters
 from .pruning import resolve_selection
 from .recipe import Recipe, SelectionSpec, TaskSpec
@@ -49,6 +50,8 @@ class Inputs:
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
+    if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
+        check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     task = resolve_task(recipe.task)
     spec = recipe.calibration
     prompts = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)

@@ -1,23 +1,40 @@
 """lm-evaluation-harness as a second scorer (optional: pip install 'fnprune[lm-eval]').
 
-Users judge a pruned model with lm-eval, so fnprune can run it on the checkpoint it wrote. The model is loaded
-by fnprune (`load_model`: uniform, padded and per-layer layouts, the last without remote code) and handed to
-lm-eval's HFLM as an object, so lm-eval never needs to know how per-layer widths are stored. Tasks come from
-lm-eval's registry or from `include` (a folder of task YAMLs, e.g. evaluation/lm_eval_tasks over local files).
+Users judge a pruned model with lm-eval, so fnprune runs it: `fnprune evaluate --lm-eval-tasks` on any checkpoint,
+and compress (`evaluation.lm_eval_tasks`) on the dense and the pruned model, report.json's `lm_eval` section. The
+model is loaded by fnprune (`load_model`: uniform, padded and per-layer layouts, the last without remote code)
+and handed to lm-eval's HFLM as an object, so lm-eval never needs to know how per-layer widths are stored. Tasks
+come from lm-eval's registry or from `include` (a folder of task YAMLs, e.g. evaluation/lm_eval_tasks over local
+files). The dense model's results are cached like its fnprune scores.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
+import json
 import logging
+import random
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import yaml
 from torch import nn
 
+from . import cache
 from .errors import FnpruneError
+from .provenance import key_versions
+from .recipe import EvaluationSpec, ModelSpec, Recipe
 
-__all__ = ["lm_eval_available", "run_lm_eval"]
+__all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_metrics", "lm_eval_report",
+           "run_lm_eval", "score_lm_eval"]
 
 log = logging.getLogger("fnprune")
+INSTALL = "pip install 'fnprune[lm-eval]'"
+SHOWN_FIRST = ("acc", "acc_norm")  # the metrics summaries show first; then any other, stderrs left out
 
 
 def lm_eval_available() -> bool:
@@ -28,29 +45,138 @@ def lm_eval_available() -> bool:
     return True
 
 
+def check_lm_eval(tasks: list[str], include: str | None) -> None:
+    """Before any work: lm-eval installed, `include` a folder, every task known to lm-eval; else one line."""
+    if not tasks:
+        return
+    if include is not None and not Path(include).expanduser().is_dir():
+        raise FnpruneError(f"evaluation.lm_eval_include (--lm-eval-include): {include} is not a folder (of lm-eval "
+                           "task YAMLs)")
+    if not lm_eval_available():
+        raise FnpruneError(f"evaluation.lm_eval_tasks (--lm-eval-tasks {','.join(tasks)}) needs "
+                           f"lm-evaluation-harness, which is not installed: {INSTALL}")
+    _task_manager(include, tasks)
+
+
+def _task_manager(include: str | None, tasks: list[str]):
+    """lm-eval's TaskManager with every task in `tasks` (an unknown one: FnpruneError). Indexing lm-eval's own
+    tasks (about 14,700 names) takes 10 s or more, so tasks that are all plain tasks of `include` get a manager
+    of that folder alone; managers are kept for the process (per folder contents), so compress builds one."""
+    folder = str(Path(include).expanduser().resolve()) if include else None
+    return _manager(folder, _folder_digest(folder) if folder else "", tuple(tasks))
+
+
+@functools.lru_cache(maxsize=8)
+def _manager(folder: str | None, digest: str, tasks: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    if folder:
+        local = TaskManager(include_path=folder, include_defaults=False)
+        if all(t in local.all_subtasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=folder) if folder else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {folder}" if folder else " (add --lm-eval-include DIR for local task YAMLs)"
+        raise FnpruneError(f"lm-eval has no task(s) {', '.join(unknown)}{where}")
+    return manager
+
+
+def _folder_digest(folder: str) -> str:
+    """sha256 of every file under the task folder (its YAMLs and their utils.py), by relative path."""
+    digest, root = hashlib.sha256(), Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(json.dumps([path.relative_to(root).as_posix(), _sha256(path)]).encode())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _AnyTagLoader(yaml.SafeLoader):
+    """lm-eval YAMLs carry tags such as `!function utils.arc_docs`: read as null, the rest as safe_load does."""
+
+
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _read_yaml(text: str) -> Any:
+    loader = _AnyTagLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _data_files(folder: str) -> list[Path]:
+    """Local files the folder's YAMLs name (e.g. dataset_kwargs.data_files), relative to the current directory
+    as `datasets` reads them, or to the YAML's folder."""
+    found: set[Path] = set()
+
+    def walk(node: Any, here: Path) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value, here)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, here)
+        elif isinstance(node, str) and "\n" not in node and 0 < len(node) < 4096:
+            for candidate in (Path(node).expanduser(), here / node):
+                if candidate.is_file():
+                    found.add(candidate.resolve())
+                    break
+
+    for path in sorted(Path(folder).rglob("*.y*ml")):
+        try:
+            walk(_read_yaml(path.read_text(encoding="utf-8")), path.parent)
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue  # lm-eval reports a broken YAML itself
+    return sorted(found)
+
+
+def lm_eval_cache_key(spec: ModelSpec, ev: EvaluationSpec) -> str:
+    """Everything lm-eval's scores of a model depend on: model files, tasks, the task folder's files and the
+    data files its YAMLs name, limit, batching, lm-eval's and the other libraries' versions."""
+    import lm_eval
+
+    folder = str(Path(ev.lm_eval_include).expanduser().resolve()) if ev.lm_eval_include else None
+    return cache.cache_key({
+        "lm_eval": getattr(lm_eval, "__version__", None),
+        "tasks": list(ev.lm_eval_tasks),
+        "include": _folder_digest(folder) if folder else None,
+        "data": [[str(p), _sha256(p)] for p in _data_files(folder)] if folder else [],
+        "limit": ev.lm_eval_limit,
+        "batch_size": ev.batch_size,
+        "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
+        "dtype": spec.dtype,
+        "versions": key_versions(),
+    })
+
+
 def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | None = None, batch_size: int = 16,
                 limit: int | None = None) -> dict[str, Any]:
-    """lm-eval's results per task ({"acc": ..., "acc_norm": ..., "acc_stderr": ...}) and its version."""
+    """lm-eval's results per task ({"acc": ..., "acc_norm": ..., "acc_stderr": ..., "n": ...}) and its version.
+    The model's training mode, the tokenizer (HFLM may give it a pad token) and the global random states (lm-eval
+    seeds them) are left as they were."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise FnpruneError(
-            "the lm-eval backend needs lm-evaluation-harness: pip install 'fnprune[lm-eval]'"
-        ) from exc
-    manager = TaskManager(include_path=include) if include else TaskManager()
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        where = f" or in {include}" if include else " (add --lm-eval-include DIR for local task YAMLs)"
-        raise FnpruneError(f"lm-eval has no task(s) {', '.join(unknown)}{where}")
-    was_training = model.training
+        raise FnpruneError(f"the lm-eval backend needs lm-evaluation-harness: {INSTALL}") from exc
+    manager = _task_manager(include, tasks)
+    was_training, states = model.training, _random_states()
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     finally:
         model.train(was_training)
+        _restore_random_states(states)
     results: dict[str, Any] = {}
     for task, metrics in (raw or {}).get("results", {}).items():
         results[task] = {
@@ -60,3 +186,61 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | No
         results[task]["n"] = (raw.get("n-samples", {}).get(task) or {}).get("effective")
     return {"lm_eval_version": getattr(lm_eval, "__version__", None), "tasks": tasks, "include": include,
             "limit": limit, "results": results}
+
+
+def _random_states() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_random_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
+
+
+def score_lm_eval(model, tokenizer, recipe: Recipe, cached_as: ModelSpec | None = None) -> dict[str, Any] | None:
+    """run_lm_eval on the recipe's `evaluation.lm_eval_tasks` (None: none, or evaluation off); with `cached_as`
+    (the dense model's spec) read from / saved to the cache, so the next compress of the same base model does not
+    run it again."""
+    ev = recipe.evaluation
+    if not (ev.enabled and ev.lm_eval_tasks):
+        return None
+    key = lm_eval_cache_key(cached_as, ev) if cached_as is not None and recipe.calibration.cache else ""
+    found = cache.load_lm_eval(key) if key else None
+    if found is not None:
+        log.info("dense lm-eval results from cache %s", cache.cache_dir())
+        return found
+    log.info("lm-eval: %s", ", ".join(ev.lm_eval_tasks))
+    found = run_lm_eval(model, tokenizer, ev.lm_eval_tasks, ev.lm_eval_include, ev.batch_size, ev.lm_eval_limit)
+    if key:
+        cache.save_lm_eval(key, found)
+    return found
+
+
+def lm_eval_report(dense: dict[str, Any] | None, pruned: dict[str, Any] | None) -> dict[str, Any]:
+    """report.json's `lm_eval`: per task its documents and every metric, dense beside pruned ({}: no lm-eval)."""
+    if not (dense or pruned):
+        return {}
+    first = dense or pruned or {}
+    include = first.get("include")
+    tasks: dict[str, Any] = {}
+    for name in {**(dense or {}).get("results", {}), **(pruned or {}).get("results", {})}:
+        d, p = ((r or {}).get("results", {}).get(name) for r in (dense, pruned))
+        tasks[name] = {"n": (d or p or {}).get("n"),
+                       "dense": {k: v for k, v in (d or {}).items() if k != "n"} if d else None,
+                       "pruned": {k: v for k, v in (p or {}).items() if k != "n"} if p else None}
+    return {"version": first.get("lm_eval_version"),
+            "include": str(Path(include).expanduser().resolve()) if include else None,
+            "limit": first.get("limit"), "tasks": tasks}
+
+
+def lm_eval_metrics(entry: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
+    """(metric, dense, pruned) of one report.json `lm_eval.tasks` entry: acc, acc_norm, then the others, without
+    their stderrs (what the CLI summary and the model card show)."""
+    dense, pruned = entry.get("dense") or {}, entry.get("pruned") or {}
+    names = [m for m in {**dense, **pruned} if "stderr" not in m]
+    ordered = [m for m in SHOWN_FIRST if m in names] + sorted(m for m in names if m not in SHOWN_FIRST)
+    return [(m, dense.get(m), pruned.get(m)) for m in ordered]

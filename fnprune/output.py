@@ -23,6 +23,7 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .inputs import Inputs
+from .lm_eval_backend import lm_eval_report
 from .models import checkpoint_bytes
 from .provenance import data_provenance, versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
@@ -48,11 +49,12 @@ def _absolute_data(task: TaskSpec) -> TaskSpec:
 
 
 def _absolute_validation(evaluation: EvaluationSpec) -> EvaluationSpec:
-    """Validation benchmarks' local folders and files made absolute, like the task's data."""
+    """Validation benchmarks' local folders and files, and the lm-eval task folder, made absolute, like the task's
+    data."""
     absolute = lambda p: str(Path(p).expanduser().resolve()) if p else p  # noqa: E731
     tasks = [dataclasses.replace(v, data_dir=absolute(v.data_dir), file=absolute(v.file))
              for v in evaluation.validation]
-    return dataclasses.replace(evaluation, validation=tasks)
+    return dataclasses.replace(evaluation, validation=tasks, lm_eval_include=absolute(evaluation.lm_eval_include))
 
 
 def resolved_recipe(inputs: Inputs) -> Recipe:
@@ -77,6 +79,7 @@ def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], t
     """report.json: what was done, the sizes, dense and pruned scores (`extra`: optional stages' sections)."""
     recipe, task, sel, widths = inputs.recipe, inputs.task, inputs.selection, inputs.widths
     validation = validation_report(inputs.validation, dense.validation, pruned.validation)
+    lm_eval = lm_eval_report(dense.lm_eval, pruned.lm_eval)
     report: dict[str, Any] = {
         "fnprune_version": __version__,
         "base_model": recipe.model.name_or_path,
@@ -100,6 +103,7 @@ def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], t
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
         **accuracy_report(task, dense.task, pruned.task),
         **({"validation": validation} if validation else {}),
+        **({"lm_eval": lm_eval} if lm_eval else {}),
         **extra,
         "timings_seconds": timings,
     }

@@ -138,10 +138,11 @@ def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: _Tim
     release_memory()
 
 
-def _score(model, inputs: Inputs, progress: bool, cached: bool = False) -> Scores:
-    """The task and validation scores of `model`; `cached`: it is the dense model (results cached)."""
+def _score(model, inputs: Inputs, progress: bool, cached: bool = False, lm_eval: bool = True) -> Scores:
+    """The task, validation and lm-eval scores of `model`; `cached`: it is the dense model (results cached);
+    `lm_eval` off: without lm-eval (the pruned model before recovery)."""
     return score(model, inputs.tokenizer, inputs.evaluation, inputs.task, inputs.validation, inputs.recipe,
-                 progress, cached_as=inputs.recipe.model if cached else None)
+                 progress, cached_as=inputs.recipe.model if cached else None, lm_eval=lm_eval)
 
 
 def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
@@ -155,7 +156,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     pruned = Scores()
     if targets is None or recipe.recovery.evaluate_before:
         with timer.stage("evaluate_pruned"):
-            pruned = _score(model, inputs, progress)
+            pruned = _score(model, inputs, progress, lm_eval=targets is None)
     if targets is None:
         return model, pruned, {}
     with timer.stage("recover"):

@@ -481,7 +481,7 @@ class ValidationTask:
 @dataclass
 class EvaluationSpec:
     """Zero-shot accuracy on the evaluation split, dense and pruned (`max_samples: null` = all), and the
-    `validation` benchmarks beside it."""
+    `validation` benchmarks and lm-evaluation-harness tasks (`lm_eval_tasks`) beside it."""
 
     enabled: bool = field(default=True, metadata=flag(
         "--eval/--no-eval", "Evaluate dense and pruned models (default {default})."))
@@ -497,6 +497,16 @@ class EvaluationSpec:
     # non-overlapping windows; each window's first token is context only
     perplexity_window: int = field(default=512, metadata=flag(
         "--perplexity-window", "Window of that perplexity, in tokens (default {default})."))
+    # lm-evaluation-harness on the dense and the pruned model (fnprune.lm_eval_backend; `fnprune evaluate` too)
+    lm_eval_tasks: list[str] = field(default_factory=list, metadata=flag(
+        "--lm-eval-tasks", "Also run lm-evaluation-harness on these tasks, comma separated (needs fnprune[lm-eval]; "
+        "compress scores the dense and the pruned model); the model is loaded by fnprune, so every layout works.",
+        metavar="TASK[,TASK]"))
+    lm_eval_include: str | None = field(default=None, metadata=flag(
+        "--lm-eval-include", "Folder of lm-eval task YAMLs (e.g. evaluation/lm_eval_tasks over local files).",
+        metavar="DIR"))
+    lm_eval_limit: int | None = field(default=None, metadata=flag(
+        "--lm-eval-limit", "lm-eval: the first N documents of each task only (default: all)."))
 
     def check(self) -> list[str]:
         problems = []
@@ -511,7 +521,26 @@ class EvaluationSpec:
             problems.append(f"evaluation.validation: a task is listed twice ({', '.join(names)})")
         if self.perplexity_window < 2 or self.perplexity_tokens < self.perplexity_window:
             problems.append("evaluation.perplexity_window: must be >= 2 and at most evaluation.perplexity_tokens")
-        return problems
+        return problems + _lm_eval_problems(self)
+
+
+def _lm_eval_problems(ev: EvaluationSpec) -> list[str]:
+    """The lm-eval fields (whether lm-eval is installed and the include folder exists: at load time)."""
+    problems = []
+    for i, name in enumerate(ev.lm_eval_tasks):
+        if not isinstance(name, str) or not name.strip() or "," in name or name != name.strip():
+            problems.append(f"evaluation.lm_eval_tasks[{i}]: {name!r} is not an lm-eval task name")
+    if len(set(ev.lm_eval_tasks)) != len(ev.lm_eval_tasks):
+        problems.append(f"evaluation.lm_eval_tasks: a task is listed twice ({', '.join(map(str, ev.lm_eval_tasks))})")
+    if ev.lm_eval_limit is not None and ev.lm_eval_limit < 1:
+        problems.append(f"evaluation.lm_eval_limit (--lm-eval-limit): must be >= 1 or null, got {ev.lm_eval_limit}")
+    if ev.lm_eval_include is not None and not ev.lm_eval_include:
+        problems.append("evaluation.lm_eval_include: an empty path; give the folder of task YAMLs or null")
+    if not ev.lm_eval_tasks:
+        for name in ("lm_eval_include", "lm_eval_limit"):
+            if getattr(ev, name) is not None:
+                problems.append(f"evaluation.{name}: only used with evaluation.lm_eval_tasks (--lm-eval-tasks)")
+    return problems
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import cache
 from .data import BUILTIN_TASKS, Example, file_sha256, load_evaluation, resolve_task
 from .errors import RecipeError
 from .evaluate import TaskResult, evaluate_templates
+from .lm_eval_backend import score_lm_eval
 from .perplexity import perplexity, wikitext_file, wikitext_ids
 from .provenance import key_versions
 from .recipe import PERPLEXITY_TASK, ModelSpec, Recipe, TaskSpec, ValidationTask
@@ -32,10 +33,12 @@ log = logging.getLogger("fnprune")
 
 @dataclass
 class Scores:
-    """One model's results: the task under every template (None: evaluation off) and each validation benchmark."""
+    """One model's results: the task under every template (None: evaluation off), each validation benchmark, and
+    lm-eval's (fnprune.lm_eval_backend.run_lm_eval; None: no lm-eval tasks, or not run for this model)."""
 
     task: TaskResult | None = None
     validation: dict[str, Any] = field(default_factory=dict)
+    lm_eval: dict[str, Any] | None = None
 
 
 def score_task(model, tokenizer, sets, task, recipe: Recipe, progress: bool, cached_as: ModelSpec | None = None,
@@ -195,7 +198,9 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
 
 
 def score(model, tokenizer, sets: dict[str, list[Example]], task: TaskSpec, validation: Validation, recipe: Recipe,
-          progress: bool, cached_as: ModelSpec | None = None) -> Scores:
-    """The task and the validation benchmarks of one model (`cached_as`: the dense model's spec, see score_task)."""
+          progress: bool, cached_as: ModelSpec | None = None, lm_eval: bool = True) -> Scores:
+    """The task, the validation benchmarks and (`lm_eval`) the lm-eval tasks of one model (`cached_as`: the dense
+    model's spec, see score_task)."""
     return Scores(score_task(model, tokenizer, sets, task, recipe, progress, cached_as),
-                  score_validation(model, tokenizer, validation, recipe, progress, cached_as))
+                  score_validation(model, tokenizer, validation, recipe, progress, cached_as),
+                  score_lm_eval(model, tokenizer, recipe, cached_as) if lm_eval else None)

@@ -101,3 +101,70 @@ def test_unknown_task_lists_what_is_missing():
         resolve_task(TaskSpec(name="mytask", data_dir="."))
     with pytest.raises(DataError, match="no \\{column\\} field"):
         resolve_task(TaskSpec(name="sst2", template="no fields here"))
+
+
+# --- AG News ships test.csv alone: calibrate on a seeded half of it (task.split_of), or the error says how
+
+def _ag_news_dir(root, n: int = 48):
+    """An AG News-shaped folder: test.csv only, columns label,title,description, labels 1..4."""
+    import csv
+    import random
+
+    rng, words = random.Random(7), ["market", "team", "chip", "vote", "shares", "match", "phone", "talks"]
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "test.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "title", "description"])
+        for i in range(n):
+            writer.writerow([i % 4 + 1, f"Story {i}: {rng.choice(words)} news",
+                             f"The {rng.choice(words)}, the {rng.choice(words)} and \"{i}\" more, said officials."])
+    return root
+
+
+def test_ag_news_without_train_file_says_how_to_carve_test(model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from fnprune.cli import main
+
+    data = _ag_news_dir(tmp_path / "ag_news")
+    result = CliRunner().invoke(main, ["compress", "--task", "ag_news", "--data-dir", str(data), "--model",
+                                       str(model_dir("llama")), "--output", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"no file for split 'train' in {data} (looked for train.tsv" in message
+    assert "to calibrate on a seeded half of test.csv instead" in message
+    assert f"set task.split_of: test in a recipe (task: {{name: ag_news, data_dir: {data}, split_of: test}})" in message
+    assert "without --task" in message and f"--data-files train=FILE,test={data / 'test.csv'}" in message
+    # the hint is only for a missing calibration file beside the evaluation one
+    with pytest.raises(DataError) as info:
+        load_sample(resolve_task(TaskSpec(name="ag_news", data_dir=str(tmp_path))), "train", 4, 0)
+    assert "split_of" not in str(info.value)
+
+
+@pytest.mark.slow  # a full compress run
+def test_ag_news_calibrates_on_a_seeded_half_of_its_one_file(model_dir, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from fnprune.cli import main
+
+    data = _ag_news_dir(tmp_path / "ag_news")
+    recipe = tmp_path / "ag_news.yaml"
+    recipe.write_text(yaml.safe_dump({"task": {"name": "ag_news", "data_dir": str(data), "split_of": "test"}}))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["compress", "--recipe", str(recipe), "--model", str(model_dir("llama")),
+                                       "--num-samples", "16", "--max-tokens", "300", "--components", "6",
+                                       "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "ag_news" and report["metric"]["split"] == "test"
+    assert report["metric"]["n"] == 24 and report["calibration"]["samples"] == 16  # half of 48 rows is evaluated
+    task = resolve_task(TaskSpec(name="ag_news", data_dir=str(data), split_of="test"))
+    evaluation = load_split(task, "test")
+    check_disjoint(load_split(task, "train"), evaluation)
+    assert {e.label for e in evaluation} == {"1", "2", "3", "4"}
+    again = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--json", "--quiet"])  # the saved task
+    assert again.exit_code == 0, again.output
+    got = json.loads(again.output.strip().splitlines()[-1])
+    assert got["n"] == 24 and got["accuracy"] == pytest.approx(report["metric"]["pruned"])

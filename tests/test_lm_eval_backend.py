@@ -79,3 +79,83 @@ def test_unknown_lm_eval_task_is_one_clear_error(model_dir, tmp_path, offline):
     result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir("llama")), "--lm-eval-tasks",
                                        "no_such_task_xyz", "--lm-eval-include", str(tmp_path)])
     assert result.exit_code != 0 and "lm-eval has no task(s) no_such_task_xyz" in result.output
+
+
+# --- compress: evaluation.lm_eval_tasks scored dense and pruned, report.json `lm_eval`, the dense results cached
+
+LIMIT = 8  # lm-eval documents per task: the tests' lm-eval runs stay short
+
+
+@pytest.fixture(scope="module")
+def shared_include(tmp_path_factory, task_data) -> Path:
+    """One task folder for the module, so the process builds lm-eval's task index once (fnprune keeps it)."""
+    return _include(tmp_path_factory.mktemp("lm-eval"), task_data)
+
+
+@pytest.mark.slow
+def test_compress_scores_lm_eval_dense_and_pruned_and_caches_the_dense(model_dir, task_data, shared_include,
+                                                                        tmp_path, offline, monkeypatch):
+    from fnprune import lm_eval_backend
+    from fnprune.recipe import load_recipe
+
+    widths, real = [], lm_eval_backend.run_lm_eval
+    monkeypatch.setattr(lm_eval_backend, "run_lm_eval",
+                        lambda m, *a, **k: widths.append(m.config.intermediate_size) or real(m, *a, **k))
+    model = model_dir("llama")
+    args = ["compress", "--task", "sst2", "--model", str(model), "--data-dir", str(task_data), "--num-samples", "24",
+            "--max-tokens", "300", "--components", "6", "--eval-samples", "8", "--lm-eval-tasks", "tiny_sst2",
+            "--lm-eval-include", str(shared_include), "--lm-eval-limit", str(LIMIT), "--quiet"]
+    first = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    section = json.loads((tmp_path / "a" / "report.json").read_text())["lm_eval"]
+    assert section["version"] == lm_eval.__version__ and section["limit"] == LIMIT
+    assert section["include"] == str(shared_include.resolve())
+    entry = section["tasks"]["tiny_sst2"]
+    assert entry["n"] == LIMIT
+    for model_kind in ("dense", "pruned"):
+        assert {"acc", "acc_norm", "acc_stderr"} <= set(entry[model_kind])
+    dense_width = json.loads((model / "config.json").read_text())["intermediate_size"]
+    assert widths[0] == dense_width and len(widths) == 2 and widths[1] < dense_width
+    assert "lm-eval tiny_sst2 on 8 documents, limit 8: acc dense" in first.output, first.output
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert f"| lm-eval {lm_eval.__version__}: tiny_sst2 acc ({LIMIT} documents, limit {LIMIT}) |" in card
+    assert "tiny_sst2 acc_norm" in card
+    saved = load_recipe(tmp_path / "a" / "recipe.yaml").evaluation
+    assert saved.lm_eval_tasks == ["tiny_sst2"] and saved.lm_eval_include == str(shared_include.resolve())
+    assert saved.lm_eval_limit == LIMIT
+
+    second = CliRunner().invoke(main, [*args, "--keep", "0.25", "--streamed", "--output", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    assert widths.count(dense_width) == 1 and len(widths) == 3  # the dense results came from the cache
+    again = json.loads((tmp_path / "b" / "report.json").read_text())["lm_eval"]["tasks"]["tiny_sst2"]
+    assert again["dense"] == entry["dense"] and set(again["pruned"]) == set(entry["pruned"])  # streamed: saved model
+
+    # the written checkpoint scores as the in-memory pruned model did
+    out = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "a"), "--lm-eval-tasks", "tiny_sst2",
+                                    "--lm-eval-include", str(shared_include), "--lm-eval-limit", str(LIMIT),
+                                    "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    line = next(x for x in reversed(out.output.splitlines()) if '{"model"' in x)
+    got = json.loads(line[line.index('{"model"'):])["lm_eval"]["results"]["tiny_sst2"]
+    assert got["acc"] == pytest.approx(entry["pruned"]["acc"]) and got["n"] == LIMIT
+
+
+def test_lm_eval_leaves_the_tokenizer_and_random_state_as_they_were(model_dir, shared_include, offline):
+    import random
+
+    import torch
+
+    from fnprune.lm_eval_backend import run_lm_eval
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    tok.pad_token = None
+    random.seed(5)
+    torch.manual_seed(5)
+    expected = (random.random(), torch.rand(1))
+    random.seed(5)
+    torch.manual_seed(5)
+    result = run_lm_eval(model, tok, ["tiny_sst2"], str(shared_include), limit=2)
+    assert result["results"]["tiny_sst2"]["n"] == 2
+    assert tok.pad_token is None and (random.random(), torch.rand(1)) == expected
