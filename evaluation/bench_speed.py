@@ -25,9 +25,13 @@ from pathlib import Path
 import torch
 
 try:  # as `python evaluation/bench_speed.py` (documented) or `python -m evaluation.bench_speed`
-    from tables import write_rows
+    from llama_cpp_speed import export_ggufs, llama_cpp_throughput
+    from tables import with_extension, write_rows
+    from validation_speed import validation_throughput
 except ImportError:
-    from .tables import write_rows
+    from .llama_cpp_speed import export_ggufs, llama_cpp_throughput
+    from .tables import with_extension, write_rows
+    from .validation_speed import validation_throughput
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -137,6 +141,51 @@ def measure_throughput(args: argparse.Namespace, keeps: list[float], runs: dict)
     return speed, speed_1t, flops
 
 
+def measure_llama_cpp(args: argparse.Namespace, keeps: list[float], runs: dict, folder: Path) -> list[dict]:
+    """Dense vs pruned prompt-processing and generation tokens/s in llama.cpp, per GGUF outtype, thread count
+    and flash-attention setting, beside the MLP + attention FLOP reduction at the same prompt length."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(args.model).expanduser())
+    widths = {1.0: [config.intermediate_size] * config.num_hidden_layers}
+    widths.update({keep: runs[("default", keep)]["widths"] for keep in keeps})
+    flops = {keep: mlp_attention_flops(config, w, args.llama_cpp_prompt_len) for keep, w in widths.items()}
+    checkpoints = {1.0: str(Path(args.model).expanduser()), **{k: runs[("default", k)]["output"] for k in keeps}}
+    files = export_ggufs(checkpoints, args.gguf_outtypes.split(","), folder)
+    rows = []
+    for threads in (2, 1):
+        for flash_attn in (True, False):
+            speed = llama_cpp_throughput(files, args.llama_cpp_prompt_len, args.decode_tokens, args.repeats,
+                                         threads, flash_attn)
+            for (keep, outtype), s in speed.items():
+                dense = speed[(1.0, outtype)]
+                gain = s["prompt_tok_s"] / dense["prompt_tok_s"]
+                rows.append({"outtype": outtype, "threads": threads, "flash_attn": flash_attn, "keep": keep,
+                             "prompt_len": args.llama_cpp_prompt_len,
+                             "prompt_tok_s": round(s["prompt_tok_s"], 1),
+                             "generation_tok_s": round(s["generation_tok_s"], 1),
+                             "flop_reduction": round(flops[1.0] / flops[keep], 3),
+                             "prompt_gain": round(gain, 3),
+                             "prompt_gain_over_flop_reduction": round(gain * flops[keep] / flops[1.0], 3),
+                             "generation_gain": round(s["generation_tok_s"] / dense["generation_tok_s"], 3)})
+    return rows
+
+
+def measure_validation(args: argparse.Namespace) -> list[dict]:
+    """fnprune's validation examples/s on the dense model beside a plain batched forward pass."""
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    model, tokenizer = load_model(ModelSpec(name_or_path=str(Path(args.model).expanduser())))
+    rows = []
+    for pair in args.validation_tasks.split(","):
+        name, _, data_dir = pair.partition("=")
+        rows.append(validation_throughput(model, tokenizer, name, str(Path(data_dir).resolve()),
+                                          args.validation_batch_size, args.validation_samples, args.repeats))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -159,6 +208,16 @@ def main() -> None:
                              "the pipeline's cost without the networks, and without any token sample")
     parser.add_argument("--no-throughput", action="store_true",
                         help="only the compress runs (e.g. to see how the time ratio moves with --num-samples)")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also time dense vs pruned (the default config's checkpoints) in llama.cpp, exported "
+                             "with `fnprune export`; needs llama-cpp-python; results in PREFIX_llama_cpp.*")
+    parser.add_argument("--gguf-outtypes", default="f16,f32", help="GGUF outtypes timed with --llama-cpp")
+    parser.add_argument("--llama-cpp-prompt-len", type=int, default=256, help="prompt tokens per llama.cpp batch")
+    parser.add_argument("--validation-tasks", default="",
+                        help="TASK=DIR,...: fnprune's validation examples/s on the dense model beside a plain "
+                             "forward pass over the same examples; results in PREFIX_validation.*")
+    parser.add_argument("--validation-batch-size", type=int, default=32)
+    parser.add_argument("--validation-samples", type=int, help="first N evaluation rows per task (default all)")
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_speed"),
                         help="results go to PREFIX.json and PREFIX.md")
     args = parser.parse_args()
@@ -255,6 +314,12 @@ def main() -> None:
             "decode_gain_over_flop_reduction": round(decode_gain / flop_ratio, 3),
         })
     print(write_rows(Path(args.out_prefix), command, rows))
+    if args.llama_cpp:
+        llama_rows = measure_llama_cpp(args, keeps, runs, out_root)
+        print(write_rows(with_extension(Path(args.out_prefix), "_llama_cpp"), command, llama_rows))
+    if args.validation_tasks:
+        print(write_rows(with_extension(Path(args.out_prefix), "_validation"), command, measure_validation(args)))
+    shutil.rmtree(out_root, ignore_errors=True)
     print(f"(peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 
 

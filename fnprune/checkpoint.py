@@ -96,16 +96,17 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | 
         raise OutputError(f"cannot write to {parent}")
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _ordinary_modes(directory: Path) -> None:
     """Give every file the mode a plain write gives (0666 minus the umask): safetensors writes its files 0600
     (through a private temp file), so another user or a non-root container could not read the weights."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~umask()
     for f in directory.rglob("*"):
         if f.is_file() and not f.is_symlink():
             f.chmod(mode)
@@ -155,7 +156,7 @@ def atomic_output_dir(path: Path, overwrite: bool):
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
         _ordinary_modes(tmp)

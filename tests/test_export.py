@@ -198,6 +198,17 @@ def test_gguf_padded_is_llama(model_dir, tmp_path):
     _compare(ckpt, tmp_path / "m.gguf", "llama", _exact)
 
 
+def test_gguf_file_is_readable_like_any_written_file(model_dir, tmp_path):
+    """The temporary file a GGUF is written through is private (mkstemp: 0600); the export is not."""
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [24, 24])
+    old = os.umask(0o022)
+    try:
+        export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
+
+
 def _cli_error(*args: str) -> str:
     result = CliRunner().invoke(main, ["export", *args])
     assert result.exit_code != 0
@@ -382,9 +393,20 @@ real = [
 ]
 
 
-def _examples(n: int) -> list[tuple[str, int]]:
-    rows = (DATA / "dev.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
-    return [(f"Review: {row.split(chr(9))[0].strip()}\nSentiment:", int(row.split(chr(9))[1])) for row in rows]
+def _examples(n: int) -> dict[str, list[tuple[str, int, list[str]]]]:
+    """The first n SST-2 dev sentences under each held-out template (never calibrated on): (prompt, label index,
+    the template's label words in label order)."""
+    from fnprune.data import load_evaluation
+    from fnprune.recipe import TaskSpec
+    from fnprune.tasks import resolve_task
+
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(DATA)))
+    sets = load_evaluation(task, task.evaluation_split, n)
+    out = {}
+    for t in task.held_out_templates():
+        words = t.words(task.label_words)
+        out[t.name] = [(e.prompt, list(words).index(e.label), list(words.values())) for e in sets[t.name]]
+    return out
 
 
 def _one(tok, model, llm, text: str, label: int, words: list[int]) -> dict[str, float]:
@@ -400,26 +422,35 @@ def _one(tok, model, llm, text: str, label: int, words: list[int]) -> dict[str, 
             "same_pred": pred_hf == pred_cpp, "right_hf": pred_hf == label, "right_cpp": pred_cpp == label}
 
 
-def compare_with_llama_cpp(hf_dir: Path, gguf_file: Path, examples: list[tuple[str, int]]) -> dict[str, float]:
+def compare_with_llama_cpp(hf_dir: Path, gguf_file: Path, examples: dict[str, list]) -> dict[str, float]:
     """Next-token logits after each prompt, transformers (float32) against llama.cpp on the same token ids, and
-    the SST-2 prediction each makes from them (" positive" vs " negative")."""
+    the SST-2 prediction each makes from them (the template's label words), per template and overall."""
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
     llm = Llama(str(gguf_file), n_ctx=512, n_threads=1, logits_all=True, use_mmap=False, verbose=False)
-    words = [tok(w, add_special_tokens=False)["input_ids"][0] for w in (" negative", " positive")]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core each, side by side with llama.cpp's one thread
+    rows = {}
     try:
-        rows = [_one(tok, model, llm, text, label, words) for text, label in examples]
+        for name, items in examples.items():
+            words = None
+            for text, label, label_words in items:
+                words = words or [tok(w, add_special_tokens=False)["input_ids"][0] for w in label_words]
+                rows.setdefault(name, []).append(_one(tok, model, llm, text, label, words))
     finally:
         torch.set_num_threads(threads)
-    mean = {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0] if k != "diff"}
-    return {"argmax_agreement": mean["agree"], "max_abs_diff": round(max(r["diff"] for r in rows), 4),
-            "same_tokenization": mean["same_tokens"], "same_sst2_prediction": mean["same_pred"],
-            "sst2_acc_transformers": mean["right_hf"], "sst2_acc_llama_cpp": mean["right_cpp"]}
+        llm.close()
+    every = [r for rs in rows.values() for r in rs]
+    mean = {k: sum(float(r[k]) for r in every) / len(every) for k in every[0] if k != "diff"}
+    return {"prompts": len(every), "argmax_agreement": mean["agree"],
+            "max_abs_diff": round(max(r["diff"] for r in every), 4), "same_tokenization": mean["same_tokens"],
+            "same_sst2_prediction": mean["same_pred"], "sst2_acc_transformers": mean["right_hf"],
+            "sst2_acc_llama_cpp": mean["right_cpp"],
+            "per_template": {name: (sum(r["right_hf"] for r in rs) / len(rs), sum(r["right_cpp"] for r in rs) / len(rs))
+                             for name, rs in rows.items()}}
 
 
 def _real(fn):
@@ -454,11 +485,14 @@ def _real_source(which: str, cache: Path) -> Path:
 @pytest.mark.parametrize("which", ["dense", "uniform", "per-layer"])
 def test_real_smollm2_in_llama_cpp(which, outtype, tmp_path_factory):
     """llama.cpp runs the exported SmolLM2 (dense, keep 0.5 uniform, keep 0.5 per-layer as deci) like
-    transformers: the same next token after >= 99.5% of 200 SST-2 prompts."""
+    transformers on 200 SST-2 dev sentences under each held-out template: the same next token after >= 99.5% of
+    the prompts, and the held-out accuracy within 0.5 points."""
     src = _real_source(which, tmp_path_factory.getbasetemp() / "real-export")
     out = tmp_path_factory.mktemp("gguf") / f"{which}-{outtype}.gguf"
     info = export(src, "gguf", out, outtype=outtype)
     assert info["arch"] == ("deci" if which == "per-layer" else "llama") and info["tokenizer_pre"] == "smollm"
     result = compare_with_llama_cpp(src, out, _examples(200))
     print(f"\n{which} {outtype} widths {min(info['widths'])}..{max(info['widths'])}: {result}")
+    assert result["same_tokenization"] == 1.0, result
     assert result["argmax_agreement"] >= 0.995, result
+    assert abs(result["sst2_acc_llama_cpp"] - result["sst2_acc_transformers"]) <= 0.005, result

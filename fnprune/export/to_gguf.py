@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..arch import LLAMA_CPP_ARCH
+from ..checkpoint import umask
 from ..errors import ModelError
 from . import Checkpoint
 
@@ -278,6 +279,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the export is an ordinary file
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
