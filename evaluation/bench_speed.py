@@ -181,7 +181,8 @@ def measure_validation(args: argparse.Namespace) -> list[dict]:
     for pair in args.validation_tasks.split(","):
         name, _, data_dir = pair.partition("=")
         rows.append(validation_throughput(model, tokenizer, name, str(Path(data_dir).resolve()),
-                                          args.validation_batch_size, args.validation_samples, args.repeats))
+                                          args.validation_batch_size, args.validation_samples,
+                                          args.validation_repeats))
         print(rows[-1], flush=True)
     return rows
 
@@ -218,6 +219,7 @@ def main() -> None:
                              "forward pass over the same examples; results in PREFIX_validation.*")
     parser.add_argument("--validation-batch-size", type=int, default=32)
     parser.add_argument("--validation-samples", type=int, help="first N evaluation rows per task (default all)")
+    parser.add_argument("--validation-repeats", type=int, default=3, help="scorer and plain passes, taking turns")
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_speed"),
                         help="results go to PREFIX.json and PREFIX.md")
     args = parser.parse_args()
