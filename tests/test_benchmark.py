@@ -97,3 +97,22 @@ def test_tables_keep_a_dot_in_the_prefix(tmp_path):
 
     write_rows(tmp_path / "rows_k0.25", "cmd", [{"a": 1}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows_k0.25.json", "rows_k0.25.md"]
+
+
+def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_examples(model_dir, task_data,
+                                                                                    monkeypatch):
+    """bench_speed --validation-tasks: fnprune's scorer is what runs (a spy counts its examples), the plain pass
+    sees one sequence per example and template, and the ratio is the two rates' quotient."""
+    from evaluation import validation_speed
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    scored, real = [], validation_speed.evaluate_templates
+    monkeypatch.setattr(validation_speed, "evaluate_templates",
+                        lambda m, t, sets, *a, **k: scored.append(sum(map(len, sets.values()))) or real(m, t, sets,
+                                                                                                         *a, **k))
+    row = validation_speed.validation_throughput(model, tok, "sst2", str(task_data), 8, 10, repeats=2)
+    assert row["templates"] == 7 and row["examples"] == 70 and row["sequences"] == 70
+    assert scored == [70, 70]
+    assert row["scorer_over_plain"] == pytest.approx(row["scorer_ex_s"] / row["plain_forward_ex_s"], rel=0.05)
