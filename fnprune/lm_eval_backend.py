@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from . import cache
+from .data import file_sha256
 from .errors import FnpruneError
 from .provenance import key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
@@ -86,15 +87,7 @@ def _folder_digest(folder: str) -> str:
     """sha256 of every file under the task folder (its YAMLs and their utils.py), by relative path."""
     digest, root = hashlib.sha256(), Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(json.dumps([path.relative_to(root).as_posix(), _sha256(path)]).encode())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest.update(json.dumps([path.relative_to(root).as_posix(), file_sha256(path)]).encode())
     return digest.hexdigest()
 
 
@@ -149,7 +142,7 @@ def lm_eval_cache_key(spec: ModelSpec, ev: EvaluationSpec) -> str:
         "lm_eval": getattr(lm_eval, "__version__", None),
         "tasks": list(ev.lm_eval_tasks),
         "include": _folder_digest(folder) if folder else None,
-        "data": [[str(p), _sha256(p)] for p in _data_files(folder)] if folder else [],
+        "data": [[str(p), file_sha256(p)] for p in _data_files(folder)] if folder else [],
         "limit": ev.lm_eval_limit,
         "batch_size": ev.batch_size,
         "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
