@@ -6,44 +6,41 @@ batches in file order, padded, one `model(...)` call each and nothing else. Used
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
 
 from fnprune.data import load_evaluation
-from fnprune.evaluate import encode_pair, evaluate_templates
+from fnprune.evaluate import choice_requests, evaluate_accuracy, evaluate_choices, evaluate_templates
 from fnprune.recipe import TaskSpec
 from fnprune.tasks import resolve_task
+from fnprune.tokens import encode, make_batch
 
 __all__ = ["validation_throughput"]
 
+# the length limits evaluate_templates scores with (its scorers' defaults)
+PROMPT_MAX_LENGTH = inspect.signature(evaluate_accuracy).parameters["max_length"].default
+CHOICE_MAX_LENGTH = inspect.signature(evaluate_choices).parameters["max_length"].default
+
 
 def _sequences(tokenizer, task: TaskSpec, sets: dict) -> tuple[list[list[int]], bool]:
-    """The token sequences the scorer runs, and whether every position's logits are needed (choices)."""
+    """The token sequences the scorer runs (its own encoders and length limits, evaluate_templates' defaults),
+    and whether every position's logits are needed (choices)."""
+    examples = [e for group in sets.values() for e in group]
     if task.kind == "multiple_choice":
-        seqs = []
-        for examples in sets.values():
-            for e in examples:
-                for choice in e.choices:
-                    ctx, cont = encode_pair(tokenizer, e.prompt, e.delimiter + choice)
-                    seqs.append((ctx + cont)[:-1])
-        return seqs, True
-    prompts = [e.prompt for examples in sets.values() for e in examples]
-    return tokenizer(prompts, add_special_tokens=True)["input_ids"], False
+        return choice_requests(tokenizer, examples, CHOICE_MAX_LENGTH)[0], True
+    return encode(tokenizer, [e.prompt for e in examples], PROMPT_MAX_LENGTH), False
 
 
 @torch.inference_mode()
-def _plain_forward(model, seqs: list[list[int]], batch_size: int, all_logits: bool, pad_id: int) -> float:
+def _plain_forward(model, seqs: list[list[int]], batch_size: int, all_logits: bool) -> float:
+    """Seconds for batches in file order (right padded for choices, left padded for next-token prompts)."""
     start = time.perf_counter()
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
-        length = max(map(len, chunk))
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(chunk):  # right padded for choices, left padded for next-token prompts
-            span = slice(0, len(s)) if all_logits else slice(length - len(s), length)
-            ids[row, span], mask[row, span] = torch.tensor(s), 1
-        model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if all_logits else 1)
+        batch = make_batch(chunk, list(range(len(chunk))), "right" if all_logits else "left")
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=0 if all_logits else 1)
     return time.perf_counter() - start
 
 
@@ -53,14 +50,13 @@ def validation_throughput(model, tokenizer, task_name: str, data_dir: str, batch
     task = resolve_task(TaskSpec(name=task_name, data_dir=data_dir))
     sets = load_evaluation(task, task.evaluation_split, max_samples)
     seqs, all_logits = _sequences(tokenizer, task, sets)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = sum(len(v) for v in sets.values())
     best_scorer = best_plain = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         evaluate_templates(model, tokenizer, sets, task, batch_size, progress=False)
         best_scorer = min(best_scorer, time.perf_counter() - start)
-        best_plain = min(best_plain, _plain_forward(model, seqs, batch_size, all_logits, pad))
+        best_plain = min(best_plain, _plain_forward(model, seqs, batch_size, all_logits))
     return {"task": task_name, "kind": task.kind, "templates": len(sets), "examples": n, "sequences": len(seqs),
             "scorer_ex_s": round(n / best_scorer, 1), "plain_forward_ex_s": round(n / best_plain, 1),
             "scorer_over_plain": round(best_plain / best_scorer, 3)}

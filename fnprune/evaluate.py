@@ -24,8 +24,8 @@ from .errors import DataError
 from .recipe import TaskSpec
 from .tokens import Batch, batches, encode, encode_inputs, forward
 
-__all__ = ["EvalResult", "TaskResult", "evaluate_accuracy", "evaluate_choices", "evaluate_templates",
-           "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
+__all__ = ["EvalResult", "TaskResult", "choice_requests", "evaluate_accuracy", "evaluate_choices",
+           "evaluate_templates", "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
 
 
 @dataclass
@@ -171,8 +171,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-@torch.inference_mode()
-def _choice_scores(model, tokenizer, examples, batch_size, max_length, progress) -> torch.Tensor:
+def choice_requests(tokenizer, examples: list[Example], max_length: int
+                    ) -> tuple[list[list[int]], list[tuple[int, int, list[int]]]]:
+    """The token sequence the model runs for every (example, choice), and (example, choice, continuation ids)."""
     seqs, spans = [], []
     for i, e in enumerate(examples):
         for j, choice in enumerate(e.choices):
@@ -182,6 +183,12 @@ def _choice_scores(model, tokenizer, examples, batch_size, max_length, progress)
             full = (ctx + cont)[-(max_length + 1):]  # lm-eval: cut from the left, the last token only a target
             seqs.append(full[:-1])
             spans.append((i, j, cont))
+    return seqs, spans
+
+
+@torch.inference_mode()
+def _choice_scores(model, tokenizer, examples, batch_size, max_length, progress) -> torch.Tensor:
+    seqs, spans = choice_requests(tokenizer, examples, max_length)
     scores = torch.full((len(examples), max(len(e.choices) for e in examples)), -math.inf, dtype=torch.float64)
     bar = tqdm(total=len(seqs), desc="evaluate", unit="choice", disable=not progress)
     for batch in batches(seqs, batch_size):  # sorted by length: little padding
