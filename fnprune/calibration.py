@@ -56,6 +56,7 @@ def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: 
         "prompts": prompts,
         "calibration": dataclasses.asdict(recipe.calibration),
         "moments_group_rows": SecondMoments.GROUP_ROWS,  # how the moments' float32 sums were grouped
+        "moments_panels": SecondMoments.PANELS,  # and laid out
         "versions": key_versions(),
     })
 

@@ -200,6 +200,7 @@ def capture_activations(
         "format": PROGRESS_FORMAT, "prompts": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
         "widths": widths, "sizes": sizes, "max_tokens": max_tokens, "batch_size": batch_size, "seed": seed,
         "store_dtype": store_dtype, "padding_side": padding_side, "group_rows": SecondMoments.GROUP_ROWS,
+        "panels": SecondMoments.PANELS,
     }
     done, seen = 0, 0
     if progress_file is not None:

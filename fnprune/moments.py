@@ -17,9 +17,12 @@ __all__ = ["SecondMoments"]
 
 class SecondMoments:
     """Sum and outer-product sum of token activations (B, d), taken around the first batch's mean (`shift`),
-    so float32 sums do not cancel. The outer-product sum is symmetric, so only its upper block triangle is
-    kept: with a = the first h = d // 2 neurons and b = the rest, the blocks a^T a, a^T b and b^T b, about
-    3/4 of a d x d matrix in `dtype`, packed in one flat buffer (`packed_size`).
+    so float32 sums do not cancel. The outer-product sum is symmetric, so only its upper triangle of blocks is
+    multiplied and kept: the neurons are cut into `PANELS` near-equal slices, and panel i holds slice i's rows
+    from its diagonal block rightwards (slice_i^T [slice_i .. slice_last]), about 9/16 of a d x d matrix in
+    `dtype` for 8 panels, packed in one flat buffer (`packed_size`). These products are most of capture's
+    cost beyond the forward passes; fewer panels multiply more of the lower triangle, many narrow ones run
+    below the machine's matrix rate.
 
     Rows are multiplied in by groups of `GROUP_ROWS`, cut at fixed positions of the row stream (rows left over
     wait in a small pending buffer): every product passes over the whole d x d sum, so the few sampled rows per
@@ -29,6 +32,7 @@ class SecondMoments:
 
     # rows per float32 product: small groups are slow, and inside capture 256 beat 128 (measured: CHANGELOG)
     GROUP_ROWS = 256
+    PANELS = 8  # slices of the upper triangle (see above); part of the cache key, as the packed layout
 
     def __init__(
         self, width: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
@@ -49,16 +53,22 @@ class SecondMoments:
         self.pending: torch.Tensor | None = None  # (GROUP_ROWS, d) rows of the group not yet multiplied in
         self.n_pending = 0
 
-    @staticmethod
-    def packed_size(width: int) -> int:
-        h = width // 2
-        return h * h + h * (width - h) + (width - h) ** 2
+    @classmethod
+    def bounds(cls, width: int) -> list[int]:
+        """Where the neuron slices start and end: 0 = b_0 < b_1 < ... = width (fewer slices when narrow)."""
+        return sorted({width * i // cls.PANELS for i in range(cls.PANELS + 1)})
 
-    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views (a^T a, a^T b, b^T b) into the packed buffer."""
-        h, r = self.width // 2, self.width - self.width // 2
-        aa, ab, bb = self.packed.split([h * h, h * r, r * r])
-        return aa.view(h, h), ab.view(h, r), bb.view(r, r)
+    @classmethod
+    def packed_size(cls, width: int) -> int:
+        b = cls.bounds(width)
+        return sum((hi - lo) * (width - lo) for lo, hi in zip(b, b[1:]))
+
+    def _panels(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(first neuron, end neuron, view) of every panel: rows lo..hi-1 of the sum, columns lo..d-1."""
+        b = self.bounds(self.width)
+        sizes = [(hi - lo) * (self.width - lo) for lo, hi in zip(b, b[1:])]
+        return [(lo, hi, flat.view(hi - lo, self.width - lo))
+                for lo, hi, flat in zip(b, b[1:], self.packed.split(sizes))]
 
     @classmethod
     def of(cls, tokens: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float64) -> SecondMoments:
@@ -120,16 +130,13 @@ class SecondMoments:
 
     def _multiply(self, rows: torch.Tensor) -> None:
         """Add one group of rows (at most GROUP_ROWS) to the sums, extremes and packed products."""
-        self.low = torch.minimum(self.low, rows.amin(0))
-        self.high = torch.maximum(self.high, rows.amax(0))
+        low, high = torch.aminmax(rows, dim=0)  # one pass
+        self.low = torch.minimum(self.low, low)
+        self.high = torch.maximum(self.high, high)
         c = rows - self.shift
         self.sum += c.sum(0, dtype=torch.float64)
-        h = self.width // 2
-        aa, ab, bb = self._blocks()
-        a, b = c[:, :h], c[:, h:]
-        aa.addmm_(a.T, a)
-        ab.addmm_(a.T, b)
-        bb.addmm_(b.T, b)
+        for lo, hi, panel in self._panels():
+            panel.addmm_(c[:, lo:hi].T, c[:, lo:])
 
     @property
     def constant(self) -> torch.Tensor:
@@ -150,11 +157,10 @@ class SecondMoments:
     def covariance(self, centre: torch.Tensor | None = None) -> torch.Tensor:
         """(d, d) float64 E[(a - centre)(a - centre)^T] over the added tokens; centre None: their own mean."""
         self._check()
-        h = self.width // 2
-        aa, ab, bb = self._blocks()
         m = torch.empty(self.width, self.width, dtype=torch.float64, device=self.packed.device)
-        m[:h, :h], m[:h, h:], m[h:, h:] = aa, ab, bb
-        m[h:, :h] = m[:h, h:].T  # the lower block is the upper one's transpose
+        for lo, hi, panel in self._panels():
+            m[lo:hi, lo:] = panel
+            m[hi:, lo:hi] = panel[:, hi - lo :].T  # below the diagonal block: the panel's transpose
         m /= self.count
         around = self.sum / self.count  # mean minus shift
         if centre is None:
@@ -168,13 +174,14 @@ class SecondMoments:
         reconstruction needs only the kept neurons' rows, and building all d x d took most of its time."""
         self._check()
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.packed.device)
-        h = self.width // 2
-        aa, ab, bb = self._blocks()
-        first, second = rows < h, rows >= h
+        panels = self._panels()
         m = torch.empty(len(rows), self.width, dtype=torch.float64, device=self.packed.device)
-        top, low = rows[first], rows[second] - h
-        m[first] = torch.cat([aa[top], ab[top]], 1).to(torch.float64)
-        m[second] = torch.cat([ab[:, low].T, bb[low]], 1).to(torch.float64)
+        for i, (lo, hi, panel) in enumerate(panels):
+            inside = (rows >= lo) & (rows < hi)
+            mine = rows[inside]
+            # columns left of the panel: earlier panels' columns for these neurons; the rest: the panel's rows
+            left = [p[:, mine - first] for first, _, p in panels[:i]]
+            m[inside] = torch.cat([*(x.T for x in left), panel[mine - lo]], 1).to(torch.float64)
         m /= self.count
         around = self.sum / self.count  # mean minus shift
         if centre is None:
@@ -223,6 +230,8 @@ class SecondMoments:
 
     @torch.inference_mode()
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
+        if state["packed"].numel() != self.packed_size(state["sum"].shape[0]):
+            raise ValueError("moments state packed in another layout")
         self.sum, self.shift = state["sum"].clone(), state["shift"].clone()
         self.low, self.high, self.count = state["low"].clone(), state["high"].clone(), int(state["count"])
         self.pending, self.n_pending = None, 0

@@ -38,7 +38,7 @@ def test_streamed_covariance_equals_the_stored_sample(dtype, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_covariance_rows_are_rows_of_the_covariance(dtype):
-    moments = SecondMoments.of(_tokens(), dtype)  # odd width 37: rows from both packed halves
+    moments = SecondMoments.of(_tokens(), dtype)  # odd width 37: uneven panels, rows from each of them
     rows = torch.tensor([0, 3, 17, 18, 19, 36])
     centre = moments.mean() + 0.25
     for around in (None, centre, torch.zeros(37, dtype=torch.float64)):
@@ -119,3 +119,28 @@ def test_state_with_pending_rows_continues_bit_for_bit():
     want = SecondMoments.of(tokens[:300], torch.float32).covariance()  # other groups: rounding differs
     torch.testing.assert_close(copy.covariance(), want, rtol=1e-5, atol=1e-4)
     assert part.n_pending == 300 % SecondMoments.GROUP_ROWS  # the original is untouched
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 37, 1536])
+def test_panels_cover_the_upper_triangle_once(width):
+    """The packed panels hold every entry on or above the diagonal, blocks below it as little as possible:
+    at SmolLM2's width about 9/16 of d x d (the multiplications capture spends its extra time on)."""
+    bounds = SecondMoments.bounds(width)
+    assert bounds[0] == 0 and bounds[-1] == width and bounds == sorted(set(bounds))
+    covered = torch.zeros(width, width, dtype=torch.long)
+    for lo, hi in zip(bounds, bounds[1:]):
+        covered[lo:hi, lo:] += 1
+    assert covered.triu().eq(1).sum() == width * (width + 1) // 2 and covered.max() == 1
+    assert SecondMoments.packed_size(width) == int(covered.sum())
+    if width == 1536:
+        assert SecondMoments.packed_size(width) == 9 * width * width // 16
+    tokens = _tokens(n=50, width=width)
+    centred = tokens - tokens.mean(0)
+    torch.testing.assert_close(SecondMoments.of(tokens).covariance(), centred.T @ centred / 50)
+
+
+def test_a_state_in_another_layout_is_refused():
+    state = SecondMoments.of(_tokens()).state()
+    state["packed"] = state["packed"][:-1]
+    with pytest.raises(ValueError, match="layout"):
+        SecondMoments.from_state(state)
