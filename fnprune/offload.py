@@ -9,7 +9,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["materialized", "input_device"]
+from .errors import ModelError
+
+__all__ = ["materialized", "input_device", "offloaded_modules", "check_trainable"]
 
 
 @contextmanager
@@ -37,3 +39,20 @@ def input_device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+def offloaded_modules(model: nn.Module) -> list[str]:
+    """Modules whose weights accelerate keeps off their execution device (CPU or disk offload, meta weights)."""
+    return [name for name, m in model.named_modules()
+            if getattr(getattr(m, "_hf_hook", None), "offload", False)
+            or any(p.device.type == "meta" for p in m.parameters(recurse=False))]
+
+
+def check_trainable(model: nn.Module, what: str) -> None:
+    """Recovery trains weights in place: refuse a model whose device map offloads some of them."""
+    off = offloaded_modules(model)
+    if off:
+        raise ModelError(
+            f"recovery cannot train {what}: its device map offloads {len(off)} modules ({off[0]}, ...) to CPU or "
+            "disk; give the GPUs room (model.max_memory) or use a device map without offload (e.g. cuda or cpu)"
+        )

@@ -27,6 +27,7 @@ from .hub import push_folder
 from .inputs import Inputs, check_budgets, load_inputs
 from .memory import objects_frozen, release_memory
 from .models import count_parameters, load_model
+from .offload import check_trainable
 from .output import build_report, resolved_recipe, write_output
 from .pruning import reconstruction_fills, select_neurons
 from .recipe import Recipe
@@ -82,6 +83,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     with timer.stage("load"):
         inputs = load_inputs(recipe)
     check_budgets(inputs, out_dir)
+    if recipe.recovery.enabled:
+        check_trainable(inputs.model, "this model")  # before calibration, not after it
     # From here to surgery the model, tokenizer and imports stay alive: garbage collections skip them.
     with objects_frozen():
         measured, plan = _calibrate_and_select(inputs, timer, progress)
@@ -94,9 +97,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                 targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, recipe, progress)
         _reconstruct(measured, plan, inputs, timer, progress)
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
-        if inputs.source is not None:
-            pruned_params, pruned = _streamed(tmp, inputs, plan, timer, progress)
-            model, extra = None, {}  # the weights are written already; recovery is refused with streaming
+        if inputs.source is not None:  # model None: the weights are written already
+            model, pruned_params, pruned, extra = _streamed(tmp, inputs, plan, targets, dense, timer, progress)
         else:
             model, pruned, extra = _in_memory(inputs, plan, targets, dense, timer, progress)
             pruned_params = count_parameters(model)
@@ -153,33 +155,48 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills)
         plan.fills = None
         release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
+    return (model, *_recover_and_score(model, inputs, targets, dense, timer, progress))
+
+
+def _recover_and_score(model, inputs: Inputs, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
+                       progress: bool) -> tuple[Scores, dict[str, Any]]:
+    """Stages 5-6 on the pruned model: its scores, or with recovery the scores after it (and before, when asked)."""
+    recipe = inputs.recipe
     pruned = Scores()
     if targets is None or recipe.recovery.evaluate_before:
         with timer.stage("evaluate_pruned"):
             pruned = _score(model, inputs, progress, lm_eval=targets is None)
     if targets is None:
-        return model, pruned, {}
+        return pruned, {}
     with timer.stage("recover"):
         result = recover_model(model, inputs.tokenizer, inputs.layout, inputs.prompts, targets, recipe,
                                progress)
     with timer.stage("evaluate_recovered"):
         recovered = _score(model, inputs, progress)
-    return model, recovered, {"recovery": recovery_report(recipe, result, inputs.task, inputs.validation, dense,
-                                                          pruned)}
+    return recovered, {"recovery": recovery_report(recipe, result, inputs.task, inputs.validation, dense, pruned)}
 
 
-def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, timer: _Timer, progress: bool
-              ) -> tuple[int, Scores]:
-    """Stages 4 and 6 from the source files: the pruned weights go straight into `tmp`, then the saved checkpoint
-    is loaded and scored. The dense model is freed first (its devices, its offload hooks)."""
+def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
+              progress: bool) -> tuple[Any, int, Scores, dict[str, Any]]:
+    """Stages 4-6 from the source files: the pruned weights go straight into `tmp`, then the saved checkpoint
+    is loaded (with the recipe's device map) and scored. The dense model is freed first (its devices, its
+    offload hooks). With recovery, the loaded checkpoint is trained where the device map put it and returned,
+    to be saved over the streamed weights; else None (the weights in `tmp` are final)."""
     with timer.stage("surgery"):
         pruned_params = _stream_save(inputs.model, inputs.tokenizer, inputs.source, tmp, inputs.layout, plan.kept,
                                      plan.means, plan.fills, inputs.recipe)
     inputs.model = None
     gc.collect()
-    with timer.stage("evaluate_pruned"):
-        pruned = _score_saved(tmp, inputs, progress)
-    return pruned_params, pruned
+    if targets is None:
+        with timer.stage("evaluate_pruned"):
+            pruned = _score_saved(tmp, inputs, progress)
+        return None, pruned_params, pruned, {}
+    model = _load_saved(tmp, inputs)
+    check_trainable(model, "the pruned checkpoint")
+    scores, extra = _recover_and_score(model, inputs, targets, dense, timer, progress)
+    for stale in [*tmp.glob("model*.safetensors"), *tmp.glob("model*.safetensors.index.json")]:
+        stale.unlink()  # the streamed weights; save_pretrained writes the trained ones, sharded as it likes
+    return model, pruned_params, scores, extra
 
 
 def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, kept, removed_means, fill_maps,
@@ -199,12 +216,16 @@ def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, k
 def _score_saved(tmp: Path, inputs: Inputs, progress: bool) -> Scores:
     """Accuracy (and the validation benchmarks) of the checkpoint written to `tmp`, loaded with the recipe's
     device map."""
-    recipe = inputs.recipe
-    if not recipe.evaluation.enabled:
+    if not inputs.recipe.evaluation.enabled:
         return Scores()
-    pruned, _ = load_model(dataclasses.replace(recipe.model, name_or_path=str(tmp), revision=None))
+    pruned = _load_saved(tmp, inputs)
     try:
         return _score(pruned, inputs, progress)
     finally:
         del pruned
         gc.collect()
+
+
+def _load_saved(tmp: Path, inputs: Inputs):
+    """The checkpoint written to `tmp`, loaded as the recipe loads the base model (its device map, its dtype)."""
+    return load_model(dataclasses.replace(inputs.recipe.model, name_or_path=str(tmp), revision=None))[0]

@@ -599,9 +599,10 @@ class Recipe:
                 "output.layout per-layer is not supported by streamed surgery (model.device_map or "
                 "output.streamed): use uniform or padded"
             )
-        if self.recovery.enabled and self.streamed():
-            found.append("recovery trains the pruned model in memory: it does not run with streamed surgery "
-                         "(model.device_map or output.streamed)")
+        dm = self.model.device_map
+        if self.recovery.enabled and (self.model.offload_folder or isinstance(dm, dict) and "disk" in dm.values()):
+            found.append("recovery trains the pruned weights in place: it does not run with disk offload "
+                         "(model.device_map entries 'disk', model.offload_folder)")
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":
             found.append(
                 f"selection.allocation {self.selection.allocation!r} gives layers different widths: "

@@ -205,8 +205,11 @@ def test_recovery_settings_are_checked(tmp_path):
     assert "recovery.lr" in str(err.value) and "recovery.params" in str(err.value)
     assert "recovery.answer_weight" in str(err.value)
     streamed = recipe_from_dict({**base, "recovery": {"enabled": True}, "output": {"dir": "x", "streamed": True}})
-    with pytest.raises(RecipeError, match="streamed"):
-        streamed.validate()
+    assert streamed.validate().streamed()  # trains the checkpoint streamed surgery wrote
+    disk = recipe_from_dict({**base, "recovery": {"enabled": True},
+                             "model": {"name_or_path": "m", "device_map": {"model.layers.1": "disk", "x": 0}}})
+    with pytest.raises(RecipeError, match="disk offload"):
+        disk.validate()
     assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] is False
 
 
@@ -229,3 +232,31 @@ def test_cli_recover_flags_reach_the_run_and_the_summary(model_dir, task_data, t
     assert "recovered: 3 steps" in result.output and "before recovery: held-out templates" in result.output
     shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_pretrained(out).state_dict().items()}
     assert not any("lora" in k or "parametrizations" in k for k in shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", [{"output.streamed": True}, {"model.device_map": "cpu"}])
+def test_streamed_surgery_then_recovery_equals_in_memory(recovered_run, tmp_path, placement):
+    """With a device map (how a GPU user runs it) or streamed surgery, recovery trains the checkpoint written from
+    the source files where the map puts it, and saves it over the streamed weights: the same model as in memory."""
+    again = apply_overrides(recovered_run.recipe, {"output.dir": str(tmp_path / "streamed"), **placement})
+    result = fnprune.compress(again, progress=False)
+    ours = AutoModelForCausalLM.from_pretrained(result.output_dir).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(recovered_run.output_dir).state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+    rec, want = result.report["recovery"], recovered_run.report["recovery"]
+    assert rec["steps"] == want["steps"] and rec["before"]["metric"] == want["before"]["metric"]
+    assert [t["pruned"] for t in result.report["templates"]] == [t["pruned"] for t in recovered_run.report["templates"]]
+    assert sorted(p.name for p in result.output_dir.glob("model*")) == ["model.safetensors"]
+
+
+def test_recovery_refuses_an_offloaded_model():
+    from fnprune.errors import ModelError
+    from fnprune.offload import check_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(ModelError, match=r"offloads 1 modules \(1, \.\.\.\)"):
+        check_trainable(model, "this model")
+    check_trainable(torch.nn.Linear(2, 2), "this model")
