@@ -197,7 +197,7 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
         result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)
         out.update(_evaluation_summary(result, resolved, split or resolved.evaluation_split))
     if harness:
-        out["lm_eval"] = run_lm_eval(m, tok, harness, lm_eval_include, batch_size, lm_eval_limit)
+        out["lm_eval"] = run_lm_eval(m, tok, harness, lm_eval_include, batch_size, lm_eval_limit, progress=not quiet)
     if as_json:
         click.echo(json.dumps(out))
         return

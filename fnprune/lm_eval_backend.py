@@ -13,9 +13,12 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +155,10 @@ def lm_eval_cache_key(spec: ModelSpec, ev: EvaluationSpec) -> str:
 
 
 def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | None = None, batch_size: int = 16,
-                limit: int | None = None) -> dict[str, Any]:
+                limit: int | None = None, progress: bool = True) -> dict[str, Any]:
     """lm-eval's results per task ({"acc": ..., "acc_norm": ..., "acc_stderr": ..., "n": ...}) and its version.
     The model's training mode, the tokenizer (HFLM may give it a pad token) and the global random states (lm-eval
-    seeds them) are left as they were."""
+    seeds them) are left as they were. `progress` off: lm-eval's info lines and progress bars too."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -166,7 +169,9 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | No
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
+        with _quiet_lm_eval(not progress):
+            raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                          log_samples=False)
     finally:
         model.train(was_training)
         _restore_random_states(states)
@@ -179,6 +184,36 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | No
         results[task]["n"] = (raw.get("n-samples", {}).get(task) or {}).get("effective")
     return {"lm_eval_version": getattr(lm_eval, "__version__", None), "tasks": tasks, "include": include,
             "limit": limit, "results": results}
+
+
+# lm-eval modules that draw progress bars with `tqdm` (it has no switch for all of them)
+_LM_EVAL_BARS = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextmanager
+def _quiet_lm_eval(quiet: bool) -> Iterator[None]:
+    """Inside, with `quiet`: lm-eval logs warnings only and its progress bars are off; restored after."""
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    modules = [m for m in map(importlib.import_module, _LM_EVAL_BARS) if hasattr(m, "tqdm")]
+    bars = [m.tqdm for m in modules]
+    logger.setLevel(logging.WARNING)
+    for m, bar in zip(modules, bars):
+        m.tqdm = functools.partial(_no_bar, bar)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for m, bar in zip(modules, bars):
+            m.tqdm = bar
+
+
+def _no_bar(bar, *args: Any, **kwargs: Any):
+    """`bar(...)` switched off, whatever `disable` its caller passed."""
+    return bar(*args, **{**kwargs, "disable": True})
 
 
 def _random_states() -> tuple:
@@ -194,7 +229,8 @@ def _restore_random_states(states: tuple) -> None:
         torch.cuda.set_rng_state_all(states[3])
 
 
-def score_lm_eval(model, tokenizer, recipe: Recipe, cached_as: ModelSpec | None = None) -> dict[str, Any] | None:
+def score_lm_eval(model, tokenizer, recipe: Recipe, cached_as: ModelSpec | None = None, progress: bool = True
+                  ) -> dict[str, Any] | None:
     """run_lm_eval on the recipe's `evaluation.lm_eval_tasks` (None: none, or evaluation off); with `cached_as`
     (the dense model's spec) read from / saved to the cache, so the next compress of the same base model does not
     run it again."""
@@ -207,7 +243,8 @@ def score_lm_eval(model, tokenizer, recipe: Recipe, cached_as: ModelSpec | None 
         log.info("dense lm-eval results from cache %s", cache.cache_dir())
         return found
     log.info("lm-eval: %s", ", ".join(ev.lm_eval_tasks))
-    found = run_lm_eval(model, tokenizer, ev.lm_eval_tasks, ev.lm_eval_include, ev.batch_size, ev.lm_eval_limit)
+    found = run_lm_eval(model, tokenizer, ev.lm_eval_tasks, ev.lm_eval_include, ev.batch_size, ev.lm_eval_limit,
+                        progress)
     if key:
         cache.save_lm_eval(key, found)
     return found

@@ -203,4 +203,4 @@ def score(model, tokenizer, sets: dict[str, list[Example]], task: TaskSpec, vali
     model's spec, see score_task)."""
     return Scores(score_task(model, tokenizer, sets, task, recipe, progress, cached_as),
                   score_validation(model, tokenizer, validation, recipe, progress, cached_as),
-                  score_lm_eval(model, tokenizer, recipe, cached_as) if lm_eval else None)
+                  score_lm_eval(model, tokenizer, recipe, cached_as, progress) if lm_eval else None)

@@ -159,3 +159,25 @@ def test_lm_eval_leaves_the_tokenizer_and_random_state_as_they_were(model_dir, s
     result = run_lm_eval(model, tok, ["tiny_sst2"], str(shared_include), limit=2)
     assert result["results"]["tiny_sst2"]["n"] == 2
     assert tok.pad_token is None and (random.random(), torch.rand(1)) == expected
+
+
+def test_lm_eval_is_quiet_without_progress(model_dir, shared_include, offline, capfd):
+    """compress/evaluate --quiet: no lm-eval info lines or progress bars, and lm-eval's own state restored."""
+    import logging
+
+    import lm_eval.api.task
+
+    from fnprune.lm_eval_backend import run_lm_eval
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    bar, level = lm_eval.api.task.tqdm, logging.getLogger("lm_eval").level
+    capfd.readouterr()
+    run_lm_eval(model, tok, ["tiny_sst2"], str(shared_include), limit=2, progress=False)
+    quiet = capfd.readouterr()
+    assert "%|" not in quiet.err + quiet.out and "INFO" not in quiet.err + quiet.out
+    assert lm_eval.api.task.tqdm is bar and logging.getLogger("lm_eval").level == level
+    run_lm_eval(model, tok, ["tiny_sst2"], str(shared_include), limit=2)
+    loud = capfd.readouterr()
+    assert "%|" in loud.err + loud.out  # the bars are there when progress is on: the check above can fail
