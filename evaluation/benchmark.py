@@ -8,8 +8,9 @@ Every setting not named by a configuration, `--set KEY=VALUE` or a flag is the r
 this is the evaluation driver, not a second pipeline. `--wikitext FILE` adds the WikiText-2 perplexity of both
 models (the recipe's `evaluation.validation`). Each run's checkpoint folder stays under --work, and a rerun skips
 the runs whose report.json exists (so an interrupted benchmark continues). Calibration, networks and the dense
-model's scores are read from fnprune's cache after the first run. Writes PREFIX.json / PREFIX.md: one row per
-run, then the mean and spread over seeds per configuration and keep.
+model's scores are read from fnprune's cache after the first run. Writes PREFIX.json / .md / .csv: one row per
+run, PREFIX.png: the template means against keep, then PREFIX_summary: the mean and spread over seeds per
+configuration and keep.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from evaluation.tables import write_rows
+from evaluation.tables import with_extension, write_rows
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
 # compensation, wanda-sp and random without), the ablations change one thing of the default.
@@ -170,7 +171,36 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(rows[-1]), flush=True)
     command = "python -m evaluation.benchmark " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     write_rows(Path(args.out_prefix), command, rows)
+    plot_keeps(rows, with_extension(Path(args.out_prefix), ".png"), args.task)
     print(write_rows(Path(args.out_prefix + "_summary"), command, summary(rows)))
+
+
+def plot_keeps(rows: list[dict[str, Any]], path: Path, task: str) -> None:
+    """PNG: held-out and calibration template means (% of dense) against keep, one line per configuration, the
+    mean over seeds with their min..max as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (("held_out_pct", "held-out templates"), ("calibration_pct", "calibration templates"))
+    for ax, (col, title) in zip(axes, panels):
+        for config in dict.fromkeys(r["config"] for r in rows):
+            keeps = sorted({r["keep"] for r in rows if r["config"] == config})
+            values = [[r[col] for r in rows if (r["config"], r["keep"]) == (config, k)] for k in keeps]
+            mean = [statistics.fmean(v) for v in values]
+            spread = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
+            ax.errorbar(keeps, mean, yerr=spread, marker="o", capsize=3, label=config)
+        ax.axhline(100, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("keep (fraction of MLP neurons)")
+        ax.set_title(f"{task}: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy, % of dense")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Benchmark rows (dicts) as result files: PREFIX.json with the command, PREFIX.md with the same as a table."""
+"""Benchmark rows (dicts) as result files: PREFIX.json with the command, PREFIX.md with the same as a table,
+PREFIX.csv for spreadsheets and plotting."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ def with_extension(prefix: Path, extension: str) -> Path:
 
 
 def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:
-    """Write PREFIX.json and PREFIX.md; returns the markdown table (columns in first-seen order, None blank)."""
+    """Write PREFIX.json, PREFIX.md and PREFIX.csv; returns the markdown table (columns in first-seen order, None
+    blank)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with_extension(prefix, ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     cols = list(dict.fromkeys(c for r in rows for c in r))
@@ -21,4 +24,8 @@ def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
     with_extension(prefix, ".md").write_text(f"Command: `{command}`\n\n{table}\n")
+    with with_extension(prefix, ".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, cols)
+        writer.writeheader()
+        writer.writerows(rows)
     return table

@@ -95,8 +95,16 @@ def test_bench_ica_captures_through_the_package_and_its_cache(model_dir, task_da
 def test_tables_keep_a_dot_in_the_prefix(tmp_path):
     from evaluation.tables import write_rows
 
-    write_rows(tmp_path / "rows_k0.25", "cmd", [{"a": 1}])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows_k0.25.json", "rows_k0.25.md"]
+    write_rows(tmp_path / "rows_k0.25", "cmd", [{"a": 1, "b": None}, {"a": 2, "c": "x"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows_k0.25.csv", "rows_k0.25.json", "rows_k0.25.md"]
+    assert (tmp_path / "rows_k0.25.csv").read_text().splitlines() == ["a,b,c", "1,,", "2,,x"]
+
+
+def test_benchmark_plots_every_configuration_against_keep(tmp_path):
+    rows = [{"config": c, "keep": k, "seed": s, "held_out_pct": 80 + 10 * k + s, "calibration_pct": 90.0}
+            for c in ("default", "flap+recon") for k in (0.25, 0.5) for s in ((0, 5) if c == "default" else (0,))]
+    benchmark.plot_keeps(rows, tmp_path / "curve.png", "sst2")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_examples(model_dir, task_data,
