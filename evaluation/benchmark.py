@@ -39,6 +39,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False},
     "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False},
     "relevance-pooled": {"networks.relevance_within_template": False},
+    "relevance-uniform": {"networks.relevance": "uniform"},
     "no-recon": {"selection.reconstruct": False},
     "ridge-1": {"selection.ridge": 1.0},
     "raw-25": {"calibration.raw_share": 0.25},

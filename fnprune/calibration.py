@@ -126,12 +126,18 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
             release_memory()
             if use_cache:
                 cache.save_networks(net_key, calib.networks)
-        groups = template_groups(examples) if recipe.networks.relevance_within_template else None
-        calib.relevance = [
-            network_relevance(n.maps, a.decision.numpy(), labels, groups) for n, a in zip(calib.networks, acts)
-        ]
+        calib.relevance = _relevance(calib.networks, acts, labels, examples, recipe)
         timings["networks"] = round(time.perf_counter() - start, 3)
     return calib
+
+
+def _relevance(networks: list[LayerNetworks], acts: list[LayerActivations], labels: np.ndarray,
+               examples: list[Example], recipe: Recipe) -> list[np.ndarray]:
+    """Each layer's network weights for selection (`networks.relevance`)."""
+    if recipe.networks.relevance == "uniform":
+        return [np.ones(n.maps.shape[0]) for n in networks]
+    groups = template_groups(examples) if recipe.networks.relevance_within_template else None
+    return [network_relevance(n.maps, a.decision.numpy(), labels, groups) for n, a in zip(networks, acts)]
 
 
 def template_groups(examples: list[Example]) -> np.ndarray:

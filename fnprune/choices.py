@@ -15,6 +15,7 @@ __all__ = [
     "TASK_KINDS",
     "FILE_FORMATS",
     "ICA_ENGINES",
+    "RELEVANCE_MODES",
     "DEVICE_MAP_STRATEGIES",
     "RECOVERY_PARAMS",
 ]
@@ -30,5 +31,7 @@ SAMPLE_STORES = ("auto", "tokens", "moments")
 TASK_KINDS = ("classification", "multiple_choice")
 FILE_FORMATS = ("tsv", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
+# how networks are weighted by task relevance: label separation at the decision token, or all alike
+RELEVANCE_MODES = ("labels", "uniform")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 RECOVERY_PARAMS = ("mlp", "all", "lora")  # which weights recovery trains

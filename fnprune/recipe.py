@@ -25,6 +25,7 @@ from .choices import (
     LAYOUTS,
     METHODS,
     RECOVERY_PARAMS,
+    RELEVANCE_MODES,
     SAMPLE_STORES,
     STORE_DTYPES,
     TASK_KINDS,
@@ -326,9 +327,15 @@ class NetworksSpec:
     # Relevance from decision activity z-scored within each calibration template (what tells the wordings
     # apart is not label evidence); false: over all calibration prompts at once.
     relevance_within_template: bool = True
+    # labels: each network weighted by how well its activity at the decision token separates the labels; uniform:
+    # every network alike (for multiple choice, whose label, the answer's position, is no property of the prompt)
+    relevance: str = field(default="labels", metadata=flag(
+        "--relevance", "How task networks are weighted: {choices} (default {default}).", choices=RELEVANCE_MODES))
 
     def check(self) -> list[str]:
         problems = []
+        if self.relevance not in RELEVANCE_MODES:
+            problems.append(f"networks.relevance: {self.relevance!r} is not one of {', '.join(RELEVANCE_MODES)}")
         if self.runs < 1:
             problems.append(f"networks.runs: must be >= 1, got {self.runs}")
         if self.engine not in ICA_ENGINES:

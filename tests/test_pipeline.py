@@ -309,3 +309,28 @@ def test_mlp_wider_than_the_sample_keeps_tokens_and_finds_the_same_networks(mode
         AutoModelForCausalLM.from_pretrained(result.output_dir)
     for a, b in zip(maps["auto"], maps["moments"], strict=True):
         assert match_components(a, b)[0] > 0.99
+
+
+def test_uniform_relevance_weights_every_network_alike_and_shares_the_ica(llama_run, tmp_path):
+    """networks.relevance uniform: report.json's per-network relevance is all ones, the networks are the cached
+    ones of the labels run (the weighting is not part of what ICA finds)."""
+    from safetensors.torch import load_file
+
+    from fnprune import calibration
+
+    recipe = apply_overrides(llama_run.recipe, {"output.dir": str(tmp_path / "uniform"),
+                                                "networks.relevance": "uniform", "evaluation.enabled": False})
+    found = []
+    real = calibration.find_all_networks
+    calibration.find_all_networks = lambda *a, **k: found.append(1) or real(*a, **k)
+    try:
+        result = fnprune.compress(recipe, progress=False)
+    finally:
+        calibration.find_all_networks = real
+    assert not found  # from the cache the labels run filled
+    nets = json.loads((result.output_dir / "networks.json").read_text())
+    assert all(r == 1.0 for layer in nets["layers"] for r in layer["relevance"])
+    labels = json.loads((llama_run.output_dir / "networks.json").read_text())
+    assert any(r != 1.0 for layer in labels["layers"] for r in layer["relevance"])
+    assert load_file(result.output_dir / "networks.safetensors")["layers.0.maps"].equal(
+        load_file(llama_run.output_dir / "networks.safetensors")["layers.0.maps"])
