@@ -133,8 +133,9 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
 
 def _relevance(networks: list[LayerNetworks], acts: list[LayerActivations], labels: np.ndarray,
                examples: list[Example], recipe: Recipe) -> list[np.ndarray]:
-    """Each layer's network weights for selection (`networks.relevance`)."""
-    if recipe.networks.relevance == "uniform":
+    """Each layer's network weights for selection (`networks.relevance`; auto decided by the prompts' kind)."""
+    kind = "multiple_choice" if any(e.choices for e in examples) else "classification"
+    if recipe.networks.for_task(kind).relevance == "uniform":
         return [np.ones(n.maps.shape[0]) for n in networks]
     groups = template_groups(examples) if recipe.networks.relevance_within_template else None
     return [network_relevance(n.maps, a.decision.numpy(), labels, groups) for n, a in zip(networks, acts)]

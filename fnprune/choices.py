@@ -31,7 +31,8 @@ SAMPLE_STORES = ("auto", "tokens", "moments")
 TASK_KINDS = ("classification", "multiple_choice")
 FILE_FORMATS = ("tsv", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
-# how networks are weighted by task relevance: label separation at the decision token, or all alike
-RELEVANCE_MODES = ("labels", "uniform")
+# how networks are weighted by task relevance: label separation at the decision token, all alike, or auto
+# (labels for classification, uniform for multiple choice)
+RELEVANCE_MODES = ("auto", "labels", "uniform")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 RECOVERY_PARAMS = ("mlp", "all", "lora")  # which weights recovery trains

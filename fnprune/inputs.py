@@ -3,6 +3,7 @@ benchmarks, and the checks that can fail before any forward pass (disjoint data,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
         check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     task = resolve_task(recipe.task)
+    recipe = dataclasses.replace(recipe, networks=recipe.networks.for_task(task.kind))  # what runs, and is saved
     spec = recipe.calibration
     prompts = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     evaluation = load_evaluation(task, task.evaluation_split)

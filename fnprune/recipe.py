@@ -328,9 +328,17 @@ class NetworksSpec:
     # apart is not label evidence); false: over all calibration prompts at once.
     relevance_within_template: bool = True
     # labels: each network weighted by how well its activity at the decision token separates the labels; uniform:
-    # every network alike (for multiple choice, whose label, the answer's position, is no property of the prompt)
+    # every network alike; auto: labels for classification, uniform for multiple choice (its label, the answer's
+    # position among the choices, is no property of the question the networks see at the decision token)
     relevance: str = field(default="labels", metadata=flag(
-        "--relevance", "How task networks are weighted: {choices} (default {default}).", choices=RELEVANCE_MODES))
+        "--relevance", "How task networks are weighted: {choices} (default {default}; auto: labels for "
+        "classification, uniform for multiple choice).", choices=RELEVANCE_MODES))
+
+    def for_task(self, kind: str) -> NetworksSpec:
+        """This spec with `relevance: auto` made concrete for a task of `kind`."""
+        if self.relevance != "auto":
+            return self
+        return dataclasses.replace(self, relevance="uniform" if kind == "multiple_choice" else "labels")
 
     def check(self) -> list[str]:
         problems = []

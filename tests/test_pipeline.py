@@ -334,3 +334,12 @@ def test_uniform_relevance_weights_every_network_alike_and_shares_the_ica(llama_
     assert any(r != 1.0 for layer in labels["layers"] for r in layer["relevance"])
     assert load_file(result.output_dir / "networks.safetensors")["layers.0.maps"].equal(
         load_file(llama_run.output_dir / "networks.safetensors")["layers.0.maps"])
+
+
+def test_auto_relevance_is_labels_for_classification_and_uniform_for_multiple_choice():
+    from fnprune.recipe import NetworksSpec
+
+    auto = NetworksSpec(relevance="auto")
+    assert auto.for_task("classification").relevance == "labels"
+    assert auto.for_task("multiple_choice").relevance == "uniform"
+    assert NetworksSpec(relevance="labels").for_task("multiple_choice").relevance == "labels"  # as given
