@@ -33,13 +33,14 @@ from evaluation.tables import with_extension, write_rows
 # compensation, wanda-sp and random without), the ablations change one thing of the default.
 N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the calibration of earlier versions
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {},  # selection.method auto: fn-task for classification, flap for multiple choice
+    "fn-task": {"selection.method": "fn-task"},
     "flap+recon": {"selection.method": "flap"},
     "flap": {"selection.method": "flap", "selection.reconstruct": False},
     "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False},
     "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False},
     "relevance-pooled": {"networks.relevance_within_template": False},
-    "relevance-uniform": {"networks.relevance": "uniform"},
+    "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform"},
     "no-recon": {"selection.reconstruct": False},
     "ridge-1": {"selection.ridge": 1.0},
     "raw-25": {"calibration.raw_share": 0.25},
@@ -50,10 +51,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "answer-50-n256": {**N256, "selection.answer_weight": 0.5},
     # recovery (distillation toward the dense model); the model before it is the matching row without it
     "recover": {"recovery.enabled": True, "recovery.evaluate_before": False},
+    "fn-task+recover": {"selection.method": "fn-task", "recovery.enabled": True, "recovery.evaluate_before": False},
     "flap+recon+recover": {"selection.method": "flap", "recovery.enabled": True, "recovery.evaluate_before": False},
 }
-NO_ICA = {"flap+recon", "flap", "wanda-sp", "random", "flap+recon-n256", "flap+recon+recover"}
-WITH_ICA = set(CONFIGS) - NO_ICA  # one run per ICA seed
+
+
+def uses_ica(config: str, task: str) -> bool:
+    """Whether the configuration's selection reads functional networks on this task (one run per ICA seed then):
+    `default` is the recipe's auto method, fn-task for classification and flap for multiple choice."""
+    from fnprune.recipe import Recipe, apply_overrides
+    from fnprune.selection import NEEDS_NETWORKS
+    from fnprune.tasks import BUILTIN_TASKS
+
+    kind = BUILTIN_TASKS[task].kind if task in BUILTIN_TASKS else "classification"
+    return apply_overrides(Recipe(), CONFIGS[config]).selection.for_task(kind).method in NEEDS_NETWORKS
 
 
 def run_one(
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for keep in [float(k) for k in args.keeps.split(",")]:
         for config in args.configs.split(","):
-            seeds = [int(s) for s in args.seeds.split(",")] if config in WITH_ICA else [0]
+            seeds = [int(s) for s in args.seeds.split(",")] if uses_ica(config, args.task) else [0]
             for seed in seeds:
                 rows.append(run_one(args, config, keep, seed, extra))
                 print(json.dumps(rows[-1]), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "METHODS",
+    "SELECTION_METHODS",
     "NETWORK_METHODS",
     "ALLOCATIONS",
     "LAYOUTS",
@@ -22,6 +23,8 @@ __all__ = [
 
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")  # selection criteria
 NETWORK_METHODS = ("fn", "fn-task")  # criteria that read functional networks
+# what a recipe's selection.method may say: a criterion, or auto (fn-task for classification, flap for multiple choice)
+SELECTION_METHODS = ("auto", *METHODS)
 ALLOCATIONS = ("uniform", "global")  # per-layer budget: same width everywhere, or one ranking across layers
 LAYOUTS = ("uniform", "per-layer", "padded")  # how per-layer widths are stored
 STREAMED_LAYOUTS = ("uniform", "padded")  # the layouts streamed surgery writes (per-layer needs the model)

@@ -23,10 +23,12 @@ __all__ = ["resolve_selection", "select_neurons", "reconstruction_fills"]
 log = logging.getLogger("fnprune")
 
 
-def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Module) -> SelectionSpec:
-    """The selection with its automatic values filled in (fn_boost; bias compensation on where the architecture
-    can hold the bias), as the saved recipe records them; RecipeError when bias compensation is asked of a family
-    that cannot hold it."""
+def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Module,
+                      kind: str = "classification") -> SelectionSpec:
+    """The selection with its automatic values filled in (method auto for a task of `kind`; fn_boost; bias
+    compensation on where the architecture can hold the bias), as the saved recipe records them; RecipeError when
+    bias compensation is asked of a family that cannot hold it."""
+    sel = sel.for_task(kind)
     if sel.fn_boost is None:
         sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep, sel.reconstruct))
     if sel.bias_compensation is None:

@@ -23,10 +23,10 @@ from .choices import (
     FILE_FORMATS,
     ICA_ENGINES,
     LAYOUTS,
-    METHODS,
     RECOVERY_PARAMS,
     RELEVANCE_MODES,
     SAMPLE_STORES,
+    SELECTION_METHODS,
     STORE_DTYPES,
     TASK_KINDS,
 )
@@ -324,21 +324,16 @@ class NetworksSpec:
     # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
     runs: int = field(default=5, metadata=flag(
         "--ica-runs", "ICA runs per layer (seeds) whose networks are pooled (default {default})."))
-    # Relevance from decision activity z-scored within each calibration template (what tells the wordings
-    # apart is not label evidence); false: over all calibration prompts at once.
+    # Relevance from decision activity z-scored within each calibration template (wording is no label evidence)
     relevance_within_template: bool = True
-    # labels: each network weighted by how well its activity at the decision token separates the labels; uniform:
-    # every network alike; auto: labels for classification, uniform for multiple choice (its label, the answer's
-    # position among the choices, is no property of the question the networks see at the decision token)
-    relevance: str = field(default="labels", metadata=flag(
-        "--relevance", "How task networks are weighted: {choices} (default {default}; auto: labels for "
-        "classification, uniform for multiple choice).", choices=RELEVANCE_MODES))
+    # labels: by how well a network's decision-token activity separates the labels; uniform: all alike
+    relevance: str = field(default="labels", metadata=flag("--relevance", "How task networks are weighted: "
+                           "{choices} (auto: labels, or uniform for multiple choice).", choices=RELEVANCE_MODES))
 
     def for_task(self, kind: str) -> NetworksSpec:
         """This spec with `relevance: auto` made concrete for a task of `kind`."""
-        if self.relevance != "auto":
-            return self
-        return dataclasses.replace(self, relevance="uniform" if kind == "multiple_choice" else "labels")
+        mc = kind == "multiple_choice"
+        return dataclasses.replace(self, relevance="uniform" if mc else "labels") if self.relevance == "auto" else self
 
     def check(self) -> list[str]:
         problems = []
@@ -363,9 +358,11 @@ class NetworksSpec:
 class SelectionSpec:
     """Which MLP neurons to keep: a criterion (`method`) and a budget (`keep` fraction, uniform per layer)."""
 
-    # an unknown method is refused by check(), which names the methods
-    method: str = field(default="fn-task", metadata=flag(
-        "--method", "Selection criterion: {choices}.", choices=METHODS, strict=False))
+    # an unknown method is refused by check(); auto: multiple-choice labels (the answer's position) give fn-task's
+    # relevance nothing to read (evaluation/RESULTS.md 0.0.1)
+    method: str = field(default="auto", metadata=flag(
+        "--method", "Selection criterion: {choices} (default auto: fn-task for classification, flap for multiple "
+        "choice).", choices=SELECTION_METHODS, strict=False))
     keep: float = field(default=0.5, metadata=flag(
         "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
     round_to: int = field(default=8, metadata=flag(
@@ -393,10 +390,15 @@ class SelectionSpec:
         "0.75)."))
     seed: int = field(default=0, metadata=_SEED)
 
+    def for_task(self, kind: str) -> SelectionSpec:
+        """This spec with `method: auto` made concrete for a task of `kind`."""
+        mc = kind == "multiple_choice"
+        return dataclasses.replace(self, method="flap" if mc else "fn-task") if self.method == "auto" else self
+
     def check(self) -> list[str]:
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"selection.method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method not in SELECTION_METHODS:
+            problems.append(f"selection.method: {self.method!r} is not one of {', '.join(SELECTION_METHODS)}")
         if not 0 < self.keep <= 1:
             problems.append(f"selection.keep: must be in (0, 1], got {self.keep}")
         if self.round_to < 1:

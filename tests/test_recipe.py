@@ -84,7 +84,7 @@ def test_all_problems_reported_at_once():
 
 def test_overrides_skip_none_and_revalidate_types():
     r = apply_overrides(Recipe(), {"selection.keep": 0.25, "selection.method": None})
-    assert r.selection.keep == 0.25 and r.selection.method == "fn-task"
+    assert r.selection.keep == 0.25 and r.selection.method == "auto"
     with pytest.raises(RecipeError, match="expected a number"):
         apply_overrides(Recipe(), {"selection.keep": "x"})
 
