@@ -245,3 +245,23 @@ def test_custom_multiple_choice_task_and_its_checks(tmp_path, llama):
     with pytest.raises(DataError, match="unknown filter"):
         resolve_task(TaskSpec(name="pick4", kind="multiple_choice", data_dir=str(tmp_path), label_column="gold",
                               choices=["opts"], template="{q|shout}"))
+
+
+def test_default_method_is_flap_for_multiple_choice_and_fn_task_for_classification(model_dir, arc_dir, tmp_path):
+    """selection.method auto: the saved recipe and report name what ran (flap on ARC: no networks computed)."""
+    import fnprune
+    from fnprune.arch import layout_for
+    from fnprune.pruning import resolve_selection
+    from fnprune.recipe import SelectionSpec, recipe_from_dict
+
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model_dir("llama"))}, "task": {"name": "arc_easy", "data_dir": str(arc_dir)},
+        "calibration": {"num_samples": 24, "max_tokens": 200, "batch_size": 8}, "networks": {"components": 4},
+        "evaluation": {"max_samples": 4}, "output": {"dir": str(tmp_path / "arc")},
+    })
+    assert recipe.selection.method == "auto"
+    result = fnprune.compress(recipe, progress=False)
+    assert result.report["method"] == "flap" and result.recipe.selection.method == "flap"
+    assert "networks" not in result.report["timings_seconds"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
+    assert resolve_selection(SelectionSpec(), layout_for(model), model).method == "fn-task"  # classification
