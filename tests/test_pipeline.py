@@ -343,3 +343,11 @@ def test_auto_relevance_is_labels_for_classification_and_uniform_for_multiple_ch
     assert auto.for_task("classification").relevance == "labels"
     assert auto.for_task("multiple_choice").relevance == "uniform"
     assert NetworksSpec(relevance="labels").for_task("multiple_choice").relevance == "labels"  # as given
+
+
+def test_auto_method_on_classification_is_fn_task_byte_for_byte(llama_run, tmp_path):
+    assert llama_run.recipe.selection.method == "fn-task"  # the saved recipe names what auto ran
+    explicit = apply_overrides(llama_run.recipe, {"output.dir": str(tmp_path / "fn-task"),
+                                                  "selection.method": "fn-task"})
+    result = fnprune.compress(explicit, progress=False)
+    assert _sha(result.output_dir / "model.safetensors") == _sha(llama_run.output_dir / "model.safetensors")
