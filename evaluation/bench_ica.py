@@ -68,7 +68,8 @@ def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Ten
     """Per-layer sampled token activations (T, d) of the calibration sample compress draws, through the
     package's calibrate (kept as tokens, not moments) and its on-disk cache."""
     from fnprune.calibration import calibrate
-    from fnprune.data import label_keys, load_sample, resolve_task
+    from fnprune.data import label_keys, resolve_task
+    from fnprune.inputs import calibration_prompts
     from fnprune.models import load_model
 
     recipe = Recipe(
@@ -77,7 +78,7 @@ def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Ten
     )
     task = resolve_task(recipe.task)
     cal = recipe.calibration
-    examples = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)
+    examples = calibration_prompts(task, cal)
     model, tokenizer = load_model(recipe.model)
     calib = calibrate(model, tokenizer, examples, dict.fromkeys(label_keys(task, examples), ""), recipe,
                       with_networks=False, progress=False, use_cache=True)

@@ -53,14 +53,15 @@ print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "
 FORWARD_ONLY = """
 import json, resource, sys, time, torch
 torch.set_flush_denormal(True)
-from fnprune.data import load_sample, resolve_task
+from fnprune.data import resolve_task
+from fnprune.inputs import calibration_prompts
 from fnprune.models import load_model
 from fnprune.recipe import recipe_from_dict
 from fnprune.tokens import batches, encode_inputs, forward, is_classifier
 recipe = recipe_from_dict(json.loads(sys.argv[1]))
 cal = recipe.calibration
 task = resolve_task(recipe.task)
-examples = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)  # compress's prompts
+examples = calibration_prompts(task, cal)  # compress's prompts
 model, tok = load_model(recipe.model)
 seqs = encode_inputs(tok, examples, cal.max_length, is_classifier(model))
 start = time.perf_counter()

@@ -30,29 +30,33 @@ import yaml
 from evaluation.tables import with_extension, write_rows
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
-# compensation, wanda-sp and random without), the ablations change one thing of the default.
+# compensation, wanda-sp and random without), the ablations change one thing of the default. Every configuration
+# but `default` (the recipe as a user gets it) and the `+recover` ones is training-free on every task.
 N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the calibration of earlier versions
+OFF = {"recovery.enabled": False}  # recovery's default (auto) is on for multiple choice
+ON = {"recovery.enabled": True, "recovery.evaluate_before": False}  # the model before it: the row without it
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},  # selection.method auto: fn-task for classification, flap for multiple choice
-    "fn-task": {"selection.method": "fn-task"},
-    "flap+recon": {"selection.method": "flap"},
-    "flap": {"selection.method": "flap", "selection.reconstruct": False},
-    "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False},
-    "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False},
-    "relevance-pooled": {"networks.relevance_within_template": False},
-    "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform"},
-    "no-recon": {"selection.reconstruct": False},
-    "ridge-1": {"selection.ridge": 1.0},
-    "raw-25": {"calibration.raw_share": 0.25},
-    "answer-50": {"selection.answer_weight": 0.5},
-    "n256": N256,
-    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:"},
-    "flap+recon-n256": {**N256, "selection.method": "flap"},
-    "answer-50-n256": {**N256, "selection.answer_weight": 0.5},
-    # recovery (distillation toward the dense model); the model before it is the matching row without it
-    "recover": {"recovery.enabled": True, "recovery.evaluate_before": False},
-    "fn-task+recover": {"selection.method": "fn-task", "recovery.enabled": True, "recovery.evaluate_before": False},
-    "flap+recon+recover": {"selection.method": "flap", "recovery.enabled": True, "recovery.evaluate_before": False},
+    "default": {},  # auto: fn-task for classification, flap + recovery for multiple choice
+    "fn-task": {"selection.method": "fn-task", **OFF},
+    "flap+recon": {"selection.method": "flap", **OFF},
+    "flap": {"selection.method": "flap", "selection.reconstruct": False, **OFF},
+    "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False,
+                 **OFF},
+    "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False,
+               **OFF},
+    "relevance-pooled": {"networks.relevance_within_template": False, **OFF},
+    "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform", **OFF},
+    "no-recon": {"selection.reconstruct": False, **OFF},
+    "ridge-1": {"selection.ridge": 1.0, **OFF},
+    "raw-25": {"calibration.raw_share": 0.25, **OFF},
+    "answer-50": {"selection.answer_weight": 0.5, **OFF},
+    "n256": {**N256, **OFF},
+    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:", **OFF},
+    "flap+recon-n256": {**N256, "selection.method": "flap", **OFF},
+    "answer-50-n256": {**N256, "selection.answer_weight": 0.5, **OFF},
+    "recover": ON,
+    "fn-task+recover": {"selection.method": "fn-task", **ON},
+    "flap+recon+recover": {"selection.method": "flap", **ON},
 }
 
 

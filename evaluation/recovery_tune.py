@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     from fnprune.arch import layout_for
     from fnprune.data import load_sample, resolve_task
     from fnprune.distillation import divergences, recover, teacher_targets
+    from fnprune.inputs import calibration_prompts
     from fnprune.models import load_model
     from fnprune.recipe import load_recipe
     from fnprune.recovery import recovery_inputs, teacher
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=args.model))
     task = resolve_task(recipe.task)
     cal = recipe.calibration
-    calibration = load_sample(task, task.calibration_split, cal.num_samples, cal.seed, cal.raw_share)
+    calibration = calibration_prompts(task, cal)
     seen = {e.texts for e in calibration}
     pool = load_sample(task, task.calibration_split, cal.num_samples + 4 * args.tune_prompts, cal.seed + 1)
     tune = [e for e in pool if e.texts not in seen][: args.tune_prompts]  # other rows, calibration templates

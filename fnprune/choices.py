@@ -19,6 +19,7 @@ __all__ = [
     "RELEVANCE_MODES",
     "DEVICE_MAP_STRATEGIES",
     "RECOVERY_PARAMS",
+    "CALIBRATION_CHOICES",
 ]
 
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")  # selection criteria
@@ -39,3 +40,5 @@ ICA_ENGINES = ("sklearn", "torch")
 RELEVANCE_MODES = ("auto", "labels", "uniform")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 RECOVERY_PARAMS = ("mlp", "all", "lora")  # which weights recovery trains
+# multiple choice: what follows the question in a calibration prompt (nothing, the right choice, each choice)
+CALIBRATION_CHOICES = ("none", "answer", "all")

@@ -129,9 +129,12 @@ class RecipeFlag:
 
 
 def _scalar(annotation: Any) -> Any:
-    """int, float, bool or str for `int`, `float | None`, ...; None for mappings, lists and mixed unions."""
+    """int, float, bool or str for `int`, `float | None`, ...; bool for a switch whose recipe value may also be a
+    word (`bool | str`: true, false or auto); None for mappings, lists and other mixed unions."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     args = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    if set(args) == {bool, str}:
+        return bool
     return args[0] if len(args) == 1 and args[0] in (int, float, bool, str) else None
 
 

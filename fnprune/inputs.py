@@ -16,13 +16,14 @@ from .data import Example, check_disjoint, load_evaluation, load_sample, resolve
 from .errors import RecipeError
 from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, unique_parameters
+from .offload import offloaded_modules
 from .pruning import resolve_selection
-from .recipe import Recipe, SelectionSpec, TaskSpec
+from .recipe import CalibrationSpec, Recipe, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
 
-__all__ = ["Inputs", "load_inputs", "check_budgets"]
+__all__ = ["Inputs", "load_inputs", "calibration_prompts", "check_budgets"]
 
 log = logging.getLogger("fnprune")
 
@@ -55,13 +56,14 @@ def load_inputs(recipe: Recipe) -> Inputs:
         check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     task = resolve_task(recipe.task)
     recipe = dataclasses.replace(recipe, networks=recipe.networks.for_task(task.kind))  # what runs, and is saved
-    spec = recipe.calibration
-    prompts = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+    prompts = calibration_prompts(task, recipe.calibration)
     evaluation = load_evaluation(task, task.evaluation_split)
     check_disjoint(prompts, next(iter(evaluation.values())))
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
+    trainable = not recipe.model.offload_folder and not offloaded_modules(model)
+    recipe = dataclasses.replace(recipe, recovery=recipe.recovery.for_task(task.kind, trainable))
     validation = load_validation(recipe, tokenizer)
     layout = layout_for(model)
     source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
@@ -70,6 +72,16 @@ def load_inputs(recipe: Recipe) -> Inputs:
     selection = resolve_selection(recipe.selection, layout, model, task.kind)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
+
+
+def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
+    """The calibration prompts of a resolved task. A multiple-choice question is followed by nothing, by its
+    right choice, or (`all`) once by each choice, the way scoring runs it (`calibration.choices`)."""
+    sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+    if spec.choices == "none" or task.kind != "multiple_choice":
+        return sample
+    picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])
+    return [dataclasses.replace(e, prompt=e.prompt + e.delimiter + c) for e in sample for c in picked(e)]
 
 
 def check_budgets(inputs: Inputs, out_dir: Path) -> None:

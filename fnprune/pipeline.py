@@ -83,7 +83,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     with timer.stage("load"):
         inputs = load_inputs(recipe)
     check_budgets(inputs, out_dir)
-    if recipe.recovery.enabled:
+    if inputs.recipe.recovery.enabled:  # auto resolved by load_inputs
         check_trainable(inputs.model, "this model")  # before calibration, not after it
     # From here to surgery the model, tokenizer and imports stay alive: garbage collections skip them.
     with objects_frozen():
@@ -92,9 +92,9 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
             dense_params = count_parameters(inputs.model)
             dense = _score(inputs.model, inputs, progress, cached=True)
         targets = None
-        if recipe.recovery.enabled:
+        if inputs.recipe.recovery.enabled:
             with timer.stage("teacher"):
-                targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, recipe, progress)
+                targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, inputs.recipe, progress)
         _reconstruct(measured, plan, inputs, timer, progress)
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if inputs.source is not None:  # model None: the weights are written already

@@ -18,7 +18,7 @@ import yaml
 
 from .choices import (
     ALLOCATIONS,
-    DEVICE_MAP_STRATEGIES,
+    CALIBRATION_CHOICES,
     DTYPES,
     FILE_FORMATS,
     ICA_ENGINES,
@@ -30,6 +30,7 @@ from .choices import (
     STORE_DTYPES,
     TASK_KINDS,
 )
+from .device_maps import device_map_problems
 from .errors import RecipeError
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
     "flag",
 ]
 
-_DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
-_MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
-_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
-_BYTES = re.compile(r"\d+")
 _SHARD_SIZE = re.compile(r"\d+\s*[KMG]i?B", re.IGNORECASE)  # what save_pretrained parses: a whole number, no TB
 
 
@@ -70,41 +67,6 @@ def flag(name: str, help: str, **cli: Any) -> dict[str, Any]:
 
 
 _SEED = flag("--seed", "Seed for calibration sampling, ICA and random selection (default {default}).")
-
-
-def _is_device(value: Any, disk: bool) -> bool:
-    """A device accelerate can place a module on: GPU index, "cpu", "cuda:0", ... ("disk" in maps only)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value >= 0
-    return isinstance(value, str) and (bool(_DEVICE.fullmatch(value)) or (disk and value == "disk"))
-
-
-def _device_map_problems(spec: ModelSpec) -> list[str]:
-    dm, problems = spec.device_map, []
-    if isinstance(dm, str) and dm not in DEVICE_MAP_STRATEGIES and not _is_device(dm, disk=False):
-        problems.append(
-            f"model.device_map: {dm!r} is not one of {', '.join(DEVICE_MAP_STRATEGIES)} or a device "
-            "(cpu, cuda, cuda:0, mps), or a mapping of module names to devices"
-        )
-    if isinstance(dm, dict):
-        if not dm:
-            problems.append("model.device_map: an empty mapping places nothing; use auto or list modules")
-        for name, device in dm.items():
-            if not _is_device(device, disk=True):
-                problems.append(
-                    f"model.device_map.{name}: {device!r} is not a device (a GPU index, cpu, disk, cuda:0, mps)"
-                )
-    for key, size in spec.max_memory.items():
-        if not _MEMORY_KEY.fullmatch(key):
-            problems.append(f"model.max_memory.{key}: not a device (a GPU index like 0, cpu, disk, mps)")
-        ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
-        if not ok_int and not (isinstance(size, str) and (_SIZE.fullmatch(size.strip()) or _BYTES.fullmatch(size))):
-            problems.append(f"model.max_memory.{key}: {size!r} is not a size (bytes, or like 2GiB, 500MB)")
-    if dm is None:
-        for name in ("max_memory", "offload_folder"):
-            if getattr(spec, name):
-                problems.append(f"model.{name}: only used with model.device_map (e.g. auto); set both or neither")
-    return problems
 
 
 MAX_SEED = 2**32 - 1  # NumPy's and scikit-learn's seeds are 32-bit
@@ -149,7 +111,7 @@ class ModelSpec:
             problems.append("model.name_or_path: required (a Hub id, an HF folder or a .gguf file)")
         if self.dtype not in DTYPES:
             problems.append(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        return problems + _device_map_problems(self)
+        return problems + device_map_problems(self.device_map, self.max_memory, self.offload_folder)
 
 
 @dataclass
@@ -291,6 +253,10 @@ class CalibrationSpec:
         "--cache/--no-cache",
         "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))
     raw_share: float = 0.0  # share of calibration prompts that are the row's text alone, without any template
+    # multiple choice: the question alone ("none"), followed by its right choice, or once followed by each choice
+    choices: str = field(default="none", metadata=flag(
+        "--calibration-choices", "Multiple choice: what follows each calibration question (default {default}).",
+        choices=CALIBRATION_CHOICES))
 
     def check(self) -> list[str]:
         problems = []
@@ -303,6 +269,8 @@ class CalibrationSpec:
             problems.append(f"calibration.sample_store: {self.sample_store!r} is not one of {SAMPLE_STORES}")
         if not 0 <= self.raw_share < 1:
             problems.append(f"calibration.raw_share: must be in [0, 1), got {self.raw_share}")
+        if self.choices not in CALIBRATION_CHOICES:
+            problems.append(f"calibration.choices: {self.choices!r} is not one of {CALIBRATION_CHOICES}")
         return problems + seed_problems("calibration.seed", self.seed)
 
 
@@ -430,9 +398,11 @@ class RecoverySpec:
     shapes. `params`: which weights train (the MLP projections, everything, or LoRA adapters on the MLP
     projections merged back before saving)."""
 
-    enabled: bool = field(default=False, metadata=flag(
+    # auto: on for multiple choice (whose scores are the answers' token log-likelihoods, what distillation
+    # matches), off for classification and for models whose device map offloads weights
+    enabled: bool | str = field(default="auto", metadata=flag(
         "--recover/--no-recover", "After surgery, distil the pruned model toward the dense one on the calibration "
-        "prompts (default {default})."))
+        "prompts (default {default}: on for multiple-choice tasks)."))
     epochs: int = field(default=1, metadata=flag("--recover-epochs", "Recovery passes over the calibration prompts "
                                                  "(default {default})."))
     steps: int | None = field(default=None, metadata=flag(
@@ -451,8 +421,14 @@ class RecoverySpec:
     evaluate_before: bool = True  # also score the pruned model before recovery (report.json `recovery.before`)
     seed: int = 0
 
+    def for_task(self, kind: str, trainable: bool) -> RecoverySpec:
+        """This spec with `enabled: auto` made concrete for a task of `kind` and a model recovery can train."""
+        on = kind == "multiple_choice" and trainable
+        return dataclasses.replace(self, enabled=on) if self.enabled == "auto" else self
+
     def check(self) -> list[str]:
-        problems = []
+        problems = [] if self.enabled in (True, False, "auto") else [
+            f"recovery.enabled: {self.enabled!r} is not true, false or auto"]
         for name in ("epochs", "batch_size", "lora_rank", "top_k"):
             if getattr(self, name) < 1:
                 problems.append(f"recovery.{name}: must be >= 1, got {getattr(self, name)}")
@@ -616,8 +592,8 @@ class Recipe:
                 "output.layout per-layer is not supported by streamed surgery (model.device_map or "
                 "output.streamed): use uniform or padded"
             )
-        dm = self.model.device_map
-        if self.recovery.enabled and (self.model.offload_folder or isinstance(dm, dict) and "disk" in dm.values()):
+        dm, recover = self.model.device_map, self.recovery.enabled is True  # auto: off with offload
+        if recover and (self.model.offload_folder or isinstance(dm, dict) and "disk" in dm.values()):
             found.append("recovery trains the pruned weights in place: it does not run with disk offload "
                          "(model.device_map entries 'disk', model.offload_folder)")
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":

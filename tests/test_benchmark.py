@@ -124,3 +124,23 @@ def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_exampl
     assert row["templates"] == 7 and row["examples"] == 70 and row["sequences"] == 70
     assert scored == [70, 70]
     assert row["scorer_over_plain"] == pytest.approx(row["scorer_ex_s"] / row["plain_forward_ex_s"], rel=0.05)
+
+
+def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_dir, tmp_path):
+    """A setting is chosen on half of the calibration split: the evaluation split's file is unreadable here and
+    no held-out template is scored."""
+    from evaluation import calibration_tune
+    from tests.test_tasks import _arc_rows, _write_jsonl
+
+    data = tmp_path / "arc"
+    _write_jsonl(data / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    (data / "ARC-Easy-Test.jsonl").write_text("not json\n")
+    prefix = tmp_path / "tune"
+    calibration_tune.main(["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data),
+                           "--config", "flap+recon", "--vary", "calibration.choices=none,all", "--set",
+                           "calibration.max_tokens=200", "--max-samples", "6", "--work", str(tmp_path / "runs"),
+                           "--out-prefix", str(prefix), "--quiet"])
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all"]
+    assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "folder"}
+    assert rows[1]["folder"] != rows[2]["folder"]

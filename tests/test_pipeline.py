@@ -336,6 +336,18 @@ def test_uniform_relevance_weights_every_network_alike_and_shares_the_ica(llama_
         load_file(llama_run.output_dir / "networks.safetensors")["layers.0.maps"])
 
 
+def test_auto_recovery_is_on_for_multiple_choice_on_a_model_it_can_train():
+    from fnprune.recipe import RecoverySpec
+
+    auto = RecoverySpec()
+    assert auto.enabled == "auto" and not auto.check()
+    assert auto.for_task("multiple_choice", trainable=True).enabled is True
+    assert auto.for_task("multiple_choice", trainable=False).enabled is False  # offloaded weights: off, no error
+    assert auto.for_task("classification", trainable=True).enabled is False
+    assert RecoverySpec(enabled=True).for_task("classification", trainable=True).enabled is True  # as given
+    assert RecoverySpec(enabled="yes").check() == ["recovery.enabled: 'yes' is not true, false or auto"]
+
+
 def test_auto_relevance_is_labels_for_classification_and_uniform_for_multiple_choice():
     from fnprune.recipe import NetworksSpec
 

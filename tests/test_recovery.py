@@ -210,7 +210,9 @@ def test_recovery_settings_are_checked(tmp_path):
                              "model": {"name_or_path": "m", "device_map": {"model.layers.1": "disk", "x": 0}}})
     with pytest.raises(RecipeError, match="disk offload"):
         disk.validate()
-    assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] is False
+    assert json.loads(json.dumps(recipe_from_dict(base).to_dict()))["recovery"]["enabled"] == "auto"
+    auto_disk = recipe_from_dict({**base, "model": disk.to_dict()["model"]})
+    assert auto_disk.validate().recovery.enabled == "auto"  # auto is off with disk offload, not an error
 
 
 @pytest.mark.slow

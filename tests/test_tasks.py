@@ -248,11 +248,12 @@ def test_custom_multiple_choice_task_and_its_checks(tmp_path, llama):
 
 
 def test_default_method_is_flap_for_multiple_choice_and_fn_task_for_classification(model_dir, arc_dir, tmp_path):
-    """selection.method auto: the saved recipe and report name what ran (flap on ARC: no networks computed)."""
+    """selection.method and recovery.enabled auto: the saved recipe and report name what ran (on ARC flap, so no
+    networks computed, and recovery)."""
     import fnprune
     from fnprune.arch import layout_for
     from fnprune.pruning import resolve_selection
-    from fnprune.recipe import SelectionSpec, recipe_from_dict
+    from fnprune.recipe import SelectionSpec, apply_overrides, recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir("llama"))}, "task": {"name": "arc_easy", "data_dir": str(arc_dir)},
@@ -263,5 +264,32 @@ def test_default_method_is_flap_for_multiple_choice_and_fn_task_for_classificati
     result = fnprune.compress(recipe, progress=False)
     assert result.report["method"] == "flap" and result.recipe.selection.method == "flap"
     assert "networks" not in result.report["timings_seconds"]
+    assert recipe.recovery.enabled == "auto" and result.recipe.recovery.enabled is True
+    assert result.report["recovery"]["steps"] >= 1 and "evaluate_recovered" in result.report["timings_seconds"]
+    assert "enabled: true" in (tmp_path / "arc" / "recipe.yaml").read_text()
+    explicit = apply_overrides(recipe, {"selection.method": "flap", "recovery.enabled": True,
+                                        "output.dir": str(tmp_path / "explicit")})
+    fnprune.compress(explicit, progress=False)  # the benchmark's flap+recon+recover is the default here
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("arc", "explicit")]
+    assert weights[0] == weights[1]
     model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
     assert resolve_selection(SelectionSpec(), layout_for(model), model).method == "fn-task"  # classification
+
+
+def test_calibration_questions_can_carry_their_choices(arc_dir, task_data):
+    """calibration.choices: the question alone, followed by its right choice, or once by each choice; the
+    evaluation split never reaches them and classification tasks are untouched."""
+    from fnprune.inputs import calibration_prompts
+    from fnprune.recipe import CalibrationSpec
+
+    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
+    alone = calibration_prompts(task, CalibrationSpec(num_samples=6))
+    answer = calibration_prompts(task, CalibrationSpec(num_samples=6, choices="answer"))
+    each = calibration_prompts(task, CalibrationSpec(num_samples=6, choices="all"))
+    assert [e.prompt + e.delimiter + e.choices[int(e.label)] for e in alone] == [e.prompt for e in answer]
+    assert [e.prompt for e in each] == [e.prompt + e.delimiter + c for e in alone for c in e.choices]
+    assert [e.label for e in each] == [e.label for e in alone for _ in e.choices]
+    check_disjoint(each, load_evaluation(task, task.evaluation_split)["qa"])
+    sst2 = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    assert calibration_prompts(sst2, CalibrationSpec(num_samples=6, choices="all")) == calibration_prompts(
+        sst2, CalibrationSpec(num_samples=6))

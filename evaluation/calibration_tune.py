@@ -1,0 +1,89 @@
+"""Choose a setting on the calibration split alone: its rows are cut in two (`task.split_of`), the product's compress
+calibrates on one part and the other part is scored under the calibration templates only. Neither the evaluation
+split nor any held-out template is read, so what this picks can become a default.
+
+    python -m evaluation.calibration_tune --model ~/.cache/fnprune-models/smollm2-135m-instruct --task arc_easy \
+        --data-dir ../shared/data/arc_easy --vary calibration.choices=none,answer,all --keep 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evaluation.benchmark import CONFIGS, overrides_suffix, parse_overrides
+from evaluation.tables import write_rows
+
+
+def _accuracies(model_path: str, task, max_samples: int, batch_size: int, quiet: bool) -> dict[str, float]:
+    """Accuracy per calibration template on the tuning part (the carved evaluation part of the calibration split)."""
+    from fnprune.data import load_evaluation
+    from fnprune.evaluate import evaluate_templates
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    names = [t.name for t in task.calibration_templates()]
+    sets = {n: ex[:max_samples] for n, ex in load_evaluation(task, task.evaluation_split).items() if n in names}
+    model, tok = load_model(ModelSpec(name_or_path=model_path))
+    result = evaluate_templates(model, tok, sets, task, batch_size, progress=not quiet)
+    return {n: round(r.accuracy, 4) for n, r in result.by_template.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--config", default="default", choices=list(CONFIGS), help="the benchmark's configuration")
+    p.add_argument("--vary", required=True, metavar="KEY=V1,V2", help="one recipe key and the values to compare")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    p.add_argument("--share", type=float, default=0.5, help="share of the calibration split's rows calibrated on")
+    p.add_argument("--max-samples", type=int, default=200, help="tuning rows scored per template")
+    p.add_argument("--work", default="evaluation/.runs")
+    p.add_argument("--out-prefix", default="evaluation/results/calibration_tune")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import fnprune
+    from fnprune.recipe import Recipe, apply_overrides, load_recipe
+    from fnprune.tasks import resolve_task
+
+    torch.set_flush_denormal(True)
+    key, _, values = args.vary.partition("=")
+    fixed = parse_overrides(args.set, None)
+    base = {"model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
+            "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
+            **fixed}
+    task = resolve_task(apply_overrides(Recipe(), base).task)
+    base.update({"task.split_of": task.calibration_split, "task.calibration_share": args.share})
+    tuning_task = resolve_task(apply_overrides(Recipe(), base).task)
+    rows: list[dict[str, Any]] = []
+    dense = _accuracies(args.model, tuning_task, args.max_samples, 32, args.quiet)
+    rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
+    for value in values.split(","):
+        extra = {**fixed, key: yaml.safe_load(value)}
+        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{overrides_suffix(extra)}"
+        if not (out / "report.json").is_file():
+            fnprune.compress(apply_overrides(Recipe(), {**base, key: yaml.safe_load(value), "output.dir": str(out)}),
+                             progress=not args.quiet)
+        saved = resolve_task(load_recipe(out / "recipe.yaml").task)
+        acc = _accuracies(str(out), saved, args.max_samples, 32, args.quiet)
+        mean = statistics.fmean(acc.values())
+        rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
+                     "pct": round(100 * mean / rows[0]["mean"], 1), "folder": out.name})
+    command = "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_rows(Path(args.out_prefix), command, rows)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
