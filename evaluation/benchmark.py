@@ -36,7 +36,7 @@ N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the c
 OFF = {"recovery.enabled": False}  # recovery's default (auto) is on for multiple choice
 ON = {"recovery.enabled": True, "recovery.evaluate_before": False}  # the model before it: the row without it
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},  # auto: fn-task for classification, flap + recovery for multiple choice
+    "default": {},  # auto: flap + reconstruction, + recovery for multiple choice
     "fn-task": {"selection.method": "fn-task", **OFF},
     "flap+recon": {"selection.method": "flap", **OFF},
     "flap": {"selection.method": "flap", "selection.reconstruct": False, **OFF},
@@ -62,7 +62,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def uses_ica(config: str, task: str) -> bool:
     """Whether the configuration's selection reads functional networks on this task (one run per ICA seed then):
-    `default` is the recipe's auto method, fn-task for classification and flap for multiple choice."""
+    `default` is the recipe's auto method (flap, no ICA)."""
     from fnprune.recipe import Recipe, apply_overrides
     from fnprune.selection import NEEDS_NETWORKS
     from fnprune.tasks import BUILTIN_TASKS

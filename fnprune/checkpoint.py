@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .arch import layout_for
+from .choices import NETWORK_METHODS
 from .errors import FnpruneError, OutputError
 from .lm_eval_backend import lm_eval_metrics
 
@@ -290,6 +291,15 @@ def _lm_eval_rows(report: dict[str, Any]) -> str:
     return "".join(row + "\n" for row in rows)
 
 
+def _selection_sentence(info: CardInfo, samples: int) -> str:
+    """What selection did, in the card's words: only the network criteria find functional networks."""
+    found = (f"found the model's task functional networks (per-layer ICA on MLP activations from {samples} "
+             f"`{info.task}` calibration examples), kept" if info.method in NETWORK_METHODS else
+             f"scored every MLP neuron on {samples} `{info.task}` calibration examples, kept")
+    return (f"{found} {info.keep:.0%} of the MLP neurons of every layer with the `{info.method}` criterion and "
+            "physically removed the others.")
+
+
 def _recovery_note(r: dict) -> str:
     """A paragraph on the recovery stage, with the scores before it, when the run had one."""
     rec = r.get("recovery")
@@ -323,9 +333,7 @@ tags:
 
 # {info.base_model} pruned for {info.task} with fnprune
 
-fnprune {fnprune_version} found the model's task functional networks (per-layer ICA on MLP activations from
-{r['calibration']['samples']} `{info.task}` calibration examples), kept {info.keep:.0%} of the MLP neurons of
-every layer with the `{info.method}` criterion and physically removed the others. The checkpoint loads with
+fnprune {fnprune_version} {_selection_sentence(info, r['calibration']['samples'])} The checkpoint loads with
 plain `AutoModelForCausalLM.from_pretrained`.
 
 | | dense | pruned |

@@ -24,7 +24,7 @@ __all__ = [
 
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")  # selection criteria
 NETWORK_METHODS = ("fn", "fn-task")  # criteria that read functional networks
-# what a recipe's selection.method may say: a criterion, or auto (fn-task for classification, flap for multiple choice)
+# what a recipe's selection.method may say: a criterion, or auto (flap on every task kind, chosen on calibration data)
 SELECTION_METHODS = ("auto", *METHODS)
 ALLOCATIONS = ("uniform", "global")  # per-layer budget: same width everywhere, or one ranking across layers
 LAYOUTS = ("uniform", "per-layer", "padded")  # how per-layer widths are stored

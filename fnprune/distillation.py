@@ -116,7 +116,8 @@ def bucket_kl(student_logp: torch.Tensor, indices: torch.Tensor, teacher_logp: t
     student_logp: (T, V) log-softmax; indices, teacher_logp: (T, k)."""
     s_top = student_logp.gather(-1, indices)
     t_top = teacher_logp
-    t_rest = (-t_top.exp().sum(-1)).log1p().clamp(min=-80.0)  # log of the teacher's mass outside the top k
+    # log of the teacher's mass outside the top k; rounding can put the top k's sum a hair above 1 (no mass left)
+    t_rest = (-t_top.exp().sum(-1)).clamp(min=-1.0).log1p().clamp(min=-80.0)
     s_rest = (-s_top.exp().sum(-1)).clamp(min=-1 + 1e-6).log1p()
     top = (t_top.exp() * (t_top - s_top)).sum(-1)
     return top + t_rest.exp() * (t_rest - s_rest)

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 _SHARD_SIZE = re.compile(r"\d+\s*[KMG]i?B", re.IGNORECASE)  # what save_pretrained parses: a whole number, no TB
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4, 3E+2, .5e-3
 
 
 def flag(name: str, help: str, **cli: Any) -> dict[str, Any]:
@@ -326,11 +327,11 @@ class NetworksSpec:
 class SelectionSpec:
     """Which MLP neurons to keep: a criterion (`method`) and a budget (`keep` fraction, uniform per layer)."""
 
-    # an unknown method is refused by check(); auto: multiple-choice labels (the answer's position) give fn-task's
-    # relevance nothing to read (evaluation/RESULTS.md 0.0.1)
+    # an unknown method is refused by check(); auto: flap, which beat fn-task on halves of the calibration split
+    # for classification and multiple choice alike (evaluation/RESULTS.md 0.0 and 0.0.1)
     method: str = field(default="auto", metadata=flag(
-        "--method", "Selection criterion: {choices} (default auto: fn-task for classification, flap for multiple "
-        "choice).", choices=SELECTION_METHODS, strict=False))
+        "--method", "Selection criterion: {choices} (default auto: flap; fn-task selects by functional networks).",
+        choices=SELECTION_METHODS, strict=False))
     keep: float = field(default=0.5, metadata=flag(
         "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
     round_to: int = field(default=8, metadata=flag(
@@ -359,9 +360,9 @@ class SelectionSpec:
     seed: int = field(default=0, metadata=_SEED)
 
     def for_task(self, kind: str) -> SelectionSpec:
-        """This spec with `method: auto` made concrete for a task of `kind`."""
-        mc = kind == "multiple_choice"
-        return dataclasses.replace(self, method="flap" if mc else "fn-task") if self.method == "auto" else self
+        """This spec with `method: auto` made concrete for a task of `kind` (the same criterion for every kind
+        today; `kind` keeps the choice per task kind, where the evidence has been)."""
+        return dataclasses.replace(self, method="flap") if self.method == "auto" else self
 
     def check(self) -> list[str]:
         problems = []
@@ -662,6 +663,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 3e-4 as a string: it needs a dot, 3.0e-4
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value

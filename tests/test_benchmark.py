@@ -36,7 +36,7 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
 
 
 def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task_data, tmp_path):
-    """The default configuration (fn-task networks + reconstruction) with --set overrides and --wikitext: the
+    """The default configuration (FLAP + reconstruction) with --set overrides and --wikitext: the
     same numbers as `fnprune compress` given the same settings as flags."""
     wiki = tmp_path / "wiki.test.raw"
     wiki.write_text("\n".join(f" = Film {i} = \n The film was {'good' if i % 2 else 'bad'} and the story is long ."
@@ -59,7 +59,7 @@ def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task
         "--output", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "fn-task" and report["reconstruct"] and report["ridge"] == 1.0
+    assert report["method"] == "flap" and report["reconstruct"] and report["ridge"] == 1.0
     assert row["held_out_pruned"] == round(report["metric"]["pruned"], 4)
     assert row["calibration_pruned"] == round(report["template_means"]["calibration"]["pruned"], 4)
     assert row["params"] == report["parameters"]["ratio"]

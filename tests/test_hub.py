@@ -82,7 +82,7 @@ def test_compress_from_hub_id_push_and_load_back(model_dir, task_data, tmp_path)
     assert evaluated["accuracy"] == report["metric"]["pruned"] and evaluated["n"] == report["metric"]["n"]
     code = ("import fnprune, json; p = fnprune.load_pruned('me/tiny-llama-sst2'); "
             "print(json.dumps([p.model.config.intermediate_size, p.report['method']]))")
-    assert json.loads(_run(["-c", code], env, tmp_path).strip().splitlines()[-1]) == [64, "fn-task"]
+    assert json.loads(_run(["-c", code], env, tmp_path).strip().splitlines()[-1]) == [64, "flap"]
 
 
 def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path):

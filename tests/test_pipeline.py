@@ -40,7 +40,7 @@ def _sha(path):
 @pytest.fixture(scope="module")
 def llama_run(model_dir, task_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "llama"
-    return fnprune.compress(_recipe(model_dir("llama"), task_data, out), progress=False)
+    return fnprune.compress(_recipe(model_dir("llama"), task_data, out, method="fn-task"), progress=False)
 
 
 def test_output_folder_and_report(llama_run):
@@ -247,7 +247,7 @@ def test_no_token_sample_when_nothing_needs_it(model_dir, task_data, tmp_path):
         calibrate(model, tok, examples, task.label_words, plain, with_networks=True, with_sample=False)
 
     # Same calibration settings, now with ICA: the cached sample-less activations must not be used.
-    networks = _recipe(model_dir("llama"), task_data, tmp_path / "fn", reconstruct=False)
+    networks = _recipe(model_dir("llama"), task_data, tmp_path / "fn", method="fn-task", reconstruct=False)
     with_ica = fnprune.compress(apply_overrides(networks, {"evaluation.enabled": False}), progress=False)
     assert with_ica.report["calibration"]["tokens_for_ica"] == 400
 
@@ -298,7 +298,7 @@ def test_mlp_wider_than_the_sample_keeps_tokens_and_finds_the_same_networks(mode
     assert resolve_sample_store("auto", 128, 100, "float32") == "tokens"
     maps = {}
     for store in ("auto", "moments"):
-        recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / store),
+        recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / store, method="fn-task"),
                                  {"calibration.sample_store": store, "calibration.max_tokens": 100,
                                   "task.template": "Review: {sentence}\nSentiment:",
                                   "networks.max_iter": 3, "evaluation.enabled": False})
@@ -357,9 +357,12 @@ def test_auto_relevance_is_labels_for_classification_and_uniform_for_multiple_ch
     assert NetworksSpec(relevance="labels").for_task("multiple_choice").relevance == "labels"  # as given
 
 
-def test_auto_method_on_classification_is_fn_task_byte_for_byte(llama_run, tmp_path):
-    assert llama_run.recipe.selection.method == "fn-task"  # the saved recipe names what auto ran
-    explicit = apply_overrides(llama_run.recipe, {"output.dir": str(tmp_path / "fn-task"),
-                                                  "selection.method": "fn-task"})
-    result = fnprune.compress(explicit, progress=False)
-    assert _sha(result.output_dir / "model.safetensors") == _sha(llama_run.output_dir / "model.safetensors")
+def test_auto_method_on_classification_is_flap_byte_for_byte(model_dir, task_data, tmp_path):
+    auto = fnprune.compress(_recipe(model_dir("llama"), task_data, tmp_path / "auto"), progress=False)
+    assert auto.recipe.selection.method == "flap"  # the saved recipe names what auto ran
+    assert "networks" not in auto.report["timings_seconds"]  # no ICA for a criterion that reads no networks
+    card = (auto.output_dir / "README.md").read_text()
+    assert "scored every MLP neuron" in card and "functional networks" not in card
+    explicit = fnprune.compress(_recipe(model_dir("llama"), task_data, tmp_path / "flap", method="flap"),
+                                progress=False)
+    assert _sha(explicit.output_dir / "model.safetensors") == _sha(auto.output_dir / "model.safetensors")

@@ -89,6 +89,15 @@ def test_overrides_skip_none_and_revalidate_types():
         apply_overrides(Recipe(), {"selection.keep": "x"})
 
 
+def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("recovery:\n  lr: 3e-4\nselection:\n  ridge: 1E+1\n")  # PyYAML: strings (no dot)
+    recipe = load_recipe(path)
+    assert recipe.recovery.lr == 3e-4 and recipe.selection.ridge == 10.0
+    with pytest.raises(RecipeError, match="recovery.lr: expected a number"):
+        apply_overrides(Recipe(), {"recovery.lr": "3e-4x"})
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")

@@ -29,7 +29,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
 def _args(model, data, out):
     return ["compress", "--task", "sst2", "--model", str(model), "--data-dir", str(data), "--output", str(out),
-            "--num-samples", "40", "--max-tokens", "300", "--components", "8", "--no-eval"]
+            "--num-samples", "40", "--max-tokens", "300", "--components", "8", "--method", "fn-task", "--no-eval"]
 
 
 def test_killed_during_save_then_rerun_finishes_from_cache(model_dir, task_data, tmp_path, isolated_cache):

@@ -247,7 +247,7 @@ def test_custom_multiple_choice_task_and_its_checks(tmp_path, llama):
                               choices=["opts"], template="{q|shout}"))
 
 
-def test_default_method_is_flap_for_multiple_choice_and_fn_task_for_classification(model_dir, arc_dir, tmp_path):
+def test_default_method_is_flap_and_recovery_is_on_for_multiple_choice(model_dir, arc_dir, tmp_path):
     """selection.method and recovery.enabled auto: the saved recipe and report name what ran (on ARC flap, so no
     networks computed, and recovery)."""
     import fnprune
@@ -273,7 +273,7 @@ def test_default_method_is_flap_for_multiple_choice_and_fn_task_for_classificati
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("arc", "explicit")]
     assert weights[0] == weights[1]
     model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
-    assert resolve_selection(SelectionSpec(), layout_for(model), model).method == "fn-task"  # classification
+    assert resolve_selection(SelectionSpec(), layout_for(model), model).method == "flap"  # classification too
 
 
 def test_calibration_questions_can_carry_their_choices(arc_dir, task_data):
