@@ -360,8 +360,8 @@ class SelectionSpec:
     seed: int = field(default=0, metadata=_SEED)
 
     def for_task(self, kind: str) -> SelectionSpec:
-        """This spec with `method: auto` made concrete for a task of `kind` (the same criterion for every kind
-        today; `kind` keeps the choice per task kind, where the evidence has been)."""
+        """This spec with `method: auto` made concrete for a task of `kind` (flap for every kind today; `kind`
+        stays so that the choice can differ per kind when the tuning says so)."""
         return dataclasses.replace(self, method="flap") if self.method == "auto" else self
 
     def check(self) -> list[str]:
