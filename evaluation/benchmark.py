@@ -136,7 +136,7 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
             row["held_out_before"] = round(before["held_out"]["pruned"], 4)
             row["calibration_before"] = round(before["calibration"]["pruned"], 4)
         ppl = (rec.get("validation_before") or {}).get("perplexity")
-        if ppl:
+        if ppl and ppl["pruned"] is not None:
             row["ppl_before"] = round(ppl["pruned"], 2)
     row["compress_seconds"] = round(sum(v for k, v in report["timings_seconds"].items()
                                         if not k.startswith("evaluate")), 1)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = load_sample(task, task.calibration_split, cal.num_samples + 4 * args.tune_prompts, cal.seed + 1)
     tune = [e for e in pool if e.texts not in seen][: args.tune_prompts]  # other rows, calibration templates
     dense, tokenizer = load_model(recipe.model)
-    targets = teacher(dense, tokenizer, calibration, recipe, progress=True)
+    targets = teacher(dense, tokenizer, calibration, recipe, task, progress=True)
     tune_seqs = recovery_inputs(tokenizer, dense, tune, recipe)
     tune_targets = teacher_targets(dense, tune_seqs, recipe.recovery.top_k, cal.batch_size, progress=True)
     del dense

@@ -237,8 +237,9 @@ def save_teacher(key: str, targets: TeacherTargets) -> None:
 
 def load_teacher(key: str) -> TeacherTargets | None:
     def parse(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> TeacherTargets:
-        targets = TeacherTargets(t["indices"], t["logprobs"], t["offsets"])
-        if targets.indices.shape != targets.logprobs.shape or int(targets.offsets[-1]) != targets.indices.shape[0]:
+        targets = TeacherTargets(t["indices"], t["logprobs"], t["offsets"], t["label_ids"], t["label_logprobs"])
+        if targets.indices.shape != targets.logprobs.shape or int(targets.offsets[-1]) != targets.indices.shape[0] \
+                or targets.label_ids.shape != targets.label_logprobs.shape:
             raise ValueError("teacher tensors do not fit together")
         return targets
 

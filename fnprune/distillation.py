@@ -5,6 +5,11 @@ the top-k log-probabilities plus the mass outside them, and the student minimise
 two (k + 1)-bucket distributions, which is exact for the coarsened distributions and needs k + 1 numbers per
 token instead of the vocabulary. A classifier's teacher is its head's label distribution at the decision token.
 
+A zero-shot classification prompt is decided by the ratio of its label words' probabilities at the answer
+position, which can be a small share of the distribution and so of its KL. With the label words' token ids per
+prompt (its template's, never its label), the teacher also keeps their log-probabilities there, and the loss can
+weigh the KL between the two label distributions renormalized over those words.
+
 Only the calibration prompts reach training: the caller passes the same examples the activations were captured
 on, so the evaluation split and the held-out templates never do. Whatever trains is merged into the weights
 (LoRA included), so the checkpoint keeps its shapes and loads like any other.
@@ -18,7 +23,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +53,21 @@ class TeacherTargets:
     indices: torch.Tensor  # (T, k) int64 token (or label) ids
     logprobs: torch.Tensor  # (T, k) float32 teacher log-probabilities of those ids
     offsets: torch.Tensor  # (N + 1,) int64
+    # (N, C) int64 each prompt's label-word token ids (-1: the prompt has none) and (N, C) float32 the teacher's
+    # log-probabilities of them at its answer position; C = 0 when no prompt has label words
+    label_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    label_logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.logprobs, self.offsets))
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.indices, "logprobs": self.logprobs, "offsets": self.offsets}
+        return {"indices": self.indices, "logprobs": self.logprobs, "offsets": self.offsets,
+                "label_ids": self.label_ids, "label_logprobs": self.label_logprobs}
 
 
 @dataclass
@@ -88,11 +98,18 @@ def _positions(mask: torch.Tensor, classifier: bool) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def teacher_targets(model: nn.Module, seqs: list[list[int]], top_k: int, batch_size: int,
-                    progress: bool = True) -> TeacherTargets:
+                    progress: bool = True, label_ids: list[list[int]] | None = None) -> TeacherTargets:
     """The dense model's top-k log-probabilities at every real token of each prompt (the full label
-    distribution for a classifier)."""
+    distribution for a classifier), and at each prompt's answer position those of `label_ids[i]` (its label
+    words' token ids; an empty list: none)."""
     classifier = is_classifier(model)
     per_prompt: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
+    n_labels = max((len(x) for x in label_ids), default=0) if label_ids is not None and not classifier else 0
+    label_tensor = torch.full((len(seqs), n_labels), -1, dtype=torch.long)
+    for i, ids in enumerate(label_ids if label_ids is not None and n_labels else []):
+        if len(ids) == n_labels:
+            label_tensor[i] = torch.tensor(ids, dtype=torch.long)
+    label_logp = torch.zeros(len(seqs), n_labels)
     bar = tqdm(total=sum(map(len, seqs)), desc="teacher", unit="tok", disable=not progress)
     with bar:
         for batch in batches(seqs, batch_size, "right"):
@@ -101,12 +118,16 @@ def teacher_targets(model: nn.Module, seqs: list[list[int]], top_k: int, batch_s
             for row, (i, pos) in enumerate(zip(batch.index, _positions(batch.attention_mask, classifier))):
                 values, ids = logp[row, pos].topk(k, dim=-1)
                 per_prompt[i] = (ids, values)
+                if n_labels and label_tensor[i, 0] >= 0:
+                    label_logp[i] = logp[row, pos[-1], label_tensor[i]]
             bar.update(int(batch.attention_mask.sum()))
     lengths = torch.tensor([0] + [p[0].shape[0] for p in per_prompt if p is not None])
     return TeacherTargets(
         indices=torch.cat([p[0] for p in per_prompt if p is not None]),
         logprobs=torch.cat([p[1] for p in per_prompt if p is not None]),
         offsets=lengths.cumsum(0),
+        label_ids=label_tensor,
+        label_logprobs=label_logp,
     )
 
 
@@ -193,26 +214,55 @@ def step_batches(n_prompts: int, spec: RecoverySpec) -> list[list[int]]:
     return order[:total]
 
 
-def divergences(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(teacher || model) at every scored position of prompts `idx`, and which of those rows are the answer
-    positions (each prompt's last)."""
+def _student_rows(model: nn.Module, seqs: list[list[int]], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities at every scored position of prompts `idx`, rows concatenated as in
+    TeacherTargets, and which of those rows are the answer positions (each prompt's last)."""
     batch = make_batch([seqs[i] for i in idx], idx, "right")
     logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1)
     positions = _positions(batch.attention_mask, is_classifier(model))
     rows = torch.cat([logp[r, p] for r, p in enumerate(positions)])
-    device = rows.device
-    ids = torch.cat([targets.indices[targets.rows(i)] for i in idx]).to(device)
-    t_logp = torch.cat([targets.logprobs[targets.rows(i)] for i in idx]).to(device)
     ends = torch.tensor([len(p) for p in positions]).cumsum(0) - 1
-    return bucket_kl(rows, ids, t_logp), ends.to(device)
+    return rows, ends.to(rows.device)
+
+
+def _token_kl(rows: torch.Tensor, targets: TeacherTargets, idx: list[int]) -> torch.Tensor:
+    ids = torch.cat([targets.indices[targets.rows(i)] for i in idx]).to(rows.device)
+    t_logp = torch.cat([targets.logprobs[targets.rows(i)] for i in idx]).to(rows.device)
+    return bucket_kl(rows, ids, t_logp)
+
+
+def label_kl(answer_rows: torch.Tensor, targets: TeacherTargets, idx: list[int]) -> torch.Tensor:
+    """Per prompt with label words, KL(teacher || model) of the label distribution renormalized over its label
+    words at the answer position; answer_rows: (len(idx), V) the model's log-probabilities there."""
+    if targets.label_ids.shape[1] == 0:
+        return answer_rows.new_zeros(0)
+    ids = targets.label_ids[idx].to(answer_rows.device)
+    has = ids[:, 0] >= 0
+    t = targets.label_logprobs[idx].to(answer_rows.device)[has].log_softmax(-1)
+    s = answer_rows[has].gather(-1, ids[has]).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def divergences(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || model) at every scored position of prompts `idx`, and which of those rows are the answer
+    positions (each prompt's last)."""
+    rows, ends = _student_rows(model, seqs, idx)
+    return _token_kl(rows, targets, idx), ends
 
 
 def _loss(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int],
-          answer_weight: float) -> torch.Tensor:
-    """(1 - answer_weight) x mean KL over all scored tokens + answer_weight x mean KL at the answer positions."""
-    kl, ends = divergences(model, seqs, targets, idx)
-    return (1 - answer_weight) * kl.mean() + answer_weight * kl[ends].mean()
+          spec: RecoverySpec) -> torch.Tensor:
+    """(1 - answer_weight) x mean KL over all scored tokens + answer_weight x mean KL at the answer positions
+    + label_weight x mean KL of the label words' distribution at the answer positions."""
+    rows, ends = _student_rows(model, seqs, idx)
+    kl = _token_kl(rows, targets, idx)
+    loss = (1 - spec.answer_weight) * kl.mean() + spec.answer_weight * kl[ends].mean()
+    if spec.label_weight:
+        labels = label_kl(rows[ends], targets, idx)
+        if labels.numel():
+            loss = loss + spec.label_weight * labels.mean()
+    return loss
 
 
 def run_fingerprint(start: list[nn.Parameter], targets: TeacherTargets, seqs: list[list[int]],
@@ -302,7 +352,7 @@ def recover(
             for step in range(done, len(plan)):
                 for group in opt.param_groups:
                     group["lr"] = _learning_rate(step, len(plan), spec.lr, spec.warmup)
-                loss = _loss(model, seqs, targets, plan[step], spec.answer_weight)
+                loss = _loss(model, seqs, targets, plan[step], spec)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower recovery.lr")
                 opt.zero_grad(set_to_none=True)

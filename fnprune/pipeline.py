@@ -94,7 +94,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
         targets = None
         if inputs.recipe.recovery.enabled:
             with timer.stage("teacher"):
-                targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, inputs.recipe, progress)
+                targets = teacher(inputs.model, inputs.tokenizer, inputs.prompts, inputs.recipe, inputs.task,
+                                  progress)
         _reconstruct(measured, plan, inputs, timer, progress)
     with atomic_output_dir(out_dir, recipe.output.overwrite) as tmp:
         if inputs.source is not None:  # model None: the weights are written already

@@ -410,7 +410,7 @@ class RecoverySpec:
         "--recover-steps", "Recovery optimisation steps (default: --recover-epochs passes)."))
     batch_size: int = field(default=8, metadata=flag("--recover-batch-size", "Prompts per recovery step "
                                                      "(default {default})."))
-    lr: float = field(default=1e-4, metadata=flag(
+    lr: float = field(default=3e-4, metadata=flag(
         "--recover-lr", "Peak learning rate of recovery (AdamW, warm-up then cosine decay; default {default})."))
     warmup: float = 0.05  # share of the steps spent warming up
     params: str = field(default="mlp", metadata=flag(
@@ -418,6 +418,9 @@ class RecoverySpec:
         choices=RECOVERY_PARAMS))
     lora_rank: int = 16
     answer_weight: float = 0.5  # share of the loss given to each prompt's answer position
+    # weight of the KL between the label words' renormalized distributions at the answer position (added to the
+    # loss; classification prompts of a template whose label words are one token each)
+    label_weight: float = 0.0
     top_k: int = 64  # teacher log-probabilities kept per token (plus the mass of all other tokens)
     evaluate_before: bool = True  # also score the pruned model before recovery (report.json `recovery.before`)
     seed: int = 0
@@ -441,6 +444,8 @@ class RecoverySpec:
             problems.append(f"recovery.warmup: must be in [0, 1), got {self.warmup}")
         if not 0 <= self.answer_weight <= 1:
             problems.append(f"recovery.answer_weight: must be in [0, 1], got {self.answer_weight}")
+        if not self.label_weight >= 0:
+            problems.append(f"recovery.label_weight: must be >= 0, got {self.label_weight}")
         if self.params not in RECOVERY_PARAMS:
             problems.append(f"recovery.params: {self.params!r} is not one of {', '.join(RECOVERY_PARAMS)}")
         return problems + seed_problems("recovery.seed", self.seed)

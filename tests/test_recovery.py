@@ -66,7 +66,7 @@ def pruned_llama(model_dir, tokenizer_dir, task_data):
 
 def _mean_kl(model, seqs, targets):
     with torch.no_grad():
-        return float(distillation._loss(model, seqs, targets, list(range(len(seqs))), 0.0))
+        return float(distillation._loss(model, seqs, targets, list(range(len(seqs))), RecoverySpec(answer_weight=0.0)))
 
 
 @pytest.mark.parametrize("params", ["mlp", "lora", "all"])
@@ -262,3 +262,58 @@ def test_recovery_refuses_an_offloaded_model():
     with pytest.raises(ModelError, match=r"offloads 1 modules \(1, \.\.\.\)"):
         check_trainable(model, "this model")
     check_trainable(torch.nn.Linear(2, 2), "this model")
+
+
+def _label_kl(model, seqs, targets):
+    idx = list(range(len(seqs)))
+    with torch.no_grad():
+        rows, ends = distillation._student_rows(model, seqs, idx)
+        return distillation.label_kl(rows[ends], targets, idx)
+
+
+def test_label_kl_is_zero_at_the_teacher_and_recovery_with_label_weight_lowers_it(pruned_llama):
+    dense, pruned, seqs, _ = pruned_llama
+    words = [[11, 23]] * (len(seqs) - 1) + [[]]  # the last prompt has no label words (raw text)
+    targets = teacher_targets(dense, seqs, 16, 8, progress=False, label_ids=words)
+    assert targets.label_ids.shape == (len(seqs), 2) and (targets.label_ids[-1] == -1).all()
+    at_teacher = _label_kl(dense, seqs, targets)
+    assert at_teacher.shape == (len(seqs) - 1,) and at_teacher.abs().max() < 1e-5
+    before = _label_kl(pruned, seqs, targets).mean()
+    spec = RecoverySpec(enabled=True, epochs=4, lr=3e-3, answer_weight=0.0, label_weight=4.0)
+    student = copy.deepcopy(pruned)
+    recover(student, layout_for(student), seqs, targets, spec, progress=False)
+    assert _label_kl(student, seqs, targets).mean() < 0.5 * before
+
+
+def test_label_word_ids_are_each_templates_words_and_none_for_untemplated_text(tokenizer_dir, task_data):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    task = resolve_task(fnprune.recipe.TaskSpec(name="sst2", data_dir=str(task_data)))
+    examples = [fnprune.data.Example("p", "0", template="review"), fnprune.data.Example("p", "1", template="good-bad"),
+                fnprune.data.Example("raw text", "", template="")]
+    ids = recovery.label_word_ids(tok, examples, task)
+    one = [tok(w, add_special_tokens=False)["input_ids"] for w in (" negative", " positive")]
+    assert all(len(x) == 1 for x in one) and len(tok(" good", add_special_tokens=False)["input_ids"]) > 1
+    # review: its one-token words in label order; good-bad: " good" is several tokens here, so none; raw text: none
+    assert ids == [[one[0][0], one[1][0]], [], []]
+    mc = resolve_task(fnprune.recipe.TaskSpec(name="arc_easy", data_dir=str(task_data)))
+    assert recovery.label_word_ids(tok, examples[:1], mc) == [[]]
+
+
+@pytest.mark.slow
+def test_compress_passes_the_templates_label_words_to_the_teacher(recovered_run, model_dir, task_data, tmp_path,
+                                                                  monkeypatch):
+    """compress hands the teacher each calibration prompt's label words (the resolved task's templates), and a
+    label_weight changes what recovery writes."""
+    passed: list = []
+    real = recovery.teacher_targets
+
+    def spy(model, seqs, *a, **kw):
+        passed.append(a[3] if len(a) > 3 else kw.get("label_ids"))
+        return real(model, seqs, *a, **kw)
+
+    monkeypatch.setattr(recovery, "teacher_targets", spy)
+    recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / "out", label_weight=4.0),
+                             {"calibration.cache": False, "evaluation.enabled": False})
+    result = fnprune.compress(recipe, progress=False)
+    assert passed and sum(bool(x) for x in passed[0]) > 0  # the review prompts' one-token " negative" / " positive"
+    assert _sha(result.output_dir / "model.safetensors") != _sha(recovered_run.output_dir / "model.safetensors")
