@@ -104,10 +104,11 @@ def teacher_targets(model: nn.Module, seqs: list[list[int]], top_k: int, batch_s
     words' token ids; an empty list: none)."""
     classifier = is_classifier(model)
     per_prompt: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
-    n_labels = max((len(x) for x in label_ids), default=0) if label_ids is not None and not classifier else 0
+    words = [] if label_ids is None or classifier else label_ids
+    n_labels = max(map(len, words), default=0)
     label_tensor = torch.full((len(seqs), n_labels), -1, dtype=torch.long)
-    for i, ids in enumerate(label_ids if label_ids is not None and n_labels else []):
-        if len(ids) == n_labels:
+    for i, ids in enumerate(words):
+        if ids and len(ids) == n_labels:
             label_tensor[i] = torch.tensor(ids, dtype=torch.long)
     label_logp = torch.zeros(len(seqs), n_labels)
     bar = tqdm(total=sum(map(len, seqs)), desc="teacher", unit="tok", disable=not progress)

@@ -46,11 +46,10 @@ def label_word_ids(tokenizer, calibration: list[Example], task: TaskSpec) -> lis
     word is longer than one token."""
     if task.kind != "classification":
         return [[] for _ in calibration]
-    by_name = {t.name: t for t in task.templates}
     ids_of: dict[str, list[int]] = {}
-    for name, template in by_name.items():
+    for template in task.templates:
         ids = label_token_ids(tokenizer, template.words(task.label_words))
-        ids_of[name] = [v[0] for v in ids.values()] if all(len(v) == 1 for v in ids.values()) else []
+        ids_of[template.name] = [v[0] for v in ids.values()] if all(len(v) == 1 for v in ids.values()) else []
     return [ids_of.get(e.template, []) for e in calibration]
 
 
