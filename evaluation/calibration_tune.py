@@ -1,6 +1,8 @@
 """Choose a setting on the calibration split alone: its rows are cut in two (`task.split_of`), the product's compress
 calibrates on one part and the other part is scored under the calibration templates only. Neither the evaluation
-split nor any held-out template is read, so what this picks can become a default.
+split nor any held-out template is read, so what this picks can become a default. With `--hold-template NAME`
+that calibration template is kept out of calibration too and scored beside the others: how a setting carries to
+a wording it never saw, still without the task's held-out templates.
 
     python -m evaluation.calibration_tune --model ~/.cache/fnprune-models/smollm2-135m-instruct --task arc_easy \
         --data-dir ../shared/data/arc_easy --vary calibration.choices=none,answer,all --keep 0.5
@@ -9,6 +11,7 @@ split nor any held-out template is read, so what this picks can become a default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -21,14 +24,14 @@ from evaluation.benchmark import CONFIGS, overrides_suffix, parse_overrides
 from evaluation.tables import write_rows
 
 
-def _accuracies(model_path: str, task, max_samples: int, batch_size: int, quiet: bool) -> dict[str, float]:
-    """Accuracy per calibration template on the tuning part (the carved evaluation part of the calibration split)."""
+def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch_size: int, quiet: bool
+                ) -> dict[str, float]:
+    """Accuracy per template `names` on the tuning part (the carved evaluation part of the calibration split)."""
     from fnprune.data import load_evaluation
     from fnprune.evaluate import evaluate_templates
     from fnprune.models import load_model
     from fnprune.recipe import ModelSpec
 
-    names = [t.name for t in task.calibration_templates()]
     sets = {n: ex[:max_samples] for n, ex in load_evaluation(task, task.evaluation_split).items() if n in names}
     model, tok = load_model(ModelSpec(name_or_path=model_path))
     result = evaluate_templates(model, tok, sets, task, batch_size, progress=not quiet)
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="default", choices=list(CONFIGS), help="the benchmark's configuration")
     p.add_argument("--vary", required=True, metavar="KEY=V1,V2", help="one recipe key and the values to compare")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    p.add_argument("--hold-template", metavar="NAME", help="a calibration template kept out of calibration and scored")
     p.add_argument("--share", type=float, default=0.5, help="share of the calibration split's rows calibrated on")
     p.add_argument("--max-samples", type=int, default=200, help="tuning rows scored per template")
     p.add_argument("--work", default="evaluation/.runs")
@@ -65,21 +69,30 @@ def main(argv: list[str] | None = None) -> None:
             **fixed}
     task = resolve_task(apply_overrides(Recipe(), base).task)
     base.update({"task.split_of": task.calibration_split, "task.calibration_share": args.share})
+    names = [t.name for t in task.calibration_templates()]
+    if args.hold_template:
+        if args.hold_template not in names:
+            p.error(f"--hold-template: {args.hold_template!r} is not a calibration template ({', '.join(names)})")
+        base["task.templates"] = [{**dataclasses.asdict(t), "held_out": t.held_out or t.name == args.hold_template}
+                                  for t in task.templates]
     tuning_task = resolve_task(apply_overrides(Recipe(), base).task)
     rows: list[dict[str, Any]] = []
-    dense = _accuracies(args.model, tuning_task, args.max_samples, 32, args.quiet)
+    dense = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     for value in values.split(","):
         extra = {**fixed, key: yaml.safe_load(value)}
-        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{overrides_suffix(extra)}"
+        held = f"-hold-{args.hold_template}" if args.hold_template else ""
+        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{held}{overrides_suffix(extra)}"
         if not (out / "report.json").is_file():
             fnprune.compress(apply_overrides(Recipe(), {**base, key: yaml.safe_load(value), "output.dir": str(out)}),
                              progress=not args.quiet)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
-        acc = _accuracies(str(out), saved, args.max_samples, 32, args.quiet)
+        acc = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         mean = statistics.fmean(acc.values())
+        held = {"held_pct": round(100 * acc[args.hold_template] / dense[args.hold_template], 1)} \
+            if args.hold_template else {}
         rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
-                     "pct": round(100 * mean / rows[0]["mean"], 1), "folder": out.name})
+                     "pct": round(100 * mean / rows[0]["mean"], 1), **held, "folder": out.name})
     command = "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))

@@ -19,6 +19,7 @@ __all__ = [
     "RELEVANCE_MODES",
     "DEVICE_MAP_STRATEGIES",
     "RECOVERY_PARAMS",
+    "LABEL_TARGETS",
     "CALIBRATION_CHOICES",
 ]
 
@@ -40,5 +41,6 @@ ICA_ENGINES = ("sklearn", "torch")
 RELEVANCE_MODES = ("auto", "labels", "uniform")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 RECOVERY_PARAMS = ("mlp", "all", "lora")  # which weights recovery trains
+LABEL_TARGETS = ("own", "consensus")  # what recovery's label term matches (RecoverySpec.label_target)
 # multiple choice: what follows the question in a calibration prompt (nothing, the right choice, each choice)
 CALIBRATION_CHOICES = ("none", "answer", "all")

@@ -92,8 +92,8 @@ RECIPE_ONLY = frozenset({
     "networks.max_iter", "networks.tol", "networks.relevance_within_template",
     "selection.answer_weight",
     "evaluation.batch_size",
-    "recovery.warmup", "recovery.lora_rank", "recovery.answer_weight", "recovery.label_weight", "recovery.top_k",
-    "recovery.evaluate_before", "recovery.seed",
+    "recovery.warmup", "recovery.lora_rank", "recovery.answer_weight", "recovery.label_weight", "recovery.label_target",
+    "recovery.top_k", "recovery.evaluate_before", "recovery.seed",
     *(f"task.{f.name}" for f in dataclasses.fields(TaskSpec) if "flag" not in f.metadata),
 })
 

@@ -24,7 +24,7 @@ from .tasks import BUILTIN_TASKS, parse_data_files, resolve_task, task_fields, t
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
-    "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files",
+    "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files", "fill_template",
 ]
 
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
@@ -292,7 +292,7 @@ class _Row:
     choices: tuple[str, ...] = ()
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
+def fill_template(template: str, values: dict[str, str]) -> str:
     return "".join(lit + (values[f] if f else "") for lit, f, _, _ in string.Formatter().parse(template))
 
 
@@ -331,9 +331,9 @@ def _parse_row(task: TaskSpec, row: dict, fields: list[str], where: str) -> _Row
 
 def _build(task: TaskSpec, row: _Row, fields: list[str], template: PromptTemplate) -> Example:
     texts = _texts(row, fields)
-    choices = tuple(_fill(template.choice, {f: rowfields.resolve({"choice": c}, f) for f in
+    choices = tuple(fill_template(template.choice, {f: rowfields.resolve({"choice": c}, f) for f in
                                            template_fields(template.choice)}) for c in row.choices)
-    return Example(_fill(template.template, row.values), row.label, texts, template.name, choices,
+    return Example(fill_template(template.template, row.values), row.label, texts, template.name, choices,
                    template.delimiter if task.kind == "multiple_choice" else "")
 
 

@@ -8,7 +8,8 @@ token instead of the vocabulary. A classifier's teacher is its head's label dist
 A zero-shot classification prompt is decided by the ratio of its label words' probabilities at the answer
 position, which can be a small share of the distribution and so of its KL. With the label words' token ids per
 prompt (its template's, never its label), the teacher also keeps their log-probabilities there, and the loss can
-weigh the KL between the two label distributions renormalized over those words.
+weigh the KL between the two label distributions renormalized over those words. That target can also be the
+consensus of the teacher's label distributions for the same text under every calibration template.
 
 Only the calibration prompts reach training: the caller passes the same examples the activations were captured
 on, so the evaluation split and the held-out templates never do. Whatever trains is merged into the weights
@@ -40,7 +41,8 @@ from .recipe import RecoverySpec
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import batches, make_batch
 
-__all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters", "divergences"]
+__all__ = ["TeacherTargets", "RecoveryResult", "teacher_targets", "recover", "trainable_parameters", "divergences",
+           "consensus_label_logprobs"]
 
 log = logging.getLogger("fnprune")
 
@@ -242,6 +244,14 @@ def label_kl(answer_rows: torch.Tensor, targets: TeacherTargets, idx: list[int])
     t = targets.label_logprobs[idx].to(answer_rows.device)[has].log_softmax(-1)
     s = answer_rows[has].gather(-1, ids[has]).log_softmax(-1)
     return (t.exp() * (t - s)).sum(-1)
+
+
+def consensus_label_logprobs(per_template: torch.Tensor) -> torch.Tensor:
+    """(T, N, C) label-word log-probabilities of N texts under T templates -> (N, C) one distribution per text:
+    each template's renormalized over its label words and centred on its mean over the N texts (a template that
+    answers one label whatever the text then says nothing), averaged over the templates."""
+    logp = per_template.float().log_softmax(-1)
+    return (logp - logp.mean(1, keepdim=True)).mean(0).log_softmax(-1)
 
 
 def divergences(model: nn.Module, seqs: list[list[int]], targets: TeacherTargets, idx: list[int]

@@ -12,18 +12,18 @@ from typing import Any
 from .arch import MLPLayout, layout_for, mlp_widths
 from .capture import capture_memory_bytes
 from .checkpoint import check_disk_space
-from .data import Example, check_disjoint, load_evaluation, load_sample, resolve_task
+from .data import Example, check_disjoint, fill_template, load_evaluation, load_sample, resolve_task, task_fields
 from .errors import RecipeError
 from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, unique_parameters
 from .offload import offloaded_modules
 from .pruning import resolve_selection
-from .recipe import CalibrationSpec, Recipe, SelectionSpec, TaskSpec
+from .recipe import CalibrationSpec, PromptTemplate, Recipe, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
 
-__all__ = ["Inputs", "load_inputs", "calibration_prompts", "check_budgets"]
+__all__ = ["Inputs", "load_inputs", "calibration_prompts", "check_budgets", "under_template"]
 
 log = logging.getLogger("fnprune")
 
@@ -105,3 +105,9 @@ def check_budgets(inputs: Inputs, out_dir: Path) -> None:
         ) / 2**20,
         len(widths), max(widths), sample_tokens,
     )
+
+
+def under_template(task: TaskSpec, example: Example, template: PromptTemplate) -> Example:
+    """The same row's example under another template of a classification task (its text fields refilled)."""
+    values = dict(zip(task_fields(task), example.texts))
+    return Example(fill_template(template.template, values), example.label, example.texts, template.name)

@@ -22,6 +22,7 @@ from .choices import (
     DTYPES,
     FILE_FORMATS,
     ICA_ENGINES,
+    LABEL_TARGETS,
     LAYOUTS,
     RECOVERY_PARAMS,
     RELEVANCE_MODES,
@@ -420,7 +421,11 @@ class RecoverySpec:
     answer_weight: float = 0.5  # share of the loss given to each prompt's answer position
     # weight of the KL between the label words' renormalized distributions at the answer position (added to the
     # loss; classification prompts of a template whose label words are one token each)
-    label_weight: float = 0.0
+    label_weight: float = 1.0
+    # what the label term matches: "own", the teacher under the prompt's own template; "consensus", the mean over
+    # every calibration template of the teacher's label distribution for the same text, each template's average
+    # prediction first made uniform (no labels read), so every wording is taught the dense model's best reading
+    label_target: str = "consensus"
     top_k: int = 64  # teacher log-probabilities kept per token (plus the mass of all other tokens)
     evaluate_before: bool = True  # also score the pruned model before recovery (report.json `recovery.before`)
     seed: int = 0
@@ -446,6 +451,8 @@ class RecoverySpec:
             problems.append(f"recovery.answer_weight: must be in [0, 1], got {self.answer_weight}")
         if not self.label_weight >= 0:
             problems.append(f"recovery.label_weight: must be >= 0, got {self.label_weight}")
+        if self.label_target not in LABEL_TARGETS:
+            problems.append(f"recovery.label_target: {self.label_target!r} is not one of {', '.join(LABEL_TARGETS)}")
         if self.params not in RECOVERY_PARAMS:
             problems.append(f"recovery.params: {self.params!r} is not one of {', '.join(RECOVERY_PARAMS)}")
         return problems + seed_problems("recovery.seed", self.seed)

@@ -9,14 +9,18 @@ import json
 import logging
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from . import cache
 from .arch import MLPLayout, is_classifier
 from .data import Example
-from .distillation import RecoveryResult, TeacherTargets, recover, teacher_targets
-from .evaluate import label_token_ids
+from .distillation import RecoveryResult, TeacherTargets, consensus_label_logprobs, recover, teacher_targets
+from .evaluate import label_token_ids, next_token_logprobs
+from .inputs import under_template
 from .provenance import key_versions
-from .recipe import Recipe, TaskSpec
-from .tokens import encode_inputs
+from .recipe import PromptTemplate, Recipe, TaskSpec
+from .tokens import batches, encode, encode_inputs
 from .validation import Scores, Validation, accuracy_report, validation_report
 
 __all__ = ["teacher", "recover_model", "recovery_report", "teacher_cache_key"]
@@ -30,6 +34,7 @@ def teacher_cache_key(recipe: Recipe, seqs: list[list[int]], label_ids: list[lis
         "teacher": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
         "label_ids": hashlib.sha256(json.dumps(label_ids).encode()).hexdigest(),
         "top_k": recipe.recovery.top_k,
+        **({"label_target": "consensus"} if _consensus(recipe) else {}),
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
         "dtype": recipe.model.dtype,
         "versions": key_versions(),
@@ -40,17 +45,42 @@ def recovery_inputs(tokenizer, model, calibration: list[Example], recipe: Recipe
     return encode_inputs(tokenizer, calibration, recipe.calibration.max_length, is_classifier(model))
 
 
+def _consensus(recipe: Recipe) -> bool:
+    return recipe.recovery.label_weight > 0 and recipe.recovery.label_target == "consensus"
+
+
+def _one_token_words(tokenizer, task: TaskSpec, template: PromptTemplate) -> list[int]:
+    """The template's label words as one token id each, in the task's label order; [] if one is longer."""
+    ids = label_token_ids(tokenizer, template.words(task.label_words))
+    return [v[0] for v in ids.values()] if all(len(v) == 1 for v in ids.values()) else []
+
+
 def label_word_ids(tokenizer, calibration: list[Example], task: TaskSpec) -> list[list[int]]:
     """Per calibration prompt, its template's label words as one token id each, in the task's label order; an
     empty list where the prompt has no template (raw or generic text), the task is multiple choice, or a label
     word is longer than one token."""
     if task.kind != "classification":
         return [[] for _ in calibration]
-    ids_of: dict[str, list[int]] = {}
-    for template in task.templates:
-        ids = label_token_ids(tokenizer, template.words(task.label_words))
-        ids_of[template.name] = [v[0] for v in ids.values()] if all(len(v) == 1 for v in ids.values()) else []
+    ids_of = {template.name: _one_token_words(tokenizer, task, template) for template in task.templates}
     return [ids_of.get(e.template, []) for e in calibration]
+
+
+def consensus_labels(model, tokenizer, calibration: list[Example], task: TaskSpec, recipe: Recipe, progress: bool
+                     ) -> torch.Tensor:
+    """(N, C) the consensus label distribution of each calibration prompt's text: the dense model asked under
+    every calibration template with one-token label words (never a held-out one)."""
+    templates = [(t, ids) for t in task.calibration_templates() if (ids := _one_token_words(tokenizer, task, t))]
+    per_template = torch.zeros(len(templates), len(calibration), len(task.label_words), dtype=torch.float64)
+    bar = tqdm(total=len(templates) * len(calibration), desc="teacher consensus", unit="prompt",
+               disable=not progress)
+    with bar:
+        for t, (template, ids) in enumerate(templates):
+            prompts = [under_template(task, e, template).prompt for e in calibration]
+            for batch in batches(encode(tokenizer, prompts, recipe.calibration.max_length),
+                                 recipe.calibration.batch_size, "left"):
+                per_template[t, batch.index] = next_token_logprobs(model, batch, ids)
+                bar.update(len(batch.index))
+    return consensus_label_logprobs(per_template)
 
 
 def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, task: TaskSpec, progress: bool
@@ -66,6 +96,12 @@ def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, task: 
         log.info("teacher distributions from cache %s", cache.cache_dir())
         return found
     targets = teacher_targets(model, seqs, recipe.recovery.top_k, recipe.calibration.batch_size, progress, labels)
+    worded = [i for i, ids in enumerate(labels) if ids]
+    if _consensus(recipe) and worded:
+        label_logprobs = targets.label_logprobs.clone()  # made in inference mode: read-only outside it
+        label_logprobs[worded] = consensus_labels(model, tokenizer, [calibration[i] for i in worded], task, recipe,
+                                                  progress).float()
+        targets = dataclasses.replace(targets, label_logprobs=label_logprobs)
     log.info("teacher: %d positions x top %d = %.1f MiB", targets.indices.shape[0], targets.indices.shape[1],
              targets.nbytes / 2**20)
     if key:

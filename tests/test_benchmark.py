@@ -144,3 +144,25 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all"]
     assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "folder"}
     assert rows[1]["folder"] != rows[2]["folder"]
+
+
+def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_it(model_dir, tmp_path):
+    from evaluation import calibration_tune
+    from fnprune.recipe import load_recipe
+    from fnprune.tasks import resolve_task
+    from tests.test_tasks import _arc_rows, _write_jsonl
+
+    data = tmp_path / "arc"
+    _write_jsonl(data / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    prefix = tmp_path / "tune"
+    calibration_tune.main(["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data),
+                           "--config", "flap+recon", "--vary", "calibration.choices=none", "--set",
+                           "calibration.max_tokens=200", "--max-samples", "6", "--work", str(tmp_path / "runs"),
+                           "--out-prefix", str(prefix), "--quiet", "--hold-template", "science"])
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert {"qa", "science", "answer", "held_pct"} <= set(rows[1]) and "lm-eval" not in rows[1]
+    task = resolve_task(load_recipe(tmp_path / "runs" / rows[1]["folder"] / "recipe.yaml").task)
+    assert [t.name for t in task.calibration_templates()] == ["qa", "answer"]
+    with pytest.raises(SystemExit):
+        calibration_tune.main(["--model", "m", "--data-dir", str(data), "--task", "arc_easy", "--vary", "a=1",
+                               "--hold-template", "lm-eval"])

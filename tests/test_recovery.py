@@ -317,3 +317,39 @@ def test_compress_passes_the_templates_label_words_to_the_teacher(recovered_run,
     result = fnprune.compress(recipe, progress=False)
     assert passed and sum(bool(x) for x in passed[0]) > 0  # the review prompts' one-token " negative" / " positive"
     assert _sha(result.output_dir / "model.safetensors") != _sha(recovered_run.output_dir / "model.safetensors")
+
+
+def test_consensus_is_the_mean_of_centred_templates_and_ignores_one_that_always_answers_the_same():
+    g = torch.Generator().manual_seed(0)
+    informative = torch.randn(6, 2, generator=g).log_softmax(-1)
+    constant = torch.tensor([[-3.0, -0.05]]).expand(6, 2)  # says "label 1" whatever the text
+    both = distillation.consensus_label_logprobs(torch.stack([informative, constant]))
+    assert torch.allclose(both.exp().sum(-1), torch.ones(6), atol=1e-6)
+    # after centring the constant template is zeros: the informative one's centred log-odds, averaged with them
+    assert torch.allclose(both, (0.5 * (informative - informative.mean(0))).log_softmax(-1), atol=1e-6)
+    assert (both.argmax(-1) == (informative - informative.mean(0)).argmax(-1)).all()
+
+
+def test_consensus_teacher_asks_the_dense_model_under_calibration_templates_only(model_dir, task_data, tmp_path,
+                                                                                 monkeypatch):
+    tok = AutoTokenizer.from_pretrained(model_dir("llama"))
+    dense = AutoModelForCausalLM.from_pretrained(model_dir("llama")).eval()
+    own_recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / "out", label_target="own"),
+                                 {"calibration.cache": False})
+    recipe = apply_overrides(own_recipe, {"recovery.label_target": "consensus"})
+    task = resolve_task(recipe.task)
+    calibration = load_sample(task, "train", 16, 0, raw_share=0.25)
+    asked: list[str] = []
+    real = recovery.under_template
+    monkeypatch.setattr(recovery, "under_template", lambda t, e, tpl: asked.append(tpl.name) or real(t, e, tpl))
+    consensus = recovery.teacher(dense, tok, calibration, recipe, task, progress=False)
+    assert asked and not {t.name for t in task.held_out_templates()} & set(asked)
+    assert set(asked) == {"review", "opinion", "instruction"}  # good-bad's " good" is several tokens here
+    own = recovery.teacher(dense, tok, calibration, own_recipe, task, progress=False)
+    worded = own.label_ids[:, 0] >= 0
+    assert 0 < int(worded.sum()) < len(calibration)  # raw and good-bad prompts have no label words
+    assert torch.equal(consensus.indices, own.indices) and torch.equal(consensus.logprobs, own.logprobs)
+    assert not torch.allclose(consensus.label_logprobs[worded], own.label_logprobs[worded])
+    assert torch.allclose(consensus.label_logprobs[worded].exp().sum(-1), torch.ones(int(worded.sum())), atol=1e-5)
+    assert torch.equal(consensus.label_logprobs[~worded], own.label_logprobs[~worded])
+
