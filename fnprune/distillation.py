@@ -56,7 +56,8 @@ class TeacherTargets:
     logprobs: torch.Tensor  # (T, k) float32 teacher log-probabilities of those ids
     offsets: torch.Tensor  # (N + 1,) int64
     # (N, C) int64 each prompt's label-word token ids (-1: the prompt has none) and (N, C) float32 the teacher's
-    # log-probabilities of them at its answer position; C = 0 when no prompt has label words
+    # log-probabilities of them at its answer position (or the templates' consensus for its text, fnprune.recovery);
+    # C = 0 when no prompt has label words
     label_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     label_logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
 

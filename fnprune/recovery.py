@@ -97,7 +97,7 @@ def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, task: 
         return found
     targets = teacher_targets(model, seqs, recipe.recovery.top_k, recipe.calibration.batch_size, progress, labels)
     worded = [i for i, ids in enumerate(labels) if ids]
-    if _consensus(recipe) and worded:
+    if _consensus(recipe) and worded and targets.label_ids.shape[1]:  # a classifier head has no label words
         label_logprobs = targets.label_logprobs.clone()  # made in inference mode: read-only outside it
         label_logprobs[worded] = consensus_labels(model, tokenizer, [calibration[i] for i in worded], task, recipe,
                                                   progress).float()
