@@ -81,18 +81,18 @@ def main(argv: list[str] | None = None) -> None:
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     for value in values.split(","):
         extra = {**fixed, key: yaml.safe_load(value)}
-        held = f"-hold-{args.hold_template}" if args.hold_template else ""
-        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{held}{overrides_suffix(extra)}"
+        hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
+        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}{overrides_suffix(extra)}"
         if not (out / "report.json").is_file():
             fnprune.compress(apply_overrides(Recipe(), {**base, key: yaml.safe_load(value), "output.dir": str(out)}),
                              progress=not args.quiet)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
         acc = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         mean = statistics.fmean(acc.values())
-        held = {"held_pct": round(100 * acc[args.hold_template] / dense[args.hold_template], 1)} \
+        held_pct = {"held_pct": round(100 * acc[args.hold_template] / dense[args.hold_template], 1)} \
             if args.hold_template else {}
         rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
-                     "pct": round(100 * mean / rows[0]["mean"], 1), **held, "folder": out.name})
+                     "pct": round(100 * mean / rows[0]["mean"], 1), **held_pct, "folder": out.name})
     command = "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))

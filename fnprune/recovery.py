@@ -100,7 +100,7 @@ def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, task: 
     if _consensus(recipe) and worded and targets.label_ids.shape[1]:  # a classifier head has no label words
         label_logprobs = targets.label_logprobs.clone()  # made in inference mode: read-only outside it
         label_logprobs[worded] = consensus_labels(model, tokenizer, [calibration[i] for i in worded], task, recipe,
-                                                  progress).float()
+                                                  progress)
         targets = dataclasses.replace(targets, label_logprobs=label_logprobs)
     log.info("teacher: %d positions x top %d = %.1f MiB", targets.indices.shape[0], targets.indices.shape[1],
              targets.nbytes / 2**20)
