@@ -7,7 +7,8 @@ the report.json each run writes, so every number is the product's own (physicall
 Every setting not named by a configuration, `--set KEY=VALUE` or a flag is the recipe's default (fnprune.recipe):
 this is the evaluation driver, not a second pipeline. `--wikitext FILE` adds the WikiText-2 perplexity of both
 models (the recipe's `evaluation.validation`). Each run's checkpoint folder stays under --work, and a rerun skips
-the runs whose report.json exists (so an interrupted benchmark continues). Calibration, networks and the dense
+the runs whose report.json exists and was written by the same fnprune code (so an interrupted benchmark
+continues, and a code change is measured anew). Calibration, networks and the dense
 model's scores are read from fnprune's cache after the first run. Writes PREFIX.json / .md / .csv: one row per
 run, PREFIX.png: the template means against keep, then PREFIX_summary: the mean and spread over seeds per
 configuration and keep.
@@ -16,6 +17,7 @@ configuration and keep.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shlex
@@ -80,15 +82,42 @@ def run_one(
     from fnprune.recipe import Recipe, apply_overrides
 
     out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}{overrides_suffix(extra)}"
-    if not (out / "report.json").is_file():
+    if not finished_here(out):
         overrides = {
             "model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "calibration.num_samples": args.num_samples, "output.dir": str(out), "output.overwrite": True,
             "selection.keep": keep, "networks.seed": seed, **CONFIGS[config], **(extra or {}),
         }
         fnprune.compress(apply_overrides(Recipe(), overrides), progress=not args.quiet)
+        mark_finished(out)
     report = json.loads((out / "report.json").read_text())
     return row_of(config, keep, seed, report)
+
+
+CODE_MARK = "benchmark_code.txt"  # in a run folder: the digest of the fnprune code that wrote it
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of fnprune's source files, read once per process: a default that changes meaning (an `auto`
+    resolved otherwise) changes it."""
+    import fnprune
+
+    root = Path(fnprune.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def finished_here(out: Path) -> bool:
+    """Whether `out` holds a finished run written by this code (a run by other code is made again)."""
+    mark = out / CODE_MARK
+    return (out / "report.json").is_file() and mark.is_file() and mark.read_text().strip() == code_digest()
+
+
+def mark_finished(out: Path) -> None:
+    (out / CODE_MARK).write_text(code_digest() + "\n")
 
 
 def overrides_suffix(extra: dict[str, Any] | None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from evaluation.benchmark import CONFIGS, overrides_suffix, parse_overrides
+from evaluation.benchmark import CONFIGS, finished_here, mark_finished, overrides_suffix, parse_overrides
 from evaluation.tables import write_rows
 
 
@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         extra = {**fixed, key: yaml.safe_load(value)}
         hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
         out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}{overrides_suffix(extra)}"
-        if not (out / "report.json").is_file():
+        if not finished_here(out):
             fnprune.compress(apply_overrides(Recipe(), {**base, key: yaml.safe_load(value), "output.dir": str(out)}),
                              progress=not args.quiet)
+            mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
         acc = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         mean = statistics.fmean(acc.values())

@@ -55,7 +55,8 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
         check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     task = resolve_task(recipe.task)
-    recipe = dataclasses.replace(recipe, networks=recipe.networks.for_task(task.kind))  # what runs, and is saved
+    recipe = dataclasses.replace(  # what runs, and is saved
+        recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))
     prompts = calibration_prompts(task, recipe.calibration)
     evaluation = load_evaluation(task, task.evaluation_split)
     check_disjoint(prompts, next(iter(evaluation.values())))
@@ -77,6 +78,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
 def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
     """The calibration prompts of a resolved task. A multiple-choice question is followed by nothing, by its
     right choice, or (`all`) once by each choice, the way scoring runs it (`calibration.choices`)."""
+    spec = spec.for_task(task.kind)  # raw_share auto made concrete
     sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     if spec.choices == "none" or task.kind != "multiple_choice":
         return sample

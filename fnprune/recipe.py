@@ -254,11 +254,18 @@ class CalibrationSpec:
     cache: bool = field(default=True, metadata=flag(
         "--cache/--no-cache",
         "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))
-    raw_share: float = 0.0  # share of calibration prompts that are the row's text alone, without any template
+    # share of calibration prompts that are the row's text alone, without any template (auto: 0.5 for
+    # classification, 0 for multiple choice, whose raw text was not measured; RESULTS 0.0.2 and 0.0.3)
+    raw_share: float | str = "auto"
     # multiple choice: the question alone ("none"), followed by its right choice, or once followed by each choice
     choices: str = field(default="none", metadata=flag(
         "--calibration-choices", "Multiple choice: what follows each calibration question (default {default}).",
         choices=CALIBRATION_CHOICES))
+
+    def for_task(self, kind: str) -> CalibrationSpec:
+        """This spec with `raw_share: auto` made concrete for a task of `kind`."""
+        share = 0.0 if kind == "multiple_choice" else 0.5
+        return dataclasses.replace(self, raw_share=share) if self.raw_share == "auto" else self
 
     def check(self) -> list[str]:
         problems = []
@@ -269,8 +276,9 @@ class CalibrationSpec:
             problems.append(f"calibration.store_dtype: {self.store_dtype!r} is not one of {STORE_DTYPES}")
         if self.sample_store not in SAMPLE_STORES:
             problems.append(f"calibration.sample_store: {self.sample_store!r} is not one of {SAMPLE_STORES}")
-        if not 0 <= self.raw_share < 1:
-            problems.append(f"calibration.raw_share: must be in [0, 1), got {self.raw_share}")
+        share = self.raw_share
+        if share != "auto" and not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1):
+            problems.append(f"calibration.raw_share: must be auto or in [0, 1), got {self.raw_share!r}")
         if self.choices not in CALIBRATION_CHOICES:
             problems.append(f"calibration.choices: {self.choices!r} is not one of {CALIBRATION_CHOICES}")
         return problems + seed_problems("calibration.seed", self.seed)

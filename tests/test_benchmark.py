@@ -33,6 +33,14 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
         model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=24,
         work=str(tmp_path / "runs"), quiet=True), "flap+recon", 0.5, 0)
     assert rerun == row  # a finished run is read back, not run again
+    folder = next((tmp_path / "runs").iterdir())
+    (folder / benchmark.CODE_MARK).write_text("written by other code\n")
+    report_before = (folder / "report.json").stat().st_mtime_ns
+    benchmark.run_one(benchmark.main.__globals__["argparse"].Namespace(
+        model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=24,
+        work=str(tmp_path / "runs"), quiet=True), "flap+recon", 0.5, 0)
+    assert (folder / "report.json").stat().st_mtime_ns != report_before  # other code's run is made again
+    assert (folder / benchmark.CODE_MARK).read_text().strip() == benchmark.code_digest()
 
 
 def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task_data, tmp_path):

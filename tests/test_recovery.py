@@ -16,6 +16,7 @@ from fnprune.arch import layout_for
 from fnprune.data import load_evaluation, load_sample, resolve_task
 from fnprune.distillation import bucket_kl, recover, teacher_targets
 from fnprune.errors import RecipeError
+from fnprune.inputs import calibration_prompts
 from fnprune.recipe import RecoverySpec, apply_overrides, recipe_from_dict
 from fnprune.surgery import prune_mlp
 
@@ -192,7 +193,7 @@ def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, 
     monkeypatch.setattr(recovery, "teacher_targets", spy_teacher)
     monkeypatch.setattr(recovery, "recover", spy_recover)
     fnprune.compress(apply_overrides(recipe, {"calibration.cache": False}), progress=False)
-    calibration = {tuple(tok(e.prompt)["input_ids"]) for e in load_sample(task, "train", 32, 0)}
+    calibration = {tuple(tok(e.prompt)["input_ids"]) for e in calibration_prompts(task, recipe.calibration)}
     assert seen["teacher"] == seen["train"] == calibration
     assert not forbidden & seen["train"]
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import fnprune
 from fnprune import calibration, validation
-from fnprune.data import BUILTIN_TASKS, load_evaluation, load_sample, resolve_task
+from fnprune.data import BUILTIN_TASKS, RAW, load_evaluation, load_sample, resolve_task
 from fnprune.errors import DataError, RecipeError
 from fnprune.recipe import TaskSpec, apply_overrides, dump_recipe, recipe_from_dict
 
@@ -129,7 +129,7 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
         "num_samples": 24, "max_tokens": 300, "batch_size": 8, "cache": False}, selection={"method": "fn-task"})
     report = fnprune.compress(recipe, progress=False).report  # fn-task: relevance reads the template groups
     assert seen["seqs"] and not forbidden & set(seen["seqs"])
-    assert set(seen["templates"]) == {"a", "b"}
+    assert set(seen["templates"]) == {"a", "b", RAW.name}  # raw_share auto: half the prompts are the text alone
     assert [t["name"] for t in report["templates"]] == ["a", "b", "c"]
     assert report["metric"]["of"] == "held-out templates (mean)"
     assert report["metric"]["pruned"] == report["templates"][2]["pruned"]
@@ -169,3 +169,13 @@ def test_raw_share_spreads_untemplated_rows_evenly(task_data):
     templated = [e.template for e in drawn if e.template != "(raw)"]
     assert templated == ["a", "b"] * 4 + ["a"]
     assert [e.texts for e in drawn] == [e.texts for e in load_sample(task, "train", 12, 0)]  # same rows
+
+
+def test_raw_share_auto_is_half_for_classification_only():
+    from fnprune.recipe import CalibrationSpec
+
+    assert CalibrationSpec().raw_share == "auto"
+    assert CalibrationSpec().for_task("classification").raw_share == 0.5
+    assert CalibrationSpec().for_task("multiple_choice").raw_share == 0.0
+    assert CalibrationSpec(raw_share=0.25).for_task("classification").raw_share == 0.25
+    assert CalibrationSpec(raw_share=1.0).check() and CalibrationSpec(raw_share="half").check()
