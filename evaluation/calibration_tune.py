@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--config", default="default", choices=list(CONFIGS), help="the benchmark's configuration")
-    p.add_argument("--vary", required=True, metavar="KEY=V1,V2", help="one recipe key and the values to compare")
+    p.add_argument("--vary", required=True, action="append", metavar="KEY=V1,V2",
+                   help="a recipe key and the values to compare (repeatable: each key varied alone, dense scored once)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     p.add_argument("--hold-template", metavar="NAME", help="a calibration template kept out of calibration and scored")
     p.add_argument("--share", type=float, default=0.5, help="share of the calibration split's rows calibrated on")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from fnprune.tasks import resolve_task
 
     torch.set_flush_denormal(True)
-    key, _, values = args.vary.partition("=")
+    varied = [(key, value) for key, _, values in (v.partition("=") for v in args.vary) for value in values.split(",")]
     fixed = parse_overrides(args.set, None)
     base = {"model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     dense = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
-    for value in values.split(","):
+    for key, value in varied:
         extra = {**fixed, key: yaml.safe_load(value)}
         hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
         out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}{overrides_suffix(extra)}"

@@ -138,6 +138,7 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     """A setting is chosen on half of the calibration split: the evaluation split's file is unreadable here and
     no held-out template is scored."""
     from evaluation import calibration_tune
+    from fnprune.recipe import load_recipe
     from tests.test_tasks import _arc_rows, _write_jsonl
 
     data = tmp_path / "arc"
@@ -145,13 +146,16 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     (data / "ARC-Easy-Test.jsonl").write_text("not json\n")
     prefix = tmp_path / "tune"
     calibration_tune.main(["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data),
-                           "--config", "flap+recon", "--vary", "calibration.choices=none,all", "--set",
-                           "calibration.max_tokens=200", "--max-samples", "6", "--work", str(tmp_path / "runs"),
-                           "--out-prefix", str(prefix), "--quiet"])
+                           "--config", "flap+recon", "--vary", "calibration.choices=none,all", "--vary",
+                           "selection.ridge=1", "--set", "calibration.max_tokens=200", "--max-samples", "6", "--work",
+                           str(tmp_path / "runs"), "--out-prefix", str(prefix), "--quiet"])
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
-    assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all"]
+    assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all",
+                                        "selection.ridge=1"]
     assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "folder"}
-    assert rows[1]["folder"] != rows[2]["folder"]
+    assert len({r["folder"] for r in rows[1:]}) == 3
+    ridge = load_recipe(tmp_path / "runs" / rows[3]["folder"] / "recipe.yaml")
+    assert ridge.selection.ridge == 1 and ridge.calibration.choices == "none"  # one key varied at a time
 
 
 def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_it(model_dir, tmp_path):
@@ -174,3 +178,41 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
     with pytest.raises(SystemExit):
         calibration_tune.main(["--model", "m", "--data-dir", str(data), "--task", "arc_easy", "--vary", "a=1",
                                "--hold-template", "lm-eval"])
+
+
+def test_label_margin_scores_like_the_product_and_reads_the_ranking(model_dir, task_data, tmp_path):
+    """Its accuracies are report.json's, dense and pruned, per template; AUC and the share answered label 1
+    agree with the log-odds."""
+    from evaluation import label_margin
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, [
+        "compress", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+        "--keep", "0.5", "--num-samples", "24", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    prefix = tmp_path / "margin"
+    label_margin.main(["--model", str(model_dir("llama")), "--pruned", str(out), "--out-prefix", str(prefix)])
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    report = {t["name"]: t for t in json.loads((out / "report.json").read_text())["templates"]}
+    assert len(rows) == 2 * len(report)
+    for r in rows:
+        which = "dense" if r["model"] == "dense" else "pruned"
+        name = r["template"].rstrip("*")
+        assert r["accuracy"] == round(report[name][which], 4)
+        assert r["template"].endswith("*") == report[name]["held_out"]
+        assert 0 <= r["auc"] <= 1 and 0 <= r["label_1_share"] <= 1
+
+
+def test_label_margin_rows_from_scores():
+    import torch
+
+    from evaluation.label_margin import margin_rows
+    from fnprune.data import Example
+    from fnprune.evaluate import EvalResult
+
+    examples = [Example(f"t{i}", label, (f"t{i}",)) for i, label in enumerate("0011")]
+    scores = torch.tensor([[0.0, -1.0], [0.0, -0.5], [0.0, -0.2], [0.0, 0.4]])  # log-odds -1, -0.5, -0.2, 0.4
+    result = type("R", (), {"by_template": {"a": EvalResult(0.75, 4, 0.0, [], scores)}})()
+    (row,) = margin_rows("m", result, {"a": examples}, held_out={"a"})
+    assert row["template"] == "a*" and row["auc"] == 1.0  # ranked perfectly though 3 of 4 answers are label 0
+    assert row["label_1_share"] == 0.25 and row["mean_log_odds"] == -0.325
