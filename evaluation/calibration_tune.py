@@ -80,12 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     dense = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
+    hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     for key, value in varied:
-        extra = {**fixed, key: yaml.safe_load(value)}
-        hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
-        out = Path(args.work) / f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}{overrides_suffix(extra)}"
+        setting = {key: yaml.safe_load(value)}
+        out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
+                                 f"{overrides_suffix({**fixed, **setting})}")
         if not finished_here(out):
-            fnprune.compress(apply_overrides(Recipe(), {**base, key: yaml.safe_load(value), "output.dir": str(out)}),
+            fnprune.compress(apply_overrides(Recipe(), {**base, **setting, "output.dir": str(out)}),
                              progress=not args.quiet)
             mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
