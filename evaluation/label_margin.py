@@ -23,14 +23,15 @@ from typing import Any
 import torch
 
 
-def margin_rows(name: str, result, sets: dict, held_out: set[str]) -> list[dict[str, Any]]:
-    """One row per template: accuracy, AUC and the log-odds' mean and spread (binary tasks only)."""
+def margin_rows(name: str, result, sets: dict, held_out: set[str], positive: str) -> list[dict[str, Any]]:
+    """One row per template: accuracy, AUC and the log-odds' mean and spread (binary tasks only; `positive` is the
+    key of the second label, the scores' second column)."""
     from sklearn.metrics import roc_auc_score
 
     rows = []
     for template, r in result.by_template.items():
         odds = (r.scores[:, 1] - r.scores[:, 0]).double()
-        labels = [1 if e.label == "1" else 0 for e in sets[template]]
+        labels = [int(e.label == positive) for e in sets[template]]
         rows.append({"model": name, "template": template + ("*" if template in held_out else ""),
                      "accuracy": round(r.accuracy, 4), "auc": round(float(roc_auc_score(labels, odds.numpy())), 4),
                      "mean_log_odds": round(float(odds.mean()), 3), "sd_log_odds": round(float(odds.std()), 3),
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from evaluation.tables import write_rows
-    from fnprune.data import load_evaluation
+    from fnprune.data import label_keys, load_evaluation
     from fnprune.evaluate import evaluate_templates
     from fnprune.models import load_model
     from fnprune.recipe import ModelSpec, load_recipe
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"{task.name}: label margins need a two-label classification task")
     sets = load_evaluation(task, task.evaluation_split)
     held_out = {t.name for t in task.held_out_templates()}
+    positive = label_keys(task, next(iter(sets.values())))[1]
     models = [("dense", ModelSpec(name_or_path=args.model))]
     models += [("dense bf16", ModelSpec(name_or_path=args.model, dtype="bfloat16"))] if args.bf16 else []
     models += [(Path(f).name, ModelSpec(name_or_path=str(f))) for f in args.pruned]
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, spec in models:
         model, tok = load_model(spec)
         result = evaluate_templates(model, tok, sets, task, args.batch_size, progress=False)
-        rows += margin_rows(name, result, sets, held_out)
+        rows += margin_rows(name, result, sets, held_out, positive)
         held = [r for r in rows if r["model"] == name and r["template"].endswith("*")]
         print(f"{name}: held-out accuracy {statistics.fmean(r['accuracy'] for r in held):.4f}, "
               f"AUC {statistics.fmean(r['auc'] for r in held):.4f}", flush=True)

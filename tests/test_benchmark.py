@@ -213,6 +213,6 @@ def test_label_margin_rows_from_scores():
     examples = [Example(f"t{i}", label, (f"t{i}",)) for i, label in enumerate("0011")]
     scores = torch.tensor([[0.0, -1.0], [0.0, -0.5], [0.0, -0.2], [0.0, 0.4]])  # log-odds -1, -0.5, -0.2, 0.4
     result = type("R", (), {"by_template": {"a": EvalResult(0.75, 4, 0.0, [], scores)}})()
-    (row,) = margin_rows("m", result, {"a": examples}, held_out={"a"})
+    (row,) = margin_rows("m", result, {"a": examples}, held_out={"a"}, positive="1")
     assert row["template"] == "a*" and row["auc"] == 1.0  # ranked perfectly though 3 of 4 answers are label 0
     assert row["label_1_share"] == 0.25 and row["mean_log_odds"] == -0.325
