@@ -38,7 +38,8 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
     return {n: round(r.accuracy, 4) for n, r in result.by_template.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, command: str | None = None) -> None:
+    """`command`: the command line written beside the results, when a wrapper (a probe) ran this."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vary", required=True, action="append", metavar="KEY=V1,V2",
                    help="a recipe key and the values to compare (repeatable: each key varied alone, dense scored once)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    p.add_argument("--recipe", help="a recipe every run starts from (e.g. a task with its own templates); the flags "
+                   "above override it")
     p.add_argument("--hold-template", metavar="NAME", help="a calibration template kept out of calibration and scored")
     p.add_argument("--share", type=float, default=0.5, help="share of the calibration split's rows calibrated on")
     p.add_argument("--max-samples", type=int, default=200, help="tuning rows scored per template")
@@ -59,16 +62,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import fnprune
+    from fnprune.data import file_sha256
     from fnprune.recipe import Recipe, apply_overrides, load_recipe
     from fnprune.tasks import resolve_task
 
     torch.set_flush_denormal(True)
     varied = [(key, value) for key, _, values in (v.partition("=") for v in args.vary) for value in values.split(",")]
     fixed = parse_overrides(args.set, None)
+    start = load_recipe(args.recipe) if args.recipe else Recipe()
+    start_key = {"recipe": file_sha256(Path(args.recipe))[:8]} if args.recipe else {}  # its runs get own folders
     base = {"model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
             **fixed}
-    task = resolve_task(apply_overrides(Recipe(), base).task)
+    task = resolve_task(apply_overrides(start, base).task)
     base.update({"task.split_of": task.calibration_split, "task.calibration_share": args.share})
     names = [t.name for t in task.calibration_templates()]
     if args.hold_template:
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--hold-template: {args.hold_template!r} is not a calibration template ({', '.join(names)})")
         base["task.templates"] = [{**dataclasses.asdict(t), "held_out": t.held_out or t.name == args.hold_template}
                                   for t in task.templates]
-    tuning_task = resolve_task(apply_overrides(Recipe(), base).task)
+    tuning_task = resolve_task(apply_overrides(start, base).task)
     rows: list[dict[str, Any]] = []
     dense = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
@@ -84,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in varied:
         setting = {key: yaml.safe_load(value)}
         out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
-                                 f"{overrides_suffix({**fixed, **setting})}")
+                                 f"{overrides_suffix({**start_key, **fixed, **setting})}")
         if not finished_here(out):
-            fnprune.compress(apply_overrides(Recipe(), {**base, **setting, "output.dir": str(out)}),
+            fnprune.compress(apply_overrides(start, {**base, **setting, "output.dir": str(out)}),
                              progress=not args.quiet)
             mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.hold_template else {}
         rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
                      "pct": round(100 * mean / rows[0]["mean"], 1), **held_pct, "folder": out.name})
-    command = "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))
 

@@ -180,6 +180,55 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
                                "--hold-template", "lm-eval"])
 
 
+def test_calibration_tune_starts_from_a_recipe_with_its_own_templates(model_dir, tmp_path):
+    """`--recipe`: the runs calibrate on the recipe's templates (an extra one here), in folders of their own."""
+    import dataclasses
+
+    import yaml
+
+    from evaluation import calibration_tune
+    from fnprune.recipe import load_recipe
+    from fnprune.tasks import BUILTIN_TASKS, resolve_task
+    from tests.test_tasks import _arc_rows, _write_jsonl
+
+    data = tmp_path / "arc"
+    _write_jsonl(data / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    templates = [dataclasses.asdict(t) for t in BUILTIN_TASKS["arc_easy"].templates]
+    templates.insert(1, {"name": "extra", "template": "Q: {question}\nA:"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"task": {"name": "arc_easy", "templates": templates}}))
+    args = ["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data), "--config",
+            "flap+recon", "--vary", "selection.ridge=1", "--set", "calibration.max_tokens=200", "--max-samples", "6",
+            "--work", str(tmp_path / "runs"), "--quiet", "--hold-template", "science"]
+    calibration_tune.main([*args, "--recipe", str(recipe), "--out-prefix", str(tmp_path / "with")])
+    calibration_tune.main([*args, "--out-prefix", str(tmp_path / "without")])
+    with_rows, without_rows = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("with", "without"))
+    assert "extra" in with_rows[1] and "extra" not in without_rows[1]
+    assert with_rows[1]["folder"] != without_rows[1]["folder"]
+    task = resolve_task(load_recipe(tmp_path / "runs" / with_rows[1]["folder"] / "recipe.yaml").task)
+    assert [t.name for t in task.calibration_templates()] == ["qa", "extra", "answer"]
+    assert "science" in [t.name for t in task.held_out_templates()]
+
+
+def test_generic_text_probe_swaps_an_even_share_of_prompts_for_passages_from_the_second_half(tmp_path):
+    from evaluation.generic_text_probe import GENERIC, wikitext_passages, with_generic
+    from fnprune.data import Example
+
+    words = " ".join(["word"] * 40)
+    lines = [" = Heading = "] + [f"first {i} {words}" for i in range(10)] + ["short line"] * 2 + [
+        f"second {i} {words}" for i in range(8)] + [" = = Sub = = "]
+    (tmp_path / "wiki.test.raw").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    passages = wikitext_passages(tmp_path)  # a folder holding wiki.test.raw, as the perplexity check reads it
+    assert passages and all(p.startswith("second") for p in passages)
+    prompts = [Example(f"Review: t{i}", str(i % 2), (f"t{i}",), "review") for i in range(12)]
+    out = with_generic(prompts, passages, 0.25, seed=0)
+    swapped = [i for i, e in enumerate(out) if e.template == GENERIC]
+    assert swapped == [3, 7, 11] and [out[i].label for i in swapped] == ["1", "1", "1"]
+    assert all(out[i].prompt in passages and out[i].texts == (out[i].prompt,) for i in swapped)
+    assert [e for i, e in enumerate(out) if i not in swapped] == [e for i, e in enumerate(prompts) if i not in swapped]
+    assert with_generic(prompts, passages, 0.25, seed=0) == out and with_generic(prompts, passages, 0.0, 0) == prompts
+
+
 def test_label_margin_scores_like_the_product_and_reads_the_ranking(model_dir, task_data, tmp_path):
     """Its accuracies are report.json's, dense and pruned, per template; AUC and the share answered label 1
     agree with the log-odds."""
