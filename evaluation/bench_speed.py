@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--keeps", default="0.75,0.5,0.25")
     parser.add_argument("--num-samples", type=int, help="calibration prompts (default: the recipe's)")
+    parser.add_argument("--max-tokens", type=int, help="tokens sampled per layer (default: the recipe's)")
+    parser.add_argument("--also-max-tokens", default="",
+                        help="N,...: also compress each keep with N tokens sampled per layer, in the same turns")
     parser.add_argument("--prefill-batch", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -232,13 +235,16 @@ def main() -> None:
     base = {
         "model": {"name_or_path": str(Path(args.model).expanduser())},
         "task": {"name": "sst2", "data_dir": str(Path(args.data_dir).resolve())},
-        "calibration": {"cache": False, **({"num_samples": args.num_samples} if args.num_samples else {})},
+        "calibration": {"cache": False, **({"num_samples": args.num_samples} if args.num_samples else {}),
+                        **({"max_tokens": args.max_tokens} if args.max_tokens else {})},
         "evaluation": {"enabled": False},
     }
     weights_bytes = sum(p.stat().st_size for p in Path(args.model).expanduser().glob("*.safetensors"))
     # The yardstick: the same calibration forward passes with no hooks, no statistics, nothing kept.
     reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"}}
     jobs = [("default", k, {}) for k in keeps]
+    jobs += [(f"max_tokens {n}", k, {"calibration": {**base["calibration"], "max_tokens": int(n)}})
+             for n in args.also_max_tokens.split(",") if n for k in keeps]
     jobs += [("tokens+sklearn", float(k), reference) for k in args.reference_keeps.split(",") if k]
     if args.baselines:
         jobs += [("flap+reconstruction", 0.5, {"selection": {"method": "flap"}}),

@@ -115,6 +115,36 @@ def test_benchmark_plots_every_configuration_against_keep(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_speed_also_max_tokens_compresses_each_keep_with_that_sample_in_the_same_turns(
+        model_dir, task_data, tmp_path, monkeypatch):
+    import sys
+
+    from evaluation import bench_speed
+
+    seen = []
+
+    def run_script(script, recipe, src=None):  # no subprocess: what would run, and made-up timings
+        seen.append(recipe)
+        if script == bench_speed.FORWARD_ONLY:
+            return {"forward_s": 10.0, "peak_rss": 2**30}
+        return {"total": 12.0, "timings": {"load": 1.0, "capture": 10.0, "save": 1.0}, "peak_rss": 2**30,
+                "parameters": {}, "widths": [8]}
+
+    monkeypatch.setattr(bench_speed, "run_script", run_script)
+    monkeypatch.setattr(sys, "argv", [
+        "bench_speed.py", "--model", str(model_dir("llama")), "--data-dir", str(task_data), "--keeps", "0.5,0.25",
+        "--reference-keeps", "", "--compress-repeats", "1", "--no-throughput", "--also-max-tokens", "64",
+        "--out-prefix", str(tmp_path / "speed")])
+    bench_speed.main()
+    compress = [(r["calibration"].get("max_tokens"), r["selection"]["keep"]) for r in seen if "output" in r]
+    assert compress == [(None, 0.5), (None, 0.25), (64, 0.5), (64, 0.25)]
+    assert "max_tokens" not in seen[0]["calibration"]  # the forward-only yardstick: the recipe's own sample
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [(r["config"], r["keep"]) for r in rows] == [("dense", 1.0), ("default", 0.5), ("default", 0.25),
+                                                       ("max_tokens 64", 0.5), ("max_tokens 64", 0.25)]
+    assert rows[1]["total_over_forward_only"] == 1.2
+
+
 def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_examples(model_dir, task_data,
                                                                                     monkeypatch):
     """bench_speed --validation-tasks: fnprune's scorer is what runs (a spy counts its examples), the plain pass
