@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--task", default="sst2")
+    p.add_argument("--task", help="a built-in task (default: the --recipe's task, else sst2)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--config", default="default", choices=list(CONFIGS), help="the benchmark's configuration")
     p.add_argument("--vary", required=True, action="append", metavar="KEY=V1,V2",
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     fixed = parse_overrides(args.set, None)
     start = load_recipe(args.recipe) if args.recipe else Recipe()
     start_key = {"recipe": file_sha256(Path(args.recipe))[:8]} if args.recipe else {}  # its runs get own folders
+    args.task = args.task or (start.task.name if args.recipe else "sst2")
     base = {"model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
             **fixed}

@@ -227,11 +227,11 @@ def test_calibration_tune_starts_from_a_recipe_with_its_own_templates(model_dir,
     templates.insert(1, {"name": "extra", "template": "Q: {question}\nA:"})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"task": {"name": "arc_easy", "templates": templates}}))
-    args = ["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data), "--config",
-            "flap+recon", "--vary", "selection.ridge=1", "--set", "calibration.max_tokens=200", "--max-samples", "6",
-            "--work", str(tmp_path / "runs"), "--quiet", "--hold-template", "science"]
-    calibration_tune.main([*args, "--recipe", str(recipe), "--out-prefix", str(tmp_path / "with")])
-    calibration_tune.main([*args, "--out-prefix", str(tmp_path / "without")])
+    args = ["--model", str(model_dir("llama")), "--data-dir", str(data), "--config", "flap+recon", "--vary",
+            "selection.ridge=1", "--set", "calibration.max_tokens=200", "--max-samples", "6", "--work",
+            str(tmp_path / "runs"), "--quiet", "--hold-template", "science"]
+    calibration_tune.main([*args, "--recipe", str(recipe), "--out-prefix", str(tmp_path / "with")])  # its task
+    calibration_tune.main([*args, "--task", "arc_easy", "--out-prefix", str(tmp_path / "without")])
     with_rows, without_rows = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("with", "without"))
     assert "extra" in with_rows[1] and "extra" not in without_rows[1]
     assert with_rows[1]["folder"] != without_rows[1]["folder"]
