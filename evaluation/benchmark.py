@@ -36,29 +36,31 @@ from evaluation.tables import with_extension, write_rows
 # but `default` (the recipe as a user gets it) and the `+recover` ones is training-free on every task.
 N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the calibration of earlier versions
 OFF = {"recovery.enabled": False}  # recovery's default (auto) is on for multiple choice
+NO_REFIT = {"selection.refit": False}  # the configurations measured before the refit existed, as they were
 ON = {"recovery.enabled": True, "recovery.evaluate_before": False}  # the model before it: the row without it
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},  # auto: flap + reconstruction, + recovery for multiple choice
-    "fn-task": {"selection.method": "fn-task", **OFF},
-    "flap+recon": {"selection.method": "flap", **OFF},
-    "flap": {"selection.method": "flap", "selection.reconstruct": False, **OFF},
+    "default": {},  # auto: flap + reconstruction + the refit for classification, + recovery for multiple choice
+    "refit": {"selection.refit": True, **OFF},  # the default with the refit on for any task kind
+    "fn-task": {"selection.method": "fn-task", **NO_REFIT, **OFF},
+    "flap+recon": {"selection.method": "flap", **NO_REFIT, **OFF},  # the default before the refit
+    "flap": {"selection.method": "flap", "selection.reconstruct": False, **NO_REFIT, **OFF},
     "wanda-sp": {"selection.method": "wanda-sp", "selection.reconstruct": False, "selection.bias_compensation": False,
-                 **OFF},
+                 **NO_REFIT, **OFF},
     "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False,
-               **OFF},
-    "relevance-pooled": {"networks.relevance_within_template": False, **OFF},
-    "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform", **OFF},
-    "no-recon": {"selection.reconstruct": False, **OFF},
-    "ridge-1": {"selection.ridge": 1.0, **OFF},
-    "raw-25": {"calibration.raw_share": 0.25, **OFF},
-    "answer-50": {"selection.answer_weight": 0.5, **OFF},
-    "n256": {**N256, **OFF},
-    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:", **OFF},
-    "flap+recon-n256": {**N256, "selection.method": "flap", **OFF},
-    "answer-50-n256": {**N256, "selection.answer_weight": 0.5, **OFF},
-    "recover": ON,
-    "fn-task+recover": {"selection.method": "fn-task", **ON},
-    "flap+recon+recover": {"selection.method": "flap", **ON},
+               **NO_REFIT, **OFF},
+    "relevance-pooled": {"networks.relevance_within_template": False, **NO_REFIT, **OFF},
+    "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform", **NO_REFIT, **OFF},
+    "no-recon": {"selection.reconstruct": False, **NO_REFIT, **OFF},
+    "ridge-1": {"selection.ridge": 1.0, **NO_REFIT, **OFF},
+    "raw-25": {"calibration.raw_share": 0.25, **NO_REFIT, **OFF},
+    "answer-50": {"selection.answer_weight": 0.5, **NO_REFIT, **OFF},
+    "n256": {**N256, **NO_REFIT, **OFF},
+    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:", **NO_REFIT, **OFF},
+    "flap+recon-n256": {**N256, "selection.method": "flap", **NO_REFIT, **OFF},
+    "answer-50-n256": {**N256, "selection.answer_weight": 0.5, **NO_REFIT, **OFF},
+    "recover": {**NO_REFIT, **ON},
+    "fn-task+recover": {"selection.method": "fn-task", **NO_REFIT, **ON},
+    "flap+recon+recover": {"selection.method": "flap", **NO_REFIT, **ON},
 }
 
 

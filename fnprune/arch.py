@@ -50,6 +50,9 @@ class MLPLayout:
               config flag, which gives every MLP projection a bias (the input ones are zeroed); None = never.
     head:     the transformers auto class the family's checkpoints load with: a causal LM (predicts label
               words at the last token) or a sequence classifier (predicts with its head from the first token).
+    residual: whether the output projection's output is added to the residual stream unchanged, which the
+              sequential refit (fnprune.refit) needs: "always"; "never" (a norm follows it: Gemma 2/3's
+              post-feedforward norm, the encoders' post-LN); "config:<flag>" = when that config flag is true.
     """
 
     layers: str
@@ -60,6 +63,7 @@ class MLPLayout:
     fused: int = 1
     bias: str | None = None
     head: str = CAUSAL_LM
+    residual: str = "always"
 
     @property
     def bias_flag(self) -> str | None:
@@ -83,7 +87,7 @@ class MLPLayout:
 
 
 _ENCODER = dict(inputs=("intermediate.dense",), output="output.dense", width_key="intermediate_size", bias="native",
-                head=CLASSIFIER)
+                head=CLASSIFIER, residual="never")
 _GATED = dict(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj", width_key="intermediate_size")
 
 MLP_LAYOUTS: dict[str, MLPLayout] = {
@@ -92,13 +96,14 @@ MLP_LAYOUTS: dict[str, MLPLayout] = {
     "qwen2": MLPLayout("model.layers", **_GATED),
     "qwen3": MLPLayout("model.layers", **_GATED),
     "gemma": MLPLayout("model.layers", **_GATED),
-    "gemma2": MLPLayout("model.layers", **_GATED),
-    "gemma3_text": MLPLayout("model.layers", **_GATED),
+    "gemma2": MLPLayout("model.layers", **_GATED, residual="never"),
+    "gemma3_text": MLPLayout("model.layers", **_GATED, residual="never"),
     "phi3": MLPLayout(
         "model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", fused=2
     ),
     "gpt2": MLPLayout("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", conv1d=True, bias="native"),
-    "opt": MLPLayout("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", bias="native"),
+    "opt": MLPLayout("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", bias="native",
+                     residual="config:do_layer_norm_before"),
     "gpt_neox": MLPLayout(
         "gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size", bias="native"
     ),
@@ -107,7 +112,8 @@ MLP_LAYOUTS: dict[str, MLPLayout] = {
     "bert": MLPLayout("bert.encoder.layer", **_ENCODER),
     "roberta": MLPLayout("roberta.encoder.layer", **_ENCODER),
     "distilbert": MLPLayout(
-        "distilbert.transformer.layer", ("ffn.lin1",), "ffn.lin2", "hidden_dim", bias="native", head=CLASSIFIER
+        "distilbert.transformer.layer", ("ffn.lin1",), "ffn.lin2", "hidden_dim", bias="native", head=CLASSIFIER,
+        residual="never",
     ),
 }
 
@@ -126,6 +132,13 @@ def layout_for(model_or_type: nn.Module | str) -> MLPLayout:
 def is_classifier(model: nn.Module) -> bool:
     """A sequence classifier: predicts with its head, not with label words (the layout's `head`)."""
     return layout_for(model).classifier
+
+
+def adds_to_residual(layout: MLPLayout, model: nn.Module) -> bool:
+    """Whether this model's MLP output enters the residual stream unchanged (`MLPLayout.residual`)."""
+    if layout.residual.startswith("config:"):
+        return bool(getattr(model.config, layout.residual.split(":", 1)[1], False))
+    return layout.residual == "always"
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -18,7 +18,8 @@ import torch
 
 from .moments import SecondMoments
 
-__all__ = ["reconstruction_map", "removed_indices", "fold_into_output", "fit_kept_gram", "fit_token_gram"]
+__all__ = ["reconstruction_map", "removed_indices", "fold_into_output", "fit_kept_gram", "fit_token_gram",
+           "refit_linear"]
 
 
 def removed_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
@@ -115,3 +116,26 @@ def fold_into_output(
     c = centre.to(torch.float64)
     bias = ((c[removed] - c[keep] @ m) @ w[removed]).to(w_by_neuron.dtype)
     return w_kept, bias
+
+
+def refit_linear(
+    x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W (k, out) and b (out,) that map inputs x (T, k) to targets y (T, out) by least squares, with a ridge that
+    pulls W toward `w0` (the weights before the refit) instead of toward zero: with few tokens per weight the fit
+    stays near a known-good map. Centred (intercept in b) when `b0` is given, else through zero. `ridge` is
+    relative to the inputs' mean variance, as in `reconstruction_map`."""
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    x, y, w0 = x.double(), y.double(), w0.double()
+    mx = x.mean(0) if b0 is not None else torch.zeros(x.shape[1], dtype=torch.float64)
+    my = y.mean(0) if b0 is not None else torch.zeros(y.shape[1], dtype=torch.float64)
+    xc, n = x - mx, max(x.shape[0], 1)
+    gram = xc.T @ xc / n
+    scale = max(ridge, 1e-8) * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    gram.diagonal().add_(scale)
+    rhs = xc.T @ (y - my) / n + scale * w0
+    chol, info = torch.linalg.cholesky_ex(gram)
+    w = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(gram, rhs)
+    b = None if b0 is None else (my - mx @ w).float()
+    return w.float(), b

@@ -70,7 +70,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
     if source is not None:
         source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
-    selection = resolve_selection(recipe.selection, layout, model, task.kind)
+    selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
 

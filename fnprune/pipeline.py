@@ -1,4 +1,4 @@
-"""compress(recipe): load -> calibrate -> select -> reconstruct -> surgery -> [recover] -> validate -> save.
+"""compress(recipe): load -> calibrate -> select -> reconstruct -> surgery [+ refit] -> [recover] -> validate -> save.
 
 `compress` reads as the table of contents; each stage is a public function of its own module (inputs,
 calibration, pruning, surgery, recovery, validation, output) that notebooks can call one by one.
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .arch import MLPLayout
+from .arch import MLPLayout, is_classifier
 from .calibration import Calibration, calibrate
 from .checkpoint import atomic_output_dir, check_output_dir
 from .data import label_keys
@@ -32,9 +32,11 @@ from .output import build_report, resolved_recipe, write_output
 from .pruning import reconstruction_fills, select_neurons
 from .recipe import Recipe
 from .recovery import recover_model, recovery_report, teacher
+from .refit import LayerwiseRefit
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import stream_prune
 from .surgery import prune_mlp
+from .tokens import encode_inputs
 from .validation import Scores, score
 
 __all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons"]
@@ -141,6 +143,12 @@ def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: _Tim
     release_memory()
 
 
+def _calibration_ids(inputs: Inputs) -> list[list[int]]:
+    """The calibration prompts' token ids, as capture encodes them."""
+    return encode_inputs(inputs.tokenizer, inputs.prompts, inputs.recipe.calibration.max_length,
+                         is_classifier(inputs.model))
+
+
 def _score(model, inputs: Inputs, progress: bool, cached: bool = False, lm_eval: bool = True) -> Scores:
     """The task, validation and lm-eval scores of `model`; `cached`: it is the dense model (results cached);
     `lm_eval` off: without lm-eval (the pruned model before recovery)."""
@@ -152,11 +160,20 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
                progress: bool) -> tuple[Any, Scores, dict[str, Any]]:
     """Stages 4-6 on the loaded model: surgery, then scores, with recovery (and scores after it) when asked."""
     model, recipe = inputs.model, inputs.recipe
-    with timer.stage("surgery"):
-        prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills)
+    refit = None
+    if inputs.selection.refit:
+        with timer.stage("refit_inputs"):
+            refit = LayerwiseRefit(model, inputs.layout, _calibration_ids(inputs), inputs.selection.ridge,
+                                   recipe.calibration.batch_size, progress)
+    with timer.stage("surgery"):  # with the refit layer by layer inside it
+        prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,
+                  on_block=refit.on_block if refit else None)
         plan.fills = None
         release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
-    return (model, *_recover_and_score(model, inputs, targets, dense, timer, progress))
+    scores, extra = _recover_and_score(model, inputs, targets, dense, timer, progress)
+    if refit:  # per layer, the block output's error on the calibration tokens after the refit over before it
+        extra = {"refit": {"block_error_after_over_before": refit.ratios}, **extra}
+    return model, scores, extra
 
 
 def _recover_and_score(model, inputs: Inputs, targets: TeacherTargets | None, dense: Scores, timer: _Timer,

@@ -9,7 +9,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, layout_for, neuron_weight_norms
+from .arch import MLPLayout, adds_to_residual, layout_for, neuron_weight_norms
 from .calibration import Calibration
 from .compensation import reconstruction_map
 from .errors import NumericalError, RecipeError
@@ -24,13 +24,22 @@ log = logging.getLogger("fnprune")
 
 
 def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Module,
-                      kind: str = "classification") -> SelectionSpec:
-    """The selection with its automatic values filled in (method auto for a task of `kind`; fn_boost; bias
-    compensation on where the architecture can hold the bias), as the saved recipe records them; RecipeError when
-    bias compensation is asked of a family that cannot hold it."""
+                      kind: str = "classification", in_memory: bool = True) -> SelectionSpec:
+    """The selection with its automatic values filled in (method auto for a task of `kind`; fn_boost; the refit on
+    for classification where the family allows it and surgery runs `in_memory`; bias compensation on where the
+    architecture can hold the bias), as the saved recipe records them; RecipeError when bias compensation or the
+    refit is asked of a family that cannot take it."""
     sel = sel.for_task(kind)
     if sel.fn_boost is None:
         sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep, sel.reconstruct))
+    if sel.refit is None:
+        sel = dataclasses.replace(
+            sel, refit=kind == "classification" and in_memory and adds_to_residual(layout, model))
+    if sel.refit and not adds_to_residual(layout, model):
+        raise RecipeError(
+            f"selection.refit: {model.config.model_type} normalises its MLP output before the residual stream, "
+            "so the refit cannot target the block output; set it to false"
+        )
     if sel.bias_compensation is None:
         return dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
     if sel.bias_compensation and not supports_bias_compensation(layout, model):

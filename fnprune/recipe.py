@@ -191,10 +191,8 @@ class TaskSpec:
         if not 0 < self.calibration_share < 1:
             problems.append(f"task.calibration_share: must be in (0, 1), got {self.calibration_share}")
         if self.calibration_split == self.evaluation_split:
-            problems.append(
-                f"task.calibration_split and task.evaluation_split are both {self.calibration_split!r}: "
-                "calibration data must never be evaluation data"
-            )
+            problems.append(f"task.calibration_split and task.evaluation_split are both {self.calibration_split!r}: "
+                            "calibration data must never be evaluation data")
         if self.label_words and len(set(self.label_words.values())) != len(self.label_words):
             problems.append("task.label_words: two labels share the same word")
         for split in self.data_files:
@@ -362,6 +360,9 @@ class SelectionSpec:
         "--ridge", "Ridge of that least-squares fit, relative (default {default})."))
     # share of the reconstruction's objective given to the calibration prompts' last tokens (the answer position)
     answer_weight: float = 0.0
+    # fnprune.refit; None (auto): on for classification in memory where the family allows (RESULTS.md 0.0.8)
+    refit: bool | None = field(default=None, metadata=flag("--refit/--no-refit", "Refit each MLP output projection "
+        "toward the dense block outputs (default: on for classification where the model allows it)."))
     # fn-task: weight of task-network membership; None = default_fn_boost
     fn_boost: float | None = field(default=None, metadata=flag(
         "--fn-boost", "fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= "
@@ -609,19 +610,18 @@ class Recipe:
             if hasattr(section, "check"):
                 found.extend(section.check())
         if self.streamed() and self.output.layout == "per-layer":
-            found.append(
-                "output.layout per-layer is not supported by streamed surgery (model.device_map or "
-                "output.streamed): use uniform or padded"
-            )
+            found.append("output.layout per-layer is not supported by streamed surgery (model.device_map or "
+                         "output.streamed): use uniform or padded")
         dm, recover = self.model.device_map, self.recovery.enabled is True  # auto: off with offload
         if recover and (self.model.offload_folder or isinstance(dm, dict) and "disk" in dm.values()):
             found.append("recovery trains the pruned weights in place: it does not run with disk offload "
                          "(model.device_map entries 'disk', model.offload_folder)")
+        if self.selection.refit is True and self.streamed():
+            found.append("selection.refit refits the pruned model in memory: it does not run with streamed surgery "
+                         "(model.device_map or output.streamed)")
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":
-            found.append(
-                f"selection.allocation {self.selection.allocation!r} gives layers different widths: "
-                "set output.layout to per-layer or padded"
-            )
+            found.append(f"selection.allocation {self.selection.allocation!r} gives layers different widths: "
+                         "set output.layout to per-layer or padded")
         return found
 
     def streamed(self) -> bool:
@@ -706,9 +706,7 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            problems.append(
-                f"{where + '.' if where else ''}{key}: unknown field (allowed: {', '.join(sorted(known))})"
-            )
+            problems.append(f"{where + '.' if where else ''}{key}: unknown field (allowed: {', '.join(sorted(known))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

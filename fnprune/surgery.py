@@ -7,6 +7,8 @@ tensors, both with the tensor-level functions below.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ __all__ = [
     "plan_layers",
     "prune_mlp",
     "supports_bias_compensation",
+    "set_output_weight",
     "layout_record",
     "check_keep",
     "check_widths",
@@ -184,7 +187,7 @@ def _slice_output(module: nn.Module, layout: MLPLayout, keep: torch.Tensor) -> N
         module.in_features = len(keep)
 
 
-def _set_output_weight(module: nn.Module, layout: MLPLayout, w_by_neuron: torch.Tensor) -> None:
+def set_output_weight(module: nn.Module, layout: MLPLayout, w_by_neuron: torch.Tensor) -> None:
     module.weight = nn.Parameter(by_neuron(w_by_neuron, layout).contiguous())
 
 
@@ -232,6 +235,7 @@ def prune_mlp(
     removed_means: list[torch.Tensor] | None = None,
     width_layout: str = "uniform",
     fill_maps: list[torch.Tensor] | None = None,
+    on_block: Callable[[int, Callable[[], None]], None] | None = None,
 ) -> nn.Module:
     """Keep neurons `keep[layer]` (sorted indices) in every MLP, in place; returns the model.
 
@@ -243,6 +247,8 @@ def prune_mlp(
     With `fill_maps` (per layer, n_kept x n_removed; see fnprune.compensation), the removed neurons'
     least-squares reconstruction from the kept ones is folded into the kept output weights (and, with
     `removed_means` as the centre, into the bias).
+    `on_block(i, prune)`, when given, is called for every layer in order with the function that prunes it (the
+    sequential refit, fnprune.refit, runs the dense block before it and refits after it).
     """
     blocks = layer_blocks(model, layout)
     outputs = [get_module(b, layout.output) for b in blocks]
@@ -250,7 +256,8 @@ def prune_mlp(
     has_bias = [getattr(m, "bias", None) is not None for m in outputs]
     plans = plan_layers(layout, keep, widths, has_bias, removed_means, width_layout, fill_maps)
     for i, (block, plan) in enumerate(zip(blocks, plans)):
-        _prune_block(block, layout, plan)
+        prune = functools.partial(_prune_block, block, layout, plan)
+        on_block(i, prune) if on_block is not None else prune()
         if i % 4 == 3:
             release_memory(collect=False)  # the dense layers' freed weights back to the OS as we go
     update_config(model.config, layout, plans, width_layout)
@@ -264,7 +271,7 @@ def _prune_block(block: nn.Module, layout: MLPLayout, plan: LayerPlan) -> None:
         _slice_input(get_module(block, path), layout, plan.keep, plan.width)
     _slice_output(out_module, layout, plan.keep)
     if folded is not None:
-        _set_output_weight(out_module, layout, folded)
+        set_output_weight(out_module, layout, folded)
     kept = len(plan.keep)
     if plan.target > kept:
         for path in layout.inputs:

@@ -292,7 +292,7 @@ def _recipe(model_path, data_dir, out, **model):
         "task": {"name": "sst2", "data_dir": str(data_dir)},
         "calibration": {"num_samples": 32, "max_tokens": 300, "batch_size": 8, "cache": False},
         "networks": {"components": 8},
-        "selection": {"keep": 0.5},
+        "selection": {"keep": 0.5, "refit": False},  # in memory, compared with offloaded runs (no refit there)
         "evaluation": {"max_samples": 16},
         "output": {"dir": str(out)},
     })

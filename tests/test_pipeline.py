@@ -204,7 +204,8 @@ def test_reconstruction_brings_the_pruned_model_closer_to_dense(model_dir, task_
 
     outs = {}
     for reconstruct in (False, True):
-        recipe = _recipe(model_dir("llama"), task_data, tmp_path / str(reconstruct), reconstruct=reconstruct)
+        recipe = _recipe(model_dir("llama"), task_data, tmp_path / str(reconstruct), reconstruct=reconstruct,
+                         refit=False)
         outs[reconstruct] = fnprune.compress(recipe, progress=False).output_dir
     dense, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
     task = resolve_task(_recipe(model_dir("llama"), task_data, tmp_path / "x").task)

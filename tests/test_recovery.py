@@ -27,7 +27,7 @@ def _recipe(model_path, data_dir, out, **recovery_fields):
         "task": {"name": "sst2", "data_dir": str(data_dir)},
         "calibration": {"num_samples": 32, "max_tokens": 300, "batch_size": 8},
         "networks": {"components": 8},
-        "selection": {"keep": 0.5},
+        "selection": {"keep": 0.5, "refit": False},  # compared with streamed surgery, which has no refit
         "recovery": {"enabled": True, "epochs": 2, "lr": 1e-3, **recovery_fields},
         "evaluation": {"max_samples": 16},
         "output": {"dir": str(out)},

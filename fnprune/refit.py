@@ -1,0 +1,134 @@
+"""Stage 4b, opt-in (`selection.refit`): surgery layer by layer, each pruned layer's MLP output projection refitted
+right after its surgery so that its block's output matches the dense model's on the calibration prompts.
+
+The reconstruction (fnprune.compensation) fits each layer on the dense model's activations, but in the pruned
+model every layer's input has already drifted by the time it runs. Here two streams of hidden states go through
+the model one block at a time: the dense one (block i run before its surgery) and the pruned one (block i run
+after it, its earlier blocks already refitted). Layer i's kept neurons, as the pruned stream gives them, are
+regressed on what the output projection should emit for the block output to equal the dense one:
+
+    y = dense block output - pruned block output + the projection's current output,
+
+which holds where the MLP output enters the residual stream unchanged (`MLPLayout.residual`). The ridge pulls the
+weights toward the reconstruction's (`compensation.refit_linear`). The cost is about three forward passes (one to
+catch every block's inputs, then each block twice); the two streams of hidden states are held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import MLPLayout, by_neuron, get_module, layer_blocks
+from .compensation import refit_linear
+from .errors import NumericalError
+from .surgery import set_output_weight
+from .tokens import Batch, batches, forward
+
+__all__ = ["LayerwiseRefit"]
+
+
+class _Stop(Exception):
+    """Raised by the catching hook once the last block's inputs are recorded: the LM head is not needed."""
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _real(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The real tokens' rows (n, features) float32 on CPU, also of a tensor flattened to (B * L, features) (OPT)."""
+    return t.reshape(*mask.shape, t.shape[-1])[mask].float().cpu()
+
+
+class LayerwiseRefit:
+    """Drives the two streams through `model` block by block; `prune_mlp(..., on_block=refit.on_block)` calls
+    `on_block(i, prune)` for every layer in order, and the refit runs block i dense, prunes it, runs it pruned and
+    refits its output projection. `ratios`: per layer, the block output's mean squared error on the calibration
+    tokens after the refit over before it."""
+
+    def __init__(self, model: nn.Module, layout: MLPLayout, seqs: list[list[int]], ridge: float, batch_size: int,
+                 progress: bool = True):
+        self.model, self.layout, self.ridge = model, layout, ridge
+        self.blocks = layer_blocks(model, layout)
+        self.runs: list[Batch] = list(batches(seqs, batch_size))
+        self.inputs: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]  # per block, per batch
+        self._catch()
+        self.dense = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.inputs[0]]
+        self.pruned = list(self.dense)
+        self.ratios: list[float] = []
+        self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not progress)
+
+    def _catch(self) -> None:
+        """One forward pass recording every block's positional and keyword inputs per batch (masks, positions:
+        whatever this architecture passes its blocks), stopped after the last block starts."""
+        last = len(self.blocks) - 1
+
+        def record(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                self.inputs[i].append((args, kwargs))
+                if i == last:
+                    raise _Stop
+            return hook
+
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        try:
+            for batch in self.runs:
+                try:
+                    forward(self.model, batch, all_logits=False)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block i over every batch, from the given hidden states and the caught inputs."""
+        out = []
+        with torch.inference_mode():
+            for h, (args, kwargs) in zip(hidden, self.inputs[i]):
+                if args:
+                    out.append(_hidden(self.blocks[i](h, *args[1:], **kwargs)))
+                else:
+                    out.append(_hidden(self.blocks[i](**{**kwargs, "hidden_states": h})))
+        return out
+
+    def on_block(self, i: int, prune: Callable[[], None]) -> None:
+        dense_out = self._run(i, self.dense)
+        prune()
+        projection = get_module(self.blocks[i], self.layout.output)
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = projection.register_forward_hook(lambda m, args, output: seen.append((args[0], output)))
+        try:
+            pruned_out = self._run(i, self.pruned)
+        finally:
+            handle.remove()
+        masks = [b.attention_mask.bool() for b in self.runs]
+        x = torch.cat([_real(a, m) for (a, _), m in zip(seen, masks)])
+        emitted = torch.cat([_real(o, m) for (_, o), m in zip(seen, masks)])
+        target = torch.cat([_real(d - p, m) for d, p, m in zip(dense_out, pruned_out, masks)]) + emitted
+        w0 = by_neuron(projection.weight.detach(), self.layout).float().cpu()
+        b0 = None if projection.bias is None else projection.bias.detach().float().cpu()
+        w, b = refit_linear(x, target, w0, b0, self.ridge)
+        if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
+            raise NumericalError(f"layer {i}: the refit of the output projection is not finite; raise --ridge")
+        before = (emitted - target).square().sum(1).mean()
+        after = (x @ w + (0 if b is None else b) - target).square().sum(1).mean()
+        self.ratios.append(round(float(after / before.clamp(min=1e-12)), 4))
+        dtype, device = projection.weight.dtype, projection.weight.device
+        w, b = w.to(dtype=dtype, device=device), None if b is None else b.to(dtype=dtype, device=device)
+        # the new block output, by the same residual identity: old output - old projection output + new one
+        self.pruned = [p + (a @ w + (0 if b is None else b) - o).reshape(p.shape)
+                       for p, (a, o) in zip(pruned_out, seen)]
+        set_output_weight(projection, self.layout, w)
+        if b is not None:
+            projection.bias = nn.Parameter(b)
+        self.dense = dense_out
+        self.inputs[i] = []  # this block's inputs are no longer needed
+        self.bar.update()
+        if i == len(self.blocks) - 1:
+            self.bar.close()

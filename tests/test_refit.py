@@ -1,0 +1,137 @@
+"""The sequential refit (selection.refit): its least squares, every architecture in the support table, and a
+compress run with it (reloads with the same logits, byte-identical rerun)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fnprune
+from fnprune.arch import MLP_LAYOUTS, adds_to_residual, layer_blocks, layout_for, mlp_widths
+from fnprune.compensation import refit_linear
+from fnprune.errors import RecipeError
+from fnprune.models import load_model
+from fnprune.pruning import resolve_selection
+from fnprune.recipe import ModelSpec, SelectionSpec, apply_overrides, load_recipe, recipe_from_dict
+from fnprune.refit import LayerwiseRefit
+from fnprune.surgery import prune_mlp
+from fnprune.tokens import batches, encode, forward
+
+PROMPTS = ["Review: a wonderful and moving film\nSentiment:", "Review: dull , boring mess\nSentiment:",
+           "Review: fresh\nSentiment:", "a slow , quiet and oddly funny picture", "the plot is thin"] * 4
+ARCHS = sorted(MLP_LAYOUTS)
+
+
+def test_refit_linear_solves_least_squares_and_its_ridge_pulls_toward_w0():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=gen)
+    w_true, b_true = torch.randn(6, 3, generator=gen), torch.randn(3, generator=gen)
+    y = x @ w_true + b_true
+    w0 = torch.zeros(6, 3)
+    w, b = refit_linear(x, y, w0, torch.zeros(3), ridge=0.0)
+    torch.testing.assert_close(w, w_true, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b, b_true, atol=1e-4, rtol=1e-4)
+    w_far, _ = refit_linear(x, y, w_true + 1, torch.zeros(3), ridge=1e6)
+    torch.testing.assert_close(w_far, w_true + 1, atol=1e-3, rtol=1e-3)  # a huge ridge keeps the old weights
+    w_zero, b_zero = refit_linear(x, x @ w_true, w0, None, ridge=0.0)  # through zero: no intercept
+    assert b_zero is None
+    torch.testing.assert_close(w_zero, w_true, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ridge"):
+        refit_linear(x, y, w0, None, ridge=-1)
+
+
+def _block_outputs(model, layout, seqs):
+    """Every block's output at the real tokens, per layer (a plain forward pass with hooks)."""
+    blocks = layer_blocks(model, layout)
+    outs = [[] for _ in blocks]
+    mask = []
+    handles = [b.register_forward_hook(
+        lambda m, a, o, i=i: outs[i].append((o[0] if isinstance(o, tuple) else o).reshape(*mask[0].shape, -1)[mask[0]]))
+        for i, b in enumerate(blocks)]
+    for batch in batches(seqs, 4):
+        mask[:] = [batch.attention_mask.bool()]
+        forward(model, batch, all_logits=False)
+    for h in handles:
+        h.remove()
+    return [torch.cat(o) for o in outs]
+
+
+def _errors(model, dense_model, layout, seqs):
+    return [float((o - r).square().sum(1).mean())
+            for o, r in zip(_block_outputs(model, layout, seqs), _block_outputs(dense_model, layout, seqs))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refit_brings_every_block_output_closer_to_dense(arch, model_dir):
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    sel = SelectionSpec(refit=True)
+    if not adds_to_residual(layout, model):
+        with pytest.raises(RecipeError, match="selection.refit"):
+            resolve_selection(sel, layout, model)
+        return
+    resolve_selection(sel, layout, model)
+    seqs = encode(tok, PROMPTS, 64)
+    widths = mlp_widths(model, layout)
+    gen = torch.Generator().manual_seed(0)
+    keep = [torch.randperm(w, generator=gen)[: w // 4].sort().values for w in widths]
+    plain = prune_mlp(copy.deepcopy(model), layout, keep)
+    refitted = copy.deepcopy(model)
+    refit = LayerwiseRefit(refitted, layout, seqs, ridge=0.01, batch_size=4, progress=False)
+    prune_mlp(refitted, layout, keep, on_block=refit.on_block)
+    assert mlp_widths(refitted, layout) == [w // 4 for w in widths]  # the shapes surgery gives
+    assert len(refit.ratios) == len(widths) and all(r < 1 for r in refit.ratios)
+    before, after = _errors(plain, model, layout, seqs), _errors(refitted, model, layout, seqs)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_refit_auto_is_on_for_classification_in_memory_where_the_family_allows(arch, model_dir):
+    model, _ = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout, auto = layout_for(model), SelectionSpec()
+    assert auto.refit is None
+    allowed = arch == "llama"
+    assert resolve_selection(auto, layout, model, "classification").refit is allowed
+    assert resolve_selection(auto, layout, model, "multiple_choice").refit is False
+    assert resolve_selection(auto, layout, model, "classification", in_memory=False).refit is False
+    assert resolve_selection(SelectionSpec(refit=False), layout, model, "classification").refit is False
+
+
+def test_refit_refused_with_streamed_surgery():
+    recipe = recipe_from_dict({"selection": {"refit": True}, "output": {"streamed": True}})
+    assert any("selection.refit" in p for p in recipe.problems())
+    auto = recipe_from_dict({"output": {"streamed": True}})
+    assert not any("selection.refit" in p for p in auto.problems())  # auto: off with streamed surgery
+
+
+@pytest.mark.slow
+def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data, tmp_path):
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model_dir("llama"))},
+        "task": {"name": "sst2", "data_dir": str(task_data)},
+        "calibration": {"num_samples": 48, "max_tokens": 400, "batch_size": 8},
+        "selection": {"keep": 0.5, "refit": True},
+        "output": {"dir": str(tmp_path / "a")},
+    })
+    result = fnprune.compress(recipe, progress=False)
+    assert "refit_inputs" in result.report["timings_seconds"]
+    ratios = result.report["refit"]["block_error_after_over_before"]
+    assert len(ratios) == 2 and all(0 <= r < 1 for r in ratios)
+    assert load_recipe(result.output_dir / "recipe.yaml").selection.refit is True
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    again = fnprune.compress(apply_overrides(load_recipe(result.output_dir / "recipe.yaml"),
+                                             {"output.dir": str(tmp_path / "b")}), progress=False)
+    sha = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+           for d in (result.output_dir, again.output_dir)]
+    assert sha[0] == sha[1]
+    assert again.report["metric"] == result.report["metric"]
+    without = fnprune.compress(apply_overrides(recipe, {"selection.refit": False, "output.dir": str(tmp_path / "c")}),
+                               progress=False)
+    assert hashlib.sha256((without.output_dir / "model.safetensors").read_bytes()).hexdigest() != sha[0]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loaded = fnprune.load_pruned(result.output_dir)
+    torch.testing.assert_close(reloaded(ids).logits, loaded.model(ids).logits, atol=1e-5, rtol=1e-5)
