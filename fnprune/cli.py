@@ -92,7 +92,8 @@ def _print_summary(report: dict, where: Path | str) -> None:
     click.echo(f"wrote {where}")
     pruned = report["widths"]["pruned"]
     shown = f"{pruned[0]} per layer" if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)} per layer"
-    click.echo(f"  method {report['method']}, keep {report['keep']}, widths {report['widths']['dense']} -> {shown}")
+    method = report["method"] + (" + refit" if "refit" in report else "")
+    click.echo(f"  method {method}, keep {report['keep']}, widths {report['widths']['dense']} -> {shown}")
     click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
     if m["n"] is None:
         click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
@@ -289,8 +290,9 @@ def _report_lines(report: dict) -> list[str]:
     fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
     mib = "{:.1f} MiB"
+    refit = " + refit" if isinstance(report.get("refit"), dict) else ""  # fnprune.refit ran
     return [
-        f"  method {text('method')}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
+        f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
         f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
         f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples: "
         f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}",

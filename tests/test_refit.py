@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import fnprune
 from fnprune.arch import MLP_LAYOUTS, adds_to_residual, layer_blocks, layout_for, mlp_widths
+from fnprune.cli import _report_lines
 from fnprune.compensation import refit_linear
 from fnprune.errors import RecipeError
 from fnprune.models import load_model
@@ -119,6 +120,7 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
     })
     result = fnprune.compress(recipe, progress=False)
     assert "refit_inputs" in result.report["timings_seconds"]
+    assert any("method flap + refit" in line for line in _report_lines(result.report))
     ratios = result.report["refit"]["block_error_after_over_before"]
     assert len(ratios) == 2 and all(0 <= r < 1 for r in ratios)
     assert load_recipe(result.output_dir / "recipe.yaml").selection.refit is True
