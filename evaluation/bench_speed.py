@@ -293,7 +293,7 @@ def main() -> None:
             "forward_only_s": round(forward_only["forward_s"], 1),
             "forward_only_runs_s": "/".join(str(round(f["forward_s"], 1)) for f in forward_runs),
             **{f"{stage}_s": t.get(stage) for stage in ("load", "capture", "networks", "selection", "reconstruct",
-                                                         "surgery", "save")},
+                                                         "refit_inputs", "surgery", "save")},
             "total_over_capture": r and round(work / t["capture"], 2),
             "total_over_forward_only": r and round(work / forward_only["forward_s"], 2),
             # What compress spends even if networks, selection, reconstruction and surgery took no time: reading

@@ -296,8 +296,10 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     found = (f"found the model's task functional networks (per-layer ICA on MLP activations from {samples} "
              f"`{info.task}` calibration examples), kept" if info.method in NETWORK_METHODS else
              f"scored every MLP neuron on {samples} `{info.task}` calibration examples, kept")
+    refit = (" Layer by layer, each MLP down projection was then refitted so that its block's output matches the "
+             "dense model's on the calibration prompts." if "refit" in info.report else "")
     return (f"{found} {info.keep:.0%} of the MLP neurons of every layer with the `{info.method}` criterion and "
-            "physically removed the others.")
+            f"physically removed the others.{refit}")
 
 
 def _recovery_note(r: dict) -> str:

@@ -56,21 +56,25 @@ class LayerwiseRefit:
         self.model, self.layout, self.ridge = model, layout, ridge
         self.blocks = layer_blocks(model, layout)
         self.runs: list[Batch] = list(batches(seqs, batch_size))
-        self.inputs: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]  # per block, per batch
+        # per block, per batch: its inputs but the hidden states (masks, positions: what the architecture passes)
+        self.inputs: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]
+        self.dense: list[torch.Tensor] = []  # the first block's hidden states, per batch
         self._catch()
-        self.dense = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.inputs[0]]
         self.pruned = list(self.dense)
         self.ratios: list[float] = []
         self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not progress)
 
     def _catch(self) -> None:
-        """One forward pass recording every block's positional and keyword inputs per batch (masks, positions:
-        whatever this architecture passes its blocks), stopped after the last block starts."""
+        """One forward pass recording every block's inputs per batch, but their hidden states (only the first
+        block's are kept), stopped when the last block starts."""
         last = len(self.blocks) - 1
 
         def record(i: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                self.inputs[i].append((args, kwargs))
+                if i == 0:
+                    self.dense.append(args[0] if args else kwargs["hidden_states"])
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.inputs[i].append((args[1:] if args else None, rest))  # None: hidden states by keyword
                 if i == last:
                     raise _Stop
             return hook
@@ -90,11 +94,11 @@ class LayerwiseRefit:
         """Block i over every batch, from the given hidden states and the caught inputs."""
         out = []
         with torch.inference_mode():
-            for h, (args, kwargs) in zip(hidden, self.inputs[i]):
-                if args:
-                    out.append(_hidden(self.blocks[i](h, *args[1:], **kwargs)))
+            for h, (rest, kwargs) in zip(hidden, self.inputs[i]):
+                if rest is None:
+                    out.append(_hidden(self.blocks[i](hidden_states=h, **kwargs)))
                 else:
-                    out.append(_hidden(self.blocks[i](**{**kwargs, "hidden_states": h})))
+                    out.append(_hidden(self.blocks[i](h, *rest, **kwargs)))
         return out
 
     def on_block(self, i: int, prune: Callable[[], None]) -> None:

@@ -121,6 +121,7 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
     result = fnprune.compress(recipe, progress=False)
     assert "refit_inputs" in result.report["timings_seconds"]
     assert any("method flap + refit" in line for line in _report_lines(result.report))
+    assert "down projection was then refitted" in (result.output_dir / "README.md").read_text()
     ratios = result.report["refit"]["block_error_after_over_before"]
     assert len(ratios) == 2 and all(0 <= r < 1 for r in ratios)
     assert load_recipe(result.output_dir / "recipe.yaml").selection.refit is True
