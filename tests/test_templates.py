@@ -8,7 +8,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import fnprune
-from fnprune import calibration, validation
+from fnprune import calibration, pipeline, validation
 from fnprune.data import BUILTIN_TASKS, RAW, load_evaluation, load_sample, resolve_task
 from fnprune.errors import DataError, RecipeError
 from fnprune.recipe import TaskSpec, apply_overrides, dump_recipe, recipe_from_dict
@@ -123,12 +123,19 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
         seen["templates"] += [e.template for e in examples]
         return groups(examples)
 
+    class SpyRefit(pipeline.LayerwiseRefit):
+        def __init__(self, model, layout, seqs, *args, **kw):
+            seen["refit"] = [tuple(s) for s in seqs]
+            super().__init__(model, layout, seqs, *args, **kw)
+
     monkeypatch.setattr(calibration, "capture_activations", spy_capture)
     monkeypatch.setattr(calibration, "template_groups", spy_groups)
+    monkeypatch.setattr(pipeline, "LayerwiseRefit", SpyRefit)  # the refit runs the same calibration prompts
     recipe = _recipe(model_dir("llama"), task_data, tmp_path / "out", task=CUSTOM, calibration={
         "num_samples": 24, "max_tokens": 300, "batch_size": 8, "cache": False}, selection={"method": "fn-task"})
     report = fnprune.compress(recipe, progress=False).report  # fn-task: relevance reads the template groups
     assert seen["seqs"] and not forbidden & set(seen["seqs"])
+    assert report["refit"] and sorted(seen["refit"]) == sorted(seen["seqs"])
     assert set(seen["templates"]) == {"a", "b", RAW.name}  # raw_share auto: half the prompts are the text alone
     assert [t["name"] for t in report["templates"]] == ["a", "b", "c"]
     assert report["metric"]["of"] == "held-out templates (mean)"
