@@ -80,9 +80,7 @@ def fit_token_gram(x: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.T
     scale = torch.linalg.vector_norm(a, dtype=torch.float64).square() / (n * max(a.shape[1], 1))  # mean kept var
     gram = (a @ a.T).to(torch.float64) / n  # (T, T)
     gram.diagonal().add_(max(ridge, 1e-8) * scale)
-    rhs = b.to(torch.float64) / n
-    chol, info = torch.linalg.cholesky_ex(gram)
-    y = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(gram, rhs)  # (T, r)
+    y = _solve_positive_definite(gram, b.to(torch.float64) / n)  # (T, r)
     return a.T @ y.to(torch.float32)  # (k, r)
 
 
@@ -90,12 +88,21 @@ def _solve_kept_rows(cross: torch.Tensor, keep: torch.Tensor, ridge: float) -> t
     """M from the kept rows (k, d) float64 of the centred second moment: kk M = kr, kk with the ridge added."""
     removed = removed_indices(keep, cross.shape[1])
     kk, kr = cross[:, keep], cross[:, removed]
-    scale = kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
-    kk.diagonal().add_(max(ridge, 1e-8) * scale)
-    # kk is a covariance plus a ridge: positive definite, so Cholesky (half LU's work); LU where rounding broke it
-    chol, info = torch.linalg.cholesky_ex(kk)
-    fill = torch.cholesky_solve(kr, chol) if int(info) == 0 else torch.linalg.solve(kk, kr)
-    return fill.to(torch.float32)
+    _add_relative_ridge(kk, ridge)
+    return _solve_positive_definite(kk, kr).to(torch.float32)
+
+
+def _add_relative_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Add `ridge` times the mean of `gram`'s diagonal to that diagonal, in place; returns what was added."""
+    scale = max(ridge, 1e-8) * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    gram.diagonal().add_(scale)
+    return scale
+
+
+def _solve_positive_definite(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """gram^-1 rhs for a covariance plus a ridge: Cholesky (half LU's work), LU where rounding broke it."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(gram, rhs)
 
 
 def fold_into_output(
@@ -132,10 +139,7 @@ def refit_linear(
     my = y.mean(0) if b0 is not None else torch.zeros(y.shape[1], dtype=torch.float64)
     xc, n = x - mx, max(x.shape[0], 1)
     gram = xc.T @ xc / n
-    scale = max(ridge, 1e-8) * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
-    gram.diagonal().add_(scale)
-    rhs = xc.T @ (y - my) / n + scale * w0
-    chol, info = torch.linalg.cholesky_ex(gram)
-    w = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(gram, rhs)
+    scale = _add_relative_ridge(gram, ridge)
+    w = _solve_positive_definite(gram, xc.T @ (y - my) / n + scale * w0)
     b = None if b0 is None else (my - mx @ w).float()
     return w.float(), b

@@ -56,6 +56,7 @@ class LayerwiseRefit:
         self.model, self.layout, self.ridge = model, layout, ridge
         self.blocks = layer_blocks(model, layout)
         self.runs: list[Batch] = list(batches(seqs, batch_size))
+        self.masks = [b.attention_mask.bool() for b in self.runs]  # the real tokens of each batch
         # per block, per batch: its inputs but the hidden states (masks, positions: what the architecture passes)
         self.inputs: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]
         self.dense: list[torch.Tensor] = []  # the first block's hidden states, per batch
@@ -111,10 +112,9 @@ class LayerwiseRefit:
             pruned_out = self._run(i, self.pruned)
         finally:
             handle.remove()
-        masks = [b.attention_mask.bool() for b in self.runs]
-        x = torch.cat([_real(a, m) for (a, _), m in zip(seen, masks)])
-        emitted = torch.cat([_real(o, m) for (_, o), m in zip(seen, masks)])
-        target = torch.cat([_real(d - p, m) for d, p, m in zip(dense_out, pruned_out, masks)]) + emitted
+        x = torch.cat([_real(a, m) for (a, _), m in zip(seen, self.masks)])
+        emitted = torch.cat([_real(o, m) for (_, o), m in zip(seen, self.masks)])
+        target = torch.cat([_real(d - p, m) for d, p, m in zip(dense_out, pruned_out, self.masks)]) + emitted
         w0 = by_neuron(projection.weight.detach(), self.layout).float().cpu()
         b0 = None if projection.bias is None else projection.bias.detach().float().cpu()
         w, b = refit_linear(x, target, w0, b0, self.ridge)
