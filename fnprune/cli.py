@@ -87,14 +87,11 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
 
 
 def _print_summary(report: dict, where: Path | str) -> None:
-    m, p = report["metric"], report["parameters"]
+    m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"wrote {where}")
-    pruned = report["widths"]["pruned"]
-    shown = f"{pruned[0]} per layer" if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)} per layer"
-    method = report["method"] + (" + refit" if "refit" in report else "")
-    click.echo(f"  method {method}, keep {report['keep']}, widths {report['widths']['dense']} -> {shown}")
-    click.echo(f"  parameters {p['dense']:,} -> {p['pruned']:,} ({1 - p['ratio']:.1%} fewer)")
+    for line in _report_lines(report)[:2]:  # method and parameters, as `fnprune inspect` shows them
+        click.echo(line)
     if m["n"] is None:
         click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
         return

@@ -134,12 +134,12 @@ def refit_linear(
     relative to the inputs' mean variance, as in `reconstruction_map`."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    x, y, w0 = x.double(), y.double(), w0.double()
-    mx = x.mean(0) if b0 is not None else torch.zeros(x.shape[1], dtype=torch.float64)
-    my = y.mean(0) if b0 is not None else torch.zeros(y.shape[1], dtype=torch.float64)
-    xc, n = x - mx, max(x.shape[0], 1)
-    gram = xc.T @ xc / n
+    x, y = x.float(), y.float()  # the products over tokens in float32 (the bulk of the work), the solve in float64
+    mx = x.mean(0, dtype=torch.float64) if b0 is not None else torch.zeros(x.shape[1], dtype=torch.float64)
+    my = y.mean(0, dtype=torch.float64) if b0 is not None else torch.zeros(y.shape[1], dtype=torch.float64)
+    xc, n = x - mx.float(), max(x.shape[0], 1)
+    gram = (xc.T @ xc).double() / n
     scale = _add_relative_ridge(gram, ridge)
-    w = _solve_positive_definite(gram, xc.T @ (y - my) / n + scale * w0)
+    w = _solve_positive_definite(gram, (xc.T @ (y - my.float())).double() / n + scale * w0.double())
     b = None if b0 is None else (my - mx @ w).float()
     return w.float(), b

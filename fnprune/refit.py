@@ -10,8 +10,8 @@ regressed on what the output projection should emit for the block output to equa
     y = dense block output - pruned block output + the projection's current output,
 
 which holds where the MLP output enters the residual stream unchanged (`MLPLayout.residual`). The ridge pulls the
-weights toward the reconstruction's (`compensation.refit_linear`). The cost is about three forward passes (one to
-catch every block's inputs, then each block twice); the two streams of hidden states are held in memory.
+weights toward the reconstruction's (`compensation.refit_linear`). The cost is about two forward passes (each block
+twice); the two streams of hidden states are held in memory.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ class LayerwiseRefit:
         self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not progress)
 
     def _catch(self) -> None:
-        """One forward pass recording every block's inputs per batch, but their hidden states (only the first
-        block's are kept), stopped when the last block starts."""
+        """Record every block's inputs per batch but their hidden states (only the first block's are kept). The
+        first batch runs the model for real, to learn whether each block returns a tuple; after it every block is
+        replaced by a stand-in that returns its input, so the catch costs little more than the embeddings."""
+        returns_tuple: dict[int, bool] = {}
         last = len(self.blocks) - 1
 
         def record(i: int) -> Callable:
@@ -80,9 +82,25 @@ class LayerwiseRefit:
                     raise _Stop
             return hook
 
+        def learn(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                returns_tuple[i] = isinstance(output, tuple)
+            return hook
+
+        def stand_in(i: int) -> Callable:
+            def passthrough(*args: Any, **kwargs: Any) -> Any:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return (hidden,) if returns_tuple[i] else hidden
+            return passthrough
+
         handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        handles += [b.register_forward_hook(learn(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        own_forward = [b.__dict__.get("forward") for b in self.blocks]
         try:
-            for batch in self.runs:
+            for n, batch in enumerate(self.runs):
+                if n == 1:
+                    for i, b in enumerate(self.blocks):
+                        b.forward = stand_in(i)
                 try:
                     forward(self.model, batch, all_logits=False)
                 except _Stop:
@@ -90,6 +108,11 @@ class LayerwiseRefit:
         finally:
             for h in handles:
                 h.remove()
+            for b, own in zip(self.blocks, own_forward):
+                if own is None:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = own
 
     def _run(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """Block i over every batch, from the given hidden states and the caught inputs."""
@@ -120,14 +143,14 @@ class LayerwiseRefit:
         w, b = refit_linear(x, target, w0, b0, self.ridge)
         if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
             raise NumericalError(f"layer {i}: the refit of the output projection is not finite; raise --ridge")
-        before = (emitted - target).square().sum(1).mean()
-        after = (x @ w + (0 if b is None else b) - target).square().sum(1).mean()
-        self.ratios.append(round(float(after / before.clamp(min=1e-12)), 4))
         dtype, device = projection.weight.dtype, projection.weight.device
         w, b = w.to(dtype=dtype, device=device), None if b is None else b.to(dtype=dtype, device=device)
+        new = [a @ w + (0 if b is None else b) for a, _ in seen]  # the projection's output after the refit
+        before = (emitted - target).square().sum(1).mean()
+        after = (torch.cat([_real(e, m) for e, m in zip(new, self.masks)]) - target).square().sum(1).mean()
+        self.ratios.append(round(float(after / before.clamp(min=1e-12)), 4))
         # the new block output, by the same residual identity: old output - old projection output + new one
-        self.pruned = [p + (a @ w + (0 if b is None else b) - o).reshape(p.shape)
-                       for p, (a, o) in zip(pruned_out, seen)]
+        self.pruned = [p + (e - o).reshape(p.shape) for p, e, (_, o) in zip(pruned_out, new, seen)]
         set_output_weight(projection, self.layout, w)
         if b is not None:
             projection.bias = nn.Parameter(b)

@@ -90,6 +90,50 @@ def test_refit_brings_every_block_output_closer_to_dense(arch, model_dir):
     assert all(a < b for a, b in zip(after, before)), (before, after)
 
 
+def _same(a, b) -> bool:
+    """Equal tensors, or containers of them, or equal plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refit_catch_records_what_a_full_pass_gives_and_restores_the_blocks(arch, model_dir):
+    """The catch runs only the first batch through the blocks (the others through stand-ins that return their
+    input): every block's recorded masks and positions must still equal a real forward pass's, and afterwards
+    the model must compute what it did before."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    seqs = encode(tok, PROMPTS, 64)
+    blocks = layer_blocks(model, layout)
+    real: list[list] = [[] for _ in blocks]
+
+    def record(i):
+        return lambda m, a, k: real[i].append((a[1:] if a else None,
+                                               {n: v for n, v in k.items() if n != "hidden_states"}))
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    shapes: list[list] = [[] for _ in blocks]  # of the hidden states each block is handed
+    handles += [b.register_forward_pre_hook(
+        lambda m, a, k, i=i: shapes[i].append((a[0] if a else k["hidden_states"]).shape), with_kwargs=True)
+        for i, b in enumerate(blocks)]
+    logits = [forward(model, batch) for batch in batches(seqs, 4)]
+    real_shapes, shapes = shapes, [[] for _ in blocks]  # the hooks append to the new list
+    refit = LayerwiseRefit(model, layout, seqs, ridge=0.01, batch_size=4, progress=False)
+    for h in handles:
+        h.remove()
+    assert len(refit.runs) > 1  # the stand-ins ran
+    assert all(_same(refit.inputs[i], real[i][: len(refit.inputs[i])]) for i in range(len(blocks)))
+    assert shapes == real_shapes  # a stand-in returns what its block's caller expects (falcon: a tuple)
+    assert all("forward" not in b.__dict__ for b in blocks)
+    for before, batch in zip(logits, batches(seqs, 4)):
+        torch.testing.assert_close(forward(model, batch), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_refit_auto_is_on_for_classification_in_memory_where_the_family_allows(arch, model_dir):
     model, _ = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
