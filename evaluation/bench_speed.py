@@ -209,8 +209,15 @@ def main() -> None:
                              "load hits them alike; times are the best run's, peak RSS the highest (the "
                              "tokens+sklearn reference runs once)")
     parser.add_argument("--baselines", action="store_true",
-                        help="also compress at keep 0.5 with FLAP (no ICA) with and without the reconstruction: "
-                             "the pipeline's cost without the networks, and without any token sample")
+                        help="also compress at keep 0.5 with FLAP (no ICA) with and without the reconstruction, both "
+                             "without the refit (flap+reconstruction is the default with --no-refit)")
+    parser.add_argument("--compare-src", default="",
+                        help="a checkout of another fnprune version (e.g. a git worktree): its default is "
+                             "compressed in the same turns, as config 'default@FOLDER NAME', for a side-by-side ratio")
+    parser.add_argument("--pruned-forward", action="store_true",
+                        help="also time the same forward passes through each written checkpoint, in the same turn: "
+                             "the sequential refit has to run the pruned model over the calibration prompts once, "
+                             "after the dense calibration pass, so their sum is its floor")
     parser.add_argument("--no-throughput", action="store_true",
                         help="only the compress runs (e.g. to see how the time ratio moves with --num-samples)")
     parser.add_argument("--llama-cpp", action="store_true",
@@ -243,12 +250,15 @@ def main() -> None:
     # The yardstick: the same calibration forward passes with no hooks, no statistics, nothing kept.
     reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"}}
     jobs = [("default", k, {}) for k in keeps]
+    compare = Path(args.compare_src).resolve() if args.compare_src else None
+    if compare:
+        jobs += [(f"default@{compare.name}", k, {}) for k in keeps]
     jobs += [(f"max_tokens {n}", k, {"calibration": {**base["calibration"], "max_tokens": int(n)}})
              for n in args.also_max_tokens.split(",") if n for k in keeps]
     jobs += [("tokens+sklearn", float(k), reference) for k in args.reference_keeps.split(",") if k]
     if args.baselines:
-        jobs += [("flap+reconstruction", 0.5, {"selection": {"method": "flap"}}),
-                 ("flap", 0.5, {"selection": {"method": "flap", "reconstruct": False}})]
+        jobs += [("flap+reconstruction", 0.5, {"selection": {"method": "flap", "refit": False}}),
+                 ("flap", 0.5, {"selection": {"method": "flap", "reconstruct": False, "refit": False}})]
     forward_runs: list[dict] = []
     all_runs: dict[tuple, list[dict]] = {(config, keep): [] for config, keep, _ in jobs}
     for repeat in range(args.compress_repeats):
@@ -260,11 +270,14 @@ def main() -> None:
                 continue
             recipe = {**base, **extra, "selection": {**extra.get("selection", {}), "keep": keep},
                       "output": {"dir": str(out_root / f"{config}-keep{keep}-run{repeat}")}}
-            r = run_script(COMPRESS_AND_MEASURE, recipe)
+            r = run_script(COMPRESS_AND_MEASURE, recipe, str(compare) if config.startswith("default@") else None)
             if all_runs[(config, keep)]:  # the same recipe writes the same checkpoint: keep the first one only
                 shutil.rmtree(recipe["output"]["dir"])
             r["output"] = all_runs[(config, keep)][0]["output"] if all_runs[(config, keep)] else recipe["output"]["dir"]
             all_runs[(config, keep)].append(r)
+            if args.pruned_forward:
+                r["pruned_forward_s"] = run_script(FORWARD_ONLY, {**base, "model": {"name_or_path": r["output"]}}
+                                                   )["forward_s"]
             t = r["timings"]
             print(f"[{repeat + 1}/{args.compress_repeats}] {config} keep {keep}: total {r['total']:.1f}s, "
                   f"capture {t['capture']:.1f}s, ICA {t.get('networks', 0):.1f}s, "
@@ -275,6 +288,8 @@ def main() -> None:
     for key, rs in all_runs.items():  # the fastest run's times, the highest peak RSS of all
         runs[key] = {**min(rs, key=lambda r: r["total"]), "peak_rss": max(r["peak_rss"] for r in rs),
                      "totals": [round(r["total"], 1) for r in rs]}
+        if args.pruned_forward:
+            runs[key]["pruned_forward"] = [r["pruned_forward_s"] for r in rs]
 
     speed = speed_1t = flops = {}
     if not args.no_throughput:
@@ -300,6 +315,14 @@ def main() -> None:
             # the model and data, the calibration pass with its statistics, and writing the checkpoint.
             "floor_over_forward_only": r and round(
                 (t["load"] + t["capture"] + t["save"]) / forward_only["forward_s"], 2),
+            **({} if not (r and "pruned_forward" in r) else {
+                "pruned_forward_s": round(min(r["pruned_forward"]), 1),
+                "pruned_forward_runs_s": "/".join(str(round(s, 1)) for s in r["pruned_forward"]),
+                # the dense calibration pass, then the pruned model over the same prompts: what compress with the
+                # refit cannot go below, even with the dense block outputs kept from capture and free solves
+                "refit_floor_over_forward_only": round(
+                    (forward_only["forward_s"] + min(r["pruned_forward"])) / forward_only["forward_s"], 2),
+            }),
             "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
             "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),
             "forward_only_rss_gib": round(forward_only["peak_rss"] / 2**30, 2),

@@ -146,6 +146,46 @@ def test_bench_speed_also_max_tokens_compresses_each_keep_with_that_sample_in_th
     assert rows[1]["total_over_forward_only"] == 1.2
 
 
+def test_bench_speed_pruned_forward_compare_src_and_baselines_without_the_refit(model_dir, task_data, tmp_path,
+                                                                               monkeypatch):
+    """--pruned-forward times the forward passes through each written checkpoint; --compare-src compresses the
+    default from another checkout in the same turns; --baselines pin the refit off (flap+reconstruction is the
+    default with --no-refit)."""
+    import sys
+
+    from evaluation import bench_speed
+
+    seen = []
+
+    def run_script(script, recipe, src=None):
+        seen.append((script, recipe, src))
+        if script == bench_speed.FORWARD_ONLY:
+            return {"forward_s": 10.0 if recipe["model"]["name_or_path"] == str(model_dir("llama")) else 7.0,
+                    "peak_rss": 2**30}
+        return {"total": 30.0, "timings": {"load": 1.0, "capture": 12.0, "save": 1.0}, "peak_rss": 2**30,
+                "parameters": {}, "widths": [8]}
+
+    monkeypatch.setattr(bench_speed, "run_script", run_script)
+    old = tmp_path / "old-checkout"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_speed.py", "--model", str(model_dir("llama")), "--data-dir", str(task_data), "--keeps", "0.5",
+        "--reference-keeps", "", "--compress-repeats", "1", "--no-throughput", "--baselines", "--pruned-forward",
+        "--compare-src", str(old), "--out-prefix", str(tmp_path / "speed")])
+    bench_speed.main()
+    compress = [(r["selection"], src) for script, r, src in seen if script == bench_speed.COMPRESS_AND_MEASURE]
+    assert compress == [({"keep": 0.5}, None), ({"keep": 0.5}, str(old)),
+                        ({"method": "flap", "refit": False, "keep": 0.5}, None),
+                        ({"method": "flap", "reconstruct": False, "refit": False, "keep": 0.5}, None)]
+    outputs = [r["output"]["dir"] for script, r, _ in seen if script == bench_speed.COMPRESS_AND_MEASURE]
+    timed = [r["model"]["name_or_path"] for script, r, _ in seen if script == bench_speed.FORWARD_ONLY][1:]
+    assert timed == outputs  # each written checkpoint, right after its compress
+    rows = {r["config"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "default", "default@old-checkout", "flap+reconstruction", "flap"}
+    assert rows["default"]["pruned_forward_s"] == 7.0
+    assert rows["default"]["refit_floor_over_forward_only"] == 1.7  # (10 + 7) / 10
+    assert rows["default"]["total_over_forward_only"] == 1.4  # the stages' sum, 14 s
+
+
 def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_examples(model_dir, task_data,
                                                                                     monkeypatch):
     """bench_speed --validation-tasks: fnprune's scorer is what runs (a spy counts its examples), the plain pass
