@@ -355,14 +355,16 @@ class SelectionSpec:
     reconstruct: bool = field(default=True, metadata=flag(
         "--reconstruct/--no-reconstruct",
         "Rebuild removed neurons from kept ones by least squares, folded into the weights (default {default})."))
-    # reconstruction ridge, relative to the kept neurons' mean variance
     ridge: float = field(default=0.1, metadata=flag(
-        "--ridge", "Ridge of that least-squares fit, relative (default {default})."))
+        "--ridge", "Ridge of that least-squares fit, relative to the kept neurons' mean variance (default {default})."))
     # share of the reconstruction's objective given to the calibration prompts' last tokens (the answer position)
     answer_weight: float = 0.0
     # fnprune.refit; None (auto): on for classification in memory where the family allows (RESULTS.md 0.0.8)
     refit: bool | None = field(default=None, metadata=flag("--refit/--no-refit", "Refit each MLP output projection "
         "toward the dense block outputs (default: on for classification where the model allows it)."))
+    # pulls the refit toward the reconstruction's weights, relative as `ridge` (RESULTS.md 0.0.10)
+    refit_ridge: float = field(default=1.0, metadata=flag(
+        "--refit-ridge", "Ridge of the refit toward the reconstruction's weights, relative (default {default})."))
     # fn-task: weight of task-network membership; None = default_fn_boost
     fn_boost: float | None = field(default=None, metadata=flag(
         "--fn-boost", "fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= "
@@ -386,8 +388,9 @@ class SelectionSpec:
             problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.fn_boost is not None and self.fn_boost < 0:
             problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
-        if self.ridge < 0:
-            problems.append(f"selection.ridge: must be >= 0, got {self.ridge}")
+        for name, ridge in (("ridge", self.ridge), ("refit_ridge", self.refit_ridge)):
+            if ridge < 0:
+                problems.append(f"selection.{name}: must be >= 0, got {ridge}")
         if not 0 <= self.answer_weight < 1:
             problems.append(f"selection.answer_weight: must be in [0, 1), got {self.answer_weight}")
         return problems + seed_problems("selection.seed", self.seed)

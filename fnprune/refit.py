@@ -142,7 +142,7 @@ class LayerwiseRefit:
         b0 = None if projection.bias is None else projection.bias.detach().float().cpu()
         w, b = refit_linear(x, target, w0, b0, self.ridge)
         if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
-            raise NumericalError(f"layer {i}: the refit of the output projection is not finite; raise --ridge")
+            raise NumericalError(f"layer {i}: the refit of the output projection is not finite; raise --refit-ridge")
         dtype, device = projection.weight.dtype, projection.weight.device
         w, b = w.to(dtype=dtype, device=device), None if b is None else b.to(dtype=dtype, device=device)
         new = [a @ w + (0 if b is None else b) for a, _ in seen]  # the projection's output after the refit

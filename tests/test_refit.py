@@ -153,13 +153,19 @@ def test_refit_refused_with_streamed_surgery():
     assert not any("selection.refit" in p for p in auto.problems())  # auto: off with streamed surgery
 
 
+def test_refit_ridge_is_its_own_setting_and_must_not_be_negative():
+    assert SelectionSpec().refit_ridge != SelectionSpec().ridge  # chosen apart (RESULTS.md 0.0.10)
+    assert any("selection.refit_ridge: must be >= 0" in p
+               for p in recipe_from_dict({"selection": {"refit_ridge": -1}}).problems())
+
+
 @pytest.mark.slow
 def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data, tmp_path):
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir("llama"))},
         "task": {"name": "sst2", "data_dir": str(task_data)},
         "calibration": {"num_samples": 48, "max_tokens": 400, "batch_size": 8},
-        "selection": {"keep": 0.5, "refit": True},
+        "selection": {"keep": 0.5, "refit": True, "refit_ridge": 0.5},
         "output": {"dir": str(tmp_path / "a")},
     })
     result = fnprune.compress(recipe, progress=False)
@@ -168,6 +174,7 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
     assert "down projection was then refitted" in (result.output_dir / "README.md").read_text()
     ratios = result.report["refit"]["block_error_after_over_before"]
     assert len(ratios) == 2 and all(0 <= r < 1 for r in ratios)
+    assert result.report["refit"]["ridge"] == 0.5
     assert load_recipe(result.output_dir / "recipe.yaml").selection.refit is True
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
     again = fnprune.compress(apply_overrides(load_recipe(result.output_dir / "recipe.yaml"),
