@@ -9,9 +9,9 @@ regressed on what the output projection should emit for the block output to equa
 
     y = dense block output - pruned block output + the projection's current output,
 
-which holds where the MLP output enters the residual stream unchanged (`MLPLayout.residual`). The ridge pulls the
-weights toward the reconstruction's (`compensation.refit_linear`). The cost is about two forward passes (each block
-twice); the two streams of hidden states are held in memory.
+which holds where the MLP output enters the residual stream unchanged (`MLPLayout.residual`). The ridge
+(`selection.refit_ridge`) pulls the weights toward the reconstruction's (`compensation.refit_linear`). The cost is
+about two forward passes (each block twice); the two streams of hidden states are held in memory.
 """
 
 from __future__ import annotations
