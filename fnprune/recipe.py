@@ -651,7 +651,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if (value is None or (value == "auto" and bool in args)) and type(None) in args:  # a switch's auto: unset
             return None
         inner = [a for a in args if a is not type(None)]
         matching = [a for a in inner if isinstance(value, typing.get_origin(a) or a)]  # str | dict: by kind

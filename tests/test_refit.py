@@ -153,6 +153,13 @@ def test_refit_refused_with_streamed_surgery():
     assert not any("selection.refit" in p for p in auto.problems())  # auto: off with streamed surgery
 
 
+def test_a_switch_left_to_its_default_may_be_written_auto():
+    sel = recipe_from_dict({"selection": {"refit": "auto", "bias_compensation": "auto"}}).selection
+    assert sel.refit is None and sel.bias_compensation is None
+    with pytest.raises(RecipeError, match="selection.refit: expected true/false"):
+        recipe_from_dict({"selection": {"refit": "sometimes"}})
+
+
 def test_refit_ridge_is_its_own_setting_and_must_not_be_negative():
     assert SelectionSpec().refit_ridge != SelectionSpec().ridge  # chosen apart (RESULTS.md 0.0.10)
     assert any("selection.refit_ridge: must be >= 0" in p
