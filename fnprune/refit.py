@@ -40,6 +40,11 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block is called with, positionally or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _real(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The real tokens' rows (n, features) float32 on CPU, also of a tensor flattened to (B * L, features) (OPT)."""
     return t.reshape(*mask.shape, t.shape[-1])[mask].float().cpu()
@@ -75,7 +80,7 @@ class LayerwiseRefit:
         def record(i: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if i == 0:
-                    self.dense.append(args[0] if args else kwargs["hidden_states"])
+                    self.dense.append(_hidden_in(args, kwargs))
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 self.inputs[i].append((args[1:] if args else None, rest))  # None: hidden states by keyword
                 if i == last:
@@ -89,7 +94,7 @@ class LayerwiseRefit:
 
         def stand_in(i: int) -> Callable:
             def passthrough(*args: Any, **kwargs: Any) -> Any:
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = _hidden_in(args, kwargs)
                 return (hidden,) if returns_tuple[i] else hidden
             return passthrough
 
