@@ -46,7 +46,9 @@ result = fnprune.compress(recipe, progress=False)
 total = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "peak_rss": peak,
-                  "parameters": result.report["parameters"], "widths": result.report["widths"]["pruned"]}))
+                  "parameters": result.report["parameters"], "widths": result.report["widths"]["pruned"],
+                  "refit_share": (result.report.get("refit") or {}).get("prompts", recipe.calibration.num_samples)
+                  / recipe.calibration.num_samples if "refit" in result.report else 0.0}))
 """
 
 
@@ -216,7 +218,7 @@ def main() -> None:
                              "compressed in the same turns, as config 'default@FOLDER NAME', for a side-by-side ratio")
     parser.add_argument("--pruned-forward", action="store_true",
                         help="also time the same forward passes through each written checkpoint, in the same turn: "
-                             "the sequential refit has to run the pruned model over the calibration prompts once, "
+                             "the sequential refit has to run the pruned model over its calibration prompts once, "
                              "after the dense calibration pass, so their sum is its floor")
     parser.add_argument("--no-throughput", action="store_true",
                         help="only the compress runs (e.g. to see how the time ratio moves with --num-samples)")
@@ -318,10 +320,10 @@ def main() -> None:
             **({} if not (r and "pruned_forward" in r) else {
                 "pruned_forward_s": round(min(r["pruned_forward"]), 1),
                 "pruned_forward_runs_s": "/".join(str(round(s, 1)) for s in r["pruned_forward"]),
-                # the dense calibration pass, then the pruned model over the same prompts: what compress with the
-                # refit cannot go below, even with the dense block outputs kept from capture and free solves
-                "refit_floor_over_forward_only": round(
-                    (forward_only["forward_s"] + min(r["pruned_forward"])) / forward_only["forward_s"], 2),
+                # the dense calibration pass, then the pruned model over the refit's share of the prompts: what
+                # compress with the refit cannot go below, even with the dense block outputs kept and free solves
+                "refit_floor_over_forward_only": round((forward_only["forward_s"] + min(r["pruned_forward"])
+                                                        * r.get("refit_share", 1.0)) / forward_only["forward_s"], 2),
             }),
             "peak_rss_gib": r and round(r["peak_rss"] / 2**30, 2),
             "rss_over_weights_gib": r and round((r["peak_rss"] - weights_bytes) / 2**30, 2),

@@ -296,8 +296,10 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     found = (f"found the model's task functional networks (per-layer ICA on MLP activations from {samples} "
              f"`{info.task}` calibration examples), kept" if info.method in NETWORK_METHODS else
              f"scored every MLP neuron on {samples} `{info.task}` calibration examples, kept")
+    prompts = (info.report.get("refit") or {}).get("prompts") or samples
+    on = "the calibration prompts" if prompts >= samples else f"the first {prompts} calibration prompts"
     refit = (" Layer by layer, each MLP down projection was then refitted so that its block's output matches the "
-             "dense model's on the calibration prompts." if "refit" in info.report else "")
+             f"dense model's on {on}." if "refit" in info.report else "")
     return (f"{found} {info.keep:.0%} of the MLP neurons of every layer with the `{info.method}` criterion and "
             f"physically removed the others.{refit}")
 

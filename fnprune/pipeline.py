@@ -163,7 +163,8 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     refit = None
     if inputs.selection.refit:
         with timer.stage("refit_inputs"):
-            refit = LayerwiseRefit(model, inputs.layout, _calibration_ids(inputs), inputs.selection.refit_ridge,
+            seqs = _calibration_ids(inputs)[:inputs.selection.refit_prompts]
+            refit = LayerwiseRefit(model, inputs.layout, seqs, inputs.selection.refit_ridge,
                                    recipe.calibration.batch_size, progress)
     with timer.stage("surgery"):  # with the refit layer by layer inside it
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,
@@ -172,8 +173,8 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
         release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
     scores, extra = _recover_and_score(model, inputs, targets, dense, timer, progress)
     if refit:  # per layer, the block output's error on the calibration tokens after the refit over before it
-        extra = {"refit": {"ridge": inputs.selection.refit_ridge, "block_error_after_over_before": refit.ratios},
-                 **extra}
+        extra = {"refit": {"ridge": inputs.selection.refit_ridge, "prompts": refit.prompts,
+                           "block_error_after_over_before": refit.ratios}, **extra}
     return model, scores, extra
 
 

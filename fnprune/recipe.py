@@ -74,6 +74,13 @@ _SEED = flag("--seed", "Seed for calibration sampling, ICA and random selection 
 MAX_SEED = 2**32 - 1  # NumPy's and scikit-learn's seeds are 32-bit
 
 
+def count_problems(where: str, value: int | None, nullable: bool = False) -> list[str]:
+    """A count (prompts, runs, steps) must be >= 1; `nullable`: None (the field's "all" or default) is allowed too."""
+    if (value is None and nullable) or (value is not None and value >= 1):
+        return []
+    return [f"{where}: must be >= 1{' or null' if nullable else ''}, got {value}"]
+
+
 def seed_problems(where: str, seed: int, count: int = 1) -> list[str]:
     """Seeds `seed .. seed + count - 1` must all be valid NumPy seeds: refused up front, not after calibration."""
     if isinstance(seed, int) and not 0 <= seed <= MAX_SEED - (count - 1):
@@ -268,8 +275,7 @@ class CalibrationSpec:
     def check(self) -> list[str]:
         problems = []
         for name in ("num_samples", "max_tokens", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"calibration.{name}: must be >= 1, got {getattr(self, name)}")
+            problems += count_problems(f"calibration.{name}", getattr(self, name))
         if self.store_dtype not in STORE_DTYPES:
             problems.append(f"calibration.store_dtype: {self.store_dtype!r} is not one of {STORE_DTYPES}")
         if self.sample_store not in SAMPLE_STORES:
@@ -315,16 +321,12 @@ class NetworksSpec:
         problems = []
         if self.relevance not in RELEVANCE_MODES:
             problems.append(f"networks.relevance: {self.relevance!r} is not one of {', '.join(RELEVANCE_MODES)}")
-        if self.runs < 1:
-            problems.append(f"networks.runs: must be >= 1, got {self.runs}")
         if self.engine not in ICA_ENGINES:
             problems.append(f"networks.engine: {self.engine!r} is not one of {', '.join(ICA_ENGINES)}")
-        if self.components < 1:
-            problems.append(f"networks.components: must be >= 1, got {self.components}")
+        for name in ("runs", "components", "max_iter"):
+            problems += count_problems(f"networks.{name}", getattr(self, name))
         if self.threshold <= 0:
             problems.append(f"networks.threshold: must be > 0, got {self.threshold}")
-        if self.max_iter < 1:
-            problems.append(f"networks.max_iter: must be >= 1, got {self.max_iter}")
         if self.tol <= 0:
             problems.append(f"networks.tol: must be > 0, got {self.tol}")
         return problems + seed_problems("networks.seed", self.seed, max(self.runs, 1))
@@ -365,6 +367,10 @@ class SelectionSpec:
     # pulls the refit toward the reconstruction's weights, relative as `ridge` (RESULTS.md 0.0.10)
     refit_ridge: float = field(default=1.0, metadata=flag(
         "--refit-ridge", "Ridge of the refit toward the reconstruction's weights, relative (default {default})."))
+    # the refit costs two forward passes over the first n calibration prompts (any prefix has every calibration
+    # template and plain text in turn); None: all. 512 of 1,024: RESULTS.md 0.0.11
+    refit_prompts: int | None = field(default=512, metadata=flag(
+        "--refit-prompts", "Calibration prompts the refit runs, the first N (default {default})."))
     # fn-task: weight of task-network membership; None = default_fn_boost
     fn_boost: float | None = field(default=None, metadata=flag(
         "--fn-boost", "fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= "
@@ -382,8 +388,7 @@ class SelectionSpec:
             problems.append(f"selection.method: {self.method!r} is not one of {', '.join(SELECTION_METHODS)}")
         if not 0 < self.keep <= 1:
             problems.append(f"selection.keep: must be in (0, 1], got {self.keep}")
-        if self.round_to < 1:
-            problems.append(f"selection.round_to: must be >= 1, got {self.round_to}")
+        problems += count_problems("selection.round_to", self.round_to)
         if self.allocation not in ALLOCATIONS:
             problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.fn_boost is not None and self.fn_boost < 0:
@@ -391,6 +396,7 @@ class SelectionSpec:
         for name, ridge in (("ridge", self.ridge), ("refit_ridge", self.refit_ridge)):
             if ridge < 0:
                 problems.append(f"selection.{name}: must be >= 0, got {ridge}")
+        problems += count_problems("selection.refit_prompts", self.refit_prompts, nullable=True)
         if not 0 <= self.answer_weight < 1:
             problems.append(f"selection.answer_weight: must be in [0, 1), got {self.answer_weight}")
         return problems + seed_problems("selection.seed", self.seed)
@@ -451,10 +457,8 @@ class RecoverySpec:
         problems = [] if self.enabled in (True, False, "auto") else [
             f"recovery.enabled: {self.enabled!r} is not true, false or auto"]
         for name in ("epochs", "batch_size", "lora_rank", "top_k"):
-            if getattr(self, name) < 1:
-                problems.append(f"recovery.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"recovery.steps: must be >= 1 or null, got {self.steps}")
+            problems += count_problems(f"recovery.{name}", getattr(self, name))
+        problems += count_problems("recovery.steps", self.steps, nullable=True)
         if not self.lr > 0:
             problems.append(f"recovery.lr: must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
@@ -491,8 +495,7 @@ class ValidationTask:
             found.append(f"{where}: {PERPLEXITY_TASK} needs file (or data_dir holding wiki.test.raw)")
         if self.task != PERPLEXITY_TASK and not self.data_dir:
             found.append(f"{where}.data_dir: required (the folder with the task's files)")
-        if self.max_samples is not None and self.max_samples < 1:
-            found.append(f"{where}.max_samples: must be >= 1 or null, got {self.max_samples}")
+        found += count_problems(f"{where}.max_samples", self.max_samples, nullable=True)
         return found
 
 
@@ -528,10 +531,8 @@ class EvaluationSpec:
 
     def check(self) -> list[str]:
         problems = []
-        if self.max_samples is not None and self.max_samples < 1:
-            problems.append(f"evaluation.max_samples: must be >= 1 or null, got {self.max_samples}")
-        if self.batch_size < 1:
-            problems.append(f"evaluation.batch_size: must be >= 1, got {self.batch_size}")
+        problems += count_problems("evaluation.max_samples", self.max_samples, nullable=True)
+        problems += count_problems("evaluation.batch_size", self.batch_size)
         names = [v.task for v in self.validation]
         for i, v in enumerate(self.validation):
             problems.extend(v.problems(f"evaluation.validation[{i}]"))
@@ -550,8 +551,7 @@ def _lm_eval_problems(ev: EvaluationSpec) -> list[str]:
             problems.append(f"evaluation.lm_eval_tasks[{i}]: {name!r} is not an lm-eval task name")
     if len(set(ev.lm_eval_tasks)) != len(ev.lm_eval_tasks):
         problems.append(f"evaluation.lm_eval_tasks: a task is listed twice ({', '.join(map(str, ev.lm_eval_tasks))})")
-    if ev.lm_eval_limit is not None and ev.lm_eval_limit < 1:
-        problems.append(f"evaluation.lm_eval_limit (--lm-eval-limit): must be >= 1 or null, got {ev.lm_eval_limit}")
+    problems += count_problems("evaluation.lm_eval_limit (--lm-eval-limit)", ev.lm_eval_limit, nullable=True)
     if ev.lm_eval_include is not None and not ev.lm_eval_include:
         problems.append("evaluation.lm_eval_include: an empty path; give the folder of task YAMLs or null")
     if not ev.lm_eval_tasks:

@@ -60,6 +60,7 @@ class LayerwiseRefit:
                  progress: bool = True):
         self.model, self.layout, self.ridge = model, layout, ridge
         self.blocks = layer_blocks(model, layout)
+        self.prompts = len(seqs)
         self.runs: list[Batch] = list(batches(seqs, batch_size))
         self.masks = [b.attention_mask.bool() for b in self.runs]  # the real tokens of each batch
         # per block, per batch: its inputs but the hidden states (masks, positions: what the architecture passes)

@@ -163,7 +163,7 @@ def test_bench_speed_pruned_forward_compare_src_and_baselines_without_the_refit(
             return {"forward_s": 10.0 if recipe["model"]["name_or_path"] == str(model_dir("llama")) else 7.0,
                     "peak_rss": 2**30}
         return {"total": 30.0, "timings": {"load": 1.0, "capture": 12.0, "save": 1.0}, "peak_rss": 2**30,
-                "parameters": {}, "widths": [8]}
+                "parameters": {}, "widths": [8], "refit_share": 0.5 if src is None else 1.0}
 
     monkeypatch.setattr(bench_speed, "run_script", run_script)
     old = tmp_path / "old-checkout"
@@ -182,7 +182,8 @@ def test_bench_speed_pruned_forward_compare_src_and_baselines_without_the_refit(
     rows = {r["config"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
     assert set(rows) == {"dense", "default", "default@old-checkout", "flap+reconstruction", "flap"}
     assert rows["default"]["pruned_forward_s"] == 7.0
-    assert rows["default"]["refit_floor_over_forward_only"] == 1.7  # (10 + 7) / 10
+    assert rows["default"]["refit_floor_over_forward_only"] == 1.35  # (10 + 7 x half the prompts) / 10
+    assert rows["default@old-checkout"]["refit_floor_over_forward_only"] == 1.7  # all of them: (10 + 7) / 10
     assert rows["default"]["total_over_forward_only"] == 1.4  # the stages' sum, 14 s
 
 

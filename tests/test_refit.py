@@ -160,10 +160,12 @@ def test_a_switch_left_to_its_default_may_be_written_auto():
         recipe_from_dict({"selection": {"refit": "sometimes"}})
 
 
-def test_refit_ridge_is_its_own_setting_and_must_not_be_negative():
+def test_refit_ridge_and_prompts_are_their_own_settings_and_checked():
     assert SelectionSpec().refit_ridge != SelectionSpec().ridge  # chosen apart (RESULTS.md 0.0.10)
     assert any("selection.refit_ridge: must be >= 0" in p
                for p in recipe_from_dict({"selection": {"refit_ridge": -1}}).problems())
+    assert any("selection.refit_prompts: must be >= 1" in p
+               for p in recipe_from_dict({"selection": {"refit_prompts": 0}}).problems())
 
 
 @pytest.mark.slow
@@ -172,16 +174,18 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
         "model": {"name_or_path": str(model_dir("llama"))},
         "task": {"name": "sst2", "data_dir": str(task_data)},
         "calibration": {"num_samples": 48, "max_tokens": 400, "batch_size": 8},
-        "selection": {"keep": 0.5, "refit": True, "refit_ridge": 0.5},
+        "selection": {"keep": 0.5, "refit": True, "refit_ridge": 0.5, "refit_prompts": 20},
         "output": {"dir": str(tmp_path / "a")},
     })
     result = fnprune.compress(recipe, progress=False)
     assert "refit_inputs" in result.report["timings_seconds"]
     assert any("method flap + refit" in line for line in _report_lines(result.report))
-    assert "down projection was then refitted" in (result.output_dir / "README.md").read_text()
+    assert "refitted so that its block's output matches the dense model's on the first 20 calibration prompts" in (
+        result.output_dir / "README.md").read_text()
     ratios = result.report["refit"]["block_error_after_over_before"]
     assert len(ratios) == 2 and all(0 <= r < 1 for r in ratios)
     assert result.report["refit"]["ridge"] == 0.5
+    assert result.report["refit"]["prompts"] == 20  # the first 20 of the 48 calibration prompts
     assert load_recipe(result.output_dir / "recipe.yaml").selection.refit is True
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
     again = fnprune.compress(apply_overrides(load_recipe(result.output_dir / "recipe.yaml"),
