@@ -11,7 +11,8 @@ regressed on what the output projection should emit for the block output to equa
 
 which holds where the MLP output enters the residual stream unchanged (`MLPLayout.residual`). The ridge
 (`selection.refit_ridge`) pulls the weights toward the reconstruction's (`compensation.refit_linear`). The cost is
-about two forward passes (each block twice); the two streams of hidden states are held in memory.
+about two forward passes over the prompts it is given (each block twice; `selection.refit_prompts` of the calibration
+prompts); the two streams of hidden states are held in memory.
 """
 
 from __future__ import annotations
