@@ -303,7 +303,7 @@ class NetworksSpec:
     engine: str = field(default="torch", metadata=flag(
         "--ica-engine", "ICA implementation: torch (default; all layers batched) or sklearn (the reference).",
         choices=ICA_ENGINES))
-    # FastICA runs per layer (seeds seed, seed + 1, ...) whose networks are pooled (RESULTS 1.3)
+    # FastICA runs per layer (seeds seed, seed + 1, ...), networks pooled (5: chosen by a removed sweep, RESULTS 1)
     runs: int = field(default=5, metadata=flag(
         "--ica-runs", "ICA runs per layer (seeds) whose networks are pooled (default {default})."))
     # Relevance from decision activity z-scored within each calibration template (wording is no label evidence)
