@@ -287,7 +287,10 @@ def _report_lines(report: dict) -> list[str]:
     fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
     mib = "{:.1f} MiB"
-    refit = " + refit" if isinstance(report.get("refit"), dict) else ""  # fnprune.refit ran
+    refit = ""  # fnprune.refit ran when the report has its section
+    if isinstance(report.get("refit"), dict):
+        prompts = _field(report, "refit.prompts", int)
+        refit = " + refit" + (f" on {prompts} prompts" if prompts else "")
     return [
         f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
         f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",

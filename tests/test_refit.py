@@ -179,7 +179,7 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
     })
     result = fnprune.compress(recipe, progress=False)
     assert "refit_inputs" in result.report["timings_seconds"]
-    assert any("method flap + refit" in line for line in _report_lines(result.report))
+    assert any("method flap + refit on 20 prompts," in line for line in _report_lines(result.report))
     assert "refitted so that its block's output matches the dense model's on the first 20 calibration prompts" in (
         result.output_dir / "README.md").read_text()
     ratios = result.report["refit"]["block_error_after_over_before"]
