@@ -37,6 +37,7 @@ __all__ = [
     "save_networks",
     "write_json",
     "model_card",
+    "retained_text",
 ]
 
 RECIPE_FILE = "recipe.yaml"
@@ -242,6 +243,17 @@ def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def retained_text(metric: dict[str, Any]) -> str:
+    """"91.7% of dense (95% interval 87.9-95.6%)": report.json's pruned / dense and its interval; "" when the
+    report has none."""
+    ratio, interval = metric.get("retained"), metric.get("retained_ci95")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        return ""
+    if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
+        return f"{ratio:.1%} of dense (95% interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
+    return f"{ratio:.1%} of dense"
+
+
 def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     """The card's accuracy rows: the headline, the two template means, then each template."""
     metric, means = report.get("metric", {}), report.get("template_means", {})
@@ -250,6 +262,9 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     where = f"{metric.get('n', 'n/a')} `{metric.get('split', '')}` examples"
     rows = [f"| **{task} {metric.get('name', 'accuracy')}, {metric.get('of', '')}** ({where}) | "
             f"**{_fmt(metric.get('dense'))}** | **{_fmt(metric.get('pruned'))}** |"]
+    if retained_text(metric):
+        rows.append(f"| pruned against dense (the interval: a paired bootstrap over the examples) | | "
+                    f"{retained_text(metric)} |")
     if n_held:
         cal = means.get("calibration", {})
         rows.append(f"| calibration templates (mean of {len(templates) - n_held}) | {_fmt(cal.get('dense'))} | "

@@ -87,6 +87,8 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
 
 
 def _print_summary(report: dict, where: Path | str) -> None:
+    from .checkpoint import retained_text
+
     m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"wrote {where}")
@@ -97,6 +99,8 @@ def _print_summary(report: dict, where: Path | str) -> None:
         return
     click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples, {m.get('of', '')}: "
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
+    if retained_text(m):
+        click.echo(f"    pruned: {retained_text(m)}, a paired bootstrap over the examples")
     templates = report.get("templates", [])
     if any(t.get("held_out") for t in templates):
         cal = report.get("template_means", {}).get("calibration", {})
@@ -272,6 +276,8 @@ def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, floa
 
 def _report_lines(report: dict) -> list[str]:
     """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
+    from .checkpoint import retained_text
+
     na = "n/a"
 
     def num(dotted: str, pattern: str = "{}", scale: float = 1) -> str:
@@ -287,6 +293,8 @@ def _report_lines(report: dict) -> list[str]:
     fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
     mib = "{:.1f} MiB"
+    retained = retained_text(_field(report, "metric", dict) or {})
+    retained = f", {retained}" if retained else ""
     refit = ""  # fnprune.refit ran when the report has its section
     if isinstance(report.get("refit"), dict):
         prompts = _field(report, "refit.prompts", int)
@@ -295,7 +303,7 @@ def _report_lines(report: dict) -> list[str]:
         f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
         f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
         f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples: "
-        f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}",
+        f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}",
         f"  timings {', '.join(timings) or na}",
         f"  weights file {num('file_bytes.dense', mib, 2**20)} -> {num('file_bytes.pruned', mib, 2**20)}",
         f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "

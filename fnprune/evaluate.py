@@ -36,6 +36,7 @@ class EvalResult:
     predictions: list[str] = field(repr=False, default_factory=list)
     scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels or choices) log-probabilities
     accuracy_norm: float | None = None  # lm-eval's acc_norm: scores divided by the choice's characters
+    hits: torch.Tensor | None = field(repr=False, default=None)  # (n,) 1 where the prediction is the label
 
     def label_shares(self) -> dict[str, float]:
         """How often each label was predicted: a model that lost the task often answers one label for all."""
@@ -60,10 +61,10 @@ def scored(scores: torch.Tensor, examples: list[Example], labels: list[str], len
     """Accuracy and acc_norm of per-class scores (ties go to the first class, as lm-eval's argmax)."""
     predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
     normed = [labels[j] for j in (scores / lengths).argmax(dim=1).tolist()]
-    correct = sum(p == e.label for p, e in zip(predictions, examples))
+    hits = torch.tensor([p == e.label for p, e in zip(predictions, examples)], dtype=torch.bool)
     correct_norm = sum(p == e.label for p, e in zip(normed, examples))
-    return EvalResult(correct / len(examples), len(examples), seconds, predictions, scores,
-                      correct_norm / len(examples))
+    return EvalResult(int(hits.sum()) / len(examples), len(examples), seconds, predictions, scores,
+                      correct_norm / len(examples), hits)
 
 
 def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:
@@ -240,6 +241,11 @@ class TaskResult:
         values = [r.accuracy_norm if norm else r.accuracy for name, r in self.by_template.items()
                   if (name in self.held_out) == held_out]
         return sum(values) / len(values) if values and None not in values else None
+
+    def hits(self, held_out: bool) -> torch.Tensor | None:
+        """(templates, examples): 1 where the model answered right, over the held-out or the calibration ones."""
+        rows = [r.hits for name, r in self.by_template.items() if (name in self.held_out) == held_out]
+        return torch.stack(rows) if rows and all(h is not None for h in rows) else None
 
     @property
     def headline(self) -> float:

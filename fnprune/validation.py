@@ -18,6 +18,7 @@ from . import cache
 from .data import BUILTIN_TASKS, Example, file_sha256, load_evaluation, resolve_task
 from .errors import RecipeError
 from .evaluate import TaskResult, evaluate_templates
+from .intervals import retained_interval
 from .lm_eval_backend import score_lm_eval
 from .perplexity import perplexity, wikitext_file, wikitext_ids
 from .provenance import key_versions
@@ -182,10 +183,12 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "kind": task.kind,
             "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
             "pruned_acc_norm": mean(pruned, bool(held), True),
+            **retained(dense, pruned, bool(held)),
         },
         "template_means": {
             kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
-                   "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True)}
+                   "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True),
+                   **retained(dense, pruned, h)}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
@@ -195,6 +198,17 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             for n in names
         ],
     }
+
+
+def retained(dense: TaskResult | None, pruned: TaskResult | None, held_out: bool) -> dict[str, Any]:
+    """Pruned over dense mean accuracy and its 95% interval (a paired bootstrap over the examples: how much of a
+    "% of dense" the evaluation split can tell apart), over the held-out or the calibration templates."""
+    d, p = (dense.hits(held_out), pruned.hits(held_out)) if dense and pruned else (None, None)
+    if d is None or p is None or not d.any():
+        return {"retained": None, "retained_ci95": None}
+    interval = retained_interval(d, p)
+    return {"retained": round(float(p.double().mean() / d.double().mean()), 4),
+            "retained_ci95": None if interval is None else [round(v, 4) for v in interval]}
 
 
 def score(model, tokenizer, sets: dict[str, list[Example]], task: TaskSpec, validation: Validation, recipe: Recipe,

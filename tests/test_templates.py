@@ -146,6 +146,13 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
     assert report["metric"]["majority_class"] == max(labels.count("0"), labels.count("1")) / 12
     assert report["template_means"]["calibration"]["dense"] == pytest.approx(
         (report["templates"][0]["dense"] + report["templates"][1]["dense"]) / 2)
+    m = report["metric"]  # pruned / dense on the headline templates, with its paired-bootstrap interval
+    assert m["dense"] > 0  # the tiny model is right on some examples, so the ratio exists
+    assert m["retained"] == pytest.approx(m["pruned"] / m["dense"], abs=1e-4)
+    low, high = m["retained_ci95"]
+    assert low <= m["retained"] <= high
+    assert m == {**m, **{k: report["template_means"]["held_out"][k] for k in ("retained", "retained_ci95")}}
+    assert "of dense (95% interval" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_dense_scores_come_from_the_cache_the_second_time(model_dir, task_data, tmp_path, monkeypatch):
@@ -165,6 +172,7 @@ def test_dense_scores_come_from_the_cache_the_second_time(model_dir, task_data, 
     width = int(__import__("json").loads((dense / "config.json").read_text())["intermediate_size"])
     assert calls.count(width) == 1 and len(calls) == 3  # dense once, each pruned model once
     assert first["metric"]["dense"] == second["metric"]["dense"]
+    assert (first["metric"]["retained_ci95"] is None) == (second["metric"]["retained_ci95"] is None)  # cached hits
     assert [t["dense"] for t in first["templates"]] == [t["dense"] for t in second["templates"]]
 
 

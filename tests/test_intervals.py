@@ -1,0 +1,54 @@
+"""The paired bootstrap interval of pruned / dense accuracy (fnprune.intervals)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fnprune.checkpoint import retained_text
+from fnprune.intervals import retained_interval
+
+
+def _hits(p: float, n: int, seed: int, templates: int = 3) -> torch.Tensor:
+    return torch.rand(templates, n, generator=torch.Generator().manual_seed(seed)) < p
+
+
+def test_a_model_that_answers_as_dense_has_no_spread():
+    dense = _hits(0.6, 400, 0)
+    assert retained_interval(dense, dense.clone()) == (1.0, 1.0)
+
+
+def test_the_interval_covers_the_ratio_with_the_binomial_width():
+    n = 2000
+    dense = torch.ones(1, n, dtype=torch.bool)  # always right: the ratio is the pruned accuracy
+    pruned = _hits(0.5, n, 1, templates=1)
+    low, high = retained_interval(dense, pruned)
+    ratio = pruned.double().mean().item()
+    assert low < ratio < high
+    half = 1.96 * math.sqrt(0.25 / n)  # the normal approximation's half width
+    assert abs((high - low) / 2 - half) < 0.25 * half
+
+
+def test_pairing_narrows_it():
+    """Pruned answers the same examples right as dense but for a few: far narrower than two independent
+    samples would give."""
+    dense = _hits(0.6, 872, 2)
+    pruned = dense.clone()
+    pruned[:, :20] = ~pruned[:, :20]
+    low, high = retained_interval(dense, pruned)
+    assert high - low < 0.05
+
+
+def test_same_inputs_same_interval_and_none_without_a_ratio():
+    dense, pruned = _hits(0.55, 300, 3), _hits(0.5, 300, 4)
+    assert retained_interval(dense, pruned) == retained_interval(dense, pruned)
+    assert retained_interval(torch.zeros(2, 50, dtype=torch.bool), pruned[:2, :50]) is None
+    assert retained_interval(dense, pruned[:, :10]) is None  # not the same examples
+
+
+def test_text_of_a_report_with_and_without_the_interval():
+    assert retained_text({"retained": 0.9171, "retained_ci95": [0.8812, 0.9561]}) == (
+        "91.7% of dense (95% interval 88.1-95.6%)")
+    assert retained_text({"retained": 0.9171}) == "91.7% of dense"
+    assert retained_text({"retained": None}) == retained_text({}) == retained_text({"retained": True}) == ""
