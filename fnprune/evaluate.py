@@ -245,7 +245,9 @@ class TaskResult:
     def hits(self, held_out: bool) -> torch.Tensor | None:
         """(templates, examples): 1 where the model answered right, over the held-out or the calibration ones."""
         rows = [r.hits for name, r in self.by_template.items() if (name in self.held_out) == held_out]
-        return torch.stack(rows) if rows and all(h is not None for h in rows) else None
+        if not rows or any(h is None or h.shape != rows[0].shape for h in rows):
+            return None  # results without per-example answers, or templates over different examples
+        return torch.stack(rows)
 
     @property
     def headline(self) -> float:
