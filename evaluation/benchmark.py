@@ -150,12 +150,14 @@ def _interval(bounds: list[float] | None) -> str | None:
 def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
     m, means, templates = report["metric"], report["template_means"], report["templates"]
     held = [t for t in templates if t["held_out"]]
+    worst = min(held, key=lambda t: t["pruned"] / t["dense"])
     row = {
         "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
         "held_out_dense": round(m["dense"], 4), "held_out_pruned": round(m["pruned"], 4),
         "held_out_pct": round(100 * m["pruned"] / m["dense"], 1),
         "held_out_ci95": _interval(m.get("retained_ci95")),
-        "worst_held_out_pct": round(min(100 * t["pruned"] / t["dense"] for t in held), 1),
+        "worst_held_out_pct": round(100 * worst["pruned"] / worst["dense"], 1),
+        "worst_held_out_ci95": _interval(worst.get("retained_ci95")),
         "calibration_dense": round(means["calibration"]["dense"], 4),
         "calibration_pruned": round(means["calibration"]["pruned"], 4),
         "calibration_pct": round(100 * means["calibration"]["pruned"] / means["calibration"]["dense"], 1),

@@ -169,6 +169,7 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
     shares = lambda r, name: r.by_template[name].label_shares() if r else None  # noqa: E731
     norm = lambda r, name: r.by_template[name].accuracy_norm if r else None  # noqa: E731
     mean = lambda r, h, n=False: r.mean(h, n) if r else None  # noqa: E731
+    hits = lambda r, h: r.hits(h) if r else None  # noqa: E731
     names = list(dense.by_template) if dense else [t.name for t in task.templates]
     texts = {t.name: t.template for t in task.templates}
     return {
@@ -183,32 +184,37 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "kind": task.kind,
             "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
             "pruned_acc_norm": mean(pruned, bool(held), True),
-            **retained(dense, pruned, bool(held)),
+            **retained(hits(dense, bool(held)), hits(pruned, bool(held))),
         },
         "template_means": {
             kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
                    "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True),
-                   **retained(dense, pruned, h)}
+                   **retained(hits(dense, h), hits(pruned, h))}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
             {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
              "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n),
+             **retained(_template_hits(dense, n), _template_hits(pruned, n)),
              "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)}}
             for n in names
         ],
     }
 
 
-def retained(dense: TaskResult | None, pruned: TaskResult | None, held_out: bool) -> dict[str, Any]:
+def retained(dense_hits: torch.Tensor | None, pruned_hits: torch.Tensor | None) -> dict[str, Any]:
     """Pruned over dense mean accuracy and its 95% interval (a paired bootstrap over the examples: how much of a
-    "% of dense" the evaluation split can tell apart), over the held-out or the calibration templates."""
-    d, p = (dense.hits(held_out), pruned.hits(held_out)) if dense and pruned else (None, None)
-    if d is None or p is None or not d.any():
+    "% of dense" the evaluation split can tell apart). Hits: (templates, examples), 1 where right."""
+    if dense_hits is None or pruned_hits is None or not dense_hits.any():
         return {"retained": None, "retained_ci95": None}
-    interval = retained_interval(d, p)
-    return {"retained": round(float(p.double().mean() / d.double().mean()), 4),
+    interval = retained_interval(dense_hits, pruned_hits)
+    return {"retained": round(float(pruned_hits.double().mean() / dense_hits.double().mean()), 4),
             "retained_ci95": None if interval is None else [round(v, 4) for v in interval]}
+
+
+def _template_hits(result: TaskResult | None, name: str) -> torch.Tensor | None:
+    hits = result.by_template[name].hits if result else None
+    return None if hits is None else hits[None]
 
 
 def score(model, tokenizer, sets: dict[str, list[Example]], task: TaskSpec, validation: Validation, recipe: Recipe,
