@@ -115,8 +115,9 @@ def _print_summary(report: dict, where: Path | str) -> None:
         vm = v["metric"]
         norm = (f"; acc_norm dense {fmt(vm.get('dense_acc_norm'))}, pruned {fmt(vm.get('pruned_acc_norm'))}"
                 if vm.get("kind") == "multiple_choice" else "")
+        kept = f"; {retained_text(vm)}" if retained_text(vm) else ""
         click.echo(f"  validate {v['task']} accuracy on {vm['n']} {vm['split']} examples, {vm.get('of', '')}: "
-                   f"dense {fmt(vm['dense'])}, pruned {fmt(vm['pruned'])}{norm}")
+                   f"dense {fmt(vm['dense'])}, pruned {fmt(vm['pruned'])}{norm}{kept}")
     ppl = validation.get("perplexity")
     if ppl:
         click.echo(f"  validate {ppl['task']} perplexity ({ppl['tokens']} tokens, windows of {ppl['window']}): "

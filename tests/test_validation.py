@@ -65,6 +65,10 @@ def test_compress_validates_tasks_and_perplexity_dense_beside_pruned(model_dir, 
     card = (tmp_path / "a" / "README.md").read_text()
     assert "validation: copa accuracy" in card and "validation: wikitext perplexity" in card
     assert "validate arc_easy accuracy" in first.output and "validate wikitext perplexity" in first.output
+    assert any(t["metric"]["dense"] for t in v["tasks"])
+    for t in v["tasks"]:  # a validation task's headline has its interval too, and the summary prints it
+        if t["metric"]["dense"]:
+            assert f"{t['metric']['retained']:.1%} of dense (95% interval" in first.output
     dense = json.loads((model / "config.json").read_text())["intermediate_size"]
     assert calls.count(dense) == 3 and ppl_calls.count(dense) == 1  # sst2, copa, arc_easy; wikitext
     second = CliRunner().invoke(main, [*args, "--keep", "0.25", "--output", str(tmp_path / "b")])
