@@ -42,7 +42,11 @@ def test_compress_real_smollm2(tmp_path):
     report = result.report
     assert report["widths"]["pruned"] == [768] * 30
     assert 0.68 < report["parameters"]["ratio"] < 0.72  # about 30% fewer parameters
-    assert report["metric"]["dense"] > 0.7  # the model really reads the task
+    # the headline is the held-out template mean, near chance for this model on SST-2; `review` shows it reads the task
+    assert report["metric"]["of"] == "held-out templates (mean)"
+    assert {t["name"]: t["dense"] for t in report["templates"]}["review"] > 0.7
+    low, high = report["metric"]["retained_ci95"]
+    assert low <= report["metric"]["retained"] <= high
     model = AutoModelForCausalLM.from_pretrained(result.output_dir)
     assert model.config.intermediate_size == 768
     ids = torch.tensor([[1, 2, 3, 4]])
