@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from evaluation.tables import with_extension, write_rows
+from fnprune.checkpoint import interval_text
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
 # compensation, wanda-sp and random without), the ablations change one thing of the default. Every configuration
@@ -142,11 +143,6 @@ def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
     return out
 
 
-def _interval(bounds: list[float] | None) -> str | None:
-    """report.json's 95% interval of pruned / dense as "87.9-95.6" (% of dense); None in reports without it."""
-    return None if not bounds else f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}"
-
-
 def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
     m, means, templates = report["metric"], report["template_means"], report["templates"]
     held = [t for t in templates if t["held_out"]]
@@ -155,9 +151,9 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
         "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
         "held_out_dense": round(m["dense"], 4), "held_out_pruned": round(m["pruned"], 4),
         "held_out_pct": round(100 * m["pruned"] / m["dense"], 1),
-        "held_out_ci95": _interval(m.get("retained_ci95")),
+        "held_out_ci95": interval_text(m.get("retained_ci95")),
         "worst_held_out_pct": round(100 * worst["pruned"] / worst["dense"], 1),
-        "worst_held_out_ci95": _interval(worst.get("retained_ci95")),
+        "worst_held_out_ci95": interval_text(worst.get("retained_ci95")),
         "calibration_dense": round(means["calibration"]["dense"], 4),
         "calibration_pruned": round(means["calibration"]["pruned"], 4),
         "calibration_pct": round(100 * means["calibration"]["pruned"] / means["calibration"]["dense"], 1),

@@ -38,6 +38,7 @@ __all__ = [
     "write_json",
     "model_card",
     "retained_text",
+    "interval_text",
 ]
 
 RECIPE_FILE = "recipe.yaml"
@@ -243,15 +244,20 @@ def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def interval_text(bounds: Any) -> str | None:
+    """report.json's `retained_ci95` as "87.9-95.6" (% of dense); None when it is missing or malformed."""
+    if isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(v, (int, float)) for v in bounds):
+        return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}"
+    return None
+
+
 def retained_text(metric: dict[str, Any]) -> str:
     """"91.7% of dense (95% interval 87.9-95.6%)": report.json's pruned / dense and its interval; "" when the
     report has none."""
-    ratio, interval = metric.get("retained"), metric.get("retained_ci95")
+    ratio, interval = metric.get("retained"), interval_text(metric.get("retained_ci95"))
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
         return ""
-    if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
-        return f"{ratio:.1%} of dense (95% interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
-    return f"{ratio:.1%} of dense"
+    return f"{ratio:.1%} of dense" + (f" (95% interval {interval}%)" if interval else "")
 
 
 def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
