@@ -390,7 +390,7 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
     taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
     Held-out templates are never used here. A multiple-choice prompt is the question alone (the decision is made
-    at its end), labelled with the answer's index."""
+    at its end), labelled with the answer's index; untemplated, the question and its choices, one per line."""
     rows, build = _prepared(task, split)
     templates, out, turn = task.calibration_templates(), [], 0
     for j, i in enumerate(_sample_indices(len(rows), n, seed)):

@@ -259,8 +259,8 @@ class CalibrationSpec:
     cache: bool = field(default=True, metadata=flag(
         "--cache/--no-cache",
         "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))
-    # share of calibration prompts that are the row's text alone, without any template (auto: 0.5 for
-    # classification, 0 for multiple choice, whose raw text was not measured; RESULTS 0.0.2 and 0.0.3)
+    # share of calibration prompts that are the row's text alone, without any template (auto: 0.5 on every task
+    # kind, chosen on the calibration split with a template held out; RESULTS 0.0.2, 0.0.3 and 0.0.13)
     raw_share: float | str = "auto"
     # multiple choice: the question alone ("none"), followed by its right choice, or once followed by each choice
     choices: str = field(default="none", metadata=flag(
@@ -268,9 +268,8 @@ class CalibrationSpec:
         choices=CALIBRATION_CHOICES))
 
     def for_task(self, kind: str) -> CalibrationSpec:
-        """This spec with `raw_share: auto` made concrete for a task of `kind`."""
-        share = 0.0 if kind == "multiple_choice" else 0.5
-        return dataclasses.replace(self, raw_share=share) if self.raw_share == "auto" else self
+        """This spec with `raw_share: auto` made concrete for a task of `kind` (the same share for every kind)."""
+        return dataclasses.replace(self, raw_share=0.5) if self.raw_share == "auto" else self
 
     def check(self) -> list[str]:
         problems = []

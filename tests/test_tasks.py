@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fnprune import fields
-from fnprune.data import BUILTIN_TASKS, check_disjoint, load_evaluation, load_sample, resolve_task
+from fnprune.data import BUILTIN_TASKS, RAW, check_disjoint, load_evaluation, load_sample, resolve_task
 from fnprune.errors import DataError
 from fnprune.evaluate import encode_pair, evaluate_choices, evaluate_templates
 from fnprune.recipe import PromptTemplate, TaskSpec
@@ -267,6 +267,7 @@ def test_default_method_is_flap_and_recovery_is_on_for_multiple_choice(model_dir
     assert recipe.recovery.enabled == "auto" and result.recipe.recovery.enabled is True
     assert result.report["recovery"]["steps"] >= 1 and "evaluate_recovered" in result.report["timings_seconds"]
     assert "enabled: true" in (tmp_path / "arc" / "recipe.yaml").read_text()
+    assert result.recipe.calibration.raw_share == 0.5  # auto: half the questions untemplated, as on classification
     explicit = apply_overrides(recipe, {"selection.method": "flap", "recovery.enabled": True,
                                         "output.dir": str(tmp_path / "explicit")})
     fnprune.compress(explicit, progress=False)  # the benchmark's flap+recon+recover is the default here
@@ -293,3 +294,15 @@ def test_calibration_questions_can_carry_their_choices(arc_dir, task_data):
     sst2 = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
     assert calibration_prompts(sst2, CalibrationSpec(num_samples=6, choices="all")) == calibration_prompts(
         sst2, CalibrationSpec(num_samples=6))
+
+
+def test_a_raw_multiple_choice_prompt_is_the_question_and_its_choices(arc_dir):
+    """Untemplated, a multiple-choice calibration prompt is the row's text as the file holds it: the question and
+    then each choice, one per line; it keeps the answer's index and the choices."""
+    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
+    drawn = load_sample(task, task.calibration_split, 8, 0, raw_share=0.5)
+    assert sum(e.template == RAW.name for e in drawn) == 4
+    for e, t in zip(drawn, load_sample(task, task.calibration_split, 8, 0)):  # the same rows, all templated
+        assert (e.texts, e.label, e.choices) == (t.texts, t.label, t.choices) and e.choices
+        if e.template == RAW.name:
+            assert e.prompt.split("\n") == [e.texts[0], *e.choices] and t.prompt != e.prompt

@@ -189,11 +189,11 @@ def test_raw_share_spreads_untemplated_rows_evenly(task_data):
     assert [e.texts for e in drawn] == [e.texts for e in load_sample(task, "train", 12, 0)]  # same rows
 
 
-def test_raw_share_auto_is_half_for_classification_only():
+def test_raw_share_auto_is_half_for_every_task_kind():
     from fnprune.recipe import CalibrationSpec
 
     assert CalibrationSpec().raw_share == "auto"
     assert CalibrationSpec().for_task("classification").raw_share == 0.5
-    assert CalibrationSpec().for_task("multiple_choice").raw_share == 0.0
+    assert CalibrationSpec().for_task("multiple_choice").raw_share == 0.5
     assert CalibrationSpec(raw_share=0.25).for_task("classification").raw_share == 0.25
     assert CalibrationSpec(raw_share=1.0).check() and CalibrationSpec(raw_share="half").check()
