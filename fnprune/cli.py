@@ -62,7 +62,7 @@ def _setup_logging(quiet: bool) -> None:
 @click.group()
 @click.version_option(__version__, prog_name="fnprune")
 def main() -> None:
-    """Compress a transformer LM for one task by keeping its task functional networks."""
+    """Compress a transformer LM for one task: keep the MLP neurons it needs and physically remove the others."""
 
 
 @main.command()
@@ -71,7 +71,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
 def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **values: Any) -> None:
-    """Find task networks, prune the other MLP neurons, save and evaluate the smaller model."""
+    """Score the MLP neurons on task data, remove the unneeded ones, save and evaluate the smaller model."""
     from .pipeline import compress as run
 
     _setup_logging(quiet)

@@ -12,7 +12,7 @@ from typing import Any
 from .arch import MLPLayout, layout_for, mlp_widths
 from .capture import capture_memory_bytes
 from .checkpoint import check_disk_space
-from .data import Example, check_disjoint, fill_template, load_evaluation, load_sample, resolve_task, task_fields
+from .data import RAW, Example, check_disjoint, fill_template, load_evaluation, load_sample, resolve_task, task_fields
 from .errors import RecipeError
 from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, unique_parameters
@@ -80,6 +80,10 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
     right choice, or (`all`) once by each choice, the way scoring runs it (`calibration.choices`)."""
     spec = spec.for_task(task.kind)  # raw_share auto made concrete
     sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+    untemplated = sum(e.template == RAW.name for e in sample)
+    log.info("calibration: %d rows of the %r split%s, %d of them without a template", len(sample),
+             task.calibration_split, f" (all it has; {spec.num_samples} asked)" if len(sample) < spec.num_samples
+             else "", untemplated)
     if spec.choices == "none" or task.kind != "multiple_choice":
         return sample
     picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RESAMPLES", "retained_interval"]
+__all__ = ["RESAMPLES", "retained_interval", "difference_interval"]
 
 RESAMPLES = 2000
 _CHUNK = 200  # resamples gathered at once: bounded memory on large evaluation splits
@@ -20,17 +20,33 @@ def retained_interval(dense: torch.Tensor, pruned: torch.Tensor, level: float = 
     """Percentile interval of pruned / dense mean accuracy. `dense`, `pruned`: (templates, examples) with 1 where
     the model answered right; the mean is over templates and examples. None when the dense model is never right,
     or the shapes disagree."""
-    if dense.shape != pruned.shape or dense.ndim != 2 or dense.numel() == 0 or not 0 < level < 1:
+    return _interval([dense, pruned], lambda d, p: p / d, level, resamples, seed)
+
+
+def difference_interval(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor, level: float = 0.95,
+                        resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of (second - first) / dense mean accuracy: how far apart two pruned models of the same
+    dense one are, in shares of dense, with all three resampled together (much narrower than the two models'
+    own intervals when they answer most examples alike). Shapes as in `retained_interval`."""
+    return _interval([dense, first, second], lambda d, a, b: (b - a) / d, level, resamples, seed)
+
+
+def _interval(hits: list[torch.Tensor], statistic, level: float, resamples: int, seed: int
+              ) -> tuple[float, float] | None:
+    """The statistic of the models' mean accuracies (dense first) over paired resamples of the examples."""
+    dense = hits[0]
+    if (any(h.shape != dense.shape for h in hits) or dense.ndim != 2 or dense.numel() == 0
+            or not 0 < level < 1):
         return None
     n = dense.shape[1]
-    d, p = dense.double().mean(0), pruned.double().mean(0)  # per example: the share of templates answered right
+    per_example = [h.double().mean(0) for h in hits]  # the share of templates answered right
     generator = torch.Generator().manual_seed(seed)
-    ratios = []
+    values = []
     for start in range(0, resamples, _CHUNK):
         idx = torch.randint(n, (min(_CHUNK, resamples - start), n), generator=generator)
-        dense_mean, pruned_mean = d[idx].mean(1), p[idx].mean(1)
-        ratios.append((pruned_mean / dense_mean)[dense_mean > 0])
-    found = torch.cat(ratios)
+        means = [e[idx].mean(1) for e in per_example]
+        values.append(statistic(*means)[means[0] > 0])
+    found = torch.cat(values)
     if found.numel() < resamples / 2:  # the dense model is right on too few examples for a ratio
         return None
     tail = (1 - level) / 2

@@ -243,7 +243,7 @@ class CalibrationSpec:
     """Task data run through the model to record MLP activations (from the calibration split only)."""
 
     num_samples: int = field(default=1024, metadata=flag(
-        "--num-samples", "Calibration examples from the train split (default {default})."))
+        "--num-samples", "Calibration rows, each drawn once (default {default}; all the split has if fewer)."))
     max_tokens: int = field(default=16384, metadata=flag(
         "--max-tokens", "Tokens sampled per layer for ICA and reconstruction (default {default})."))
     batch_size: int = field(default=16, metadata=flag("--batch-size", "Calibration batch size (default {default})."))

@@ -26,7 +26,7 @@ from .recipe import PERPLEXITY_TASK, ModelSpec, Recipe, TaskSpec, ValidationTask
 
 __all__ = [
     "Scores", "Validation", "load_validation", "score", "score_task", "score_validation", "evaluation_cache_key",
-    "accuracy_report", "validation_report",
+    "accuracy_report", "validation_report", "read_hits",
 ]
 
 log = logging.getLogger("fnprune")
@@ -196,7 +196,8 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             {"name": n, "held_out": n in held, "template": texts[n], "dense": acc(dense, n), "pruned": acc(pruned, n),
              "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n),
              **retained(_template_hits(dense, n), _template_hits(pruned, n)),
-             "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)}}
+             "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)},
+             "hits": {"dense": hit_string(dense, n), "pruned": hit_string(pruned, n)}}
             for n in names
         ],
     }
@@ -210,6 +211,23 @@ def retained(dense_hits: torch.Tensor | None, pruned_hits: torch.Tensor | None) 
     interval = retained_interval(dense_hits, pruned_hits)
     return {"retained": round(float(pruned_hits.double().mean() / dense_hits.double().mean()), 4),
             "retained_ci95": None if interval is None else [round(v, 4) for v in interval]}
+
+
+def hit_string(result: TaskResult | None, name: str) -> str | None:
+    """One template's answers as report.json keeps them, "1" right and "0" wrong per example in order: what a
+    paired comparison of two checkpoints scored on the same examples needs (`read_hits` reads it back)."""
+    hits = result.by_template[name].hits if result else None
+    return None if hits is None else "".join("1" if h else "0" for h in hits.tolist())
+
+
+def read_hits(entries: list[dict[str, Any]], model: str, held_out: bool) -> torch.Tensor | None:
+    """(templates, examples) hits of `model` ("dense" or "pruned") from report.json's `templates` entries, over
+    the held-out or the calibration templates; None if any is missing (a report from before they were kept)."""
+    hits = lambda e: e.get("hits") if isinstance(e.get("hits"), dict) else {}  # noqa: E731 (untrusted input)
+    rows = [hits(e).get(model) for e in entries if isinstance(e, dict) and e.get("held_out") == held_out]
+    if not rows or any(not isinstance(r, str) or len(r) != len(rows[0]) for r in rows):
+        return None
+    return torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool)
 
 
 def _template_hits(result: TaskResult | None, name: str) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from fnprune.checkpoint import retained_text
-from fnprune.intervals import retained_interval
+from fnprune.intervals import difference_interval, retained_interval
 
 
 def _hits(p: float, n: int, seed: int, templates: int = 3) -> torch.Tensor:
@@ -52,3 +52,19 @@ def test_text_of_a_report_with_and_without_the_interval():
         "91.7% of dense (95% interval 88.1-95.6%)")
     assert retained_text({"retained": 0.9171}) == "91.7% of dense"
     assert retained_text({"retained": None}) == retained_text({}) == retained_text({"retained": True}) == ""
+
+
+def test_the_difference_of_two_pruned_models_is_paired():
+    """Two pruned models that differ on 30 of 872 examples: the difference's interval holds the true one and is
+    far narrower than either model's own interval; two equal models differ by exactly nothing."""
+    dense = _hits(0.6, 872, 5)
+    first = _hits(0.5, 872, 6)
+    second = first.clone()
+    second[:, :30] = True  # right on 30 more examples at most
+    low, high = difference_interval(dense, first, second)
+    truth = ((second.double().mean() - first.double().mean()) / dense.double().mean()).item()
+    assert 0 <= low <= truth <= high
+    own_low, own_high = retained_interval(dense, second)
+    assert high - low < (own_high - own_low) / 3
+    assert difference_interval(dense, first, first.clone()) == (0.0, 0.0)
+    assert difference_interval(dense, first, second[:, :10]) is None

@@ -306,3 +306,21 @@ def test_a_raw_multiple_choice_prompt_is_the_question_and_its_choices(arc_dir):
         assert (e.texts, e.label, e.choices) == (t.texts, t.label, t.choices) and e.choices
         if e.template == RAW.name:
             assert e.prompt.split("\n") == [e.texts[0], *e.choices] and t.prompt != e.prompt
+
+
+def test_the_log_says_when_the_calibration_split_has_fewer_rows_than_asked(arc_dir, caplog):
+    """Each row is drawn at most once, so `--num-samples` above the split's size calibrates on every row: the log
+    says how many were used and that it is all the split has (ARC-Easy's Dev file has 570 questions, not 1,024)."""
+    import logging
+
+    from fnprune.inputs import calibration_prompts
+    from fnprune.recipe import CalibrationSpec
+
+    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
+    with caplog.at_level(logging.INFO, logger="fnprune"):
+        assert len(calibration_prompts(task, CalibrationSpec(num_samples=1024))) == 24
+        assert len(calibration_prompts(task, CalibrationSpec(num_samples=8))) == 8
+    first, second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration:")]
+    assert first == ("calibration: 24 rows of the 'validation' split (all it has; 1024 asked), "
+                     "12 of them without a template")
+    assert second == "calibration: 8 rows of the 'validation' split, 4 of them without a template"

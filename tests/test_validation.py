@@ -120,3 +120,38 @@ def test_compress_and_evaluate_a_multiple_choice_task(model_dir, bench_data, tmp
                                       "--data-dir", str(bench_data["copa"]), "--json", "--quiet"])
     assert dense.exit_code == 0, dense.output
     assert json.loads(dense.output.strip().splitlines()[-1])["n"] == 12  # the evaluation half of 24 rows
+
+
+def test_report_keeps_each_templates_answers_for_paired_comparisons():
+    """report.json's `templates[].hits`: one "1"/"0" per example, read back as the (templates, examples) matrix the
+    intervals take; the comparison refuses reports that did not score the same examples with the same dense model."""
+    import pytest
+    import torch
+
+    from evaluation.compare import compare
+    from fnprune.evaluate import EvalResult, TaskResult
+    from fnprune.recipe import PromptTemplate, TaskSpec
+    from fnprune.validation import accuracy_report, read_hits
+
+    def result(rows: list[list[bool]]) -> TaskResult:
+        by = {name: EvalResult(sum(r) / len(r), len(r), 0.0, ["1"] * len(r), hits=torch.tensor(r))
+              for name, r in zip(("a", "b", "c"), rows)}
+        return TaskResult(by, held_out=["b", "c"])
+
+    task = TaskSpec(name="t", templates=[PromptTemplate("a", "{x}"), PromptTemplate("b", "{x}", held_out=True),
+                                         PromptTemplate("c", "{x}", held_out=True)])
+    dense = [[True, True, False, True], [True, False, True, True], [False, True, True, True]]
+    first = [[True, False, False, True], [True, False, False, True], [False, False, True, True]]
+    second = [[True, True, False, True], [True, False, True, True], [False, True, True, False]]
+    one, two = (accuracy_report(task, result(dense), result(p)) for p in (first, second))
+    assert [t["hits"] for t in one["templates"]][1] == {"dense": "1011", "pruned": "1001"}
+    assert read_hits(one["templates"], "pruned", True).tolist() == first[1:]
+    assert read_hits(one["templates"], "dense", False).tolist() == dense[:1]
+    held, calibration = compare(one, two)
+    assert (held["first"], held["second"], held["difference"]) == (66.7, 83.3, 16.7)
+    assert (calibration["first"], calibration["second"]) == (66.7, 100.0)
+    other = accuracy_report(task, result([[not h for h in r] for r in dense]), result(second))
+    with pytest.raises(SystemExit, match="dense answers differ"):
+        compare(one, other)
+    assert read_hits([{"held_out": True, "pruned": 0.5}], "pruned", True) is None  # a report from before
+    assert read_hits([{"held_out": True, "hits": "10"}, "x"], "pruned", True) is None  # or a damaged one
