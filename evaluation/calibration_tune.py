@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from evaluation.benchmark import CONFIGS, finished_here, mark_finished, overrides_suffix, parse_overrides
@@ -25,8 +26,9 @@ from evaluation.tables import write_rows
 
 
 def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch_size: int, quiet: bool
-                ) -> dict[str, float]:
-    """Accuracy per template `names` on the tuning part (the carved evaluation part of the calibration split)."""
+                ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Accuracy per template `names` on the tuning part (the carved evaluation part of the calibration split), and
+    each template's per-row answers (for the paired difference between two settings)."""
     from fnprune.data import load_evaluation
     from fnprune.evaluate import evaluate_templates
     from fnprune.models import load_model
@@ -35,7 +37,19 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
     sets = {n: ex[:max_samples] for n, ex in load_evaluation(task, task.evaluation_split).items() if n in names}
     model, tok = load_model(ModelSpec(name_or_path=model_path))
     result = evaluate_templates(model, tok, sets, task, batch_size, progress=not quiet)
-    return {n: round(r.accuracy, 4) for n, r in result.by_template.items()}
+    return ({n: round(r.accuracy, 4) for n, r in result.by_template.items()},
+            {n: r.hits for n, r in result.by_template.items()})
+
+
+def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this: dict[str, torch.Tensor],
+            names: list[str]) -> str | None:
+    """This setting minus the first one over `names`, in points of dense with a 95% paired interval."""
+    from fnprune.intervals import difference_interval
+
+    d, a, b = (torch.stack([h[n] for n in names]) for h in (dense, first, this))
+    interval = difference_interval(d, a, b)
+    diff = 100 * (b.double().mean() - a.double().mean()).item() / d.double().mean().item()
+    return None if interval is None else f"{diff:+.1f} ({100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})"
 
 
 def main(argv: list[str] | None = None, command: str | None = None) -> None:
@@ -58,8 +72,6 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     p.add_argument("--out-prefix", default="evaluation/results/calibration_tune")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-
-    import torch
 
     import fnprune
     from fnprune.data import file_sha256
@@ -85,7 +97,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
                                   for t in task.templates]
     tuning_task = resolve_task(apply_overrides(start, base).task)
     rows: list[dict[str, Any]] = []
-    dense = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
+    dense, dense_hits = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
+    first_hits: dict[str, torch.Tensor] | None = None
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     for key, value in varied:
@@ -97,12 +110,16 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
                              progress=not args.quiet)
             mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
-        acc = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
+        acc, hits = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         mean = statistics.fmean(acc.values())
         held_pct = {"held_pct": round(100 * acc[args.hold_template] / dense[args.hold_template], 1)} \
             if args.hold_template else {}
+        first_hits = first_hits or hits  # differences are against the first setting listed
+        paired = {"vs_first": _paired(dense_hits, first_hits, hits, names)}
+        if args.hold_template:
+            paired["held_vs_first"] = _paired(dense_hits, first_hits, hits, [args.hold_template])
         rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
-                     "pct": round(100 * mean / rows[0]["mean"], 1), **held_pct, "folder": out.name})
+                     "pct": round(100 * mean / rows[0]["mean"], 1), **held_pct, **paired, "folder": out.name})
     command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))

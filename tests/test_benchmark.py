@@ -230,7 +230,8 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all",
                                         "selection.ridge=1"]
-    assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "folder"}
+    assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "vs_first", "folder"}
+    assert rows[1]["vs_first"] == "+0.0 (+0.0 to +0.0)"  # the first setting against itself
     assert len({r["folder"] for r in rows[1:]}) == 3
     ridge = load_recipe(tmp_path / "runs" / rows[3]["folder"] / "recipe.yaml")
     assert ridge.selection.ridge == 1 and ridge.calibration.choices == "none"  # one key varied at a time
@@ -250,7 +251,7 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
                            "calibration.max_tokens=200", "--max-samples", "6", "--work", str(tmp_path / "runs"),
                            "--out-prefix", str(prefix), "--quiet", "--hold-template", "science"])
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
-    assert {"qa", "science", "answer", "held_pct"} <= set(rows[1]) and "lm-eval" not in rows[1]
+    assert {"qa", "science", "answer", "held_pct", "held_vs_first"} <= set(rows[1]) and "lm-eval" not in rows[1]
     task = resolve_task(load_recipe(tmp_path / "runs" / rows[1]["folder"] / "recipe.yaml").task)
     assert [t.name for t in task.calibration_templates()] == ["qa", "answer"]
     with pytest.raises(SystemExit):
