@@ -44,12 +44,10 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
 def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this: dict[str, torch.Tensor],
             names: list[str]) -> str | None:
     """This setting minus the first one over `names`, in points of dense with a 95% paired interval."""
-    from fnprune.intervals import difference_interval
+    from evaluation.compare import paired_difference
 
-    d, a, b = (torch.stack([h[n] for n in names]) for h in (dense, first, this))
-    interval = difference_interval(d, a, b)
-    diff = 100 * (b.double().mean() - a.double().mean()).item() / d.double().mean().item()
-    return None if interval is None else f"{diff:+.1f} ({100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})"
+    difference, interval = paired_difference(*(torch.stack([h[n] for n in names]) for h in (dense, first, this)))
+    return None if interval is None else f"{difference:+.1f} ({interval})"
 
 
 def main(argv: list[str] | None = None, command: str | None = None) -> None:

@@ -16,9 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evaluation.tables import write_rows
-from fnprune.intervals import difference_interval, retained_interval
+from fnprune.checkpoint import interval_text
+from fnprune.intervals import difference_interval
 from fnprune.validation import read_hits
+
+
+def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[float, str | None]:
+    """Second minus first mean accuracy in points of dense, and its paired 95% interval as "-1.1 to +10.6" (None
+    when there is no ratio to dense). Hits: (templates, examples), the same examples in all three."""
+    mean = lambda h: h.double().mean().item()  # noqa: E731
+    interval = difference_interval(dense, first, second)
+    text = None if interval is None else f"{100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}"
+    return round(100 * (mean(second) - mean(first)) / mean(dense), 1), text
 
 
 def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any]]:
@@ -38,13 +50,12 @@ def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any
             raise SystemExit(f"compare: a run has no per-example answers for the {group} (report.json too old)")
         base = dense.double().mean().item()
         pct = lambda h, base=base: round(100 * h.double().mean().item() / base, 1)  # noqa: E731
-        interval = difference_interval(dense, a, b)
-        ci = retained_interval(dense, b)
+        difference, difference_ci95 = paired_difference(dense, a, b)
+        means = second.get("template_means", {})
+        own = means.get("held_out" if held else "calibration", {}) if isinstance(means, dict) else {}
         rows.append({"templates": group, "first": pct(a), "second": pct(b),
-                     "second_ci95": None if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}",
-                     "difference": round(100 * (b.double().mean().item() - a.double().mean().item()) / base, 1),
-                     "difference_ci95": None if interval is None else
-                     f"{100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}",
+                     "second_ci95": interval_text(own.get("retained_ci95") if isinstance(own, dict) else None),
+                     "difference": difference, "difference_ci95": difference_ci95,
                      "examples": dense.shape[1], "templates_n": dense.shape[0]})
     if not rows:
         raise SystemExit("compare: the first run has no per-example answers (report.json too old)")
