@@ -61,8 +61,8 @@ def select_neurons(
     allocation: str = "uniform",
     reconstruct: bool = True,
 ) -> list[torch.Tensor]:
-    """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one global
-    ranking across layers with `allocation="global"`)."""
+    """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one ranking across
+    layers with `allocation` "global" or "standardized")."""
     layout = layout_for(model)
     norms = neuron_weight_norms(model, layout)
     boost = default_fn_boost(keep, reconstruct) if boost is None else boost
@@ -74,8 +74,8 @@ def select_neurons(
             relevance=calib.relevance[i] if calib.relevance else None,
         )
         scores.append(score_layer(method, ev, seed, boost))
-    if allocation == "global":
-        widths = allocate_widths(scores, keep, round_to)
+    if allocation != "uniform":
+        widths = allocate_widths(scores, keep, round_to, standardize=allocation == "standardized")
     else:
         widths = [layer_width(s.numel(), keep, round_to) for s in scores]
     floor = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths)) if w <= round_to < s.numel()]

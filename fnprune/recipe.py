@@ -344,10 +344,10 @@ class SelectionSpec:
         "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
     round_to: int = field(default=8, metadata=flag(
         "--round-to", "Round kept widths to a multiple of this (default {default})."))
-    # uniform: same width in every layer; global: one ranking across layers
+    # uniform: same width in every layer; global / standardized: one ranking across layers (fnprune.choices)
     allocation: str = field(default="uniform", metadata=flag(
-        "--allocation", "uniform (default): same width per layer; global: one ranking across layers.",
-        choices=ALLOCATIONS))
+        "--allocation", "uniform (default): same width per layer; global (scores over their layer's mean) or "
+        "standardized (z-scored per layer, as FLAP): one ranking across layers.", choices=ALLOCATIONS))
     # None: on where the architecture allows it
     bias_compensation: bool | None = field(default=None, metadata=flag(
         "--bias-compensation/--no-bias-compensation",
@@ -568,7 +568,7 @@ class OutputSpec:
     overwrite: bool = field(default=False, metadata=flag("--overwrite", "Replace an existing output directory."))
     # uniform | per-layer | padded (how per-layer widths are stored)
     layout: str = field(default="uniform", metadata=flag(
-        "--layout", "How per-layer widths are saved (default {default}; global allocation needs per-layer/padded).",
+        "--layout", "How per-layer widths are saved (default {default}; other allocations need per-layer/padded).",
         choices=LAYOUTS))
     # Hub repo id to upload the output folder to
     push_to_hub: str | None = field(default=None, metadata=flag(

@@ -94,11 +94,15 @@ def layer_width(width: int, keep: float, round_to: int) -> int:
     return int(min(width, max(round_to, target)))
 
 
-def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int) -> list[int]:
-    """Per-layer widths from one global ranking: each layer's scores are divided by their mean (so layers are
-    comparable), the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a
-    multiple of `round_to` (at least one multiple, at most the layer's width)."""
-    normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
+def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, standardize: bool = False) -> list[int]:
+    """Per-layer widths from one global ranking: each layer's scores are made comparable (divided by their mean, or
+    with `standardize` shifted and scaled to zero mean and unit standard deviation, as FLAP ranks across layers),
+    the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a multiple of `round_to`
+    (at least one multiple, at most the layer's width)."""
+    if standardize:
+        normalized = [(s.double() - s.double().mean()) / s.double().std().clamp(min=1e-30) for s in scores]
+    else:
+        normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
     flat = torch.cat(normalized)
     budget = max(1, round(keep * flat.numel()))
     threshold = torch.sort(flat, descending=True, stable=True).values[budget - 1]

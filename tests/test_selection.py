@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fnprune.networks import LayerNetworks
-from fnprune.selection import CRITERIA, LayerEvidence, layer_width, score_layer, top_neurons
+from fnprune.selection import CRITERIA, LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,21 @@ def _evidence(layer=0, d=50, with_networks=True):
         out_norm=torch.rand(d, generator=gen) + 0.5, in_norm=torch.rand(d, generator=gen) + 0.5,
         networks=nets, relevance=np.array([1.0, 0.0]) if with_networks else None,
     )
+
+
+def test_allocations_rank_across_layers_on_comparable_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(512, generator=g) ** power for power in (1, 2, 4, 8)]  # ever heavier tails
+    for standardize in (False, True):
+        widths = allocate_widths(scores, 0.5, 8, standardize)
+        assert all(w % 8 == 0 and 8 <= w <= 512 for w in widths)
+        assert abs(sum(widths) - 1024) <= 4 * 8  # the budget, up to each layer's rounding
+        assert widths == sorted(widths, reverse=True)  # heavier tails: fewer neurons above the common line
+        # a layer's scale never matters; its offset matters to the mean ratio, not to the standardized scores
+        assert allocate_widths([s * 1e3 if i == 1 else s for i, s in enumerate(scores)], 0.5, 8, standardize) == widths
+        shifted = allocate_widths([s + 1 if i == 3 else s for i, s in enumerate(scores)], 0.5, 8, standardize)
+        assert (shifted == widths) == standardize
+    assert allocate_widths(scores, 0.5, 8, True) != allocate_widths(scores, 0.5, 8)
 
 
 def test_baseline_formulas():
