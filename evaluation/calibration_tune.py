@@ -41,13 +41,18 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
             {n: r.hits for n, r in result.by_template.items()})
 
 
+def _pct(accuracy: float, dense: float) -> float | None:
+    """Accuracy in % of dense (None where dense scored nothing, as a tiny model can)."""
+    return round(100 * accuracy / dense, 1) if dense else None
+
+
 def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this: dict[str, torch.Tensor],
             names: list[str]) -> str | None:
     """This setting minus the first one over `names`, in points of dense with a 95% paired interval."""
     from evaluation.compare import paired_difference
 
     difference, interval = paired_difference(*(torch.stack([h[n] for n in names]) for h in (dense, first, this)))
-    return None if interval is None else f"{difference:+.1f} ({interval})"
+    return None if difference is None or interval is None else f"{difference:+.1f} ({interval})"
 
 
 def main(argv: list[str] | None = None, command: str | None = None) -> None:
@@ -65,23 +70,46 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
                    "above override it")
     p.add_argument("--hold-template", metavar="NAME", help="a calibration template kept out of calibration and scored")
     p.add_argument("--share", type=float, default=0.5, help="share of the calibration split's rows calibrated on")
+    p.add_argument("--split-seeds", default="0", metavar="S1,S2", help="cuts of the calibration split "
+                   "(task.split_seed), each run in turn, and the mean over them (default 0: one cut)")
     p.add_argument("--max-samples", type=int, default=200, help="tuning rows scored per template")
     p.add_argument("--work", default="evaluation/.runs")
     p.add_argument("--out-prefix", default="evaluation/results/calibration_tune")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    import fnprune
     from fnprune.data import file_sha256
-    from fnprune.recipe import Recipe, apply_overrides, load_recipe
-    from fnprune.tasks import resolve_task
+    from fnprune.recipe import Recipe, load_recipe
 
+    try:
+        seeds = [int(s) for s in args.split_seeds.split(",")]
+    except ValueError:
+        p.error(f"--split-seeds: {args.split_seeds!r} is not a comma-separated list of integers")
     torch.set_flush_denormal(True)
     varied = [(key, value) for key, _, values in (v.partition("=") for v in args.vary) for value in values.split(",")]
     fixed = parse_overrides(args.set, None)
     start = load_recipe(args.recipe) if args.recipe else Recipe()
     start_key = {"recipe": file_sha256(Path(args.recipe))[:8]} if args.recipe else {}  # its runs get own folders
     args.task = args.task or (start.task.name if args.recipe else "sst2")
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:  # seed 0 is the task's default cut: its folders are named as before cuts were listed
+        cut_fixed = {**fixed, "task.split_seed": seed} if seed else fixed
+        cut = _tune_cut(args, p, start, start_key, cut_fixed, varied)
+        rows += [{"cut": seed, **r} for r in cut] if len(seeds) > 1 else cut
+    if len(seeds) > 1:
+        rows += _mean_over_cuts(rows, varied, bool(args.hold_template))
+    command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_rows(Path(args.out_prefix), command, rows)
+    print(json.dumps(rows, indent=1))
+
+
+def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start_key: dict[str, Any],
+              fixed: dict[str, Any], varied: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One cut of the calibration split: dense, then every setting, scored on the cut's tuning part."""
+    import fnprune
+    from fnprune.recipe import apply_overrides, load_recipe
+    from fnprune.tasks import resolve_task
+
     base = {"model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
             "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
             **fixed}
@@ -110,17 +138,31 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
         acc, hits = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         mean = statistics.fmean(acc.values())
-        held_pct = {"held_pct": round(100 * acc[args.hold_template] / dense[args.hold_template], 1)} \
-            if args.hold_template else {}
+        held_pct = {"held_pct": _pct(acc[args.hold_template], dense[args.hold_template])} if args.hold_template else {}
         first_hits = first_hits or hits  # differences are against the first setting listed
         paired = {"vs_first": _paired(dense_hits, first_hits, hits, names)}
         if args.hold_template:
             paired["held_vs_first"] = _paired(dense_hits, first_hits, hits, [args.hold_template])
         rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
-                     "pct": round(100 * mean / rows[0]["mean"], 1), **held_pct, **paired, "folder": out.name})
-    command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_rows(Path(args.out_prefix), command, rows)
-    print(json.dumps(rows, indent=1))
+                     "pct": _pct(mean, rows[0]["mean"]), **held_pct, **paired, "folder": out.name})
+    return rows
+
+
+def _mean_over_cuts(rows: list[dict[str, Any]], varied: list[tuple[str, str]], held: bool) -> list[dict[str, Any]]:
+    """Per setting, the mean over cuts of its % of dense and of its paired differences against the first setting
+    (points only: the cuts' tuning parts share rows, so their intervals do not combine as independent ones)."""
+    out = []
+    for key, value in varied:
+        runs = [r for r in rows if r["run"] == f"{key}={value}"]
+        mean: dict[str, Any] = {"cut": "mean", "run": f"{key}={value}"}
+        for column in ("pct", "held_pct") if held else ("pct",):
+            if all(r.get(column) is not None for r in runs):
+                mean[column] = round(statistics.fmean(r[column] for r in runs), 1)
+        for column in ("vs_first", "held_vs_first") if held else ("vs_first",):
+            if all(r.get(column) for r in runs):  # "+1.1 (-4.5 to +6.9)": the point before the interval
+                mean[column] = f"{statistics.fmean(float(r[column].split()[0]) for r in runs):+.1f}"
+        out.append(mean)
+    return out
 
 
 if __name__ == "__main__":

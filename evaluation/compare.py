@@ -24,12 +24,15 @@ from fnprune.intervals import difference_interval
 from fnprune.validation import read_hits
 
 
-def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[float, str | None]:
-    """Second minus first mean accuracy in points of dense, and its paired 95% interval as "-1.1 to +10.6" (None
-    when there is no ratio to dense). Hits: (templates, examples), the same examples in all three."""
+def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+                      ) -> tuple[float | None, str | None]:
+    """Second minus first mean accuracy in points of dense, and its paired 95% interval as "-1.1 to +10.6" (each
+    None when there is no ratio to dense). Hits: (templates, examples), the same examples in all three."""
     mean = lambda h: h.double().mean().item()  # noqa: E731
     interval = difference_interval(dense, first, second)
     text = None if interval is None else f"{100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}"
+    if not mean(dense):
+        return None, text
     return round(100 * (mean(second) - mean(first)) / mean(dense), 1), text
 
 

@@ -259,6 +259,36 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
                                "--hold-template", "lm-eval"])
 
 
+def test_calibration_tune_runs_several_cuts_and_their_mean(model_dir, task_data, tmp_path):
+    """`--split-seeds 0,1`: each cut scored on its own tuning part, cut 1 in the folders `--set task.split_seed=1`
+    names, and a mean row per setting."""
+    from evaluation import calibration_tune
+    from fnprune.recipe import load_recipe
+
+    args = ["--model", str(model_dir("llama")), "--task", "sst2", "--data-dir", str(task_data), "--config",
+            "flap+recon", "--vary", "selection.keep=0.5,0.25", "--set", "calibration.max_tokens=200", "--set",
+            "calibration.num_samples=32", "--max-samples", "16", "--work", str(tmp_path / "runs"), "--quiet",
+            "--hold-template", "review"]
+    calibration_tune.main([*args, "--split-seeds", "0,1", "--out-prefix", str(tmp_path / "cuts")])
+    rows = json.loads((tmp_path / "cuts.json").read_text())["rows"]
+    assert [(r["cut"], r["run"]) for r in rows] == [
+        (0, "dense"), (0, "selection.keep=0.5"), (0, "selection.keep=0.25"),
+        (1, "dense"), (1, "selection.keep=0.5"), (1, "selection.keep=0.25"),
+        ("mean", "selection.keep=0.5"), ("mean", "selection.keep=0.25")]
+    assert load_recipe(tmp_path / "runs" / rows[4]["folder"] / "recipe.yaml").task.split_seed == 1
+    assert rows[0] != rows[3]  # another cut scores other rows
+    quarter = [r for r in rows if r["run"] == "selection.keep=0.25"]
+    for column in ("pct", "held_pct"):
+        assert quarter[2][column] == round((quarter[0][column] + quarter[1][column]) / 2, 1)
+    for column in ("vs_first", "held_vs_first"):
+        points = [float(r[column].split()[0]) for r in quarter[:2]]
+        assert quarter[2][column] == f"{(points[0] + points[1]) / 2:+.1f}" and rows[6][column] == "+0.0"
+    calibration_tune.main([*args, "--set", "task.split_seed=1", "--out-prefix", str(tmp_path / "one")])
+    one = json.loads((tmp_path / "one.json").read_text())["rows"]
+    assert [r["folder"] for r in one[1:]] == [r["folder"] for r in rows[4:6]]  # the same runs, not new ones
+    assert [{k: v for k, v in r.items() if k != "cut"} for r in rows[3:6]] == one
+
+
 def test_calibration_tune_starts_from_a_recipe_with_its_own_templates(model_dir, tmp_path):
     """`--recipe`: the runs calibrate on the recipe's templates (an extra one here), in folders of their own."""
     import dataclasses
