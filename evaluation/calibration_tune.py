@@ -2,7 +2,9 @@
 calibrates on one part and the other part is scored under the calibration templates only. Neither the evaluation
 split nor any held-out template is read, so what this picks can become a default. With `--hold-template NAME`
 that calibration template is kept out of calibration too and scored beside the others: how a setting carries to
-a wording it never saw, still without the task's held-out templates.
+a wording it never saw, still without the task's held-out templates. Beside accuracy, the `soft_` columns score
+the probability each model puts on the right answer (softmax over the choices' scores): every row moves it, not
+only rows whose answer flips, so it can separate two settings that accuracy on a few hundred rows cannot.
 
     python -m evaluation.calibration_tune --model ~/.cache/fnprune-models/smollm2-135m-instruct --task arc_easy \
         --data-dir ../shared/data/arc_easy --vary calibration.choices=none,answer,all --keep 0.5
@@ -26,9 +28,9 @@ from evaluation.tables import write_rows
 
 
 def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch_size: int, quiet: bool
-                ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Accuracy per template `names` on the tuning part (the carved evaluation part of the calibration split), and
-    each template's per-row answers (for the paired difference between two settings)."""
+    each template's per-row answers and probabilities of the right answer (for paired differences)."""
     from fnprune.data import load_evaluation
     from fnprune.evaluate import evaluate_templates
     from fnprune.models import load_model
@@ -38,7 +40,8 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
     model, tok = load_model(ModelSpec(name_or_path=model_path))
     result = evaluate_templates(model, tok, sets, task, batch_size, progress=not quiet)
     return ({n: round(r.accuracy, 4) for n, r in result.by_template.items()},
-            {n: r.hits for n, r in result.by_template.items()})
+            {n: r.hits for n, r in result.by_template.items()},
+            {n: r.right_probs for n, r in result.by_template.items()})
 
 
 def _pct(accuracy: float, dense: float) -> float | None:
@@ -123,10 +126,12 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
                                   for t in task.templates]
     tuning_task = resolve_task(apply_overrides(start, base).task)
     rows: list[dict[str, Any]] = []
-    dense, dense_hits = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
-    first_hits: dict[str, torch.Tensor] | None = None
+    dense, *dense_rows = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
+    first_rows: list[dict[str, torch.Tensor]] = []
+    soft = lambda probs, only: statistics.fmean(probs[n].mean().item() for n in only)  # noqa: E731
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
+    held = [args.hold_template] if args.hold_template else []
     for key, value in varied:
         setting = {key: yaml.safe_load(value)}
         out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
@@ -136,15 +141,20 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
                              progress=not args.quiet)
             mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
-        acc, hits = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
-        mean = statistics.fmean(acc.values())
-        held_pct = {"held_pct": _pct(acc[args.hold_template], dense[args.hold_template])} if args.hold_template else {}
-        first_hits = first_hits or hits  # differences are against the first setting listed
-        paired = {"vs_first": _paired(dense_hits, first_hits, hits, names)}
-        if args.hold_template:
-            paired["held_vs_first"] = _paired(dense_hits, first_hits, hits, [args.hold_template])
-        rows.append({"run": f"{key}={value}", **acc, "mean": round(mean, 4),
-                     "pct": _pct(mean, rows[0]["mean"]), **held_pct, **paired, "folder": out.name})
+        acc, *these = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
+        first_rows = first_rows or these  # differences are against the first setting listed
+        row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": round(statistics.fmean(acc.values()), 4)}
+        row["pct"] = _pct(row["mean"], rows[0]["mean"])
+        if held:
+            row["held_pct"] = _pct(acc[args.hold_template], dense[args.hold_template])
+        row["soft_pct"] = _pct(soft(these[1], names), soft(dense_rows[1], names))
+        if held:
+            row["held_soft_pct"] = _pct(soft(these[1], held), soft(dense_rows[1], held))
+        for column, kind, only in (("vs_first", 0, names), ("held_vs_first", 0, held),
+                                   ("soft_vs_first", 1, names), ("held_soft_vs_first", 1, held)):
+            if only:
+                row[column] = _paired(dense_rows[kind], first_rows[kind], these[kind], only)
+        rows.append({**row, "folder": out.name})
     return rows
 
 
@@ -155,10 +165,11 @@ def _mean_over_cuts(rows: list[dict[str, Any]], varied: list[tuple[str, str]], h
     for key, value in varied:
         runs = [r for r in rows if r["run"] == f"{key}={value}"]
         mean: dict[str, Any] = {"cut": "mean", "run": f"{key}={value}"}
-        for column in ("pct", "held_pct") if held else ("pct",):
+        for column in ("pct", "held_pct", "soft_pct", "held_soft_pct") if held else ("pct", "soft_pct"):
             if all(r.get(column) is not None for r in runs):
                 mean[column] = round(statistics.fmean(r[column] for r in runs), 1)
-        for column in ("vs_first", "held_vs_first") if held else ("vs_first",):
+        differences = ("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first")
+        for column in differences if held else differences[::2]:
             if all(r.get(column) for r in runs):  # "+1.1 (-4.5 to +6.9)": the point before the interval
                 mean[column] = f"{statistics.fmean(float(r[column].split()[0]) for r in runs):+.1f}"
         out.append(mean)

@@ -37,6 +37,9 @@ class EvalResult:
     scores: torch.Tensor | None = field(repr=False, default=None)  # (n, labels or choices) log-probabilities
     accuracy_norm: float | None = None  # lm-eval's acc_norm: scores divided by the choice's characters
     hits: torch.Tensor | None = field(repr=False, default=None)  # (n,) 1 where the prediction is the label
+    # (n,) the right class's share of the softmax over the classes' scores: accuracy without argmax's cliff, which
+    # tells apart two models that answer alike (a setting search on a few hundred rows)
+    right_probs: torch.Tensor | None = field(repr=False, default=None)
 
     def label_shares(self) -> dict[str, float]:
         """How often each label was predicted: a model that lost the task often answers one label for all."""
@@ -63,8 +66,10 @@ def scored(scores: torch.Tensor, examples: list[Example], labels: list[str], len
     normed = [labels[j] for j in (scores / lengths).argmax(dim=1).tolist()]
     hits = torch.tensor([p == e.label for p, e in zip(predictions, examples)], dtype=torch.bool)
     correct_norm = sum(p == e.label for p, e in zip(normed, examples))
+    right = torch.tensor([labels.index(e.label) if e.label in labels else -1 for e in examples])
+    probs = scores.double().softmax(dim=1).gather(1, right.clamp(min=0)[:, None])[:, 0]
     return EvalResult(int(hits.sum()) / len(examples), len(examples), seconds, predictions, scores,
-                      correct_norm / len(examples), hits)
+                      correct_norm / len(examples), hits, torch.where(right >= 0, probs, 0.0))
 
 
 def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:

@@ -230,8 +230,10 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all",
                                         "selection.ridge=1"]
-    assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "vs_first", "folder"}
-    assert rows[1]["vs_first"] == "+0.0 (+0.0 to +0.0)"  # the first setting against itself
+    assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "vs_first", "soft_pct",
+                                            "soft_vs_first", "folder"}
+    for column in ("vs_first", "soft_vs_first"):
+        assert rows[1][column] == "+0.0 (+0.0 to +0.0)"  # the first setting against itself
     assert len({r["folder"] for r in rows[1:]}) == 3
     ridge = load_recipe(tmp_path / "runs" / rows[3]["folder"] / "recipe.yaml")
     assert ridge.selection.ridge == 1 and ridge.calibration.choices == "none"  # one key varied at a time
@@ -251,7 +253,8 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
                            "calibration.max_tokens=200", "--max-samples", "6", "--work", str(tmp_path / "runs"),
                            "--out-prefix", str(prefix), "--quiet", "--hold-template", "science"])
     rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
-    assert {"qa", "science", "answer", "held_pct", "held_vs_first"} <= set(rows[1]) and "lm-eval" not in rows[1]
+    assert {"qa", "science", "answer", "held_pct", "held_vs_first", "held_soft_pct", "held_soft_vs_first"} <= set(
+        rows[1]) and "lm-eval" not in rows[1]
     task = resolve_task(load_recipe(tmp_path / "runs" / rows[1]["folder"] / "recipe.yaml").task)
     assert [t.name for t in task.calibration_templates()] == ["qa", "answer"]
     with pytest.raises(SystemExit):
@@ -278,9 +281,9 @@ def test_calibration_tune_runs_several_cuts_and_their_mean(model_dir, task_data,
     assert load_recipe(tmp_path / "runs" / rows[4]["folder"] / "recipe.yaml").task.split_seed == 1
     assert rows[0] != rows[3]  # another cut scores other rows
     quarter = [r for r in rows if r["run"] == "selection.keep=0.25"]
-    for column in ("pct", "held_pct"):
+    for column in ("pct", "held_pct", "soft_pct", "held_soft_pct"):
         assert quarter[2][column] == round((quarter[0][column] + quarter[1][column]) / 2, 1)
-    for column in ("vs_first", "held_vs_first"):
+    for column in ("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first"):
         points = [float(r[column].split()[0]) for r in quarter[:2]]
         assert quarter[2][column] == f"{(points[0] + points[1]) / 2:+.1f}" and rows[6][column] == "+0.0"
     calibration_tune.main([*args, "--set", "task.split_seed=1", "--out-prefix", str(tmp_path / "one")])

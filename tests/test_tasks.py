@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fnprune import fields
 from fnprune.data import BUILTIN_TASKS, RAW, check_disjoint, load_evaluation, load_sample, resolve_task
 from fnprune.errors import DataError
-from fnprune.evaluate import encode_pair, evaluate_choices, evaluate_templates
+from fnprune.evaluate import encode_pair, evaluate_choices, evaluate_templates, scored
 from fnprune.recipe import PromptTemplate, TaskSpec
 
 WORDS = ["film", "movie", "story", "plot", "cast", "great", "dull", "funny", "bad", "warm", "flat", "smart"]
@@ -114,6 +114,21 @@ def test_multiple_choice_scores_are_continuation_log_likelihoods(llama, arc_dir)
             for i, e in enumerate(examples)]
     assert result.accuracy == acc
     assert result.accuracy_norm == sum(n == g for n, g in zip(norm, gold)) / len(gold)
+    for i in (0, 7):  # the right choice's share among the example's own choices (padding gets none)
+        own = result.scores[i, : len(examples[i].choices)].softmax(0)
+        assert result.right_probs[i].item() == pytest.approx(own[gold[i]].item(), abs=1e-12)
+
+
+def test_right_probability_is_the_right_labels_softmax_share():
+    """Two rows answered alike (both right) still differ in how sure the model was: the soft score sees it."""
+    from fnprune.data import Example
+
+    scores = torch.tensor([[-1.0, -3.0], [-2.0, -2.5], [-4.0, -0.5]], dtype=torch.float64)
+    examples = [Example("a", "0"), Example("b", "0"), Example("c", "0")]
+    result = scored(scores, examples, ["0", "1"], torch.ones(3, 2), 0.0)
+    assert result.hits.tolist() == [True, True, False]
+    want = torch.sigmoid(torch.tensor([2.0, 0.5, -3.5], dtype=torch.float64))
+    assert torch.allclose(result.right_probs, want)
 
 
 def test_answer_can_be_a_label_letter_or_an_index(arc_dir, copa_dir):
