@@ -126,6 +126,7 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
                                   for t in task.templates]
     tuning_task = resolve_task(apply_overrides(start, base).task)
     rows: list[dict[str, Any]] = []
+    # per-row results per template: [0] answered right (accuracy), [1] probability of the right answer (soft)
     dense, *dense_rows = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     first_rows: list[dict[str, torch.Tensor]] = []
     soft = lambda probs, only: statistics.fmean(probs[n].mean().item() for n in only)  # noqa: E731
