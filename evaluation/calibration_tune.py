@@ -126,9 +126,9 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
                                   for t in task.templates]
     tuning_task = resolve_task(apply_overrides(start, base).task)
     rows: list[dict[str, Any]] = []
-    # per-row results per template: [0] answered right (accuracy), [1] probability of the right answer (soft)
-    dense, *dense_rows = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
-    first_rows: list[dict[str, torch.Tensor]] = []
+    dense, dense_hits, dense_probs = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
+    first_hits: dict[str, torch.Tensor] = {}
+    first_probs: dict[str, torch.Tensor] = {}
     soft = lambda probs, only: statistics.fmean(probs[n].mean().item() for n in only)  # noqa: E731
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
@@ -142,19 +142,20 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
                              progress=not args.quiet)
             mark_finished(out)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
-        acc, *these = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
-        first_rows = first_rows or these  # differences are against the first setting listed
+        acc, hits, probs = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
+        first_hits, first_probs = first_hits or hits, first_probs or probs  # differences are against the first
         row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": round(statistics.fmean(acc.values()), 4)}
         row["pct"] = _pct(row["mean"], rows[0]["mean"])
         if held:
             row["held_pct"] = _pct(acc[args.hold_template], dense[args.hold_template])
-        row["soft_pct"] = _pct(soft(these[1], names), soft(dense_rows[1], names))
+        row["soft_pct"] = _pct(soft(probs, names), soft(dense_probs, names))
         if held:
-            row["held_soft_pct"] = _pct(soft(these[1], held), soft(dense_rows[1], held))
-        for column, kind, only in (("vs_first", 0, names), ("held_vs_first", 0, held),
-                                   ("soft_vs_first", 1, names), ("held_soft_vs_first", 1, held)):
-            if only:
-                row[column] = _paired(dense_rows[kind], first_rows[kind], these[kind], only)
+            row["held_soft_pct"] = _pct(soft(probs, held), soft(dense_probs, held))
+        for column, per_row in (("vs_first", (dense_hits, first_hits, hits)),
+                                ("soft_vs_first", (dense_probs, first_probs, probs))):
+            row[column] = _paired(*per_row, names)
+            if held:
+                row[f"held_{column}"] = _paired(*per_row, held)
         rows.append({**row, "folder": out.name})
     return rows
 
@@ -163,14 +164,14 @@ def _mean_over_cuts(rows: list[dict[str, Any]], varied: list[tuple[str, str]], h
     """Per setting, the mean over cuts of its % of dense and of its paired differences against the first setting
     (points only: the cuts' tuning parts share rows, so their intervals do not combine as independent ones)."""
     out = []
+    scored_here = lambda columns: [c for c in columns if held or not c.startswith("held_")]  # noqa: E731
     for key, value in varied:
         runs = [r for r in rows if r["run"] == f"{key}={value}"]
         mean: dict[str, Any] = {"cut": "mean", "run": f"{key}={value}"}
-        for column in ("pct", "held_pct", "soft_pct", "held_soft_pct") if held else ("pct", "soft_pct"):
+        for column in scored_here(("pct", "held_pct", "soft_pct", "held_soft_pct")):
             if all(r.get(column) is not None for r in runs):
                 mean[column] = round(statistics.fmean(r[column] for r in runs), 1)
-        differences = ("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first")
-        for column in differences if held else differences[::2]:
+        for column in scored_here(("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first")):
             if all(r.get(column) for r in runs):  # "+1.1 (-4.5 to +6.9)": the point before the interval
                 mean[column] = f"{statistics.fmean(float(r[column].split()[0]) for r in runs):+.1f}"
         out.append(mean)
