@@ -2,7 +2,9 @@
 
 Each run's own "% of dense" interval is wide (a few hundred examples); two pruned models that answer many examples
 alike differ by an amount known better than either figure. This reads the per-example answers report.json keeps
-(`templates[].hits`) and bootstraps the difference with all three models resampled together.
+(`templates[].hits`, and `templates[].right_probs` for the `soft_` columns: the probability of the right answer,
+which moves with every answer's sureness, not only where one flips) and bootstraps the difference with all three
+models resampled together.
 
     python -m evaluation.compare RUN_A RUN_B [--out-prefix evaluation/results/NAME]
 """
@@ -21,13 +23,14 @@ import torch
 from evaluation.tables import write_rows
 from fnprune.checkpoint import interval_text
 from fnprune.intervals import difference_interval
-from fnprune.validation import read_hits
+from fnprune.validation import read_hits, read_right_probs
 
 
 def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor
                       ) -> tuple[float | None, str | None]:
-    """Second minus first mean accuracy in points of dense, and its paired 95% interval as "-1.1 to +10.6" (each
-    None when there is no ratio to dense). Hits: (templates, examples), the same examples in all three."""
+    """Second minus first mean score in points of dense, and its paired 95% interval as "-1.1 to +10.6" (each
+    None when there is no ratio to dense). Scores: (templates, examples), the same examples in all three; hits
+    (accuracy) or the probabilities of the right answer."""
     mean = lambda h: h.double().mean().item()  # noqa: E731
     interval = difference_interval(dense, first, second)
     text = None if interval is None else f"{100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}"
@@ -38,7 +41,8 @@ def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Te
 
 def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per template group (held-out, calibration): each run's % of dense and second minus first, in points
-    of dense with a 95% interval. Refuses reports that did not score the same examples with the same dense model."""
+    of dense with a 95% interval; then the same by the probability of the right answer (`soft_` columns, None when
+    a report predates them). Refuses reports that did not score the same examples with the same dense model."""
     rows = []
     for group, held in (("held-out mean", True), ("calibration mean", False)):
         dense = read_hits(first.get("templates", []), "dense", held)
@@ -51,18 +55,29 @@ def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any
         a, b = (read_hits(r.get("templates", []), "pruned", held) for r in (first, second))
         if a is None or b is None:
             raise SystemExit(f"compare: a run has no per-example answers for the {group} (report.json too old)")
-        base = dense.double().mean().item()
-        pct = lambda h, base=base: round(100 * h.double().mean().item() / base, 1)  # noqa: E731
-        difference, difference_ci95 = paired_difference(dense, a, b)
         means = second.get("template_means", {})
         own = means.get("held_out" if held else "calibration", {}) if isinstance(means, dict) else {}
-        rows.append({"templates": group, "first": pct(a), "second": pct(b),
-                     "second_ci95": interval_text(own.get("retained_ci95") if isinstance(own, dict) else None),
-                     "difference": difference, "difference_ci95": difference_ci95,
+        paired = _paired(dense, a, b)
+        row = {"templates": group, "first": paired["first"], "second": paired["second"],
+               "second_ci95": interval_text(own.get("retained_ci95") if isinstance(own, dict) else None),
+               "difference": paired["difference"], "difference_ci95": paired["difference_ci95"]}
+        probs = [read_right_probs(r.get("templates", []), model, held)
+                 for r, model in ((first, "dense"), (first, "pruned"), (second, "pruned"))]
+        soft = _paired(*probs) if all(p is not None and p.shape == dense.shape for p in probs) else dict.fromkeys(
+            ("first", "second", "difference", "difference_ci95"))
+        rows.append({**row, **{f"soft_{k}": v for k, v in soft.items()},
                      "examples": dense.shape[1], "templates_n": dense.shape[0]})
     if not rows:
         raise SystemExit("compare: the first run has no per-example answers (report.json too old)")
     return rows
+
+
+def _paired(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> dict[str, Any]:
+    """Each run's % of dense and second minus first in points of dense, with its paired 95% interval."""
+    base = dense.double().mean().item()
+    pct = lambda h: round(100 * h.double().mean().item() / base, 1) if base else None  # noqa: E731
+    difference, difference_ci95 = paired_difference(dense, first, second)
+    return {"first": pct(first), "second": pct(second), "difference": difference, "difference_ci95": difference_ci95}
 
 
 def main(argv: list[str] | None = None) -> None:

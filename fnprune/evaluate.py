@@ -249,7 +249,14 @@ class TaskResult:
 
     def hits(self, held_out: bool) -> torch.Tensor | None:
         """(templates, examples): 1 where the model answered right, over the held-out or the calibration ones."""
-        rows = [r.hits for name, r in self.by_template.items() if (name in self.held_out) == held_out]
+        return self._per_example("hits", held_out)
+
+    def right_probs(self, held_out: bool) -> torch.Tensor | None:
+        """(templates, examples): the probability the model puts on the right answer (EvalResult.right_probs)."""
+        return self._per_example("right_probs", held_out)
+
+    def _per_example(self, attribute: str, held_out: bool) -> torch.Tensor | None:
+        rows = [getattr(r, attribute) for name, r in self.by_template.items() if (name in self.held_out) == held_out]
         if not rows or any(h is None or h.shape != rows[0].shape for h in rows):
             return None  # results without per-example answers, or templates over different examples
         return torch.stack(rows)

@@ -26,7 +26,7 @@ from .recipe import PERPLEXITY_TASK, ModelSpec, Recipe, TaskSpec, ValidationTask
 
 __all__ = [
     "Scores", "Validation", "load_validation", "score", "score_task", "score_validation", "evaluation_cache_key",
-    "accuracy_report", "validation_report", "read_hits",
+    "accuracy_report", "validation_report", "read_hits", "read_right_probs",
 ]
 
 log = logging.getLogger("fnprune")
@@ -197,7 +197,8 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
              "dense_acc_norm": norm(dense, n), "pruned_acc_norm": norm(pruned, n),
              **retained(_template_hits(dense, n), _template_hits(pruned, n)),
              "predicted": {"dense": shares(dense, n), "pruned": shares(pruned, n)},
-             "hits": {"dense": hit_string(dense, n), "pruned": hit_string(pruned, n)}}
+             "hits": {"dense": hit_string(dense, n), "pruned": hit_string(pruned, n)},
+             "right_probs": {"dense": right_prob_list(dense, n), "pruned": right_prob_list(pruned, n)}}
             for n in names
         ],
     }
@@ -220,14 +221,39 @@ def hit_string(result: TaskResult | None, name: str) -> str | None:
     return None if hits is None else "".join("1" if h else "0" for h in hits.tolist())
 
 
+def right_prob_list(result: TaskResult | None, name: str) -> list[float] | None:
+    """One template's probability of the right answer per example, in order, to 4 decimals: a paired comparison
+    by it moves with every answer's sureness, not only where an answer flips (`read_right_probs` reads it back)."""
+    probs = result.by_template[name].right_probs if result else None
+    return None if probs is None else [round(p, 4) for p in probs.tolist()]
+
+
 def read_hits(entries: list[dict[str, Any]], model: str, held_out: bool) -> torch.Tensor | None:
     """(templates, examples) hits of `model` ("dense" or "pruned") from report.json's `templates` entries, over
     the held-out or the calibration templates; None if any is missing (a report from before they were kept)."""
-    hits = lambda e: e.get("hits") if isinstance(e.get("hits"), dict) else {}  # noqa: E731 (untrusted input)
-    rows = [hits(e).get(model) for e in entries if isinstance(e, dict) and e.get("held_out") == held_out]
-    if not rows or any(not isinstance(r, str) or len(r) != len(rows[0]) for r in rows):
+    rows = _template_rows(entries, "hits", model, held_out)
+    if rows is None or any(not isinstance(r, str) for r in rows):
         return None
     return torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool)
+
+
+def read_right_probs(entries: list[dict[str, Any]], model: str, held_out: bool) -> torch.Tensor | None:
+    """(templates, examples) probabilities of the right answer, as `read_hits` reads the hits."""
+    rows = _template_rows(entries, "right_probs", model, held_out)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if rows is None or any(not isinstance(r, list) or not all(number(v) for v in r) for r in rows):
+        return None
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _template_rows(entries: list[dict[str, Any]], key: str, model: str, held_out: bool) -> list[Any] | None:
+    """`model`'s per-example entry under `key` for each held-out (or calibration) template; None when one is
+    missing or their lengths differ (untrusted input: a report from before, or a damaged one)."""
+    field = lambda e: e.get(key) if isinstance(e.get(key), dict) else {}  # noqa: E731
+    rows = [field(e).get(model) for e in entries if isinstance(e, dict) and e.get("held_out") == held_out]
+    if not rows or any(not isinstance(r, (str, list)) or len(r) != len(rows[0]) for r in rows):
+        return None
+    return rows
 
 
 def _template_hits(result: TaskResult | None, name: str) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
     assert all(len(t["hits"]["pruned"]) == report["metric"]["n"] for t in report["templates"])
     for r in compare(bench_report, report):
         assert (r["difference"], r["difference_ci95"]) == (0.0, "+0.0 to +0.0"), r
+        assert (r["soft_difference"], r["soft_difference_ci95"]) == (0.0, "+0.0 to +0.0"), r
     rerun = benchmark.run_one(benchmark.main.__globals__["argparse"].Namespace(
         model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=24,
         work=str(tmp_path / "runs"), quiet=True), "default", 0.5, 0)

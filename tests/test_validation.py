@@ -131,10 +131,12 @@ def test_report_keeps_each_templates_answers_for_paired_comparisons():
     from evaluation.compare import compare
     from fnprune.evaluate import EvalResult, TaskResult
     from fnprune.recipe import PromptTemplate, TaskSpec
-    from fnprune.validation import accuracy_report, read_hits
+    from fnprune.validation import accuracy_report, read_hits, read_right_probs
 
-    def result(rows: list[list[bool]]) -> TaskResult:
-        by = {name: EvalResult(sum(r) / len(r), len(r), 0.0, ["1"] * len(r), hits=torch.tensor(r))
+    def result(rows: list[list[bool]], sure: float = 0.8) -> TaskResult:
+        """Answers `rows`, putting `sure` on the right answer where right and 1 - `sure` where wrong."""
+        by = {name: EvalResult(sum(r) / len(r), len(r), 0.0, ["1"] * len(r), hits=torch.tensor(r),
+                               right_probs=torch.tensor([sure if h else 1 - sure for h in r], dtype=torch.float64))
               for name, r in zip(("a", "b", "c"), rows)}
         return TaskResult(by, held_out=["b", "c"])
 
@@ -150,8 +152,22 @@ def test_report_keeps_each_templates_answers_for_paired_comparisons():
     held, calibration = compare(one, two)
     assert (held["first"], held["second"], held["difference"]) == (66.7, 83.3, 16.7)
     assert (calibration["first"], calibration["second"]) == (66.7, 100.0)
+    # the probability of the right answer: 0.8 where right, 0.2 where wrong, 4 decimals in the report
+    assert one["templates"][1]["right_probs"] == {"dense": [0.8, 0.2, 0.8, 0.8], "pruned": [0.8, 0.2, 0.2, 0.8]}
+    assert read_right_probs(one["templates"], "pruned", True).tolist() == [[0.8, 0.2, 0.2, 0.8],
+                                                                            [0.2, 0.2, 0.8, 0.8]]
+    # held-out, right 6, 4 and 5 times of 8: dense 0.65 on average, first 0.5, second 0.575 -> 76.9% and 88.5%
+    assert (held["soft_first"], held["soft_second"], held["soft_difference"]) == (76.9, 88.5, 11.5)
+    assert held["soft_difference_ci95"] is not None
+    surer = accuracy_report(task, result(dense), result(second, sure=0.9))  # same answers, surer of them
+    same, _ = compare(two, surer)
+    assert same["difference"] == 0.0 and same["soft_difference"] > 0
+    del surer["templates"][2]["right_probs"]  # a report from before the probabilities: accuracy only
+    assert compare(two, surer)[0]["soft_difference"] is None and compare(two, surer)[0]["difference"] == 0.0
     other = accuracy_report(task, result([[not h for h in r] for r in dense]), result(second))
     with pytest.raises(SystemExit, match="dense answers differ"):
         compare(one, other)
     assert read_hits([{"held_out": True, "pruned": 0.5}], "pruned", True) is None  # a report from before
     assert read_hits([{"held_out": True, "hits": "10"}, "x"], "pruned", True) is None  # or a damaged one
+    assert read_right_probs([{"held_out": True, "right_probs": {"pruned": [0.5, "x"]}}], "pruned", True) is None
+    assert read_right_probs([{"held_out": True, "right_probs": {"pruned": [0.5, True]}}], "pruned", True) is None
