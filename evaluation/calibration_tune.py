@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from evaluation.benchmark import CONFIGS, finished_here, mark_finished, overrides_suffix, parse_overrides
+from evaluation.compare import paired_difference, percent_of_dense
 from evaluation.tables import write_rows
 
 
@@ -44,16 +45,9 @@ def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch
             {n: r.right_probs for n, r in result.by_template.items()})
 
 
-def _pct(accuracy: float, dense: float) -> float | None:
-    """Accuracy in % of dense (None where dense scored nothing, as a tiny model can)."""
-    return round(100 * accuracy / dense, 1) if dense else None
-
-
 def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this: dict[str, torch.Tensor],
             names: list[str]) -> str | None:
     """This setting minus the first one over `names`, in points of dense with a 95% paired interval."""
-    from evaluation.compare import paired_difference
-
     difference, interval = paired_difference(*(torch.stack([h[n] for n in names]) for h in (dense, first, this)))
     return None if difference is None or interval is None else f"{difference:+.1f} ({interval})"
 
@@ -145,12 +139,12 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
         acc, hits, probs = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         first_hits, first_probs = first_hits or hits, first_probs or probs  # differences are against the first
         row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": round(statistics.fmean(acc.values()), 4)}
-        row["pct"] = _pct(row["mean"], rows[0]["mean"])
+        row["pct"] = percent_of_dense(row["mean"], rows[0]["mean"])
         if held:
-            row["held_pct"] = _pct(acc[args.hold_template], dense[args.hold_template])
-        row["soft_pct"] = _pct(soft(probs, names), soft(dense_probs, names))
+            row["held_pct"] = percent_of_dense(acc[args.hold_template], dense[args.hold_template])
+        row["soft_pct"] = percent_of_dense(soft(probs, names), soft(dense_probs, names))
         if held:
-            row["held_soft_pct"] = _pct(soft(probs, held), soft(dense_probs, held))
+            row["held_soft_pct"] = percent_of_dense(soft(probs, held), soft(dense_probs, held))
         for column, per_row in (("vs_first", (dense_hits, first_hits, hits)),
                                 ("soft_vs_first", (dense_probs, first_probs, probs))):
             row[column] = _paired(*per_row, names)

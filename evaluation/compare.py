@@ -26,6 +26,11 @@ from fnprune.intervals import difference_interval
 from fnprune.validation import read_hits, read_right_probs
 
 
+def percent_of_dense(score: float, dense: float) -> float | None:
+    """A mean score in % of dense's (None where dense scored nothing, as a tiny model can)."""
+    return round(100 * score / dense, 1) if dense else None
+
+
 def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor
                       ) -> tuple[float | None, str | None]:
     """Second minus first mean score in points of dense, and its paired 95% interval as "-1.1 to +10.6" (each
@@ -63,8 +68,8 @@ def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any
                "difference": paired["difference"], "difference_ci95": paired["difference_ci95"]}
         probs = [read_right_probs(r.get("templates", []), model, held)
                  for r, model in ((first, "dense"), (first, "pruned"), (second, "pruned"))]
-        soft = _paired(*probs) if all(p is not None and p.shape == dense.shape for p in probs) else dict.fromkeys(
-            ("first", "second", "difference", "difference_ci95"))
+        kept = all(p is not None and p.shape == dense.shape for p in probs)  # None: a report from before them
+        soft = _paired(*probs) if kept else dict.fromkeys(paired)
         rows.append({**row, **{f"soft_{k}": v for k, v in soft.items()},
                      "examples": dense.shape[1], "templates_n": dense.shape[0]})
     if not rows:
@@ -74,8 +79,7 @@ def compare(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, Any
 
 def _paired(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> dict[str, Any]:
     """Each run's % of dense and second minus first in points of dense, with its paired 95% interval."""
-    base = dense.double().mean().item()
-    pct = lambda h: round(100 * h.double().mean().item() / base, 1) if base else None  # noqa: E731
+    pct = lambda h: percent_of_dense(h.double().mean().item(), dense.double().mean().item())  # noqa: E731
     difference, difference_ci95 = paired_difference(dense, first, second)
     return {"first": pct(first), "second": pct(second), "difference": difference, "difference_ci95": difference_ci95}
 
