@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import yaml
 
-from evaluation.tables import with_extension, write_rows
+from evaluation.tables import percent_of_dense, with_extension, write_rows
 from fnprune.checkpoint import interval_text
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
@@ -146,17 +146,17 @@ def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
 def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
     m, means, templates = report["metric"], report["template_means"], report["templates"]
     held = [t for t in templates if t["held_out"]]
-    worst = min(held, key=lambda t: t["pruned"] / t["dense"])
+    worst = min(held, key=lambda t: t["pruned"] / t["dense"] if t["dense"] else float("inf"))
     row = {
         "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
         "held_out_dense": round(m["dense"], 4), "held_out_pruned": round(m["pruned"], 4),
-        "held_out_pct": round(100 * m["pruned"] / m["dense"], 1),
+        "held_out_pct": percent_of_dense(m["pruned"], m["dense"]),
         "held_out_ci95": interval_text(m.get("retained_ci95")),
-        "worst_held_out_pct": round(100 * worst["pruned"] / worst["dense"], 1),
+        "worst_held_out_pct": percent_of_dense(worst["pruned"], worst["dense"]),
         "worst_held_out_ci95": interval_text(worst.get("retained_ci95")),
         "calibration_dense": round(means["calibration"]["dense"], 4),
         "calibration_pruned": round(means["calibration"]["pruned"], 4),
-        "calibration_pct": round(100 * means["calibration"]["pruned"] / means["calibration"]["dense"], 1),
+        "calibration_pct": percent_of_dense(means["calibration"]["pruned"], means["calibration"]["dense"]),
         "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})

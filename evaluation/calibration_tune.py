@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from evaluation.benchmark import CONFIGS, finished_here, mark_finished, overrides_suffix, parse_overrides
-from evaluation.compare import paired_difference, percent_of_dense
-from evaluation.tables import write_rows
+from evaluation.compare import paired_difference
+from evaluation.tables import percent_of_dense, write_rows
 
 
 def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch_size: int, quiet: bool

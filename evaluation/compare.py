@@ -20,15 +20,10 @@ from typing import Any
 
 import torch
 
-from evaluation.tables import write_rows
+from evaluation.tables import percent_of_dense, write_rows
 from fnprune.checkpoint import interval_text
 from fnprune.intervals import difference_interval
 from fnprune.validation import read_hits, read_right_probs
-
-
-def percent_of_dense(score: float, dense: float) -> float | None:
-    """A mean score in % of dense's (None where dense scored nothing, as a tiny model can)."""
-    return round(100 * score / dense, 1) if dense else None
 
 
 def paired_difference(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor

@@ -1,5 +1,5 @@
 """Benchmark rows (dicts) as result files: PREFIX.json with the command, PREFIX.md with the same as a table,
-PREFIX.csv for spreadsheets and plotting."""
+PREFIX.csv for spreadsheets and plotting; and the one "% of dense" their columns use."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from typing import Any
 def with_extension(prefix: Path, extension: str) -> Path:
     """PREFIX + extension; unlike Path.with_suffix, a dot inside the prefix (`..._k0.25`) is kept."""
     return prefix.parent / (prefix.name + extension)
+
+
+def percent_of_dense(score: float, dense: float) -> float | None:
+    """A mean score in % of dense's (None where dense scored nothing, as a tiny model can)."""
+    return round(100 * score / dense, 1) if dense else None
 
 
 def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:

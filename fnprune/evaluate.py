@@ -68,8 +68,9 @@ def scored(scores: torch.Tensor, examples: list[Example], labels: list[str], len
     correct_norm = sum(p == e.label for p, e in zip(normed, examples))
     right = torch.tensor([labels.index(e.label) if e.label in labels else -1 for e in examples])
     probs = scores.double().softmax(dim=1).gather(1, right.clamp(min=0)[:, None])[:, 0]
+    usable = (right >= 0) & ~probs.isnan()  # a row with no finite score gives the right answer nothing, not NaN
     return EvalResult(int(hits.sum()) / len(examples), len(examples), seconds, predictions, scores,
-                      correct_norm / len(examples), hits, torch.where(right >= 0, probs, 0.0))
+                      correct_norm / len(examples), hits, torch.where(usable, probs, 0.0))
 
 
 def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[int]]:

@@ -131,6 +131,16 @@ def test_right_probability_is_the_right_labels_softmax_share():
     assert torch.allclose(result.right_probs, want)
 
 
+def test_right_probability_of_a_row_without_finite_scores_is_zero_not_nan():
+    """report.json must stay valid JSON (no NaN) even if a model scores every class -inf."""
+    from fnprune.data import Example
+
+    scores = torch.tensor([[-1.0, -3.0], [float("-inf"), float("-inf")]], dtype=torch.float64)
+    result = scored(scores, [Example("a", "0"), Example("b", "1")], ["0", "1"], torch.ones(2, 2), 0.0)
+    assert result.right_probs[1].item() == 0.0
+    json.dumps(result.right_probs.tolist(), allow_nan=False)
+
+
 def test_answer_can_be_a_label_letter_or_an_index(arc_dir, copa_dir):
     arc = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
     rows = [json.loads(line) for line in (arc_dir / "ARC-Easy-Test.jsonl").read_text().splitlines()]
