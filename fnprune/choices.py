@@ -28,8 +28,8 @@ NETWORK_METHODS = ("fn", "fn-task")  # criteria that read functional networks
 # what a recipe's selection.method may say: a criterion, or auto (flap on every task kind, chosen on calibration data)
 SELECTION_METHODS = ("auto", *METHODS)
 # per-layer budget: same width everywhere, or one ranking across layers of each layer's scores divided by their
-# mean (global) or standardized to zero mean and unit spread (standardized: FLAP's adaptive structure)
-ALLOCATIONS = ("uniform", "global", "standardized")
+# mean (global), by their median (median), or standardized to zero mean and unit spread (FLAP's adaptive structure)
+ALLOCATIONS = ("uniform", "global", "median", "standardized")
 LAYOUTS = ("uniform", "per-layer", "padded")  # how per-layer widths are stored
 STREAMED_LAYOUTS = ("uniform", "padded")  # the layouts streamed surgery writes (per-layer needs the model)
 DTYPES = ("float32", "bfloat16", "float16")

@@ -62,7 +62,7 @@ def select_neurons(
     reconstruct: bool = True,
 ) -> list[torch.Tensor]:
     """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one ranking across
-    layers with `allocation` "global" or "standardized")."""
+    layers with `allocation` "global", "median" or "standardized")."""
     layout = layout_for(model)
     norms = neuron_weight_norms(model, layout)
     boost = default_fn_boost(keep, reconstruct) if boost is None else boost
@@ -75,7 +75,7 @@ def select_neurons(
         )
         scores.append(score_layer(method, ev, seed, boost))
     if allocation != "uniform":
-        widths = allocate_widths(scores, keep, round_to, standardize=allocation == "standardized")
+        widths = allocate_widths(scores, keep, round_to, allocation)
     else:
         widths = [layer_width(s.numel(), keep, round_to) for s in scores]
     floor = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths)) if w <= round_to < s.numel()]

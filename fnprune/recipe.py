@@ -344,10 +344,11 @@ class SelectionSpec:
         "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
     round_to: int = field(default=8, metadata=flag(
         "--round-to", "Round kept widths to a multiple of this (default {default})."))
-    # uniform: same width in every layer; global / standardized: one ranking across layers (fnprune.choices)
+    # uniform: same width in every layer; global / median / standardized: one ranking across layers
     allocation: str = field(default="uniform", metadata=flag(
-        "--allocation", "uniform (default): same width per layer; global (scores over their layer's mean) or "
-        "standardized (z-scored per layer, as FLAP): one ranking across layers.", choices=ALLOCATIONS))
+        "--allocation", "uniform (default): same width per layer; global (scores over their layer's mean), median "
+        "(over its median) or standardized (z-scored per layer, as FLAP): one ranking across layers.",
+        choices=ALLOCATIONS))
     # None: on where the architecture allows it
     bias_compensation: bool | None = field(default=None, metadata=flag(
         "--bias-compensation/--no-bias-compensation",

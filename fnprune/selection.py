@@ -94,15 +94,20 @@ def layer_width(width: int, keep: float, round_to: int) -> int:
     return int(min(width, max(round_to, target)))
 
 
-def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, standardize: bool = False) -> list[int]:
-    """Per-layer widths from one global ranking: each layer's scores are made comparable (divided by their mean, or
-    with `standardize` shifted and scaled to zero mean and unit standard deviation, as FLAP ranks across layers),
-    the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a multiple of `round_to`
-    (at least one multiple, at most the layer's width)."""
-    if standardize:
+def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allocation: str = "global") -> list[int]:
+    """Per-layer widths from one global ranking: each layer's scores are made comparable (`allocation` "global":
+    divided by their mean; "median": by their median, which a few outlier neurons cannot move, so at keep 0.5 every
+    layer keeps half; "standardized": shifted and scaled to zero mean and unit standard deviation, as FLAP ranks
+    across layers), the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a
+    multiple of `round_to` (at least one multiple, at most the layer's width)."""
+    if allocation == "standardized":
         normalized = [(s.double() - s.double().mean()) / s.double().std().clamp(min=1e-30) for s in scores]
-    else:
+    elif allocation == "median":
+        normalized = [s.double() / s.double().median().clamp(min=1e-30) for s in scores]
+    elif allocation == "global":
         normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
+    else:
+        raise ValueError(f"unknown allocation {allocation!r}; known: global, median, standardized")
     flat = torch.cat(normalized)
     budget = max(1, round(keep * flat.numel()))
     threshold = torch.sort(flat, descending=True, stable=True).values[budget - 1]

@@ -86,7 +86,7 @@ def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, t
     assert reports["padded"]["parameters"]["pruned"] > reports["per-layer"]["parameters"]["pruned"]
 
 
-@pytest.mark.parametrize("allocation", ["global", "standardized"])
+@pytest.mark.parametrize("allocation", ["global", "median", "standardized"])
 def test_uniform_layout_refuses_global_allocation(allocation):
     with pytest.raises(RecipeError, match="set output.layout to per-layer or padded"):
         recipe_from_dict({"model": {"name_or_path": "m"}, "output": {"dir": "o"},

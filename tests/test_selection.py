@@ -41,16 +41,31 @@ def _evidence(layer=0, d=50, with_networks=True):
 def test_allocations_rank_across_layers_on_comparable_scores():
     g = torch.Generator().manual_seed(0)
     scores = [torch.rand(512, generator=g) ** power for power in (1, 2, 4, 8)]  # ever heavier tails
-    for standardize in (False, True):
-        widths = allocate_widths(scores, 0.5, 8, standardize)
+    for allocation in ("global", "median", "standardized"):
+        widths = allocate_widths(scores, 0.35, 8, allocation)
         assert all(w % 8 == 0 and 8 <= w <= 512 for w in widths)
-        assert abs(sum(widths) - 1024) <= 4 * 8  # the budget, up to each layer's rounding
-        assert widths == sorted(widths, reverse=True)  # heavier tails: fewer neurons above the common line
-        # a layer's scale never matters; its offset matters to the mean ratio, not to the standardized scores
-        assert allocate_widths([s * 1e3 if i == 1 else s for i, s in enumerate(scores)], 0.5, 8, standardize) == widths
-        shifted = allocate_widths([s + 1 if i == 3 else s for i, s in enumerate(scores)], 0.5, 8, standardize)
-        assert (shifted == widths) == standardize
-    assert allocate_widths(scores, 0.5, 8, True) != allocate_widths(scores, 0.5, 8)
+        assert abs(sum(widths) - round(0.35 * 2048)) <= 4 * 8  # the budget, up to each layer's rounding
+        # heavier tails: fewer neurons above the common line, except over the median, where the line (above every
+        # layer's median below keep 0.5) is crossed by more of a long tail
+        assert widths == sorted(widths, reverse=allocation != "median")
+        assert len(set(widths)) > 1
+        # a layer's scale never matters; its offset matters to the mean and median ratios, not to the z-scores
+        assert allocate_widths([s * 1e3 if i == 1 else s for i, s in enumerate(scores)], 0.35, 8, allocation) == widths
+        shifted = allocate_widths([s + 1 if i == 3 else s for i, s in enumerate(scores)], 0.35, 8, allocation)
+        assert (shifted == widths) == (allocation == "standardized")
+    assert allocate_widths(scores, 0.5, 8, "standardized") != allocate_widths(scores, 0.5, 8, "global")
+    with pytest.raises(ValueError, match="unknown allocation"):
+        allocate_widths(scores, 0.5, 8, "uniform")
+
+
+def test_median_allocation_keeps_half_of_every_layer_at_keep_half_whatever_its_outliers():
+    """Each layer's median lands on the common line at keep 0.5, so a few neurons 1,000x their layer's mean (as in
+    SmolLM2's layers 1, 2, 9, 11, 27, 28) cannot empty a layer as they do under "global"."""
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(512, generator=g) for _ in range(4)]
+    scores[2][:4] = 1e6
+    assert allocate_widths(scores, 0.5, 8, "median") == [256] * 4
+    assert allocate_widths(scores, 0.5, 8, "global")[2] == 8
 
 
 def test_baseline_formulas():
