@@ -107,7 +107,8 @@ def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allo
     elif allocation == "global":
         normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
     else:
-        raise ValueError(f"unknown allocation {allocation!r}; known: global, median, standardized")
+        known = ", ".join(a for a in ALLOCATIONS if a != "uniform")
+        raise ValueError(f"unknown allocation {allocation!r} for one ranking across layers; known: {known}")
     flat = torch.cat(normalized)
     budget = max(1, round(keep * flat.numel()))
     threshold = torch.sort(flat, descending=True, stable=True).values[budget - 1]
