@@ -185,9 +185,10 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group = [r for r in rows if (r["config"], r["keep"]) == key]
         entry: dict[str, Any] = {"config": key[0], "keep": key[1], "runs": len(group)}
         for col in ("held_out_pruned", "held_out_pct", "worst_held_out_pct", "calibration_pct"):
-            values = [r[col] for r in group]
+            values = [r[col] for r in group if r[col] is not None]  # None: no % of a dense score of 0
             spread = f" ({min(values)}..{max(values)})" if len(values) > 1 else ""
-            entry[col] = f"{round(statistics.fmean(values), 4 if col == 'held_out_pruned' else 1)}{spread}"
+            mean = round(statistics.fmean(values), 4 if col == "held_out_pruned" else 1) if values else None
+            entry[col] = None if mean is None else f"{mean}{spread}"
         out.append(entry)
     return out
 
@@ -239,7 +240,9 @@ def plot_keeps(rows: list[dict[str, Any]], path: Path, task: str) -> None:
     for ax, (col, title) in zip(axes, panels):
         for config in dict.fromkeys(r["config"] for r in rows):
             keeps = sorted({r["keep"] for r in rows if r["config"] == config})
-            values = [[r[col] for r in rows if (r["config"], r["keep"]) == (config, k)] for k in keeps]
+            values = [[r[col] for r in rows if (r["config"], r["keep"]) == (config, k) and r[col] is not None]
+                      for k in keeps]
+            keeps, values = [k for k, v in zip(keeps, values) if v], [v for v in values if v]
             mean = [statistics.fmean(v) for v in values]
             spread = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
             ax.errorbar(keeps, mean, yerr=spread, marker="o", capsize=3, label=config)

@@ -378,3 +378,22 @@ def test_label_margin_rows_from_scores():
     (row,) = margin_rows("m", result, {"a": examples}, held_out={"a"}, positive="1")
     assert row["template"] == "a*" and row["auc"] == 1.0  # ranked perfectly though 3 of 4 answers are label 0
     assert row["label_1_share"] == 0.25 and row["mean_log_odds"] == -0.325
+
+
+def test_a_template_the_dense_model_scores_zero_on_gives_blank_percentages_not_a_crash(tmp_path):
+    """A tiny model can score 0 on a wording: its "% of dense" is blank, and the summary and plot skip it."""
+    def report(dense_held: float) -> dict:
+        return {
+            "metric": {"dense": dense_held, "pruned": 0.25}, "parameters": {"ratio": 0.8}, "timings_seconds": {},
+            "template_means": {"calibration": {"dense": 0.5, "pruned": 0.4}},
+            "templates": [{"name": "a", "held_out": True, "dense": dense_held, "pruned": 0.25},
+                          {"name": "b", "held_out": False, "dense": 0.5, "pruned": 0.4}],
+        }
+    rows = [benchmark.row_of("default", 0.5, 0, report(0.0)), benchmark.row_of("default", 0.5, 5, report(0.5))]
+    assert rows[0]["held_out_pct"] is None and rows[0]["worst_held_out_pct"] is None
+    assert rows[0]["calibration_pct"] == 80.0 and rows[1]["held_out_pct"] == 50.0
+    (entry,) = benchmark.summary(rows)
+    assert entry["held_out_pct"] == "50.0" and entry["calibration_pct"] == "80.0 (80.0..80.0)"
+    assert benchmark.summary(rows[:1])[0]["held_out_pct"] is None
+    benchmark.plot_keeps(rows, tmp_path / "keeps.png", "sst2")
+    assert (tmp_path / "keeps.png").stat().st_size > 0
