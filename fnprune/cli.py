@@ -101,6 +101,11 @@ def _print_summary(report: dict, where: Path | str) -> None:
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
     if retained_text(m):
         click.echo(f"    pruned: {retained_text(m)}, a paired bootstrap over the examples")
+    soft = m.get("right_prob") if isinstance(m.get("right_prob"), dict) else {}
+    if soft.get("dense") is not None:
+        kept = f", {retained_text(soft)}" if retained_text(soft) else ""
+        click.echo(f"    probability of the right answer, {m.get('of', '')}: dense {fmt(soft['dense'])}, "
+                   f"pruned {fmt(soft.get('pruned'))}{kept}")
     templates = report.get("templates", [])
     if any(t.get("held_out") for t in templates):
         cal = report.get("template_means", {}).get("calibration", {})
@@ -253,6 +258,8 @@ def _evaluation_summary(result: Any, resolved: Any, split: str) -> dict[str, Any
         "templates": {name: r.accuracy for name, r in result.by_template.items()},
         "kind": resolved.kind, "acc_norm": result.mean(held is not None, norm=True),
         "templates_acc_norm": {name: r.accuracy_norm for name, r in result.by_template.items()},
+        "right_prob": result.mean_right_prob(held is not None),
+        "templates_right_prob": {name: r.right_prob for name, r in result.by_template.items()},
         "predicted": {name: r.label_shares() for name, r in result.by_template.items()},
         "seconds": round(result.seconds, 2),
     }
@@ -264,7 +271,8 @@ def _echo_evaluation(result: Any, resolved: Any, split: str, of: str, model: str
         kind = "held out" if name in result.held_out else "calibration"
         norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
         predicted = ", ".join(f"{label} {share:.0%}" for label, share in r.label_shares().items())
-        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm} (predicted: {predicted})")
+        soft = "" if r.right_prob is None else f", right answer's probability {r.right_prob:.4f}"
+        click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm}{soft} (predicted: {predicted})")
 
 
 def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,11 @@ class EvalResult:
     # (n,) the right class's share of the softmax over the classes' scores: accuracy without argmax's cliff, which
     # tells apart two models that answer alike (a setting search on a few hundred rows)
     right_probs: torch.Tensor | None = field(repr=False, default=None)
+
+    @property
+    def right_prob(self) -> float | None:
+        """The mean probability of the right answer; None for a result without per-example probabilities."""
+        return None if self.right_probs is None else self.right_probs.double().mean().item()
 
     def label_shares(self) -> dict[str, float]:
         """How often each label was predicted: a model that lost the task often answers one label for all."""
@@ -244,8 +250,14 @@ class TaskResult:
     majority: float | None = None  # accuracy of always answering the most frequent label: chance level
 
     def mean(self, held_out: bool, norm: bool = False) -> float | None:
-        values = [r.accuracy_norm if norm else r.accuracy for name, r in self.by_template.items()
-                  if (name in self.held_out) == held_out]
+        return self._template_mean(lambda r: r.accuracy_norm if norm else r.accuracy, held_out)
+
+    def mean_right_prob(self, held_out: bool) -> float | None:
+        """The templates' mean probability of the right answer (EvalResult.right_prob), as `mean` averages accuracy."""
+        return self._template_mean(lambda r: r.right_prob, held_out)
+
+    def _template_mean(self, value: Callable[[EvalResult], float | None], held_out: bool) -> float | None:
+        values = [value(r) for name, r in self.by_template.items() if (name in self.held_out) == held_out]
         return sum(values) / len(values) if values and None not in values else None
 
     def hits(self, held_out: bool) -> torch.Tensor | None:

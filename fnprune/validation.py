@@ -185,11 +185,12 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
             "dense_acc_norm": mean(dense, bool(held), True),  # lm-eval's acc_norm, same templates
             "pruned_acc_norm": mean(pruned, bool(held), True),
             **retained(hits(dense, bool(held)), hits(pruned, bool(held))),
+            "right_prob": right_prob_report(dense, pruned, bool(held)),
         },
         "template_means": {
             kind: {"dense": mean(dense, h), "pruned": mean(pruned, h),
                    "dense_acc_norm": mean(dense, h, True), "pruned_acc_norm": mean(pruned, h, True),
-                   **retained(hits(dense, h), hits(pruned, h))}
+                   **retained(hits(dense, h), hits(pruned, h)), "right_prob": right_prob_report(dense, pruned, h)}
             for kind, h in (("calibration", False), ("held_out", True))
         },
         "templates": [
@@ -204,9 +205,18 @@ def accuracy_report(task: TaskSpec, dense: TaskResult | None, pruned: TaskResult
     }
 
 
+def right_prob_report(dense: TaskResult | None, pruned: TaskResult | None, held_out: bool) -> dict[str, Any]:
+    """The mean probability of the right answer, dense and pruned, and pruned / dense with its interval: unlike
+    accuracy it moves with every answer's sureness, so it still tells models apart where their answers agree."""
+    mean = lambda r: r.mean_right_prob(held_out) if r else None  # noqa: E731
+    probs = lambda r: r.right_probs(held_out) if r else None  # noqa: E731
+    return {"dense": mean(dense), "pruned": mean(pruned), **retained(probs(dense), probs(pruned))}
+
+
 def retained(dense_hits: torch.Tensor | None, pruned_hits: torch.Tensor | None) -> dict[str, Any]:
     """Pruned over dense mean accuracy and its 95% interval (a paired bootstrap over the examples: how much of a
-    "% of dense" the evaluation split can tell apart). Hits: (templates, examples), 1 where right."""
+    "% of dense" the evaluation split can tell apart). Hits: (templates, examples), 1 where right (or any
+    per-example score, such as the probability of the right answer)."""
     if dense_hits is None or pruned_hits is None or not dense_hits.any():
         return {"retained": None, "retained_ci95": None}
     interval = retained_interval(dense_hits, pruned_hits)

@@ -25,15 +25,23 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "parameters" in result.output and "pruned" in result.output
     report = json.loads((out / "report.json").read_text())
+    soft = report["metric"]["right_prob"]  # the mean probability of the right answer, beside accuracy
+    assert (f"probability of the right answer, held-out templates (mean): dense {soft['dense']:.4f}, pruned "
+            f"{soft['pruned']:.4f}") in result.output
     # evaluate takes the task (and its data) from the folder's recipe.yaml
     result = _run("evaluate", "--model", out, "--json", "--quiet")
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.output.strip().splitlines()[-1])
     assert evaluated["accuracy"] == report["metric"]["pruned"] and evaluated["n"] == 32
     assert evaluated["templates"] == {t["name"]: t["pruned"] for t in report["templates"]}
+    assert evaluated["right_prob"] == pytest.approx(soft["pruned"])
+    for t in report["templates"]:  # report.json keeps each example's probability to 4 decimals
+        assert evaluated["templates_right_prob"][t["name"]] == pytest.approx(
+            sum(t["right_probs"]["pruned"]) / len(t["right_probs"]["pruned"]), abs=1e-4)
     one = _run("evaluate", "--model", out, "--template", "lm-eval", "--quiet")
     lm_eval = next(t["pruned"] for t in report["templates"] if t["name"] == "lm-eval")
     assert f"accuracy {lm_eval:.4f}" in one.output and "held-out templates (mean)" in one.output
+    assert "right answer's probability 0." in one.output
     bad = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--template", "nope"])
     assert bad.exit_code != 0 and "not a template of sst2" in bad.output
     result = _run("inspect", out)

@@ -152,7 +152,18 @@ def test_held_out_templates_never_reach_calibration(model_dir, task_data, tmp_pa
     low, high = m["retained_ci95"]
     assert low <= m["retained"] <= high
     assert m == {**m, **{k: report["template_means"]["held_out"][k] for k in ("retained", "retained_ci95")}}
-    assert "of dense (95% interval" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "of dense (95% interval" in card
+    soft, held = m["right_prob"], report["templates"][2]["right_probs"]  # the probability of the right answer
+    for model in ("dense", "pruned"):
+        assert soft[model] == pytest.approx(sum(held[model]) / len(held[model]), abs=1e-4)
+    assert 0 < soft["dense"] < 1 and soft["retained"] == pytest.approx(soft["pruned"] / soft["dense"], abs=1e-4)
+    assert soft["retained_ci95"][0] <= soft["retained"] <= soft["retained_ci95"][1]
+    assert soft == report["template_means"]["held_out"]["right_prob"]
+    calibrated = [t["right_probs"]["pruned"] for t in report["templates"][:2]]
+    assert report["template_means"]["calibration"]["right_prob"]["pruned"] == pytest.approx(
+        sum(sum(p) / len(p) for p in calibrated) / 2, abs=1e-4)
+    assert "probability of the right answer, held-out templates (mean)" in card and f"{soft['pruned']:.4f}" in card
     for t in report["templates"]:  # and per template, where the dense model is ever right
         assert t["retained_ci95"] is None if not t["dense"] else t["retained_ci95"][0] <= t["retained_ci95"][1]
 
