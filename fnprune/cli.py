@@ -52,11 +52,26 @@ def _setup_logging(quiet: bool) -> None:
     import torch
 
     torch.set_flush_denormal(True)  # denormal floats slow CPU inference more than tenfold on some CPUs
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="fnprune: %(message)s")
+    # fnprune's own logger only: other libraries' warnings keep their own handlers (or Python's last resort), not
+    # printed twice or with an "fnprune:" prefix that is not fnprune's
+    log = logging.getLogger("fnprune")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("fnprune: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a message comes (click's test runner swaps it for every command)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 @click.group()
@@ -416,7 +431,7 @@ def export(directory, fmt, outtype, gguf_arch, output, overwrite, quiet) -> None
     """Write a checkpoint as GGUF (llama.cpp) or as a DeciLM folder (vLLM), per-layer widths included."""
     from .export import export as run
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="fnprune: %(message)s")
+    _setup_logging(quiet)
     info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, overwrite=overwrite)
     widths = info["widths"]
     shown = f"{widths[0]}" if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"

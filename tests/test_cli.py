@@ -260,3 +260,26 @@ def test_every_flag_reaches_its_field(monkeypatch, tmp_path):
     assert recipe.task.data_dir is None  # --data-files wins over --data-dir, as before
     assert [(v.task, v.data_dir) for v in recipe.evaluation.validation] == [("boolq", "dir")]
     assert recipe.model.device_map == {"model.layers.0": "cpu"} and recipe.model.max_memory == {"cpu": "1GiB"}
+
+
+def test_the_cli_prefixes_its_own_log_lines_only(capsys):
+    """fnprune's messages once, as "fnprune: ..."; another library's warning keeps its own handler, not ours
+    (huggingface_hub's offline retries came out twice, once as if fnprune had said them)."""
+    import logging
+
+    from fnprune.cli import _setup_logging
+
+    log = logging.getLogger("fnprune")
+    handlers, level = list(log.handlers), log.level
+    try:
+        _setup_logging(quiet=False)
+        _setup_logging(quiet=False)  # a second command in the same process adds no second handler
+        log.info("calibration: 4 prompts")
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s")
+        err = capsys.readouterr().err
+        assert err.count("fnprune: calibration: 4 prompts") == 1 and "fnprune: Retrying" not in err
+        _setup_logging(quiet=True)
+        log.info("not shown")
+        assert "not shown" not in capsys.readouterr().err
+    finally:
+        log.handlers[:], log.level = handlers, level
