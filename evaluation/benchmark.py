@@ -157,6 +157,7 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
         "calibration_dense": round(means["calibration"]["dense"], 4),
         "calibration_pruned": round(means["calibration"]["pruned"], 4),
         "calibration_pct": percent_of_dense(means["calibration"]["pruned"], means["calibration"]["dense"]),
+        "held_out_soft_pct": soft_pct(m), "calibration_soft_pct": soft_pct(means["calibration"]),
         "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
@@ -178,14 +179,22 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
     return row
 
 
+def soft_pct(scores: dict[str, Any]) -> float | None:
+    """The probability of the right answer in % of dense's, from a report's `right_prob` (None in a report from
+    before it)."""
+    soft = scores.get("right_prob") or {}
+    return None if soft.get("pruned") is None else percent_of_dense(soft["pruned"], soft["dense"])
+
+
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean (and min..max over seeds) of the held-out and calibration percentages per configuration and keep."""
     out = []
     for key in dict.fromkeys((r["config"], r["keep"]) for r in rows):
         group = [r for r in rows if (r["config"], r["keep"]) == key]
         entry: dict[str, Any] = {"config": key[0], "keep": key[1], "runs": len(group)}
-        for col in ("held_out_pruned", "held_out_pct", "worst_held_out_pct", "calibration_pct"):
-            values = [r[col] for r in group if r[col] is not None]  # None: no % of a dense score of 0
+        for col in ("held_out_pruned", "held_out_pct", "worst_held_out_pct", "calibration_pct", "held_out_soft_pct",
+                    "calibration_soft_pct"):
+            values = [r[col] for r in group if r.get(col) is not None]  # None: no % of a dense score of 0
             spread = f" ({min(values)}..{max(values)})" if len(values) > 1 else ""
             mean = round(statistics.fmean(values), 4 if col == "held_out_pruned" else 1) if values else None
             entry[col] = None if mean is None else f"{mean}{spread}"

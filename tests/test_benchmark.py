@@ -30,6 +30,9 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
     assert row["held_out_pruned"] == round(report["metric"]["pruned"], 4)
     assert row["calibration_pruned"] == round(report["template_means"]["calibration"]["pruned"], 4)
     assert row["params"] == report["parameters"]["ratio"]
+    soft = report["metric"]["right_prob"]  # the probability of the right answer, as the CLI reports it
+    assert row["held_out_soft_pct"] == round(100 * soft["pruned"] / soft["dense"], 1)
+    assert benchmark.summary([row])[0]["held_out_soft_pct"] == str(row["held_out_soft_pct"])
     from evaluation.compare import compare  # the same recipe: the same answer to every example, a zero difference
 
     bench_report = json.loads((next((tmp_path / "runs").iterdir()) / "report.json").read_text())
