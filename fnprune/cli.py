@@ -319,6 +319,8 @@ def _report_lines(report: dict) -> list[str]:
     mib = "{:.1f} MiB"
     retained = retained_text(_field(report, "metric", dict) or {})
     retained = f", {retained}" if retained else ""
+    soft = retained_text(_field(report, "metric.right_prob", dict) or {})
+    retained += f"; probability of the right answer {soft}" if soft else ""
     refit = ""  # fnprune.refit ran when the report has its section
     if isinstance(report.get("refit"), dict):
         prompts = _field(report, "refit.prompts", int)

@@ -46,6 +46,7 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     assert bad.exit_code != 0 and "not a template of sst2" in bad.output
     result = _run("inspect", out)
     assert result.exit_code == 0 and "128 -> 64" in result.output and "timings" in result.output
+    assert f"; probability of the right answer {soft['retained']:.1%} of dense" in result.output
 
 
 def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
