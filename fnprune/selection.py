@@ -94,6 +94,17 @@ def layer_width(width: int, keep: float, round_to: int) -> int:
     return int(min(width, max(round_to, target)))
 
 
+def _median_scale(scores: torch.Tensor) -> torch.Tensor:
+    """A layer's median score, or, when over half its neurons score 0 (silent on the calibration data, as ReLU
+    layers can be), the median of its non-zero scores: dividing by a clamped 0 would rank every live neuron of
+    that layer above every other layer's."""
+    median = scores.median()
+    if median > 0:
+        return median
+    live = scores[scores > 0]
+    return live.median() if live.numel() else torch.ones((), dtype=scores.dtype)
+
+
 def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allocation: str = "global") -> list[int]:
     """Per-layer widths from one global ranking: each layer's scores are made comparable (`allocation` "global":
     divided by their mean; "median": by their median, which a few outlier neurons cannot move, so at keep 0.5 every
@@ -103,7 +114,7 @@ def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allo
     if allocation == "standardized":
         normalized = [(s.double() - s.double().mean()) / s.double().std().clamp(min=1e-30) for s in scores]
     elif allocation == "median":
-        normalized = [s.double() / s.double().median().clamp(min=1e-30) for s in scores]
+        normalized = [s.double() / _median_scale(s.double()) for s in scores]
     elif allocation == "global":
         normalized = [s.double() / s.double().mean().clamp(min=1e-30) for s in scores]
     else:

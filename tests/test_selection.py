@@ -68,6 +68,19 @@ def test_median_allocation_keeps_half_of_every_layer_at_keep_half_whatever_its_o
     assert allocate_widths(scores, 0.5, 8, "global")[2] == 8
 
 
+def test_median_allocation_scales_a_mostly_silent_layer_by_its_live_neurons():
+    """Over half a layer scoring 0 (silent neurons, as in ReLU layers) makes its median 0; its live neurons are then
+    ranked by their own median, not as if infinitely above every other layer's (which kept all of them at any keep)."""
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(512, generator=g) for _ in range(4)]
+    scores[2][:308] = 0  # 204 live neurons
+    widths = allocate_widths(scores, 0.25, 8, "median")
+    assert 8 < widths[2] < 96  # about a quarter of its live neurons' share of the line, not all 204 of them
+    assert allocate_widths(scores, 0.5, 8, "median")[2] < 204
+    scores[3].zero_()  # a layer with nothing live keeps the minimum
+    assert allocate_widths(scores, 0.25, 8, "median")[3] == 8
+
+
 def test_baseline_formulas():
     ev = _evidence()
     torch.testing.assert_close(score_layer("wanda-sp", ev, 0), (ev.mean_abs * ev.out_norm).double())
