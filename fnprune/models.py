@@ -46,9 +46,19 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
         if not list(path.glob("*.safetensors")):
             raise ModelError(f"{path} has no .safetensors weights; fnprune never loads pickled checkpoints")
         return str(path), {"use_safetensors": True}
-    if spec.name_or_path.startswith((".", "/", "~")) or spec.name_or_path.count("/") > 1:
+    if _names_a_path(spec.name_or_path):
         raise ModelError(f"model path not found: {spec.name_or_path}")
     return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
+
+
+def _names_a_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is `name` or `owner/name`), so a missing one is a path error,
+    not a Hub lookup."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _first_line(exc: Exception) -> str:
+    return next(iter(str(exc).splitlines()), "")
 
 
 def _model_class(source: str, kwargs: dict):
@@ -180,11 +190,13 @@ def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
     local = Path(path).expanduser()
     if local.exists():
         return local
+    if _names_a_path(str(path)):
+        raise ModelError(f"model path not found: {path}")
     try:
         return Path(snapshot_download(str(path), revision=revision))
     except Exception as exc:  # not found, offline without a cached copy, no access
         raise ModelError(
-            f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: {exc}"
+            f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
 
 

@@ -107,6 +107,18 @@ def test_bad_model_and_data(model_dir, task_data, tmp_path):
         assert message in result.output, (args, result.output)
 
 
+def test_evaluate_a_missing_folder_is_a_path_error_not_a_hub_lookup(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == f"Error: model path not found: {tmp_path / 'missing'}"
+
+
 def test_unsupported_architecture_names_the_supported(tmp_path, tokenizer_dir, task_data):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
