@@ -15,7 +15,7 @@ from .checkpoint import check_disk_space
 from .data import RAW, Example, check_disjoint, fill_template, load_evaluation, load_sample, resolve_task, task_fields
 from .errors import RecipeError
 from .lm_eval_backend import check_lm_eval
-from .models import load_model, local_model_dir, unique_parameters
+from .models import load_model, local_model_dir, model_source, unique_parameters
 from .offload import offloaded_modules
 from .pruning import resolve_selection
 from .recipe import CalibrationSpec, PromptTemplate, Recipe, SelectionSpec, TaskSpec
@@ -54,6 +54,7 @@ class Inputs:
 def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
         check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
+    model_source(recipe.model)  # a missing local model fails now, not after the data is read
     task = resolve_task(recipe.task)
     recipe = dataclasses.replace(  # what runs, and is saved
         recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))

@@ -18,6 +18,7 @@ from .remote_code.modeling_fnprune import per_layer_class
 
 __all__ = [
     "load_model",
+    "model_source",
     "load_pruned",
     "local_model_dir",
     "PrunedModel",
@@ -29,8 +30,9 @@ __all__ = [
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def _source(spec: ModelSpec) -> tuple[str, dict]:
-    """What to pass to from_pretrained: (folder or Hub id, extra kwargs)."""
+def model_source(spec: ModelSpec) -> tuple[str, dict]:
+    """What to pass to from_pretrained: (folder or Hub id, extra kwargs). Reads no weights, so a missing local
+    model fails before any data is read."""
     path = Path(spec.name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -126,7 +128,7 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     With `spec.device_map` the weights are placed (and offloaded to CPU or disk) by accelerate: parameters of
     offloaded modules are then on the meta device and loaded on the fly by accelerate's hooks.
     """
-    source, extra = _source(spec)
+    source, extra = model_source(spec)
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
     tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
     try:

@@ -95,6 +95,7 @@ def test_bad_flags(model_dir, task_data, tmp_path, extra, message):
 def test_bad_model_and_data(model_dir, task_data, tmp_path):
     cases = [
         (["--model", tmp_path / "missing", "--data-dir", task_data], "model path not found"),
+        (["--model", tmp_path / "missing", "--data-dir", tmp_path / "nodata"], "model path not found"),  # first
         (["--model", tmp_path / "notamodel", "--data-dir", task_data], "no config.json"),
         (["--model", model_dir("llama"), "--data-dir", tmp_path / "nodata"], "not a directory"),
         (["--model", tmp_path / "m.gguf", "--data-dir", task_data], "GGUF file not found"),
