@@ -116,7 +116,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
     if retained_text(m):
         click.echo(f"    pruned: {retained_text(m)}, a paired bootstrap over the examples")
-    soft = m.get("right_prob") if isinstance(m.get("right_prob"), dict) else {}
+    soft = _field(report, "metric.right_prob", dict) or {}
     if soft.get("dense") is not None:
         kept = f", {retained_text(soft)}" if retained_text(soft) else ""
         click.echo(f"    probability of the right answer, {m.get('of', '')}: dense {fmt(soft['dense'])}, "
