@@ -386,62 +386,21 @@ def load_split(task: TaskSpec, split: str, template: str | None = None) -> list[
 RAW = PromptTemplate("(raw)", "")  # a calibration prompt that is the row's text alone
 
 
-def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0,
-                reuse_rows: bool = False) -> list[Example]:
+def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0) -> list[Example]:
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
     taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
-    With `reuse_rows`, a split smaller than n is gone through again, each row under a view (template or raw
-    text) it has not had yet, until n prompts or no new view is left.
     Held-out templates are never used here. A multiple-choice prompt is the question alone (the decision is made
     at its end), labelled with the answer's index; untemplated, the question and its choices, one per line."""
     rows, build = _prepared(task, split)
-    templates = task.calibration_templates()
-    indices = _sample_indices(len(rows), n, seed)
-    first = _first_views(len(indices), raw_share, len(templates))
-    pairs = list(enumerate(first))
-    if reuse_rows:
-        pairs += _more_views(first, n)
-    out = []
-    for k, view in pairs:
-        if view == _RAW_VIEW:
-            e = build(rows[indices[k]], templates[0])
+    templates, out, turn = task.calibration_templates(), [], 0
+    for j, i in enumerate(_sample_indices(len(rows), n, seed)):
+        if int((j + 1) * raw_share) > int(j * raw_share):
+            e = build(rows[i], templates[0])
             out.append(Example("\n".join(e.texts), e.label, e.texts, RAW.name, e.choices, e.delimiter))
         else:
-            out.append(build(rows[indices[k]], templates[view]))
-    return out
-
-
-_RAW_VIEW = -1  # a view of a row: the index of a calibration template, or this for the text alone
-
-
-def _first_views(count: int, raw_share: float, n_templates: int) -> list[int]:
-    """Each sampled row's view: a `raw_share` of them, spread evenly, the text alone, the others the
-    calibration templates taking turns."""
-    views, turn = [], 0
-    for j in range(count):
-        if int((j + 1) * raw_share) > int(j * raw_share):
-            views.append(_RAW_VIEW)
-        else:
-            views.append(turn % n_templates)
+            out.append(build(rows[i], templates[turn % len(templates)]))
             turn += 1
-    return views
-
-
-def _more_views(first: list[int], n: int) -> list[tuple[int, int]]:
-    """(row, view) pairs after the first pass, up to n prompts in all: pass p gives row k the view row k + p
-    had in the first pass (so each pass mixes the views as the first did), skipping views a row already had."""
-    seen = set(enumerate(first))
-    limit = min(n, len(first) * len(set(first)))
-    extra = []
-    for shift in range(1, len(first)):
-        for k in range(len(first)):
-            if len(seen) >= limit:
-                return extra
-            pair = (k, first[(k + shift) % len(first)])
-            if pair not in seen:
-                seen.add(pair)
-                extra.append(pair)
-    return extra
+    return out
 
 
 def load_evaluation(task: TaskSpec, split: str, max_samples: int | None = None) -> dict[str, list[Example]]:

@@ -80,13 +80,11 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
     """The calibration prompts of a resolved task. A multiple-choice question is followed by nothing, by its
     right choice, or (`all`) once by each choice, the way scoring runs it (`calibration.choices`)."""
     spec = spec.for_task(task.kind)  # raw_share auto made concrete
-    sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share,
-                         spec.reuse_rows)
+    sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     untemplated = sum(e.template == RAW.name for e in sample)
-    rows = len({e.texts or (e.prompt,) for e in sample})
-    drawn = f"{rows} rows" if rows == len(sample) else f"{len(sample)} prompts from {rows} rows"
-    log.info("calibration: %s of the %r split%s, %d of them without a template", drawn, task.calibration_split,
-             f" (all it has; {spec.num_samples} asked)" if len(sample) < spec.num_samples else "", untemplated)
+    log.info("calibration: %d rows of the %r split%s, %d of them without a template", len(sample),
+             task.calibration_split, f" (all it has; {spec.num_samples} asked)" if len(sample) < spec.num_samples
+             else "", untemplated)
     if spec.choices == "none" or task.kind != "multiple_choice":
         return sample
     picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])

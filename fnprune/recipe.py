@@ -262,9 +262,6 @@ class CalibrationSpec:
     # share of calibration prompts that are the row's text alone, without any template (auto: 0.5 on every task
     # kind, chosen on the calibration split with a template held out; RESULTS 0.0.2, 0.0.3 and 0.0.13)
     raw_share: float | str = "auto"
-    # a split with fewer rows than num_samples: go through it again, each row under a view (calibration template
-    # or raw text) it has not had, up to num_samples prompts (off: each row once)
-    reuse_rows: bool = False
     # multiple choice: the question alone ("none"), followed by its right choice, or once followed by each choice
     choices: str = field(default="none", metadata=flag(
         "--calibration-choices", "Multiple choice: what follows each calibration question (default {default}).",

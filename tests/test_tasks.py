@@ -349,29 +349,3 @@ def test_the_log_says_when_the_calibration_split_has_fewer_rows_than_asked(arc_d
     assert first == ("calibration: 24 rows of the 'validation' split (all it has; 1024 asked), "
                      "12 of them without a template")
     assert second == "calibration: 8 rows of the 'validation' split, 4 of them without a template"
-
-
-def test_reuse_rows_gives_each_row_views_it_has_not_had(arc_dir, caplog):
-    """`calibration.reuse_rows`: a split smaller than `num_samples` is gone through again, each row under a view
-    (template or raw text) it has not had; the first pass is the sample without it, no (row, view) repeats, and
-    it stops when every row has had every view."""
-    import logging
-
-    from fnprune.inputs import calibration_prompts
-    from fnprune.recipe import CalibrationSpec
-
-    task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))  # 24 rows, 3 calibration templates
-    once = load_sample(task, task.calibration_split, 1024, 0, raw_share=0.5)
-    again = load_sample(task, task.calibration_split, 40, 0, raw_share=0.5, reuse_rows=True)
-    assert len(once) == 24 and again[:24] == once and len(again) == 40
-    views = [(e.texts, e.template) for e in again]
-    assert len(set(views)) == len(views)
-    assert {e.texts for e in again[24:]} <= {e.texts for e in once}
-    every = load_sample(task, task.calibration_split, 1024, 0, raw_share=0.5, reuse_rows=True)
-    assert len(every) == 24 * 4 and len({(e.texts, e.template) for e in every}) == 24 * 4  # raw + 3 templates
-    assert load_sample(task, task.calibration_split, 8, 0, reuse_rows=True) == load_sample(
-        task, task.calibration_split, 8, 0)  # enough rows: nothing changes
-    with caplog.at_level(logging.INFO, logger="fnprune"):
-        calibration_prompts(task, CalibrationSpec(num_samples=40, reuse_rows=True))
-    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration:")]
-    assert logged == ["calibration: 40 prompts from 24 rows of the 'validation' split, 20 of them without a template"]
