@@ -70,7 +70,8 @@ class LayerwiseRefit:
         self._catch()
         self.pruned = list(self.dense)
         self.ratios: list[float] = []
-        self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not progress)
+        self.progress = progress
+        self.bar: tqdm | None = None  # opened at the first block, inside the surgery stage it belongs to
 
     def _catch(self) -> None:
         """Record every block's inputs per batch but their hidden states (only the first block's are kept). The
@@ -133,6 +134,8 @@ class LayerwiseRefit:
         return out
 
     def on_block(self, i: int, prune: Callable[[], None]) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not self.progress)
         dense_out = self._run(i, self.dense)
         prune()
         projection = get_module(self.blocks[i], self.layout.output)

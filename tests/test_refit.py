@@ -134,6 +134,17 @@ def test_refit_catch_records_what_a_full_pass_gives_and_restores_the_blocks(arch
         torch.testing.assert_close(forward(model, batch), before, rtol=0, atol=0)
 
 
+def test_the_refit_progress_bar_opens_with_the_first_block(model_dir, capsys):
+    """The bar belongs to the surgery stage that calls `on_block`, not to the catch before it: nothing is printed
+    until the first block is refitted."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    layout = layout_for(model)
+    refit = LayerwiseRefit(model, layout, encode(tok, PROMPTS, 64), ridge=0.01, batch_size=4, progress=True)
+    assert "refit" not in capsys.readouterr().err
+    refit.on_block(0, lambda: None)
+    assert "refit:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_refit_auto_is_on_for_classification_in_memory_where_the_family_allows(arch, model_dir):
     model, _ = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
