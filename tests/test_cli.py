@@ -42,6 +42,7 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     lm_eval = next(t["pruned"] for t in report["templates"] if t["name"] == "lm-eval")
     assert f"accuracy {lm_eval:.4f}" in one.output and "held-out templates (mean)" in one.output
     assert "right answer's probability 0." in one.output
+    assert '(predicted: "negative" (0) ' in one.output or '(predicted: "positive" (1) ' in one.output  # the words
     bad = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--template", "nope"])
     assert bad.exit_code != 0 and "not a template of sst2" in bad.output
     result = _run("inspect", out)
