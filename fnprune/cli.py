@@ -281,22 +281,16 @@ def _evaluation_summary(result: Any, resolved: Any, split: str) -> dict[str, Any
 
 
 def _echo_evaluation(result: Any, resolved: Any, split: str, of: str, model: str) -> None:
+    from .evaluate import answered
     click.echo(f"{resolved.name} accuracy {result.headline:.4f} on {result.n} {split} examples, {of} ({model})")
     words = {t.name: t.words(resolved.label_words) for t in resolved.templates} if resolved.label_words else {}
     for name, r in result.by_template.items():
         kind = "held out" if name in result.held_out else "calibration"
         norm = f", acc_norm {r.accuracy_norm:.4f}" if resolved.kind == "multiple_choice" else ""
         said = words.get(name, {})  # what the model answered under this template, for a label key such as "0"
-        predicted = ", ".join(f"{_answer(label, said)} {share:.0%}" for label, share in r.label_shares().items())
+        predicted = ", ".join(f"{answered(label, said)} {share:.0%}" for label, share in r.label_shares().items())
         soft = "" if r.right_prob is None else f", right answer's probability {r.right_prob:.4f}"
         click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm}{soft} (predicted: {predicted})")
-
-
-def _answer(label: str, words: dict[str, str]) -> str:
-    """A label as the model answered it: its word under the template, with the key when they differ in more
-    than case ('"No" (0)'), or the key alone (multiple choice: the choice's index)."""
-    word = words.get(label, "").strip()
-    return label if not word or word.lower() == label.lower() else f'"{word}" ({label})'
 
 
 def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:

@@ -25,7 +25,7 @@ from .errors import DataError
 from .recipe import TaskSpec
 from .tokens import Batch, batches, encode, encode_inputs, forward
 
-__all__ = ["EvalResult", "TaskResult", "choice_requests", "evaluate_accuracy", "evaluate_choices",
+__all__ = ["EvalResult", "TaskResult", "answered", "choice_requests", "evaluate_accuracy", "evaluate_choices",
            "evaluate_templates", "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
 
 
@@ -50,6 +50,13 @@ class EvalResult:
     def label_shares(self) -> dict[str, float]:
         """How often each label was predicted: a model that lost the task often answers one label for all."""
         return {label: round(self.predictions.count(label) / self.n, 4) for label in sorted(set(self.predictions))}
+
+
+def answered(label: str, words: dict[str, str]) -> str:
+    """A predicted label as the model answered it: its word under the template with the key beside it ('"No"
+    (0)'), or the key alone where there is no word (multiple choice: the choice's index) or it says the same."""
+    word = words.get(label, "").strip()
+    return label if not word or word.lower() == label.lower() else f'"{word}" ({label})'
 
 
 def choice_lengths(examples: list[Example], label_words: dict[str, str] | None) -> torch.Tensor:
