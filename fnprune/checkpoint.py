@@ -38,6 +38,7 @@ __all__ = [
     "write_json",
     "model_card",
     "retained_text",
+    "chance_text",
     "interval_text",
 ]
 
@@ -260,6 +261,15 @@ def retained_text(metric: dict[str, Any]) -> str:
     return f"{ratio:.1%} of dense" + (f" (95% interval {interval}%)" if interval else "")
 
 
+def chance_text(metric: dict[str, Any]) -> str:
+    """A warning when the dense model's headline is not above always answering the most frequent label: then no
+    "% of dense" says whether pruning kept the task; "" otherwise."""
+    dense, chance = metric.get("dense"), metric.get("majority_class")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dense, chance)) or dense > chance:
+        return ""
+    return "the dense model is not above it, so no % of dense here says whether the task was kept"
+
+
 def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     """The card's accuracy rows: the headline, the two template means, then each template."""
     metric, means = report.get("metric", {}), report.get("template_means", {})
@@ -284,7 +294,8 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
         kind = "held out" if t.get("held_out") else "calibration"
         rows.append(f"| template `{t.get('name')}` ({kind}) | {_fmt(t.get('dense'))} | {_fmt(t.get('pruned'))} |")
     if metric.get("majority_class") is not None:
-        rows.append(f"| always the most frequent label (chance level) | {_fmt(metric['majority_class'])} | |")
+        warn = f": {chance_text(metric)}" if chance_text(metric) else ""
+        rows.append(f"| always the most frequent label (chance level){warn} | {_fmt(metric['majority_class'])} | |")
     return "\n".join(rows)
 
 

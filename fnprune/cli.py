@@ -102,7 +102,7 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
 
 
 def _print_summary(report: dict, where: Path | str) -> None:
-    from .checkpoint import retained_text
+    from .checkpoint import chance_text, retained_text
 
     m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -129,7 +129,8 @@ def _print_summary(report: dict, where: Path | str) -> None:
         kind = "held out" if t.get("held_out") else "calibration"
         click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
     if m.get("majority_class") is not None:
-        click.echo(f"    always the most frequent label: {fmt(m['majority_class'])} (chance level)")
+        warn = f"; {chance_text(m)}" if chance_text(m) else ""
+        click.echo(f"    always the most frequent label: {fmt(m['majority_class'])} (chance level{warn})")
     validation = report.get("validation", {})
     for v in validation.get("tasks", []):
         vm = v["metric"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fnprune.checkpoint import retained_text
+from fnprune.checkpoint import _accuracy_rows, chance_text, retained_text
 from fnprune.intervals import difference_interval, retained_interval
 
 
@@ -52,6 +52,23 @@ def test_text_of_a_report_with_and_without_the_interval():
         "91.7% of dense (95% interval 88.1-95.6%)")
     assert retained_text({"retained": 0.9171}) == "91.7% of dense"
     assert retained_text({"retained": None}) == retained_text({}) == retained_text({"retained": True}) == ""
+
+
+def test_a_dense_model_at_chance_is_said_so_in_the_summary_and_the_card(capsys):
+    """BoolQ on SmolLM2: dense 0.455 where always answering the most frequent label scores 0.59, so the pruned
+    model's "103% of dense" says nothing; the summary and the card say so beside the chance row."""
+    from fnprune.cli import _print_summary
+
+    at_chance = {"dense": 0.455, "pruned": 0.47, "majority_class": 0.59}
+    assert "not above it" in chance_text(at_chance) and chance_text({**at_chance, "dense": 0.6}) == ""
+    assert chance_text({"dense": None, "majority_class": 0.5}) == chance_text({}) == ""
+    report = {"task": "boolq", "metric": {"name": "accuracy", "n": 100, "split": "validation", **at_chance},
+              "templates": []}
+    _print_summary(report, "out")
+    assert "(chance level; the dense model is not above it" in capsys.readouterr().out
+    _print_summary({**report, "metric": {**report["metric"], "dense": 0.7}}, "out")
+    assert "(chance level)" in capsys.readouterr().out
+    assert "(chance level): the dense model is not above it" in _accuracy_rows("boolq", report)  # the card's rows
 
 
 def test_the_difference_of_two_pruned_models_is_paired():
