@@ -294,7 +294,7 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
         kind = "held out" if t.get("held_out") else "calibration"
         rows.append(f"| template `{t.get('name')}` ({kind}) | {_fmt(t.get('dense'))} | {_fmt(t.get('pruned'))} |")
     if metric.get("majority_class") is not None:
-        warn = f": {chance_text(metric)}" if chance_text(metric) else ""
+        warn = f": {note}" if (note := chance_text(metric)) else ""
         rows.append(f"| always the most frequent label (chance level){warn} | {_fmt(metric['majority_class'])} | |")
     return "\n".join(rows)
 

@@ -129,7 +129,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
         kind = "held out" if t.get("held_out") else "calibration"
         click.echo(f"    {t.get('name')} ({kind}): dense {fmt(t.get('dense'))}, pruned {fmt(t.get('pruned'))}")
     if m.get("majority_class") is not None:
-        warn = f"; {chance_text(m)}" if chance_text(m) else ""
+        warn = f"; {note}" if (note := chance_text(m)) else ""
         click.echo(f"    always the most frequent label: {fmt(m['majority_class'])} (chance level{warn})")
     validation = report.get("validation", {})
     for v in validation.get("tasks", []):
