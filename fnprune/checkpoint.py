@@ -256,7 +256,7 @@ def retained_text(metric: dict[str, Any]) -> str:
     """"91.7% of dense (95% interval 87.9-95.6%)": report.json's pruned / dense and its interval; "" when the
     report has none."""
     ratio, interval = metric.get("retained"), interval_text(metric.get("retained_ci95"))
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+    if not _number(ratio):
         return ""
     return f"{ratio:.1%} of dense" + (f" (95% interval {interval}%)" if interval else "")
 
@@ -265,9 +265,14 @@ def chance_text(metric: dict[str, Any]) -> str:
     """A warning when the dense model's headline is not above always answering the most frequent label: then no
     "% of dense" says whether pruning kept the task; "" otherwise."""
     dense, chance = metric.get("dense"), metric.get("majority_class")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dense, chance)) or dense > chance:
+    if not (_number(dense) and _number(chance)) or dense > chance:
         return ""
     return "the dense model is not above it, so no % of dense here says whether the task was kept"
+
+
+def _number(value: Any) -> bool:
+    """A figure report.json may hold (it is untrusted input): an int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
