@@ -304,7 +304,7 @@ def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, floa
 
 def _report_lines(report: dict) -> list[str]:
     """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
-    from .checkpoint import retained_text
+    from .checkpoint import chance_text, retained_text
 
     na = "n/a"
 
@@ -320,9 +320,10 @@ def _report_lines(report: dict) -> list[str]:
     dense, after = _field(report, "parameters.dense", int), _field(report, "parameters.pruned", int)
     fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
-    mib = "{:.1f} MiB"
-    retained = retained_text(_field(report, "metric", dict) or {})
-    retained = f", {retained}" if retained else ""
+    metric = _field(report, "metric", dict) or {}
+    retained = f", {retained_text(metric)}" if retained_text(metric) else ""
+    if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
+        retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
     soft = retained_text(_field(report, "metric.right_prob", dict) or {})
     retained += f"; probability of the right answer {soft}" if soft else ""
     refit = ""  # fnprune.refit ran when the report has its section
@@ -335,7 +336,7 @@ def _report_lines(report: dict) -> list[str]:
         f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples: "
         f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}",
         f"  timings {', '.join(timings) or na}",
-        f"  weights file {num('file_bytes.dense', mib, 2**20)} -> {num('file_bytes.pruned', mib, 2**20)}",
+        f"  weights file {' -> '.join(num(f'file_bytes.{k}', '{:.1f} MiB', 2**20) for k in ('dense', 'pruned'))}",
         f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
         f"{num('calibration.tokens_for_ica')} tokens for ICA",
     ]

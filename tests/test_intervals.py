@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -69,6 +70,20 @@ def test_a_dense_model_at_chance_is_said_so_in_the_summary_and_the_card(capsys):
     _print_summary({**report, "metric": {**report["metric"], "dense": 0.7}}, "out")
     assert "(chance level)" in capsys.readouterr().out
     assert "(chance level): the dense model is not above it" in _accuracy_rows("boolq", report)  # the card's rows
+
+
+def test_inspect_says_when_the_dense_model_is_at_chance(tmp_path):
+    from click.testing import CliRunner
+
+    from fnprune.cli import main
+
+    metric = {"name": "accuracy", "n": 100, "split": "validation", "dense": 0.455, "pruned": 0.47,
+              "majority_class": 0.59}
+    (tmp_path / "report.json").write_text(json.dumps({"task": "boolq", "metric": metric}))
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)]).output
+    assert "always the most frequent label scores 0.5900: the dense model is not above it" in out
+    (tmp_path / "report.json").write_text(json.dumps({"task": "boolq", "metric": {**metric, "dense": 0.7}}))
+    assert "most frequent" not in CliRunner().invoke(main, ["inspect", str(tmp_path)]).output
 
 
 def test_the_difference_of_two_pruned_models_is_paired():
