@@ -400,3 +400,22 @@ def test_a_template_the_dense_model_scores_zero_on_gives_blank_percentages_not_a
     assert benchmark.summary(rows[:1])[0]["held_out_pct"] is None
     benchmark.plot_keeps(rows, tmp_path / "keeps.png", "sst2")
     assert (tmp_path / "keeps.png").stat().st_size > 0
+
+
+def test_extra_questions_probe_adds_the_files_rows_after_the_splits_up_to_num_samples(task_data, tmp_path):
+    from evaluation.extra_questions_probe import with_extra_rows
+    from fnprune.data import resolve_task
+    from fnprune.inputs import calibration_prompts
+    from fnprune.recipe import CalibrationSpec, TaskSpec
+
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    extra = tmp_path / "more.tsv"
+    extra.write_text("sentence\tlabel\n" + "".join(f"an extra sentence {i}\t{i % 2}\n" for i in range(5)))
+    own = calibration_prompts(task, CalibrationSpec(num_samples=40))
+    assert len(own) == 40
+    out = with_extra_rows(own, task, CalibrationSpec(num_samples=43), extra, calibration_prompts)
+    assert out[:40] == own and len(out) == 43
+    assert all(e.texts[0].startswith("an extra sentence") for e in out[40:])
+    assert {e.template for e in out[40:]} <= {t.name for t in task.calibration_templates()} | {"(raw)"}
+    assert len(with_extra_rows(own, task, CalibrationSpec(num_samples=99), extra, calibration_prompts)) == 45
+    assert with_extra_rows(own, task, CalibrationSpec(num_samples=40), extra, calibration_prompts) == own
