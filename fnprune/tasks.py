@@ -275,6 +275,10 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
         missing.append("choices")
     if not (task.dataset or task.data_dir or task.data_files):
         missing.append("dataset, data_dir or data_files")
+    if base is not None and missing == ["dataset, data_dir or data_files"]:
+        files = ", ".join(dict.fromkeys(task.split_files.values())) or "its split files"
+        raise DataError(f"task {task.name!r} reads local files only (no Hugging Face dataset is set for it): give "
+                        f"--data-dir with its files ({files}) or --data-files SPLIT=PATH,...")
     if missing:
         known = ", ".join(sorted(BUILTIN_TASKS))
         raise DataError(

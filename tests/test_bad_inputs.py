@@ -97,6 +97,9 @@ CASES = [
     ("overlap", ["--task", "sst2", "--model", M, "--data-files", f"train={D}/dev.tsv,validation={D}/dev.tsv"],
      "must not overlap"),
     ("unknown-task", ["--task", "nosuchtask", "--model", M, "--data-dir", D], "'nosuchtask' is not built in"),
+    ("local-task-without-files", ["--task", "arc_easy", "--model", M],
+     "task 'arc_easy' reads local files only (no Hugging Face dataset is set for it): give --data-dir with its files "
+     "(ARC-Easy-Dev.jsonl, ARC-Easy-Test.jsonl)"),
     # model
     ("model-missing", ["--task", "sst2", "--model", "{bad}/nomodel", "--data-dir", D], "model path not found"),
     ("model-no-config", ["--task", "sst2", "--model", "{bad}/notafolder", "--data-dir", D], "no config.json"),
