@@ -189,10 +189,9 @@ def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
     except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
-        raise DataError(
-            f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging Face "
-            f"Hub ({type(exc).__name__}: {exc}); offline, pass --data-dir or --data-files"
-        ) from exc
+        raise DataError(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging "
+                        f"Face Hub ({type(exc).__name__}: {exc}); offline, pass --data-dir or --data-files "
+                        "(HF_HUB_OFFLINE=1 skips the Hub's retries)") from exc
     return [dict(row) for row in ds]
 
 

@@ -131,16 +131,21 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     source, extra = model_source(spec)
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
     tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
+    # a Hub id that cannot be fetched: say what works offline (huggingface_hub retries for ~30 s before failing)
+    hub = "" if Path(source).exists() else ("; offline, give a local folder or .gguf file (HF_HUB_OFFLINE=1 skips "
+                                            "the Hub's retries)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
-        raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: "
+                         f"{_first_line(exc)}{hub}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
             source, **common, **_dequantized(extra), **placement_kwargs(spec), **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
     except Exception as exc:
-        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {_first_line(exc)}{hub}"
+                         ) from exc
     _check_plain(model, spec)
     layout_for(model)
     vocab = model.get_input_embeddings().num_embeddings

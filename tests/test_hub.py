@@ -94,3 +94,17 @@ def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path)
     assert proc.returncode == 1
     assert "could not push" in proc.stderr and "saved locally" in proc.stderr and TOKEN not in proc.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_that_says_what_works_offline(task_data, tmp_path):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "fnprune.cli", "compress", "--task", "sst2", "--model",
+                           "someone/not-cached", "--data-dir", str(task_data), "--output", str(tmp_path / "o"),
+                           "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("Error: could not load a tokenizer from someone/not-cached")
+    assert "offline, give a local folder or .gguf file (HF_HUB_OFFLINE=1 skips the Hub's retries)" in errors[0]
+    assert not (tmp_path / "o").exists()
