@@ -40,6 +40,7 @@ __all__ = [
     "retained_text",
     "chance_text",
     "interval_text",
+    "is_number",
 ]
 
 RECIPE_FILE = "recipe.yaml"
@@ -256,7 +257,7 @@ def retained_text(metric: dict[str, Any]) -> str:
     """"91.7% of dense (95% interval 87.9-95.6%)": report.json's pruned / dense and its interval; "" when the
     report has none."""
     ratio, interval = metric.get("retained"), interval_text(metric.get("retained_ci95"))
-    if not _number(ratio):
+    if not is_number(ratio):
         return ""
     return f"{ratio:.1%} of dense" + (f" (95% interval {interval}%)" if interval else "")
 
@@ -265,12 +266,12 @@ def chance_text(metric: dict[str, Any]) -> str:
     """A warning when the dense model's headline is not above always answering the most frequent label: then no
     "% of dense" says whether pruning kept the task; "" otherwise."""
     dense, chance = metric.get("dense"), metric.get("majority_class")
-    if not (_number(dense) and _number(chance)) or dense > chance:
+    if not (is_number(dense) and is_number(chance)) or dense > chance:
         return ""
     return "the dense model is not above it, so no % of dense here says whether the task was kept"
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A figure report.json may hold (it is untrusted input): an int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache
+from .checkpoint import is_number
 from .data import BUILTIN_TASKS, Example, file_sha256, load_evaluation, resolve_task
 from .errors import RecipeError
 from .evaluate import TaskResult, evaluate_templates
@@ -250,8 +251,7 @@ def read_hits(entries: list[dict[str, Any]], model: str, held_out: bool) -> torc
 def read_right_probs(entries: list[dict[str, Any]], model: str, held_out: bool) -> torch.Tensor | None:
     """(templates, examples) probabilities of the right answer, as `read_hits` reads the hits."""
     rows = _template_rows(entries, "right_probs", model, held_out)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if rows is None or any(not isinstance(r, list) or not all(number(v) for v in r) for r in rows):
+    if rows is None or any(not isinstance(r, list) or not all(is_number(v) for v in r) for r in rows):
         return None
     return torch.tensor(rows, dtype=torch.float64)
 
