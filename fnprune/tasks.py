@@ -60,9 +60,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         label_column="label",
         label_words={"0": " True", "1": " False"},
     ),
-    "ag_news": TaskSpec(
+    "ag_news": TaskSpec(  # the original CSV's title and description; the Hub's ag_news has one `text` column
         name="ag_news",
-        dataset="ag_news",
         templates=_templates(
             ("article", "Article: {title}. {description}\nTopic (World, Sports, Business or Technology):", {},
              False),
@@ -79,10 +78,10 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         calibration_split="train",
         evaluation_split="test",
     ),
-    # The tasks below read the files under ../shared/data (see each PROVENANCE.md). BoolQ, CB, COPA, WiC,
-    # QNLI and MRPC ship one labelled file: `split_of` cuts it, seeded, into disjoint calibration and evaluation
-    # halves. CoLA calibrates on in_domain_train and is evaluated on in_domain_dev; ARC calibrates on the Dev
-    # file and is evaluated on the Test file. The `lm-eval` templates are lm-evaluation-harness 0.4.13's prompts.
+    # The tasks below read the files under ../shared/data (see each PROVENANCE.md), CoLA also the Hub. BoolQ, CB,
+    # COPA, WiC, QNLI and MRPC ship one labelled file: `split_of` cuts it, seeded, into disjoint calibration and
+    # evaluation halves. CoLA calibrates on in_domain_train and is evaluated on in_domain_dev; ARC calibrates on the
+    # Dev file and is evaluated on the Test file. The `lm-eval` templates are lm-evaluation-harness 0.4.13's prompts.
     "boolq": TaskSpec(
         name="boolq",
         templates=_templates(
@@ -201,6 +200,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
     ),
     "cola": TaskSpec(
         name="cola",
+        dataset="glue",  # the Hub's rows have the local files' `sentence` and 0/1 `label`
+        dataset_config="cola",
         templates=_templates(
             ("grammatical", "Sentence: {sentence}\nIs this sentence grammatically correct? Answer:",
              {"0": " No", "1": " Yes"}, False),
@@ -276,7 +277,7 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
     if not (task.dataset or task.data_dir or task.data_files):
         missing.append("dataset, data_dir or data_files")
     if base is not None and missing == ["dataset, data_dir or data_files"]:
-        files = ", ".join(dict.fromkeys(task.split_files.values())) or "its split files"
+        files = ", ".join(dict.fromkeys(task.split_files.values())) or f"its {task.evaluation_split} split's file"
         raise DataError(f"task {task.name!r} reads local files only (no Hugging Face dataset is set for it): give "
                         f"--data-dir with its files ({files}) or --data-files SPLIT=PATH,...")
     if missing:

@@ -349,3 +349,39 @@ def test_the_log_says_when_the_calibration_split_has_fewer_rows_than_asked(arc_d
     assert first == ("calibration: 24 rows of the 'validation' split (all it has; 1024 asked), "
                      "12 of them without a template")
     assert second == "calibration: 8 rows of the 'validation' split, 4 of them without a template"
+
+
+# Rows as the Hub's datasets hold them (GLUE: text columns, an int label, idx), served by a stand-in `datasets`.
+HUB_ROWS = {
+    ("glue", "sst2"): lambda i: {"sentence": f"a {WORDS[i % 12]} film {i}", "label": i % 2, "idx": i},
+    ("glue", "rte"): lambda i: {"sentence1": f"the {WORDS[i % 12]} {i}", "sentence2": "is", "label": i % 2, "idx": i},
+    ("glue", "cola"): lambda i: {"sentence": f"the {WORDS[i % 12]} is {i}", "label": i % 2, "idx": i},
+}
+
+
+@pytest.mark.parametrize("name", ["sst2", "rte", "cola"])
+def test_tasks_with_a_hub_dataset_read_its_rows_when_no_files_are_given(name, monkeypatch):
+    import types
+
+    asked = []
+
+    def load_dataset(dataset, config, split):
+        asked.append((dataset, config, split))
+        return [HUB_ROWS[dataset, config](i + (100 if split == "validation" else 0)) for i in range(12)]
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = resolve_task(TaskSpec(name=name))
+    calibration = load_sample(task, task.calibration_split, 8, 0, raw_share=0.5)
+    evaluation = load_evaluation(task, task.evaluation_split)
+    assert asked == [("glue", name, "train"), ("glue", name, "validation")]
+    assert {e.label for e in calibration} == {"0", "1"} and len(calibration) == 8
+    assert all(len(ex) == 12 for ex in evaluation.values())
+    check_disjoint(calibration, next(iter(evaluation.values())))
+
+
+@pytest.mark.parametrize(("name", "files"), [("ag_news", "its test split's file"),
+                                              ("arc_easy", "ARC-Easy-Dev.jsonl, ARC-Easy-Test.jsonl")])
+def test_tasks_without_a_hub_dataset_name_their_files(name, files):
+    with pytest.raises(DataError, match=f"task '{name}' reads local files only .* give --data-dir with its files "
+                       rf"\({files}\)"):
+        resolve_task(TaskSpec(name=name))
