@@ -17,6 +17,7 @@ import dataclasses
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,20 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))
+
+
+def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: str) -> None:
+    """`main` with compress's calibration prompts made by `prompts(task, spec, product)`, `product` being the
+    product's own `calibration_prompts` (how a probe changes them; restored afterwards). `work`: the run folder
+    unless `argv` gives one."""
+    import fnprune.inputs
+
+    product = fnprune.inputs.calibration_prompts
+    fnprune.inputs.calibration_prompts = lambda task, spec: prompts(task, spec, product)  # what load_inputs calls
+    try:
+        main([*argv, *([] if "--work" in argv else ["--work", work])], command=command)
+    finally:
+        fnprune.inputs.calibration_prompts = product
 
 
 def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start_key: dict[str, Any],

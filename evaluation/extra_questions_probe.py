@@ -41,23 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = p.parse_known_args(argv)
     if not args.extra_file.is_file():
         p.error(f"--extra-file: {args.extra_file} is not a file")
-    import fnprune.inputs
-    from evaluation import calibration_tune
+    from evaluation.calibration_tune import main_with_prompts
 
-    task_prompts = fnprune.inputs.calibration_prompts
-
-    def calibration_prompts(task, spec):
+    def prompts(task, spec, product):
         if spec.choices != "none":
             raise SystemExit("extra_questions_probe: calibration.choices must be none (one prompt per row)")
-        return with_extra_rows(task_prompts(task, spec), task, spec, args.extra_file, task_prompts)
+        return with_extra_rows(product(task, spec), task, spec, args.extra_file, product)
 
-    fnprune.inputs.calibration_prompts = calibration_prompts  # what compress's load_inputs calls
-    try:
-        work = ["--work", f"evaluation/.runs/extra-{args.extra_file.stem}"] if "--work" not in rest else []
-        calibration_tune.main([*rest, *work], command="python -m evaluation.extra_questions_probe " + " ".join(
-            sys.argv[1:] if argv is None else argv))
-    finally:
-        fnprune.inputs.calibration_prompts = task_prompts
+    main_with_prompts(prompts, rest, f"evaluation/.runs/extra-{args.extra_file.stem}",
+                      "python -m evaluation.extra_questions_probe " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

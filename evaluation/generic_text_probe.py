@@ -54,22 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = p.parse_known_args(argv)
     if not 0 <= args.generic_share < 1:
         p.error("--generic-share must be in [0, 1)")
-    import fnprune.inputs
-    from evaluation import calibration_tune
+    from evaluation.calibration_tune import main_with_prompts
 
     passages = wikitext_passages(Path(args.wikitext))
-    task_prompts = fnprune.inputs.calibration_prompts
-
-    def calibration_prompts(task, spec):
-        return with_generic(task_prompts(task, spec), passages, args.generic_share, spec.seed)
-
-    fnprune.inputs.calibration_prompts = calibration_prompts  # what compress's load_inputs calls
-    try:
-        work = ["--work", f"evaluation/.runs/generic-{args.generic_share}"] if "--work" not in rest else []
-        calibration_tune.main([*rest, *work], command="python -m evaluation.generic_text_probe " + " ".join(
-            sys.argv[1:] if argv is None else argv))
-    finally:
-        fnprune.inputs.calibration_prompts = task_prompts
+    main_with_prompts(
+        lambda task, spec, product: with_generic(product(task, spec), passages, args.generic_share, spec.seed),
+        rest, f"evaluation/.runs/generic-{args.generic_share}",
+        "python -m evaluation.generic_text_probe " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -419,3 +419,29 @@ def test_extra_questions_probe_adds_the_files_rows_after_the_splits_up_to_num_sa
     assert {e.template for e in out[40:]} <= {t.name for t in task.calibration_templates()} | {"(raw)"}
     assert len(with_extra_rows(own, task, CalibrationSpec(num_samples=99), extra, calibration_prompts)) == 45
     assert with_extra_rows(own, task, CalibrationSpec(num_samples=40), extra, calibration_prompts) == own
+
+
+def test_extra_questions_probe_runs_the_product_with_the_files_rows_and_restores_it(model_dir, tmp_path):
+    """`--vary calibration.num_samples=12,64` on a 12-question calibration half: none of the file's 10 rows, then
+    all of them (report.json counts 22 calibration prompts); compress's own calibration_prompts is back after."""
+    import fnprune.inputs
+    from evaluation import extra_questions_probe
+    from tests.test_tasks import _arc_rows, _write_jsonl
+
+    data = tmp_path / "arc"
+    _write_jsonl(data / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    other = [{**r, "question": {**r["question"], "stem": "other " + r["question"]["stem"]}} for r in _arc_rows(10, 7)]
+    extra = _write_jsonl(tmp_path / "other.jsonl", other)
+    product = fnprune.inputs.calibration_prompts
+    prefix = tmp_path / "extra"
+    extra_questions_probe.main(["--extra-file", str(extra), "--model", str(model_dir("llama")), "--task", "arc_easy",
+                                "--data-dir", str(data), "--config", "flap+recon", "--vary",
+                                "calibration.num_samples=12,64", "--set", "calibration.max_tokens=200",
+                                "--max-samples", "6", "--work", str(tmp_path / "runs"), "--out-prefix", str(prefix),
+                                "--quiet"])
+    assert fnprune.inputs.calibration_prompts is product
+    rows = json.loads(prefix.with_suffix(".json").read_text())
+    assert rows["command"].startswith("python -m evaluation.extra_questions_probe --extra-file")
+    samples = [json.loads((tmp_path / "runs" / r["folder"] / "report.json").read_text())["calibration"]["samples"]
+               for r in rows["rows"][1:]]
+    assert samples == [12, 22]
