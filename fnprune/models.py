@@ -131,7 +131,7 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     source, extra = model_source(spec)
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
     tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
-    # a Hub id that cannot be fetched: say what works offline (huggingface_hub retries for ~30 s before failing)
+    # a Hub id that cannot be fetched: say what works offline (the Hub client retries for tens of seconds first)
     hub = "" if Path(source).exists() else ("; offline, give a local folder or .gguf file (HF_HUB_OFFLINE=1 skips "
                                             "the Hub's retries)")
     try:
