@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fnprune.data import Example
@@ -24,7 +25,7 @@ from fnprune.recipe import CalibrationSpec, TaskSpec
 
 
 def with_extra_rows(own: list[Example], task: TaskSpec, spec: CalibrationSpec, extra_file: Path,
-                    draw) -> list[Example]:
+                    draw: Callable[[TaskSpec, CalibrationSpec], list[Example]]) -> list[Example]:
     """`own` (the split's calibration prompts, one per row) followed by up to `spec.num_samples - len(own)` rows of
     `extra_file`, drawn by `draw` (the product's calibration_prompts) as if the file were the calibration split."""
     room = spec.num_samples - len(own)
