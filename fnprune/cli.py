@@ -321,7 +321,7 @@ def _report_lines(report: dict) -> list[str]:
     fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
     metric = _field(report, "metric", dict) or {}
-    retained = f", {retained_text(metric)}" if retained_text(metric) else ""
+    retained = f", {kept}" if (kept := retained_text(metric)) else ""
     if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
         retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
     soft = retained_text(_field(report, "metric.right_prob", dict) or {})

@@ -361,6 +361,7 @@ HUB_ROWS = {
 
 @pytest.mark.parametrize("name", ["sst2", "rte", "cola"])
 def test_tasks_with_a_hub_dataset_read_its_rows_when_no_files_are_given(name, monkeypatch):
+    import sys
     import types
 
     asked = []
@@ -369,7 +370,7 @@ def test_tasks_with_a_hub_dataset_read_its_rows_when_no_files_are_given(name, mo
         asked.append((dataset, config, split))
         return [HUB_ROWS[dataset, config](i + (100 if split == "validation" else 0)) for i in range(12)]
 
-    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     task = resolve_task(TaskSpec(name=name))
     calibration = load_sample(task, task.calibration_split, 8, 0, raw_share=0.5)
     evaluation = load_evaluation(task, task.evaluation_split)
