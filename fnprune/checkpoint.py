@@ -284,12 +284,11 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     where = f"{metric.get('n', 'n/a')} `{metric.get('split', '')}` examples"
     rows = [f"| **{task} {metric.get('name', 'accuracy')}, {metric.get('of', '')}** ({where}) | "
             f"**{_fmt(metric.get('dense'))}** | **{_fmt(metric.get('pruned'))}** |"]
-    if retained_text(metric):
-        rows.append(f"| pruned against dense (the interval: a paired bootstrap over the examples) | | "
-                    f"{retained_text(metric)} |")
+    if text := retained_text(metric):
+        rows.append(f"| pruned against dense (the interval: a paired bootstrap over the examples) | | {text} |")
     soft = metric.get("right_prob") if isinstance(metric.get("right_prob"), dict) else {}
     if soft.get("dense") is not None:
-        kept = f"; {retained_text(soft)}" if retained_text(soft) else ""
+        kept = f"; {text}" if (text := retained_text(soft)) else ""
         rows.append(f"| probability of the right answer, {metric.get('of', '')}: it moves with every answer's "
                     f"sureness, not only where one flips | {_fmt(soft['dense'])} | {_fmt(soft.get('pruned'))}{kept} |")
     if n_held:

@@ -114,11 +114,11 @@ def _print_summary(report: dict, where: Path | str) -> None:
         return
     click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples, {m.get('of', '')}: "
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
-    if retained_text(m):
-        click.echo(f"    pruned: {retained_text(m)}, a paired bootstrap over the examples")
+    if text := retained_text(m):
+        click.echo(f"    pruned: {text}, a paired bootstrap over the examples")
     soft = _field(report, "metric.right_prob", dict) or {}
     if soft.get("dense") is not None:
-        kept = f", {retained_text(soft)}" if retained_text(soft) else ""
+        kept = f", {text}" if (text := retained_text(soft)) else ""
         click.echo(f"    probability of the right answer, {m.get('of', '')}: dense {fmt(soft['dense'])}, "
                    f"pruned {fmt(soft.get('pruned'))}{kept}")
     templates = report.get("templates", [])
@@ -136,7 +136,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
         vm = v["metric"]
         norm = (f"; acc_norm dense {fmt(vm.get('dense_acc_norm'))}, pruned {fmt(vm.get('pruned_acc_norm'))}"
                 if vm.get("kind") == "multiple_choice" else "")
-        kept = f"; {retained_text(vm)}" if retained_text(vm) else ""
+        kept = f"; {text}" if (text := retained_text(vm)) else ""
         click.echo(f"  validate {v['task']} accuracy on {vm['n']} {vm['split']} examples, {vm.get('of', '')}: "
                    f"dense {fmt(vm['dense'])}, pruned {fmt(vm['pruned'])}{norm}{kept}")
     ppl = validation.get("perplexity")
