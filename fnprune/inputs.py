@@ -82,9 +82,9 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
     spec = spec.for_task(task.kind)  # raw_share auto made concrete
     sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     untemplated = sum(e.template == RAW.name for e in sample)
+    whole = f" (all it has; {spec.num_samples} asked; the seed draws only the token sample)"
     log.info("calibration: %d rows of the %r split%s, %d of them without a template", len(sample),
-             task.calibration_split, f" (all it has; {spec.num_samples} asked)" if len(sample) < spec.num_samples
-             else "", untemplated)
+             task.calibration_split, whole if len(sample) < spec.num_samples else "", untemplated)
     if spec.choices == "none" or task.kind != "multiple_choice":
         return sample
     picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])

@@ -254,8 +254,8 @@ class CalibrationSpec:
     sample_store: str = field(default="auto", metadata=flag(
         "--sample-store", "Keep the token sample itself or only its d x d second moments (default {default}: the "
         "smaller).", choices=SAMPLE_STORES))
+    # draws a larger split's rows (kept in file order) and the tokens: a split used whole differs only in its tokens
     seed: int = field(default=0, metadata=_SEED)
-    # reuse activations/networks from $FNPRUNE_CACHE_DIR (~/.cache/fnprune)
     cache: bool = field(default=True, metadata=flag(
         "--cache/--no-cache",
         "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))

@@ -346,7 +346,8 @@ def test_the_log_says_when_the_calibration_split_has_fewer_rows_than_asked(arc_d
         assert len(calibration_prompts(task, CalibrationSpec(num_samples=1024))) == 24
         assert len(calibration_prompts(task, CalibrationSpec(num_samples=8))) == 8
     first, second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration:")]
-    assert first == ("calibration: 24 rows of the 'validation' split (all it has; 1024 asked), "
+    assert first == ("calibration: 24 rows of the 'validation' split (all it has; 1024 asked; the seed draws "
+                     "only the token sample), "
                      "12 of them without a template")
     assert second == "calibration: 8 rows of the 'validation' split, 4 of them without a template"
 
