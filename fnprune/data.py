@@ -392,7 +392,8 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     at its end), labelled with the answer's index; untemplated, the question and its choices, one per line."""
     rows, build = _prepared(task, split)
     templates, out, turn = task.calibration_templates(), [], 0
-    for j, i in enumerate(_sample_indices(len(rows), n, seed)):
+    order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template
+    for j, i in enumerate(order if n < len(rows) else random.Random(seed).sample(order, len(order))):
         if int((j + 1) * raw_share) > int(j * raw_share):
             e = build(rows[i], templates[0])
             out.append(Example("\n".join(e.texts), e.label, e.texts, RAW.name, e.choices, e.delimiter))

@@ -82,7 +82,7 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
     spec = spec.for_task(task.kind)  # raw_share auto made concrete
     sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
     untemplated = sum(e.template == RAW.name for e in sample)
-    whole = f" (all it has; {spec.num_samples} asked; the seed draws only the token sample)"
+    whole = f" (all it has; {spec.num_samples} asked; the seed draws their order)"
     log.info("calibration: %d rows of the %r split%s, %d of them without a template", len(sample),
              task.calibration_split, whole if len(sample) < spec.num_samples else "", untemplated)
     if spec.choices == "none" or task.kind != "multiple_choice":

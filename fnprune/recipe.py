@@ -254,7 +254,7 @@ class CalibrationSpec:
     sample_store: str = field(default="auto", metadata=flag(
         "--sample-store", "Keep the token sample itself or only its d x d second moments (default {default}: the "
         "smaller).", choices=SAMPLE_STORES))
-    # draws a larger split's rows (kept in file order) and the tokens: a split used whole differs only in its tokens
+    # draws the rows (a split used whole: their order, so which are plain text and each one's template) and tokens
     seed: int = field(default=0, metadata=_SEED)
     cache: bool = field(default=True, metadata=flag(
         "--cache/--no-cache",

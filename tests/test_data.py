@@ -54,8 +54,20 @@ def test_load_sample_is_sample_of_split(task_data):
     names = [t.name for t in task.calibration_templates()]
     for n, seed in [(10, 3), (1, 0), (64, 1), (1000, 0)]:
         drawn = load_sample(task, "train", n, seed)
-        assert [e.texts for e in drawn] == [e.texts for e in sample(examples, n, seed)]  # the same rows
+        texts = [e.texts for e in sample(examples, n, seed)]
+        assert [e.texts for e in drawn] == texts or n >= len(examples)  # the same rows (a whole split reordered)
+        assert sorted(e.texts for e in drawn) == sorted(texts)
         assert [e.template for e in drawn] == [names[j % len(names)] for j in range(len(drawn))]  # taking turns
+
+
+def test_load_sample_seed_orders_a_split_used_whole(task_data):
+    """Asked for more rows than the split has, the seed still draws which row is plain text and which template
+    each of the others gets: otherwise every seed calibrates on the same prompts."""
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    whole = [load_sample(task, "train", 1000, seed, raw_share=0.5) for seed in (0, 1)]
+    assert sorted(e.texts for e in whole[0]) == sorted(e.texts for e in whole[1])
+    assert [e.prompt for e in whole[0]] != [e.prompt for e in whole[1]]
+    assert [e.prompt for e in whole[0]] == [e.prompt for e in load_sample(task, "train", 1000, 0, raw_share=0.5)]
 
 
 def test_load_sample_checks_every_row(tmp_path):
