@@ -27,6 +27,7 @@ from .cli_flags import (
 )
 from .errors import FnpruneError, RecipeError
 from .recipe import Recipe, TaskSpec, apply_overrides, load_recipe
+from .report_text import report_field, report_lines
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -91,7 +92,7 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
 
     _setup_logging(quiet)
     if values["keep"] is not None and sparsity is not None:
-        raise RecipeError("give --keep or --sparsity, not both")
+        raise FnpruneError("give --keep or --sparsity, not both")
     base = load_recipe(recipe_path) if recipe_path else Recipe()
     overrides = flag_overrides(values, sparsity)
     if recipe_path and "task" in overrides and base.provenance:
@@ -107,7 +108,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
     m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"wrote {where}")
-    for line in _report_lines(report)[:2]:  # method and parameters, as `fnprune inspect` shows them
+    for line in report_lines(report)[:2]:  # method and parameters, as `fnprune inspect` shows them
         click.echo(line)
     if m["n"] is None:
         click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
@@ -116,7 +117,7 @@ def _print_summary(report: dict, where: Path | str) -> None:
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
     if text := retained_text(m):
         click.echo(f"    pruned: {text}, a paired bootstrap over the examples")
-    soft = _field(report, "metric.right_prob", dict) or {}
+    soft = report_field(report, "metric.right_prob", dict) or {}
     if soft.get("dense") is not None:
         kept = f", {text}" if (text := retained_text(soft)) else ""
         click.echo(f"    probability of the right answer, {m.get('of', '')}: dense {fmt(soft['dense'])}, "
@@ -234,21 +235,19 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
 
 def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_files: str | None, split: str | None,
                      max_samples: int | None, template: str | None, harness: bool) -> tuple[Any, Any]:
-    """The resolved task and its evaluation examples by template; (None, None) for lm-eval only. The task is
-    --task, else the model folder's recipe.yaml task."""
+    """The resolved task and its evaluation examples by template; (None, None) for lm-eval only. The task is the
+    model folder's recipe.yaml task with its data (also when --task names it), else --task."""
     from .checkpoint import RECIPE_FILE
     from .data import load_evaluation, resolve_task
     from .recipe import recipe_from_dict
 
     saved = Path(model).expanduser() / RECIPE_FILE
-    if task is None and saved.is_file():
-        spec = load_recipe(saved).task
-    elif task is None and harness:
+    recorded = load_recipe(saved).task if saved.is_file() else None
+    if task is None and recorded is None and harness:
         return None, None  # lm-eval only
-    elif task is None:
-        raise RecipeError("--task is required (the model folder has no recipe.yaml to take it from)")
-    else:
-        spec = TaskSpec(name=task)
+    if task is None and recorded is None:
+        raise FnpruneError("--task is required (the model folder has no recipe.yaml to take it from)")
+    spec = recorded if recorded is not None and task in (None, recorded.name) else TaskSpec(name=task)
     data = dataclasses.asdict(spec)
     for key, value in task_overrides(None, data_dir, parse_data_files(data_files)).items():
         data[key.split(".", 1)[1]] = value
@@ -258,8 +257,8 @@ def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_fi
         wanted = [t.strip() for t in template.split(",")]
         unknown = [t for t in wanted if t not in sets]
         if unknown:
-            raise RecipeError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
-                              f"(its templates: {', '.join(sets)})")
+            raise FnpruneError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                               f"(its templates: {', '.join(sets)})")
         sets = {t: sets[t] for t in wanted}
     return resolved, sets
 
@@ -294,54 +293,6 @@ def _echo_evaluation(result: Any, resolved: Any, split: str, of: str, model: str
         click.echo(f"  {name} ({kind}): {r.accuracy:.4f}{norm}{soft} (predicted: {predicted})")
 
 
-def _field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
-    """report[a][b]... if it is there with the expected type, else None (report.json is untrusted input)."""
-    node: Any = report
-    for key in dotted.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node if isinstance(node, kind) and not isinstance(node, bool) else None
-
-
-def _report_lines(report: dict) -> list[str]:
-    """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
-    from .checkpoint import chance_text, retained_text
-
-    na = "n/a"
-
-    def num(dotted: str, pattern: str = "{}", scale: float = 1) -> str:
-        value = _field(report, dotted)
-        return na if value is None else pattern.format(value / scale if scale != 1 else value)
-
-    def text(dotted: str) -> str:
-        return _field(report, dotted, str) or na
-
-    pruned = [w for w in _field(report, "widths.pruned", list) or [] if isinstance(w, int)]
-    shown = na if not pruned else str(pruned[0]) if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)}"
-    dense, after = _field(report, "parameters.dense", int), _field(report, "parameters.pruned", int)
-    fewer = f" ({1 - after / dense:.1%} fewer)" if dense and after is not None else ""
-    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in _field(report, "timings_seconds", dict) or {}]
-    metric = _field(report, "metric", dict) or {}
-    retained = f", {kept}" if (kept := retained_text(metric)) else ""
-    if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
-        retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
-    soft = retained_text(_field(report, "metric.right_prob", dict) or {})
-    retained += f"; probability of the right answer {soft}" if soft else ""
-    refit = ""  # fnprune.refit ran when the report has its section
-    if isinstance(report.get("refit"), dict):
-        prompts = _field(report, "refit.prompts", int)
-        refit = " + refit" + (f" on {prompts} prompts" if prompts else "")
-    return [
-        f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
-        f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
-        f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples: "
-        f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}",
-        f"  timings {', '.join(timings) or na}",
-        f"  weights file {' -> '.join(num(f'file_bytes.{k}', '{:.1f} MiB', 2**20) for k in ('dense', 'pruned'))}",
-        f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
-        f"{num('calibration.tokens_for_ica')} tokens for ICA",
-    ]
-
-
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @_friendly
@@ -351,9 +302,9 @@ def inspect(directory) -> None:
 
     path = Path(directory)
     report = read_report(path)
-    click.echo(f"{path}: {_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "
-               f"{_field(report, 'fnprune_version', str) or 'n/a'}")
-    for line in _report_lines(report):
+    click.echo(f"{path}: {report_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "
+               f"{report_field(report, 'fnprune_version', str) or 'n/a'}")
+    for line in report_lines(report):
         click.echo(line)
     click.echo(f"  recipe: {path / RECIPE_FILE if (path / RECIPE_FILE).is_file() else 'n/a (no ' + RECIPE_FILE + ')'}")
 

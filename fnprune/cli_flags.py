@@ -15,6 +15,7 @@ import click
 
 from . import data
 from .data import BUILTIN_TASKS
+from .errors import FnpruneError
 from .recipe import Recipe, TaskSpec
 
 __all__ = [
@@ -205,9 +206,8 @@ def task_overrides(task: str | None, data_dir: str | None, data_files: dict | No
     if data_dir:
         out["task.data_dir"] = data_dir
         out["task.data_files"] = {}
-    if data_files:
+    if data_files:  # the files give their splits; the folder (--data-dir, or the recipe's) gives the others
         out["task.data_files"] = data_files
-        out["task.data_dir"] = None
     return out
 
 
@@ -221,5 +221,7 @@ def flag_overrides(values: dict[str, Any], sparsity: float | None = None) -> dic
             value = values.get(flag.name)
             overrides.update(dict.fromkeys(flag.fields, parse(value) if parse else value))
     if sparsity is not None:
+        if not 0 <= sparsity < 1:  # checked here: selection.keep's own message would name keep's value
+            raise FnpruneError(f"--sparsity: must be in [0, 1), got {sparsity}")
         overrides["selection.keep"] = 1 - sparsity
     return overrides

@@ -72,6 +72,9 @@ def _split_file(task: TaskSpec, split: str) -> Path | None:
             raise DataError(f"no file for split {split!r} in {directory} (looked for {looked})"
                             f"{_carve_hint(task, split, directory)}")
         return found
+    if task.data_files and not task.dataset:
+        given = ", ".join(task.data_files)
+        raise DataError(f"no file for split {split!r}: --data-files gives {given}; add {split}=FILE")
     return None
 
 
@@ -189,8 +192,9 @@ def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
     except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
+        fix = f"add {split}=FILE to --data-files" if task.data_files else "pass --data-dir or --data-files"
         raise DataError(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging "
-                        f"Face Hub ({type(exc).__name__}: {exc}); offline, pass --data-dir or --data-files "
+                        f"Face Hub ({type(exc).__name__}: {exc}); offline, {fix} "
                         "(HF_HUB_OFFLINE=1 skips the Hub's retries)") from exc
     return [dict(row) for row in ds]
 
@@ -218,11 +222,11 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
             value = row.get(c, KeyError)
             if value is KeyError or value is None or isinstance(value, (dict, list)):
                 what = "missing" if value is KeyError else "null" if value is None else f"a {type(value).__name__}"
-                raise DataError(f"{where}: row {n}: column {c!r} is {what}, not text or a label")
+                raise DataError(f"{where}: data row {n + 1}: column {c!r} is {what}, not text or a label")
         label = str(row[task.label_column]).strip()
         if label not in task.label_words:
             raise DataError(
-                f"{where}: row {n}: label {label!r} is not one of the label words' keys "
+                f"{where}: data row {n + 1}: label {label!r} is not one of the label words' keys "
                 f"{sorted(task.label_words)}"
             )
     return rows, fields
@@ -257,7 +261,7 @@ def _read_table(task: TaskSpec, path: Path) -> list[dict]:
         return _read_rows(path)
     text = _read_text(path)
     if fmt == "jsonl":
-        return _json_lines(path, text)
+        return _json_rows(path, text)
     quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     lines = list(csv.reader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting))
     header = list(task.header) if task.header else (lines.pop(0) if lines else [])
@@ -268,17 +272,6 @@ def _read_table(task: TaskSpec, path: Path) -> list[dict]:
         if len(values) != len(header):
             raise DataError(f"{path}:{n}: {len(values)} fields, expected {len(header)} ({', '.join(header)})")
         rows.append(dict(zip(header, values)))
-    return rows
-
-
-def _json_lines(path: Path, text: str) -> list[dict]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
     return rows
 
 
@@ -350,7 +343,7 @@ def _parsed_rows(task: TaskSpec, split: str) -> tuple[list[_Row], list[str]]:
     if not rows:
         raise DataError(f"{where}: split {source!r} is empty")
     fields = task_fields(task)
-    parsed = [_parse_row(task, row, fields, f"{where}: row {n}") for n, row in enumerate(rows)]
+    parsed = [_parse_row(task, row, fields, f"{where}: data row {n + 1}") for n, row in enumerate(rows)]
     if task.split_of and split in (task.calibration_split, task.evaluation_split):
         parsed = _carve(task, parsed, split == task.calibration_split)
     return parsed, fields

@@ -27,7 +27,8 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
     except Exception as exc:  # network, auth, permissions: the message says which
         raise FnpruneError(
             f"could not push {folder} to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. "
-            "The checkpoint is saved locally; log in with `hf auth login` or set HF_TOKEN and retry."
+            f"The checkpoint is saved locally; log in with `hf auth login` (or set HF_TOKEN), then upload it with "
+            f"`hf upload {repo_id} {folder}{' --private' if private else ''}`."
         ) from exc
     log.info("pushed %s to %s", folder, url)
     return str(url)

@@ -81,7 +81,8 @@ def _manager(folder: str | None, digest: str, tasks: tuple[str, ...]):
     manager = TaskManager(include_path=folder) if folder else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        where = f" or in {folder}" if folder else " (add --lm-eval-include DIR for local task YAMLs)"
+        where = f" (looked in lm-eval's own tasks and in {folder})" if folder else \
+            " (add --lm-eval-include DIR for local task YAMLs)"
         raise FnpruneError(f"lm-eval has no task(s) {', '.join(unknown)}{where}")
     return manager
 

@@ -78,6 +78,9 @@ class _Plan:
 def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     """Run one compression; returns where the checkpoint went and its report."""
     recipe.validate()
+    ev = recipe.evaluation
+    if not ev.enabled and (ev.validation or ev.lm_eval_tasks):
+        log.warning("evaluation is off (--no-eval): the --validate benchmarks and --lm-eval-tasks are not run")
     out_dir = Path(recipe.output.dir).expanduser()
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values()]
     check_output_dir(out_dir, recipe.output.overwrite, sources)  # before loading: never replaces an input

@@ -165,7 +165,7 @@ class TaskSpec:
     data_dir: str | None = field(default=None, metadata=flag(
         "--data-dir", "Folder with GLUE-style split files (train.tsv, dev.tsv, ...)."))
     data_files: dict[str, str] = field(default_factory=dict, metadata=flag(
-        "--data-files", "SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv (tsv/csv/jsonl)."))
+        "--data-files", "SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv; --data-dir gives the other splits."))
     template: str | None = None
     templates: list[PromptTemplate] = field(default_factory=list)
     label_column: str | None = None

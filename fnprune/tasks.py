@@ -293,7 +293,20 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
             raise DataError(f"task template {t.name!r} ({t.template!r}) has no {{column}} field for the text")
     if uses_fields(task):
         _check_expressions(task)
+    _check_data_file_splits(task)
     return task
+
+
+def _check_data_file_splits(task: TaskSpec) -> None:
+    """A misspelt split in data_files (`valid=dev.tsv`) would be read by nothing while the split it meant is
+    looked for elsewhere."""
+    splits = dict.fromkeys(["train", "validation", "test", task.calibration_split, task.evaluation_split,
+                            *task.split_files])
+    unknown = [s for s in task.data_files if s not in splits]
+    if unknown:
+        raise DataError(f"data_files: {', '.join(map(repr, unknown))} is not a split name (one of "
+                        f"{', '.join(splits)}; task {task.name!r} calibrates on {task.calibration_split!r} and "
+                        f"evaluates {task.evaluation_split!r})")
 
 
 def task_fields(task: TaskSpec) -> list[str]:

@@ -62,7 +62,7 @@ CASES = [
     ("keep-zero", [*BASE, "--keep", "0"], "selection.keep: must be in (0, 1]"),
     ("keep-above-one", [*BASE, "--keep", "1.5"], "selection.keep: must be in (0, 1]"),
     ("keep-negative", [*BASE, "--keep", "-0.2"], "selection.keep: must be in (0, 1]"),
-    ("sparsity-one", [*BASE, "--sparsity", "1"], "selection.keep: must be in (0, 1]"),
+    ("sparsity-one", [*BASE, "--sparsity", "1"], "--sparsity: must be in [0, 1), got 1.0"),
     ("keep-and-sparsity", [*BASE, "--keep", "0.5", "--sparsity", "0.5"], "not both"),
     ("method", [*BASE, "--method", "magic"], "selection.method: 'magic' is not one of"),
     ("round-to", [*BASE, "--round-to", "0"], "selection.round_to: must be >= 1"),

@@ -44,9 +44,16 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     assert "right answer's probability 0." in one.output
     assert '(predicted: "negative" (0) ' in one.output or '(predicted: "positive" (1) ' in one.output  # the words
     bad = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--template", "nope"])
-    assert bad.exit_code != 0 and "not a template of sst2" in bad.output
+    assert bad.exit_code != 0 and "not a template of sst2" in bad.output and "invalid recipe" not in bad.output
+    # naming the folder's own task, or giving one split's file, keeps the data its recipe.yaml recorded
+    named = _run("evaluate", "--model", out, "--task", "sst2", "--json", "--quiet")
+    assert json.loads(named.output.strip().splitlines()[-1])["accuracy"] == evaluated["accuracy"], named.output
+    one_file = _run("evaluate", "--model", out, "--data-files", f"validation={task_data / 'dev.tsv'}", "--json",
+                    "--quiet")
+    assert json.loads(one_file.output.strip().splitlines()[-1])["accuracy"] == evaluated["accuracy"]
     result = _run("inspect", out)
     assert result.exit_code == 0 and "128 -> 64" in result.output and "timings" in result.output
+    assert "examples (held-out templates (mean)): dense" in result.output and "fewer)" in result.output
     assert f"; probability of the right answer {soft['retained']:.1%} of dense" in result.output
 
 
@@ -62,6 +69,9 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     assert report["keep"] == 0.25 and report["method"] == "flap" and report["widths"]["pruned"] == [32, 32]
     assert "sample_store: tokens" in (out / "recipe.yaml").read_text()
     assert "not evaluated (--no-eval)" in result.output and "None" not in result.output
+    shown = _run("inspect", out).output
+    assert "sst2: not evaluated (compressed with --no-eval" in shown and "n/a validation" not in shown
+    assert "tokens sampled per layer" in shown and "ICA" not in shown  # flap runs no ICA
 
 
 def test_data_files_flag(model_dir, task_data, tmp_path):
@@ -78,6 +88,8 @@ def test_data_files_flag(model_dir, task_data, tmp_path):
     [
         (["--keep", "0.5", "--sparsity", "0.5"], "not both"),
         (["--keep", "1.5"], "selection.keep: must be in (0, 1]"),
+        (["--sparsity", "1"], "--sparsity: must be in [0, 1), got 1.0"),
+        (["--data-files", "valid=dev.tsv"], "data_files: 'valid' is not a split name"),
         (["--method", "magic"], "selection.method: 'magic' is not one of"),
         (["--data-files", "train.tsv"], "expected SPLIT=PATH"),
         (["--components", "0"], "networks.components: must be >= 1"),
@@ -272,7 +284,7 @@ def test_every_flag_reaches_its_field(monkeypatch, tmp_path):
         section, name = dotted.split(".")
         assert getattr(getattr(recipe, section), name) == value, dotted
     assert recipe.task.name == "rte" and recipe.task.data_files == {"train": "a.tsv", "validation": "b.tsv"}
-    assert recipe.task.data_dir is None  # --data-files wins over --data-dir, as before
+    assert recipe.task.data_dir == "d"  # the folder gives the splits --data-files does not name
     assert [(v.task, v.data_dir) for v in recipe.evaluation.validation] == [("boolq", "dir")]
     assert recipe.model.device_map == {"model.layers.0": "cpu"} and recipe.model.max_memory == {"cpu": "1GiB"}
 

@@ -73,7 +73,7 @@ def test_load_sample_seed_orders_a_split_used_whole(task_data):
 def test_load_sample_checks_every_row(tmp_path):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "ok\t1\n" * 50 + "bad\t7\n")
     task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
-    with pytest.raises(DataError, match="row 50: label '7'"):
+    with pytest.raises(DataError, match="data row 51: label '7'"):
         load_sample(task, "train", 2, 0)  # the bad row is rarely drawn: the whole split is still checked
 
 

@@ -93,6 +93,7 @@ def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path)
                            "--push-to-hub", "me/x", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "could not push" in proc.stderr and "saved locally" in proc.stderr and TOKEN not in proc.stderr
+    assert f"hf upload me/x {tmp_path / 'o'}" in proc.stderr  # how to push the saved folder without recompressing
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 

@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM
 
 import fnprune
 from fnprune.arch import MLP_LAYOUTS, adds_to_residual, layer_blocks, layout_for, mlp_widths
-from fnprune.cli import _report_lines
 from fnprune.compensation import refit_linear
 from fnprune.errors import RecipeError
 from fnprune.models import load_model
 from fnprune.pruning import resolve_selection
 from fnprune.recipe import ModelSpec, SelectionSpec, apply_overrides, load_recipe, recipe_from_dict
 from fnprune.refit import LayerwiseRefit
+from fnprune.report_text import report_lines
 from fnprune.surgery import prune_mlp
 from fnprune.tokens import batches, encode, forward
 
@@ -190,7 +190,7 @@ def test_compress_with_refit_reloads_and_reruns_identically(model_dir, task_data
     })
     result = fnprune.compress(recipe, progress=False)
     assert "refit_inputs" in result.report["timings_seconds"]
-    assert any("method flap + refit on 20 prompts," in line for line in _report_lines(result.report))
+    assert any("method flap + refit on 20 prompts," in line for line in report_lines(result.report))
     assert "refitted so that its block's output matches the dense model's on the first 20 calibration prompts" in (
         result.output_dir / "README.md").read_text()
     ratios = result.report["refit"]["block_error_after_over_before"]

@@ -30,10 +30,10 @@ DATA = {  # case -> (file, text, the line it must print): task data refused with
     "json-array-of-scalars": ("train.json", '[1, "a"]', "item 0 is int, not a JSON object"),
     "json-broken": ("train.json", '[{"sentence": "a", ', "train.json: not valid JSON"),
     "jsonl-missing-key": ("train.jsonl", '{"sentence": "a", "label": 1}\n{"text": "b", "label": "0"}\n',
-                          "row 1: column 'sentence' is missing"),
-    "jsonl-null": ("train.jsonl", '{"sentence": null, "label": 1}\n', "row 0: column 'sentence' is null"),
+                          "data row 2: column 'sentence' is missing"),
+    "jsonl-null": ("train.jsonl", '{"sentence": null, "label": 1}\n', "data row 1: column 'sentence' is null"),
     "jsonl-object-value": ("train.jsonl", '{"sentence": {"text": "a"}, "label": 1}\n',
-                           "row 0: column 'sentence' is a dict"),
+                           "data row 1: column 'sentence' is a dict"),
     "csv-unclosed-quote": ("train.csv", 'sentence,label\n"unclosed,1\nb,0\n',
                            "cannot parse the CSV (unexpected end of data)"),
 }

@@ -247,7 +247,7 @@ def test_bad_multiple_choice_rows_give_one_clear_error(tmp_path, rows, match):
     task = resolve_task(TaskSpec(name="arc_easy", data_dir=str(tmp_path)))
     with pytest.raises(DataError, match=match) as info:
         load_evaluation(task, "test")
-    assert "row 0" in str(info.value) and "\n" not in str(info.value)
+    assert "data row 1:" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_custom_multiple_choice_task_and_its_checks(tmp_path, llama):
@@ -387,3 +387,17 @@ def test_tasks_without_a_hub_dataset_name_their_files(name, files):
     with pytest.raises(DataError, match=f"task '{name}' reads local files only .* give --data-dir with its files "
                        rf"\({files}\)"):
         resolve_task(TaskSpec(name=name))
+
+
+def test_data_files_name_real_splits_and_every_split_read(tmp_path):
+    """A misspelt split is refused when the task is resolved; a split no file gives is named, not looked up on
+    the Hub (ARC has no Hub dataset) nor read from nowhere."""
+    rows = [{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+             "answerKey": "A"}]
+    test = str(_write_jsonl(tmp_path / "t.jsonl", rows))
+    with pytest.raises(DataError, match="'valid' is not a split name.*evaluates 'test'"):
+        resolve_task(TaskSpec(name="arc_easy", data_files={"test": test, "valid": test}))
+    task = resolve_task(TaskSpec(name="arc_easy", data_files={"test": test}))
+    assert len(load_evaluation(task, "test")["qa"]) == 1
+    with pytest.raises(DataError, match="no file for split 'validation': --data-files gives test; add validation="):
+        load_sample(task, "validation", 4, 0)

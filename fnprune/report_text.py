@@ -1,0 +1,63 @@
+"""The lines `fnprune inspect` (and compress's summary) print from a report.json, which is untrusted input: a
+missing, null or mistyped field reads 'n/a'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["report_field", "report_lines"]
+
+
+def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
+    """report[a][b]... if it is there with the expected type, else None (report.json is untrusted input)."""
+    node: Any = report
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, kind) and not isinstance(node, bool) else None
+
+
+def report_lines(report: dict) -> list[str]:
+    """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
+    from .checkpoint import chance_text, retained_text
+
+    na = "n/a"
+
+    def num(dotted: str, pattern: str = "{}", scale: float = 1) -> str:
+        value = report_field(report, dotted)
+        return na if value is None else pattern.format(value / scale if scale != 1 else value)
+
+    def text(dotted: str) -> str:
+        return report_field(report, dotted, str) or na
+
+    pruned = [w for w in report_field(report, "widths.pruned", list) or [] if isinstance(w, int)]
+    shown = na if not pruned else str(pruned[0]) if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)}"
+    dense, after = report_field(report, "parameters.dense", int), report_field(report, "parameters.pruned", int)
+    change = 1 - after / dense if dense and after is not None else None
+    fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
+    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s"
+               for k in report_field(report, "timings_seconds", dict) or {}]
+    metric = report_field(report, "metric", dict) or {}
+    retained = f", {kept}" if (kept := retained_text(metric)) else ""
+    if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
+        retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
+    soft = retained_text(report_field(report, "metric.right_prob", dict) or {})
+    retained += f"; probability of the right answer {soft}" if soft else ""
+    refit = ""  # fnprune.refit ran when the report has its section
+    if isinstance(report.get("refit"), dict):
+        prompts = report_field(report, "refit.prompts", int)
+        refit = " + refit" + (f" on {prompts} prompts" if prompts else "")
+    refit += " + recovery (distilled toward the dense model)" if isinstance(report.get("recovery"), dict) else ""
+    of = f" ({of})" if (of := report_field(report, "metric.of", str)) else ""
+    score = (f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples{of}: "
+             f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}")
+    if metric and metric.get("dense") is None and metric.get("pruned") is None:  # compress --no-eval
+        score = f"  {text('task')}: not evaluated (compressed with --no-eval; run fnprune evaluate --model FOLDER)"
+    return [
+        f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
+        f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
+        score,
+        f"  timings {', '.join(timings) or na}",
+        f"  weights file {' -> '.join(num(f'file_bytes.{k}', '{:.1f} MiB', 2**20) for k in ('dense', 'pruned'))}",
+        f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
+        f"{num('calibration.tokens_for_ica')} tokens sampled per layer",
+    ]
