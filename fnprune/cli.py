@@ -350,7 +350,7 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
     _setup_logging(quiet)
     start = time.perf_counter()
     files = parse_data_files(data_files)
-    spec_task = TaskSpec(name=task, data_dir=None if files else data_dir, data_files=files or {})
+    spec_task = TaskSpec(name=task, data_dir=data_dir, data_files=files or {})
     values = {
         "components": components, "threshold": threshold, "num_samples": num_samples, "max_tokens": max_tokens,
         "group_tokens": group_tokens, "recurrence_groups": recurrence_groups, "group_size": group_size,
