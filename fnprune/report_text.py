@@ -34,9 +34,10 @@ def report_lines(report: dict) -> list[str]:
     dense, after = report_field(report, "parameters.dense", int), report_field(report, "parameters.pruned", int)
     change = 1 - after / dense if dense and after is not None else None
     fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
-    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s"
-               for k in report_field(report, "timings_seconds", dict) or {}]
     metric = report_field(report, "metric", dict) or {}
+    scored = not metric or metric.get("dense") is not None or metric.get("pruned") is not None
+    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in report_field(report, "timings_seconds", dict)
+               or {} if scored or not k.startswith("evaluate")]  # --no-eval: no evaluate stages to show
     retained = f", {kept}" if (kept := retained_text(metric)) else ""
     if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
         retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
@@ -50,7 +51,7 @@ def report_lines(report: dict) -> list[str]:
     of = f" ({of})" if (of := report_field(report, "metric.of", str)) else ""
     score = (f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples{of}: "
              f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}")
-    if metric and metric.get("dense") is None and metric.get("pruned") is None:  # compress --no-eval
+    if not scored:  # compress --no-eval
         score = f"  {text('task')}: not evaluated (compressed with --no-eval; run fnprune evaluate --model FOLDER)"
     return [
         f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",

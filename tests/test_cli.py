@@ -72,6 +72,7 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     shown = _run("inspect", out).output
     assert "sst2: not evaluated (compressed with --no-eval" in shown and "n/a validation" not in shown
     assert "tokens sampled per layer" in shown and "ICA" not in shown  # flap runs no ICA
+    assert "timings load" in shown and "evaluate_dense" not in shown
 
 
 def test_data_files_flag(model_dir, task_data, tmp_path):
