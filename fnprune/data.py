@@ -20,14 +20,21 @@ from pathlib import Path
 from . import fields as rowfields
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
-from .tasks import BUILTIN_TASKS, parse_data_files, resolve_task, task_fields, template_fields, uses_fields
+from .tasks import (
+    BUILTIN_TASKS,
+    SPLIT_FILE_STEMS,
+    parse_data_files,
+    resolve_task,
+    task_fields,
+    template_fields,
+    uses_fields,
+)
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
     "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files", "fill_template",
 ]
 
-SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 

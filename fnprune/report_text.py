@@ -36,8 +36,9 @@ def report_lines(report: dict) -> list[str]:
     fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
     metric = report_field(report, "metric", dict) or {}
     scored = not metric or metric.get("dense") is not None or metric.get("pruned") is not None
-    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in report_field(report, "timings_seconds", dict)
-               or {} if scored or not k.startswith("evaluate")]  # --no-eval: no evaluate stages to show
+    stages = report_field(report, "timings_seconds", dict) or {}
+    shown_stages = [k for k in stages if scored or not k.startswith("evaluate")]  # --no-eval ran no evaluate stage
+    timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in shown_stages]
     retained = f", {kept}" if (kept := retained_text(metric)) else ""
     if note := chance_text(metric):  # the dense model at or below always answering the most frequent label
         retained += f"; always the most frequent label scores {metric['majority_class']:.4f}: {note}"
@@ -48,8 +49,9 @@ def report_lines(report: dict) -> list[str]:
         prompts = report_field(report, "refit.prompts", int)
         refit = " + refit" + (f" on {prompts} prompts" if prompts else "")
     refit += " + recovery (distilled toward the dense model)" if isinstance(report.get("recovery"), dict) else ""
-    of = f" ({of})" if (of := report_field(report, "metric.of", str)) else ""
-    score = (f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples{of}: "
+    of = report_field(report, "metric.of", str)
+    averaged = f" ({of})" if of else ""
+    score = (f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples{averaged}: "
              f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}")
     if not scored:  # compress --no-eval
         score = f"  {text('task')}: not evaluated (compressed with --no-eval; run fnprune evaluate --model FOLDER)"

@@ -13,7 +13,11 @@ from . import fields as rowfields
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 
-__all__ = ["BUILTIN_TASKS", "parse_data_files", "resolve_task", "task_fields", "template_fields", "uses_fields"]
+__all__ = ["BUILTIN_TASKS", "SPLIT_FILE_STEMS", "parse_data_files", "resolve_task", "task_fields", "template_fields",
+           "uses_fields"]
+
+# The usual split names and the file stems a data folder holds them under (dev.tsv is GLUE's validation file)
+SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
 
 
 def _templates(*rows: tuple[str, str, dict[str, str], bool]) -> list[PromptTemplate]:
@@ -300,8 +304,7 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
 def _check_data_file_splits(task: TaskSpec) -> None:
     """A misspelt split in data_files (`valid=dev.tsv`) would be read by nothing while the split it meant is
     looked for elsewhere."""
-    splits = dict.fromkeys(["train", "validation", "test", task.calibration_split, task.evaluation_split,
-                            *task.split_files])
+    splits = dict.fromkeys([*SPLIT_FILE_STEMS, task.calibration_split, task.evaluation_split, *task.split_files])
     unknown = [s for s in task.data_files if s not in splits]
     if unknown:
         raise DataError(f"data_files: {', '.join(map(repr, unknown))} is not a split name (one of "
