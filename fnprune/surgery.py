@@ -89,9 +89,12 @@ def plan_layers(
     fill_maps: list[torch.Tensor] | None = None,
 ) -> list[LayerPlan]:
     """The plan of every layer, from its kept indices, its width before surgery and whether its output
-    projection has a bias (as stored); `removed_means`, `width_layout` and `fill_maps` as in `prune_mlp`."""
+    projection has a bias (as stored); `removed_means`, `width_layout` and `fill_maps` as in `prune_mlp`.
+    When no layer loses a neuron there is nothing to compensate, so no bias is added (the model stays as it was)."""
     if len(keep) != len(widths):
         raise ValueError(f"got {len(keep)} index sets for {len(widths)} layers")
+    if all(len(idx) == width for idx, width in zip(keep, widths)):
+        removed_means = None
     kept = [len(k) for k in keep]
     check_widths(kept, width_layout)
     plans = []

@@ -160,6 +160,19 @@ def test_bias_compensation_refused_where_impossible(model_dir, task_data, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_keep_one_leaves_the_model_as_it_was(model_dir, task_data, tmp_path):
+    """Keep 1 with the default bias compensation and reconstruction: same parameters, same logits."""
+    recipe = apply_overrides(_recipe(model_dir("llama"), task_data, tmp_path / "o", keep=1.0),
+                             {"evaluation.enabled": False})
+    report = fnprune.compress(recipe, progress=False).report
+    assert report["parameters"]["pruned"] == report["parameters"]["dense"]
+    dense = AutoModelForCausalLM.from_pretrained(model_dir("llama")).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_sharded_output_reloads(model_dir, task_data, tmp_path):
     recipe = apply_overrides(_recipe(model_dir("qwen2"), task_data, tmp_path / "o"),
                              {"output.max_shard_size": "40KB", "evaluation.enabled": False})

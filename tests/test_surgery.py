@@ -135,6 +135,21 @@ def test_plan_decides_padding_and_new_biases():
         plan_layers(MLP_LAYOUTS["mistral"], keep, [8, 8], [False, False], means, "padded")
 
 
+def test_keeping_every_neuron_adds_no_bias(model_dir):
+    """Nothing removed, nothing to compensate: the model keeps its parameters and config (no mlp_bias)."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    layout = layout_for(model)
+    widths = mlp_widths(model, layout)
+    batch = _batch(tok)
+    expected = _logits(model, batch)
+    before = set(model.state_dict())
+    pruned = prune_mlp(model, layout, [torch.arange(w) for w in widths], [torch.ones(w) for w in widths])
+    assert set(pruned.state_dict()) == before and not pruned.config.mlp_bias
+    torch.testing.assert_close(_logits(pruned, batch), expected, atol=1e-6, rtol=1e-6)
+    assert not any(p.new_biases or p.centre is not None
+                   for p in plan_layers(layout, [torch.arange(8)] * 2, [8, 8], [False, False], [torch.ones(8)] * 2))
+
+
 def test_layout_facts():
     for arch, layout in MLP_LAYOUTS.items():
         assert layout.head in (CAUSAL_LM, CLASSIFIER)
