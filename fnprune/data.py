@@ -189,17 +189,15 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
+    fix = f"add {split}=FILE to --data-files" if task.data_files else "pass --data-dir or --data-files"
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(
-            f"task {task.name!r} has no local files (give --data-dir or --data-files) and the `datasets` "
-            "package is not installed (pip install 'fnprune[datasets]')"
-        ) from exc
+        raise DataError(f"task {task.name!r} has no local file for split {split!r} ({fix}) and the `datasets` "
+                        "package is not installed (pip install 'fnprune[datasets]')") from exc
     try:
         ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
     except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
-        fix = f"add {split}=FILE to --data-files" if task.data_files else "pass --data-dir or --data-files"
         raise DataError(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging "
                         f"Face Hub ({type(exc).__name__}: {exc}); offline, {fix} "
                         "(HF_HUB_OFFLINE=1 skips the Hub's retries)") from exc

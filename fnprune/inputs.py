@@ -12,8 +12,18 @@ from typing import Any
 from .arch import MLPLayout, layout_for, mlp_widths
 from .capture import capture_memory_bytes
 from .checkpoint import check_disk_space
-from .data import RAW, Example, check_disjoint, fill_template, load_evaluation, load_sample, resolve_task, task_fields
-from .errors import RecipeError
+from .data import (
+    RAW,
+    Example,
+    check_disjoint,
+    data_source,
+    fill_template,
+    load_evaluation,
+    load_sample,
+    resolve_task,
+    task_fields,
+)
+from .errors import DataError, RecipeError
 from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, model_source, unique_parameters
 from .offload import offloaded_modules
@@ -59,8 +69,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
     recipe = dataclasses.replace(  # what runs, and is saved
         recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))
     prompts = calibration_prompts(task, recipe.calibration)
-    evaluation = load_evaluation(task, task.evaluation_split)
-    check_disjoint(prompts, next(iter(evaluation.values())))
+    evaluation = _evaluation_examples(task, recipe.evaluation.enabled)
+    if evaluation:
+        check_disjoint(prompts, next(iter(evaluation.values())))
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
@@ -74,6 +85,20 @@ def load_inputs(recipe: Recipe) -> Inputs:
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
+
+
+def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example]]:
+    """The evaluation split under every template. Unscored (--no-eval) it is read only for the overlap check, and
+    only from a local file: a task given no evaluation file is calibrated without one ({} then)."""
+    if not scored:
+        try:
+            local = data_source(task, task.evaluation_split) is not None
+        except DataError:
+            local = False
+        if not local:
+            log.info("no local %r file: the calibration is not checked against it", task.evaluation_split)
+            return {}
+    return load_evaluation(task, task.evaluation_split)
 
 
 def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:

@@ -68,7 +68,7 @@ def resolved_recipe(inputs: Inputs) -> Recipe:
         output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),
         provenance={
             "versions": versions(),
-            "data": data_provenance(task, [task.calibration_split, task.evaluation_split]),
+            "data": data_provenance(task, [task.calibration_split, *[task.evaluation_split] * bool(inputs.evaluation)]),
         },
     )
 

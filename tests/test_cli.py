@@ -75,6 +75,24 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     assert "timings load" in shown and "evaluate_dense" not in shown
 
 
+def test_no_eval_needs_no_evaluation_split(model_dir, task_data, tmp_path, monkeypatch):
+    """--no-eval with only a calibration file: compressed; evaluate later names the split to give."""
+    try:  # the Hub's validation split: refused at once, not after retries (the env var is read at import)
+        import datasets
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass  # without `datasets` the message names the file to add too
+    out = tmp_path / "o"
+    result = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-files",
+                  f"train={task_data / 'train.tsv'}", "--output", out, "--no-eval", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "validation" not in (out / "recipe.yaml").read_text().split("provenance:")[1]
+    later = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--quiet"])
+    assert later.exit_code != 0 and "add validation=FILE" in later.output
+    given = _run("evaluate", "--model", out, "--data-files", f"validation={task_data / 'dev.tsv'}", "--quiet")
+    assert given.exit_code == 0 and "sst2 accuracy" in given.output
+
+
 def test_data_files_flag(model_dir, task_data, tmp_path):
     out = tmp_path / "o"
     files = f"train={task_data / 'train.tsv'},validation={task_data / 'dev.tsv'}"
