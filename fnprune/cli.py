@@ -27,7 +27,7 @@ from .cli_flags import (
 )
 from .errors import FnpruneError, RecipeError
 from .recipe import Recipe, TaskSpec, apply_overrides, load_recipe
-from .report_text import report_field, report_lines
+from .report_text import evaluated, report_field, report_lines
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -108,10 +108,11 @@ def _print_summary(report: dict, where: Path | str) -> None:
     m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"wrote {where}")
-    for line in report_lines(report)[:2]:  # method and parameters, as `fnprune inspect` shows them
+    lines = report_lines(report, str(where))
+    for line in lines[:2]:  # method and parameters, as `fnprune inspect` shows them
         click.echo(line)
-    if m["n"] is None:
-        click.echo(f"  {report['task']}: not evaluated (--no-eval); run `fnprune evaluate --model {where}`")
+    if not evaluated(report):
+        click.echo(lines[2])  # the same "not evaluated" line
         return
     click.echo(f"  {report['task']} {m['name']} on {m['n']} {m['split']} examples, {m.get('of', '')}: "
                f"dense {fmt(m['dense'])}, pruned {fmt(m['pruned'])}")
@@ -304,7 +305,7 @@ def inspect(directory) -> None:
     report = read_report(path)
     click.echo(f"{path}: {report_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "
                f"{report_field(report, 'fnprune_version', str) or 'n/a'}")
-    for line in report_lines(report):
+    for line in report_lines(report, str(path)):
         click.echo(line)
     click.echo(f"  recipe: {path / RECIPE_FILE if (path / RECIPE_FILE).is_file() else 'n/a (no ' + RECIPE_FILE + ')'}")
 

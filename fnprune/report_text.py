@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["report_field", "report_lines"]
+__all__ = ["report_field", "report_lines", "evaluated"]
 
 
 def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -16,8 +16,14 @@ def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int
     return node if isinstance(node, kind) and not isinstance(node, bool) else None
 
 
-def report_lines(report: dict) -> list[str]:
-    """What a report says, 'n/a' wherever a field is missing, null or of the wrong type."""
+def evaluated(report: dict) -> bool:
+    """Whether compress scored the models (not after --no-eval, which leaves the metric's values null)."""
+    metric = report_field(report, "metric", dict)
+    return not metric or any(metric.get(k) is not None for k in ("n", "dense", "pruned"))
+
+
+def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
+    """What a report says, 'n/a' wherever a field is missing, null or of the wrong type; `where`: the folder."""
     from .checkpoint import chance_text, retained_text
 
     na = "n/a"
@@ -35,7 +41,7 @@ def report_lines(report: dict) -> list[str]:
     change = 1 - after / dense if dense and after is not None else None
     fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
     metric = report_field(report, "metric", dict) or {}
-    scored = not metric or metric.get("dense") is not None or metric.get("pruned") is not None
+    scored = evaluated(report)
     stages = report_field(report, "timings_seconds", dict) or {}
     shown_stages = [k for k in stages if scored or not k.startswith("evaluate")]  # --no-eval ran no evaluate stage
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in shown_stages]
@@ -54,7 +60,7 @@ def report_lines(report: dict) -> list[str]:
     score = (f"  {text('task')} {text('metric.name')} on {num('metric.n')} {text('metric.split')} examples{averaged}: "
              f"dense {num('metric.dense', '{:.4f}')}, pruned {num('metric.pruned', '{:.4f}')}{retained}")
     if not scored:  # compress --no-eval
-        score = f"  {text('task')}: not evaluated (compressed with --no-eval; run fnprune evaluate --model FOLDER)"
+        score = f"  {text('task')}: not evaluated (compressed with --no-eval); run `fnprune evaluate --model {where}`"
     return [
         f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
         f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",

@@ -68,9 +68,10 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["keep"] == 0.25 and report["method"] == "flap" and report["widths"]["pruned"] == [32, 32]
     assert "sample_store: tokens" in (out / "recipe.yaml").read_text()
-    assert "not evaluated (--no-eval)" in result.output and "None" not in result.output
+    said = f"sst2: not evaluated (compressed with --no-eval); run `fnprune evaluate --model {out}`"
+    assert said in result.output and "None" not in result.output
     shown = _run("inspect", out).output
-    assert "sst2: not evaluated (compressed with --no-eval" in shown and "n/a validation" not in shown
+    assert said in shown and "n/a validation" not in shown
     assert "tokens sampled per layer" in shown and "ICA" not in shown  # flap runs no ICA
     assert "timings load" in shown and "evaluate_dense" not in shown
 
