@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    from fnprune.data import file_sha256
+    from fnprune.provenance import file_sha256
     from fnprune.recipe import Recipe, load_recipe
 
     try:

@@ -240,10 +240,12 @@ def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_fi
     model folder's recipe.yaml task with its data (also when --task names it), else --task."""
     from .checkpoint import RECIPE_FILE
     from .data import load_evaluation, resolve_task
+    from .inputs import calibrated_on
     from .recipe import recipe_from_dict
 
     saved = Path(model).expanduser() / RECIPE_FILE
-    recorded = load_recipe(saved).task if saved.is_file() else None
+    compressed = load_recipe(saved) if saved.is_file() else None
+    recorded = compressed.task if compressed is not None else None
     if task is None and recorded is None and harness:
         return None, None  # lm-eval only
     if task is None and recorded is None:
@@ -261,6 +263,11 @@ def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_fi
             raise FnpruneError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
                                f"(its templates: {', '.join(sets)})")
         sets = {t: sets[t] for t in wanted}
+    rows = next(iter(sets.values()))
+    if compressed is not None and (n := calibrated_on(compressed, rows)):
+        logging.getLogger("fnprune").warning(
+            "%d of these %d examples are among %s's calibration examples (its recipe.yaml): not held out", n,
+            len(rows), model)
     return resolved, sets
 
 

@@ -8,7 +8,6 @@ here too). No model internals here.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -427,22 +426,19 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in _sample_indices(len(examples), n, seed)]
 
 
+def shared_examples(a: list[Example], b: list[Example]) -> set[tuple[str, ...]]:
+    """The examples in both lists, by their text: the same text is the same example whatever prompt wraps it."""
+    key = lambda e: e.texts or (e.prompt,)  # noqa: E731
+    return {key(e) for e in a} & {key(e) for e in b}
+
+
 def check_disjoint(calibration: list[Example], evaluation: list[Example]) -> None:
     """Refuse calibration data that also appears in the evaluation data (the reference code leaked it), under
-    any template: the same text is the same example whatever prompt wraps it."""
-    key = lambda e: e.texts or (e.prompt,)  # noqa: E731
-    shared = {key(e) for e in calibration} & {key(e) for e in evaluation}
+    any template."""
+    shared = shared_examples(calibration, evaluation)
     if shared:
         example = " / ".join(next(iter(shared)))
         raise DataError(
             f"{len(shared)} calibration example(s) also appear in the evaluation split, e.g. {example[:80]!r}; "
             "calibration and evaluation data must not overlap (use a different calibration split or file)"
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

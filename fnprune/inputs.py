@@ -21,6 +21,7 @@ from .data import (
     load_evaluation,
     load_sample,
     resolve_task,
+    shared_examples,
     task_fields,
 )
 from .errors import DataError, RecipeError
@@ -33,7 +34,7 @@ from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
 
-__all__ = ["Inputs", "load_inputs", "calibration_prompts", "check_budgets", "under_template"]
+__all__ = ["Inputs", "load_inputs", "calibration_prompts", "calibrated_on", "check_budgets", "under_template"]
 
 log = logging.getLogger("fnprune")
 
@@ -114,6 +115,20 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
         return sample
     picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])
     return [dataclasses.replace(e, prompt=e.prompt + e.delimiter + c) for e in sample for c in picked(e)]
+
+
+def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:
+    """How many of `examples` a compress run of `recipe` (a folder's recipe.yaml) calibrated on; None when its
+    calibration data cannot be read from a local file (moved, or on the Hub)."""
+    try:
+        task = resolve_task(recipe.task)
+        if data_source(task, task.calibration_split) is None:
+            return None
+        spec = recipe.calibration.for_task(task.kind)
+        sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+    except (DataError, RecipeError):
+        return None
+    return len(shared_examples(sample, examples))
 
 
 def check_budgets(inputs: Inputs, out_dir: Path) -> None:

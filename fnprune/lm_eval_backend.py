@@ -28,9 +28,8 @@ import yaml
 from torch import nn
 
 from . import cache
-from .data import file_sha256
 from .errors import FnpruneError
-from .provenance import key_versions
+from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 
 __all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_metrics", "lm_eval_report",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,10 +14,10 @@ import torch
 import transformers
 
 from . import __version__
-from .data import data_source, file_sha256
+from .data import data_source
 from .recipe import TaskSpec
 
-__all__ = ["versions", "key_versions", "data_provenance"]
+__all__ = ["versions", "key_versions", "data_provenance", "file_sha256"]
 
 
 def versions() -> dict[str, str]:
@@ -46,3 +48,11 @@ def data_provenance(task: TaskSpec, splits: list[str]) -> dict[str, Any]:
             else {"dataset": task.dataset, "config": task.dataset_config}
         )
     return out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

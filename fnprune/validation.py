@@ -16,13 +16,13 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .checkpoint import is_number
-from .data import BUILTIN_TASKS, Example, file_sha256, load_evaluation, resolve_task
+from .data import BUILTIN_TASKS, Example, load_evaluation, resolve_task
 from .errors import RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .intervals import retained_interval
 from .lm_eval_backend import score_lm_eval
 from .perplexity import perplexity, wikitext_file, wikitext_ids
-from .provenance import key_versions
+from .provenance import file_sha256, key_versions
 from .recipe import PERPLEXITY_TASK, ModelSpec, Recipe, TaskSpec, ValidationTask
 
 __all__ = [

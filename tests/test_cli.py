@@ -91,7 +91,9 @@ def test_no_eval_needs_no_evaluation_split(model_dir, task_data, tmp_path, monke
     later = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--quiet"])
     assert later.exit_code != 0 and "add validation=FILE" in later.output
     given = _run("evaluate", "--model", out, "--data-files", f"validation={task_data / 'dev.tsv'}", "--quiet")
-    assert given.exit_code == 0 and "sst2 accuracy" in given.output
+    assert given.exit_code == 0 and "sst2 accuracy" in given.output and "not held out" not in given.output
+    calibrated = _run("evaluate", "--model", out, "--data-files", f"validation={task_data / 'train.tsv'}")
+    assert calibrated.exit_code == 0 and "40 of these 64 examples are among" in calibrated.output  # --num-samples 40
 
 
 def test_data_files_flag(model_dir, task_data, tmp_path):
