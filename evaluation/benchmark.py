@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from evaluation.tables import percent_of_dense, with_extension, write_rows
-from fnprune.checkpoint import interval_text
+from fnprune.card import interval_text
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
 # compensation, wanda-sp and random without), the ablations change one thing of the default. Every configuration

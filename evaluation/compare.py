@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from evaluation.tables import percent_of_dense, write_rows
-from fnprune.checkpoint import interval_text
+from fnprune.card import interval_text
 from fnprune.intervals import difference_interval
 from fnprune.validation import read_hits, read_right_probs
 

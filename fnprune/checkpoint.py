@@ -11,9 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .arch import layout_for
-from .choices import NETWORK_METHODS
 from .errors import FnpruneError, OutputError
-from .lm_eval_backend import lm_eval_metrics
 
 __all__ = [
     "RECIPE_FILE",
@@ -36,11 +33,6 @@ __all__ = [
     "atomic_output_dir",
     "save_networks",
     "write_json",
-    "model_card",
-    "retained_text",
-    "chance_text",
-    "interval_text",
-    "is_number",
 ]
 
 RECIPE_FILE = "recipe.yaml"
@@ -230,180 +222,3 @@ def write_per_layer_code(directory: Path, model) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SHIM_FILE).write_text(shim_source(base), encoding="utf-8")
     model.config.auto_map = {layout_for(model).head: "modeling_fnprune.FnpruneModel"}
-
-
-@dataclass
-class CardInfo:
-    base_model: str
-    task: str
-    method: str
-    keep: float
-    report: dict[str, Any]
-    recipe_yaml: str
-
-
-def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
-    return "n/a" if value is None else pattern.format(value)
-
-
-def interval_text(bounds: Any) -> str | None:
-    """report.json's `retained_ci95` as "87.9-95.6" (% of dense); None when it is missing or malformed."""
-    if isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(v, (int, float)) for v in bounds):
-        return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}"
-    return None
-
-
-def retained_text(metric: dict[str, Any]) -> str:
-    """"91.7% of dense (95% interval 87.9-95.6%)": report.json's pruned / dense and its interval; "" when the
-    report has none."""
-    ratio, interval = metric.get("retained"), interval_text(metric.get("retained_ci95"))
-    if not is_number(ratio):
-        return ""
-    return f"{ratio:.1%} of dense" + (f" (95% interval {interval}%)" if interval else "")
-
-
-def chance_text(metric: dict[str, Any]) -> str:
-    """A warning when the dense model's headline is not above always answering the most frequent label: then no
-    "% of dense" says whether pruning kept the task; "" otherwise."""
-    dense, chance = metric.get("dense"), metric.get("majority_class")
-    if not (is_number(dense) and is_number(chance)) or dense > chance:
-        return ""
-    return "the dense model is not above it, so no % of dense here says whether the task was kept"
-
-
-def is_number(value: Any) -> bool:
-    """A figure report.json may hold (it is untrusted input): an int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
-    """The card's accuracy rows: the headline, the two template means, then each template."""
-    metric, means = report.get("metric", {}), report.get("template_means", {})
-    templates = report.get("templates", [])
-    n_held = sum(1 for t in templates if t.get("held_out"))
-    where = f"{metric.get('n', 'n/a')} `{metric.get('split', '')}` examples"
-    rows = [f"| **{task} {metric.get('name', 'accuracy')}, {metric.get('of', '')}** ({where}) | "
-            f"**{_fmt(metric.get('dense'))}** | **{_fmt(metric.get('pruned'))}** |"]
-    if text := retained_text(metric):
-        rows.append(f"| pruned against dense (the interval: a paired bootstrap over the examples) | | {text} |")
-    soft = metric.get("right_prob") if isinstance(metric.get("right_prob"), dict) else {}
-    if soft.get("dense") is not None:
-        kept = f"; {text}" if (text := retained_text(soft)) else ""
-        rows.append(f"| probability of the right answer, {metric.get('of', '')}: it moves with every answer's "
-                    f"sureness, not only where one flips | {_fmt(soft['dense'])} | {_fmt(soft.get('pruned'))}{kept} |")
-    if n_held:
-        cal = means.get("calibration", {})
-        rows.append(f"| calibration templates (mean of {len(templates) - n_held}) | {_fmt(cal.get('dense'))} | "
-                    f"{_fmt(cal.get('pruned'))} |")
-    for t in templates:
-        kind = "held out" if t.get("held_out") else "calibration"
-        rows.append(f"| template `{t.get('name')}` ({kind}) | {_fmt(t.get('dense'))} | {_fmt(t.get('pruned'))} |")
-    if metric.get("majority_class") is not None:
-        warn = f": {note}" if (note := chance_text(metric)) else ""
-        rows.append(f"| always the most frequent label (chance level){warn} | {_fmt(metric['majority_class'])} | |")
-    return "\n".join(rows)
-
-
-def _validation_rows(report: dict[str, Any]) -> str:
-    """The card's rows for the extra benchmarks (report["validation"]): each task's headline, the perplexity."""
-    validation, rows = report.get("validation") or {}, []
-    for v in validation.get("tasks", []):
-        m = v.get("metric", {})
-        rows.append(f"| validation: {v.get('task')} accuracy, {m.get('of', '')} ({m.get('n', 'n/a')} "
-                    f"`{m.get('split', '')}` examples) | {_fmt(m.get('dense'))} | {_fmt(m.get('pruned'))} |")
-        if m.get("kind") == "multiple_choice":
-            rows.append(f"| validation: {v.get('task')} acc_norm | {_fmt(m.get('dense_acc_norm'))} | "
-                        f"{_fmt(m.get('pruned_acc_norm'))} |")
-    ppl = validation.get("perplexity")
-    if ppl:
-        rows.append(f"| validation: {ppl.get('task')} perplexity ({ppl.get('tokens')} tokens, windows of "
-                    f"{ppl.get('window')}) | {_fmt(ppl.get('dense'), '{:.3f}')} | "
-                    f"{_fmt(ppl.get('pruned'), '{:.3f}')} |")
-    return "".join(row + "\n" for row in rows)
-
-
-def _lm_eval_rows(report: dict[str, Any]) -> str:
-    """The card's rows for lm-evaluation-harness (report["lm_eval"]): each task's metrics, dense beside pruned."""
-    section, rows = report.get("lm_eval") or {}, []
-    limit = f", limit {section['limit']}" if section.get("limit") else ""
-    for task, entry in (section.get("tasks") or {}).items():
-        for metric, dense, pruned in lm_eval_metrics(entry):
-            rows.append(f"| lm-eval {section.get('version') or ''}: {task} {metric} ({entry.get('n', 'n/a')} "
-                        f"documents{limit}) | {_fmt(dense)} | {_fmt(pruned)} |")
-    return "".join(row + "\n" for row in rows)
-
-
-def _selection_sentence(info: CardInfo, samples: int) -> str:
-    """What selection did, in the card's words: only the network criteria find functional networks."""
-    found = (f"found the model's task functional networks (per-layer ICA on MLP activations from {samples} "
-             f"`{info.task}` calibration examples), kept" if info.method in NETWORK_METHODS else
-             f"scored every MLP neuron on {samples} `{info.task}` calibration examples, kept")
-    prompts = (info.report.get("refit") or {}).get("prompts") or samples
-    on = "the calibration prompts" if prompts >= samples else f"the first {prompts} calibration prompts"
-    refit = (" Layer by layer, each MLP down projection was then refitted so that its block's output matches the "
-             f"dense model's on {on}." if "refit" in info.report else "")
-    return (f"{found} {info.keep:.0%} of the MLP neurons of every layer with the `{info.method}` criterion and "
-            f"physically removed the others.{refit}")
-
-
-def _recovery_note(r: dict) -> str:
-    """A paragraph on the recovery stage, with the scores before it, when the run had one."""
-    rec = r.get("recovery")
-    if not rec:
-        return ""
-    before = (rec.get("before") or {}).get("template_means")
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    scores = (f" Before recovery: held-out template mean {fmt(before['held_out']['pruned'])}, calibration template "
-              f"mean {fmt(before['calibration']['pruned'])}." if before else "")
-    return (f"\nAfter surgery the pruned model was distilled toward the dense one ({rec['steps']} steps, "
-            f"{rec['settings']['params']} weights, {rec['seconds']:.0f} s) on the calibration prompts only; the "
-            f"table shows the recovered model.{scores}\n")
-
-
-def model_card(info: CardInfo, fnprune_version: str) -> str:
-    """Hugging Face model card with base_model metadata, what was done and the results table."""
-    r = info.report
-    params = r["parameters"]
-    size = r["file_bytes"]
-    mib: Callable[[int | None], str] = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    base_model_line = f"base_model: {info.base_model}\n" if "/" in info.base_model and not Path(
-        info.base_model
-    ).expanduser().exists() else ""
-    return f"""---
-{base_model_line}library_name: transformers
-tags:
-- fnprune
-- pruned
-- {info.task}
----
-
-# {info.base_model} pruned for {info.task} with fnprune
-
-fnprune {fnprune_version} {_selection_sentence(info, r['calibration']['samples'])} The checkpoint loads with
-plain `AutoModelForCausalLM.from_pretrained`.
-
-| | dense | pruned |
-|---|---|---|
-{_accuracy_rows(info.task, r)}
-{_validation_rows(r)}{_lm_eval_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
-| MLP width per layer | {r['widths']['dense']} | {r['widths']['pruned'][0]} |
-| weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
-
-Evaluation is zero-shot (label-word log-probabilities) on a split the calibration never saw. The headline is
-the mean over held-out prompt templates, which were never used for calibration or for choosing settings:
-how the model does under a prompt of your own.
-{_recovery_note(r)}
-## Run it elsewhere
-
-llama.cpp / Ollama: `fnprune export DIR --format gguf --outtype f16 --output model.gguf` (per-layer widths are
-written as llama.cpp's `deci` architecture). vLLM: `fnprune export DIR --format deci --output DIR-deci` (FFN
-widths must be multiples of 256: compress with `--round-to 256`).
-
-## Recipe
-
-Rerun with `fnprune compress --recipe recipe.yaml --output DIR`:
-
-```yaml
-{info.recipe_yaml.rstrip()}
-```
-"""

@@ -103,7 +103,7 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
 
 
 def _print_summary(report: dict, where: Path | str) -> None:
-    from .checkpoint import chance_text, retained_text
+    from .card import chance_text, retained_text
 
     m = report["metric"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

@@ -12,12 +12,11 @@ import torch
 
 from . import __version__
 from .calibration import Calibration
+from .card import CardInfo, model_card
 from .checkpoint import (
     CARD_FILE,
     RECIPE_FILE,
     REPORT_FILE,
-    CardInfo,
-    model_card,
     save_networks,
     write_json,
     write_per_layer_code,
@@ -127,7 +126,8 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
     write_json(tmp / REPORT_FILE, report)
     sel = inputs.selection
-    card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml)
+    card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
+                    inputs.model.config.model_type, inputs.layout.head, inputs.task.kind)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
 
 

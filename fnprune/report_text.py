@@ -24,7 +24,7 @@ def evaluated(report: dict) -> bool:
 
 def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
     """What a report says, 'n/a' wherever a field is missing, null or of the wrong type; `where`: the folder."""
-    from .checkpoint import chance_text, retained_text
+    from .card import chance_text, retained_text
 
     na = "n/a"
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache
-from .checkpoint import is_number
+from .card import is_number
 from .data import BUILTIN_TASKS, Example, load_evaluation, resolve_task
 from .errors import RecipeError
 from .evaluate import TaskResult, evaluate_templates

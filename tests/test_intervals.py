@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fnprune.checkpoint import _accuracy_rows, chance_text, retained_text
+from fnprune.card import _accuracy_rows, chance_text, retained_text
 from fnprune.intervals import difference_interval, retained_interval
 
 

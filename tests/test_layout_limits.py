@@ -16,7 +16,7 @@ MODULE_LIMIT = 450
 
 # Functions that are mostly literal report text: cutting one document into pieces scatters it.
 TEXT_FUNCTIONS = {
-    "checkpoint.py::model_card": 150,  # the model card (README.md beside the weights)
+    "card.py::model_card": 150,  # the model card (README.md beside the weights)
     "cli.py::_print_summary": 150,  # what compress prints when it is done
 }
 # Modules allowed past MODULE_LIMIT, up to their own ceiling.

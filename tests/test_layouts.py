@@ -84,6 +84,16 @@ def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, t
     padded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")  # vanilla config, no remote code
     assert padded.config.intermediate_size == max(widths) and not hasattr(padded.config, "fnprune_layout")
     assert reports["padded"]["parameters"]["pruned"] > reports["per-layer"]["parameters"]["pruned"]
+    # each card says how its checkpoint loads and which widths it has, and only what was written
+    card = (tmp_path / "per-layer" / "README.md").read_text()
+    assert "fnprune.load_pruned(DIR)" in card and "trust_remote_code=True" in card and "plain" not in card
+    assert f"| {min(widths)}..{max(widths)} (per layer) |" in card and "of every layer" not in card
+    assert "`deci` architecture" in card and "--format deci" in card
+    with pytest.raises(Exception):  # what the card no longer claims: plain loading of per-layer widths
+        AutoModelForCausalLM.from_pretrained(tmp_path / "per-layer")
+    card = (tmp_path / "padded" / "README.md").read_text()
+    assert "loads with plain `AutoModelForCausalLM.from_pretrained`" in card and "--format deci" not in card
+    assert f"stored padded to {max(widths)} with zero neurons" in card
 
 
 @pytest.mark.parametrize("allocation", ["global", "median", "standardized"])

@@ -1,0 +1,49 @@
+"""The model card states what the run wrote: how the checkpoint loads, its widths, how it was scored and which
+`fnprune export` formats its family and layout allow (those fnprune.export accepts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fnprune.card import CardInfo, model_card
+
+
+def _card(model_type: str = "llama", layout: str = "uniform", widths: list[int] | None = None,
+          head: str = "AutoModelForCausalLM", kind: str = "classification", allocation: str = "uniform") -> str:
+    report = {"parameters": {"dense": 100, "pruned": 60}, "file_bytes": {"dense": 400, "pruned": 240},
+              "calibration": {"samples": 8}, "widths": {"dense": 128, "pruned": widths or [64, 64]},
+              "layout": layout, "allocation": allocation, "metric": {"n": None}, "templates": []}
+    return model_card(CardInfo("org/base", "sst2", "flap", 0.5, report, "task: {}\n", model_type, head, kind), "0")
+
+
+def test_uniform_llama_card():
+    card = _card()
+    assert "loads with\nplain" not in card and "loads with plain `AutoModelForCausalLM.from_pretrained`" in card
+    assert "| MLP width per layer | 128 | 64 |" in card and "of every layer" in card
+    assert "written as llama.cpp's `llama` architecture" in card and "--format deci" in card
+    assert "label-word log-probabilities" in card
+
+
+def test_per_layer_card_names_the_loader_and_the_width_range():
+    card = _card(layout="per-layer", widths=[48, 80], allocation="global")
+    assert "fnprune.load_pruned(DIR)" in card and "trust_remote_code=True" in card and "plain" not in card
+    assert "| 48..80 (per layer) |" in card and "`global` allocation" in card and "of every layer" not in card
+    assert "`deci` architecture" in card
+
+
+@pytest.mark.parametrize(("model_type", "layout", "gguf", "deci"), [
+    ("qwen2", "uniform", True, False), ("qwen2", "per-layer", False, False), ("qwen2", "padded", True, False),
+    ("mistral", "padded", True, False), ("mistral", "per-layer", True, True), ("gpt2", "uniform", False, False),
+])
+def test_export_lines_follow_what_export_accepts(model_type, layout, gguf, deci):
+    widths = [48, 80] if layout != "uniform" else None
+    card = _card(model_type, layout, widths)
+    assert ("--format gguf" in card) == gguf and ("--format deci" in card) == deci
+    if not gguf and not deci:
+        assert f"does not write `{model_type}` checkpoints with this layout" in card
+
+
+def test_encoder_and_multiple_choice_wording():
+    card = _card("bert", head="AutoModelForSequenceClassification")
+    assert "plain `AutoModelForSequenceClassification.from_pretrained`" in card
+    assert "each choice's log-likelihood" in _card(kind="multiple_choice")
