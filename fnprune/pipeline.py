@@ -52,11 +52,18 @@ class CompressResult:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Each stage's seconds, logged; with `evaluating` off (--no-eval) the evaluate stages, which do nothing, are
+    neither logged nor timed."""
+
+    def __init__(self, evaluating: bool = True) -> None:
         self.seconds: dict[str, float] = {}
+        self.evaluating = evaluating
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if not self.evaluating and name.startswith("evaluate"):
+            yield
+            return
         start = time.perf_counter()
         log.info("%s ...", name)
         yield
@@ -84,7 +91,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     out_dir = Path(recipe.output.dir).expanduser()
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values()]
     check_output_dir(out_dir, recipe.output.overwrite, sources)  # before loading: never replaces an input
-    timer = _Timer()
+    timer = _Timer(ev.enabled)
     with timer.stage("load"):
         inputs = load_inputs(recipe)
     check_budgets(inputs, out_dir)
@@ -164,7 +171,8 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     """Stages 4-6 on the loaded model: surgery, then scores, with recovery (and scores after it) when asked."""
     model, recipe = inputs.model, inputs.recipe
     refit = None
-    if inputs.selection.refit:
+    removes = any(len(k) < w for k, w in zip(plan.kept, inputs.widths))  # keep 1: nothing to refit
+    if inputs.selection.refit and removes:
         with timer.stage("refit_inputs"):
             seqs = _calibration_ids(inputs)[:inputs.selection.refit_prompts]
             refit = LayerwiseRefit(model, inputs.layout, seqs, inputs.selection.refit_ridge,
