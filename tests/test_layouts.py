@@ -89,7 +89,7 @@ def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, t
     assert "fnprune.load_pruned(DIR)" in card and "trust_remote_code=True" in card and "plain" not in card
     assert f"| {min(widths)}..{max(widths)} (per layer) |" in card and "of every layer" not in card
     assert "`deci` architecture" in card and "--format deci" in card
-    with pytest.raises(Exception):  # what the card no longer claims: plain loading of per-layer widths
+    with pytest.raises(RuntimeError, match="mismatched"):  # plain loading, which the card no longer claims
         AutoModelForCausalLM.from_pretrained(tmp_path / "per-layer")
     card = (tmp_path / "padded" / "README.md").read_text()
     assert "loads with plain `AutoModelForCausalLM.from_pretrained`" in card and "--format deci" not in card
