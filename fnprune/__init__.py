@@ -1,4 +1,5 @@
-"""fnprune: keep a model's task functional networks, physically remove the other MLP neurons."""
+"""fnprune: keep the MLP neurons a task needs (scored on task data, or by its functional networks), physically
+remove the others, and write a smaller checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ __version__ = "0.1.0"
 from .errors import DataError, FnpruneError, ModelError, OutputError, RecipeError  # noqa: E402
 from .models import PrunedModel, load_pruned  # noqa: E402
 from .pipeline import CompressResult, compress  # noqa: E402
-from .recipe import Recipe, dump_recipe, load_recipe  # noqa: E402
+from .recipe import Recipe, apply_overrides, dump_recipe, load_recipe  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -17,6 +18,7 @@ __all__ = [
     "PrunedModel",
     "Recipe",
     "load_recipe",
+    "apply_overrides",
     "dump_recipe",
     "FnpruneError",
     "RecipeError",

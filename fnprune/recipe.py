@@ -583,7 +583,7 @@ class OutputSpec:
         "--streamed", "Streamed surgery from the source files without --device-map (never two copies in memory)."))
 
     def check(self) -> list[str]:
-        problems = [] if self.dir else ["output.dir: required (use --output DIR)"]
+        problems = [] if self.dir else ["output.dir: required (--output DIR on the command line)"]
         if self.layout not in LAYOUTS:
             problems.append(f"output.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if not isinstance(self.max_shard_size, str) or not _SHARD_SIZE.fullmatch(self.max_shard_size):
