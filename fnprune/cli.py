@@ -182,7 +182,8 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 @click.option("--split", help="Split to evaluate (default: the task's evaluation split).")
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate the first N examples only.")
 @click.option("--template", help="Template name(s), comma separated (default: all of the task's templates).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Prompts scored per forward pass.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
 @click.option("--device-map", help=FLAG_BY_DECL["--device-map"].settings["help"].split(". ")[0] + ".")
 @FLAG_BY_DECL["--max-memory"].decorate
@@ -191,7 +192,7 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 @FLAG_BY_DECL["--lm-eval-include"].decorate
 @FLAG_BY_DECL["--lm-eval-limit"].decorate
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
 def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
              max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:

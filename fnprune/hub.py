@@ -17,7 +17,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
 
     The token is read by huggingface_hub itself and never passed through, printed or written by fnprune.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
 
     api = HfApi()
     try:
@@ -25,9 +25,12 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message="Upload fnprune pruned checkpoint")
     except Exception as exc:  # network, auth, permissions: the message says which
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        unauthorized = status in (401, 403) or get_token() is None  # not a network failure
+        login = "log in with `hf auth login` (or set HF_TOKEN), then " if unauthorized else ""
         raise FnpruneError(
             f"could not push {folder} to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. "
-            f"The checkpoint is saved locally; log in with `hf auth login` (or set HF_TOKEN), then upload it with "
+            f"The checkpoint is saved locally; {login}upload it with "
             f"`hf upload {repo_id} {folder}{' --private' if private else ''}`."
         ) from exc
     log.info("pushed %s to %s", folder, url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +133,7 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
     common = dict(extra, trust_remote_code=spec.trust_remote_code)
     tokenizer_kwargs = {k: v for k, v in common.items() if k != "use_safetensors"}
     # a Hub id that cannot be fetched: say what works offline (the Hub client retries for tens of seconds first)
-    hub = "" if Path(source).exists() else ("; offline, give a local folder or .gguf file (HF_HUB_OFFLINE=1 skips "
-                                            "the Hub's retries)")
+    hub = "" if Path(source).exists() else _offline_hint()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
@@ -202,9 +202,15 @@ def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(str(path), revision=revision))
     except Exception as exc:  # not found, offline without a cached copy, no access
-        raise ModelError(
-            f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
+        raise ModelError(f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: "
+                         f"{_first_line(exc)}{_offline_hint()}") from exc
+
+
+def _offline_hint() -> str:
+    """What works when a Hub id cannot be fetched (the Hub client retries for tens of seconds unless told)."""
+    skip = "" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else (
+        " (HF_HUB_OFFLINE=1 skips the Hub's retries)")
+    return f"; offline, give a local folder or .gguf file{skip}"
 
 
 def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:

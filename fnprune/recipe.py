@@ -341,7 +341,7 @@ class SelectionSpec:
         "--method", "Selection criterion: {choices} (default auto: flap; fn-task selects by functional networks).",
         choices=SELECTION_METHODS, strict=False))
     keep: float = field(default=0.5, metadata=flag(
-        "--keep", "Fraction of MLP neurons kept in every layer (default {default})."))
+        "--keep", "Fraction of MLP neurons kept: in every layer, or overall with --allocation (default {default})."))
     round_to: int = field(default=8, metadata=flag(
         "--round-to", "Round kept widths to a multiple of this (default {default})."))
     # uniform: same width in every layer; global / median / standardized: one ranking across layers
@@ -521,7 +521,7 @@ class EvaluationSpec:
     # lm-evaluation-harness on the dense and the pruned model (fnprune.lm_eval_backend; `fnprune evaluate` too)
     lm_eval_tasks: list[str] = field(default_factory=list, metadata=flag(
         "--lm-eval-tasks", "Also run lm-evaluation-harness on these tasks, comma separated (needs fnprune[lm-eval]; "
-        "compress scores the dense and the pruned model); the model is loaded by fnprune, so every layout works.",
+        "in compress, on the dense and the pruned model); the model is loaded by fnprune, so every layout works.",
         metavar="TASK[,TASK]"))
     lm_eval_include: str | None = field(default=None, metadata=flag(
         "--lm-eval-include", "Folder of lm-eval task YAMLs (e.g. evaluation/lm_eval_tasks over local files).",

@@ -107,5 +107,10 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_that_says_what_works_offlin
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, errors
     assert errors[0].startswith("Error: could not load a tokenizer from someone/not-cached")
-    assert "offline, give a local folder or .gguf file (HF_HUB_OFFLINE=1 skips the Hub's retries)" in errors[0]
+    assert errors[0].endswith("offline, give a local folder or .gguf file")  # HF_HUB_OFFLINE=1 already set
     assert not (tmp_path / "o").exists()
+    # evaluate (and load_pruned) resolve a Hub id first: the same advice
+    proc = subprocess.run([sys.executable, "-m", "fnprune.cli", "evaluate", "--task", "sst2", "--model",
+                           "someone/not-cached", "--data-dir", str(task_data), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("offline, give a local folder or .gguf file")
