@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -23,7 +22,6 @@ from .cli_flags import (
     parse_device_map,
     parse_lm_eval_tasks,
     parse_max_memory,
-    task_overrides,
 )
 from .errors import FnpruneError, RecipeError
 from .recipe import Recipe, TaskSpec, apply_overrides, load_recipe
@@ -197,7 +195,9 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
              max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
+    from .checkpoint import RECIPE_FILE
     from .evaluate import evaluate_templates
+    from .evaluate_checkpoint import evaluation_examples
     from .lm_eval_backend import check_lm_eval, run_lm_eval
     from .models import load_model, local_model_dir
     from .recipe import recipe_from_dict
@@ -216,7 +216,11 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     if problems:
         raise RecipeError(problems)
     check_lm_eval(harness, lm_eval_include)  # installed, the folder there, the tasks known: before any loading
-    resolved, sets = _evaluation_sets(model, task, data_dir, data_files, split, max_samples, template, bool(harness))
+    resolved, sets = None, None  # lm-eval only: no task named and none recorded
+    if task is not None or (Path(model).expanduser() / RECIPE_FILE).is_file() or not harness:
+        wanted = [t.strip() for t in template.split(",")] if template else None
+        resolved, sets = evaluation_examples(model, task, data_dir, parse_data_files(data_files), split, max_samples,
+                                             wanted)
     m, tok = load_model(checked.model)
     out: dict[str, Any] = {"model": model}
     result = None
@@ -233,43 +237,6 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     for name, metrics in out.get("lm_eval", {}).get("results", {}).items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and "stderr" not in k)
         click.echo(f"lm-eval {name}: {shown} (n={metrics.get('n')})")
-
-
-def _evaluation_sets(model: str, task: str | None, data_dir: str | None, data_files: str | None, split: str | None,
-                     max_samples: int | None, template: str | None, harness: bool) -> tuple[Any, Any]:
-    """The resolved task and its evaluation examples by template; (None, None) for lm-eval only. The task is the
-    model folder's recipe.yaml task with its data (also when --task names it), else --task."""
-    from .checkpoint import RECIPE_FILE
-    from .data import load_evaluation, resolve_task
-    from .inputs import calibrated_on
-    from .recipe import recipe_from_dict
-
-    saved = Path(model).expanduser() / RECIPE_FILE
-    compressed = load_recipe(saved) if saved.is_file() else None
-    recorded = compressed.task if compressed is not None else None
-    if task is None and recorded is None and harness:
-        return None, None  # lm-eval only
-    if task is None and recorded is None:
-        raise FnpruneError("--task is required (the model folder has no recipe.yaml to take it from)")
-    spec = recorded if recorded is not None and task in (None, recorded.name) else TaskSpec(name=task)
-    data = dataclasses.asdict(spec)
-    for key, value in task_overrides(None, data_dir, parse_data_files(data_files)).items():
-        data[key.split(".", 1)[1]] = value
-    resolved = resolve_task(recipe_from_dict({"task": data}).task)
-    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
-    if template:
-        wanted = [t.strip() for t in template.split(",")]
-        unknown = [t for t in wanted if t not in sets]
-        if unknown:
-            raise FnpruneError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
-                               f"(its templates: {', '.join(sets)})")
-        sets = {t: sets[t] for t in wanted}
-    rows = next(iter(sets.values()))
-    if compressed is not None and (n := calibrated_on(compressed, rows)):
-        logging.getLogger("fnprune").warning(
-            "%d of these %d examples are among %s's calibration examples (its recipe.yaml): not held out", n,
-            len(rows), model)
-    return resolved, sets
 
 
 def _evaluation_summary(result: Any, resolved: Any, split: str) -> dict[str, Any]:
@@ -354,7 +321,7 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
 
     from .analysis import AnalysisSpec, parse_scales, task_from_arg
     from .analysis import analyze as run
-    from .recipe import ModelSpec, TaskSpec
+    from .recipe import ModelSpec
 
     _setup_logging(quiet)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+import fnprune
 from fnprune.cli import main
 
 pytestmark = pytest.mark.slow  # full compress runs
@@ -35,6 +36,8 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     assert evaluated["accuracy"] == report["metric"]["pruned"] and evaluated["n"] == 32
     assert evaluated["templates"] == {t["name"]: t["pruned"] for t in report["templates"]}
     assert evaluated["right_prob"] == pytest.approx(soft["pruned"])
+    api = fnprune.evaluate_model(out, progress=False)  # the command's Python API
+    assert api.headline == evaluated["accuracy"] and api.n == evaluated["n"]
     for t in report["templates"]:  # report.json keeps each example's probability to 4 decimals
         assert evaluated["templates_right_prob"][t["name"]] == pytest.approx(
             sum(t["right_probs"]["pruned"]) / len(t["right_probs"]["pruned"]), abs=1e-4)

@@ -1,0 +1,73 @@
+"""Evaluate a checkpoint on a task, as `fnprune evaluate` does: which examples (the folder's own task and data
+unless another task is named) and their accuracy under every template. The Python API of that command."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .checkpoint import RECIPE_FILE
+from .data import Example, load_evaluation, resolve_task
+from .errors import FnpruneError
+from .evaluate import TaskResult, evaluate_templates
+from .inputs import calibrated_on
+from .models import load_model, local_model_dir
+from .recipe import ModelSpec, Recipe, TaskSpec, load_recipe, recipe_from_dict
+
+__all__ = ["evaluation_examples", "evaluate_model"]
+
+log = logging.getLogger("fnprune")
+
+
+def _task_spec(compressed: Recipe | None, task: str | None, data_dir: str | None,
+               data_files: dict[str, str] | None) -> TaskSpec:
+    """The folder's recorded task (also when `task` names it), else `task`; the data given replaces its data:
+    the files give the splits they name, the folder (given, or recorded) the others."""
+    recorded = compressed.task if compressed is not None else None
+    if task is None and recorded is None:
+        raise FnpruneError("--task is required (the model folder has no recipe.yaml to take it from)")
+    data = dataclasses.asdict(recorded if recorded is not None and task in (None, recorded.name)
+                              else TaskSpec(name=str(task)))
+    if data_dir:
+        data.update(data_dir=data_dir, data_files={})
+    if data_files:
+        data["data_files"] = data_files
+    return recipe_from_dict({"task": data}).task
+
+
+def evaluation_examples(model: str | Path, task: str | None = None, data_dir: str | None = None,
+                        data_files: dict[str, str] | None = None, split: str | None = None,
+                        max_samples: int | None = None, templates: list[str] | None = None
+                        ) -> tuple[TaskSpec, dict[str, list[Example]]]:
+    """The resolved task and its examples by template name. Warns when they include the folder's own calibration
+    rows (its recipe.yaml): the accuracy is then not held out."""
+    saved = Path(model).expanduser() / RECIPE_FILE
+    compressed = load_recipe(saved) if saved.is_file() else None
+    resolved = resolve_task(_task_spec(compressed, task, data_dir, data_files))
+    sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
+    if templates:
+        unknown = [t for t in templates if t not in sets]
+        if unknown:
+            raise FnpruneError(f"--template {', '.join(unknown)}: not a template of {resolved.name} "
+                               f"(its templates: {', '.join(sets)})")
+        sets = {t: sets[t] for t in templates}
+    rows = next(iter(sets.values()))
+    if compressed is not None and (n := calibrated_on(compressed, rows)):
+        log.warning("%d of these %d examples are among %s's calibration examples (its recipe.yaml): not held out",
+                    n, len(rows), model)
+    return resolved, sets
+
+
+def evaluate_model(model: str | Path, task: str | None = None, *, data_dir: str | None = None,
+                   data_files: dict[str, str] | None = None, split: str | None = None,
+                   max_samples: int | None = None, templates: list[str] | None = None, batch_size: int = 32,
+                   trust_remote_code: bool = False, progress: bool = True) -> TaskResult:
+    """Zero-shot accuracy of a checkpoint (folder, Hub id or .gguf file) under each template of its task:
+    `.headline` is the held-out templates' mean, `.by_template` each template's `EvalResult`."""
+    path = str(model)
+    if not Path(path).expanduser().exists() and not path.endswith(".gguf"):
+        path = str(local_model_dir(path))  # a Hub id: its snapshot folder (cached when offline)
+    resolved, sets = evaluation_examples(path, task, data_dir, data_files, split, max_samples, templates)
+    loaded, tokenizer = load_model(ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code))
+    return evaluate_templates(loaded, tokenizer, sets, resolved, batch_size, progress)
