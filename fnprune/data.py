@@ -172,7 +172,8 @@ def _table_rows(path: Path, text: str) -> list[dict[str, str]]:
 def _read_text(path: Path) -> str:
     """A local data file's text; a UTF-8 byte-order mark is skipped."""
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
+        raise DataError(f"data file not found: {path}{where}")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
