@@ -4,6 +4,7 @@ networks, report.json and the model card."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,9 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
     write_json(tmp / REPORT_FILE, report)
     sel = inputs.selection
+    family = json.loads((tmp / "config.json").read_text(encoding="utf-8"))["model_type"]  # streamed: no model here
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
-                    inputs.model.config.model_type, inputs.layout.head, inputs.task.kind)
+                    family, inputs.layout.head, inputs.task.kind)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
 
 
