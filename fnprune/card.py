@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arch import LLAMA_CPP_ARCH
 from .choices import NETWORK_METHODS
+from .errors import ModelError
 from .lm_eval_backend import lm_eval_metrics
 
 __all__ = ["CardInfo", "model_card", "retained_text", "chance_text", "interval_text", "is_number"]
@@ -156,16 +156,28 @@ def _loading_sentence(info: CardInfo) -> str:
 
 
 def _runtimes_text(info: CardInfo) -> str:
-    """The `fnprune export` commands this checkpoint's family and layout allow (as fnprune.export decides)."""
-    layout, base = info.report.get("layout"), LLAMA_CPP_ARCH.get(info.model_type)
+    """The `fnprune export` commands this checkpoint's family and layout allow, decided by the exporters' own
+    checks on the widths as stored (a padded checkpoint stores its widest layer's width in every layer)."""
+    from .export import Checkpoint
+    from .export.to_deci import check_deci_layout
+    from .export.to_gguf import gguf_arch_for
+
+    layout = info.report.get("layout") or "uniform"
+    widths = [w for w in (info.report.get("widths") or {}).get("pruned") or [] if isinstance(w, int)]
+    stored = [max(widths)] * len(widths) if layout == "padded" and widths else widths
     lines = []
-    if base is not None and (layout != "per-layer" or base == "llama"):
-        arch = "llama.cpp's `deci` architecture" if layout == "per-layer" else f"llama.cpp's `{base}` architecture"
+    try:
+        arch = gguf_arch_for(Checkpoint(Path(), {"model_type": info.model_type}, [], stored, layout))
         lines.append(f"llama.cpp / Ollama: `fnprune export DIR --format gguf --outtype f16 --output model.gguf` "
-                     f"(written as {arch}).")
-    if base == "llama" and layout != "padded":
+                     f"(written as llama.cpp's `{arch}` architecture).")
+    except ModelError:
+        pass
+    try:
+        check_deci_layout(info.model_type, layout)
         lines.append("vLLM: `fnprune export DIR --format deci --output DIR-deci` (FFN widths must be multiples of "
                      "256: compress with `--round-to 256`).")
+    except ModelError:
+        pass
     if not lines:
         return (f"`fnprune export` (GGUF, DeciLM) does not write `{info.model_type}` checkpoints with this layout; "
                 "the folder runs wherever transformers runs.")

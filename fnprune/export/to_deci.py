@@ -79,14 +79,19 @@ def ffn_mult_for(width: int, hidden: int) -> float:
     return mult
 
 
+def check_deci_layout(model_type: str, layout: str) -> None:
+    """ModelError unless the family and the width layout can be held by DeciLM (before any width is looked at)."""
+    if LLAMA_CPP_ARCH.get(model_type) != "llama":
+        raise ModelError(f"the DeciLM layout is Llama-only; {model_type!r} checkpoints cannot be exported as deci")
+    if layout == "padded":
+        raise ModelError("padded checkpoints hold zero neurons, not per-layer widths: export them with --format gguf, "
+                         "or re-run compress with --layout per-layer for the deci layout")
+
+
 def deci_config(ckpt: Checkpoint) -> dict[str, Any]:
     """config.json of the DeciLM folder, or a one-line error when the checkpoint cannot be written exactly."""
     c = ckpt.config
-    if LLAMA_CPP_ARCH.get(ckpt.model_type) != "llama":
-        raise ModelError(f"the DeciLM layout is Llama-only; {ckpt.model_type!r} checkpoints cannot be exported as deci")
-    if ckpt.layout == "padded":
-        raise ModelError("padded checkpoints hold zero neurons, not per-layer widths: export them with --format gguf, "
-                         "or re-run compress with --layout per-layer for the deci layout")
+    check_deci_layout(ckpt.model_type, ckpt.layout)
     hidden, n_head = int(c["hidden_size"]), int(c["num_attention_heads"])
     n_kv = int(c.get("num_key_value_heads") or n_head)
     if c.get("head_dim") and int(c["head_dim"]) != hidden // n_head:
