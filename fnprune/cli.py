@@ -197,14 +197,13 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
     from .checkpoint import RECIPE_FILE
     from .evaluate import evaluate_templates
-    from .evaluate_checkpoint import evaluation_examples
+    from .evaluate_checkpoint import evaluation_examples, model_path
     from .lm_eval_backend import check_lm_eval, run_lm_eval
-    from .models import load_model, local_model_dir
+    from .models import load_model
     from .recipe import recipe_from_dict
 
     _setup_logging(quiet)
-    if not Path(model).expanduser().exists() and not model.endswith(".gguf"):
-        model = str(local_model_dir(model))  # a Hub id: its snapshot folder (cached when offline)
+    model = model_path(model)
     harness = parse_lm_eval_tasks(lm_eval_tasks) or []
     placement = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}

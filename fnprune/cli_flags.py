@@ -17,12 +17,13 @@ from . import data
 from .data import BUILTIN_TASKS
 from .errors import FnpruneError
 from .recipe import Recipe, TaskSpec
+from .tasks import task_overrides
 
 __all__ = [
     "FLAGS", "FLAG_BY_DECL", "PARSERS", "RECIPE_ONLY", "TASK_NAMES", "RecipeFlag", "compress_options",
     "flag_overrides", "parse_data_files", "parse_device_map", "parse_lm_eval_tasks", "parse_max_memory",
     "parse_validate",
-    "recipe_flags", "shown_default", "task_overrides",
+    "recipe_flags", "shown_default",
 ]
 
 TASK_NAMES = ", ".join(BUILTIN_TASKS)
@@ -197,18 +198,6 @@ def compress_options(fn: Callable) -> Callable:
         fn = sparsity(fn) if flag.decl == "--keep" else fn
         fn = flag.decorate(fn)
     return fn
-
-
-def task_overrides(task: str | None, data_dir: str | None, data_files: dict | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if task:
-        out["task"] = {"name": task}
-    if data_dir:
-        out["task.data_dir"] = data_dir
-        out["task.data_files"] = {}
-    if data_files:  # the files give their splits; the folder (--data-dir, or the recipe's) gives the others
-        out["task.data_files"] = data_files
-    return out
 
 
 def flag_overrides(values: dict[str, Any], sparsity: float | None = None) -> dict[str, Any]:

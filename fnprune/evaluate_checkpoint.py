@@ -14,10 +14,19 @@ from .evaluate import TaskResult, evaluate_templates
 from .inputs import calibrated_on
 from .models import load_model, local_model_dir
 from .recipe import ModelSpec, Recipe, TaskSpec, load_recipe, recipe_from_dict
+from .tasks import task_overrides
 
-__all__ = ["evaluation_examples", "evaluate_model"]
+__all__ = ["model_path", "evaluation_examples", "evaluate_model"]
 
 log = logging.getLogger("fnprune")
+
+
+def model_path(model: str | Path) -> str:
+    """A local folder or .gguf file as given; a Hub id: its snapshot folder (cached when offline)."""
+    path = str(model)
+    if not Path(path).expanduser().exists() and not path.endswith(".gguf"):
+        path = str(local_model_dir(path))
+    return path
 
 
 def _task_spec(compressed: Recipe | None, task: str | None, data_dir: str | None,
@@ -29,10 +38,8 @@ def _task_spec(compressed: Recipe | None, task: str | None, data_dir: str | None
         raise FnpruneError("--task is required (the model folder has no recipe.yaml to take it from)")
     data = dataclasses.asdict(recorded if recorded is not None and task in (None, recorded.name)
                               else TaskSpec(name=str(task)))
-    if data_dir:
-        data.update(data_dir=data_dir, data_files={})
-    if data_files:
-        data["data_files"] = data_files
+    for key, value in task_overrides(None, data_dir, data_files).items():
+        data[key.removeprefix("task.")] = value
     return recipe_from_dict({"task": data}).task
 
 
@@ -65,9 +72,7 @@ def evaluate_model(model: str | Path, task: str | None = None, *, data_dir: str 
                    trust_remote_code: bool = False, progress: bool = True) -> TaskResult:
     """Zero-shot accuracy of a checkpoint (folder, Hub id or .gguf file) under each template of its task:
     `.headline` is the held-out templates' mean, `.by_template` each template's `EvalResult`."""
-    path = str(model)
-    if not Path(path).expanduser().exists() and not path.endswith(".gguf"):
-        path = str(local_model_dir(path))  # a Hub id: its snapshot folder (cached when offline)
+    path = model_path(model)
     resolved, sets = evaluation_examples(path, task, data_dir, data_files, split, max_samples, templates)
     loaded, tokenizer = load_model(ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code))
     return evaluate_templates(loaded, tokenizer, sets, resolved, batch_size, progress)

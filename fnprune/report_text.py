@@ -43,7 +43,7 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
     metric = report_field(report, "metric", dict) or {}
     scored = evaluated(report)
     stages = report_field(report, "timings_seconds", dict) or {}
-    shown_stages = [k for k in stages if scored or not k.startswith("evaluate")]  # --no-eval ran no evaluate stage
+    shown_stages = [k for k in stages if scored or not k.startswith("evaluate")]  # older --no-eval reports list them
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in shown_stages]
     retained = f", {kept}" if (kept := retained_text(metric)) else ""
     if note := chance_text(metric):  # the dense model at or below always answering the most frequent label

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from typing import Any
 
 from . import fields as rowfields
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 
-__all__ = ["BUILTIN_TASKS", "SPLIT_FILE_STEMS", "parse_data_files", "resolve_task", "task_fields", "template_fields",
-           "uses_fields"]
+__all__ = ["BUILTIN_TASKS", "SPLIT_FILE_STEMS", "parse_data_files", "resolve_task", "task_fields", "task_overrides",
+           "template_fields", "uses_fields"]
 
 # The usual split names and the file stems a data folder holds them under (dev.tsv is GLUE's validation file)
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
@@ -310,6 +311,20 @@ def _check_data_file_splits(task: TaskSpec) -> None:
         raise DataError(f"data_files: {', '.join(map(repr, unknown))} is not a split name (one of "
                         f"{', '.join(splits)}; task {task.name!r} calibrates on {task.calibration_split!r} and "
                         f"evaluates {task.evaluation_split!r})")
+
+
+def task_overrides(task: str | None, data_dir: str | None, data_files: dict | None) -> dict[str, Any]:
+    """Dotted recipe overrides for a task and its data (`task.data_dir`, ...): a task name replaces the whole task;
+    a data folder replaces the data; files give the splits they name, the folder (given, or recorded) the others."""
+    out: dict[str, Any] = {}
+    if task:
+        out["task"] = {"name": task}
+    if data_dir:
+        out["task.data_dir"] = data_dir
+        out["task.data_files"] = {}
+    if data_files:
+        out["task.data_files"] = data_files
+    return out
 
 
 def task_fields(task: TaskSpec) -> list[str]:
