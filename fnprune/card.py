@@ -11,6 +11,7 @@ from typing import Any
 from .choices import NETWORK_METHODS
 from .errors import ModelError
 from .lm_eval_backend import lm_eval_metrics
+from .report_text import evaluated
 
 __all__ = ["CardInfo", "model_card", "retained_text", "chance_text", "interval_text", "is_number"]
 
@@ -90,6 +91,19 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _evaluation_text(info: CardInfo, scored: str) -> tuple[str, str]:
+    """The results table's task rows and the paragraph under the table; after --no-eval, one row saying so."""
+    if evaluated(info.report):
+        return _accuracy_rows(info.task, info.report), (
+            f"Evaluation is zero-shot ({scored}) on a split the calibration never saw. The headline is\n"
+            "the mean over held-out prompt templates, which were never used for calibration or for choosing "
+            "settings:\nhow the model does under a prompt of your own.")
+    return f"| **{info.task}: not evaluated** (compressed with `--no-eval`) | | |", (
+        f"Not evaluated: `fnprune evaluate --model <this folder>` scores it zero-shot ({scored}) under\n"
+        "every prompt template of the task, on a split the calibration never saw; its headline is the mean over the\n"
+        "held-out templates, which were never used for calibration or for choosing settings.")
+
+
 def _validation_rows(report: dict[str, Any]) -> str:
     """The card's rows for the extra benchmarks (report["validation"]): each task's headline, the perplexity."""
     validation, rows = report.get("validation") or {}, []
@@ -132,7 +146,21 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     where = ("of every layer" if allocation == "uniform" else
              f"overall (each layer's width from one ranking across layers, `{allocation}` allocation)")
     return (f"{found} {info.keep:.0%} of the MLP neurons {where} with the `{info.method}` criterion and "
-            f"physically removed the others.{refit}")
+            f"physically removed the others.{_networks_sentence(info.report)}{refit}")
+
+
+def _networks_sentence(report: dict[str, Any]) -> str:
+    """The networks found (report["networks"], network criteria only) and the files that hold them."""
+    networks = report.get("networks")
+    if not isinstance(networks, dict) or not networks.get("per_layer"):
+        return ""
+    counts = networks["per_layer"]
+    per_layer = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
+    size = networks.get("median_size")
+    median = f", median {size:g} neurons each" if is_number(size) else ""
+    return (f" ICA found {per_layer} networks per layer{median} (converged in {networks.get('converged_layers')} "
+            f"of {len(counts)} layers); each layer's networks, their members and task relevance are in "
+            f"{' and '.join(f'`{f}`' for f in networks.get('files', []))}.")
 
 
 def _widths_text(report: dict[str, Any]) -> str:
@@ -205,6 +233,7 @@ def model_card(info: CardInfo, fnprune_version: str) -> str:
     size = r["file_bytes"]
     scored = ("each choice's log-likelihood, as lm-evaluation-harness scores multiple choice"
               if info.kind == "multiple_choice" else "label-word log-probabilities")
+    accuracy_rows, evaluation_note = _evaluation_text(info, scored)
     mib: Callable[[int | None], str] = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
     base_model_line = f"base_model: {info.base_model}\n" if "/" in info.base_model and not Path(
         info.base_model
@@ -223,14 +252,12 @@ fnprune {fnprune_version} {_selection_sentence(info, r['calibration']['samples']
 
 | | dense | pruned |
 |---|---|---|
-{_accuracy_rows(info.task, r)}
+{accuracy_rows}
 {_validation_rows(r)}{_lm_eval_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
 | MLP width per layer | {r['widths']['dense']} | {_widths_text(r)} |
 | weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
 
-Evaluation is zero-shot ({scored}) on a split the calibration never saw. The headline is
-the mean over held-out prompt templates, which were never used for calibration or for choosing settings:
-how the model does under a prompt of your own.
+{evaluation_note}
 {_recovery_note(r)}
 ## Run it elsewhere
 

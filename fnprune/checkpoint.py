@@ -146,10 +146,10 @@ def _remove_stale_partials(path: Path) -> None:
 def atomic_output_dir(path: Path, overwrite: bool):
     """Yield a temporary directory; on success it replaces `path`, on any failure it is deleted.
 
-    Without `overwrite`, an output that another run created meanwhile is never replaced: this run's finished
-    checkpoint is then kept beside it (`<name>.fnprune-<pid>`, named in the OutputError), so no work is lost.
+    Callers check `path` first (`check_output_dir`, before their heavy work). Without `overwrite`, an output that
+    appeared since is never replaced: this run's finished checkpoint is then kept beside it
+    (`<name>.fnprune-<pid>`, named in the OutputError), so no work is lost.
     """
-    check_output_dir(path, overwrite)
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -37,6 +38,9 @@ def _friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except FnpruneError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:  # `fnprune ... | head`: the reader has gone; say nothing more, as shell tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as exc:  # a full disk, a permission: the environment, which the user fixes
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except KeyboardInterrupt as exc:

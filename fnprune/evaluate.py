@@ -11,6 +11,7 @@ choice's length in characters (lm-eval's acc_norm; without the delimiter). Knows
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -319,7 +320,7 @@ def evaluate_templates(
             results[name] = next(iter(results.values()))
             continue
         if progress:
-            tqdm.write(f"evaluate: {task.name} template {name}")
+            tqdm.write(f"evaluate: {task.name} template {name}", file=sys.stderr)
         if task.kind == "multiple_choice":
             results[name] = evaluate_choices(model, tokenizer, examples, batch_size, progress=progress)
             continue

@@ -31,6 +31,7 @@ from . import cache
 from .errors import FnpruneError
 from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
+from .yaml_io import read_yaml
 
 __all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_metrics", "lm_eval_report",
            "run_lm_eval", "score_lm_eval"]
@@ -101,14 +102,6 @@ class _AnyTagLoader(yaml.SafeLoader):
 _AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def _read_yaml(text: str) -> Any:
-    loader = _AnyTagLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 def _data_files(folder: str) -> list[Path]:
     """Local files the folder's YAMLs name (e.g. dataset_kwargs.data_files), relative to the current directory
     as `datasets` reads them, or to the YAML's folder."""
@@ -129,7 +122,7 @@ def _data_files(folder: str) -> list[Path]:
 
     for path in sorted(Path(folder).rglob("*.y*ml")):
         try:
-            walk(_read_yaml(path.read_text(encoding="utf-8")), path.parent)
+            walk(read_yaml(path.read_text(encoding="utf-8"), _AnyTagLoader), path.parent)
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
             continue  # lm-eval reports a broken YAML itself
     return sorted(found)

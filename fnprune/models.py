@@ -39,9 +39,16 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         try:
-            import gguf  # noqa: F401  (transformers reads GGUF files through it)
+            import gguf  # transformers reads GGUF files through it
         except ImportError as exc:
             raise ModelError("reading a .gguf model needs the gguf package: pip install 'fnprune[gguf]'") from exc
+        try:
+            arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
+        except Exception:  # not a GGUF file: transformers' own error says so
+            arch = None
+        if arch == "deci":
+            raise ModelError(f"{path} is a per-layer GGUF (llama.cpp arch deci), which transformers cannot read; "
+                             "use the checkpoint folder it was exported from")
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():
@@ -60,8 +67,10 @@ def _names_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _first_line(exc: Exception) -> str:
-    return next(iter(str(exc).splitlines()), "")
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """The error's first line, cut at `limit` characters (some list every model type transformers knows)."""
+    line = next(iter(str(exc).splitlines()), "")
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def _model_class(source: str, kwargs: dict):
@@ -109,6 +118,26 @@ def _dequantized(extra: dict) -> dict:
     return {"quantization_config": transformers.GgufConfig(dequantize=True)}
 
 
+def _gguf_config(source: str, extra: dict) -> dict:
+    """For a GGUF file, transformers' config with what its GGUF reader leaves out and `fnprune export` writes: the
+    MLP bias flag when the file holds FFN biases (bias compensation; without the flag the biases are dropped) and
+    the head size (`<arch>.attention.key_length`, Qwen3's differs from hidden / heads)."""
+    if "gguf_file" not in extra:
+        return {}
+    import gguf
+
+    config = AutoConfig.from_pretrained(source, gguf_file=extra["gguf_file"])
+    reader = gguf.GGUFReader(Path(source) / extra["gguf_file"])
+    layout = MLP_LAYOUTS.get(config.model_type)
+    if layout and layout.bias_flag and any(t.name.endswith(".ffn_down.bias") for t in reader.tensors):
+        setattr(config, layout.bias_flag, True)
+    arch = reader.fields["general.architecture"].contents()
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length.contents())
+    return {"config": config}
+
+
 def _check_plain(model: nn.Module, spec: ModelSpec) -> None:
     """Refuse, before any calibration, a model that save_pretrained could not write as plain safetensors (one
     still quantized, or with packed weights), instead of failing at the very end of the run."""
@@ -141,7 +170,8 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
                          f"{_first_line(exc)}{hub}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
-            source, **common, **_dequantized(extra), **placement_kwargs(spec), **{_DTYPE_KW: getattr(torch, spec.dtype)}
+            source, **common, **_gguf_config(source, extra), **_dequantized(extra), **placement_kwargs(spec),
+            **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {_first_line(exc)}{hub}"

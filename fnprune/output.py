@@ -16,6 +16,8 @@ from .calibration import Calibration
 from .card import CardInfo, model_card
 from .checkpoint import (
     CARD_FILE,
+    NETWORKS_FILE,
+    NETWORKS_META_FILE,
     RECIPE_FILE,
     REPORT_FILE,
     save_networks,
@@ -102,6 +104,7 @@ def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], t
         "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
         "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
         **accuracy_report(task, dense.task, pruned.task),
+        **({"networks": _networks_summary(calib)} if calib.networks else {}),
         **({"validation": validation} if validation else {}),
         **({"lm_eval": lm_eval} if lm_eval else {}),
         **extra,
@@ -131,6 +134,18 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
                     family, inputs.layout.head, inputs.task.kind)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
+
+
+def _networks_summary(calib: Calibration) -> dict[str, Any]:
+    """report.json's few lines on the functional networks; each layer's maps, sizes and relevance are in the
+    networks files."""
+    sizes = [int(s) for n in calib.networks for s in n.members.sum(axis=1)]
+    return {
+        "per_layer": [int(n.members.shape[0]) for n in calib.networks],
+        "median_size": float(np.median(sizes)) if sizes else None,
+        "converged_layers": sum(bool(n.converged) for n in calib.networks),
+        "files": [NETWORKS_META_FILE, NETWORKS_FILE],
+    }
 
 
 def _networks_artifact(calib: Calibration, kept: list[torch.Tensor]) -> tuple[dict, dict]:

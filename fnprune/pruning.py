@@ -78,6 +78,11 @@ def select_neurons(
         widths = allocate_widths(scores, keep, round_to, allocation)
     else:
         widths = [layer_width(s.numel(), keep, round_to) for s in scores]
+    unrounded = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths))
+                 if round_to >= s.numel() > w]
+    if unrounded:
+        log.warning("round_to %d is not below the MLP width, so it cannot round: %d layers keep a plain share (layer: "
+                    "kept of width; %s)", round_to, len(unrounded), ", ".join(unrounded))
     floor = [f"{i}: {w} of {s.numel()}" for i, (s, w) in enumerate(zip(scores, widths)) if w <= round_to < s.numel()]
     if floor:
         log.warning("keep %g: %d of %d layers keep only the round_to minimum of %d neurons (layer: kept of width; "

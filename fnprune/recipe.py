@@ -33,6 +33,7 @@ from .choices import (
 )
 from .device_maps import device_map_problems
 from .errors import RecipeError
+from .yaml_io import DuplicateKeyError, read_yaml
 
 __all__ = [
     "ModelSpec",
@@ -205,7 +206,7 @@ class TaskSpec:
         for split in self.data_files:
             if not isinstance(self.data_files[split], str):
                 problems.append(f"task.data_files.{split}: must be a file path")
-        return problems + _template_problems(self)
+        return problems + seed_problems("task.split_seed", self.split_seed) + _template_problems(self)
 
     def calibration_templates(self) -> list[PromptTemplate]:
         return [t for t in self.templates if not t.held_out]
@@ -589,6 +590,8 @@ class OutputSpec:
         if not isinstance(self.max_shard_size, str) or not _SHARD_SIZE.fullmatch(self.max_shard_size):
             problems.append(f"output.max_shard_size: {self.max_shard_size!r} is not a size saving accepts (a whole "
                             "number of KB, MB, GB, KiB, MiB or GiB, like 5GB, 500MB)")
+        if self.private and not self.push_to_hub:
+            problems.append("output.private (--private): only used with output.push_to_hub (--push-to-hub REPO)")
         return problems
 
 
@@ -736,45 +739,14 @@ def recipe_from_dict(data: Any) -> Recipe:
     return recipe
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, first: int, line: int):
-        super().__init__(f"line {line}: key {key!r} given twice (first on line {first}); YAML would keep only the "
-                         "last value: remove one")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML silently keeps
-    the last value, e.g. the second `keep:`). Keys brought in by a `<<` merge may still be overridden."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-            if key in seen:
-                raise _DuplicateKey(key, seen[key], line)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _safe_load(text: str) -> Any:
-    """`yaml.safe_load(text)` with duplicate keys refused."""
-    loader = _UniqueKeyLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe with a safe loader (yaml.safe_load's, which refuses duplicate keys)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = _safe_load(path.read_text(encoding="utf-8"))
-    except _DuplicateKey as exc:
+        data = read_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
         raise RecipeError(f"{path}: {exc}") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
@@ -794,7 +766,10 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
             continue
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
+            if not isinstance(node.get(p), dict):
+                raise RecipeError(f"{dotted}: {'.'.join(parents[:i + 1])} is not a recipe section (sections: "
+                                  f"{', '.join(k for k, v in node.items() if isinstance(v, dict))})")
             node = node[p]
         node[leaf] = value
     return recipe_from_dict(data)

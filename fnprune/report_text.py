@@ -69,4 +69,16 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
         f"  weights file {' -> '.join(num(f'file_bytes.{k}', '{:.1f} MiB', 2**20) for k in ('dense', 'pruned'))}",
         f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
         f"{num('calibration.tokens_for_ica')} tokens sampled per layer",
+        *_networks_line(report),
     ]
+
+
+def _networks_line(report: dict) -> list[str]:
+    """The networks' line (network criteria only: report["networks"])."""
+    counts = [c for c in report_field(report, "networks.per_layer", list) or [] if type(c) is int]
+    if not counts:
+        return []
+    per_layer = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
+    size, converged = report_field(report, "networks.median_size"), report_field(report, "networks.converged_layers")
+    return [f"  networks {per_layer} per layer, median size {'n/a' if size is None else f'{size:g}'} neurons, ICA "
+            f"converged in {'n/a' if converged is None else converged} of {len(counts)} layers (networks.json)"]

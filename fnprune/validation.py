@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def score_validation(model, tokenizer, validation: Validation, recipe: Recipe, p
             log.info("dense perplexity from cache %s", cache.cache_dir())
         else:
             if progress:
-                tqdm.write(f"evaluate: {PERPLEXITY_TASK} perplexity over {ids.numel()} tokens")
+                tqdm.write(f"evaluate: {PERPLEXITY_TASK} perplexity over {ids.numel()} tokens", file=sys.stderr)
             found = perplexity(model, ids, window)
             if key:
                 cache.save_perplexity(key, found)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -49,8 +51,8 @@ def test_compress_evaluate_inspect(model_dir, task_data, tmp_path):
     bad = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--template", "nope"])
     assert bad.exit_code != 0 and "not a template of sst2" in bad.output and "invalid recipe" not in bad.output
     # naming the folder's own task, or giving one split's file, keeps the data its recipe.yaml recorded
-    named = _run("evaluate", "--model", out, "--task", "sst2", "--json", "--quiet")
-    assert json.loads(named.output.strip().splitlines()[-1])["accuracy"] == evaluated["accuracy"], named.output
+    named = _run("evaluate", "--model", out, "--task", "sst2", "--json")  # progress on stderr: stdout is the JSON
+    assert json.loads(named.stdout)["accuracy"] == evaluated["accuracy"], named.output
     one_file = _run("evaluate", "--model", out, "--data-files", f"validation={task_data / 'dev.tsv'}", "--json",
                     "--quiet")
     assert json.loads(one_file.output.strip().splitlines()[-1])["accuracy"] == evaluated["accuracy"]
@@ -77,6 +79,9 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     assert said in shown and "n/a validation" not in shown
     assert "tokens sampled per layer" in shown and "ICA" not in shown  # flap runs no ICA
     assert "timings load" in shown and "evaluate_dense" not in shown
+    card = (out / "README.md").read_text()
+    assert "**sst2: not evaluated** (compressed with `--no-eval`)" in card and "fnprune evaluate --model" in card
+    assert "None" not in card and "| n/a |" not in card and "template `" not in card
 
 
 def test_no_eval_needs_no_evaluation_split(model_dir, task_data, tmp_path, monkeypatch):
@@ -335,3 +340,10 @@ def test_the_cli_prefixes_its_own_log_lines_only(capsys):
         assert "not shown" not in capsys.readouterr().err
     finally:
         log.handlers[:], log.level = handlers, level
+
+
+def test_cli_starts_without_torch():
+    """`fnprune --help` answers at once and Ctrl-C while torch loads reaches the one-line message: the package and
+    its CLI import torch and transformers only inside a command."""
+    code = "import sys, fnprune, fnprune.cli; assert not {'torch', 'transformers'} & set(sys.modules), 'loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)

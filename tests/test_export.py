@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from fnprune.arch import layout_for, mlp_widths
 from fnprune.checkpoint import write_per_layer_code
 from fnprune.cli import main
+from fnprune.errors import ModelError
 from fnprune.export import export, read_checkpoint
 from fnprune.models import load_model
 from fnprune.recipe import ModelSpec
@@ -170,6 +171,20 @@ def test_gguf_loads_in_transformers_with_the_same_logits(arch, model_dir, tmp_pa
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch,bias", [("llama", True), ("qwen3", False)])
+def test_fnprune_loads_its_gguf_export_with_the_same_logits(arch, bias, model_dir, tmp_path):
+    """fnprune's own loader (compress/evaluate --model file.gguf) keeps what transformers' GGUF config reader
+    leaves out: the bias compensation (Llama's mlp_bias) and Qwen3's head size."""
+    ckpt = _prune(model_dir, tmp_path / "ckpt", arch, [64, 64], bias=bias)
+    export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    ids = torch.tensor([[5, 17, 33, 80, 2, 41, 7, 99]])
+    ref, _ = load_model(ModelSpec(name_or_path=str(ckpt)))
+    back, _ = load_model(ModelSpec(name_or_path=str(tmp_path / "m.gguf")))
+    assert getattr(back.config, "mlp_bias", False) is bias
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_gguf_per_layer_is_deci_with_a_width_array(model_dir, tmp_path):
     ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [24, 40], layout="per-layer", bias=True)
     out = tmp_path / "m.gguf"
@@ -185,6 +200,8 @@ def test_gguf_per_layer_is_deci_with_a_width_array(model_dir, tmp_path):
     shapes = {t.name: list(t.shape) for t in reader.tensors}
     assert shapes["blk.0.ffn_up.weight"] == [HIDDEN, 24] and shapes["blk.1.ffn_up.weight"] == [HIDDEN, 40]
     _compare(ckpt, out, "deci", _exact)
+    with pytest.raises(ModelError, match="is a per-layer GGUF .llama.cpp arch deci., which transformers cannot read"):
+        load_model(ModelSpec(name_or_path=str(out)))
     export(ckpt, "gguf", tmp_path / "q8.gguf", outtype="q8_0")  # 24-wide rows are not 32-blocks: f16 instead
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"

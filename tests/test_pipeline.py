@@ -6,11 +6,14 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fnprune
+from fnprune.cli import main
 from fnprune.data import load_evaluation, resolve_task
 from fnprune.errors import OutputError, RecipeError
 from fnprune.evaluate import evaluate_templates
@@ -72,6 +75,15 @@ def test_output_folder_and_report(llama_run):
     assert "held out" in card and "`lm-eval`" in card and "fnprune export DIR --format gguf" in card
     assert recipe.selection.fn_boost == 16.0 and recipe.selection.bias_compensation is True  # auto values resolved
     assert recipe.task.data_dir.startswith("/") and recipe.model.name_or_path.startswith("/")  # rerun anywhere
+    # fn-task: a summary of the networks it found, the same as the networks files hold
+    layers = json.loads((out / "networks.json").read_text())["layers"]
+    networks = saved["networks"]
+    assert networks["per_layer"] == [len(layer["network_sizes"]) for layer in layers]
+    assert networks["converged_layers"] == sum(layer["converged"] for layer in layers)
+    assert networks["median_size"] == np.median([s for layer in layers for s in layer["network_sizes"]])
+    assert f"ICA found {networks['per_layer'][0]} networks per layer" in card and "`networks.json`" in card
+    shown = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert f"networks {networks['per_layer'][0]} per layer, median size {networks['median_size']:g}" in shown
 
 
 def test_reloads_with_vanilla_transformers_and_same_accuracy(llama_run, task_data):

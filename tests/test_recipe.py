@@ -87,6 +87,14 @@ def test_overrides_skip_none_and_revalidate_types():
     assert r.selection.keep == 0.25 and r.selection.method == "auto"
     with pytest.raises(RecipeError, match="expected a number"):
         apply_overrides(Recipe(), {"selection.keep": "x"})
+    with pytest.raises(RecipeError, match=r"selectio.keep: selectio is not a recipe section \(sections: model, "):
+        apply_overrides(Recipe(), {"selectio.keep": 0.3})
+    with pytest.raises(RecipeError, match="selection.keep.x: selection.keep is not a recipe section"):
+        apply_overrides(Recipe(), {"selection.keep.x": 0.3})
+    with pytest.raises(RecipeError, match="task.split_seed: must be between 0 and 2"):
+        apply_overrides(Recipe(), {"task.split_seed": -3}).validate()
+    with pytest.raises(RecipeError, match=r"output.private \(--private\): only used with output.push_to_hub"):
+        apply_overrides(Recipe(), {"output.dir": "o", "output.private": True}).validate()
 
 
 def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):

@@ -215,6 +215,40 @@ def test_output_created_meanwhile_is_not_replaced(tmp_path):
     assert (out / "model.safetensors").read_text() == "new"
 
 
+def test_output_created_during_calibration_keeps_the_finished_run(world, tmp_path, monkeypatch):
+    """The output is checked before the heavy work; one that appears afterwards (another run finished first) is
+    left as it is and this run's checkpoint is kept beside it, not thrown away."""
+    import fnprune.pipeline as pipeline
+
+    out = tmp_path / "out"
+    reconstruct = pipeline._reconstruct
+
+    def reconstruct_then_appear(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        return reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_reconstruct", reconstruct_then_appear)
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(world / "models/llama"),
+                                       "--data-dir", str(world / "data/sst2"), "--no-eval", "--output", str(out),
+                                       *SMALL])
+    assert result.exit_code == 1 and "appeared while this run was writing it" in result.output, result.output
+    kept = tmp_path / f"out.fnprune-{os.getpid()}"
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert (kept / "model.safetensors").is_file() and str(kept) in result.output
+
+
+def test_round_to_at_least_the_width_warns(world, tmp_path, caplog):
+    """--round-to 256 on 128-wide MLPs cannot round (e.g. for a DeciLM export): said, not silently ignored."""
+    with caplog.at_level(logging.WARNING, logger="fnprune"):
+        result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(world / "models/llama"),
+                                           "--data-dir", str(world / "data/sst2"), "--round-to", "256", "--no-eval",
+                                           "--output", str(tmp_path / "out"), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "round_to 256 is not below the MLP width, so it cannot round: 2 layers keep a plain share" in caplog.text
+    assert "0: 64 of 128" in caplog.text
+
+
 def test_compress_without_a_usable_cache_warns_and_writes_readable_files(world, tmp_path, monkeypatch, caplog):
     """FNPRUNE_CACHE_DIR is a file: a warning, the run goes on. --keep below the --round-to minimum: a warning
     saying what was kept. Every output file has the mode a plain write gives (safetensors' are 0600)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..checkpoint import atomic_output_dir, write_json
+from ..checkpoint import atomic_output_dir, check_output_dir, write_json
 from .experiments import rounded
 from .figures import (
     FIGURES,
@@ -218,6 +218,7 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
 def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False) -> Path:
     """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`."""
     out = Path(output).expanduser()
+    check_output_dir(out, overwrite)
     with atomic_output_dir(out, overwrite) as tmp:
         tables = dict(analysis.tables)
         tables["layer_relevance_grid"] = plot_layer_networks(analysis, tmp / FIGURES["layer_networks"])
