@@ -12,6 +12,8 @@ and 9.4 s to capture within one run): every compress config and the forward-only
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import json
 import os
 import resource
@@ -78,12 +80,13 @@ print(json.dumps({"forward_s": seconds, "peak_rss": resource.getrusage(resource.
 def run_script(script: str, recipe: dict, src: str | None = None) -> dict:
     """Run one measurement script in a fresh process, so its peak RSS is its own; with `src`, fnprune is
     imported from that checkout instead (e.g. an older version, for a side-by-side run)."""
-    env = dict(os.environ, FNPRUNE_CACHE_DIR=tempfile.mkdtemp())
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    # from an empty folder: the working directory comes first on sys.path and may hold another fnprune
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(recipe)], capture_output=True, text=True,
-                          env=env, cwd=tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as empty:
+        env = dict(os.environ, FNPRUNE_CACHE_DIR=cache)
+        if src:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+        # from an empty folder: the working directory comes first on sys.path and may hold another fnprune
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(recipe)], capture_output=True, text=True,
+                              env=env, cwd=empty)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,11 +239,14 @@ def main() -> None:
     parser.add_argument("--out-prefix", default=str(RESULTS / "bench_speed"),
                         help="results go to PREFIX.json and PREFIX.md")
     args = parser.parse_args()
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        parser.error("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
     torch.set_flush_denormal(True)
 
     command = "python " + " ".join(sys.argv)
     keeps = [float(k) for k in args.keeps.split(",")]
     out_root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    atexit.register(shutil.rmtree, out_root, True)  # also when a measurement fails
     base = {
         "model": {"name_or_path": str(Path(args.model).expanduser())},
         "task": {"name": "sst2", "data_dir": str(Path(args.data_dir).resolve())},

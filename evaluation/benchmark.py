@@ -65,15 +65,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def uses_ica(config: str, task: str) -> bool:
-    """Whether the configuration's selection reads functional networks on this task (one run per ICA seed then):
-    `default` is the recipe's auto method (flap, no ICA)."""
+def uses_ica(config: str, task: str, extra: dict[str, Any] | None = None) -> bool:
+    """Whether the configuration's selection (after `extra`, the --set overrides) reads functional networks on
+    this task (one run per ICA seed then): `default` is the recipe's auto method (flap, no ICA)."""
     from fnprune.recipe import Recipe, apply_overrides
     from fnprune.selection import NEEDS_NETWORKS
     from fnprune.tasks import BUILTIN_TASKS
 
     kind = BUILTIN_TASKS[task].kind if task in BUILTIN_TASKS else "classification"
-    return apply_overrides(Recipe(), CONFIGS[config]).selection.for_task(kind).method in NEEDS_NETWORKS
+    recipe = apply_overrides(Recipe(), {**CONFIGS[config], **(extra or {})})
+    return recipe.selection.for_task(kind).method in NEEDS_NETWORKS
 
 
 def run_one(
@@ -82,22 +83,28 @@ def run_one(
     """One compress (or its saved report when the run is already done); `extra`: recipe overrides applied after
     the configuration's (from --set and --wikitext), which give the run folder a suffix of their own."""
     import fnprune
-    from fnprune.recipe import Recipe, apply_overrides
 
-    out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}{overrides_suffix(extra)}"
-    if not finished_here(out):
-        overrides = {
-            "model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
-            "calibration.num_samples": args.num_samples, "output.dir": str(out), "output.overwrite": True,
-            "selection.keep": keep, "networks.seed": seed, **CONFIGS[config], **(extra or {}),
-        }
-        fnprune.compress(apply_overrides(Recipe(), overrides), progress=not args.quiet)
-        mark_finished(out)
+    out, recipe = run_recipe(args, config, keep, seed, extra)
+    if not finished_here(out, recipe):
+        fnprune.compress(recipe, progress=not args.quiet)
+        mark_finished(out, recipe)
     report = json.loads((out / "report.json").read_text())
     return row_of(config, keep, seed, report)
 
 
-CODE_MARK = "benchmark_code.txt"  # in a run folder: the digest of the fnprune code that wrote it
+def run_recipe(args: argparse.Namespace, config: str, keep: float, seed: int, extra: dict[str, Any] | None):
+    """A run's folder and recipe: the configuration's overrides, then `extra`'s."""
+    from fnprune.recipe import Recipe, apply_overrides
+
+    out = Path(args.work) / f"{args.task}-{config}-k{keep}-s{seed}{overrides_suffix(extra)}"
+    return out, apply_overrides(Recipe(), {
+        "model.name_or_path": args.model, "task.name": args.task, "task.data_dir": args.data_dir,
+        "calibration.num_samples": args.num_samples, "output.dir": str(out), "output.overwrite": True,
+        "selection.keep": keep, "networks.seed": seed, **CONFIGS[config], **(extra or {}),
+    })
+
+
+CODE_MARK = "benchmark_code.txt"  # in a run folder: digests of the fnprune code and of the recipe that wrote it
 
 
 @functools.cache
@@ -113,14 +120,22 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def finished_here(out: Path) -> bool:
-    """Whether `out` holds a finished run written by this code (a run by other code is made again)."""
+def run_mark(recipe) -> str:
+    """What a finished run folder records: the code's digest and its recipe's (model, data, settings; not the
+    folder), so a run with another input in the same folder is made again, never reported as this one."""
+    data = recipe.to_dict()
+    data["output"] = {k: v for k, v in data["output"].items() if k not in ("dir", "overwrite")}
+    return f"{code_digest()}\n{hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()}\n"
+
+
+def finished_here(out: Path, recipe) -> bool:
+    """Whether `out` holds a finished run of `recipe` written by this code (anything else is made again)."""
     mark = out / CODE_MARK
-    return (out / "report.json").is_file() and mark.is_file() and mark.read_text().strip() == code_digest()
+    return (out / "report.json").is_file() and mark.is_file() and mark.read_text() == run_mark(recipe)
 
 
-def mark_finished(out: Path) -> None:
-    (out / CODE_MARK).write_text(code_digest() + "\n")
+def mark_finished(out: Path, recipe) -> None:
+    (out / CODE_MARK).write_text(run_mark(recipe))
 
 
 def overrides_suffix(extra: dict[str, Any] | None) -> str:
@@ -128,6 +143,14 @@ def overrides_suffix(extra: dict[str, Any] | None) -> str:
     if not extra:
         return ""
     return "-" + hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
+    """A comma-separated list of `kind` (int or float), or a usage error naming the flag."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        p.error(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__}s")
 
 
 def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
@@ -203,7 +226,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--task", default="sst2")
@@ -214,22 +237,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every run, e.g. networks.engine=sklearn (repeatable)")
     p.add_argument("--wikitext", help="WikiText-2 raw file: also report both models' perplexity")
-    p.add_argument("--work", default="evaluation/.runs")
-    p.add_argument("--out-prefix", default="evaluation/results/templates_sst2")
+    p.add_argument("--work", default="evaluation/.runs", help="run folders (a finished one is reused only for the "
+                   "same code and recipe)")
+    p.add_argument("--out-prefix", default="evaluation/results/templates_sst2",
+                   help="where the tables go (the default and other files under evaluation/results are committed)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         p.error(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
-    extra = parse_overrides(args.set, args.wikitext)
-    rows = []
-    for keep in [float(k) for k in args.keeps.split(",")]:
-        for config in args.configs.split(","):
-            seeds = [int(s) for s in args.seeds.split(",")] if uses_ica(config, args.task) else [0]
-            for seed in seeds:
-                rows.append(run_one(args, config, keep, seed, extra))
-                print(json.dumps(rows[-1]), flush=True)
+    keeps, seeds = numbers(p, "--keeps", args.keeps, float), numbers(p, "--seeds", args.seeds, int)
+    from fnprune.errors import FnpruneError
+
+    try:
+        extra = parse_overrides(args.set, args.wikitext)
+        plan = [(keep, config, seed) for keep in keeps for config in args.configs.split(",")
+                for seed in (seeds if uses_ica(config, args.task, extra) else [0])]
+        for keep, config, seed in plan:  # every run's recipe checked before the first one starts
+            run_recipe(args, config, keep, seed, extra)[1].validate()
+        rows = []
+        for keep, config, seed in plan:
+            rows.append(run_one(args, config, keep, seed, extra))
+            print(json.dumps(rows[-1]), flush=True)
+    except FnpruneError as exc:
+        raise SystemExit(f"benchmark: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("benchmark: interrupted; finished runs are kept in --work, rerun to go on") from None
     command = "python -m evaluation.benchmark " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     write_rows(Path(args.out_prefix), command, rows)
     plot_keeps(rows, with_extension(Path(args.out_prefix), ".png"), args.task)

@@ -53,9 +53,10 @@ def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this
     return None if difference is None or interval is None else f"{difference:+.1f} ({interval})"
 
 
-def main(argv: list[str] | None = None, command: str | None = None) -> None:
-    """`command`: the command line written beside the results, when a wrapper (a probe) ran this."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, command: str | None = None, variant: str | None = None) -> None:
+    """`command`: the command line written beside the results, when a wrapper (a probe) ran this; `variant`: what
+    the probe changes outside the recipe (its run folders get names of their own)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--task", help="a built-in task (default: the --recipe's task, else sst2)")
@@ -77,23 +78,37 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     args = p.parse_args(argv)
 
     from fnprune.provenance import file_sha256
-    from fnprune.recipe import Recipe, load_recipe
+    from fnprune.recipe import Recipe, apply_overrides, load_recipe
 
     try:
         seeds = [int(s) for s in args.split_seeds.split(",")]
     except ValueError:
         p.error(f"--split-seeds: {args.split_seeds!r} is not a comma-separated list of integers")
     torch.set_flush_denormal(True)
+    if bad := [v for v in args.vary if not v.partition("=")[0] or not v.partition("=")[2]]:
+        p.error(f"--vary {bad[0]!r}: expected KEY=V1,V2 (a dotted recipe key and the values to compare)")
+    if not 0 < args.share < 1:
+        p.error(f"--share: must be in (0, 1), got {args.share}")
     varied = [(key, value) for key, _, values in (v.partition("=") for v in args.vary) for value in values.split(",")]
-    fixed = parse_overrides(args.set, None)
-    start = load_recipe(args.recipe) if args.recipe else Recipe()
-    start_key = {"recipe": file_sha256(Path(args.recipe))[:8]} if args.recipe else {}  # its runs get own folders
-    args.task = args.task or (start.task.name if args.recipe else "sst2")
+    from fnprune.errors import FnpruneError
+
     rows: list[dict[str, Any]] = []
-    for seed in seeds:  # seed 0 is the task's default cut: its folders are named as before cuts were listed
-        cut_fixed = {**fixed, "task.split_seed": seed} if seed else fixed
-        cut = _tune_cut(args, p, start, start_key, cut_fixed, varied)
-        rows += [{"cut": seed, **r} for r in cut] if len(seeds) > 1 else cut
+    try:
+        fixed = parse_overrides(args.set, None)
+        start = load_recipe(args.recipe) if args.recipe else Recipe()
+        start_key = {"recipe": file_sha256(Path(args.recipe))[:8]} if args.recipe else {}  # runs get own folders
+        start_key.update({"probe": variant} if variant else {})
+        args.task = args.task or (start.task.name if args.recipe else "sst2")
+        for key, value in varied:  # a mistyped key or value stops here, not after the first runs
+            apply_overrides(start, {**fixed, key: yaml.safe_load(value)})
+        for seed in seeds:  # seed 0 is the task's default cut: its folders are named as before cuts were listed
+            cut_fixed = {**fixed, "task.split_seed": seed} if seed else fixed
+            cut = _tune_cut(args, p, start, start_key, cut_fixed, varied)
+            rows += [{"cut": seed, **r} for r in cut] if len(seeds) > 1 else cut
+    except FnpruneError as exc:
+        raise SystemExit(f"calibration_tune: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("calibration_tune: interrupted; finished runs are kept in --work, rerun to go on") from None
     if len(seeds) > 1:
         rows += _mean_over_cuts(rows, varied, bool(args.hold_template))
     command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -101,16 +116,16 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     print(json.dumps(rows, indent=1))
 
 
-def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: str) -> None:
+def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: str, variant: str) -> None:
     """`main` with compress's calibration prompts made by `prompts(task, spec, product)`, `product` being the
     product's own `calibration_prompts` (how a probe changes them; restored afterwards). `work`: the run folder
-    unless `argv` gives one."""
+    unless `argv` gives one; `variant`: names the change (in the run folders' names)."""
     import fnprune.inputs
 
     product = fnprune.inputs.calibration_prompts
     fnprune.inputs.calibration_prompts = lambda task, spec: prompts(task, spec, product)  # what load_inputs calls
     try:
-        main([*argv, *([] if "--work" in argv else ["--work", work])], command=command)
+        main([*argv, *([] if "--work" in argv else ["--work", work])], command=command, variant=variant)
     finally:
         fnprune.inputs.calibration_prompts = product
 
@@ -126,6 +141,9 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
             "evaluation.enabled": False, "selection.keep": args.keep, "output.overwrite": True, **CONFIGS[args.config],
             **fixed}
     task = resolve_task(apply_overrides(start, base).task)
+    if task.split_of:
+        p.error(f"{task.name} carves its calibration split from one file (task.split_of {task.split_of}); the tuning "
+                "cuts the calibration split in two again, which needs a task whose calibration split is its own file")
     base.update({"task.split_of": task.calibration_split, "task.calibration_share": args.share})
     names = [t.name for t in task.calibration_templates()]
     if args.hold_template:
@@ -146,10 +164,10 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
         setting = {key: yaml.safe_load(value)}
         out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
                                  f"{overrides_suffix({**start_key, **fixed, **setting})}")
-        if not finished_here(out):
-            fnprune.compress(apply_overrides(start, {**base, **setting, "output.dir": str(out)}),
-                             progress=not args.quiet)
-            mark_finished(out)
+        recipe = apply_overrides(start, {**base, **setting, "output.dir": str(out)})
+        if not finished_here(out, recipe):
+            fnprune.compress(recipe, progress=not args.quiet)
+            mark_finished(out, recipe)
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
         acc, hits, probs = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         first_hits, first_probs = first_hits or hits, first_probs or probs  # differences are against the first

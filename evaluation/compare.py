@@ -80,7 +80,7 @@ def _paired(dense: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path, help="a run folder (report.json) or a report.json")
     parser.add_argument("second", type=Path)
     parser.add_argument("--out-prefix", type=Path, help="also write PREFIX.{json,md,csv}")
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         path = path / "report.json" if path.is_dir() else path
         if not path.is_file():
             raise SystemExit(f"compare: no report.json at {path}")
-        reports.append(json.loads(path.read_text()))
+        try:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"compare: {path} is not a report.json ({exc})") from None
     rows = compare(*reports)
     command = "python -m evaluation.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.out_prefix:

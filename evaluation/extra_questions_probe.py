@@ -37,7 +37,7 @@ def with_extra_rows(own: list[Example], task: TaskSpec, spec: CalibrationSpec, e
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument("--extra-file", required=True, type=Path, help="rows in the task's format (e.g. a .jsonl)")
     args, rest = p.parse_known_args(argv)
     if not args.extra_file.is_file():
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         return with_extra_rows(product(task, spec), task, spec, args.extra_file, product)
 
     main_with_prompts(prompts, rest, f"evaluation/.runs/extra-{args.extra_file.stem}",
-                      "python -m evaluation.extra_questions_probe " + " ".join(sys.argv[1:] if argv is None else argv))
+                      "python -m evaluation.extra_questions_probe " + " ".join(sys.argv[1:] if argv is None else argv),
+                      f"extra-{args.extra_file.resolve()}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def with_generic(prompts: list[Example], passages: list[str], share: float, seed
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument("--generic-share", type=float, required=True)
     p.add_argument("--wikitext", required=True, help="the WikiText-2 raw test file or its folder")
     args, rest = p.parse_known_args(argv)
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     main_with_prompts(
         lambda task, spec, product: with_generic(product(task, spec), passages, args.generic_share, spec.seed),
         rest, f"evaluation/.runs/generic-{args.generic_share}",
-        "python -m evaluation.generic_text_probe " + " ".join(sys.argv[1:] if argv is None else argv))
+        "python -m evaluation.generic_text_probe " + " ".join(sys.argv[1:] if argv is None else argv),
+        f"generic-{args.generic_share}-{Path(args.wikitext).resolve()}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def margin_rows(name: str, result, sets: dict, held_out: set[str], positive: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoints were pruned from")
     p.add_argument("--pruned", nargs="+", required=True, help="folders written by fnprune compress")
     p.add_argument("--bf16", action="store_true", help="also score the dense model in bfloat16")
@@ -50,13 +50,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from evaluation.tables import write_rows
     from fnprune.data import label_keys, load_evaluation
+    from fnprune.errors import FnpruneError
     from fnprune.evaluate import evaluate_templates
     from fnprune.models import load_model
     from fnprune.recipe import ModelSpec, load_recipe
     from fnprune.tasks import resolve_task
 
     torch.set_flush_denormal(True)
-    task = resolve_task(load_recipe(Path(args.pruned[0]) / "recipe.yaml").task)
+    try:
+        task = resolve_task(load_recipe(Path(args.pruned[0]) / "recipe.yaml").task)
+    except FnpruneError as exc:
+        p.error(f"--pruned {args.pruned[0]}: {exc} (give folders written by fnprune compress)")
     if len(task.label_words) != 2 or task.kind != "classification":
         p.error(f"{task.name}: label margins need a two-label classification task")
     sets = load_evaluation(task, task.evaluation_split)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from fnprune.recipe import load_recipe
     from fnprune.recovery import recovery_inputs, teacher
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
     p.add_argument("--pruned", required=True)
     p.add_argument("--set", action="append", default=[], help="FIELD=V1,V2 of recovery (one row per value)")

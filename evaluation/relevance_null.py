@@ -28,7 +28,7 @@ from fnprune.recipe import Recipe, apply_overrides
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--task", default="sst2")
     p.add_argument("--data-dir", required=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,8 @@ def test_api_writes_report_figures_and_csvs(analysis):
         assert f"]({png})" in report
     assert not list(out.parent.glob(".*partial"))  # the temp dir was renamed into place
 
+    # one ICA per layer (compress pools several runs, whose networks repeat one another): k networks per layer
+    assert [int(r["networks"]) for r in _rows(out / "layer_summary.csv")] == [SMALL["components"]] * 2
     key = _rows(out / "key_networks.csv")
     assert [r["kind"] for r in key] == ["top", "top", "control"]
     assert all(r["masking_verified"] == "True" for r in key)
@@ -96,6 +100,14 @@ def _record_down_inputs(model, run) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     return [seen[i] for i in sorted(seen)]
+
+
+def test_write_report_names_its_own_folder_in_the_command(analysis, tmp_path):
+    result, _ = analysis
+    again = an.write_report(dataclasses.replace(result, spec=dataclasses.replace(result.spec, output="")),
+                            tmp_path / "again")
+    command = json.loads((again / "summary.json").read_text())["command"]
+    assert command.endswith(f"--output {tmp_path / 'again'}"), command
 
 
 def test_masking_zeroes_exactly_the_network_in_its_layer(model_dir, task_data):
@@ -230,3 +242,10 @@ def test_task_arg_parsing():
     cmd = an.spec_command(spec)
     assert "--also-task ag_news:train=/a.csv,test=/b.csv" in cmd and "--top-networks 3" in cmd
     assert "--scales 0,2" in cmd and "--data-dir /d" in cmd
+
+
+def test_empty_networks_sort_after_the_ranked_ones():
+    from fnprune.analysis.experiments import by_rank
+
+    rows = [{"relevance_rank": ""}, {"relevance_rank": 2}, {"relevance_rank": 1}]
+    assert [r["relevance_rank"] for r in sorted(rows, key=by_rank)] == [1, 2, ""]

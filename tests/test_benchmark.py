@@ -51,7 +51,13 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
         model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=24,
         work=str(tmp_path / "runs"), quiet=True), "default", 0.5, 0)
     assert (folder / "report.json").stat().st_mtime_ns != report_before  # other code's run is made again
-    assert (folder / benchmark.CODE_MARK).read_text().strip() == benchmark.code_digest()
+    assert (folder / benchmark.CODE_MARK).read_text().startswith(benchmark.code_digest() + "\n")
+    report_before = (folder / "report.json").stat().st_mtime_ns
+    other = benchmark.run_one(benchmark.main.__globals__["argparse"].Namespace(
+        model=str(model_dir("llama")), data_dir=str(task_data), task="sst2", num_samples=16,
+        work=str(tmp_path / "runs"), quiet=True), "default", 0.5, 0)
+    assert (folder / "report.json").stat().st_mtime_ns != report_before  # another input: made again, not reused
+    assert json.loads((folder / "report.json").read_text())["calibration"]["samples"] == 16 and other != row
 
 
 def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task_data, tmp_path):
@@ -91,6 +97,12 @@ def test_benchmark_recipe_overrides_and_perplexity_equal_the_cli(model_dir, task
 def test_benchmark_set_needs_key_and_value():
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         benchmark.parse_overrides(["selection.ridge"], None)
+    base = ["--model", "m", "--data-dir", "d", "--out-prefix", "p"]
+    with pytest.raises(SystemExit, match="selection.kep: unknown field"):  # every run's recipe checked up front
+        benchmark.main([*base, "--keeps", "0.5", "--set", "selection.kep=1"])
+    with pytest.raises(SystemExit, match="selection.keep: must be"):
+        benchmark.main([*base, "--keeps", "0.5,1.5"])
+    assert benchmark.uses_ica("default", "sst2", {"selection.method": "fn-task"})  # --seeds then apply
     assert benchmark.parse_overrides(["networks.engine=sklearn", "selection.fn_boost=4"], None) == {
         "networks.engine": "sklearn", "selection.fn_boost": 4}
 
@@ -214,6 +226,22 @@ def test_validation_speed_times_the_scorer_and_a_plain_pass_over_the_same_exampl
     assert row["templates"] == 7 and row["examples"] == 70 and row["sequences"] == 70
     assert scored == [70, 70]
     assert row["scorer_over_plain"] == pytest.approx(row["scorer_ex_s"] / row["plain_forward_ex_s"], rel=0.05)
+
+
+def test_calibration_tune_bad_inputs_stop_before_any_run(tmp_path, capsys):
+    from evaluation import calibration_tune
+
+    base = ["--model", "m", "--data-dir", str(tmp_path), "--work", str(tmp_path / "runs"), "--out-prefix",
+            str(tmp_path / "t")]
+    for extra, said in ((["--vary", "selection.ridge"], "expected KEY=V1,V2"),
+                        (["--vary", "selection.rdge=1"], "selection.rdge: unknown field"),
+                        (["--vary", "selection.ridge=1", "--share", "1.5"], "--share: must be in"),
+                        (["--vary", "selection.ridge=1", "--task", "copa"], "carves its calibration split")):
+        with pytest.raises(SystemExit) as info:
+            calibration_tune.main([*base, *extra])
+        assert not (tmp_path / "runs").exists()
+        shown = str(info.value.code) + capsys.readouterr().err  # argparse's usage errors: on stderr, exit 2
+        assert said in shown, (extra, shown)
 
 
 def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_dir, tmp_path):

@@ -9,6 +9,7 @@ and networks sections plus the experiments' own settings; calibration and per-la
 Notebook use::
 
     from fnprune.analysis import AnalysisSpec, run_analysis, write_report
+    from fnprune.recipe import ModelSpec, TaskSpec
     spec = AnalysisSpec(model=ModelSpec("path"), task=TaskSpec("sst2", data_dir="data/sst2"), eval_samples=200)
     analysis = run_analysis(spec)          # tables: analysis.tables["key_networks"] (list of dicts), ...
     write_report(analysis, "out/analysis") # report.md + PNGs + CSVs (atomically)

@@ -96,12 +96,19 @@ def network_tables(calib: Calibration) -> dict[str, Rows]:
     return {"layer_networks": layer_rows, "layer_summary": summary}
 
 
+def by_rank(row: dict[str, Any]) -> tuple[bool, int]:
+    """Sort key of a network row: ranked ones by `relevance_rank`, then the unranked (empty) ones."""
+    rank = row["relevance_rank"]
+    return (rank == "", rank if rank != "" else 0)
+
+
 def group_tables(group: GroupNetworks) -> dict[str, Rows]:
     """Cross-layer networks: one row per network (rank, size, layers spanned), and its members per layer."""
-    g_rank = {int(k): r + 1 for r, k in enumerate(group.by_relevance())}
+    ranked = [int(k) for k in group.by_relevance() if group.members[k].any()]  # empty networks stay unranked
+    g_rank = {k: r + 1 for r, k in enumerate(ranked)}
     layer_of = group.layer_of()
     networks = [{
-        "network": k, "relevance_rank": g_rank[k], "relevance": rounded(group.relevance[k]),
+        "network": k, "relevance_rank": g_rank.get(k, ""), "relevance": rounded(group.relevance[k]),
         "size": int(group.members[k].sum()), "fraction": rounded(group.members[k].mean(), 5),
         "layers_spanned": int(len(np.unique(layer_of[group.members[k]]))),
         "top_layer": int(np.bincount(layer_of[group.members[k]], minlength=len(group.widths)).argmax())
@@ -275,7 +282,7 @@ def group_mask(base: Baseline, group: GroupNetworks, spec: AnalysisSpec) -> Rows
     if not spec.group_mask:
         return []
     scorer, widths = base.scorer, base.scorer.widths
-    chosen = [int(k) for k in group.by_relevance()[: spec.group_mask] if group.members[k].any()]
+    chosen = [int(k) for k in group.by_relevance() if group.members[k].any()][: spec.group_mask]  # empty: skipped
     union = group.members[chosen].any(0)
     per_layer = {i: np.flatnonzero(union[group.offsets[i] : group.offsets[i + 1]]) for i in range(len(widths))}
     per_layer = {i: idx for i, idx in per_layer.items() if len(idx)}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .experiments import rounded
+from .experiments import by_rank, rounded
 
 if TYPE_CHECKING:
     from .run import Analysis
@@ -71,7 +71,7 @@ def plot_layer_networks(analysis: Analysis, path: Path) -> list[dict]:
 
 
 def _top_group(analysis: Analysis, n: int) -> list[int]:
-    rows = sorted(analysis.tables["group_networks"], key=lambda r: r["relevance_rank"])
+    rows = sorted(analysis.tables["group_networks"], key=by_rank)
     return [r["network"] for r in rows[:n]]
 
 
@@ -131,7 +131,7 @@ def plot_recurrence(analysis: Analysis, path: Path) -> None:
     plt = _plt()
     rows = analysis.tables["recurrence"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    rel_order = [r["network"] for r in sorted(analysis.tables["group_networks"], key=lambda r: r["relevance_rank"])]
+    rel_order = [r["network"] for r in sorted(analysis.tables["group_networks"], key=by_rank)]
     fig, (a, b) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
     w = 0.8 / max(len(tasks), 1)
     x = np.arange(len(rel_order))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..checkpoint import atomic_output_dir, check_output_dir, write_json
-from .experiments import rounded
+from .experiments import by_rank, rounded
 from .figures import (
     FIGURES,
     plot_amplification,
@@ -19,6 +20,7 @@ from .figures import (
     plot_layer_networks,
     plot_recurrence,
 )
+from .spec import spec_command
 
 if TYPE_CHECKING:
     from .run import Analysis
@@ -117,7 +119,7 @@ def _networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         "",
         f"![group networks per layer]({files['group_layers']})",
         "",
-        _md_table(sorted(t["group_networks"], key=lambda r: r["relevance_rank"]),
+        _md_table(sorted(t["group_networks"], key=by_rank),
                   ["network", "relevance_rank", "relevance", "size", "fraction", "layers_spanned", "top_layer"]),
     ]
 
@@ -219,6 +221,8 @@ def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False
     """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`."""
     out = Path(output).expanduser()
     check_output_dir(out, overwrite)
+    if analysis.spec.output != str(output):  # run from the API without spec.output: the command names this folder
+        analysis.info["command"] = spec_command(dataclasses.replace(analysis.spec, output=str(output)))
     with atomic_output_dir(out, overwrite) as tmp:
         tables = dict(analysis.tables)
         tables["layer_relevance_grid"] = plot_layer_networks(analysis, tmp / FIGURES["layer_networks"])

@@ -27,6 +27,12 @@ def _calibration() -> CalibrationSpec:
     return CalibrationSpec(num_samples=256, max_tokens=4096, sample_store="tokens")
 
 
+def _networks() -> NetworksSpec:
+    # One ICA per layer, as the paper analyses them: compress pools several runs' networks (networks.runs), which
+    # repeat one another, so the analysed networks and their random controls would include copies.
+    return NetworksSpec(runs=1)
+
+
 @dataclass
 class AnalysisSpec:
     """Every setting of one analysis. `calibration.seed` seeds every sample and control, `networks.seed`
@@ -35,7 +41,7 @@ class AnalysisSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=_calibration)
-    networks: NetworksSpec = field(default_factory=NetworksSpec)
+    networks: NetworksSpec = field(default_factory=_networks)
     also_tasks: list[TaskSpec] = field(default_factory=list)  # extra tasks for the recurrence experiment
     group_tokens: int = 2048  # calibration tokens used for the group ICA (all layers concatenated)
     recurrence_groups: int = 12  # small groups of held-out samples, per task
@@ -54,7 +60,7 @@ class AnalysisSpec:
     @classmethod
     def from_settings(cls, seed: int | None = None, **settings: Any) -> AnalysisSpec:
         """A spec from flat settings (the CLI's names): recipe settings go into their section."""
-        sections = {"calibration": _calibration(), "networks": NetworksSpec()}
+        sections = {"calibration": _calibration(), "networks": _networks()}
         for name in [n for n in settings if n in RECIPE_SETTINGS]:
             setattr(sections[RECIPE_SETTINGS[name]], name, settings.pop(name))
         if seed is not None:
