@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,27 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        _refuse_config_only(path)
         if not list(path.glob("*.safetensors")):
             raise ModelError(f"{path} has no .safetensors weights; fnprune never loads pickled checkpoints")
         return str(path), {"use_safetensors": True}
     if _names_a_path(spec.name_or_path):
         raise ModelError(f"model path not found: {spec.name_or_path}")
     return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
+
+
+def _refuse_config_only(path: Path) -> None:
+    """A DeciLM folder as `fnprune export --format deci` writes it (for vLLM) has a config class but no model code,
+    and transformers has no DeciLM model: say so instead of transformers' remote-code errors."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # transformers' own error says what is wrong with it
+    if not isinstance(config, dict):
+        return
+    if config.get("model_type") == "nemotron-nas" and "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
+        raise ModelError(f"{path} is a DeciLM folder without model code (as `fnprune export --format deci` writes it "
+                         "for vLLM), which transformers cannot load; use the checkpoint folder it was exported from")
 
 
 def _names_a_path(name: str) -> bool:

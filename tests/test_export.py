@@ -385,6 +385,8 @@ def test_deci_folder_matches_vllm_and_llama_cpp_readers(model_dir, tmp_path):
     assert loaded.block_configs[0].attention.n_heads_in_group == 2 and not loaded.block_configs[0].ffn.no_op
     assert json.loads(loaded.to_json_string())["block_configs"] == blocks
     assert read_checkpoint(ckpt).widths == [256, 512]
+    with pytest.raises(ModelError, match="is a DeciLM folder without model code"):  # not transformers' errors
+        load_model(ModelSpec(name_or_path=str(out), trust_remote_code=True))
 
 
 # --- opt-in: the real SmolLM2 in llama.cpp -------------------------------------------------------------------
