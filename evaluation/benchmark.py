@@ -150,7 +150,7 @@ def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: type) -> lis
     try:
         return [kind(v) for v in text.split(",")]
     except ValueError:
-        p.error(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__}s")
+        p.error(f"{flag}: {text!r} is not a comma-separated list of {'integers' if kind is int else 'numbers'}")
 
 
 def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:

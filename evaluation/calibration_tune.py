@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from evaluation.benchmark import CONFIGS, finished_here, mark_finished, overrides_suffix, parse_overrides
+from evaluation.benchmark import CONFIGS, finished_here, mark_finished, numbers, overrides_suffix, parse_overrides
 from evaluation.compare import paired_difference
 from evaluation.tables import percent_of_dense, write_rows
 
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None, command: str | None = None, variant: str
     from fnprune.provenance import file_sha256
     from fnprune.recipe import Recipe, apply_overrides, load_recipe
 
-    try:
-        seeds = [int(s) for s in args.split_seeds.split(",")]
-    except ValueError:
-        p.error(f"--split-seeds: {args.split_seeds!r} is not a comma-separated list of integers")
+    seeds = numbers(p, "--split-seeds", args.split_seeds, int)
     torch.set_flush_denormal(True)
     if bad := [v for v in args.vary if not v.partition("=")[0] or not v.partition("=")[2]]:
         p.error(f"--vary {bad[0]!r}: expected KEY=V1,V2 (a dotted recipe key and the values to compare)")
@@ -114,6 +111,13 @@ def main(argv: list[str] | None = None, command: str | None = None, variant: str
     command = command or "python -m evaluation.calibration_tune " + " ".join(sys.argv[1:] if argv is None else argv)
     write_rows(Path(args.out_prefix), command, rows)
     print(json.dumps(rows, indent=1))
+
+
+def print_probe_help(probe: argparse.ArgumentParser) -> None:
+    """A probe's `--help`: its own flags, then this tuning's, which the probe passes on."""
+    probe.print_help()
+    print("\nEvery other flag is evaluation.calibration_tune's:")
+    main(["--help"])
 
 
 def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: str, variant: str) -> None:

@@ -39,12 +39,10 @@ def with_extra_rows(own: list[Example], task: TaskSpec, spec: CalibrationSpec, e
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument("--extra-file", required=True, type=Path, help="rows in the task's format (e.g. a .jsonl)")
-    if {"-h", "--help"} & set(argv or []):  # this probe's flags, then the tuning's, which it passes on
-        from evaluation.calibration_tune import main as tune
+    if {"-h", "--help"} & set(argv or []):
+        from evaluation.calibration_tune import print_probe_help
 
-        p.print_help()
-        print("\nEvery other flag is evaluation.calibration_tune's:")
-        tune(["--help"])
+        print_probe_help(p)
     args, rest = p.parse_known_args(argv)
     if not args.extra_file.is_file():
         p.error(f"--extra-file: {args.extra_file} is not a file")

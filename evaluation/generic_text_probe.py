@@ -51,12 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument("--generic-share", type=float, required=True)
     p.add_argument("--wikitext", required=True, help="the WikiText-2 raw test file or its folder")
-    if {"-h", "--help"} & set(argv or []):  # this probe's flags, then the tuning's, which it passes on
-        from evaluation.calibration_tune import main as tune
+    if {"-h", "--help"} & set(argv or []):
+        from evaluation.calibration_tune import print_probe_help
 
-        p.print_help()
-        print("\nEvery other flag is evaluation.calibration_tune's:")
-        tune(["--help"])
+        print_probe_help(p)
     args, rest = p.parse_known_args(argv)
     if not 0 <= args.generic_share < 1:
         p.error("--generic-share must be in [0, 1)")

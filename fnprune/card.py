@@ -11,7 +11,7 @@ from typing import Any
 from .choices import NETWORK_METHODS
 from .errors import ModelError
 from .lm_eval_backend import lm_eval_metrics
-from .report_text import evaluated
+from .report_text import count_range, evaluated
 
 __all__ = ["CardInfo", "model_card", "retained_text", "chance_text", "interval_text", "is_number"]
 
@@ -155,7 +155,7 @@ def _networks_sentence(report: dict[str, Any]) -> str:
     if not isinstance(networks, dict) or not networks.get("per_layer"):
         return ""
     counts = networks["per_layer"]
-    per_layer = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
+    per_layer = count_range(counts)
     size = networks.get("median_size")
     median = f", median {size:g} neurons each" if is_number(size) else ""
     return (f" ICA found {per_layer} networks per layer{median} (converged in {networks.get('converged_layers')} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["report_field", "report_lines", "evaluated"]
+__all__ = ["report_field", "report_lines", "evaluated", "count_range"]
 
 
 def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -78,7 +78,12 @@ def _networks_line(report: dict) -> list[str]:
     counts = [c for c in report_field(report, "networks.per_layer", list) or [] if type(c) is int]
     if not counts:
         return []
-    per_layer = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
+    per_layer = count_range(counts)
     size, converged = report_field(report, "networks.median_size"), report_field(report, "networks.converged_layers")
     return [f"  networks {per_layer} per layer, median size {'n/a' if size is None else f'{size:g}'} neurons, ICA "
             f"converged in {'n/a' if converged is None else converged} of {len(counts)} layers (networks.json)"]
+
+
+def count_range(counts: list[int]) -> str:
+    """One count when every layer has it, else the range over the layers ("24-40")."""
+    return str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
