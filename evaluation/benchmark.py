@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from evaluation.tables import percent_of_dense, with_extension, write_rows
 from fnprune.card import interval_text
+from fnprune.yaml_io import read_value
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
 # compensation, wanda-sp and random without), the ablations change one thing of the default. Every configuration
@@ -160,7 +160,7 @@ def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with a dotted recipe key, e.g. selection.ridge=1.0")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = read_value(value, f"--set {key.strip()}")
     if wikitext:
         out["evaluation.validation"] = [{"task": "wikitext", "file": str(Path(wikitext).expanduser().resolve())}]
     return out

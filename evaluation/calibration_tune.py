@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from evaluation.benchmark import CONFIGS, finished_here, mark_finished, numbers, overrides_suffix, parse_overrides
 from evaluation.compare import paired_difference
 from evaluation.tables import percent_of_dense, write_rows
+from fnprune.yaml_io import read_value
 
 
 def _accuracies(model_path: str, task, names: list[str], max_samples: int, batch_size: int, quiet: bool
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None, command: str | None = None, variant: str
         start_key.update({"probe": variant} if variant else {})
         args.task = args.task or (start.task.name if args.recipe else "sst2")
         for key, value in varied:  # a mistyped key or value stops here, not after the first runs
-            apply_overrides(start, {**fixed, key: yaml.safe_load(value)})
+            apply_overrides(start, {**fixed, key: read_value(value, key)})
         for seed in seeds:  # seed 0 is the task's default cut: its folders are named as before cuts were listed
             cut_fixed = {**fixed, "task.split_seed": seed} if seed else fixed
             cut = _tune_cut(args, p, start, start_key, cut_fixed, varied)
@@ -165,7 +165,7 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
     hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     held = [args.hold_template] if args.hold_template else []
     for key, value in varied:
-        setting = {key: yaml.safe_load(value)}
+        setting = {key: read_value(value, key)}
         out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
                                  f"{overrides_suffix({**start_key, **fixed, **setting})}")
         recipe = apply_overrides(start, {**base, **setting, "output.dir": str(out)})

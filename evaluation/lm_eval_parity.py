@@ -22,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# the task YAMLs read ../shared/data from the repository root (lm-eval runs there): fnprune's side reads the same
+DATA_ROOT = ROOT.parent / "shared" / "data"
 TASK_DIR = HERE / "lm_eval_tasks"
 OUT = HERE / "results"
 
@@ -132,7 +134,6 @@ def markdown(table: list[dict], command: str, model: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lm-eval-out", default="/tmp/fnprune-lm-eval-parity")
@@ -147,7 +148,7 @@ def main() -> None:
     if args.skip_fnprune:
         ours = json.loads(saved.read_text())
     else:
-        ours = fnprune_scores(model, Path(args.data_root), args.batch_size, tasks)
+        ours = fnprune_scores(model, DATA_ROOT, args.batch_size, tasks)
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(ours))
     if not args.skip_lm_eval:

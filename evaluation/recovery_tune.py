@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from evaluation.tables import write_rows
+from fnprune.yaml_io import read_value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         name, _, values = item.partition("=")
         kind = type(getattr(recipe.recovery, name))  # the field's type: "1e-4" is a float here, not YAML's string
-        settings = [{**s, name: kind(yaml.safe_load(v)) if kind is not type(None) else yaml.safe_load(v)}
+        settings = [{**s, name: kind(read_value(v, name)) if kind is not type(None) else read_value(v, name)}
                     for s in settings for v in values.split(",")]
     rows = []
     pruned_spec = dataclasses.replace(recipe.model, name_or_path=str(Path(args.pruned).resolve()), revision=None)

@@ -130,8 +130,12 @@ def layout_for(model_or_type: nn.Module | str) -> MLPLayout:
 
 
 def is_classifier(model: nn.Module) -> bool:
-    """A sequence classifier: predicts with its head, not with label words (the layout's `head`)."""
-    return layout_for(model).classifier
+    """A sequence classifier: predicts with its head, not with label words (the layout's `head`; a model of an
+    architecture fnprune cannot prune, which evaluate still scores: its class name)."""
+    try:
+        return layout_for(model).classifier
+    except ModelError:
+        return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def adds_to_residual(layout: MLPLayout, model: nn.Module) -> bool:

@@ -47,18 +47,22 @@ def cache_dir() -> Path:
 
 
 def usable() -> bool:
-    """Whether the cache folder can be created and written; if not, say so once per run and go on without it
-    (the cache only saves time)."""
+    """Whether the cache folder can be created and written; if not, say so once (per folder and process) and go
+    on without it (the cache only saves time)."""
     path = cache_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
         ok = os.access(path, os.W_OK | os.X_OK)
     except OSError:
         ok = False
-    if not ok:
+    if not ok and path not in _WARNED:
+        _WARNED.add(path)
         log.warning("cache folder %s cannot be written (set FNPRUNE_CACHE_DIR or use --no-cache): running without "
                     "the cache", path)
     return ok
+
+
+_WARNED: set[Path] = set()  # unwritable cache folders already named in a warning
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -66,12 +70,25 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]:
-    """Local weights by name, size and mtime (cheap); Hub models by id and revision."""
+    """Local weights by name, size and mtime (cheap); Hub models by id, revision and the commit it resolves to
+    (a branch moves: the same id and revision can be new weights)."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        return {"hub": name_or_path, "revision": revision}
+        return {"hub": name_or_path, "revision": revision, "commit": hub_commit(name_or_path, revision)}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit `revision` (default main) of a Hub model resolves to in the local Hub cache: after
+    `from_pretrained`, the one it loaded (it updates the cache's refs). None when nothing is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # not a repo id (e.g. a .gguf path inside one): the revision alone keys it
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def activation_tensors(acts: list[LayerActivations]) -> dict[str, torch.Tensor]:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from .arch import MLPLayout, mlp_widths
 from .choices import SAMPLE_STORES
 from .hooks import mlp_input_hooks
-from .interrupt import deferred_interrupt
+from .interrupt import ProgressSaver
 from .moments import SecondMoments
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import Batch, batches, forward
@@ -207,11 +206,9 @@ def capture_activations(
         done, seen = _resume(progress_file, fingerprint, recorder.stats, recorder.new_stats)
         if done:
             log.info("capture resumes at token %d of %d from %s", seen, total, progress_file)
-    saver = _ProgressSaver(progress_file, fingerprint, save_every)
-    saving = deferred_interrupt("finishing this batch to save capture progress") if progress_file is not None \
-        else nullcontext(lambda: False)
+    saver = ProgressSaver("capture", progress_file, save_every)
     bar = tqdm(total=total, initial=seen, desc="capture", unit="tok", disable=not progress)
-    with mlp_input_hooks(model, layout, recorder.hook), saving as interrupted, bar:
+    with mlp_input_hooks(model, layout, recorder.hook), saver.deferring(), bar:
         for number, batch in enumerate(batches(seqs, batch_size, padding_side)):
             if number < done:
                 continue
@@ -221,7 +218,8 @@ def capture_activations(
             done = number + 1
             bar.update(n_real)
             last = done == -(-len(seqs) // batch_size)
-            saver.after_batch(recorder.stats, done, seen, total, last, interrupted)
+            saver.after_step(partial(_save_progress, progress_file, recorder.stats, fingerprint, done, seen),
+                             f"{seen} of {total} tokens", last)
     if any(s is None for s in recorder.stats):
         raise RuntimeError("some MLP layers were never called during capture")
     saver.finished()
@@ -308,46 +306,10 @@ class _Recorder:
         return self._buffers[key][: len(rows)]
 
 
-class _ProgressSaver:
-    """When capture saves its progress file: every `save_every` seconds (at least ten times the last save's
-    duration) and on Ctrl-C, which then stops capture. `path` None: nothing is saved (also after a failed save)."""
-
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any], save_every: float):
-        self.path, self.fingerprint, self.save_every = path, fingerprint, save_every
-        self.last_save, self.interval = time.monotonic(), save_every
-
-    def after_batch(self, stats: list, done: int, seen: int, total: int, last: bool,
-                    interrupted: Callable[[], bool]) -> None:
-        """Save if it is time or Ctrl-C was pressed (then raise KeyboardInterrupt); `last`: the final batch."""
-        if self.path is not None and (interrupted() or self._due(last)):
-            try:
-                self.interval = max(self.save_every, 10 * self._save(stats, done, seen))
-                note = f"capture progress saved ({seen} of {total} tokens); the same command continues from there"
-            except OSError as exc:  # a full disk costs the resume, not the capture
-                log.warning("cannot save capture progress to %s (%s); capture goes on without saving it",
-                            self.path, exc)
-                self.path, note = None, "capture progress could not be saved"
-            self.last_save = time.monotonic()
-            if interrupted():
-                raise KeyboardInterrupt(note)
-        elif interrupted():  # saving failed earlier: stop at this batch all the same
-            raise KeyboardInterrupt("capture progress could not be saved")
-
-    def _due(self, last: bool) -> bool:
-        """A periodic save is due (never after the final batch: capture is about to finish)."""
-        return not last and time.monotonic() - self.last_save >= self.interval
-
-    def _save(self, stats: list, done: int, seen: int) -> float:
-        """Write the statistics so far; returns how long it took."""
-        start = time.monotonic()
-        tensors = {k: v for i, st in enumerate(stats) if st is not None for k, v in st.state(f"{i}.").items()}
-        write_atomic(self.path, tensors, {**self.fingerprint, "batches_done": done, "tokens_seen": seen})
-        return time.monotonic() - start
-
-    def finished(self) -> None:
-        """Capture completed: its progress file has served."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+def _save_progress(path: Path, stats: list, fingerprint: dict[str, Any], done: int, seen: int) -> None:
+    """The statistics so far, and how far capture got."""
+    tensors = {k: v for i, st in enumerate(stats) if st is not None for k, v in st.state(f"{i}.").items()}
+    write_atomic(path, tensors, {**fingerprint, "batches_done": done, "tokens_seen": seen})
 
 
 def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats: Callable[[int], _LayerStats]

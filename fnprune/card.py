@@ -145,8 +145,19 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     allocation = info.report.get("allocation") or "uniform"
     where = ("of every layer" if allocation == "uniform" else
              f"overall (each layer's width from one ranking across layers, `{allocation}` allocation)")
-    return (f"{found} {info.keep:.0%} of the MLP neurons {where} with the `{info.method}` criterion and "
+    return (f"{found} {_kept_share(info)} of the MLP neurons {where} with the `{info.method}` criterion and "
             f"physically removed the others.{_networks_sentence(info.report)}{refit}")
+
+
+def _kept_share(info: CardInfo) -> str:
+    """The share of MLP neurons kept, as counted (rounding to --round-to moves it off the asked keep)."""
+    neurons = info.report.get("mlp_neurons") or {}
+    dense, pruned = neurons.get("dense"), neurons.get("pruned")
+    if not (is_number(dense) and is_number(pruned) and dense > 0):
+        return f"{info.keep:.0%}"
+    kept = f"{pruned / dense:.1%}".replace(".0%", "%")
+    asked = f"{info.keep:.1%}".replace(".0%", "%")
+    return kept if kept == asked else f"{kept} (asked {asked})"
 
 
 def _networks_sentence(report: dict[str, Any]) -> str:

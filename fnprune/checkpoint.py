@@ -135,11 +135,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_partials(path: Path) -> None:
-    """Delete temp dirs that a killed run (its pid no longer alive) left beside `path`."""
-    for stale in path.absolute().parent.glob(f".{path.name}.*.partial"):
+    """Delete temp dirs (and replaced outputs) that a killed run (its pid no longer alive) left beside `path`."""
+    parent = path.absolute().parent
+    for stale in [*parent.glob(f".{path.name}.*.partial"), *parent.glob(f".{path.name}.*.old")]:
         pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or only the link when it is a symbolic link (the folder it points to is not ours)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -157,11 +166,11 @@ def atomic_output_dir(path: Path, overwrite: bool):
     try:
         yield tmp
         _ordinary_modes(tmp)
-        if overwrite and os.path.lexists(path):
+        if overwrite and os.path.lexists(path):  # a symbolic link is replaced, the folder it pointed to kept
             old = tmp.with_suffix(".old")
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old)
+            _remove(old)
             return
         placed = _rename_if_absent(tmp, path)
     except BaseException:

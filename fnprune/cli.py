@@ -25,7 +25,7 @@ from .cli_flags import (
     parse_max_memory,
 )
 from .errors import FnpruneError, RecipeError
-from .recipe import Recipe, TaskSpec, apply_overrides, load_recipe
+from .recipe import DTYPES, Recipe, TaskSpec, apply_overrides, load_recipe
 from .report_text import evaluated, report_field, report_lines
 
 
@@ -187,6 +187,8 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Prompts scored per forward pass.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code (off).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Model dtype (default: the one the folder's recipe.yaml "
+              "was compressed in, so the scores are its report's; else float32).")
 @click.option("--device-map", help=FLAG_BY_DECL["--device-map"].settings["help"].split(". ")[0] + ".")
 @FLAG_BY_DECL["--max-memory"].decorate
 @FLAG_BY_DECL["--offload-folder"].decorate
@@ -196,12 +198,13 @@ def _print_recovery(rec: dict | None, fmt) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, device_map,
-             max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet) -> None:
+def evaluate(model, task, data_dir, data_files, split, max_samples, template, batch_size, trust_remote_code, dtype,
+             device_map, max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet
+             ) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
     from .checkpoint import RECIPE_FILE
     from .evaluate import evaluate_templates
-    from .evaluate_checkpoint import evaluation_examples, model_path
+    from .evaluate_checkpoint import evaluation_examples, model_dtype, model_path, recorded_recipe
     from .lm_eval_backend import check_lm_eval, run_lm_eval
     from .models import load_model
     from .recipe import recipe_from_dict
@@ -209,22 +212,30 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     _setup_logging(quiet)
     model = model_path(model)
     harness = parse_lm_eval_tasks(lm_eval_tasks) or []
+    recorded = recorded_recipe(model, task)
     placement = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory) or {},
                  "offload_folder": offload_folder}
     checked = recipe_from_dict({
-        "model": {"name_or_path": model, "trust_remote_code": trust_remote_code, **placement},
+        "model": {"name_or_path": model, "trust_remote_code": trust_remote_code, "dtype": model_dtype(recorded, dtype),
+                  **placement},
         "evaluation": {"lm_eval_tasks": harness, "lm_eval_include": lm_eval_include, "lm_eval_limit": lm_eval_limit},
     })
     problems = checked.model.check() + checked.evaluation.check()
     if problems:
         raise RecipeError(problems)
+    lm_eval_only = task is None and not (Path(model).expanduser() / RECIPE_FILE).is_file() and harness
+    given = [flag for flag, value in (("--data-dir", data_dir), ("--data-files", data_files), ("--split", split),
+                                      ("--max-samples", max_samples), ("--template", template)) if value]
+    if lm_eval_only and given:
+        raise RecipeError(f"{', '.join(given)}: only used with a task (--task, or the folder's recipe.yaml); "
+                          "lm-eval's tasks read their own data (--lm-eval-limit limits them)")
     check_lm_eval(harness, lm_eval_include)  # installed, the folder there, the tasks known: before any loading
     resolved, sets = None, None  # lm-eval only: no task named and none recorded
-    if task is not None or (Path(model).expanduser() / RECIPE_FILE).is_file() or not harness:
+    if not lm_eval_only:
         wanted = [t.strip() for t in template.split(",")] if template else None
         resolved, sets = evaluation_examples(model, task, data_dir, parse_data_files(data_files), split, max_samples,
-                                             wanted)
-    m, tok = load_model(checked.model)
+                                             wanted, recorded)
+    m, tok = load_model(checked.model, prunable=False)
     out: dict[str, Any] = {"model": model}
     result = None
     if resolved is not None:

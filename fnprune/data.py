@@ -34,7 +34,8 @@ __all__ = [
     "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files", "fill_template",
 ]
 
-SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # by suffix
+SUFFIXES = tuple(FORMATS)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ _FIELD_LIMIT = 2**31 - 1  # csv's default limit (131,072 characters) is below on
 
 def _json_rows(path: Path, text: str) -> list[dict]:
     """JSON lines (one object per line); a .json file may instead hold one array of objects, or one object."""
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             whole = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -133,17 +134,17 @@ def _json_rows(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _table_rows(path: Path, text: str) -> list[dict[str, str]]:
+def _table_rows(path: Path, text: str, tsv: bool, header: list[str] | None = None) -> list[dict[str, str]]:
     """CSV with its quoting, or TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
     csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines. Every
-    row has the header's number of fields; blank lines are skipped; header names lose surrounding spaces."""
-    tsv = path.suffix == ".tsv"
+    row has the header's number of fields (the first line's, or `header`'s for a file without one); blank lines
+    are skipped; header names lose surrounding spaces."""
     if tsv:
         records = ((n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
     else:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         records = ((reader.line_num, fields) for fields in reader)
-    header: list[str] | None = None
+    header = list(header) if header else None
     rows = []
     previous = csv.field_size_limit(_FIELD_LIMIT)
     try:
@@ -180,12 +181,20 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """A local file's rows (see `_table_rows`, `_json_rows`)."""
+def file_format(path: Path, declared: str | None = None) -> str:
+    """tsv, csv or jsonl: `declared` (task.file_format), else from the file's suffix, in any case."""
+    fmt = declared or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the file format from its suffix ({', '.join(FORMATS)}); set "
+                        "task.file_format (tsv, csv, jsonl)")
+    return fmt
+
+
+def _read_rows(path: Path, declared: str | None = None, header: list[str] | None = None) -> list[dict]:
+    """A local file's rows (see `_table_rows`, `_json_rows`); `header`: the column names of a file without one."""
+    fmt = file_format(path, declared)
     text = _read_text(path)
-    if path.suffix in (".jsonl", ".json"):
-        return _json_rows(path, text)
-    return _table_rows(path, text)
+    return _json_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, fmt == "tsv", header)
 
 
 def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
@@ -221,7 +230,7 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     absent = [c for c in columns if c not in rows[0]]
     if absent:
         raise DataError(f"{where}: missing column(s) {absent}; columns are {sorted(rows[0])}")
-    per_row = path is None or path.suffix in (".json", ".jsonl")  # TSV and CSV rows are complete and text
+    per_row = path is None or file_format(path) == "jsonl"  # TSV and CSV rows are complete and text
     for n, row in enumerate(rows):
         for c in columns if per_row else ():  # a missing key, null, a list or an object is not text
             value = row.get(c, KeyError)
@@ -255,29 +264,8 @@ def _carved_from(task: TaskSpec, split: str) -> str:
 
 
 def _read_table(task: TaskSpec, path: Path) -> list[dict]:
-    """A file's rows. With `task.file_format` or `task.header` set (MRPC's .txt, CoLA's headerless TSV, QNLI's
-    quotes) they are read here with GLUE's conventions: a TSV has no quoting, a BOM is dropped; other files go
-    to the classic reader."""
-    by_suffix = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix)
-    fmt = task.file_format or by_suffix
-    if fmt is None:
-        raise DataError(f"{path}: cannot tell the file format from its suffix; set task.file_format (tsv, csv, jsonl)")
-    if task.file_format is None and not task.header:
-        return _read_rows(path)
-    text = _read_text(path)
-    if fmt == "jsonl":
-        return _json_rows(path, text)
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-    lines = list(csv.reader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting))
-    header = list(task.header) if task.header else (lines.pop(0) if lines else [])
-    rows = []
-    for n, values in enumerate(lines, 1 if task.header else 2):
-        if not values:
-            continue
-        if len(values) != len(header):
-            raise DataError(f"{path}:{n}: {len(values)} fields, expected {len(header)} ({', '.join(header)})")
-        rows.append(dict(zip(header, values)))
-    return rows
+    """A file's rows, in `task.file_format` (MRPC's .txt) and with `task.header` (CoLA's headerless TSV) when set."""
+    return _read_rows(path, task.file_format, task.header)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .arch import MLPLayout, get_module, is_classifier, layer_blocks
-from .interrupt import deferred_interrupt
+from .errors import NumericalError
+from .interrupt import ProgressSaver
 from .offload import input_device
 from .recipe import RecoverySpec
 from .safetensors_io import read_with_meta, write_atomic
@@ -300,15 +301,17 @@ def _save_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Opti
     write_atomic(path, tensors, meta)
 
 
-def _load_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, fingerprint: str) -> int:
-    """Restore weights and optimiser state saved for this same run; returns the steps done (0: none usable)."""
+def _load_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                   fingerprint: str) -> tuple[int, list[float], float]:
+    """Restore weights and optimiser state saved for this same run; returns the steps done (0: none usable), their
+    losses and the seconds they took."""
     loaded = read_with_meta(path)
     if loaded is None:
-        return 0
+        return 0, [], 0.0
     tensors, meta = loaded
     if meta.get("fingerprint") != fingerprint:
         log.info("ignoring recovery progress %s: it was saved for another run", path)
-        return 0
+        return 0, [], 0.0
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"].to(p.device))
@@ -318,7 +321,7 @@ def _load_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Opti
                     "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device).clone(),
                     "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device).clone(),
                 }
-    return int(meta["steps_done"])
+    return int(meta["steps_done"]), [float(x) for x in meta.get("losses", [])], float(meta.get("seconds", 0.0))
 
 
 def recover(
@@ -337,50 +340,45 @@ def recover(
     Ctrl-C / SIGTERM (after the current step), and a rerun of the same run continues from them."""
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
-    fingerprint, progress_file = "", None
-    if progress_dir is not None:
-        fingerprint = run_fingerprint(trainable_parameters(model, layout, "mlp"), targets, seqs, spec)
-        progress_file = progress_dir / f"recovery-{fingerprint[:40]}.partial.safetensors"
+    # of the starting weights, before LoRA wraps them
+    fingerprint = run_fingerprint(trainable_parameters(model, layout, "mlp"), targets, seqs, spec) \
+        if progress_dir is not None else ""
     lora = add_lora(model, layout, spec.lora_rank, spec.seed) if spec.params == "lora" else []
     params = trainable_parameters(model, layout, spec.params)
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    plan = step_batches(len(seqs), spec)
+    progress_file = progress_dir / f"recovery-{fingerprint[:40]}.partial.safetensors" if progress_dir else None
+    saver, done, losses, earlier = ProgressSaver("recovery", progress_file, save_every), 0, [], 0.0
+    if progress_file is not None:
+        done, losses, earlier = _load_progress(progress_file, params, opt, fingerprint)
+        if done:
+            log.info("recovery resumes at step %d of %d from %s", done, len(plan), progress_file)
     wanted = {id(p) for p in params}
     grad_before = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    plan = step_batches(len(seqs), spec)
-    done = _load_progress(progress_file, params, opt, fingerprint) if progress_file is not None else 0
-    if done:
-        log.info("recovery resumes at step %d of %d from %s", done, len(plan), progress_file)
-    losses: list[float] = []
     was_training = model.training
     model.eval()  # no dropout: the student's distribution is compared with the teacher's as evaluated
-    saving: Any = deferred_interrupt("finishing this step to save recovery progress") if progress_file is not None \
-        else nullcontext(lambda: False)
-    last_save = time.monotonic()
     try:
         bar = tqdm(total=len(plan), initial=done, desc="recover", unit="step", disable=not progress)
-        with torch.enable_grad(), saving as interrupted, bar:
+        with torch.enable_grad(), saver.deferring(), bar:
             for step in range(done, len(plan)):
                 for group in opt.param_groups:
                     group["lr"] = _learning_rate(step, len(plan), spec.lr, spec.warmup)
                 loss = _loss(model, seqs, targets, plan[step], spec)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower recovery.lr")
+                    raise NumericalError(f"recovery loss is {loss.item()} at step {step}; lower recovery.lr "
+                                         f"({spec.lr}) or recovery.label_weight ({spec.label_weight})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                last = step + 1 == len(plan)
-                if progress_file is not None and not last and (
-                        interrupted() or time.monotonic() - last_save >= save_every):
-                    _save_progress(progress_file, params, opt, {"fingerprint": fingerprint, "steps_done": step + 1})
-                    last_save = time.monotonic()
-                    if interrupted():
-                        raise KeyboardInterrupt(f"recovery progress saved ({step + 1} of {len(plan)} steps); the "
-                                                "same command continues from there")
+                meta = {"fingerprint": fingerprint, "steps_done": step + 1, "losses": losses,
+                        "seconds": earlier + time.perf_counter() - start}
+                saver.after_step(partial(_save_progress, progress_file, params, opt, meta),
+                                 f"{step + 1} of {len(plan)} steps", step + 1 == len(plan))
     finally:
         for p in model.parameters():
             p.requires_grad_(grad_before.get(id(p), False))
@@ -388,11 +386,10 @@ def recover(
     merge_lora(lora)
     for p in model.parameters():
         p.grad = None
-    if progress_file is not None:
-        progress_file.unlink(missing_ok=True)
+    saver.finished()
     tenth = max(1, len(losses) // 10)
     return RecoveryResult(
-        steps=len(plan), seconds=round(time.perf_counter() - start, 3),
+        steps=len(plan), seconds=round(earlier + time.perf_counter() - start, 3),
         loss_first=round(float(np.mean(losses[:tenth])), 6) if losses else float("nan"),
         loss_last=round(float(np.mean(losses[-tenth:])), 6) if losses else float("nan"),
         trained_parameters=sum(p.numel() for p in params), teacher_bytes=targets.nbytes, resumed_at=done,

@@ -95,6 +95,12 @@ def label_token_ids(tokenizer, label_words: dict[str, str]) -> dict[str, list[in
             raise DataError(f"label word {word!r} (label {label}) tokenizes to nothing")
     if len({tuple(v) for v in ids.values()}) != len(ids):
         raise DataError(f"two label words tokenize to the same ids: {ids}")
+    for a, short in ids.items():  # summed log-probabilities: the longer word can never score above the shorter
+        for b, long in ids.items():
+            if a != b and long[:len(short)] == short:
+                raise DataError(f"label word {label_words[a]!r}'s tokens {short} begin label word "
+                                f"{label_words[b]!r}'s {long}, so {label_words[b]!r} can never be the answer; use "
+                                "label words that differ in their first token")
     return ids
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from .checkpoint import RECIPE_FILE
 from .data import Example, load_evaluation, resolve_task
-from .errors import FnpruneError
+from .errors import FnpruneError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .inputs import calibrated_on
 from .models import load_model, local_model_dir
 from .recipe import ModelSpec, Recipe, TaskSpec, load_recipe, recipe_from_dict
 from .tasks import task_overrides
 
-__all__ = ["model_path", "evaluation_examples", "evaluate_model"]
+__all__ = ["model_path", "recorded_recipe", "evaluation_examples", "model_dtype", "evaluate_model"]
 
 log = logging.getLogger("fnprune")
 
@@ -43,14 +43,32 @@ def _task_spec(compressed: Recipe | None, task: str | None, data_dir: str | None
     return recipe_from_dict({"task": data}).task
 
 
+def recorded_recipe(model: str | Path, task: str | None = None) -> Recipe | None:
+    """The folder's recipe.yaml (None: there is none). One that cannot be read stops the command, unless a task is
+    named: then only the check for the folder's own calibration rows is lost, and a warning says so."""
+    saved = Path(model).expanduser() / RECIPE_FILE
+    if not saved.is_file():
+        return None
+    try:
+        return load_recipe(saved)
+    except RecipeError as exc:
+        if task is None:
+            raise
+        log.warning("%s cannot be read (%s); evaluating %s without it: its calibration rows are not checked",
+                    saved, " ".join(exc.problems), task)
+        return None
+
+
+_READ = "read"  # evaluation_examples' default: read the folder's recipe.yaml itself
+
+
 def evaluation_examples(model: str | Path, task: str | None = None, data_dir: str | None = None,
                         data_files: dict[str, str] | None = None, split: str | None = None,
-                        max_samples: int | None = None, templates: list[str] | None = None
-                        ) -> tuple[TaskSpec, dict[str, list[Example]]]:
+                        max_samples: int | None = None, templates: list[str] | None = None,
+                        recorded: Recipe | None | str = _READ) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """The resolved task and its examples by template name. Warns when they include the folder's own calibration
-    rows (its recipe.yaml): the accuracy is then not held out."""
-    saved = Path(model).expanduser() / RECIPE_FILE
-    compressed = load_recipe(saved) if saved.is_file() else None
+    rows (its recipe.yaml, `recorded`): the accuracy is then not held out."""
+    compressed = recorded_recipe(model, task) if isinstance(recorded, str) else recorded
     resolved = resolve_task(_task_spec(compressed, task, data_dir, data_files))
     sets = load_evaluation(resolved, split or resolved.evaluation_split, max_samples)
     if templates:
@@ -63,16 +81,36 @@ def evaluation_examples(model: str | Path, task: str | None = None, data_dir: st
     if compressed is not None and (n := calibrated_on(compressed, rows)):
         log.warning("%d of these %d examples are among %s's calibration examples (its recipe.yaml): not held out",
                     n, len(rows), model)
+    _note_report_sample(compressed, resolved, split, max_samples, len(rows))
     return resolved, sets
+
+
+def _note_report_sample(compressed: Recipe | None, resolved: TaskSpec, split: str | None, max_samples: int | None,
+                        n: int) -> None:
+    """compress scored the first `evaluation.max_samples` examples: say so when all of them are scored here."""
+    scored = compressed.evaluation.max_samples if compressed is not None else None
+    same = compressed is not None and compressed.task.name == resolved.name
+    if same and scored and split in (None, resolved.evaluation_split) and max_samples is None and n > scored:
+        log.info("scoring all %d examples; the folder's report scored the first %d (evaluation.max_samples): "
+                 "--max-samples %d gives its numbers", n, scored, scored)
+
+
+def model_dtype(recorded: Recipe | None, dtype: str | None) -> str:
+    """The dtype to load a checkpoint in: the one asked, else the one its recipe.yaml ran in (so the scores are
+    report.json's), else float32."""
+    return dtype or (recorded.model.dtype if recorded is not None else "float32")
 
 
 def evaluate_model(model: str | Path, task: str | None = None, *, data_dir: str | None = None,
                    data_files: dict[str, str] | None = None, split: str | None = None,
                    max_samples: int | None = None, templates: list[str] | None = None, batch_size: int = 32,
-                   trust_remote_code: bool = False, progress: bool = True) -> TaskResult:
+                   dtype: str | None = None, trust_remote_code: bool = False, progress: bool = True) -> TaskResult:
     """Zero-shot accuracy of a checkpoint (folder, Hub id or .gguf file) under each template of its task:
-    `.headline` is the held-out templates' mean, `.by_template` each template's `EvalResult`."""
+    `.headline` is the held-out templates' mean, `.by_template` each template's `EvalResult`. `dtype`: default
+    the one the folder was compressed in."""
     path = model_path(model)
-    resolved, sets = evaluation_examples(path, task, data_dir, data_files, split, max_samples, templates)
-    loaded, tokenizer = load_model(ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code))
+    recorded = recorded_recipe(path, task)
+    resolved, sets = evaluation_examples(path, task, data_dir, data_files, split, max_samples, templates, recorded)
+    spec = ModelSpec(name_or_path=path, trust_remote_code=trust_remote_code, dtype=model_dtype(recorded, dtype))
+    loaded, tokenizer = load_model(spec, prunable=False)
     return evaluate_templates(loaded, tokenizer, sets, resolved, batch_size, progress)

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-from .errors import FnpruneError
+from .errors import FnpruneError, OutputError
 
-__all__ = ["push_folder"]
+__all__ = ["push_folder", "hub_offline", "check_push"]
 
 log = logging.getLogger(__name__)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set, as the Hub client reads it (at its import; read here when asked)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_push(repo_id: str | None) -> None:
+    """Before any work: a push that cannot happen (the Hub switched off) fails now, not after the run."""
+    if repo_id and hub_offline():
+        raise OutputError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, "
+                          "or drop --push-to-hub and push the folder later")
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:

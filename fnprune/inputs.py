@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arch import MLPLayout, layout_for, mlp_widths
+from .arch import MLPLayout, is_classifier, layout_for, mlp_widths
 from .capture import capture_memory_bytes
 from .checkpoint import check_disk_space
 from .data import (
@@ -25,11 +25,13 @@ from .data import (
     task_fields,
 )
 from .errors import DataError, RecipeError
+from .evaluate import label_token_ids
 from .lm_eval_backend import check_lm_eval
 from .models import load_model, local_model_dir, model_source, unique_parameters
 from .offload import offloaded_modules
+from .provenance import provenance_changes
 from .pruning import resolve_selection
-from .recipe import CalibrationSpec, PromptTemplate, Recipe, SelectionSpec, TaskSpec
+from .recipe import CalibrationSpec, PromptTemplate, Recipe, RecoverySpec, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
@@ -66,6 +68,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
         check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     model_source(recipe.model)  # a missing local model fails now, not after the data is read
+    changes = provenance_changes(recipe.provenance)
+    if changes:
+        log.warning("this recipe's run will not reproduce its checkpoint byte for byte: %s", "; ".join(changes))
     task = resolve_task(recipe.task)
     recipe = dataclasses.replace(  # what runs, and is saved
         recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))
@@ -76,8 +81,12 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
+    if task.kind == "classification" and not is_classifier(model):  # label words that cannot work: now, not later
+        for template in task.templates:
+            label_token_ids(tokenizer, template.words(task.label_words))
     trainable = not recipe.model.offload_folder and not offloaded_modules(model)
     recipe = dataclasses.replace(recipe, recovery=recipe.recovery.for_task(task.kind, trainable))
+    _warn_unused_recovery(recipe.recovery)
     validation = load_validation(recipe, tokenizer)
     layout = layout_for(model)
     source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
@@ -86,6 +95,15 @@ def load_inputs(recipe: Recipe) -> Inputs:
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
+
+
+def _warn_unused_recovery(spec: RecoverySpec) -> None:
+    """Recovery settings changed from their defaults while recovery is off would be ignored without a word."""
+    default = RecoverySpec()
+    changed = [f"recovery.{f.name}" for f in dataclasses.fields(spec)
+               if f.name != "enabled" and getattr(spec, f.name) != getattr(default, f.name)]
+    if not spec.enabled and changed:
+        log.warning("recovery is off (--recover turns it on): %s not used", ", ".join(changed))
 
 
 def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example]]:

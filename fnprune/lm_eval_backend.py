@@ -59,7 +59,15 @@ def check_lm_eval(tasks: list[str], include: str | None) -> None:
     if not lm_eval_available():
         raise FnpruneError(f"evaluation.lm_eval_tasks (--lm-eval-tasks {','.join(tasks)}) needs "
                            f"lm-evaluation-harness, which is not installed: {INSTALL}")
-    _task_manager(include, tasks)
+    from lm_eval.tasks import get_task_dict
+
+    try:  # a task YAML's error (a missing function, bad field) now, not after calibration
+        get_task_dict(tasks, _task_manager(include, tasks))
+    except FnpruneError:
+        raise
+    except Exception as exc:  # whatever lm-eval raises for a task it cannot build
+        raise FnpruneError(f"lm-eval cannot build task(s) {', '.join(tasks)}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def _task_manager(include: str | None, tasks: list[str]):
@@ -230,7 +238,8 @@ def score_lm_eval(model, tokenizer, recipe: Recipe, cached_as: ModelSpec | None 
     ev = recipe.evaluation
     if not (ev.enabled and ev.lm_eval_tasks):
         return None
-    key = lm_eval_cache_key(cached_as, ev) if cached_as is not None and recipe.calibration.cache else ""
+    key = lm_eval_cache_key(cached_as, ev) if cached_as is not None and recipe.calibration.cache and \
+        cache.usable() else ""
     found = cache.load_lm_eval(key) if key else None
     if found is not None:
         log.info("dense lm-eval results from cache %s", cache.cache_dir())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import MLP_LAYOUTS, layout_for
 from .errors import ModelError
+from .hub import hub_offline
 from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
 
@@ -60,7 +60,18 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
         return str(path), {"use_safetensors": True}
     if _names_a_path(spec.name_or_path):
         raise ModelError(f"model path not found: {spec.name_or_path}")
+    from huggingface_hub import hf_hub_download
+
+    try:  # one request (or the cache offline), not the tokenizer's and the model's retries, before any work
+        hf_hub_download(spec.name_or_path, "config.json", revision=spec.revision)
+    except Exception as exc:  # not found, offline without a cached copy, no access
+        raise _not_on_hub(spec.name_or_path, exc) from exc
     return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
+
+
+def _not_on_hub(name: str, exc: Exception) -> ModelError:
+    return ModelError(f"could not find {name} locally or on the Hugging Face Hub: {type(exc).__name__}: "
+                      f"{_first_line(exc)}{_offline_hint()}")
 
 
 def _refuse_config_only(path: Path) -> None:
@@ -168,8 +179,9 @@ def _check_plain(model: nn.Module, spec: ModelSpec) -> None:
         )
 
 
-def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix.
+def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix. `prunable` off (to
+    evaluate): an architecture missing from fnprune's table loads too.
 
     With `spec.device_map` the weights are placed (and offloaded to CPU or disk) by accelerate: parameters of
     offloaded modules are then on the meta device and loaded on the fly by accelerate's hooks.
@@ -193,7 +205,8 @@ def load_model(spec: ModelSpec) -> tuple[nn.Module, object]:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {_first_line(exc)}{hub}"
                          ) from exc
     _check_plain(model, spec)
-    layout_for(model)
+    if prunable:
+        layout_for(model)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ModelError(
@@ -248,13 +261,12 @@ def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(str(path), revision=revision))
     except Exception as exc:  # not found, offline without a cached copy, no access
-        raise ModelError(f"could not find {path} locally or on the Hugging Face Hub: {type(exc).__name__}: "
-                         f"{_first_line(exc)}{_offline_hint()}") from exc
+        raise _not_on_hub(str(path), exc) from exc
 
 
 def _offline_hint() -> str:
     """What works when a Hub id cannot be fetched (the Hub client retries for tens of seconds unless told)."""
-    skip = "" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else (
+    skip = "" if hub_offline() else (
         " (HF_HUB_OFFLINE=1 skips the Hub's retries)")
     return f"; offline, give a local folder or .gguf file{skip}"
 

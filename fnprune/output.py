@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .cache import hub_commit
 from .calibration import Calibration
 from .card import CardInfo, model_card
 from .checkpoint import (
@@ -35,11 +36,14 @@ __all__ = ["resolved_recipe", "build_report", "write_output"]
 
 
 def _absolute_model(spec: ModelSpec) -> ModelSpec:
-    """Local model paths made absolute, so a saved recipe reruns from any directory."""
+    """Local model paths made absolute and a Hub model's revision pinned to the commit it loaded, so a saved
+    recipe reruns the same compression from any directory, after the Hub's branch has moved."""
     if spec.offload_folder:
         spec = dataclasses.replace(spec, offload_folder=str(Path(spec.offload_folder).expanduser().resolve()))
     path = Path(spec.name_or_path).expanduser()
-    return dataclasses.replace(spec, name_or_path=str(path.resolve())) if path.exists() else spec
+    if path.exists():
+        return dataclasses.replace(spec, name_or_path=str(path.resolve()))
+    return dataclasses.replace(spec, revision=hub_commit(spec.name_or_path, spec.revision) or spec.revision)
 
 
 def _absolute_data(task: TaskSpec) -> TaskSpec:

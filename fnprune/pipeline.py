@@ -23,7 +23,7 @@ from .calibration import Calibration, calibrate
 from .checkpoint import atomic_output_dir, check_output_dir
 from .data import label_keys
 from .distillation import TeacherTargets
-from .hub import push_folder
+from .hub import check_push, push_folder
 from .inputs import Inputs, check_budgets, load_inputs
 from .memory import objects_frozen, release_memory
 from .models import count_parameters, load_model
@@ -89,8 +89,10 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     if not ev.enabled and (ev.validation or ev.lm_eval_tasks):
         log.warning("evaluation is off (--no-eval): the --validate benchmarks and --lm-eval-tasks are not run")
     out_dir = Path(recipe.output.dir).expanduser()
-    sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values()]
+    sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values(),
+               *(p for v in ev.validation for p in (v.data_dir, v.file)), ev.lm_eval_include]
     check_output_dir(out_dir, recipe.output.overwrite, sources)  # before loading: never replaces an input
+    check_push(recipe.output.push_to_hub)
     timer = _Timer(ev.enabled)
     with timer.stage("load"):
         inputs = load_inputs(recipe)

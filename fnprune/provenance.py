@@ -17,7 +17,7 @@ from . import __version__
 from .data import data_source
 from .recipe import TaskSpec
 
-__all__ = ["versions", "key_versions", "data_provenance", "file_sha256"]
+__all__ = ["versions", "key_versions", "data_provenance", "file_sha256", "provenance_changes"]
 
 
 def versions() -> dict[str, str]:
@@ -56,3 +56,20 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def provenance_changes(recorded: dict[str, Any]) -> list[str]:
+    """What differs from a saved recipe's provenance (its data files' sha256, the key library versions): a rerun
+    then does not reproduce that checkpoint byte for byte."""
+    changes = []
+    for split, entry in (recorded.get("data") or {}).items():
+        if not isinstance(entry, dict) or not entry.get("file") or not entry.get("sha256"):
+            continue
+        path = Path(entry["file"])
+        now = file_sha256(path) if path.is_file() else None
+        if now != entry["sha256"]:
+            changes.append(f"the {split} file {path} " + ("is gone" if now is None else "changed since (sha256)"))
+    saved, current = recorded.get("versions") or {}, key_versions()
+    changes += [f"{name} {saved[name]} -> {version}" for name, version in current.items()
+                if name in saved and saved[name] != version]
+    return changes

@@ -7,6 +7,7 @@ so `fnprune compress --recipe out/recipe.yaml` reproduces the run. No torch here
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -325,10 +326,9 @@ class NetworksSpec:
             problems.append(f"networks.engine: {self.engine!r} is not one of {', '.join(ICA_ENGINES)}")
         for name in ("runs", "components", "max_iter"):
             problems += count_problems(f"networks.{name}", getattr(self, name))
-        if self.threshold <= 0:
-            problems.append(f"networks.threshold: must be > 0, got {self.threshold}")
-        if self.tol <= 0:
-            problems.append(f"networks.tol: must be > 0, got {self.tol}")
+        for name in ("threshold", "tol"):  # `not 0 < x`: NaN fails too
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"networks.{name}: must be a finite number > 0, got {getattr(self, name)}")
         return problems + seed_problems("networks.seed", self.seed, max(self.runs, 1))
 
 
@@ -392,11 +392,9 @@ class SelectionSpec:
         problems += count_problems("selection.round_to", self.round_to)
         if self.allocation not in ALLOCATIONS:
             problems.append(f"selection.allocation: {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
-        if self.fn_boost is not None and self.fn_boost < 0:
-            problems.append(f"selection.fn_boost: must be >= 0, got {self.fn_boost}")
-        for name, ridge in (("ridge", self.ridge), ("refit_ridge", self.refit_ridge)):
-            if ridge < 0:
-                problems.append(f"selection.{name}: must be >= 0, got {ridge}")
+        for name, value in (("fn_boost", self.fn_boost), ("ridge", self.ridge), ("refit_ridge", self.refit_ridge)):
+            if value is not None and not 0 <= value < math.inf:
+                problems.append(f"selection.{name}: must be a finite number >= 0, got {value}")
         problems += count_problems("selection.refit_prompts", self.refit_prompts, nullable=True)
         if not 0 <= self.answer_weight < 1:
             problems.append(f"selection.answer_weight: must be in [0, 1), got {self.answer_weight}")
@@ -460,14 +458,14 @@ class RecoverySpec:
         for name in ("epochs", "batch_size", "lora_rank", "top_k"):
             problems += count_problems(f"recovery.{name}", getattr(self, name))
         problems += count_problems("recovery.steps", self.steps, nullable=True)
-        if not self.lr > 0:
-            problems.append(f"recovery.lr: must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            problems.append(f"recovery.lr: must be a finite number > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
             problems.append(f"recovery.warmup: must be in [0, 1), got {self.warmup}")
         if not 0 <= self.answer_weight <= 1:
             problems.append(f"recovery.answer_weight: must be in [0, 1], got {self.answer_weight}")
-        if not self.label_weight >= 0:
-            problems.append(f"recovery.label_weight: must be >= 0, got {self.label_weight}")
+        if not 0 <= self.label_weight < math.inf:
+            problems.append(f"recovery.label_weight: must be a finite number >= 0, got {self.label_weight}")
         if self.label_target not in LABEL_TARGETS:
             problems.append(f"recovery.label_target: {self.label_target!r} is not one of {', '.join(LABEL_TARGETS)}")
         if self.params not in RECOVERY_PARAMS:
@@ -657,6 +655,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if (value is None or (value == "auto" and bool in args)) and type(None) in args:  # a switch's auto: unset
             return None
         inner = [a for a in args if a is not type(None)]
+        if float in inner and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)  # `raw_share: 1e-1` (PyYAML reads it as a string) is the number, not a word
         matching = [a for a in inner if isinstance(value, typing.get_origin(a) or a)]  # str | dict: by kind
         return _coerce(value, (matching or inner)[0], where, problems)
     if origin is list:
@@ -750,7 +750,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: {exc}") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
-    return recipe_from_dict(data)
+    try:
+        return recipe_from_dict(data)
+    except RecipeError as exc:  # which file: a folder's recipe.yaml, or the --recipe given
+        raise RecipeError([f"{path}: {problem}" for problem in exc.problems]) from exc
 
 
 def dump_recipe(recipe: Recipe) -> str:

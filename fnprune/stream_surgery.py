@@ -54,8 +54,12 @@ class StreamResult:
 
 
 def source_weight_map(folder: Path) -> dict[str, Path]:
-    """Checkpoint key -> safetensors file, from the shard index or the single model.safetensors."""
-    index = folder / INDEX_NAME
+    """Checkpoint key -> safetensors file: the single model.safetensors, else the shard index's files (the order
+    `from_pretrained` reads them in, so a folder holding both streams the weights the loaded model has)."""
+    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
     if index.is_file():  # untrusted input: a JSON object whose weight_map names shard files in this folder
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -64,10 +68,6 @@ def source_weight_map(folder: Path) -> dict[str, Path]:
             return {str(k): folder / v for k, v in weight_map.items()}
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"{index}: not a valid shard index ({type(exc).__name__}: {exc})") from exc
-    single = folder / WEIGHTS_NAME
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
     raise ModelError(
         f"{folder}: streamed surgery reads {WEIGHTS_NAME} or {INDEX_NAME} and neither is there; a .gguf "
         "or pickled checkpoint cannot be streamed (load it and save_pretrained it as safetensors first)"
@@ -198,16 +198,21 @@ def _layer_entries(
 
 
 def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    """Greedy, in order: a new shard when the next tensor would overflow this one (big tensors stand alone)."""
-    shards: list[list[_Entry]] = [[]]
+    """As huggingface_hub splits a state dict: greedy, in order, a new shard when the next tensor would overflow
+    this one; a tensor bigger than a shard gets one of its own at once, the open shard left open."""
+    shards: list[list[_Entry]] = []
+    current: list[_Entry] = []
     size = 0
     for e in entries:
-        if shards[-1] and size + e.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
+        if e.nbytes > max_bytes:
+            shards.append([e])
+            continue
+        if size + e.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
         size += e.nbytes
-    return shards
+    return shards + [current] if current or not shards else shards
 
 
 def _write_shard(path: Path, entries: list[_Entry]) -> None:
@@ -267,7 +272,8 @@ def stream_prune(
         for name, shard in zip(names, shards):
             _write_shard(out / name, shard)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+        index = {"metadata": {"total_parameters": sum(e.planned.numel() for e in entries),
+                              "total_size": sum(e.nbytes for e in entries)},
                  "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     new_config = copy.deepcopy(config)

@@ -51,7 +51,7 @@ def score_task(model, tokenizer, sets, task, recipe: Recipe, progress: bool, cac
     if not recipe.evaluation.enabled:
         return None
     key = ""
-    if cached_as is not None and recipe.calibration.cache:
+    if cached_as is not None and recipe.calibration.cache and cache.usable():
         key = evaluation_cache_key(cached_as, sets, task, recipe.evaluation.batch_size)
         found = cache.load_evaluation(key, sets, task)
         if found is not None:
@@ -126,7 +126,7 @@ def score_validation(model, tokenizer, validation: Validation, recipe: Recipe, p
     if validation.perplexity is not None and recipe.evaluation.enabled:
         v, path, ids = validation.perplexity
         window, key = validation.window, ""
-        if cached_as is not None and recipe.calibration.cache:
+        if cached_as is not None and recipe.calibration.cache and cache.usable():
             key = cache.cache_key({
                 "perplexity": file_sha256(path), "tokens": ids.numel(), "window": window,
                 "model": cache.model_fingerprint(cached_as.name_or_path, cached_as.revision), "dtype": cached_as.dtype,

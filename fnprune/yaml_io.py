@@ -6,7 +6,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DuplicateKeyError", "UniqueKeyLoader", "read_yaml"]
+from .errors import RecipeError
+
+__all__ = ["DuplicateKeyError", "UniqueKeyLoader", "read_yaml", "read_value"]
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -38,3 +40,12 @@ def read_yaml(text: str, loader: type[yaml.SafeLoader] = UniqueKeyLoader) -> Any
         return reader.get_single_data()
     finally:
         reader.dispose()
+
+
+def read_value(text: str, where: str) -> Any:
+    """One setting's value given on a command line (`--set selection.ridge=1e-3`, `[0.5, 0.25]`, `null`), read
+    as YAML; text YAML cannot read is a RecipeError that names `where`."""
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: {text!r} is not a YAML value ({str(exc).splitlines()[0]})") from exc

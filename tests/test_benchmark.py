@@ -102,6 +102,8 @@ def test_benchmark_set_needs_key_and_value():
         benchmark.main([*base, "--keeps", "0.5", "--set", "selection.kep=1"])
     with pytest.raises(SystemExit, match="selection.keep: must be"):
         benchmark.main([*base, "--keeps", "0.5,1.5"])
+    with pytest.raises(SystemExit, match=r"--set selection.keep: '\[' is not a YAML value"):
+        benchmark.main([*base, "--keeps", "0.5", "--set", "selection.keep=["])
     assert benchmark.uses_ica("default", "sst2", {"selection.method": "fn-task"})  # --seeds then apply
     assert benchmark.parse_overrides(["networks.engine=sklearn", "selection.fn_boost=4"], None) == {
         "networks.engine": "sklearn", "selection.fn_boost": 4}

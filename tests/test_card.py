@@ -47,3 +47,14 @@ def test_encoder_and_multiple_choice_wording():
     card = _card("bert", head="AutoModelForSequenceClassification")
     assert "plain `AutoModelForSequenceClassification.from_pretrained`" in card
     assert "each choice's log-likelihood" in _card(kind="multiple_choice")
+
+
+def test_card_states_the_share_of_neurons_kept_as_counted_not_as_asked():
+    report = {"parameters": {"dense": 100, "pruned": 60}, "file_bytes": {"dense": 400, "pruned": 240},
+              "calibration": {"samples": 8}, "widths": {"dense": 128, "pruned": [64, 64]}, "layout": "uniform",
+              "allocation": "uniform", "metric": {"n": None}, "templates": [],
+              "mlp_neurons": {"dense": 256, "pruned": 128}}
+    rounded = model_card(CardInfo("org/base", "sst2", "flap", 0.3, report, "task: {}\n", "llama",
+                                  "AutoModelForCausalLM", "classification"), "0")
+    assert "kept 50% (asked 30%) of the MLP neurons" in rounded
+    assert "kept 50% of the MLP neurons" in _card() and "asked" not in _card()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -347,3 +348,54 @@ def test_cli_starts_without_torch():
     its CLI import torch and transformers only inside a command."""
     code = "import sys, fnprune, fnprune.cli; assert not {'torch', 'transformers'} & set(sys.modules), 'loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluate_loads_the_dtype_the_folder_was_compressed_in(model_dir, task_data, tmp_path, caplog):
+    """A bfloat16 run's scores are reproduced by evaluate without --dtype; the sample report.json scored is said."""
+    out = tmp_path / "bf16"
+    result = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-dir", task_data, "--keep",
+                  "0.5", "--dtype", "bfloat16", "--eval-samples", "20", "--output", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    again = json.loads(_run("evaluate", "--model", out, "--max-samples", "20", "--json", "--quiet").stdout)
+    assert again["templates"] == {t["name"]: t["pruned"] for t in report["templates"]}
+    as_fp32 = json.loads(_run("evaluate", "--model", out, "--max-samples", "20", "--dtype", "float32", "--json",
+                              "--quiet").stdout)
+    assert as_fp32["right_prob"] != again["right_prob"]  # the dtype reached the model
+    with caplog.at_level("INFO", logger="fnprune"):
+        _run("evaluate", "--model", out, "--json")
+    assert "scoring all 32 examples; the folder's report scored the first 20" in caplog.text
+
+
+def test_evaluate_names_an_unreadable_recipe_yaml_and_lm_eval_only_refuses_task_flags(model_dir, task_data,
+                                                                                        tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir("llama"), folder)
+    (folder / "recipe.yaml").write_text("model: {name_or_path: x}\nfuture_field: 1\n")
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder)])
+    assert result.exit_code == 1 and f"{folder / 'recipe.yaml'}: future_field: unknown field" in result.output
+    named = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--task", "sst2", "--data-dir",
+                                      str(task_data), "--max-samples", "4", "--json"])
+    assert named.exit_code == 0 and "cannot be read" in named.stderr, named.output
+    (folder / "recipe.yaml").unlink()
+    lm_eval_only = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--lm-eval-tasks", "fnp_sst2",
+                                             "--template", "nope", "--max-samples", "3"])
+    assert lm_eval_only.exit_code == 1
+    assert "--max-samples, --template: only used with a task" in lm_eval_only.output, lm_eval_only.output
+
+
+def test_evaluate_scores_an_architecture_fnprune_cannot_prune(tokenizer_dir, task_data, tmp_path):
+    """evaluate knows nothing about pruning: a BLOOM model (not in the support table) is scored, not refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.for_model("bloom", vocab_size=384, hidden_size=32, n_layer=2, n_head=4)
+    folder = tmp_path / "bloom"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--task", "sst2", "--data-dir",
+                                       str(task_data), "--max-samples", "4", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 4
+    refused = CliRunner().invoke(main, ["compress", "--model", str(folder), "--task", "sst2", "--data-dir",
+                                        str(task_data), "--output", str(tmp_path / "o"), *SMALL])
+    assert refused.exit_code == 1 and "architecture 'bloom' is not supported" in refused.output

@@ -180,3 +180,28 @@ def test_ag_news_calibrates_on_a_seeded_half_of_its_one_file(model_dir, tmp_path
     assert again.exit_code == 0, again.output
     got = json.loads(again.output.strip().splitlines()[-1])
     assert got["n"] == 24 and got["accuracy"] == pytest.approx(report["metric"]["pruned"])
+
+
+def test_declared_formats_read_rows_as_the_plain_readers_do(tmp_path):
+    """task.file_format / task.header go through the same row readers: a quoted CSV newline stays in its field,
+    a U+2028 in a TSV sentence does not end its row."""
+    (tmp_path / "t.csv").write_text('sentence,label\n"a moving\nand funny film",1\nflat,0\n', encoding="utf-8")
+    (tmp_path / "t.tsv").write_text("a moving\u2028film\t1\nflat\t0\n", encoding="utf-8")
+    csv_task = resolve_task(TaskSpec(name="sst2", file_format="csv",
+                                     data_files={"train": str(tmp_path / "t.csv")}))
+    assert [e.texts for e in load_split(csv_task, "train")] == [("a moving\nand funny film",), ("flat",)]
+    tsv_task = resolve_task(TaskSpec(name="sst2", header=["sentence", "label"],
+                                     data_files={"train": str(tmp_path / "t.tsv")}))
+    assert [e.texts for e in load_split(tsv_task, "train")] == [("a moving\u2028film",), ("flat",)]
+
+
+def test_suffixes_in_any_case_and_an_unknown_suffix_says_so(tmp_path):
+    (tmp_path / "train.TSV").write_text("sentence\tlabel\na fine film\t1\n")
+    (tmp_path / "train.JSONL").write_text('{"sentence": "a fine film", "label": 1}\n')
+    (tmp_path / "train.txt").write_text("sentence\tlabel\na fine film\t1\n")
+    for name in ("train.TSV", "train.JSONL"):
+        task = resolve_task(TaskSpec(name="sst2", data_files={"train": str(tmp_path / name)}))
+        assert [e.texts for e in load_split(task, "train")] == [("a fine film",)]
+    task = resolve_task(TaskSpec(name="sst2", data_files={"train": str(tmp_path / "train.txt")}))
+    with pytest.raises(DataError, match="cannot tell the file format from its suffix"):
+        load_split(task, "train")

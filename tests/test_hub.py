@@ -35,8 +35,19 @@ PUSH_WITH_LOCAL_REMOTE = textwrap.dedent("""
         shutil.copytree(folder_path, remote / repo_id, dirs_exist_ok=True)
     huggingface_hub.HfApi.create_repo = create_repo
     huggingface_hub.HfApi.upload_folder = upload_folder
+    import os
+    os.environ.pop("HF_HUB_OFFLINE", None)  # read by the hub client at import (loads stay offline): pushes may go
     from fnprune.cli import main
     sys.exit(main(sys.argv[2:]))
+""")
+PUSH_FAILS = textwrap.dedent("""
+    import sys
+    import huggingface_hub
+    def create_repo(self, *args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+    huggingface_hub.HfApi.create_repo = create_repo
+    from fnprune.cli import main
+    sys.exit(main(sys.argv[1:]))
 """)
 
 
@@ -86,11 +97,19 @@ def test_compress_from_hub_id_push_and_load_back(model_dir, task_data, tmp_path)
 
 
 def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN=TOKEN, FNPRUNE_CACHE_DIR=str(tmp_path / "c"))
-    proc = subprocess.run([sys.executable, "-m", "fnprune.cli", "compress", "--task", "sst2", "--model",
-                           str(model_dir("gpt2")), "--data-dir", str(task_data), "--num-samples", "40",
-                           "--max-tokens", "300", "--components", "8", "--no-eval", "--output", str(tmp_path / "o"),
-                           "--push-to-hub", "me/x", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_TOKEN=TOKEN, FNPRUNE_CACHE_DIR=str(tmp_path / "c"))
+    args = ["compress", "--task", "sst2", "--model", str(model_dir("gpt2")), "--data-dir", str(task_data),
+            "--num-samples", "40", "--max-tokens", "300", "--components", "8", "--no-eval", "--output",
+            str(tmp_path / "o"), "--push-to-hub", "me/x", "--quiet"]
+    offline = subprocess.run([sys.executable, "-m", "fnprune.cli", *args], env={**env, "HF_HUB_OFFLINE": "1"},
+                             capture_output=True, text=True, timeout=300)
+    assert offline.returncode == 1 and not (tmp_path / "o").exists()  # refused before any work
+    assert offline.stderr.strip().splitlines()[-1] == (
+        "Error: --push-to-hub me/x: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or drop "
+        "--push-to-hub and push the folder later")
+    proc = subprocess.run([sys.executable, "-c", PUSH_FAILS, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 1
     assert "could not push" in proc.stderr and "saved locally" in proc.stderr and TOKEN not in proc.stderr
     assert f"hf upload me/x {tmp_path / 'o'}" in proc.stderr  # how to push the saved folder without recompressing
@@ -106,7 +125,7 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_line_that_says_what_works_offlin
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, errors
-    assert errors[0].startswith("Error: could not load a tokenizer from someone/not-cached")
+    assert errors[0].startswith("Error: could not find someone/not-cached locally or on the Hugging Face Hub")
     assert errors[0].endswith("offline, give a local folder or .gguf file")  # HF_HUB_OFFLINE=1 already set
     assert not (tmp_path / "o").exists()
     # evaluate (and load_pruned) resolve a Hub id first: the same advice

@@ -81,6 +81,18 @@ def test_unknown_lm_eval_task_is_one_clear_error(model_dir, tmp_path, offline):
     assert result.exit_code != 0 and "lm-eval has no task(s) no_such_task_xyz" in result.output
 
 
+def test_a_task_lm_eval_cannot_build_is_one_line_before_any_work(model_dir, task_data, tmp_path, offline,
+                                                                 monkeypatch):
+    include = _include(tmp_path, task_data)
+    (include / "tiny_sst2.yaml").write_text(YAML.format(dev=tmp_path / "missing.tsv"), encoding="utf-8")
+    monkeypatch.setattr("fnprune.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir("llama")), "--lm-eval-tasks",
+                                       "tiny_sst2", "--lm-eval-include", str(include)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "Error: lm-eval cannot build task(s) tiny_sst2: FileNotFoundError"), result.output
+
+
 # --- compress: evaluation.lm_eval_tasks scored dense and pruned, report.json `lm_eval`, the dense results cached
 
 LIMIT = 8  # lm-eval documents per task: the tests' lm-eval runs stay short

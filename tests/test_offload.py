@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import weakref
 
 import pytest
@@ -146,13 +147,14 @@ def test_streamed_equals_in_memory(arch, compensate, width_layout, reconstruct, 
     torch.testing.assert_close(_real_logits(reloaded, tok), _real_logits(pruned, tok), atol=1e-5, rtol=1e-5)
 
 
-def test_streamed_sharded_output(model_dir, tmp_path):
+@pytest.mark.parametrize("shard", ["40KB", "1KB"])  # 1KB: most tensors are bigger than a shard
+def test_streamed_sharded_output(shard, model_dir, tmp_path):
     source = model_dir("qwen2")
     model, tok = load_model(ModelSpec(name_or_path=str(source)))
     layout = layout_for(model)
     keep = _keep(mlp_widths(model, layout), 64)
-    pruned = _in_memory(model, layout, keep, None, "uniform", tmp_path / "memory", shard="40KB")
-    result = stream_prune(source, tmp_path / "stream", model.config, layout, keep, max_shard_size="40KB")
+    pruned = _in_memory(model, layout, keep, None, "uniform", tmp_path / "memory", shard=shard)
+    result = stream_prune(source, tmp_path / "stream", model.config, layout, keep, max_shard_size=shard)
     out = tmp_path / "stream"
     assert len(result.files) > 1 and result.files[0] == f"model-00001-of-{len(result.files):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -163,8 +165,11 @@ def test_streamed_sharded_output(model_dir, tmp_path):
             assert f.metadata() == {"format": "pt"}
             sizes[name] = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
             assert all(index["weight_map"][k] == name for k in f.keys())
-            assert sizes[name] <= 40_000 or len(f.keys()) == 1  # only a tensor bigger than a shard stands alone
+            assert sizes[name] <= int(shard[:-2]) * 1000 or len(f.keys()) == 1  # only a tensor bigger stands alone
     assert index["metadata"]["total_size"] == sum(sizes.values())
+    # the files save_pretrained writes, byte for byte: tensors bigger than a shard split as huggingface_hub does
+    assert index == json.loads((tmp_path / "memory" / "model.safetensors.index.json").read_text())
+    assert all((out / n).read_bytes() == (tmp_path / "memory" / n).read_bytes() for n in result.files)
     want, got = _tensors(tmp_path / "memory"), _tensors(out)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -343,3 +348,22 @@ def test_compress_streamed_sharded_padded(model_dir, task_data, tmp_path):
     assert result.report["file_bytes"]["pruned"] == sum((result.output_dir / s).stat().st_size for s in shards)
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
     assert reloaded.config.n_inner == max(result.report["widths"]["pruned"])
+
+
+def test_a_folder_with_both_a_single_file_and_a_shard_index_streams_the_single_file(model_dir, tmp_path):
+    """from_pretrained reads model.safetensors when both are there: streaming must read the same weights."""
+    from fnprune.stream_surgery import source_weight_map
+
+    folder = tmp_path / "both"
+    shutil.copytree(model_dir("llama"), folder)
+    shutil.copy(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}))
+    assert set(source_weight_map(folder).values()) == {folder / "model.safetensors"}
+    (folder / "model.safetensors").unlink()  # the index alone: read, as untrusted input
+    assert set(source_weight_map(folder).values()) == {folder / "model-00001-of-00001.safetensors"}
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "../x"}}')
+    with pytest.raises(ModelError, match="not a valid shard index"):
+        source_weight_map(folder)

@@ -57,7 +57,11 @@ def test_schema_errors_name_the_field(data, message):
         ("selection", {"keep": 1.5}, "selection.keep: must be in (0, 1]"),
         ("selection", {"method": "best"}, "selection.method: 'best' is not one of"),
         ("selection", {"round_to": 0}, "selection.round_to: must be >= 1"),
-        ("networks", {"threshold": 0}, "networks.threshold: must be > 0"),
+        ("networks", {"threshold": 0}, "networks.threshold: must be a finite number > 0"),
+        ("networks", {"threshold": float("nan")}, "networks.threshold: must be a finite number > 0, got nan"),
+        ("selection", {"ridge": float("nan")}, "selection.ridge: must be a finite number >= 0, got nan"),
+        ("selection", {"refit_ridge": float("inf")}, "selection.refit_ridge: must be a finite number >= 0"),
+        ("selection", {"fn_boost": float("nan")}, "selection.fn_boost: must be a finite number >= 0"),
         ("networks", {"components": 0}, "networks.components: must be >= 1"),
         ("calibration", {"num_samples": 0}, "calibration.num_samples: must be >= 1"),
         ("calibration", {"store_dtype": "int8"}, "calibration.store_dtype"),
@@ -102,6 +106,7 @@ def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):
     path.write_text("recovery:\n  lr: 3e-4\nselection:\n  ridge: 1E+1\n")  # PyYAML: strings (no dot)
     recipe = load_recipe(path)
     assert recipe.recovery.lr == 3e-4 and recipe.selection.ridge == 10.0
+    assert apply_overrides(Recipe(), {"calibration.raw_share": "1e-1"}).calibration.raw_share == 0.1  # float | str
     with pytest.raises(RecipeError, match="recovery.lr: expected a number"):
         apply_overrides(Recipe(), {"recovery.lr": "3e-4x"})
 
@@ -117,3 +122,17 @@ def test_load_errors(tmp_path):
     unsafe.write_text("selection: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(RecipeError):
         load_recipe(unsafe)
+
+
+def test_provenance_changes_name_changed_data_and_library_versions(tmp_path):
+    """A saved recipe rerun reproduces its checkpoint only with the same data files and key library versions."""
+    from fnprune.provenance import file_sha256, key_versions, provenance_changes
+
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\na fine film\t1\n")
+    recorded = {"data": {"train": {"file": str(data), "sha256": file_sha256(data)}}, "versions": key_versions()}
+    assert provenance_changes(recorded) == [] and provenance_changes({}) == []
+    data.write_text("sentence\tlabel\na fine movie\t1\n")
+    recorded["versions"] = {**key_versions(), "torch": "0.1"}
+    assert provenance_changes(recorded) == [f"the train file {data} changed since (sha256)",
+                                            f"torch 0.1 -> {key_versions()['torch']}"]

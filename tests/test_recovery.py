@@ -5,17 +5,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fnprune
-from fnprune import distillation, recovery
+from fnprune import distillation, interrupt, recovery
 from fnprune.arch import layout_for
 from fnprune.data import load_evaluation, load_sample, resolve_task
 from fnprune.distillation import bucket_kl, recover, teacher_targets
-from fnprune.errors import RecipeError
+from fnprune.errors import NumericalError, RecipeError
 from fnprune.inputs import calibration_prompts
 from fnprune.recipe import RecoverySpec, apply_overrides, recipe_from_dict
 from fnprune.surgery import prune_mlp
@@ -105,7 +106,7 @@ def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, 
     _, pruned, seqs, targets = pruned_llama
     spec = RecoverySpec(enabled=True, epochs=2, lr=1e-3)
     whole = copy.deepcopy(pruned)
-    recover(whole, layout_for(whole), seqs, targets, spec, progress=False)
+    uninterrupted = recover(whole, layout_for(whole), seqs, targets, spec, progress=False)
     again = copy.deepcopy(pruned)
     recover(again, layout_for(again), seqs, targets, spec, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), again.state_dict().values()))
@@ -125,7 +126,7 @@ def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, 
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(distillation, "deferred_interrupt", StopAfterTwoSteps)
+    monkeypatch.setattr(interrupt, "deferred_interrupt", StopAfterTwoSteps)
     stopped = copy.deepcopy(pruned)
     with pytest.raises(KeyboardInterrupt, match="continues from there"):
         recover(stopped, layout_for(stopped), seqs, targets, spec, progress=False, progress_dir=tmp_path)
@@ -136,6 +137,67 @@ def test_recovery_is_deterministic_and_resumes_after_an_interrupt(pruned_llama, 
     assert result.resumed_at == 3
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     assert not list(tmp_path.glob("recovery-*"))  # done: the progress file is gone
+    # the report's losses cover every step, not only the resumed ones
+    assert (result.loss_first, result.loss_last) == (uninterrupted.loss_first, uninterrupted.loss_last)
+
+
+def test_recovery_stops_when_interrupted_at_its_last_step_and_the_rerun_finishes(pruned_llama, tmp_path,
+                                                                                 monkeypatch):
+    _, pruned, seqs, targets = pruned_llama
+    spec = RecoverySpec(enabled=True, steps=2, lr=1e-3)
+    whole = copy.deepcopy(pruned)
+    uninterrupted = recover(whole, layout_for(whole), seqs, targets, spec, progress=False)
+    calls = {"n": 0}
+
+    @contextmanager
+    def ctrl_c_during_the_last_step(what):
+        def pressed():
+            calls["n"] += 1
+            return calls["n"] >= 2
+        yield pressed
+
+    monkeypatch.setattr(interrupt, "deferred_interrupt", ctrl_c_during_the_last_step)
+    stopped = copy.deepcopy(pruned)
+    with pytest.raises(KeyboardInterrupt, match=r"\(2 of 2 steps\); the same command continues"):
+        recover(stopped, layout_for(stopped), seqs, targets, spec, progress=False, progress_dir=tmp_path)
+    monkeypatch.undo()
+    resumed = copy.deepcopy(pruned)
+    result = recover(resumed, layout_for(resumed), seqs, targets, spec, progress=False, progress_dir=tmp_path)
+    assert result.resumed_at == 2 and result.loss_last == uninterrupted.loss_last
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_recovery_goes_on_when_its_progress_cannot_be_saved_and_still_stops_on_ctrl_c(pruned_llama, tmp_path,
+                                                                                    monkeypatch, caplog):
+    _, pruned, seqs, targets = pruned_llama
+    spec = RecoverySpec(enabled=True, steps=3, lr=1e-3)
+    whole = copy.deepcopy(pruned)
+    recover(whole, layout_for(whole), seqs, targets, spec, progress=False)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distillation, "_save_progress", full_disk)
+    saved = copy.deepcopy(pruned)
+    recover(saved, layout_for(saved), seqs, targets, spec, progress=False, progress_dir=tmp_path, save_every=0)
+    assert "cannot save recovery progress" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), saved.state_dict().values()))
+
+    @contextmanager
+    def ctrl_c(what):
+        yield lambda: True
+
+    monkeypatch.setattr(interrupt, "deferred_interrupt", ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="stopped \\(1 of 3 steps\\); its progress could not be saved"):
+        recover(copy.deepcopy(pruned), layout_for(pruned), seqs, targets, spec, progress=False, progress_dir=tmp_path)
+
+
+def test_a_non_finite_recovery_loss_is_a_numerical_error(pruned_llama):
+    _, pruned, seqs, targets = pruned_llama
+    spec = RecoverySpec(enabled=True, steps=2, lr=1e30)
+    model = copy.deepcopy(pruned)
+    with pytest.raises(NumericalError, match="lower recovery.lr"):
+        recover(model, layout_for(model), seqs, targets, spec, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +266,10 @@ def test_recovery_settings_are_checked(tmp_path):
     with pytest.raises(RecipeError) as err:
         bad.validate()
     assert "recovery.lr" in str(err.value) and "recovery.params" in str(err.value)
+    infinite = recipe_from_dict({**base, "recovery": {"lr": float("inf"), "label_weight": float("inf")}})
+    with pytest.raises(RecipeError, match="recovery.lr: must be a finite number > 0, got inf") as infinite_err:
+        infinite.validate()
+    assert "recovery.label_weight: must be a finite number >= 0" in str(infinite_err.value)
     assert "recovery.answer_weight" in str(err.value)
     streamed = recipe_from_dict({**base, "recovery": {"enabled": True}, "output": {"dir": "x", "streamed": True}})
     assert streamed.validate().streamed()  # trains the checkpoint streamed surgery wrote
@@ -354,3 +420,13 @@ def test_consensus_teacher_asks_the_dense_model_under_calibration_templates_only
     assert torch.allclose(consensus.label_logprobs[worded].exp().sum(-1), torch.ones(int(worded.sum())), atol=1e-5)
     assert torch.equal(consensus.label_logprobs[~worded], own.label_logprobs[~worded])
 
+
+
+def test_recovery_settings_while_recovery_is_off_are_named_in_a_warning(caplog):
+    from fnprune.inputs import _warn_unused_recovery
+
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _warn_unused_recovery(RecoverySpec(enabled=False, steps=50, lr=1e-3))
+        _warn_unused_recovery(RecoverySpec(enabled=False))  # defaults: nothing to say
+        _warn_unused_recovery(RecoverySpec(enabled=True, steps=50))
+    assert caplog.messages == ["recovery is off (--recover turns it on): recovery.steps, recovery.lr not used"]

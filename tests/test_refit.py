@@ -173,7 +173,7 @@ def test_a_switch_left_to_its_default_may_be_written_auto():
 
 def test_refit_ridge_and_prompts_are_their_own_settings_and_checked():
     assert SelectionSpec().refit_ridge != SelectionSpec().ridge  # chosen apart (RESULTS.md 0.0.10)
-    assert any("selection.refit_ridge: must be >= 0" in p
+    assert any("selection.refit_ridge: must be a finite number >= 0" in p
                for p in recipe_from_dict({"selection": {"refit_ridge": -1}}).problems())
     assert any("selection.refit_prompts: must be >= 1" in p
                for p in recipe_from_dict({"selection": {"refit_prompts": 0}}).problems())

@@ -64,6 +64,7 @@ def world(tmp_path_factory, model_dir, task_data):
     (root / "badconfig/config.json").write_text("{not json")
     (root / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
     (root / "badindex/model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "../x"}}')
+    (root / "badindex/model.safetensors").rename(root / "badindex/model-00001-of-00001.safetensors")  # index only
     for name, (text, _) in REPORTS.items():
         (root / "reports" / name).mkdir(parents=True)
         (root / "reports" / name / "report.json").write_text(text)
@@ -85,6 +86,10 @@ CASES = [
     ("output-is-data-file", ["--task", "sst2", "--model", M, "--data-files",
                              f"train={D}/train.tsv,validation={D}/dev.tsv", "--output", f"{D}/dev.tsv", "--overwrite"],
      "is the input"),
+    ("output-is-validation-data", [*BASE, "--validate", f"sst2={R}/reports", "--output", f"{R}/reports",
+                                   "--overwrite"], "is the input"),
+    ("output-is-lm-eval-include", [*BASE, "--lm-eval-tasks", "fnp_sst2", "--lm-eval-include", f"{R}/reports/list",
+                                   "--output", f"{R}/reports/list", "--overwrite"], "is the input"),
     ("output-cwd", [*BASE, "--output", ".", "--overwrite"], "is the current directory or contains it"),
     ("output-cwd-parent", [*BASE, "--output", "..", "--overwrite"], "is the current directory or contains it"),
     ("output-parent-is-file", [*BASE, "--output", f"{R}/afile/out"], "afile is a file, not a folder"),
@@ -104,7 +109,7 @@ CASES = [
       for case, (_, _, message) in DATA.items()],
     # model folder
     ("shard-index-outside", ["--task", "sst2", "--model", f"{R}/badindex", "--data-dir", D, "--streamed",
-                             "--output", "o"], "not a valid shard index"),
+                             "--output", "o"], "could not load model"),  # transformers refuses it first
     ("config-not-json", ["--task", "sst2", "--model", f"{R}/badconfig", "--data-dir", D, "--output", "o"],
      "could not load a tokenizer from"),
     ("gguf-not-gguf", ["--task", "sst2", "--model", f"{R}/garbage.gguf", "--data-dir", D, "--output", "o"],
@@ -238,6 +243,20 @@ def test_output_created_during_calibration_keeps_the_finished_run(world, tmp_pat
     assert (kept / "model.safetensors").is_file() and str(kept) in result.output
 
 
+def test_overwrite_replaces_a_symbolic_link_and_keeps_the_folder_it_pointed_to(tmp_path):
+    from fnprune.checkpoint import atomic_output_dir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "theirs.txt").write_text("theirs")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    with atomic_output_dir(link, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert not link.is_symlink() and (link / "model.safetensors").read_text() == "new"
+    assert (tmp_path / "real" / "theirs.txt").read_text() == "theirs"  # not ours to delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]  # nothing left behind
+
+
 def test_round_to_at_least_the_width_warns(world, tmp_path, caplog):
     """--round-to 256 on 128-wide MLPs cannot round (e.g. for a DeciLM export): said, not silently ignored."""
     with caplog.at_level(logging.WARNING, logger="fnprune"):
@@ -344,7 +363,10 @@ def test_full_disk_or_unusable_cache_folder_costs_only_the_cache(isolated_cache,
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(blocker))
-    assert not cache.usable()
+    with caplog.at_level(logging.WARNING, logger="fnprune"):
+        caplog.clear()
+        assert not cache.usable() and not cache.usable()
+    assert caplog.text.count("cannot be written") == 1  # once per run, however many stages ask
     cache.save_activations("k", acts, labels)
     assert cache.load_activations("k") is None and blocker.read_text() == "x"
 

@@ -127,3 +127,27 @@ def test_ctrl_c_during_capture_saves_progress_and_the_rerun_continues(sig, model
     assert len(passes) == 3  # 40 prompts in batches of 8: two were done before Ctrl-C
     assert not list((tmp_path / "cache").glob("capture-*.partial.safetensors"))
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_a_hub_model_is_keyed_by_the_commit_its_branch_points_to(tmp_path, monkeypatch):
+    """The Hub's main moves: the same id and revision are then other weights, so cache entries (activations,
+    dense scores, teacher) must not be reused, and the saved recipe pins the commit that was loaded."""
+    import huggingface_hub.constants
+
+    from fnprune.output import _absolute_model
+    from fnprune.recipe import ModelSpec
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = cache.model_fingerprint("someone/tiny", None)
+    assert first["commit"] == "a" * 40
+    assert _absolute_model(ModelSpec(name_or_path="someone/tiny")).revision == "a" * 40
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert cache.model_fingerprint("someone/tiny", None)["commit"] == "b" * 40
+    assert cache.model_fingerprint("someone/tiny", "a" * 40)["commit"] == "a" * 40
+    assert cache.model_fingerprint("nobody/uncached", None)["commit"] is None

@@ -208,3 +208,13 @@ def test_raw_share_auto_is_half_for_every_task_kind():
     assert CalibrationSpec().for_task("multiple_choice").raw_share == 0.5
     assert CalibrationSpec(raw_share=0.25).for_task("classification").raw_share == 0.25
     assert CalibrationSpec(raw_share=1.0).check() and CalibrationSpec(raw_share="half").check()
+
+
+def test_label_words_whose_tokens_begin_another_label_word_are_refused(tokenizer_dir):
+    """A summed log-probability never picks ` positively` over ` positive` (its first token plus more)."""
+    from fnprune.evaluate import label_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert label_token_ids(tok, {"0": " negative", "1": " positive"})
+    with pytest.raises(DataError, match="' positive''s tokens .* begin label word ' positively''s"):
+        label_token_ids(tok, {"0": " positive", "1": " positively"})

@@ -94,8 +94,9 @@ def test_validation_entries_are_checked(task_data):
 
 
 def test_unknown_validation_task_is_one_clear_error(model_dir, task_data, tmp_path):
+    (tmp_path / "v").mkdir()
     result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(model_dir("llama")),
-                                       "--data-dir", str(task_data), *SMALL, "--validate", f"nope={tmp_path}",
+                                       "--data-dir", str(task_data), *SMALL, "--validate", f"nope={tmp_path / 'v'}",
                                        "--output", str(tmp_path / "o")])
     assert result.exit_code != 0 and "'nope' is not a built-in task" in result.output
 
