@@ -202,7 +202,6 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
              device_map, max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet
              ) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
-    from .checkpoint import RECIPE_FILE
     from .evaluate import evaluate_templates
     from .evaluate_checkpoint import evaluation_examples, model_dtype, model_path, recorded_recipe
     from .lm_eval_backend import check_lm_eval, run_lm_eval
@@ -223,14 +222,14 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     problems = checked.model.check() + checked.evaluation.check()
     if problems:
         raise RecipeError(problems)
-    lm_eval_only = task is None and not (Path(model).expanduser() / RECIPE_FILE).is_file() and harness
+    lm_eval_only = task is None and recorded is None and bool(harness)  # no task named and none recorded
     given = [flag for flag, value in (("--data-dir", data_dir), ("--data-files", data_files), ("--split", split),
                                       ("--max-samples", max_samples), ("--template", template)) if value]
     if lm_eval_only and given:
         raise RecipeError(f"{', '.join(given)}: only used with a task (--task, or the folder's recipe.yaml); "
                           "lm-eval's tasks read their own data (--lm-eval-limit limits them)")
     check_lm_eval(harness, lm_eval_include)  # installed, the folder there, the tasks known: before any loading
-    resolved, sets = None, None  # lm-eval only: no task named and none recorded
+    resolved, sets = None, None
     if not lm_eval_only:
         wanted = [t.strip() for t in template.split(",")] if template else None
         resolved, sets = evaluation_examples(model, task, data_dir, parse_data_files(data_files), split, max_samples,
