@@ -52,6 +52,8 @@ def _friendly(fn: Callable) -> Callable:
 
 
 def _setup_logging(quiet: bool) -> None:
+    if quiet:  # bars other libraries draw with tqdm's defaults (transformers' GGUF reader); read when tqdm loads
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
     torch.set_flush_denormal(True)  # denormal floats slow CPU inference more than tenfold on some CPUs

@@ -66,9 +66,9 @@ def _absolute_validation(evaluation: EvaluationSpec) -> EvaluationSpec:
 def resolved_recipe(inputs: Inputs) -> Recipe:
     """The recipe as saved beside the checkpoint: task and automatic values resolved, paths absolute, versions
     and data hashes recorded, so it reruns the same compression from anywhere."""
-    recipe, task = inputs.recipe, inputs.task
+    recipe, task = inputs.recipe, _absolute_data(inputs.task)
     return Recipe(
-        model=_absolute_model(recipe.model), task=_absolute_data(task), calibration=recipe.calibration,
+        model=_absolute_model(recipe.model), task=task, calibration=recipe.calibration,
         networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery,
         evaluation=_absolute_validation(recipe.evaluation),
         output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),

@@ -6,12 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import fnprune
 from fnprune.cli import main
+from fnprune.recipe import load_recipe
 
 pytestmark = pytest.mark.slow  # full compress runs
 
@@ -83,6 +85,22 @@ def test_recipe_plus_flag_overrides(model_dir, task_data, tmp_path):
     card = (out / "README.md").read_text()
     assert "**sst2: not evaluated** (compressed with `--no-eval`)" in card and "fnprune evaluate --model" in card
     assert "None" not in card and "| n/a |" not in card and "template `" not in card
+
+
+def test_saved_recipe_names_its_data_files_from_anywhere(model_dir, task_data, tmp_path, monkeypatch):
+    """A relative --data-dir is saved absolute in the task and in the provenance, so a rerun from another folder
+    finds the files it hashed instead of warning that they are gone."""
+    from fnprune.provenance import provenance_changes
+
+    monkeypatch.chdir(task_data.parent)
+    out = tmp_path / "o"
+    result = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-dir", task_data.name,
+                  "--eval-samples", "8", "--output", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    provenance = load_recipe(out / "recipe.yaml").provenance
+    assert all(Path(entry["file"]).is_absolute() for entry in provenance["data"].values())
+    assert provenance_changes(provenance) == []
 
 
 def test_no_eval_needs_no_evaluation_split(model_dir, task_data, tmp_path, monkeypatch):
@@ -347,6 +365,14 @@ def test_cli_starts_without_torch():
     """`fnprune --help` answers at once and Ctrl-C while torch loads reaches the one-line message: the package and
     its CLI import torch and transformers only inside a command."""
     code = "import sys, fnprune, fnprune.cli; assert not {'torch', 'transformers'} & set(sys.modules), 'loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quiet_silences_bars_other_libraries_draw():
+    """--quiet reaches tqdm bars fnprune does not own (transformers' GGUF de-quantizing bar): they read tqdm's
+    defaults, which `_setup_logging` sets before torch loads tqdm."""
+    code = ("import os; os.environ.pop('TQDM_DISABLE', None); from fnprune.cli import _setup_logging; "
+            "_setup_logging(quiet=True); from tqdm.auto import tqdm; assert tqdm(range(2)).disable, 'drawn'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
