@@ -31,6 +31,7 @@ __all__ = [
     "check_output_dir",
     "check_disk_space",
     "atomic_output_dir",
+    "atomic_output_file",
     "save_networks",
     "write_json",
 ]
@@ -135,7 +136,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_partials(path: Path) -> None:
-    """Delete temp dirs (and replaced outputs) that a killed run (its pid no longer alive) left beside `path`."""
+    """Delete temp dirs or files (and replaced outputs) that a killed run (its pid no longer alive) left beside
+    `path`."""
     parent = path.absolute().parent
     for stale in [*parent.glob(f".{path.name}.*.partial"), *parent.glob(f".{path.name}.*.old")]:
         pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
@@ -144,11 +146,29 @@ def _remove_stale_partials(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a folder, or only the link when it is a symbolic link (the folder it points to is not ours)."""
-    if path.is_symlink():
+    """Delete a folder or a file, or only the link when it is a symbolic link (the folder it points to is not
+    ours)."""
+    if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_file(path: Path):
+    """Yield a temporary file name beside `path`, renamed onto it on success and deleted on any failure; one that
+    a killed run left is swept by the next write to the same name. Callers check `path` first."""
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; the output is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -192,15 +212,22 @@ def read_report(directory: Path) -> dict[str, Any]:
     path = directory / REPORT_FILE
     if not path.is_file():
         raise FnpruneError(f"{directory} has no {REPORT_FILE}: not an fnprune output folder")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FnpruneError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(report, dict):
-        raise FnpruneError(f"{path}: a JSON {type(report).__name__}, not fnprune's report object")
+    report = read_json_object(path, "fnprune's report object")
     if not report:
         raise FnpruneError(f"{path}: an empty object, not an fnprune report")
     return report
+
+
+def read_json_object(path: Path, what: str = "an object", error: type[FnpruneError] = FnpruneError) -> dict[str, Any]:
+    """A JSON object from a file a user handed over (report.json, a checkpoint's config.json), or a one-line
+    `error` saying why it is not `what`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: a JSON {type(data).__name__}, not {what}")
+    return data
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,7 +26,7 @@ from .cli_flags import (
 )
 from .errors import FnpruneError, RecipeError
 from .recipe import DTYPES, Recipe, TaskSpec, apply_overrides, load_recipe
-from .report_text import evaluated, report_field, report_lines
+from .report_text import evaluated, report_field, report_lines, widths_span
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -288,15 +288,23 @@ def _echo_evaluation(result: Any, resolved: Any, split: str, of: str, model: str
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @_friendly
 def inspect(directory) -> None:
-    """Summarize a pruned checkpoint from its report.json and recipe.yaml."""
+    """Summarize a pruned checkpoint from its report.json, checked against its config.json and weights."""
     from .checkpoint import RECIPE_FILE, read_report
+    from .export import read_checkpoint
 
     path = Path(directory)
     report = read_report(path)
+    weights = read_checkpoint(path)  # config.json and the safetensors headers: a damaged folder stops here
+    recorded = report_field(report, "widths.pruned", list)
+    if recorded and weights.layout != "padded" and recorded != weights.widths:
+        raise FnpruneError(f"{path}: report.json's MLP widths are not its weights' ({widths_span(recorded)} against "
+                           f"{widths_span(weights.widths)}): the report was written for another checkpoint")
     click.echo(f"{path}: {report_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "
                f"{report_field(report, 'fnprune_version', str) or 'n/a'}")
     for line in report_lines(report, str(path)):
         click.echo(line)
+    files = ", ".join(f.name for f in weights.files)
+    click.echo(f"  weights: {files}; their MLP widths are config.json's" + (" and report.json's" if recorded else ""))
     click.echo(f"  recipe: {path / RECIPE_FILE if (path / RECIPE_FILE).is_file() else 'n/a (no ' + RECIPE_FILE + ')'}")
 
 
@@ -380,12 +388,14 @@ def export(directory, fmt, outtype, gguf_arch, output, overwrite, quiet) -> None
     """Write a checkpoint as GGUF (llama.cpp) or as a DeciLM folder (vLLM), per-layer widths included."""
     from .export import export as run
 
+    given = [f"--{name.replace('_', '-')}" for name in ("outtype", "gguf_arch")
+             if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if fmt == "deci" and given:
+        raise click.UsageError(f"{' and '.join(given)}: --format gguf only (deci copies the weights as they are)")
     _setup_logging(quiet)
-    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, overwrite=overwrite)
-    widths = info["widths"]
-    shown = f"{widths[0]}" if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"
+    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, overwrite=overwrite, progress=not quiet)
     kind = f"GGUF arch {info['arch']}, {info['outtype']}" if fmt == "gguf" else "DeciLM (nemotron-nas) folder"
-    click.echo(f"wrote {info['path']} ({kind}, FFN widths {shown})")
+    click.echo(f"wrote {info['path']} ({kind}, FFN widths {widths_span(info['widths'])})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError", "NumericalError"]
+__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError", "NumericalError", "first_line"]
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A library error's first line for a one-line message, cut at `limit` characters (some list every model type
+    transformers knows)."""
+    line = next(iter(str(exc).strip().splitlines()), "")
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 class FnpruneError(Exception):

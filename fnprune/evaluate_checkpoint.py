@@ -108,6 +108,10 @@ def evaluate_model(model: str | Path, task: str | None = None, *, data_dir: str 
     """Zero-shot accuracy of a checkpoint (folder, Hub id or .gguf file) under each template of its task:
     `.headline` is the held-out templates' mean, `.by_template` each template's `EvalResult`. `dtype`: default
     the one the folder was compressed in."""
+    sizes = {"batch_size": batch_size, "max_samples": max_samples}
+    bad = [f"{name}: must be >= 1, got {value}" for name, value in sizes.items() if value is not None and value < 1]
+    if bad:
+        raise RecipeError(bad)
     path = model_path(model)
     recorded = recorded_recipe(path, task)
     resolved, sets = evaluation_examples(path, task, data_dir, data_files, split, max_samples, templates, recorded)

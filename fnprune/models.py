@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import MLP_LAYOUTS, layout_for
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .hub import hub_offline
 from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
@@ -71,7 +71,7 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
 
 def _not_on_hub(name: str, exc: Exception) -> ModelError:
     return ModelError(f"could not find {name} locally or on the Hugging Face Hub: {type(exc).__name__}: "
-                      f"{_first_line(exc)}{_offline_hint()}")
+                      f"{first_line(exc)}{_offline_hint()}")
 
 
 def _refuse_config_only(path: Path) -> None:
@@ -92,12 +92,6 @@ def _names_a_path(name: str) -> bool:
     """A name that can only be a local path (a Hub id is `name` or `owner/name`), so a missing one is a path error,
     not a Hub lookup."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def _first_line(exc: Exception, limit: int = 300) -> str:
-    """The error's first line, cut at `limit` characters (some list every model type transformers knows)."""
-    line = next(iter(str(exc).splitlines()), "")
-    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def _model_class(source: str, kwargs: dict):
@@ -195,14 +189,14 @@ def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, objec
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}{hub}") from exc
+                         f"{first_line(exc)}{hub}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
             source, **common, **_gguf_config(source, extra), **_dequantized(extra), **placement_kwargs(spec),
             **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
     except Exception as exc:
-        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {_first_line(exc)}{hub}"
+        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {first_line(exc)}{hub}"
                          ) from exc
     _check_plain(model, spec)
     if prunable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["report_field", "report_lines", "evaluated", "count_range"]
+__all__ = ["report_field", "report_lines", "evaluated", "count_range", "widths_span"]
 
 
 def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -14,6 +14,11 @@ def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int
     for key in dotted.split("."):
         node = node.get(key) if isinstance(node, dict) else None
     return node if isinstance(node, kind) and not isinstance(node, bool) else None
+
+
+def widths_span(widths: list[int]) -> str:
+    """One width, or the range of per-layer widths ("62..66")."""
+    return f"{widths[0]}" if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"
 
 
 def evaluated(report: dict) -> bool:
@@ -36,7 +41,7 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
         return report_field(report, dotted, str) or na
 
     pruned = [w for w in report_field(report, "widths.pruned", list) or [] if isinstance(w, int)]
-    shown = na if not pruned else str(pruned[0]) if len(set(pruned)) == 1 else f"{min(pruned)}..{max(pruned)}"
+    shown = widths_span(pruned) if pruned else na
     dense, after = report_field(report, "parameters.dense", int), report_field(report, "parameters.pruned", int)
     change = 1 - after / dense if dense and after is not None else None
     fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"

@@ -223,6 +223,8 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
     (["--also-task", ":foo"], "--also-task"),
     (["--eval-samples", "0"], "eval_samples"),
     (["--iou", "1.5"], "iou_threshold"),
+    (["--scales", "0,nan"], "scales"),
+    (["--scales", "inf"], "scales"),
 ])
 def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
     args = ["analyze", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
@@ -230,6 +232,17 @@ def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_report_states_per_layer_widths_and_the_groups_that_ran():
+    """A per-layer checkpoint's widths are stated as a range (not layer 0's width times the layers), and the
+    recurrence text gives the groups each task ran, fewer than asked when its held-out examples ran out."""
+    from fnprune.analysis.report import _groups_run, _widths_text
+
+    assert _widths_text({"layers": 2, "mlp_widths": [66, 62], "mlp_width": None}) == "2 layers of 62..66 MLP neurons"
+    assert _widths_text({"layers": 2, "mlp_widths": [64, 64], "mlp_width": 64}) == "2 layers x 64 MLP neurons"
+    assert _groups_run([{"task": "sst2", "groups": 6}, {"task": "sst2", "groups": 6}]) == "6"
+    assert _groups_run([{"task": "sst2", "groups": 6}, {"task": "cola", "groups": 12}]) == "6 (sst2), 12 (cola)"
 
 
 def test_task_arg_parsing():

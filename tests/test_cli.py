@@ -368,6 +368,13 @@ def test_cli_starts_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("sizes", [{"batch_size": 0}, {"batch_size": -1}, {"max_samples": 0}, {"max_samples": -5}])
+def test_evaluate_model_refuses_sizes_below_one(sizes, tmp_path):
+    """The API checks what the CLI's ranges check: batch size -1 scored nothing and returned made-up 0.5s."""
+    with pytest.raises(fnprune.RecipeError, match=f"{next(iter(sizes))}: must be >= 1"):
+        fnprune.evaluate_model(tmp_path / "never-loaded", **sizes)
+
+
 def test_quiet_silences_bars_other_libraries_draw():
     """--quiet reaches tqdm bars fnprune does not own (transformers' GGUF de-quantizing bar): they read tqdm's
     defaults, which `_setup_logging` sets before torch loads tqdm."""

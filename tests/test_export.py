@@ -257,6 +257,84 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path):
     assert not list(tmp_path.glob(".*partial"))  # nothing half-written left behind
 
 
+def _damaged(source: Path, dest: Path, damage) -> str:
+    """A copy of checkpoint `source` with one thing broken by `damage(folder)`."""
+    import shutil
+
+    shutil.copytree(source, dest)
+    damage(dest)
+    return str(dest)
+
+
+def _edit_config(**changes):
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return damage
+
+
+def test_damaged_checkpoints_are_refused_in_one_line(model_dir, tmp_path):
+    """A broken config.json or report.json, a truncated weights file, or a config whose MLP width is not the
+    weights' stops export (both formats) and inspect in one line, before anything is written."""
+    uniform = _prune(model_dir, tmp_path / "u", "llama", [24, 24])
+    truncate = lambda f: os.truncate(f / "model.safetensors", 5000)  # noqa: E731
+    cases = {
+        "config": (lambda f: (f / "config.json").write_text("{not json"), "not valid JSON"),
+        "report": (lambda f: (f / "report.json").write_text("[1]"), "not fnprune's report object"),
+        "weights": (truncate, "not a readable safetensors file"),
+        "layers": (_edit_config(num_hidden_layers=None), "num_hidden_layers"),
+        "width": (_edit_config(intermediate_size=32), "config and weights disagree"),
+    }
+    for name, (damage, message) in cases.items():
+        folder = _damaged(uniform, tmp_path / name, damage)
+        assert message in _cli_error(folder, "--format", "gguf", "--output", str(tmp_path / f"{name}.gguf"))
+        assert message in _cli_error(folder, "--format", "deci", "--output", str(tmp_path / f"{name}-deci"))
+        result = CliRunner().invoke(main, ["inspect", folder])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*-deci"))
+
+
+def test_inspect_checks_the_weights_against_the_report(model_dir, tmp_path):
+    """inspect reads the weights' headers: a report.json alone, or one written for other widths, is refused."""
+    uniform = _prune(model_dir, tmp_path / "u", "llama", [24, 24])
+    result = CliRunner().invoke(main, ["inspect", str(uniform)])
+    assert result.exit_code == 0 and "weights: model.safetensors; their MLP widths are config.json's" in result.output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "report.json").write_text((uniform / "report.json").read_text())
+    result = CliRunner().invoke(main, ["inspect", str(alone)])
+    assert result.exit_code != 0 and "no config.json" in result.output
+    report = json.loads((uniform / "report.json").read_text())
+    (uniform / "report.json").write_text(json.dumps({**report, "widths": {"dense": 128, "pruned": [30, 18]}}))
+    result = CliRunner().invoke(main, ["inspect", str(uniform)])
+    assert result.exit_code != 0 and "written for another checkpoint" in result.output
+
+
+def test_export_never_replaces_its_input_and_sweeps_a_killed_export(model_dir, tmp_path):
+    uniform = _prune(model_dir, tmp_path / "u", "llama", [24, 24])
+    weights = (uniform / "model.safetensors").read_bytes()
+    msg = _cli_error(str(uniform), "--format", "gguf", "--output", str(uniform / "model.safetensors"), "--overwrite")
+    assert "a file of the input checkpoint" in msg and (uniform / "model.safetensors").read_bytes() == weights
+    assert "is the input" in _cli_error(str(uniform), "--format", "deci", "--output", str(uniform), "--overwrite")
+    assert (uniform / "model.safetensors").read_bytes() == weights and (uniform / "report.json").is_file()
+    stale = tmp_path / f".m.gguf.{2**22 + 7}.x1.partial"  # a pid above the kernel's maximum: not alive
+    stale.write_bytes(b"half")
+    export(uniform, "gguf", tmp_path / "m.gguf", outtype="f32", progress=False)
+    export(uniform, "gguf", uniform / "m.gguf", outtype="f32", progress=False)  # beside its files: allowed
+    assert not stale.exists() and (tmp_path / "m.gguf").is_file() and (uniform / "m.gguf").is_file()
+
+
+def test_gguf_flags_are_refused_with_deci_and_deci_arch_advice(model_dir, tmp_path):
+    uniform = _prune(model_dir, tmp_path / "u", "llama", [24, 24])
+    result = CliRunner().invoke(main, ["export", str(uniform), "--format", "deci", "--outtype", "q8_0", "--output",
+                                       str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--outtype: --format gguf only" in result.output
+    qwen = _prune(model_dir, tmp_path / "qw", "qwen2", [24, 24])
+    msg = _cli_error(str(qwen), "--format", "gguf", "--gguf-arch", "deci", "--output", str(tmp_path / "q.gguf"))
+    assert "Llama-only" in msg and "--gguf-arch auto" in msg and "--layout padded" not in msg
+
+
 def _tiny_llama3_rope(model_dir, dest: Path) -> Path:
     """A tiny Llama with Llama 3's RoPE scaling (llama.cpp: the rope_freqs tensor), short original context so
     that 100 positions exercise every band."""

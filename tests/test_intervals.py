@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -72,11 +73,14 @@ def test_a_dense_model_at_chance_is_said_so_in_the_summary_and_the_card(capsys):
     assert "(chance level): the dense model is not above it" in _accuracy_rows("boolq", report)  # the card's rows
 
 
-def test_inspect_says_when_the_dense_model_is_at_chance(tmp_path):
+def test_inspect_says_when_the_dense_model_is_at_chance(model_dir, tmp_path):
+    import shutil
+
     from click.testing import CliRunner
 
     from fnprune.cli import main
 
+    tmp_path = Path(shutil.copytree(model_dir("llama"), tmp_path / "ckpt"))  # inspect reads the weights too
     metric = {"name": "accuracy", "n": 100, "split": "validation", "dense": 0.455, "pruned": 0.47,
               "majority_class": 0.59}
     (tmp_path / "report.json").write_text(json.dumps({"task": "boolq", "metric": metric}))

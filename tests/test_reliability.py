@@ -147,9 +147,9 @@ def test_bad_input_round_two(name, args, message, world, monkeypatch):
 
 
 def test_inspect_prints_what_is_there(world, tmp_path):
-    """Null, empty or wrongly typed fields are shown as n/a, the rest as it is."""
+    """Null, empty or wrongly typed fields are shown as n/a, the rest as it is (beside readable weights)."""
     folder = tmp_path / "partial"
-    folder.mkdir()
+    shutil.copytree(world / "models/llama", folder)
     (folder / "report.json").write_text(json.dumps({
         "task": "sst2", "method": None, "keep": "half", "widths": {"dense": 128, "pruned": []},
         "parameters": {"dense": 1000, "pruned": None}, "metric": None, "timings_seconds": {"load": "slow", "ica": 1},

@@ -186,6 +186,9 @@ def recurrence(model, tokenizer, spec: AnalysisSpec, group: GroupNetworks,
             if not groups:
                 log.warning("recurrence: not enough held-out %s examples for one group of %d", name, spec.group_size)
                 continue
+            if len(groups) < spec.recurrence_groups:
+                log.warning("recurrence: %d held-out %s examples make %d groups of %d, not the %d asked", len(examples),
+                            name, len(groups), spec.group_size, spec.recurrence_groups)
             s, d = _task_recurrence(model, tokenizer, spec, group, name, groups, progress)
             summary += s
             detail += d

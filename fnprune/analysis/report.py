@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..checkpoint import atomic_output_dir, check_output_dir, write_json
+from ..report_text import widths_span
 from .experiments import by_rank, rounded
 from .figures import (
     FIGURES,
@@ -78,8 +79,7 @@ def _header_md(a: Analysis) -> list[str]:
         info["command"],
         "```",
         "",
-        f"- model: `{info['model']}` ({info['layers']} layers x {info['mlp_width']} MLP neurons = "
-        f"{info['mlp_neurons']:,} neurons)",
+        f"- model: `{info['model']}` ({_widths_text(info)} = {info['mlp_neurons']:,} neurons)",
         f"- networks found on {cal['samples']} `{cal['split']}` examples (ICA on {cal['tokens_for_ica']} sampled "
         f"tokens per layer; group ICA on {cal['group_ica_tokens']} of them, all layers concatenated), "
         f"k = {spec.networks.components} components, member = |z| > {spec.networks.threshold:g}",
@@ -124,13 +124,29 @@ def _networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
     ]
 
 
+def _widths_text(info: dict) -> str:
+    """'30 layers x 1536 MLP neurons', or the range of a per-layer checkpoint's widths."""
+    widths = info.get("mlp_widths") or [info["mlp_width"]] * info["layers"]
+    if len(set(widths)) == 1:
+        return f"{info['layers']} layers x {widths[0]} MLP neurons"
+    return f"{info['layers']} layers of {widths_span(widths)} MLP neurons"
+
+
+def _groups_run(recurrence: list[dict]) -> str:
+    """How many groups each task's recurrence ran (fewer than asked when its held-out examples ran out)."""
+    by_task = {r["task"]: r["groups"] for r in recurrence}
+    if len(set(by_task.values())) == 1:
+        return str(next(iter(by_task.values())))
+    return ", ".join(f"{n} ({task})" for task, n in by_task.items())
+
+
 def _recurrence_md(a: Analysis, files: dict[str, str]) -> list[str]:
     t, spec = a.tables, a.spec
     lines = ["## 2. Recurrence", ""]
     if t["recurrence"]:
         rec = t["recurrence"]
         lines += [
-            f"Templates = the group networks above. For each task, {spec.recurrence_groups} groups of "
+            f"Templates = the group networks above. For each task, {_groups_run(rec)} groups of "
             f"{spec.group_size} examples not used for calibration (or from the other task's calibration split) "
             f"were run through the model and given their own ICA (all layers concatenated); a template *recurs* "
             f"in a group when some map of that group's ICA has IoU > {spec.iou_threshold:g} with it (thresholded "
@@ -220,7 +236,7 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
 def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False) -> Path:
     """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`."""
     out = Path(output).expanduser()
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, analysis.spec.input_paths())
     if analysis.spec.output != str(output):  # run from the API without spec.output: the command names this folder
         analysis.info["command"] = spec_command(dataclasses.replace(analysis.spec, output=str(output)))
     with atomic_output_dir(out, overwrite) as tmp:

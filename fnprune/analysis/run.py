@@ -160,7 +160,8 @@ def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibra
         "evaluation": {"split": data.task.evaluation_split, "samples": len(data.evaluation),
                        "split_size": data.evaluation_split_size, "half_sizes": [len(h) for h in halves],
                        "disjoint_from_calibration": True},
-        "layers": len(widths), "mlp_width": widths[0], "mlp_neurons": int(sum(widths)),
+        "layers": len(widths), "mlp_width": widths[0] if len(set(widths)) == 1 else None,
+        "mlp_widths": list(widths), "mlp_neurons": int(sum(widths)),
         "dense_accuracy": rounded(base.accuracy, 4),
         "dense_accuracy_halves": [rounded(base.correct[h].mean(), 4) for h in halves],
         "group_ica_converged": group.converged,
@@ -188,8 +189,7 @@ def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     if not spec.output:
         raise RecipeError("output: required (use --output DIR)")
     spec.validate()
-    data = [p for t in (spec.task, *spec.also_tasks) for p in (t.data_dir, *t.data_files.values())]
-    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, [spec.model.name_or_path, *data])
+    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, spec.input_paths())
     start = time.perf_counter()
     analysis = run_analysis(spec, progress)
     write_report(analysis, spec.output, spec.overwrite)

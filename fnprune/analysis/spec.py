@@ -4,6 +4,7 @@ settings only the experiments have. The `fnprune analyze` flags map one to one o
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,11 @@ class AnalysisSpec:
         """The seed of every sample and control (examples, tokens, groups, halves, random neurons)."""
         return self.calibration.seed
 
+    def input_paths(self) -> list[str | None]:
+        """The model and every task's data folder and files: what the output folder may not replace."""
+        tasks = (self.task, *self.also_tasks)
+        return [self.model.name_or_path, *(p for t in tasks for p in (t.data_dir, *t.data_files.values()))]
+
     def recipe(self, task: TaskSpec) -> Recipe:
         """The recipe whose calibration and per-layer networks the experiments start from."""
         return Recipe(model=self.model, task=task, calibration=self.calibration, networks=self.networks)
@@ -88,8 +94,8 @@ class AnalysisSpec:
             out.append("top_networks + control_networks: analyze at least one network")
         if not 0 < self.iou_threshold < 1:
             out.append(f"iou_threshold: must be in (0, 1), got {self.iou_threshold}")
-        if any(s < 0 for s in self.scales) or not self.scales:
-            out.append(f"scales: need at least one factor, all >= 0, got {list(self.scales)}")
+        if not self.scales or not all(math.isfinite(s) and s >= 0 for s in self.scales):
+            out.append(f"scales: need at least one factor, all finite and >= 0, got {list(self.scales)}")
         if not self.model.name_or_path:
             out.append("model: required")
         if self.calibration.sample_store != "tokens":

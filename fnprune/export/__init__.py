@@ -12,7 +12,6 @@ temporary file or folder renamed into place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 import torch
 
 from ..arch import MLP_LAYOUTS
-from ..errors import ModelError, OutputError
+from ..checkpoint import read_json_object
+from ..errors import ModelError, OutputError, first_line
 
 __all__ = ["Checkpoint", "read_checkpoint", "export", "FORMATS"]
 
@@ -65,10 +65,43 @@ class Checkpoint:
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [path / s for s in shards]
+        weight_map = read_json_object(index, "a safetensors index", ModelError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index}: no weight_map object: not a safetensors index")
+        return [path / str(s) for s in sorted(set(weight_map.values()))]
     single = path / "model.safetensors"
     return [single] if single.is_file() else []
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Every tensor's shape from the files' headers; a missing, truncated or foreign file is a one-line error."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
+            raise ModelError(f"{file}: not a readable safetensors file ({reason})") from exc
+    return shapes
+
+
+def _check_widths(path: Path, config: dict[str, Any], widths: list[int], shapes: dict[str, list[int]]) -> None:
+    """config.json's MLP widths are the weights' (a folder whose config and weights disagree is not exported)."""
+    row = MLP_LAYOUTS.get(str(config.get("model_type")))
+    if row is None:
+        return
+    for i, width in enumerate(widths):
+        name = f"{row.layers}.{i}.{row.output}.weight"
+        shape = shapes.get(name) or shapes.get(name.split(".", 1)[1])  # some store keys without the prefix
+        if shape is None:
+            raise ModelError(f"{path}: no tensor {name} in its safetensors files (layer {i}'s MLP output)")
+        actual = shape[0] if row.conv1d else shape[-1]
+        if actual != width:
+            raise ModelError(f"{path}: layer {i}'s MLP is {actual} neurons wide in the weights, {width} in "
+                             "config.json: the folder's config and weights disagree")
 
 
 def read_checkpoint(directory: str | Path) -> Checkpoint:
@@ -80,32 +113,40 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         raise ModelError(f"{path} has no config.json: not an fnprune output folder or Hugging Face checkpoint")
     files = _weight_files(path)
     if not files:
-        raise ModelError(f"{path} has no model.safetensors (or index): export reads safetensors checkpoints only")
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        raise ModelError(f"{path} has no model.safetensors (or index): only safetensors checkpoints are read")
+    config = read_json_object(path / "config.json", "a model config", ModelError)
     report_file = path / "report.json"
-    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
-    n_layers = int(config.get("num_hidden_layers", 0))
+    report = read_json_object(report_file, "fnprune's report object", ModelError) if report_file.is_file() else {}
+    n_layers = config.get("num_hidden_layers", config.get("n_layer"))  # GPT-2 names it n_layer
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ModelError(f"{path / 'config.json'}: num_hidden_layers is {n_layers!r}, not a number of layers")
     per_layer = (config.get("fnprune_layout") or {}).get("widths")
+    if per_layer and not (isinstance(per_layer, list) and all(isinstance(w, int) for w in per_layer)):
+        raise ModelError(f"{path / 'config.json'}: fnprune_layout.widths is not a list of widths")
     if per_layer:
-        widths, layout = [int(w) for w in per_layer], "per-layer"
+        widths, layout = per_layer, "per-layer"
     else:  # a family without an MLP width in config.json is refused by the exporter that needs it
         row = MLP_LAYOUTS.get(str(config.get("model_type")))
         width = config.get(row.width_key if row else "intermediate_size")
         widths = [int(width)] * n_layers if width else []
         layout = "padded" if report.get("layout") == "padded" else "uniform"
+    _check_widths(path, config, widths, _tensor_shapes(files))
     return Checkpoint(path, config, files, widths, layout, report)
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse before any work when the output file exists (without overwrite) or is a folder."""
+def check_output_file(path: Path, overwrite: bool, source: Path) -> None:
+    """Refuse before any work when the output file exists (without overwrite), is a folder, or is one of the
+    files of the checkpoint `source` (a .gguf exported beside them may be replaced)."""
     if path.exists() and path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name such as model.gguf")
+    if path.exists() and path.suffix != ".gguf" and path.resolve().parent == source.resolve():
+        raise OutputError(f"output {path} is a file of the input checkpoint {source}; give a new file name")
     if path.exists() and not overwrite:
         raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
 
 
 def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str = "f16", gguf_arch: str = "auto",
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Export the checkpoint in `directory` as `fmt` to `output`; returns a short summary of what was written."""
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -114,8 +155,8 @@ def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str 
     if fmt == "gguf":
         from .to_gguf import write_gguf
 
-        check_output_file(out, overwrite)
-        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch)
+        check_output_file(out, overwrite, ckpt.path)
+        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, progress=progress)
     from .to_deci import write_deci
 
     return write_deci(ckpt, out, overwrite=overwrite)

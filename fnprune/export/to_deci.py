@@ -13,6 +13,7 @@ own (configuration_decilm.py, loaded with trust_remote_code) that gives `block_c
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from ..arch import LLAMA_CPP_ARCH
 from ..checkpoint import atomic_output_dir, check_output_dir
 from ..errors import ModelError
 from . import Checkpoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DECI_MULTIPLE", "CONFIG_CODE_FILE", "ffn_mult_for", "width_from_ffn_mult", "deci_config", "write_deci"]
 
@@ -115,12 +118,13 @@ def deci_config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def write_deci(ckpt: Checkpoint, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the DeciLM folder at `out` (temporary folder renamed into place); weights are copied unchanged."""
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, [ckpt.path])
     config = deci_config(ckpt)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CONFIG_CODE_FILE).write_text(_CONFIG_CODE, encoding="utf-8")
         for f in ckpt.files:
+            log.info("copying %s (%.2f GB)", f.name, f.stat().st_size / 1e9)
             shutil.copy2(f, tmp / f.name)
         index = ckpt.path / "model.safetensors.index.json"
         for f in [index, *(ckpt.path / name for name in _COPIED)]:

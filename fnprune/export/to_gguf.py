@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import LLAMA_CPP_ARCH
-from ..checkpoint import umask
+from ..checkpoint import atomic_output_file
 from ..errors import ModelError
 from . import Checkpoint
 
@@ -54,6 +53,9 @@ def gguf_arch_for(ckpt: Checkpoint, requested: str = "auto") -> str:
                          f"{', '.join(sorted(LLAMA_CPP_ARCH))}")
     varied = len(set(ckpt.widths)) > 1
     if requested == "deci" or (requested == "auto" and varied):
+        if base != "llama" and not varied:
+            raise ModelError(f"llama.cpp's per-layer 'deci' architecture is Llama-only; {ckpt.model_type!r} "
+                             f"checkpoints with one FFN width are written as {base!r}: use --gguf-arch auto")
         if base != "llama":
             raise ModelError(f"per-layer widths of {ckpt.model_type!r} cannot be written as GGUF (llama.cpp's "
                              "per-layer 'deci' architecture is Llama-only); re-run compress with --layout padded")
@@ -239,7 +241,8 @@ def _tensor_plan(ckpt: Checkpoint, arch: str):
         yield target, hf_name, heads
 
 
-def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto") -> dict[str, Any]:
+def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto",
+               progress: bool = True) -> dict[str, Any]:
     """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place)."""
     try:
         import gguf
@@ -251,13 +254,11 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
     arch = gguf_arch_for(ckpt, arch)
     _rope(ckpt.config)
     plan = {hf: (target, heads) for target, hf, heads in _tensor_plan(ckpt, arch)}
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.absolute().parent)
-    os.close(fd)
-    try:
+    with atomic_output_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _hparams(writer, ckpt, arch, outtype)
         pre = _vocab(writer, ckpt)
+        bar = tqdm(total=len(plan), desc=f"converting to {outtype}", unit="tensor", disable=not progress)
         for hf_name, tensor in ckpt.tensors():
             if hf_name not in plan:
                 continue
@@ -272,17 +273,14 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
             else:
                 writer.add_tensor(target, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16
                                                       else np.float32))
+            bar.update()
         if _rope(ckpt.config)[1] == "llama3":
             writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                               llama3_rope_factors(ckpt.config))
+        bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the export is an ordinary file
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"path": str(out), "format": "gguf", "arch": arch, "outtype": outtype, "tensors": len(plan),
             "widths": ckpt.widths, "tokenizer_pre": pre, "bytes": out.stat().st_size}
