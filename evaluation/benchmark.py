@@ -167,21 +167,32 @@ def parse_overrides(sets: list[str], wikitext: str | None) -> dict[str, Any]:
 
 
 def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[str, Any]:
+    """One run's row: scores rounded for the tables, and under `_exact` the unrounded ones `summary` averages.
+    A task without held-out templates leaves the held-out columns blank (its report's headline is then the
+    calibration mean)."""
     m, means, templates = report["metric"], report["template_means"], report["templates"]
     held = [t for t in templates if t["held_out"]]
-    worst = min(held, key=lambda t: t["pruned"] / t["dense"] if t["dense"] else float("inf"))
+    worst = min(held, key=lambda t: t["pruned"] / t["dense"] if t["dense"] else float("inf")) if held else None
+    cal = means["calibration"]
+    exact = {
+        "held_out_pruned": m["pruned"] if held else None,
+        "held_out_pct": percent_of_dense(m["pruned"], m["dense"], None) if held else None,
+        "worst_held_out_pct": percent_of_dense(worst["pruned"], worst["dense"], None) if worst else None,
+        "calibration_pct": percent_of_dense(cal["pruned"], cal["dense"], None),
+        "held_out_soft_pct": soft_pct(m, None) if held else None, "calibration_soft_pct": soft_pct(cal, None),
+    }
+    shown = {col: None if v is None else round(v, 4 if col == "held_out_pruned" else 1) for col, v in exact.items()}
     row = {
         "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
-        "held_out_dense": round(m["dense"], 4), "held_out_pruned": round(m["pruned"], 4),
-        "held_out_pct": percent_of_dense(m["pruned"], m["dense"]),
-        "held_out_ci95": interval_text(m.get("retained_ci95")),
-        "worst_held_out_pct": percent_of_dense(worst["pruned"], worst["dense"]),
-        "worst_held_out_ci95": interval_text(worst.get("retained_ci95")),
-        "calibration_dense": round(means["calibration"]["dense"], 4),
-        "calibration_pruned": round(means["calibration"]["pruned"], 4),
-        "calibration_pct": percent_of_dense(means["calibration"]["pruned"], means["calibration"]["dense"]),
-        "held_out_soft_pct": soft_pct(m), "calibration_soft_pct": soft_pct(means["calibration"]),
+        "held_out_dense": round(m["dense"], 4) if held else None, "held_out_pruned": shown["held_out_pruned"],
+        "held_out_pct": shown["held_out_pct"], "held_out_ci95": interval_text(m.get("retained_ci95")) if held else "",
+        "worst_held_out_pct": shown["worst_held_out_pct"],
+        "worst_held_out_ci95": interval_text(worst.get("retained_ci95")) if worst else "",
+        "calibration_dense": round(cal["dense"], 4), "calibration_pruned": round(cal["pruned"], 4),
+        "calibration_pct": shown["calibration_pct"],
+        "held_out_soft_pct": shown["held_out_soft_pct"], "calibration_soft_pct": shown["calibration_soft_pct"],
         "majority": None if m.get("majority_class") is None else round(m["majority_class"], 4),
+        "_exact": exact,
     }
     row.update({f"{t['name']}{'*' if t['held_out'] else ''}": round(t["pruned"], 4) for t in templates})
     ppl = report.get("validation", {}).get("perplexity")
@@ -202,15 +213,16 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
     return row
 
 
-def soft_pct(scores: dict[str, Any]) -> float | None:
+def soft_pct(scores: dict[str, Any], digits: int | None = 1) -> float | None:
     """The probability of the right answer in % of dense's, from a report's `right_prob` (None in a report from
     before it)."""
     soft = scores.get("right_prob") or {}
-    return None if soft.get("pruned") is None else percent_of_dense(soft["pruned"], soft["dense"])
+    return None if soft.get("pruned") is None else percent_of_dense(soft["pruned"], soft["dense"], digits)
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean (and min..max over seeds) of the held-out and calibration percentages per configuration and keep."""
+    """Mean (and min..max over seeds) of the held-out and calibration percentages per configuration and keep; the
+    mean of the unrounded values (`_exact`; rows without it: the rounded ones)."""
     out = []
     for key in dict.fromkeys((r["config"], r["keep"]) for r in rows):
         group = [r for r in rows if (r["config"], r["keep"]) == key]
@@ -218,8 +230,9 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for col in ("held_out_pruned", "held_out_pct", "worst_held_out_pct", "calibration_pct", "held_out_soft_pct",
                     "calibration_soft_pct"):
             values = [r[col] for r in group if r.get(col) is not None]  # None: no % of a dense score of 0
+            exact = [(r.get("_exact") or {}).get(col, r.get(col)) for r in group if r.get(col) is not None]
             spread = f" ({min(values)}..{max(values)})" if len(values) > 1 else ""
-            mean = round(statistics.fmean(values), 4 if col == "held_out_pruned" else 1) if values else None
+            mean = round(statistics.fmean(exact), 4 if col == "held_out_pruned" else 1) if values else None
             entry[col] = None if mean is None else f"{mean}{spread}"
         out.append(entry)
     return out

@@ -14,23 +14,26 @@ def with_extension(prefix: Path, extension: str) -> Path:
     return prefix.parent / (prefix.name + extension)
 
 
-def percent_of_dense(score: float, dense: float) -> float | None:
-    """A mean score in % of dense's (None where dense scored nothing, as a tiny model can)."""
-    return round(100 * score / dense, 1) if dense else None
+def percent_of_dense(score: float, dense: float, digits: int | None = 1) -> float | None:
+    """A mean score in % of dense's, rounded to `digits` (None: not rounded, for averaging); None where dense
+    scored nothing, as a tiny model can."""
+    if not dense:
+        return None
+    return 100 * score / dense if digits is None else round(100 * score / dense, digits)
 
 
 def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:
     """Write PREFIX.json, PREFIX.md and PREFIX.csv; returns the markdown table (columns in first-seen order, None
-    blank)."""
+    blank). Columns named `_...` (unrounded values kept for averaging) go to the JSON only."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with_extension(prefix, ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    cols = list(dict.fromkeys(c for r in rows for c in r))
+    cols = list(dict.fromkeys(c for r in rows for c in r if not c.startswith("_")))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
     with_extension(prefix, ".md").write_text(f"Command: `{command}`\n\n{table}\n")
     with with_extension(prefix, ".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, cols)
+        writer = csv.DictWriter(f, cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return table

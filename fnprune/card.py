@@ -94,10 +94,14 @@ def _accuracy_rows(task: str, report: dict[str, Any]) -> str:
 def _evaluation_text(info: CardInfo, scored: str) -> tuple[str, str]:
     """The results table's task rows and the paragraph under the table; after --no-eval, one row saying so."""
     if evaluated(info.report):
+        held_out = any(isinstance(t, dict) and t.get("held_out") for t in info.report.get("templates") or [])
+        headline = (
+            "The headline is\nthe mean over held-out prompt templates, which were never used for calibration or for "
+            "choosing settings:\nhow the model does under a prompt of your own." if held_out else
+            "The task has no\nheld-out prompt template, so the headline is the mean over the calibration "
+            "templates: it says how\nthe model does under the prompts it was calibrated on, not under one of your own.")
         return _accuracy_rows(info.task, info.report), (
-            f"Evaluation is zero-shot ({scored}) on a split the calibration never saw. The headline is\n"
-            "the mean over held-out prompt templates, which were never used for calibration or for choosing "
-            "settings:\nhow the model does under a prompt of your own.")
+            f"Evaluation is zero-shot ({scored}) on a split the calibration never saw. {headline}")
     return f"| **{info.task}: not evaluated** (compressed with `--no-eval`) | | |", (
         f"Not evaluated: `fnprune evaluate --model <this folder>` scores it zero-shot ({scored}) under\n"
         "every prompt template of the task, on a split the calibration never saw; its headline is the mean over the\n"

@@ -10,6 +10,7 @@ choice's length in characters (lm-eval's acc_norm; without the delimiter). Knows
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -25,6 +26,8 @@ from .data import Example
 from .errors import DataError
 from .recipe import TaskSpec
 from .tokens import Batch, batches, encode, encode_inputs, forward
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EvalResult", "TaskResult", "answered", "choice_requests", "evaluate_accuracy", "evaluate_choices",
            "evaluate_templates", "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
@@ -75,11 +78,18 @@ def choice_lengths(examples: list[Example], label_words: dict[str, str] | None) 
 
 def scored(scores: torch.Tensor, examples: list[Example], labels: list[str], lengths: torch.Tensor,
            seconds: float) -> EvalResult:
-    """Accuracy and acc_norm of per-class scores (ties go to the first class, as lm-eval's argmax)."""
+    """Accuracy and acc_norm of per-class scores (ties go to the first class, as lm-eval's argmax). A NaN score
+    never wins, and an example with no finite score (a broken model, a dtype overflow) is counted wrong, not as
+    the first class's answer."""
+    has_score = scores.isfinite().any(dim=1)
+    if not has_score.all():
+        log.warning("%d of %d examples have no finite score (NaN or -inf for every answer: a broken model or a "
+                    "dtype overflow); they are counted wrong", int((~has_score).sum()), len(examples))
+    scores = torch.where(scores.isnan(), -math.inf, scores)
     predictions = [labels[j] for j in scores.argmax(dim=1).tolist()]
     normed = [labels[j] for j in (scores / lengths).argmax(dim=1).tolist()]
-    hits = torch.tensor([p == e.label for p, e in zip(predictions, examples)], dtype=torch.bool)
-    correct_norm = sum(p == e.label for p, e in zip(normed, examples))
+    hits = torch.tensor([p == e.label for p, e in zip(predictions, examples)], dtype=torch.bool) & has_score
+    correct_norm = sum(p == e.label and ok for p, e, ok in zip(normed, examples, has_score.tolist()))
     right = torch.tensor([labels.index(e.label) if e.label in labels else -1 for e in examples])
     probs = scores.double().softmax(dim=1).gather(1, right.clamp(min=0)[:, None])[:, 0]
     usable = (right >= 0) & ~probs.isnan()  # a row with no finite score gives the right answer nothing, not NaN

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from evaluation import benchmark
+from evaluation.tables import write_rows
 from fnprune.cli import main
 
 pytestmark = pytest.mark.slow  # full compress runs
@@ -411,6 +412,22 @@ def test_label_margin_rows_from_scores():
     (row,) = margin_rows("m", result, {"a": examples}, held_out={"a"}, positive="1")
     assert row["template"] == "a*" and row["auc"] == 1.0  # ranked perfectly though 3 of 4 answers are label 0
     assert row["label_1_share"] == 0.25 and row["mean_log_odds"] == -0.325
+
+
+def test_summary_averages_unrounded_percentages_and_a_task_without_held_out_templates_runs(tmp_path):
+    """Rounding each run before averaging moved a three-seed mean by 0.1; a task with no held-out template
+    crashed `row_of` (min of nothing) and would have shown its calibration mean as held out."""
+    def report(pruned: float, held_out: bool = True) -> dict:
+        templates = [{"name": "a", "held_out": held_out, "dense": 0.5, "pruned": pruned}]
+        return {"metric": {"dense": 0.5, "pruned": pruned}, "parameters": {"ratio": 0.8}, "timings_seconds": {},
+                "template_means": {"calibration": {"dense": 0.5, "pruned": pruned}}, "templates": templates}
+    rows = [benchmark.row_of("c", 0.5, s, report(p)) for s, p in enumerate([0.2502, 0.2502, 0.2507])]
+    assert [r["held_out_pct"] for r in rows] == [50.0, 50.0, 50.1]
+    assert benchmark.summary(rows)[0]["held_out_pct"] == "50.1 (50.0..50.1)"  # 100 * 0.25037 / 0.5 = 50.07
+    table = write_rows(tmp_path / "t", "cmd", rows)
+    assert "_exact" not in table and "_exact" not in (tmp_path / "t.csv").read_text()
+    calibration_only = benchmark.row_of("c", 0.5, 0, report(0.3, held_out=False))
+    assert calibration_only["held_out_pct"] is None and calibration_only["calibration_pct"] == 60.0
 
 
 def test_a_template_the_dense_model_scores_zero_on_gives_blank_percentages_not_a_crash(tmp_path):

@@ -16,6 +16,20 @@ def _card(model_type: str = "llama", layout: str = "uniform", widths: list[int] 
     return model_card(CardInfo("org/base", "sst2", "flap", 0.5, report, "task: {}\n", model_type, head, kind), "0")
 
 
+def test_card_says_when_the_headline_is_the_calibration_mean():
+    """A task with no held-out template: the card may not call its headline held out."""
+    calibration_only = [{"name": "t", "held_out": False, "dense": 0.75, "pruned": 0.5}]
+    report = {"parameters": {"dense": 100, "pruned": 60}, "file_bytes": {"dense": 400, "pruned": 240},
+              "calibration": {"samples": 8}, "widths": {"dense": 128, "pruned": [64, 64]},
+              "templates": calibration_only,
+              "metric": {"n": 4, "dense": 0.75, "pruned": 0.5, "of": "calibration templates (mean)"}}
+    card = model_card(CardInfo("org/base", "t", "flap", 0.5, report, "task: {}\n", "llama"), "0")
+    assert "no\nheld-out prompt template" in card and "mean over held-out" not in card
+    held = [*calibration_only, {"name": "h", "held_out": True, "dense": 0.7, "pruned": 0.6}]
+    card = model_card(CardInfo("org/base", "t", "flap", 0.5, {**report, "templates": held}, "", "llama"), "0")
+    assert "the mean over held-out prompt templates" in card
+
+
 def test_uniform_llama_card():
     card = _card()
     assert "loads with\nplain" not in card and "loads with plain `AutoModelForCausalLM.from_pretrained`" in card

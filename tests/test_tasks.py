@@ -141,6 +141,20 @@ def test_right_probability_of_a_row_without_finite_scores_is_zero_not_nan():
     json.dumps(result.right_probs.tolist(), allow_nan=False)
 
 
+def test_an_example_without_a_finite_score_is_counted_wrong(caplog):
+    """NaN scores (a broken model) never win: argmax picked the first class on a NaN row, so an all-NaN model
+    scored label 0's share of the split."""
+    from fnprune.data import Example
+
+    examples = [Example("a", "0"), Example("b", "1"), Example("c", "0"), Example("d", "1")]
+    nan = float("nan")
+    scores = torch.tensor([[nan, nan], [nan, nan], [nan, -2.0], [-1.0, nan]], dtype=torch.float64)
+    result = scored(scores, examples, ["0", "1"], torch.ones(4, 2), 0.0)
+    assert result.hits.tolist() == [False, False, False, False] and result.accuracy == 0.0
+    assert result.accuracy_norm == 0.0 and result.predictions[2:] == ["1", "0"]
+    assert "2 of 4 examples have no finite score" in caplog.text
+
+
 def test_answer_can_be_a_label_letter_or_an_index(arc_dir, copa_dir):
     arc = resolve_task(TaskSpec(name="arc_easy", data_dir=str(arc_dir)))
     rows = [json.loads(line) for line in (arc_dir / "ARC-Easy-Test.jsonl").read_text().splitlines()]
