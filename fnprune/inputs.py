@@ -88,6 +88,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     recipe = dataclasses.replace(recipe, recovery=recipe.recovery.for_task(task.kind, trainable))
     _warn_unused_recovery(recipe.recovery)
     validation = load_validation(recipe, tokenizer)
+    _check_validation(validation, prompts, model)
     layout = layout_for(model)
     source = local_model_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
     if source is not None:
@@ -95,6 +96,20 @@ def load_inputs(recipe: Recipe) -> Inputs:
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
+
+
+def _check_validation(validation: Validation, prompts: list[Example], model) -> None:
+    """The --validate benchmarks' data shares no example with the calibration, as the task's evaluation split
+    doesn't, and the perplexity window fits the model's positions (past them it scores garbage or fails)."""
+    for v, _, sets in validation.tasks:
+        try:
+            check_disjoint(prompts, next(iter(sets.values())))
+        except DataError as exc:
+            raise DataError(f"evaluation.validation {v.task} (--validate): {exc}") from exc
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if validation.perplexity is not None and isinstance(positions, int) and validation.window > positions:
+        raise RecipeError(f"evaluation.perplexity_window {validation.window} is longer than the model's {positions} "
+                          f"positions; use --perplexity-window {positions} or less")
 
 
 def _warn_unused_recovery(spec: RecoverySpec) -> None:

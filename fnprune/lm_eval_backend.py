@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from . import cache
-from .errors import FnpruneError
+from .errors import FnpruneError, first_line
 from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .yaml_io import read_yaml
@@ -91,8 +91,26 @@ def _manager(folder: str | None, digest: str, tasks: tuple[str, ...]):
     if unknown:
         where = f" (looked in lm-eval's own tasks and in {folder})" if folder else \
             " (add --lm-eval-include DIR for local task YAMLs)"
-        raise FnpruneError(f"lm-eval has no task(s) {', '.join(unknown)}{where}")
+        raise FnpruneError(f"lm-eval has no task(s) {', '.join(unknown)}{where}{_unreadable_yaml(folder)}")
     return manager
+
+
+def _unreadable_yaml(folder: str | None) -> str:
+    """'; FILE is not valid YAML (...)' for the first task YAML of `folder` lm-eval skipped without a word."""
+    import yaml
+
+    class _Tolerant(yaml.SafeLoader):  # lm-eval's own tags (!function) are not errors here
+        pass
+
+    _Tolerant.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(Path(folder).rglob("*.yaml")) if folder else []:
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_Tolerant)  # noqa: S506 - a SafeLoader subclass
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            return f"; {path}{where} is not valid YAML ({getattr(exc, 'problem', None) or first_line(exc)})"
+    return ""
 
 
 def _folder_digest(folder: str) -> str:
@@ -182,9 +200,19 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | No
             k.split(",")[0]: v for k, v in metrics.items()
             if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        results[task]["n"] = (raw.get("n-samples", {}).get(task) or {}).get("effective")
-    return {"lm_eval_version": getattr(lm_eval, "__version__", None), "tasks": tasks, "include": include,
+        results[task]["n"] = _documents(raw or {}, task)
+    return {"lm_eval_version": getattr(lm_eval, "__version__", None), "tasks": tasks,
+            "include": str(Path(include).expanduser().resolve()) if include else None,  # cached: not relative
             "limit": limit, "results": results}
+
+
+def _documents(raw: dict[str, Any], task: str) -> int | None:
+    """Documents lm-eval scored for a task; for a group (no count of its own), the sum over its subtasks."""
+    entry = raw.get("n-samples", {}).get(task)
+    if entry:
+        return entry.get("effective")
+    parts = [_documents(raw, sub) for sub in raw.get("group_subtasks", {}).get(task, [])]
+    return sum(parts) if parts and None not in parts else None
 
 
 # lm-eval modules that draw progress bars with `tqdm` (it has no switch for all of them)

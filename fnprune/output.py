@@ -28,9 +28,9 @@ from .checkpoint import (
 from .inputs import Inputs
 from .lm_eval_backend import lm_eval_report
 from .models import checkpoint_bytes
-from .provenance import data_provenance, versions
+from .provenance import data_provenance, file_sha256, versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
-from .validation import Scores, accuracy_report, validation_report
+from .validation import Scores, Validation, accuracy_report, validation_report
 
 __all__ = ["resolved_recipe", "build_report", "write_output"]
 
@@ -63,10 +63,20 @@ def _absolute_validation(evaluation: EvaluationSpec) -> EvaluationSpec:
     return dataclasses.replace(evaluation, validation=tasks, lm_eval_include=absolute(evaluation.lm_eval_include))
 
 
+def _validation_provenance(validation: Validation) -> dict[str, Any]:
+    """The --validate benchmarks' files and sha256, beside the task's: a rerun warns when they changed."""
+    out = {f"{v.task} (--validate)": data_provenance(_absolute_data(t), [t.evaluation_split])[t.evaluation_split]
+           for v, t, _ in validation.tasks}
+    if validation.perplexity is not None:
+        v, path, _ = validation.perplexity
+        out[f"{v.task} (--validate)"] = {"file": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
+    return out
+
+
 def resolved_recipe(inputs: Inputs) -> Recipe:
     """The recipe as saved beside the checkpoint: task and automatic values resolved, paths absolute, versions
     and data hashes recorded, so it reruns the same compression from anywhere."""
-    recipe, task = inputs.recipe, _absolute_data(inputs.task)
+    recipe, task, scored = inputs.recipe, _absolute_data(inputs.task), bool(inputs.evaluation)
     return Recipe(
         model=_absolute_model(recipe.model), task=task, calibration=recipe.calibration,
         networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery,
@@ -74,7 +84,8 @@ def resolved_recipe(inputs: Inputs) -> Recipe:
         output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),
         provenance={
             "versions": versions(),
-            "data": data_provenance(task, [task.calibration_split, *[task.evaluation_split] * bool(inputs.evaluation)]),
+            "data": {**data_provenance(task, [task.calibration_split, *[task.evaluation_split] * scored]),
+                     **_validation_provenance(inputs.validation)},
         },
     )
 

@@ -539,6 +539,14 @@ class EvaluationSpec:
             problems.append(f"evaluation.validation: a task is listed twice ({', '.join(names)})")
         if self.perplexity_window < 2 or self.perplexity_tokens < self.perplexity_window:
             problems.append("evaluation.perplexity_window: must be >= 2 and at most evaluation.perplexity_tokens")
+        elif self.perplexity_tokens % self.perplexity_window:
+            problems.append(f"evaluation.perplexity_tokens: {self.perplexity_tokens} is not a multiple of the window "
+                            f"{self.perplexity_window}; the last {self.perplexity_tokens % self.perplexity_window} "
+                            "would not be scored")
+        default = EvaluationSpec()
+        if PERPLEXITY_TASK not in names and (self.perplexity_tokens, self.perplexity_window) != (
+                default.perplexity_tokens, default.perplexity_window):
+            problems.append("evaluation.perplexity_tokens/_window: only used with --validate wikitext=FILE")
         return problems + _lm_eval_problems(self)
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import cache
 from .card import is_number
 from .data import BUILTIN_TASKS, Example, load_evaluation, resolve_task
-from .errors import RecipeError
+from .errors import DataError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .intervals import retained_interval
 from .lm_eval_backend import score_lm_eval
@@ -105,8 +105,13 @@ def load_validation(recipe: Recipe, tokenizer) -> Validation:
         if v.task not in BUILTIN_TASKS:
             raise RecipeError(f"evaluation.validation: {v.task!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}) "
                               f"or {PERPLEXITY_TASK}")
-        task = resolve_task(TaskSpec(name=v.task, data_dir=v.data_dir))
-        sets = load_evaluation(task, task.evaluation_split, v.max_samples or ev.max_samples)
+        try:
+            task = resolve_task(TaskSpec(name=v.task, data_dir=v.data_dir))
+            sets = load_evaluation(task, task.evaluation_split, v.max_samples or ev.max_samples)
+        except RecipeError as exc:  # name the --validate entry, not the main task's settings
+            raise RecipeError([f"evaluation.validation {v.task} (--validate): {p}" for p in exc.problems]) from exc
+        except DataError as exc:
+            raise DataError(f"evaluation.validation {v.task} (--validate {v.task}={v.data_dir}): {exc}") from exc
         wanted = v.templates or [t.name for t in task.held_out_templates()] or list(sets)
         unknown = [n for n in wanted if n not in sets]
         if unknown:
@@ -150,7 +155,8 @@ def validation_report(validation: Validation, dense: dict[str, Any], pruned: dic
     if not (validation.tasks or validation.perplexity):
         return {}
     out: dict[str, Any] = {"tasks": [
-        {"task": v.task, "data_dir": v.data_dir, **accuracy_report(task, dense.get(v.task), pruned.get(v.task))}
+        {"task": v.task, "data_dir": str(Path(v.data_dir).expanduser().resolve()) if v.data_dir else None,
+         **accuracy_report(task, dense.get(v.task), pruned.get(v.task))}
         for v, task, _ in validation.tasks
     ]}
     if validation.perplexity is not None:

@@ -81,6 +81,24 @@ def test_unknown_lm_eval_task_is_one_clear_error(model_dir, tmp_path, offline):
     assert result.exit_code != 0 and "lm-eval has no task(s) no_such_task_xyz" in result.output
 
 
+def test_an_unparsable_task_yaml_is_named_not_reported_as_no_such_task(model_dir, tmp_path, offline):
+    """lm-eval skips a YAML it cannot parse without a word; the error names the file and line."""
+    (tmp_path / "t.yaml").write_text("task: tiny_bad\ndataset_path: csv\n  bad: [unclosed\n", encoding="utf-8")
+    (tmp_path / "ok.yaml").write_text("task: tiny_ok\nprocess: !function utils.x\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir("llama")), "--lm-eval-tasks",
+                                       "tiny_bad", "--lm-eval-include", str(tmp_path)])
+    assert result.exit_code != 0 and f"{tmp_path / 't.yaml'}, line 3 is not valid YAML" in result.output
+
+
+def test_a_groups_documents_are_its_subtasks_and_the_include_folder_is_absolute():
+    from fnprune.lm_eval_backend import _documents, lm_eval_report
+
+    raw = {"n-samples": {"a": {"effective": 8}, "b": {"effective": 5}}, "group_subtasks": {"g": ["a", "b"]}}
+    assert _documents(raw, "g") == 13 and _documents(raw, "a") == 8 and _documents(raw, "nope") is None
+    cached = {"include": "/tmp/tasks", "results": {"a": {"acc": 0.5, "n": 8}}}
+    assert lm_eval_report(cached, {**cached, "results": {"a": {"acc": 0.25, "n": 8}}})["include"] == "/tmp/tasks"
+
+
 def test_a_task_lm_eval_cannot_build_is_one_line_before_any_work(model_dir, task_data, tmp_path, offline,
                                                                  monkeypatch):
     include = _include(tmp_path, task_data)

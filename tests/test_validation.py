@@ -77,8 +77,11 @@ def test_compress_validates_tasks_and_perplexity_dense_beside_pruned(model_dir, 
     again = json.loads((tmp_path / "b" / "report.json").read_text())["validation"]
     assert [t["metric"]["dense"] for t in again["tasks"]] == [t["metric"]["dense"] for t in v["tasks"]]
     assert again["perplexity"]["dense"] == v["perplexity"]["dense"]
-    saved = load_recipe(tmp_path / "a" / "recipe.yaml").evaluation.validation
-    assert all(Path(x.data_dir or x.file).is_absolute() for x in saved)  # the saved recipe reruns from anywhere
+    saved = load_recipe(tmp_path / "a" / "recipe.yaml")
+    assert all(Path(x.data_dir or x.file).is_absolute() for x in saved.evaluation.validation)  # reruns from anywhere
+    hashed = saved.provenance["data"]  # a rerun warns when a benchmark's data changed, as for the task's
+    assert {"copa (--validate)", "arc_easy (--validate)", "wikitext (--validate)"} <= set(hashed)
+    assert hashed["wikitext (--validate)"]["file"] == str(bench_data["wiki"].resolve())
 
 
 def test_validation_entries_are_checked(task_data):
@@ -91,6 +94,28 @@ def test_validation_entries_are_checked(task_data):
         assert part in text
     with pytest.raises(RecipeError, match="expected a mapping"):
         recipe_from_dict({"evaluation": {"validation": ["boolq"]}})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-files", "train={data}/dev.tsv,validation={data}/train.tsv", "--validate", "sst2={data}"],
+     "evaluation.validation sst2 (--validate): "),  # it scores dev.tsv, the calibration's rows here
+    (["--validate", "boolq={missing}"], "evaluation.validation boolq (--validate"),
+    (["--validate", "wikitext={wiki}", "--perplexity-tokens", "256", "--perplexity-window", "256"],
+     "longer than the model's 128 positions"),
+    (["--validate", "wikitext={wiki}", "--perplexity-tokens", "100", "--perplexity-window", "64"],
+     "not a multiple of the window 64; the last 36"),
+    (["--perplexity-tokens", "1024"], "only used with --validate wikitext=FILE"),
+])
+def test_validation_problems_name_the_benchmark_before_any_work(extra, message, model_dir, task_data, bench_data,
+                                                                 tmp_path):
+    """A --validate benchmark may not share examples with the calibration, its errors name it (not the task's
+    --data-dir), and perplexity settings are checked against the model and each other, or refused unused."""
+    paths = {"data": task_data, "missing": tmp_path / "missing", "wiki": bench_data["wiki"]}
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(model_dir("llama")),
+                                       "--data-dir", str(task_data), *SMALL, *[a.format(**paths) for a in extra],
+                                       "--output", str(tmp_path / "o")])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_validation_task_is_one_clear_error(model_dir, task_data, tmp_path):
