@@ -83,6 +83,7 @@ class RecoveryResult:
     trained_parameters: int
     teacher_bytes: int
     resumed_at: int = 0
+    progress_file: str | None = None  # kept (keep_progress) until the caller has saved what the training made
 
 
 def _scored_logits(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -333,11 +334,14 @@ def recover(
     progress: bool = True,
     progress_dir: Path | None = None,
     save_every: float = 60.0,
+    keep_progress: bool = False,
 ) -> RecoveryResult:
     """Distil `model` (pruned, in place) toward `targets` on the prompts `seqs`; merge anything trained.
 
     With `progress_dir`, the weights and optimiser state are saved there every `save_every` seconds and on
-    Ctrl-C / SIGTERM (after the current step), and a rerun of the same run continues from them."""
+    Ctrl-C / SIGTERM (after the current step), and a rerun of the same run continues from them. `keep_progress`:
+    the file outlives the training (named in the result), so a run stopped before it saved the model resumes near
+    the end; the caller deletes it."""
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     # of the starting weights, before LoRA wraps them
@@ -386,12 +390,14 @@ def recover(
     merge_lora(lora)
     for p in model.parameters():
         p.grad = None
-    saver.finished()
+    if not keep_progress:
+        saver.finished()
     tenth = max(1, len(losses) // 10)
     return RecoveryResult(
         steps=len(plan), seconds=round(earlier + time.perf_counter() - start, 3),
         loss_first=round(float(np.mean(losses[:tenth])), 6) if losses else float("nan"),
         loss_last=round(float(np.mean(losses[-tenth:])), 6) if losses else float("nan"),
         trained_parameters=sum(p.numel() for p in params), teacher_bytes=targets.nbytes, resumed_at=done,
+        progress_file=str(progress_file) if keep_progress and progress_file is not None else None,
     )
 

@@ -80,6 +80,7 @@ class _Plan:
     means: list[torch.Tensor] | None  # per layer, (width,): None without bias compensation
     fills: list[torch.Tensor] | None
     tokens_for_ica: int
+    recovery_progress: str | None = None  # recovery's progress file: deleted once the checkpoint is written
 
 
 def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
@@ -122,6 +123,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
                               pruned, timer.seconds, extra)
         with timer.stage("save"):
             write_output(tmp, inputs, model, resolved, report, measured, plan.kept)
+    if plan.recovery_progress:
+        Path(plan.recovery_progress).unlink(missing_ok=True)
     if recipe.output.push_to_hub:
         with timer.stage("push"):
             push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
@@ -184,15 +187,15 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
                   on_block=refit.on_block if refit else None)
         plan.fills = None
         release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
-    scores, extra = _recover_and_score(model, inputs, targets, dense, timer, progress)
+    scores, extra = _recover_and_score(model, inputs, plan, targets, dense, timer, progress)
     if refit:  # per layer, the block output's error on the calibration tokens after the refit over before it
         extra = {"refit": {"ridge": inputs.selection.refit_ridge, "prompts": refit.prompts,
                            "block_error_after_over_before": refit.ratios}, **extra}
     return model, scores, extra
 
 
-def _recover_and_score(model, inputs: Inputs, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
-                       progress: bool) -> tuple[Scores, dict[str, Any]]:
+def _recover_and_score(model, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores,
+                       timer: _Timer, progress: bool) -> tuple[Scores, dict[str, Any]]:
     """Stages 5-6 on the pruned model: its scores, or with recovery the scores after it (and before, when asked)."""
     recipe = inputs.recipe
     pruned = Scores()
@@ -204,6 +207,7 @@ def _recover_and_score(model, inputs: Inputs, targets: TeacherTargets | None, de
     with timer.stage("recover"):
         result = recover_model(model, inputs.tokenizer, inputs.layout, inputs.prompts, targets, recipe,
                                progress)
+    plan.recovery_progress = result.progress_file
     with timer.stage("evaluate_recovered"):
         recovered = _score(model, inputs, progress)
     return recovered, {"recovery": recovery_report(recipe, result, inputs.task, inputs.validation, dense, pruned)}
@@ -226,7 +230,7 @@ def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | 
         return None, pruned_params, pruned, {}
     model = _load_saved(tmp, inputs)
     check_trainable(model, "the pruned checkpoint")
-    scores, extra = _recover_and_score(model, inputs, targets, dense, timer, progress)
+    scores, extra = _recover_and_score(model, inputs, plan, targets, dense, timer, progress)
     for stale in [*tmp.glob("model*.safetensors"), *tmp.glob("model*.safetensors.index.json")]:
         stale.unlink()  # the streamed weights; save_pretrained writes the trained ones, sharded as it likes
     return model, pruned_params, scores, extra

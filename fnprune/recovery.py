@@ -111,10 +111,12 @@ def teacher(model, tokenizer, calibration: list[Example], recipe: Recipe, task: 
 
 def recover_model(model, tokenizer, layout: MLPLayout, calibration: list[Example], teacher: TeacherTargets,
                   recipe: Recipe, progress: bool) -> RecoveryResult:
+    """Recovery with its progress in the cache, kept after the training (`result.progress_file`) until the
+    caller has written the checkpoint: a run stopped while scoring the recovered model loses no training."""
     seqs = recovery_inputs(tokenizer, model, calibration, recipe)
     use_cache = recipe.calibration.cache and cache.usable()
     return recover(model, layout, seqs, teacher, recipe.recovery, progress,
-                   progress_dir=cache.cache_dir() if use_cache else None)
+                   progress_dir=cache.cache_dir() if use_cache else None, keep_progress=True)
 
 
 def recovery_report(recipe: Recipe, result: RecoveryResult, task: TaskSpec, validation: Validation, dense: Scores,
@@ -123,7 +125,7 @@ def recovery_report(recipe: Recipe, result: RecoveryResult, task: TaskSpec, vali
     acc = accuracy_report(task, dense.task, before.task) if before.task is not None else None
     return {
         "settings": dataclasses.asdict(recipe.recovery),
-        **dataclasses.asdict(result),
+        **{k: v for k, v in dataclasses.asdict(result).items() if k != "progress_file"},
         "before": {"metric": acc["metric"], "template_means": acc["template_means"],
                    "templates": {t["name"]: t["pruned"] for t in acc["templates"]}} if acc else None,
         # None when the pruned model was not scored before recovery (recovery.evaluate_before: false)

@@ -260,6 +260,38 @@ def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, 
     assert not forbidden & seen["train"]
 
 
+def test_a_run_stopped_while_scoring_the_recovered_model_keeps_the_training(model_dir, task_data, tmp_path,
+                                                                            monkeypatch, isolated_cache, caplog):
+    """Recovery's progress file outlives the training until the checkpoint is written: Ctrl-C while the recovered
+    model is scored, and the rerun resumes at the last periodic save (here every step but the last) instead of
+    training again; then it is gone."""
+    import functools
+
+    from fnprune import pipeline, recovery
+
+    monkeypatch.setattr(recovery, "recover", functools.partial(recovery.recover, save_every=0.0))  # save each step
+    recipe = _recipe(model_dir("llama"), task_data, tmp_path / "out", epochs=1, evaluate_before=False)
+    trained = {"done": False}
+    real_recover, real_score = pipeline.recover_model, pipeline._score
+    monkeypatch.setattr(pipeline, "recover_model", lambda *a, **k: trained.update(done=True) or real_recover(*a, **k))
+
+    def score(model, *args, **kwargs):
+        if trained["done"]:
+            raise KeyboardInterrupt
+        return real_score(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_score", score)
+    with pytest.raises(KeyboardInterrupt):
+        fnprune.compress(recipe, progress=False)
+    assert not (tmp_path / "out").exists() and len(list(isolated_cache.glob("recovery-*.partial.safetensors"))) == 1
+    monkeypatch.setattr(pipeline, "_score", real_score)
+    with caplog.at_level("INFO", logger="fnprune"):
+        result = fnprune.compress(recipe, progress=False)
+    assert result.report["recovery"]["resumed_at"] == result.report["recovery"]["steps"] - 1  # the last step's save
+    assert "progress_file" not in result.report["recovery"]
+    assert not list(isolated_cache.glob("recovery-*.partial.safetensors"))  # served: deleted with the output written
+
+
 def test_recovery_settings_are_checked(tmp_path):
     base = {"model": {"name_or_path": "m"}, "task": {"name": "sst2"}, "output": {"dir": str(tmp_path)}}
     bad = recipe_from_dict({**base, "recovery": {"enabled": True, "lr": 0, "params": "head", "answer_weight": 2}})
