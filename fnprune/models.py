@@ -94,6 +94,16 @@ def _names_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def _family_class_name(model_type: str) -> str:
+    """The transformers class a family in the table loads as (its causal LM or its sequence classifier)."""
+    from transformers.models.auto import modeling_auto
+
+    layout = MLP_LAYOUTS.get(model_type)
+    names = (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if layout and layout.classifier
+             else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return names.get(model_type, "")
+
+
 def _model_class(source: str, kwargs: dict):
     """The auto class of the family's layout (causal LM or sequence classifier) or, for an fnprune per-layer
     checkpoint, its base class with per-layer MLP widths (fnprune's own loader, no remote code)."""
@@ -102,6 +112,8 @@ def _model_class(source: str, kwargs: dict):
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "fnprune_layout", None):
         base = getattr(transformers, architectures[0], None) if architectures else None
+        if base is None:  # saved after loading with its remote code: FnpruneModel, the family's class then
+            base = getattr(transformers, _family_class_name(config.model_type), None)
         if base is None:
             raise ModelError(f"per-layer checkpoint with unknown base class {architectures}")
         return per_layer_class(base)

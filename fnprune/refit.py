@@ -140,7 +140,8 @@ class LayerwiseRefit:
         prune()
         projection = get_module(self.blocks[i], self.layout.output)
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = projection.register_forward_hook(lambda m, args, output: seen.append((args[0], output)))
+        # a copy: some blocks add to the projection's output in place (Falcon's parallel attention: mlp_output +=)
+        handle = projection.register_forward_hook(lambda m, args, output: seen.append((args[0], output.clone())))
         try:
             pruned_out = self._run(i, self.pruned)
         finally:

@@ -168,6 +168,13 @@ def update_config(config, layout: MLPLayout, plans: list[LayerPlan], width_layou
     setattr(config, layout.width_key, max(widths))
     if width_layout == "per-layer":
         config.fnprune_layout = layout_record(layout, widths)
+    elif getattr(config, "fnprune_layout", None):  # a per-layer source pruned to one width: its record is stale
+        del config.fnprune_layout
+        auto_map = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items() if "modeling_fnprune" not in v}
+        if auto_map:
+            config.auto_map = auto_map
+        elif hasattr(config, "auto_map"):
+            del config.auto_map
     if layout.bias_flag and any(p.centre is not None for p in plans):
         setattr(config, layout.bias_flag, True)
 
@@ -199,8 +206,9 @@ def _add_output_bias(module: nn.Module, block: nn.Module, layout: MLPLayout, pla
     if plan.new_biases:  # the config flag gives the input projections a bias too: zero, so outputs are unchanged
         for inp in [get_module(block, path) for path in layout.inputs] + [module]:
             if getattr(inp, "bias", None) is None:
-                inp.bias = nn.Parameter(torch.zeros(inp.weight.shape[0], dtype=inp.weight.dtype))
-    module.bias = nn.Parameter(module.bias.detach() + delta.to(module.bias.dtype))
+                inp.bias = nn.Parameter(torch.zeros(inp.weight.shape[0], dtype=inp.weight.dtype,
+                                                    device=inp.weight.device))
+    module.bias = nn.Parameter(module.bias.detach() + delta.to(device=module.bias.device, dtype=module.bias.dtype))
 
 
 def _pad_input(module: nn.Module, layout: MLPLayout, width: int, target: int) -> None:

@@ -90,6 +90,23 @@ def test_refit_brings_every_block_output_closer_to_dense(arch, model_dir):
     assert all(a < b for a, b in zip(after, before)), (before, after)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_refits_own_stream_is_what_the_refitted_model_computes(arch, model_dir):
+    """The refit carries each block's pruned output forward itself; it must be the real one. Falcon's parallel
+    attention adds to the projection's output in place, which the refit recorded by reference."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    if not adds_to_residual(layout, model):
+        return
+    seqs = encode(tok, PROMPTS, 64)
+    gen = torch.Generator().manual_seed(0)
+    keep = [torch.randperm(w, generator=gen)[: w // 4].sort().values for w in mlp_widths(model, layout)]
+    refit = LayerwiseRefit(model, layout, seqs, ridge=0.01, batch_size=4, progress=False)
+    prune_mlp(model, layout, keep, on_block=refit.on_block)
+    carried = torch.cat([p.reshape(*m.shape, -1)[m] for p, m in zip(refit.pruned, refit.masks)])
+    torch.testing.assert_close(carried, _block_outputs(model, layout, seqs)[-1], atol=1e-4, rtol=1e-4)
+
+
 def _same(a, b) -> bool:
     """Equal tensors, or containers of them, or equal plain values."""
     if isinstance(a, torch.Tensor):

@@ -258,3 +258,27 @@ def test_uneven_widths_exact_save_and_reload(arch, width_layout, model_dir, tmp_
         reloaded = fnprune.load_pruned(tmp_path).model
     assert mlp_widths(reloaded, layout) == expected_widths
     torch.testing.assert_close(_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_per_layer_checkpoint_pruned_to_one_width_or_saved_again_still_loads(model_dir, tmp_path):
+    """Pruning a per-layer checkpoint again to one width drops its stale per-layer record (the loader read the
+    old widths); one loaded with its remote code and saved again (architectures: FnpruneModel) loads in fnprune."""
+    from fnprune.checkpoint import write_per_layer_code
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    layout = layout_for(model)
+    prune_mlp(model, layout, [torch.arange(24), torch.arange(40)], width_layout="per-layer")
+    write_per_layer_code(tmp_path / "pl", model)
+    model.save_pretrained(tmp_path / "pl")
+    tok.save_pretrained(tmp_path / "pl")
+    again, _ = load_model(ModelSpec(name_or_path=str(tmp_path / "pl")))
+    prune_mlp(again, layout, [torch.arange(16), torch.arange(16)], width_layout="uniform")
+    assert getattr(again.config, "fnprune_layout", None) is None and not getattr(again.config, "auto_map", None)
+    again.save_pretrained(tmp_path / "u")
+    tok.save_pretrained(tmp_path / "u")
+    assert mlp_widths(load_model(ModelSpec(name_or_path=str(tmp_path / "u")))[0], layout) == [16, 16]
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "pl", trust_remote_code=True)
+    remote.save_pretrained(tmp_path / "resaved")
+    tok.save_pretrained(tmp_path / "resaved")
+    assert remote.config.architectures == ["FnpruneModel"]
+    assert mlp_widths(load_model(ModelSpec(name_or_path=str(tmp_path / "resaved")))[0], layout) == [24, 40]
