@@ -70,13 +70,15 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]:
-    """Local weights by name, size and mtime (cheap); Hub models by id, revision and the commit it resolves to
-    (a branch moves: the same id and revision can be new weights)."""
+    """Local files by name, size, mtime and ctime in nanoseconds (cheap, no read; ctime changes on every write and
+    no copy tool sets it, so weights replaced in place with `cp -p` are new); Hub models by id, revision and the
+    commit it resolves to (a branch moves: the same id and revision can be new weights)."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
         return {"hub": name_or_path, "revision": revision, "commit": hub_commit(name_or_path, revision)}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {"files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+    stats = [(p.name, p.stat()) for p in files]
+    return {"files": [(name, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats]}
 
 
 def hub_commit(repo_id: str, revision: str | None) -> str | None:
@@ -218,10 +220,14 @@ def _write_json(name: str, data: Any) -> None:
 
 
 def _read_json(name: str) -> Any:
-    """A JSON entry's data, or None when it is absent or damaged (a miss)."""
+    """A JSON entry's data, or None when it is absent or damaged (a miss; a damaged one is named)."""
+    path = cache_dir() / name
     try:
-        return json.loads((cache_dir() / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, f"{type(exc).__name__}: {exc}")
         return None
 
 

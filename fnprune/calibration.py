@@ -54,7 +54,9 @@ def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: 
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
         "dtype": recipe.model.dtype,
         "prompts": prompts,
-        "calibration": dataclasses.asdict(recipe.calibration),
+        # `choices` shapes the prompts (hashed above); `cache` only says whether to look here
+        "calibration": {k: v for k, v in dataclasses.asdict(recipe.calibration).items()
+                        if k not in ("choices", "cache")},
         "moments_group_rows": SecondMoments.GROUP_ROWS,  # how the moments' float32 sums were grouped
         "moments_panels": SecondMoments.PANELS,  # and laid out
         "versions": key_versions(),

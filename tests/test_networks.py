@@ -162,10 +162,12 @@ def test_cache_identity_carries_the_torch_engines_revision():
     from fnprune.recipe import NetworksSpec
 
     torch_spec, reference = NetworksSpec(engine="torch"), NetworksSpec(engine="sklearn")
-    fields = {k: v for k, v in dataclasses.asdict(torch_spec).items() if k != "relevance"}  # weighting, not ICA
+    after = ("relevance", "relevance_within_template")  # how the networks are weighted, not what ICA finds
+    fields = {k: v for k, v in dataclasses.asdict(torch_spec).items() if k not in after}
     assert cache_identity(torch_spec) == {**fields, "revision": REVISION}
     assert cache_identity(reference) == {**fields, "engine": "sklearn"}  # its networks never changed
     assert cache_identity(NetworksSpec(relevance="uniform")) == cache_identity(torch_spec)
+    assert cache_identity(NetworksSpec(relevance_within_template=False)) == cache_identity(torch_spec)
 
 
 def test_wide_token_whitening_spans_the_neuron_grams_subspace():

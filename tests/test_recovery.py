@@ -263,8 +263,8 @@ def test_evaluation_data_and_held_out_templates_never_reach_recovery(model_dir, 
 def test_a_run_stopped_while_scoring_the_recovered_model_keeps_the_training(model_dir, task_data, tmp_path,
                                                                             monkeypatch, isolated_cache, caplog):
     """Recovery's progress file outlives the training until the checkpoint is written: Ctrl-C while the recovered
-    model is scored, and the rerun resumes at the last periodic save (here every step but the last) instead of
-    training again; then it is gone."""
+    model is scored, and the rerun resumes at the last periodic save instead of training again; then it is
+    gone."""
     import functools
 
     from fnprune import pipeline, recovery
@@ -287,7 +287,8 @@ def test_a_run_stopped_while_scoring_the_recovered_model_keeps_the_training(mode
     monkeypatch.setattr(pipeline, "_score", real_score)
     with caplog.at_level("INFO", logger="fnprune"):
         result = fnprune.compress(recipe, progress=False)
-    assert result.report["recovery"]["resumed_at"] == result.report["recovery"]["steps"] - 1  # the last step's save
+    # the last save: after step 1 at least (the saver then spaces its saves by ten times a save's duration)
+    assert 1 <= result.report["recovery"]["resumed_at"] <= result.report["recovery"]["steps"] - 1
     assert "progress_file" not in result.report["recovery"]
     assert not list(isolated_cache.glob("recovery-*.partial.safetensors"))  # served: deleted with the output written
 

@@ -151,3 +151,35 @@ def test_a_hub_model_is_keyed_by_the_commit_its_branch_points_to(tmp_path, monke
     assert cache.model_fingerprint("someone/tiny", None)["commit"] == "b" * 40
     assert cache.model_fingerprint("someone/tiny", "a" * 40)["commit"] == "a" * 40
     assert cache.model_fingerprint("nobody/uncached", None)["commit"] is None
+
+
+def test_local_weights_replaced_in_place_with_their_size_and_mtime_are_new_to_the_cache(tmp_path, caplog):
+    """`cp -p` of other weights of the same size keeps the file's name, size and mtime: the fingerprint reads the
+    ctime too, which every write changes and no copy tool sets. A damaged JSON entry is named when ignored."""
+    import time
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before, stat = cache.model_fingerprint(str(tmp_path), None), weights.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p leaves it
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns and cache.model_fingerprint(str(tmp_path), None) != before
+    (cache.cache_dir() / "perplexity-damaged.json").write_text('{"ppl": 5')
+    assert cache.load_perplexity("damaged") is None and "ignoring" in caplog.text
+    assert cache.load_perplexity("absent") is None
+
+
+def test_the_calibration_key_leaves_out_settings_that_do_not_change_the_capture(tmp_path):
+    """`choices` shapes the prompts (hashed in the key) and `cache` only says whether to look: a classification
+    run with either changed reuses the activations; a setting of the capture itself does not."""
+    from fnprune.calibration import calibration_cache_key
+    from fnprune.data import Example
+    from fnprune.recipe import apply_overrides, recipe_from_dict
+
+    base = recipe_from_dict({"model": {"name_or_path": str(tmp_path)}})
+    prompts = [Example("Review: fine\nSentiment:", "1")]
+    key = calibration_cache_key(base, prompts)
+    for same in ({"calibration.choices": "answer"}, {"calibration.cache": False}):
+        assert calibration_cache_key(apply_overrides(base, same), prompts) == key
+    assert calibration_cache_key(apply_overrides(base, {"calibration.max_tokens": 100}), prompts) != key

@@ -95,7 +95,8 @@ def cache_identity(spec: NetworksSpec) -> dict[str, Any]:
     """What a layer's networks depend on besides its activations, for cache keys: the spec, and for the torch
     engine its `REVISION`, so networks cached by an earlier torch engine are recomputed."""
     identity = dataclasses.asdict(spec)
-    del identity["relevance"]  # how the networks are weighted afterwards, not what ICA finds
+    for after in ("relevance", "relevance_within_template"):  # how the networks are weighted afterwards,
+        del identity[after]  # not what ICA finds
     if spec.engine == "torch":
         identity["revision"] = REVISION
     return identity
