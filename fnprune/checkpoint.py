@@ -64,11 +64,18 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (),
+                     work: dict[str, str | None] | None = None) -> None:
     """Fail before any heavy work if the output cannot be written, or if writing it (which replaces the whole
     folder with --overwrite) would destroy the current directory or a local input (`inputs`: model and data
-    paths; Hub ids and None are skipped)."""
+    paths; Hub ids and None are skipped), or overlap a folder the run writes to (`work`: setting -> folder,
+    existing or not, e.g. the offload folder)."""
     target = path.expanduser().resolve()
+    for setting, folder in (work or {}).items():
+        other = Path(folder).expanduser().resolve() if folder else None
+        if other is not None and (_inside(target, other) or _inside(other, target)):
+            raise OutputError(f"output {path} and {setting} {folder} overlap: the run writes both; use separate "
+                              "folders")
     cwd = Path.cwd().resolve()
     if _inside(cwd, target):
         raise OutputError(

@@ -11,9 +11,9 @@ from .choices import DEVICE_MAP_STRATEGIES
 __all__ = ["device_map_problems"]
 
 _DEVICE = re.compile(r"(cpu|mps|(cuda|xpu|npu|hpu|mlu)(:\d+)?)")
-_MEMORY_KEY = re.compile(r"(\d+|cpu|disk|mps|(cuda|xpu|npu|hpu|mlu):\d+)")
-_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
-_BYTES = re.compile(r"\d+")
+_MEMORY_KEY = re.compile(r"\d+|cpu|disk|mps")  # what accelerate's max_memory takes (a GPU by its index)
+# accelerate's units: KiB/MiB/GiB in any case, KB/MB/GB with a capital B (a lower-case b is read as bits)
+_SIZE = re.compile(r"(\d+(\.\d+)?)\s*([KMGkmg][iI][bB]|[KMGkmg]B)?")  # no unit: bytes (made an int on loading)
 
 
 def _is_device(value: Any, disk: bool) -> bool:
@@ -41,10 +41,14 @@ def device_map_problems(dm: Any, max_memory: dict[str, Any], offload_folder: str
                 )
     for key, size in max_memory.items():
         if not _MEMORY_KEY.fullmatch(key):
-            problems.append(f"model.max_memory.{key}: not a device (a GPU index like 0, cpu, disk, mps)")
+            problems.append(f"model.max_memory.{key}: not a device accelerate limits (a GPU index like 0, cpu, "
+                            "disk, mps)")
         ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
-        if not ok_int and not (isinstance(size, str) and (_SIZE.fullmatch(size.strip()) or _BYTES.fullmatch(size))):
-            problems.append(f"model.max_memory.{key}: {size!r} is not a size (bytes, or like 2GiB, 500MB)")
+        found = _SIZE.fullmatch(size) if isinstance(size, str) else None  # as accelerate reads it: no spaces
+        if not ok_int and not (found and float(found.group(1)) > 0 and (found.group(3) or "." not in size)):
+            bits = isinstance(size, str) and size.strip().endswith("b") and not size.strip().lower().endswith("ib")
+            problems.append(f"model.max_memory.{key}: {size!r} is not a size above 0 (a number of bytes, or like "
+                            "2GiB, 500MB" + ("; a lower-case b means bits to accelerate" if bits else "") + ")")
     if dm is None:
         for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value:

@@ -92,7 +92,8 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     out_dir = Path(recipe.output.dir).expanduser()
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values(),
                *(p for v in ev.validation for p in (v.data_dir, v.file)), ev.lm_eval_include]
-    check_output_dir(out_dir, recipe.output.overwrite, sources)  # before loading: never replaces an input
+    check_output_dir(out_dir, recipe.output.overwrite, sources,  # before loading: never replaces an input
+                     {"model.offload_folder": recipe.model.offload_folder})
     check_push(recipe.output.push_to_hub)
     timer = _Timer(ev.enabled)
     with timer.stage("load"):

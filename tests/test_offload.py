@@ -252,12 +252,21 @@ def test_recipe_device_map_fields_validated():
     ok = recipe_from_dict({**base, "model": {"name_or_path": "m", "device_map": {"model.layers.1": "disk", "x": 0},
                                              "max_memory": {"0": "2GiB", "cpu": 4_000_000}, "offload_folder": "f"}})
     assert ok.validate().streamed()
+    sizes = {"0": "1.5GiB", "1": "2gib", "2": "500MB", "3": "64kB", "4": "60000", "cpu": 10}
+    assert recipe_from_dict({**base, "model": {"name_or_path": "m", "device_map": "auto", "max_memory": sizes}}
+                            ).validate()
     assert recipe_from_dict({**base, "model": {"name_or_path": "m", "device_map": "auto"}}).validate().streamed()
     assert not recipe_from_dict(base).validate().streamed()
     bad = [
         ({"device_map": "everywhere"}, "model.device_map: 'everywhere'"),
         ({"device_map": {"model.layers.1": "floppy"}}, "model.device_map.model.layers.1"),
         ({"device_map": "auto", "max_memory": {"cpu": "lots"}}, "model.max_memory.cpu: 'lots' is not a size"),
+        # accelerate reads a lower-case b as bits (8x less), knows no TB, B or bare digit strings, no cuda:0 key
+        ({"device_map": "auto", "max_memory": {"cpu": "2gb"}}, "a lower-case b means bits"),
+        ({"device_map": "auto", "max_memory": {"cpu": "1TiB"}}, "model.max_memory.cpu: '1TiB' is not a size"),
+        ({"device_map": "auto", "max_memory": {"cpu": "0"}}, "model.max_memory.cpu: '0' is not a size above 0"),
+        ({"device_map": "auto", "max_memory": {"cpu": "0GiB"}}, "is not a size above 0"),
+        ({"device_map": "auto", "max_memory": {"cuda:0": "1GiB"}}, "model.max_memory.cuda:0: not a device"),
         ({"offload_folder": "f"}, "model.offload_folder: only used with model.device_map"),
     ]
     for fields, message in bad:
@@ -367,3 +376,17 @@ def test_a_folder_with_both_a_single_file_and_a_shard_index_streams_the_single_f
     (folder / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "../x"}}')
     with pytest.raises(ModelError, match="not a valid shard index"):
         source_weight_map(folder)
+
+
+@pytest.mark.parametrize("offload", ["o", "o/off"])
+def test_an_offload_folder_that_overlaps_the_output_is_refused_before_any_work(offload, tmp_path, monkeypatch):
+    """transformers creates the offload folder while loading: as the output (or inside it) the finished run found
+    its output "appeared" and kept the checkpoint beside it; with --overwrite it would replace the offload."""
+    import fnprune
+    from fnprune.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict({"model": {"name_or_path": "m", "device_map": "auto", "offload_folder": offload},
+                               "output": {"dir": "o"}})
+    with pytest.raises(OutputError, match="model.offload_folder .* overlap"):
+        fnprune.compress(recipe, progress=False)
