@@ -185,9 +185,9 @@ def row_of(config: str, keep: float, seed: int, report: dict[str, Any]) -> dict[
     row = {
         "config": config, "keep": keep, "seed": seed, "params": report["parameters"]["ratio"],
         "held_out_dense": round(m["dense"], 4) if held else None, "held_out_pruned": shown["held_out_pruned"],
-        "held_out_pct": shown["held_out_pct"], "held_out_ci95": interval_text(m.get("retained_ci95")) if held else "",
+        "held_out_pct": shown["held_out_pct"], "held_out_ci95": interval_text(m.get("retained_ci95")) if held else None,
         "worst_held_out_pct": shown["worst_held_out_pct"],
-        "worst_held_out_ci95": interval_text(worst.get("retained_ci95")) if worst else "",
+        "worst_held_out_ci95": interval_text(worst.get("retained_ci95")) if worst else None,
         "calibration_dense": round(cal["dense"], 4), "calibration_pruned": round(cal["pruned"], 4),
         "calibration_pct": shown["calibration_pct"],
         "held_out_soft_pct": shown["held_out_soft_pct"], "calibration_soft_pct": shown["calibration_soft_pct"],
