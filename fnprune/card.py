@@ -11,7 +11,7 @@ from typing import Any
 from .choices import NETWORK_METHODS
 from .errors import ModelError
 from .lm_eval_backend import lm_eval_metrics
-from .report_text import count_range, evaluated
+from .report_text import count_range, evaluated, widths_span
 
 __all__ = ["CardInfo", "model_card", "retained_text", "chance_text", "interval_text", "is_number"]
 
@@ -184,9 +184,9 @@ def _widths_text(report: dict[str, Any]) -> str:
     if not widths:
         return "n/a"
     if len(set(widths)) == 1:
-        return str(widths[0])
+        return widths_span(widths)
     padded = f", stored padded to {max(widths)} with zero neurons" if report.get("layout") == "padded" else ""
-    return f"{min(widths)}..{max(widths)} (per layer{padded})"
+    return f"{widths_span(widths)} (per layer{padded})"
 
 
 def _loading_sentence(info: CardInfo) -> str:
