@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +74,7 @@ def source_weight_map(folder: Path) -> dict[str, Path]:
     )
 
 
-def checkpoint_key(name: str, keys: dict[str, Path] | set[str], layout: MLPLayout) -> str:
+def checkpoint_key(name: str, keys: Container[str], layout: MLPLayout) -> str:
     """The checkpoint key of module parameter `name`: as is, or without the layout's base-model prefix (some
     checkpoints, e.g. GPT-2's, store `h.0.mlp.c_fc.weight` for the module path `transformer.h.0.mlp.c_fc.weight`)."""
     candidates = [name] + ([name.removeprefix(layout.prefix + ".")] if name.startswith(layout.prefix + ".") else [])

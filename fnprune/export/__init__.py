@@ -90,14 +90,16 @@ def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
 
 def _check_widths(path: Path, config: dict[str, Any], widths: list[int], shapes: dict[str, list[int]]) -> None:
     """config.json's MLP widths are the weights' (a folder whose config and weights disagree is not exported)."""
+    from ..stream_surgery import checkpoint_key  # the key as stored (some checkpoints drop the base prefix)
+
     row = MLP_LAYOUTS.get(str(config.get("model_type")))
     if row is None:
         return
     for i, width in enumerate(widths):
-        name = f"{row.layers}.{i}.{row.output}.weight"
-        shape = shapes.get(name) or shapes.get(name.split(".", 1)[1])  # some store keys without the prefix
-        if shape is None:
-            raise ModelError(f"{path}: no tensor {name} in its safetensors files (layer {i}'s MLP output)")
+        try:
+            shape = shapes[checkpoint_key(f"{row.layers}.{i}.{row.output}.weight", shapes.keys(), row)]
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
         actual = shape[0] if row.conv1d else shape[-1]
         if actual != width:
             raise ModelError(f"{path}: layer {i}'s MLP is {actual} neurons wide in the weights, {width} in "
