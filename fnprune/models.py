@@ -223,10 +223,27 @@ def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, objec
     return model, tokenizer
 
 
+def _storage(p: nn.Parameter):
+    """What tied parameters share: their storage; offloaded (meta) ones have none, so their identity."""
+    return p.data_ptr() if p.device.type != "meta" else ("meta", id(p))
+
+
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters with shared storage counted once; offloaded (meta) ones have no storage, so by identity."""
-    seen = {p.data_ptr() if p.device.type != "meta" else ("meta", id(p)): p for p in model.parameters()}
+    """Parameters with shared storage counted once."""
+    seen = {_storage(p): p for p in model.parameters()}
     return list(seen.values())
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> the earlier-registered name it shares storage with (tied embeddings: `lm_head.weight`
+    -> `model.embed_tokens.weight`), the aliases `save_pretrained` leaves out of the checkpoint."""
+    first: dict = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        original = first.setdefault(_storage(p), name)
+        if original != name:
+            aliases[name] = original
+    return aliases
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from .distillation import TeacherTargets
 from .hub import check_push, push_folder
 from .inputs import Inputs, check_budgets, load_inputs
 from .memory import objects_frozen, release_memory
-from .models import count_parameters, load_model
+from .models import count_parameters, load_model, tied_aliases
 from .offload import check_trainable
 from .output import build_report, resolved_recipe, write_output
 from .pruning import reconstruction_fills, select_neurons
@@ -244,6 +244,7 @@ def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, k
     written = stream_prune(
         source, tmp, model.config, layout, kept, removed_means, recipe.output.layout,
         dtype=getattr(torch, recipe.model.dtype), max_shard_size=recipe.output.max_shard_size, fill_maps=fill_maps,
+        tied=tied_aliases(model),
     )
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)

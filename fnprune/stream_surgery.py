@@ -74,13 +74,21 @@ def source_weight_map(folder: Path) -> dict[str, Path]:
     )
 
 
+def _candidates(name: str, layout: MLPLayout) -> list[str]:
+    return [name] + ([name.removeprefix(layout.prefix + ".")] if name.startswith(layout.prefix + ".") else [])
+
+
+def _stored_key(name: str, keys: Container[str], layout: MLPLayout) -> str | None:
+    return next((key for key in _candidates(name, layout) if key in keys), None)
+
+
 def checkpoint_key(name: str, keys: Container[str], layout: MLPLayout) -> str:
     """The checkpoint key of module parameter `name`: as is, or without the layout's base-model prefix (some
     checkpoints, e.g. GPT-2's, store `h.0.mlp.c_fc.weight` for the module path `transformer.h.0.mlp.c_fc.weight`)."""
-    candidates = [name] + ([name.removeprefix(layout.prefix + ".")] if name.startswith(layout.prefix + ".") else [])
-    for key in candidates:
-        if key in keys:
-            return key
+    key = _stored_key(name, keys, layout)
+    if key is not None:
+        return key
+    candidates = _candidates(name, layout)
     raise ModelError(
         f"the checkpoint has no tensor {' or '.join(candidates)}: its key names do not match the model's "
         "module paths (a checkpoint of another architecture, or renamed keys)"
@@ -197,6 +205,16 @@ def _layer_entries(
     return out, replaced
 
 
+def _duplicate_keys(keys: Container[str], layout: MLPLayout, tied: dict[str, str]) -> set[str]:
+    """Stored keys of tied aliases whose original is stored too: `save_pretrained` writes the original only."""
+    duplicates = set()
+    for alias, original in tied.items():
+        alias_key, original_key = _stored_key(alias, keys, layout), _stored_key(original, keys, layout)
+        if alias_key is not None and original_key is not None and alias_key != original_key:
+            duplicates.add(alias_key)
+    return duplicates
+
+
 def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
     """As huggingface_hub splits a state dict: greedy, in order, a new shard when the next tensor would overflow
     this one; a tensor bigger than a shard gets one of its own at once, the open shard left open."""
@@ -231,6 +249,7 @@ def stream_prune(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     fill_maps: list[torch.Tensor] | None = None,
+    tied: dict[str, str] | None = None,
 ) -> StreamResult:
     """Write into `out` the checkpoint `prune_mlp(model, layout, keep, removed_means, width_layout)` followed by
     `save_pretrained(out, max_shard_size)` would give, reading `source`'s safetensors one tensor at a time.
@@ -238,7 +257,8 @@ def stream_prune(
     `config` is the model's config (copied, then given the new width); `dtype` casts floating-point tensors
     as loading with that dtype would. With `removed_means`, each output projection is read twice (once for
     the compensation bias, once to slice it). `fill_maps` folds least-squares reconstructions in, as
-    `prune_mlp(..., fill_maps=...)` does.
+    `prune_mlp(..., fill_maps=...)` does. `tied` (`models.tied_aliases` of the loaded model) names the tied
+    aliases: a source that stores both an alias and its original gets the original only, as save_pretrained.
     """
     if width_layout not in STREAMED_LAYOUTS:
         raise ModelError(f"streamed surgery writes layouts {' and '.join(STREAMED_LAYOUTS)}, not {width_layout!r}")
@@ -258,8 +278,9 @@ def stream_prune(
             layer, gone = _layer_entries(src, layout, i, plan, cast)
             planned.update(layer)
             replaced |= gone
+        duplicates = _duplicate_keys(src.map, layout, tied or {})
         for key in src.map:
-            if key not in replaced:
+            if key not in replaced and key not in duplicates:
                 planned[key] = _entry(key, src, key, cast)
         entries = [planned[k] for k in sorted(planned)]
         delta = sum(e.planned.numel() for e in planned.values() if e.name in replaced or e.name not in src.map)

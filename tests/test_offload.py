@@ -19,7 +19,7 @@ from fnprune import stream_surgery
 from fnprune.arch import get_module, layout_for, mlp_widths
 from fnprune.capture import capture_activations
 from fnprune.errors import ModelError, RecipeError
-from fnprune.models import count_parameters, load_model
+from fnprune.models import count_parameters, load_model, tied_aliases
 from fnprune.recipe import ModelSpec, apply_overrides, recipe_from_dict
 from fnprune.stream_surgery import stream_prune
 from fnprune.surgery import prune_mlp, supports_bias_compensation
@@ -194,6 +194,26 @@ def test_checkpoint_keys_without_base_model_prefix(model_dir, tmp_path):
     stream_prune(src, tmp_path / "out", model.config, layout, keep, means)
     assert "h.0.mlp.c_fc.weight" in _tensors(tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_real_logits(reloaded, tok), _real_logits(pruned, tok), atol=1e-5, rtol=1e-5)
+
+
+def test_a_tied_source_storing_both_embeddings_streams_the_file_save_pretrained_writes(model_dir, tmp_path):
+    """A tied checkpoint that also stores `lm_head.weight` (a copy of the embeddings): the alias is left out,
+    as save_pretrained leaves it out of the in-memory surgery's file, and the output is byte-identical."""
+    src = tmp_path / "src"
+    shutil.copytree(model_dir("llama"), src)
+    tensors = load_file(src / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    model, tok = load_model(ModelSpec(name_or_path=str(src)))
+    layout = layout_for(model)
+    keep = _keep(mlp_widths(model, layout), 32)
+    pruned = _in_memory(model, layout, keep, None, "uniform", tmp_path / "memory")
+    stream_prune(src, tmp_path / "stream", model.config, layout, keep, tied=tied_aliases(model))
+    assert (tmp_path / "stream" / "model.safetensors").read_bytes() == (
+        tmp_path / "memory" / "model.safetensors").read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
     torch.testing.assert_close(_real_logits(reloaded, tok), _real_logits(pruned, tok), atol=1e-5, rtol=1e-5)
 
 
