@@ -33,8 +33,8 @@ from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .yaml_io import read_yaml
 
-__all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_metrics", "lm_eval_report",
-           "run_lm_eval", "score_lm_eval"]
+__all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_files", "lm_eval_metrics",
+           "lm_eval_report", "run_lm_eval", "score_lm_eval"]
 
 log = logging.getLogger("fnprune")
 INSTALL = "pip install 'fnprune[lm-eval]'"
@@ -109,10 +109,22 @@ def _unreadable_yaml(folder: str | None) -> str:
     return ""
 
 
+def _folder_files(root: Path) -> list[Path]:
+    """The task folder's own files: its YAMLs and their utils.py."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def lm_eval_files(include: str) -> list[Path]:
+    """Every local file the include folder's tasks read: the folder's own and the data files its YAMLs name."""
+    root = Path(include).expanduser().resolve()
+    own = _folder_files(root)
+    return own + [p for p in _data_files(str(root)) if p not in own]
+
+
 def _folder_digest(folder: str) -> str:
     """sha256 of every file under the task folder (its YAMLs and their utils.py), by relative path."""
     digest, root = hashlib.sha256(), Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in _folder_files(root):
         digest.update(json.dumps([path.relative_to(root).as_posix(), file_sha256(path)]).encode())
     return digest.hexdigest()
 

@@ -26,7 +26,7 @@ from .checkpoint import (
     write_per_layer_code,
 )
 from .inputs import Inputs
-from .lm_eval_backend import lm_eval_report
+from .lm_eval_backend import lm_eval_files, lm_eval_report
 from .models import checkpoint_bytes
 from .provenance import data_provenance, file_sha256, versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
@@ -73,6 +73,15 @@ def _validation_provenance(validation: Validation) -> dict[str, Any]:
     return out
 
 
+def _lm_eval_provenance(evaluation: EvaluationSpec) -> dict[str, Any]:
+    """The lm-eval task folder's files (YAMLs, utils.py) and the data files its YAMLs name, with sha256."""
+    if not evaluation.lm_eval_tasks or not evaluation.lm_eval_include:
+        return {}
+    root = Path(evaluation.lm_eval_include).expanduser().resolve()
+    return {f"lm-eval {p.relative_to(root) if p.is_relative_to(root) else p.name}":
+            {"file": str(p), "sha256": file_sha256(p)} for p in lm_eval_files(str(root))}
+
+
 def resolved_recipe(inputs: Inputs) -> Recipe:
     """The recipe as saved beside the checkpoint: task and automatic values resolved, paths absolute, versions
     and data hashes recorded, so it reruns the same compression from anywhere."""
@@ -85,7 +94,8 @@ def resolved_recipe(inputs: Inputs) -> Recipe:
         provenance={
             "versions": versions(),
             "data": {**data_provenance(task, [task.calibration_split, *[task.evaluation_split] * scored]),
-                     **_validation_provenance(inputs.validation)},
+                     **_validation_provenance(inputs.validation),
+                     **(_lm_eval_provenance(recipe.evaluation) if scored else {})},
         },
     )
 

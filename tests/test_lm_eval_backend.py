@@ -153,6 +153,9 @@ def test_compress_scores_lm_eval_dense_and_pruned_and_caches_the_dense(model_dir
     saved = load_recipe(tmp_path / "a" / "recipe.yaml").evaluation
     assert saved.lm_eval_tasks == ["tiny_sst2"] and saved.lm_eval_include == str(shared_include.resolve())
     assert saved.lm_eval_limit == LIMIT
+    data = load_recipe(tmp_path / "a" / "recipe.yaml").provenance["data"]  # a rerun warns when these change
+    assert data["lm-eval tiny_sst2.yaml"]["file"] == str((shared_include / "tiny_sst2.yaml").resolve())
+    assert data["lm-eval dev.tsv"]["file"] == str((task_data / "dev.tsv").resolve())
 
     second = CliRunner().invoke(main, [*args, "--keep", "0.25", "--streamed", "--output", str(tmp_path / "b")])
     assert second.exit_code == 0, second.output
