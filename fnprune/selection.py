@@ -122,12 +122,11 @@ def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allo
         raise ValueError(f"unknown allocation {allocation!r} for one ranking across layers; known: {known}")
     flat = torch.cat(normalized)
     budget = max(1, round(keep * flat.numel()))
-    threshold = torch.sort(flat, descending=True, stable=True).values[budget - 1]
-    widths = []
-    for s in normalized:
-        count = int((s >= threshold).sum())
-        widths.append(layer_width(s.numel(), count / s.numel(), round_to) if count else min(round_to, s.numel()))
-    return widths
+    top = torch.sort(flat, descending=True, stable=True).indices[:budget]  # exactly the budget: ties at the cut
+    layer_of = torch.repeat_interleave(torch.arange(len(normalized)), torch.tensor([s.numel() for s in normalized]))
+    counts = torch.bincount(layer_of[top], minlength=len(normalized)).tolist()  # (dead neurons) cannot add more
+    return [layer_width(s.numel(), count / s.numel(), round_to) if count else min(round_to, s.numel())
+            for s, count in zip(normalized, counts)]
 
 
 def score_layer(method: str, ev: LayerEvidence, seed: int, boost: float = 1.0) -> torch.Tensor:

@@ -81,6 +81,17 @@ def test_median_allocation_scales_a_mostly_silent_layer_by_its_live_neurons():
     assert allocate_widths(scores, 0.25, 8, "median")[3] == 8
 
 
+@pytest.mark.parametrize("allocation", ["global", "median", "standardized"])
+def test_ties_at_the_cut_cannot_keep_more_than_the_budget(allocation):
+    """Dead neurons all score 0: when the cut falls among them, the share asked for is kept, not every tied neuron
+    (which kept the whole model at keep 0.8 with 60 of 256 neurons dead)."""
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(128, generator=g) + 0.5 for _ in range(2)]
+    scores[1][:60] = 0
+    widths = allocate_widths(scores, 0.8, 8, allocation)
+    assert abs(sum(widths) - 0.8 * 256) <= 8, widths
+
+
 def test_baseline_formulas():
     ev = _evidence()
     torch.testing.assert_close(score_layer("wanda-sp", ev, 0), (ev.mean_abs * ev.out_norm).double())
