@@ -371,6 +371,16 @@ def load_split(task: TaskSpec, split: str, template: str | None = None) -> list[
 RAW = PromptTemplate("(raw)", "")  # a calibration prompt that is the row's text alone
 
 
+def _raw_positions(task: TaskSpec) -> list[int]:
+    """Where an example's texts hold the columns the calibration templates read as they are: an untemplated
+    prompt is those (never a filtered form such as COPA's connector words, and nothing only a held-out template
+    reads)."""
+    fields = task_fields(task)
+    read = {f for t in task.calibration_templates() for f in template_fields(t.template)}
+    plain = {f for f in read if rowfields.is_plain(f)} or read  # a task whose templates filter every column
+    return [k for k, f in enumerate(fields) if f in plain]
+
+
 def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0) -> list[Example]:
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
     taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
@@ -378,11 +388,14 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     at its end), labelled with the answer's index; untemplated, the question and its choices, one per line."""
     rows, build = _prepared(task, split)
     templates, out, turn = task.calibration_templates(), [], 0
+    raw_at, n_fields = _raw_positions(task), len(task_fields(task))
     order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template
     for j, i in enumerate(order if n < len(rows) else random.Random(seed).sample(order, len(order))):
         if int((j + 1) * raw_share) > int(j * raw_share):
             e = build(rows[i], templates[0])
-            out.append(Example("\n".join(e.texts), e.label, e.texts, RAW.name, e.choices, e.delimiter))
+            parts = [e.texts[k] for k in raw_at] + list(e.texts[n_fields:])  # then the choices
+            raw = "\n".join(dict.fromkeys(p for p in parts if p))
+            out.append(Example(raw, e.label, e.texts, RAW.name, e.choices, e.delimiter))
         else:
             out.append(build(rows[i], templates[turn % len(templates)]))
             turn += 1

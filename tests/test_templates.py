@@ -200,6 +200,34 @@ def test_raw_share_spreads_untemplated_rows_evenly(task_data):
     assert [e.texts for e in drawn] == [e.texts for e in load_sample(task, "train", 12, 0)]  # same rows
 
 
+def test_untemplated_prompts_hold_no_held_out_template_text(tmp_path):
+    """COPA-like: a held-out template's connector words (a filter of a column) and the columns only a held-out
+    template reads never reach an untemplated calibration prompt; each text appears once, then the choices."""
+    import json
+
+    rows = [{"premise": f"The girl wanted earrings {i}.", "question": "effect", "hint": f"secret {i}",
+             "choice1": f"She got her ears pierced {i}.", "choice2": f"She got a tattoo {i}.", "label": i % 2}
+            for i in range(8)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = resolve_task(recipe_from_dict({"task": {
+        "name": "copa-like", "kind": "multiple_choice", "label_column": "label", "choices": ["choice1", "choice2"],
+        "split_files": {"validation": "val.jsonl"}, "split_of": "validation", "data_dir": str(tmp_path),
+        "templates": [
+            {"name": "plain", "template": "Premise: {premise}\nWhat was the {question} of this?\nAnswer:"},
+            {"name": "cued", "template": "{premise|drop_last}{question|map(cause=. Because,effect=. So)}"},
+            {"name": "held", "template": "{premise} {question|map(cause=because,effect=therefore)} {hint}",
+             "held_out": True, "choice": " {choice|lower_first}"},
+            {"name": "options", "template": '{premise} "{choice1}" or "{choice2}"?', "held_out": True},
+        ]}}).task)
+    raw = [e for e in load_sample(task, task.calibration_split, 8, 0, raw_share=1.0)]
+    assert raw and all(e.template == RAW.name for e in raw)
+    for e in raw:
+        lines = e.prompt.split("\n")
+        assert lines[0].startswith("The girl wanted earrings") and lines[1] == "effect"
+        assert lines[2:] == list(e.texts[-2:])  # the choices once, as given
+        assert "therefore" not in e.prompt and "secret" not in e.prompt and ". So" not in e.prompt
+
+
 def test_raw_share_auto_is_half_for_every_task_kind():
     from fnprune.recipe import CalibrationSpec
 
