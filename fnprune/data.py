@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from .tasks import (
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
-    "task_fields", "sample", "check_disjoint", "label_keys", "parse_data_files", "fill_template",
+    "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files", "fill_template",
 ]
+
+log = logging.getLogger("fnprune")
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # by suffix
 SUFFIXES = tuple(FORMATS)
@@ -381,12 +384,23 @@ def _raw_positions(task: TaskSpec) -> list[int]:
     return [k for k, f in enumerate(fields) if f in plain]
 
 
-def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0) -> list[Example]:
+def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float = 0.0,
+                exclude: Collection[tuple[str, ...]] = ()) -> list[Example]:
     """A seeded sample of n rows of a split (the whole split is still checked), the calibration templates
     taking turns over the sampled rows; a `raw_share` of them, spread evenly, is the text without a template.
     Held-out templates are never used here. A multiple-choice prompt is the question alone (the decision is made
-    at its end), labelled with the answer's index; untemplated, the question and its choices, one per line."""
+    at its end), labelled with the answer's index; untemplated, the question and its choices, one per line.
+    Rows whose text is in `exclude` (the evaluation split's, `example_key`) are left out before the draw."""
     rows, build = _prepared(task, split)
+    if exclude:
+        kept = [row for row in rows if example_key(build(row, task.calibration_templates()[0])) not in exclude]
+        if len(kept) < len(rows):
+            log.warning("%d row(s) of the %r split also appear in the evaluation split: left out of the calibration",
+                        len(rows) - len(kept), split)
+        rows = kept
+        if not rows:
+            raise DataError(f"every row of the {split!r} split also appears in the evaluation split; calibration "
+                            "and evaluation data must not overlap (use a different calibration split or file)")
     templates, out, turn = task.calibration_templates(), [], 0
     raw_at, n_fields = _raw_positions(task), len(task_fields(task))
     order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template
@@ -428,10 +442,14 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in _sample_indices(len(examples), n, seed)]
 
 
+def example_key(e: Example) -> tuple[str, ...]:
+    """An example's identity: its text; the same text is the same example whatever prompt wraps it."""
+    return e.texts or (e.prompt,)
+
+
 def shared_examples(a: list[Example], b: list[Example]) -> set[tuple[str, ...]]:
-    """The examples in both lists, by their text: the same text is the same example whatever prompt wraps it."""
-    key = lambda e: e.texts or (e.prompt,)  # noqa: E731
-    return {key(e) for e in a} & {key(e) for e in b}
+    """The examples in both lists, by their text."""
+    return {example_key(e) for e in a} & {example_key(e) for e in b}
 
 
 def check_disjoint(calibration: list[Example], evaluation: list[Example]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from .data import (
     Example,
     check_disjoint,
     data_source,
+    example_key,
     fill_template,
     load_evaluation,
     load_sample,
+    load_split,
     resolve_task,
     shared_examples,
     task_fields,
@@ -74,8 +77,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
     task = resolve_task(recipe.task)
     recipe = dataclasses.replace(  # what runs, and is saved
         recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))
-    prompts = calibration_prompts(task, recipe.calibration)
     evaluation = _evaluation_examples(task, recipe.evaluation.enabled)
+    held = {example_key(e) for e in next(iter(evaluation.values()), [])}
+    prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:
         check_disjoint(prompts, next(iter(evaluation.values())))
     if recipe.evaluation.max_samples:
@@ -135,11 +139,13 @@ def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example
     return load_evaluation(task, task.evaluation_split)
 
 
-def calibration_prompts(task: TaskSpec, spec: CalibrationSpec) -> list[Example]:
-    """The calibration prompts of a resolved task. A multiple-choice question is followed by nothing, by its
-    right choice, or (`all`) once by each choice, the way scoring runs it (`calibration.choices`)."""
+def calibration_prompts(task: TaskSpec, spec: CalibrationSpec, exclude: Collection[tuple[str, ...]] = ()
+                        ) -> list[Example]:
+    """The calibration prompts of a resolved task, none of the texts in `exclude` (the evaluation split's). A
+    multiple-choice question is followed by nothing, by its right choice, or (`all`) once by each choice, the way
+    scoring runs it (`calibration.choices`)."""
     spec = spec.for_task(task.kind)  # raw_share auto made concrete
-    sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+    sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share, exclude)
     untemplated = sum(e.template == RAW.name for e in sample)
     whole = f" (all it has; {spec.num_samples} asked; the seed draws their order)"
     log.info("calibration: %d rows of the %r split%s, %d of them without a template", len(sample),
@@ -157,8 +163,9 @@ def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:
         task = resolve_task(recipe.task)
         if data_source(task, task.calibration_split) is None:
             return None
-        spec = recipe.calibration.for_task(task.kind)
-        sample = load_sample(task, task.calibration_split, spec.num_samples, spec.seed, spec.raw_share)
+        held = ({example_key(e) for e in load_split(task, task.evaluation_split)}
+                if data_source(task, task.evaluation_split) is not None else set())
+        sample = calibration_prompts(task, recipe.calibration, held)  # the rows that run drew
     except (DataError, RecipeError):
         return None
     return len(shared_examples(sample, examples))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fnprune.data import check_disjoint, load_sample, load_split, resolve_task, sample
+from fnprune.data import check_disjoint, example_key, load_sample, load_split, resolve_task, sample
 from fnprune.errors import DataError
 from fnprune.recipe import TaskSpec
 
@@ -39,6 +39,35 @@ def test_overlap_refused(task_data):
                                                           "validation": str(task_data / "dev.tsv")}))
     with pytest.raises(DataError, match="must not overlap"):
         check_disjoint(load_split(task, "train"), load_split(task, "validation"))
+
+
+def test_rows_in_both_files_stay_evaluation_rows(task_data, tmp_path, caplog):
+    """CoLA's train and dev files share six sentences: they are left out of the calibration with a warning, so the
+    default run starts (it was refused) and calibration and evaluation still share nothing; a train file that is
+    the dev file is still refused."""
+    from fnprune.inputs import calibrated_on, calibration_prompts
+    from fnprune.recipe import CalibrationSpec, recipe_from_dict
+
+    dev = (task_data / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    train = (task_data / "train.tsv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train.tsv").write_text("\n".join(train + dev[1:4]) + "\n", encoding="utf-8")
+    (tmp_path / "dev.tsv").write_text("\n".join(dev) + "\n", encoding="utf-8")
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
+    evaluation = load_split(task, "validation")
+    held = {example_key(e) for e in evaluation}
+    spec = CalibrationSpec(num_samples=1000)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        prompts = calibration_prompts(task, spec, held)
+    assert "3 row(s) of the 'train' split also appear in the evaluation split" in caplog.text
+    assert len(prompts) == len(train) - 1 and not {example_key(e) for e in prompts} & held
+    check_disjoint(prompts, evaluation)
+    recipe = recipe_from_dict({"task": {"name": "sst2", "data_dir": str(tmp_path)},
+                               "calibration": {"num_samples": 1000}})
+    assert calibrated_on(recipe, evaluation) == 0  # evaluate reads the run's calibration as the run drew it
+    same = resolve_task(TaskSpec(name="sst2", data_files={"train": str(task_data / "dev.tsv"),
+                                                          "validation": str(task_data / "dev.tsv")}))
+    with pytest.raises(DataError, match="must not overlap"):
+        calibration_prompts(same, spec, {example_key(e) for e in load_split(same, "validation")})
 
 
 def test_sample_is_seeded_subset(task_data):
