@@ -36,7 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 SAMPLE_STORES = ("auto", "tokens", "moments")
 TASK_KINDS = ("classification", "multiple_choice")
-FILE_FORMATS = ("tsv", "csv", "jsonl")
+FILE_FORMATS = ("tsv", "tsv-quoted", "csv", "jsonl")
 ICA_ENGINES = ("sklearn", "torch")
 # how networks are weighted by task relevance: label separation at the decision token, all alike, or auto
 # (labels for classification, uniform for multiple choice)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fields as rowfields
+from .choices import FILE_FORMATS
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 from .tasks import (
@@ -137,15 +138,17 @@ def _json_rows(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _table_rows(path: Path, text: str, tsv: bool, header: list[str] | None = None) -> list[dict[str, str]]:
-    """CSV with its quoting, or TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
-    csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines. Every
-    row has the header's number of fields (the first line's, or `header`'s for a file without one); blank lines
-    are skipped; header names lose surrounding spaces."""
+def _table_rows(path: Path, text: str, fmt: str, header: list[str] | None = None) -> list[dict[str, str]]:
+    """CSV with its quoting; TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
+    csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines; or
+    `tsv-quoted`, tabs with CSV's quoting (as pandas writes TSV, e.g. the RTE export). Every row has the header's
+    number of fields (the first line's, or `header`'s for a file without one); blank lines are skipped; header
+    names lose surrounding spaces."""
+    tsv = fmt == "tsv"
     if tsv:
         records = ((n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
     else:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter="\t" if fmt == "tsv-quoted" else ",")
         records = ((reader.line_num, fields) for fields in reader)
     header = list(header) if header else None
     rows = []
@@ -185,11 +188,11 @@ def _read_text(path: Path) -> str:
 
 
 def file_format(path: Path, declared: str | None = None) -> str:
-    """tsv, csv or jsonl: `declared` (task.file_format), else from the file's suffix, in any case."""
+    """tsv, tsv-quoted, csv or jsonl: `declared` (task.file_format), else from the file's suffix, in any case."""
     fmt = declared or FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: cannot tell the file format from its suffix ({', '.join(FORMATS)}); set "
-                        "task.file_format (tsv, csv, jsonl)")
+                        f"task.file_format ({', '.join(FILE_FORMATS)})")
     return fmt
 
 
@@ -197,7 +200,7 @@ def _read_rows(path: Path, declared: str | None = None, header: list[str] | None
     """A local file's rows (see `_table_rows`, `_json_rows`); `header`: the column names of a file without one."""
     fmt = file_format(path, declared)
     text = _read_text(path)
-    return _json_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, fmt == "tsv", header)
+    return _json_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, fmt, header)
 
 
 def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:

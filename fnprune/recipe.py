@@ -178,7 +178,7 @@ class TaskSpec:
     columns: dict[str, str] = field(default_factory=dict)  # template field -> row expression (fnprune.fields)
     choices: list[str] = field(default_factory=list)  # multiple choice: one expression per choice, or one list
     choice_labels: str | None = None  # expression of the choices' labels the answer names (else: an index)
-    file_format: str | None = None  # tsv (GLUE style: no quoting) | csv | jsonl; None: by the file's suffix
+    file_format: str | None = None  # tsv (GLUE: no quoting) | tsv-quoted (CSV quoting) | csv | jsonl; None: suffix
     header: list[str] = field(default_factory=list)  # column names of a file without a header line
     split_files: dict[str, str] = field(default_factory=dict)  # split -> file name inside data_dir
     split_of: str | None = None  # the one labelled split calibration and evaluation are carved from

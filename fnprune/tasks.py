@@ -64,6 +64,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         ),
         label_column="label",
         label_words={"0": " True", "1": " False"},
+        file_format="tsv-quoted",  # the shared RTE export quotes fields as CSV does (its PROVENANCE.md)
     ),
     "ag_news": TaskSpec(  # the original CSV's title and description; the Hub's ag_news has one `text` column
         name="ag_news",

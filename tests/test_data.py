@@ -70,6 +70,21 @@ def test_rows_in_both_files_stay_evaluation_rows(task_data, tmp_path, caplog):
         calibration_prompts(same, spec, {example_key(e) for e in load_split(same, "validation")})
 
 
+def test_tsv_with_csv_quoting_is_read_as_pandas_writes_it(tmp_path):
+    """The shared RTE export quotes fields that hold quotes, as pandas writes TSV: `tsv-quoted` reads them
+    (plain `tsv`, GLUE's, keeps the quote marks as text); the built-in rte declares it."""
+    from fnprune.data import BUILTIN_TASKS
+
+    (tmp_path / "t.tsv").write_text('s\tlabel\n"He said ""go""\tnow."\tyes\nplain\tno\n', encoding="utf-8")
+    spec = dict(name="q", template="{s}", label_column="label", label_words={"yes": " yes", "no": " no"},
+                data_files={"train": str(tmp_path / "t.tsv")})
+    quoted = load_split(resolve_task(TaskSpec(**spec, file_format="tsv-quoted")), "train")
+    assert [e.prompt for e in quoted] == ['He said "go"\tnow.', "plain"]
+    with pytest.raises(DataError, match="3 field"):
+        load_split(resolve_task(TaskSpec(**spec, file_format="tsv")), "train")
+    assert BUILTIN_TASKS["rte"].file_format == "tsv-quoted"
+
+
 def test_sample_is_seeded_subset(task_data):
     examples = load_split(resolve_task(TaskSpec(name="sst2", data_dir=str(task_data))), "train")
     a, b = sample(examples, 10, 3), sample(examples, 10, 3)
