@@ -1,15 +1,12 @@
 """Examples of a task: where its rows come from, how each row becomes a prompt under a template, samples.
 
-Data comes from local files (GLUE-style TSV, CSV or JSON lines) or, online, from Hugging Face `datasets`. The
+Data comes from local files (read by fnprune.data_files) or, online, from Hugging Face `datasets`. The
 built-in tasks and the completion of a recipe's task live in fnprune.tasks (their names are importable from
 here too). No model internals here.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import random
 import string
@@ -18,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fields as rowfields
-from .choices import FILE_FORMATS
+from .data_files import SUFFIXES, file_format, read_rows
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 from .tasks import (
@@ -37,9 +34,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fnprune")
-
-FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}  # by suffix
-SUFFIXES = tuple(FORMATS)
 
 
 @dataclass(frozen=True)
@@ -107,102 +101,6 @@ def _carve_hint(task: TaskSpec, split: str, directory: Path) -> str:
             f"{task.calibration_split}=FILE,{task.evaluation_split}={evaluation}")
 
 
-_FIELD_LIMIT = 2**31 - 1  # csv's default limit (131,072 characters) is below one long document
-
-
-def _json_rows(path: Path, text: str) -> list[dict]:
-    """JSON lines (one object per line); a .json file may instead hold one array of objects, or one object."""
-    if path.suffix.lower() == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if text.lstrip().startswith("["):
-                raise DataError(f"{path}: not valid JSON ({exc})") from exc
-        else:
-            items = whole if isinstance(whole, list) else [whole]
-            for n, item in enumerate(items):
-                if not isinstance(item, dict):
-                    raise DataError(f"{path}: item {n} is {type(item).__name__}, not a JSON object (one per row)")
-            return items
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not a JSON object ({exc})") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: {type(row).__name__}, not a JSON object (one object per line)")
-        rows.append(row)
-    return rows
-
-
-def _table_rows(path: Path, text: str, fmt: str, header: list[str] | None = None) -> list[dict[str, str]]:
-    """CSV with its quoting; TSV as GLUE writes it: one row per line, tabs between fields and quoting off (as
-    csv.QUOTE_NONE), so a quote is text and a sentence starting with one cannot swallow the next lines; or
-    `tsv-quoted`, tabs with CSV's quoting (as pandas writes TSV, e.g. the RTE export). Every row has the header's
-    number of fields (the first line's, or `header`'s for a file without one); blank lines are skipped; header
-    names lose surrounding spaces."""
-    tsv = fmt == "tsv"
-    if tsv:
-        records = ((n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter="\t" if fmt == "tsv-quoted" else ",")
-        records = ((reader.line_num, fields) for fields in reader)
-    header = list(header) if header else None
-    rows = []
-    previous = csv.field_size_limit(_FIELD_LIMIT)
-    try:
-        for line, fields in records:
-            if header is None:
-                if any(f.strip() for f in fields):
-                    header = [f.strip() for f in fields]
-                continue
-            if len(fields) != len(header):
-                if not any(f.strip() for f in fields):
-                    continue
-                raise DataError(
-                    f"{path}:{line}: {len(fields)} field(s), the header has {len(header)} ({', '.join(header)})"
-                    + ("; TSV fields are separated by tabs, without quoting" if tsv else "")
-                )
-            rows.append(dict(zip(header, fields)))
-    except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: cannot parse the CSV ({exc})") from exc
-    finally:
-        csv.field_size_limit(previous)
-    if header is not None and len(set(header)) != len(header):
-        raise DataError(f"{path}: the header names a column twice: {header}")
-    return rows
-
-
-def _read_text(path: Path) -> str:
-    """A local data file's text; a UTF-8 byte-order mark is skipped."""
-    if not path.is_file():
-        where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
-        raise DataError(f"data file not found: {path}{where}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
-
-
-def file_format(path: Path, declared: str | None = None) -> str:
-    """tsv, tsv-quoted, csv or jsonl: `declared` (task.file_format), else from the file's suffix, in any case."""
-    fmt = declared or FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: cannot tell the file format from its suffix ({', '.join(FORMATS)}); set "
-                        f"task.file_format ({', '.join(FILE_FORMATS)})")
-    return fmt
-
-
-def _read_rows(path: Path, declared: str | None = None, header: list[str] | None = None) -> list[dict]:
-    """A local file's rows (see `_table_rows`, `_json_rows`); `header`: the column names of a file without one."""
-    fmt = file_format(path, declared)
-    text = _read_text(path)
-    return _json_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, fmt, header)
-
-
 def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
     fix = f"add {split}=FILE to --data-files" if task.data_files else "pass --data-dir or --data-files"
     try:
@@ -227,7 +125,7 @@ def data_source(task: TaskSpec, split: str) -> Path | None:
 def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
     """A split's raw rows, every column and label checked, and the template's fields; problems: DataError."""
     path = _split_file(task, split)
-    rows = _load_hub_split(task, split) if path is None else _read_rows(path)
+    rows = _load_hub_split(task, split) if path is None else read_rows(path)
     where = str(path) if path else f"{task.dataset} {split}"
     if not rows:
         raise DataError(f"{where}: split {split!r} is empty")
@@ -271,7 +169,7 @@ def _carved_from(task: TaskSpec, split: str) -> str:
 
 def _read_table(task: TaskSpec, path: Path) -> list[dict]:
     """A file's rows, in `task.file_format` (MRPC's .txt) and with `task.header` (CoLA's headerless TSV) when set."""
-    return _read_rows(path, task.file_format, task.header)
+    return read_rows(path, task.file_format, task.header)
 
 
 @dataclass(frozen=True)
