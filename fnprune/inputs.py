@@ -29,7 +29,7 @@ from .data import (
 )
 from .errors import DataError, RecipeError
 from .evaluate import label_token_ids
-from .lm_eval_backend import check_lm_eval
+from .lm_eval_backend import check_lm_eval, check_lm_eval_disjoint
 from .models import load_model, local_model_dir, model_source, unique_parameters
 from .offload import offloaded_modules
 from .provenance import provenance_changes
@@ -68,8 +68,9 @@ class Inputs:
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
+    lm_eval_tasks = {}
     if recipe.evaluation.enabled:  # lm-eval installed, its tasks known: before any data or model is loaded
-        check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
+        lm_eval_tasks = check_lm_eval(recipe.evaluation.lm_eval_tasks, recipe.evaluation.lm_eval_include)
     model_source(recipe.model)  # a missing local model fails now, not after the data is read
     changes = provenance_changes(recipe.provenance)
     if changes:
@@ -82,6 +83,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:
         check_disjoint(prompts, next(iter(evaluation.values())))
+    check_lm_eval_disjoint(lm_eval_tasks, [e.texts or (e.prompt,) for e in prompts], recipe.evaluation.lm_eval_limit)
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)

@@ -28,13 +28,13 @@ import yaml
 from torch import nn
 
 from . import cache
-from .errors import FnpruneError, first_line
+from .errors import DataError, FnpruneError, first_line
 from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .yaml_io import read_yaml
 
-__all__ = ["check_lm_eval", "lm_eval_available", "lm_eval_cache_key", "lm_eval_files", "lm_eval_metrics",
-           "lm_eval_report", "run_lm_eval", "score_lm_eval"]
+__all__ = ["check_lm_eval", "check_lm_eval_disjoint", "lm_eval_available", "lm_eval_cache_key", "lm_eval_files",
+           "lm_eval_metrics", "lm_eval_report", "run_lm_eval", "score_lm_eval"]
 
 log = logging.getLogger("fnprune")
 INSTALL = "pip install 'fnprune[lm-eval]'"
@@ -49,10 +49,11 @@ def lm_eval_available() -> bool:
     return True
 
 
-def check_lm_eval(tasks: list[str], include: str | None) -> None:
-    """Before any work: lm-eval installed, `include` a folder, every task known to lm-eval; else one line."""
+def check_lm_eval(tasks: list[str], include: str | None) -> dict[str, Any]:
+    """Before any work: lm-eval installed, `include` a folder, every task known to lm-eval; else one line.
+    Returns lm-eval's task dict (empty without tasks)."""
     if not tasks:
-        return
+        return {}
     if include is not None and not Path(include).expanduser().is_dir():
         raise FnpruneError(f"evaluation.lm_eval_include (--lm-eval-include): {include} is not a folder (of lm-eval "
                            "task YAMLs)")
@@ -62,12 +63,55 @@ def check_lm_eval(tasks: list[str], include: str | None) -> None:
     from lm_eval.tasks import get_task_dict
 
     try:  # a task YAML's error (a missing function, bad field) now, not after calibration
-        get_task_dict(tasks, _task_manager(include, tasks))
+        return get_task_dict(tasks, _task_manager(include, tasks))
     except FnpruneError:
         raise
     except Exception as exc:  # whatever lm-eval raises for a task it cannot build
         raise FnpruneError(f"lm-eval cannot build task(s) {', '.join(tasks)}: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _leaf_tasks(node: dict) -> Iterator[tuple[str, Any]]:
+    """(name, task) of every task in lm-eval's task dict, groups opened."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        else:
+            yield str(key), value
+
+
+def _document_strings(node: Any) -> Iterator[str]:
+    """Every string field of an lm-eval document (nested ones too), stripped."""
+    if isinstance(node, str):
+        yield node.strip()
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _document_strings(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _document_strings(value)
+
+
+MIN_SHARED = 16  # characters: a shorter text (a word, COPA's "cause") is shared by unrelated examples
+
+
+def check_lm_eval_disjoint(task_dict: dict[str, Any], calibration_texts: list[tuple[str, ...]],
+                           limit: int | None) -> None:
+    """Refuse lm-eval tasks whose scored documents hold a calibration example's longest text as one of their
+    fields, as the task's evaluation split and the --validate benchmarks are refused: e.g. fnp_arc_easy (ARC-Easy's
+    Dev file) while compressing arc_easy, which calibrates on that file."""
+    keys = {max(texts, key=len) for texts in calibration_texts if texts}
+    keys = {t for t in keys if len(t) >= MIN_SHARED}
+    for name, task in _leaf_tasks(task_dict):
+        docs = list(task.eval_docs)[:limit] if limit else list(task.eval_docs)  # the documents lm-eval scores
+        fields = {v for d in docs for v in _document_strings(d)}
+        shared = sorted(keys & fields)
+        if shared:
+            raise DataError(
+                f"evaluation.lm_eval_tasks: {name}'s documents hold {len(shared)} calibration example(s), e.g. "
+                f"{shared[0][:60]!r}; lm-eval would score the pruned model on its calibration data (drop the task, "
+                "or point its YAML at a file the calibration does not read)"
+            )
 
 
 def _task_manager(include: str | None, tasks: list[str]):

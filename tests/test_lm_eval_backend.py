@@ -111,6 +111,23 @@ def test_a_task_lm_eval_cannot_build_is_one_line_before_any_work(model_dir, task
         "Error: lm-eval cannot build task(s) tiny_sst2: FileNotFoundError"), result.output
 
 
+def test_an_lm_eval_task_over_the_calibration_file_is_refused_before_the_model_loads(model_dir, task_data,
+                                                                                     tmp_path, offline, monkeypatch):
+    """As the task's evaluation split and the --validate benchmarks: lm-eval documents holding calibration text
+    (here the task's own train file, as fnp_arc_easy reads ARC-Easy's Dev file) are refused in one line."""
+    include = tmp_path / "tasks"
+    include.mkdir()
+    (include / "tiny_sst2.yaml").write_text(YAML.format(dev=task_data / "train.tsv"), encoding="utf-8")
+    monkeypatch.setattr("fnprune.inputs.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(main, [
+        "compress", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
+        "--num-samples", "24", "--lm-eval-tasks", "tiny_sst2", "--lm-eval-include", str(include),
+        "--output", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "Error: evaluation.lm_eval_tasks: tiny_sst2's documents hold " in result.output, result.output
+    assert "calibration example(s)" in result.output and not (tmp_path / "out").exists()
+
+
 # --- compress: evaluation.lm_eval_tasks scored dense and pruned, report.json `lm_eval`, the dense results cached
 
 LIMIT = 8  # lm-eval documents per task: the tests' lm-eval runs stay short
