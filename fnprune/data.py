@@ -246,13 +246,42 @@ def _parsed_rows(task: TaskSpec, split: str) -> tuple[list[_Row], list[str]]:
     return parsed, fields
 
 
+MIN_SHARED = 16  # characters: a shorter value (COPA's "cause", WiC's word) is shared by unrelated examples
+
+
+def _groups(rows: list[_Row]) -> list[int]:
+    """Each row's group: rows sharing a text of MIN_SHARED characters or more, in any field (BoolQ's passage,
+    QNLI's question or its sentence, MRPC's sentence on either side), are one group, so one text never lands on
+    both sides; the group is named by its first row."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        for text in (*row.values.values(), *row.choices):
+            if len(text) < MIN_SHARED:
+                continue
+            j = first_with.setdefault(text, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(rows))]
+
+
 def _carve(task: TaskSpec, rows: list[_Row], calibration: bool) -> list[_Row]:
-    """The calibration or the evaluation part of one labelled file: its distinct texts shuffled by
-    `split_seed`, the first `calibration_share` of them for calibration; rows sharing a text stay together."""
-    keys = list(dict.fromkeys(_texts(r, list(r.values)) for r in rows))
+    """The calibration or the evaluation part of one labelled file: its groups of rows sharing a text shuffled by
+    `split_seed`, the first `calibration_share` of them for calibration (where no text is shared, a group is a
+    distinct example)."""
+    group = _groups(rows)
+    keys = list(dict.fromkeys(_texts(rows[g], list(rows[g].values)) for g in group))
     random.Random(task.split_seed).shuffle(keys)
     first = set(keys[: round(task.calibration_share * len(keys))])
-    return [r for r in rows if (_texts(r, list(r.values)) in first) == calibration]
+    return [r for r, g in zip(rows, group) if (_texts(rows[g], list(rows[g].values)) in first) == calibration]
 
 
 def _prepared(task: TaskSpec, split: str) -> tuple[list, Callable[[object, PromptTemplate], Example]]:

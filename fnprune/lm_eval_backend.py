@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from . import cache
+from .data import MIN_SHARED
 from .errors import DataError, FnpruneError, first_line
 from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
@@ -90,9 +91,6 @@ def _document_strings(node: Any) -> Iterator[str]:
     elif isinstance(node, (list, tuple)):
         for value in node:
             yield from _document_strings(value)
-
-
-MIN_SHARED = 16  # characters: a shorter text (a word, COPA's "cause") is shared by unrelated examples
 
 
 def check_lm_eval_disjoint(task_dict: dict[str, Any], calibration_texts: list[tuple[str, ...]],

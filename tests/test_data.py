@@ -249,3 +249,19 @@ def test_suffixes_in_any_case_and_an_unknown_suffix_says_so(tmp_path):
     task = resolve_task(TaskSpec(name="sst2", data_files={"train": str(tmp_path / "train.txt")}))
     with pytest.raises(DataError, match="cannot tell the file format from its suffix"):
         load_split(task, "train")
+
+
+def test_a_carved_file_keeps_rows_sharing_a_text_on_one_side(tmp_path):
+    """BoolQ asks several questions of one passage, QNLI pairs one question with several sentences: such rows stay
+    on one side of the seeded split, so no passage is calibrated on and scored; short shared values (COPA's
+    "cause") do not tie rows together."""
+    rows = [{"passage": f"A long passage about topic {i // 3}, read three times.", "question": f"q {i}?",
+             "kind": "cause", "label": "true" if i % 2 else "false"} for i in range(60)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = resolve_task(TaskSpec(
+        name="qa", template="{passage}\n{question} ({kind})", label_column="label",
+        label_words={"true": " yes", "false": " no"}, data_files={"validation": str(tmp_path / "val.jsonl")},
+        split_of="validation"))
+    cal, ev = load_split(task, task.calibration_split), load_split(task, task.evaluation_split)
+    assert len(cal) + len(ev) == 60 and len(cal) == 30  # 10 of the 20 passages, each with its three rows
+    assert not {e.texts[0] for e in cal} & {e.texts[0] for e in ev}
