@@ -180,20 +180,22 @@ def input_weights_by_neuron(module: nn.Module, layout: MLPLayout) -> list[torch.
 
 
 def neuron_weight_norms(model: nn.Module, layout: MLPLayout) -> list[dict[str, torch.Tensor]]:
-    """Per layer: L2 norm of each neuron's output-projection column (`out`) and of all its input rows (`in`).
+    """Per layer: L2 norm of each neuron's output-projection column (`out`) and of all its input rows (`in`), and
+    the column's mean |weight| (`out_abs_mean`, Wanda-SP's).
 
     Offloaded modules (device_map) are loaded one at a time; the norms are returned on the CPU.
     """
     norms = []
     for block in layer_blocks(model, layout):
         with materialized(get_module(block, layout.output)) as module:
-            out = output_weight_by_neuron(module, layout).float().norm(dim=1).cpu()
+            column = output_weight_by_neuron(module, layout).float()
+            out, out_abs_mean = column.norm(dim=1).cpu(), column.abs().mean(dim=1).cpu()
         sq = torch.zeros_like(out)
         for path in layout.inputs:
             with materialized(get_module(block, path)) as module:
                 for w in input_weights_by_neuron(module, layout):
                     sq += w.float().pow(2).sum(dim=1).cpu()
-        norms.append({"out": out, "in": sq.sqrt()})
+        norms.append({"out": out, "in": sq.sqrt(), "out_abs_mean": out_abs_mean})
     return norms
 
 

@@ -69,7 +69,8 @@ def select_neurons(
     scores = []
     for i, (a, nrm) in enumerate(zip(calib.activations, norms)):
         ev = LayerEvidence(
-            layer=i, mean_abs=a.mean_abs, var=a.var, out_norm=nrm["out"], in_norm=nrm["in"],
+            layer=i, mean_abs=a.mean_abs, var=a.var, out_norm=nrm["out"], in_norm=nrm["in"], mean=a.mean,
+            out_abs_mean=nrm["out_abs_mean"],
             networks=calib.networks[i] if calib.networks else None,
             relevance=calib.relevance[i] if calib.relevance else None,
         )

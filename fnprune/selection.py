@@ -33,9 +33,11 @@ class LayerEvidence:
 
     layer: int
     mean_abs: torch.Tensor  # (d,) mean |activation| over calibration tokens
-    var: torch.Tensor  # (d,) activation variance
+    var: torch.Tensor  # (d,) activation variance (over tokens, not unbiased)
     out_norm: torch.Tensor  # (d,) L2 norm of the neuron's output-projection column
     in_norm: torch.Tensor  # (d,) L2 norm of the neuron's input-projection rows
+    mean: torch.Tensor | None = None  # (d,) mean activation
+    out_abs_mean: torch.Tensor | None = None  # (d,) mean |weight| of the neuron's output-projection column
     networks: LayerNetworks | None = None
     relevance: np.ndarray | None = None  # (k,) task relevance of each network
 
@@ -53,7 +55,12 @@ def _magnitude(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
 
 
 def _wanda_sp(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
-    return ev.mean_abs.double() * ev.out_norm.double()
+    """FLAP's Wanda-SP baseline: Wanda's |weight| x input norm averaged over the output projection's rows, i.e.
+    the activation's root mean square times its column's mean |weight|."""
+    if ev.mean is None or ev.out_abs_mean is None:
+        raise ValueError("the wanda-sp criterion needs the activations' mean and the columns' mean |weight|")
+    rms = (ev.var.double() + ev.mean.double().pow(2)).sqrt()
+    return rms * ev.out_abs_mean.double()
 
 
 def _flap(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:

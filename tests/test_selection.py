@@ -35,6 +35,7 @@ def _evidence(layer=0, d=50, with_networks=True):
         layer=layer, mean_abs=torch.rand(d, generator=gen), var=torch.rand(d, generator=gen),
         out_norm=torch.rand(d, generator=gen) + 0.5, in_norm=torch.rand(d, generator=gen) + 0.5,
         networks=nets, relevance=np.array([1.0, 0.0]) if with_networks else None,
+        mean=torch.randn(d, generator=gen), out_abs_mean=torch.rand(d, generator=gen) + 0.1,
     )
 
 
@@ -92,9 +93,23 @@ def test_ties_at_the_cut_cannot_keep_more_than_the_budget(allocation):
     assert abs(sum(widths) - 0.8 * 256) <= 8, widths
 
 
+def test_wanda_sp_is_flaps_reference_score():
+    """FLAP's prune_wanda_sp: |W_down| * sqrt(mean of the input's squares), averaged over the output rows; from the
+    statistics capture keeps (mean, population variance) and the column's mean |weight|."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 24, generator=gen, dtype=torch.float64)
+    x = x * torch.linspace(0.1, 3, 24) + torch.linspace(-2, 2, 24)  # neurons of other scales and means
+    w = torch.randn(16, 24, generator=gen, dtype=torch.float64)  # down_proj: hidden x neurons
+    reference = (w.abs() * x.pow(2).mean(0).sqrt()).mean(0)
+    ev = LayerEvidence(layer=0, mean_abs=x.abs().mean(0), var=x.var(0, unbiased=False), out_norm=w.norm(dim=0),
+                       in_norm=torch.ones(24), mean=x.mean(0), out_abs_mean=w.abs().mean(0))
+    torch.testing.assert_close(score_layer("wanda-sp", ev, 0), reference)
+
+
 def test_baseline_formulas():
     ev = _evidence()
-    torch.testing.assert_close(score_layer("wanda-sp", ev, 0), (ev.mean_abs * ev.out_norm).double())
+    rms = (ev.var.double() + ev.mean.double() ** 2).sqrt()
+    torch.testing.assert_close(score_layer("wanda-sp", ev, 0), rms * ev.out_abs_mean.double())
     torch.testing.assert_close(score_layer("flap", ev, 0), (ev.var * ev.out_norm**2).double())
     torch.testing.assert_close(score_layer("magnitude", ev, 0), (ev.in_norm * ev.out_norm).double())
     assert set(top_neurons(score_layer("fn", ev, 0), 10).tolist()) == set(range(10))
