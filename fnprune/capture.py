@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import MLPLayout, mlp_widths
 from .choices import SAMPLE_STORES
+from .errors import NumericalError
 from .hooks import mlp_input_hooks
 from .interrupt import ProgressSaver
 from .moments import SecondMoments
@@ -188,6 +189,9 @@ def capture_activations(
     """
     if sample_store not in SAMPLE_STORES:
         raise ValueError(f"sample_store must be one of {SAMPLE_STORES}, got {sample_store!r}")
+    if padding_side not in ("right", "left") or (padding_side == "left" and layout.classifier):
+        raise ValueError(f"padding_side {padding_side!r}: 'right', or 'left' for a causal LM (an encoder's positions "
+                         "and its decision token at position 0 need right padding)")
     dtype = getattr(torch, store_dtype)
     widths = mlp_widths(model, layout)
     total = sum(len(s) for s in seqs)
@@ -223,7 +227,20 @@ def capture_activations(
     if any(s is None for s in recorder.stats):
         raise RuntimeError("some MLP layers were never called during capture")
     saver.finished()
-    return [s.finish() for s in recorder.stats]  # type: ignore[union-attr]
+    layers = [s.finish() for s in recorder.stats]  # type: ignore[union-attr]
+    if dtype == torch.float16:
+        _check_float16_range(layers)
+    return layers
+
+
+def _check_float16_range(layers: list[LayerActivations]) -> None:
+    """A float16 store turns activations beyond 65504 into inf, which only the ICA or the reconstruction would
+    notice, with a misleading message; the float32 running statistics stay finite, so say it here."""
+    for i, a in enumerate(layers):
+        stored = [a.decision] + ([a.tokens] if a.tokens is not None else [])
+        if torch.isfinite(a.mean).all() and not all(torch.isfinite(t).all() for t in stored):
+            raise NumericalError(f"layer {i}: activations beyond float16's range (65504) were stored as inf; set "
+                                 "calibration.store_dtype to bfloat16 or float32")
 
 
 def _moment_sizes(widths: list[int], n_sample: int, sample_store: str, store_dtype: str) -> list[int]:

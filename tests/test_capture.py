@@ -77,6 +77,29 @@ def test_half_precision_storage(llama):
     assert capture_memory_bytes(30, 1536, 4096, 256, "float16") < capture_memory_bytes(30, 1536, 4096, 256, "float32")
 
 
+def test_activations_beyond_float16_are_one_clear_error(llama):
+    """A float16 store makes activations past 65504 inf; the float32 statistics stay finite, so capture says so
+    (the ICA or the reconstruction failed later with advice to raise the ridge)."""
+    import copy
+
+    from fnprune.errors import NumericalError
+
+    model, _, seqs = llama
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        loud.model.layers[0].mlp.up_proj.weight.mul_(3e4)
+    with pytest.raises(NumericalError, match="layer 0: activations beyond float16's range"):
+        _capture(loud, seqs, store_dtype="float16")
+    assert torch.isfinite(_capture(loud, seqs, store_dtype="bfloat16")[0].tokens.float()).all()
+
+
+def test_left_padding_is_refused_for_an_encoder(model_dir):
+    """An encoder reads positions as they are and decides at position 0: left padding would give other numbers."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("bert"))))
+    with pytest.raises(ValueError, match="right padding"):
+        _capture(model, encode(tok, PROMPTS, 64), padding_side="left")
+
+
 @pytest.mark.parametrize("cap", [1, 7, 20])
 def test_reservoir_is_the_bottom_k_sample_in_stream_order(llama, cap):
     """The in-place reservoir holds exactly the tokens with the `cap` smallest seeded keys, in stream order."""
