@@ -87,7 +87,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
     # The tasks below read the files under ../shared/data (see each PROVENANCE.md), CoLA also the Hub. BoolQ, CB,
     # COPA, WiC, QNLI and MRPC ship one labelled file: `split_of` cuts it, seeded, into disjoint calibration and
     # evaluation halves. CoLA calibrates on in_domain_train and is evaluated on in_domain_dev; ARC calibrates on the
-    # Dev file and is evaluated on the Test file. The `lm-eval` templates are lm-evaluation-harness 0.4.13's prompts.
+    # Dev file and is evaluated on the Test file. The `lm-eval` templates are lm-evaluation-harness 0.4.13's prompts
+    # (over stripped text: SST-2's sentences lose the trailing space lm-eval keeps).
     "boolq": TaskSpec(
         name="boolq",
         templates=_templates(
