@@ -67,7 +67,7 @@ cal = recipe.calibration
 task = resolve_task(recipe.task)
 examples = calibration_prompts(task, cal)  # compress's prompts
 model, tok = load_model(recipe.model)
-seqs = encode_inputs(tok, examples, cal.max_length, is_classifier(model))
+seqs = encode_inputs(tok, examples, cal.max_length, model)
 start = time.perf_counter()
 with torch.inference_mode():
     for batch in batches(seqs, cal.batch_size, "right"):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import cache
-from .arch import is_classifier, layout_for
+from .arch import layout_for
 from .capture import LayerActivations, capture_activations
 from .data import Example
 from .errors import NumericalError
@@ -99,7 +99,7 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
         acts, labels = cached
         log.info("activations from cache %s", cache.cache_dir())
     else:
-        seqs = encode_inputs(tokenizer, examples, cal.max_length, is_classifier(model))
+        seqs = encode_inputs(tokenizer, examples, cal.max_length, model)
         acts = capture_activations(
             model, layout_for(model), seqs, max_tokens=cal.max_tokens if with_sample else 0,
             batch_size=cal.batch_size, seed=cal.seed,

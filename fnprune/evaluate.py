@@ -156,7 +156,7 @@ def _head_scores(model, tokenizer, examples, n_labels, batch_size, max_length, p
     n_classes = model.config.num_labels
     if n_classes != n_labels:
         raise DataError(f"the model's head has {n_classes} classes but the task has {n_labels} labels")
-    seqs = encode_inputs(tokenizer, examples, max_length, classifier=True)
+    seqs = encode_inputs(tokenizer, examples, max_length, model)
     scores = torch.zeros(len(examples), n_labels, dtype=torch.float64)
     bar = tqdm(total=len(examples), desc="evaluate", unit="ex", disable=not progress)
     for batch in batches(seqs, batch_size):

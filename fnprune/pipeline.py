@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .arch import MLPLayout, is_classifier
+from .arch import MLPLayout
 from .calibration import Calibration, calibrate
 from .checkpoint import atomic_output_dir, check_output_dir
 from .data import label_keys
@@ -161,8 +161,7 @@ def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: _Tim
 
 def _calibration_ids(inputs: Inputs) -> list[list[int]]:
     """The calibration prompts' token ids, as capture encodes them."""
-    return encode_inputs(inputs.tokenizer, inputs.prompts, inputs.recipe.calibration.max_length,
-                         is_classifier(inputs.model))
+    return encode_inputs(inputs.tokenizer, inputs.prompts, inputs.recipe.calibration.max_length, inputs.model)
 
 
 def _score(model, inputs: Inputs, progress: bool, cached: bool = False, lm_eval: bool = True) -> Scores:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache
-from .arch import MLPLayout, is_classifier
+from .arch import MLPLayout
 from .data import Example
 from .distillation import RecoveryResult, TeacherTargets, consensus_label_logprobs, recover, teacher_targets
 from .evaluate import label_token_ids, next_token_logprobs
@@ -42,7 +42,7 @@ def teacher_cache_key(recipe: Recipe, seqs: list[list[int]], label_ids: list[lis
 
 
 def recovery_inputs(tokenizer, model, calibration: list[Example], recipe: Recipe) -> list[list[int]]:
-    return encode_inputs(tokenizer, calibration, recipe.calibration.max_length, is_classifier(model))
+    return encode_inputs(tokenizer, calibration, recipe.calibration.max_length, model)
 
 
 def _consensus(recipe: Recipe) -> bool:

@@ -28,15 +28,14 @@ class Batch:
         return length - 1 - self.attention_mask.flip(-1).argmax(-1)
 
 
-def encode_inputs(tokenizer, examples, max_length: int, classifier: bool) -> list[list[int]]:
-    """Token ids per example: the filled-in prompt for LMs, the raw text (or text pair) for classifiers."""
-    if not classifier:
+def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> list[list[int]]:
+    """Token ids per example for `model`: the filled-in prompt for LMs, the raw text (or text pair) for
+    classifiers, cut to the positions an encoder has (past them its position embeddings fail)."""
+    if not is_classifier(model):
         return encode(tokenizer, [e.prompt for e in examples], max_length)
-    out = []
-    for e in examples:
-        ids = tokenizer(*e.texts[:2], truncation=True, max_length=max_length)["input_ids"]
-        out.append(ids)
-    return out
+    limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
+    length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
+    return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -100,6 +100,22 @@ def test_left_padding_is_refused_for_an_encoder(model_dir):
         _capture(model, encode(tok, PROMPTS, 64), padding_side="left")
 
 
+def test_an_encoder_reads_text_longer_than_its_positions(model_dir):
+    """Scoring and capture cut an encoder's input to its positions (its position embeddings failed past them; the
+    default limits, 1,024 and 256 tokens, are above BERT's 512)."""
+    from fnprune.data import Example
+    from fnprune.evaluate import evaluate_accuracy
+    from fnprune.tokens import encode_inputs
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("bert"))))
+    text = " ".join(["word"] * 400)
+    examples = [Example(text, "0", (text,), "t"), Example("short text", "1", ("short text",), "t")]
+    seqs = encode_inputs(tok, examples, 1024, model)
+    assert max(len(s) for s in seqs) <= model.config.max_position_embeddings
+    assert evaluate_accuracy(model, tok, examples, {"0": " no", "1": " yes"}, batch_size=2, progress=False).n == 2
+    _capture(model, seqs)
+
+
 @pytest.mark.parametrize("cap", [1, 7, 20])
 def test_reservoir_is_the_bottom_k_sample_in_stream_order(llama, cap):
     """The in-place reservoir holds exactly the tokens with the `cap` smallest seeded keys, in stream order."""
