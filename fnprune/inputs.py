@@ -83,7 +83,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:
         check_disjoint(prompts, next(iter(evaluation.values())))
-    check_lm_eval_disjoint(lm_eval_tasks, [e.texts or (e.prompt,) for e in prompts], recipe.evaluation.lm_eval_limit)
+    check_lm_eval_disjoint(lm_eval_tasks, [example_key(e) for e in prompts], recipe.evaluation.lm_eval_limit)
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
