@@ -249,10 +249,11 @@ def _parsed_rows(task: TaskSpec, split: str) -> tuple[list[_Row], list[str]]:
 MIN_SHARED = 16  # characters: a shorter value (COPA's "cause", WiC's word) is shared by unrelated examples
 
 
-def _groups(rows: list[_Row]) -> list[int]:
-    """Each row's group: rows sharing a text of MIN_SHARED characters or more, in any field (BoolQ's passage,
-    QNLI's question or its sentence, MRPC's sentence on either side), are one group, so one text never lands on
-    both sides; the group is named by its first row."""
+def _groups(rows: list[_Row], choices: Collection[str]) -> list[int]:
+    """Each row's group: rows sharing a text of MIN_SHARED characters or more, in any field but the `choices`
+    (BoolQ's passage, QNLI's question or its sentence, MRPC's sentence on either side), are one group, so one text
+    never lands on both sides; an answer two questions share ("None of the above") does not tie them. The group
+    is named by its first row."""
     parent = list(range(len(rows)))
 
     def root(i: int) -> int:
@@ -263,8 +264,8 @@ def _groups(rows: list[_Row]) -> list[int]:
 
     first_with: dict[str, int] = {}
     for i, row in enumerate(rows):
-        for text in (*row.values.values(), *row.choices):
-            if len(text) < MIN_SHARED:
+        for name, text in row.values.items():
+            if len(text) < MIN_SHARED or name in choices:
                 continue
             j = first_with.setdefault(text, i)
             a, b = root(i), root(j)
@@ -277,7 +278,7 @@ def _carve(task: TaskSpec, rows: list[_Row], calibration: bool) -> list[_Row]:
     """The calibration or the evaluation part of one labelled file: its groups of rows sharing a text shuffled by
     `split_seed`, the first `calibration_share` of them for calibration (where no text is shared, a group is a
     distinct example)."""
-    group = _groups(rows)
+    group = _groups(rows, set(task.choices))
     keys = list(dict.fromkeys(_texts(rows[g], list(rows[g].values)) for g in group))
     random.Random(task.split_seed).shuffle(keys)
     first = set(keys[: round(task.calibration_share * len(keys))])
