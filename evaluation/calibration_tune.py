@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -127,7 +128,8 @@ def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: st
     import fnprune.inputs
 
     product = fnprune.inputs.calibration_prompts
-    fnprune.inputs.calibration_prompts = lambda task, spec: prompts(task, spec, product)  # what load_inputs calls
+    fnprune.inputs.calibration_prompts = (  # what load_inputs calls (exclude: the evaluation split's texts)
+        lambda task, spec, exclude=(): prompts(task, spec, functools.partial(product, exclude=exclude)))
     try:
         main([*argv, *([] if "--work" in argv else ["--work", work])], command=command, variant=variant)
     finally:

@@ -29,6 +29,7 @@ from .networks import LayerNetworks
 from .perplexity import PerplexityResult
 from .recipe import TaskSpec
 from .safetensors_io import read_with_meta, write_atomic
+from .temp_files import make_temp, sweep_stale
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
@@ -211,10 +212,13 @@ def _write_json(name: str, data: Any) -> None:
     """One JSON entry, written atomically; like `_write`, a failure only costs the cache."""
     path = cache_dir() / name
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        tmp.replace(path)
+        sweep_stale(path, ("tmp",))
+        tmp = make_temp(path, "tmp")
+        try:
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not write cache entry %s (%s); going on without it", path, exc)
 

@@ -17,6 +17,7 @@ from .arch import layout_for
 from .capture import LayerActivations, capture_activations
 from .data import Example
 from .errors import NumericalError
+from .interrupt import deferred_interrupt
 from .memory import objects_frozen, release_memory
 from .moments import SecondMoments
 from .networks import LayerNetworks, cache_identity, find_all_networks, network_relevance
@@ -114,8 +115,11 @@ def _calibrate(model, tokenizer, examples, label_words, recipe: Recipe, with_net
                 )
         labels_order = list(label_words)
         labels = np.array([labels_order.index(e.label) for e in examples])
-        if use_cache:
-            cache.save_activations(key, acts, labels)
+        if use_cache:  # capture's progress file is gone: a first Ctrl-C waits for the entry, not to lose both
+            with deferred_interrupt("finishing writing the activations to the cache") as pressed:
+                cache.save_activations(key, acts, labels)
+            if pressed():
+                raise KeyboardInterrupt("the activations are in the cache; the same command continues from there")
     release_memory()  # the forward passes' freed temporaries, before ICA allocates its own
     timings["capture"] = round(time.perf_counter() - start, 3)
     calib = Calibration(acts, labels, timings=timings)

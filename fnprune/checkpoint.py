@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,8 @@ from safetensors.torch import save_file
 
 from .arch import layout_for
 from .errors import FnpruneError, OutputError
+from .interrupt import InterruptedAfterWrite, deferred_interrupt
+from .temp_files import locked, make_temp, remove, sweep_stale
 
 __all__ = [
     "RECIPE_FILE",
@@ -65,11 +66,12 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                     work: dict[str, str | None] | None = None) -> None:
+                     work: dict[str, str | None] | None = None, own_files: Iterable[str] = ()) -> None:
     """Fail before any heavy work if the output cannot be written, or if writing it (which replaces the whole
     folder with --overwrite) would destroy the current directory or a local input (`inputs`: model and data
     paths; Hub ids and None are skipped), or overlap a folder the run writes to (`work`: setting -> folder,
-    existing or not, e.g. the offload folder)."""
+    existing or not, e.g. the offload folder). --overwrite replaces only an empty folder or one holding one of
+    `own_files` (what this command writes, e.g. report.json): never a cache, a model folder or a user's files."""
     target = path.expanduser().resolve()
     for setting, folder in (work or {}).items():
         other = Path(folder).expanduser().resolve() if folder else None
@@ -94,6 +96,11 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[str | Path | 
         raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
     if os.path.lexists(path) and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a directory")
+    own = list(own_files)
+    if (own and path.is_dir() and not path.is_symlink() and any(path.iterdir())
+            and not any((path / name).is_file() for name in own)):
+        raise OutputError(f"output {path} is a folder this command did not write (no {' or '.join(own)}); "
+                          "--overwrite replaces only such outputs: give a new folder")
     parent = _existing_ancestor(path)
     if not parent.is_dir():
         raise OutputError(f"cannot create output {path}: {parent} is a file, not a folder")
@@ -132,50 +139,40 @@ def _rename_if_absent(src: Path, dst: Path) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_partials(path: Path) -> None:
-    """Delete temp dirs or files (and replaced outputs) that a killed run (its pid no longer alive) left beside
-    `path`."""
-    parent = path.absolute().parent
-    for stale in [*parent.glob(f".{path.name}.*.partial"), *parent.glob(f".{path.name}.*.old")]:
-        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            _remove(stale)
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder or a file, or only the link when it is a symbolic link (the folder it points to is not
-    ours)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @contextmanager
-def atomic_output_file(path: Path):
-    """Yield a temporary file name beside `path`, renamed onto it on success and deleted on any failure; one that
-    a killed run left is swept by the next write to the same name. Callers check `path` first."""
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent)
-    os.close(fd)
-    tmp = Path(name)
+def atomic_output_file(path: Path, overwrite: bool = False):
+    """Yield a temporary file name beside `path`, put in place on success and deleted on any failure; one that a
+    killed run left is swept by the next write to the same name (`temp_files`). Callers check `path` first;
+    without `overwrite` a file that appeared meanwhile is never replaced (this run's is kept beside it)."""
+    sweep_stale(path)
+    tmp = make_temp(path, "partial")
     try:
-        yield tmp
-        tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
+        with locked(tmp):
+            yield tmp
+            tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; the output is an ordinary file
+            if overwrite:
+                os.replace(tmp, path)
+            elif not _link_if_absent(tmp, path):
+                kept = path.absolute().parent / f"{path.name}.fnprune-{os.getpid()}"
+                os.replace(tmp, kept)
+                raise OutputError(f"output {path} appeared while this run was writing it (another run?) and was "
+                                  f"left as it is; this run's file is {kept}: move it into place, or rerun with "
+                                  "--overwrite")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link_if_absent(src: Path, dst: Path) -> bool:
+    """Put file `src` at `dst` only if nothing is there (a hard link fails if `dst` exists); False otherwise."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system: check, then rename (a small window)
+        if os.path.lexists(dst):
+            return False
+        os.replace(src, dst)
+    return True
 
 
 @contextmanager
@@ -184,22 +181,23 @@ def atomic_output_dir(path: Path, overwrite: bool):
 
     Callers check `path` first (`check_output_dir`, before their heavy work). Without `overwrite`, an output that
     appeared since is never replaced: this run's finished checkpoint is then kept beside it
-    (`<name>.fnprune-<pid>`, named in the OutputError), so no work is lost.
+    (`<name>.fnprune-<pid>`, named in the OutputError), so no work is lost. Replacing an output, a first Ctrl-C
+    waits until the old one is deleted (the new one is already in place).
     """
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.absolute().parent))
+    sweep_stale(path)
+    tmp = make_temp(path, "partial", folder=True)
     tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        yield tmp
-        _ordinary_modes(tmp)
-        if overwrite and os.path.lexists(path):  # a symbolic link is replaced, the folder it pointed to kept
-            old = tmp.with_suffix(".old")
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
-            return
-        placed = _rename_if_absent(tmp, path)
+        with locked(tmp):
+            yield tmp
+            _ordinary_modes(tmp)
+            if overwrite and os.path.lexists(path):  # a symbolic link is replaced, the folder it pointed to kept
+                old = tmp.with_suffix(".old")
+                path.rename(old)
+                tmp.rename(path)
+                _remove_replaced(old)
+                return
+            placed = _rename_if_absent(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,6 +209,17 @@ def atomic_output_dir(path: Path, overwrite: bool):
             f"output {path} appeared while this run was writing it (another run?) and was left as it is; this "
             f"run's checkpoint is in {kept}: move it into place, or rerun with --overwrite"
         )
+
+
+def _remove_replaced(old: Path) -> None:
+    """Delete the output just replaced; a first Ctrl-C waits for it (the new output is in place), a second stops
+    with the new output in place and `old` left for the next run's sweep."""
+    with deferred_interrupt(f"deleting the replaced output {old} (the new one is in place)"):
+        try:
+            remove(old)
+        except KeyboardInterrupt:
+            raise InterruptedAfterWrite(f"the new output is in place; {old}, the output it replaced, is left to "
+                                        "delete") from None
 
 
 def read_report(directory: Path) -> dict[str, Any]:

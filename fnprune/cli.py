@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
+from safetensors import SafetensorError
 
 from . import __version__
 from .cli_flags import (
@@ -24,16 +27,24 @@ from .cli_flags import (
     parse_lm_eval_tasks,
     parse_max_memory,
 )
-from .errors import FnpruneError, RecipeError
+from .errors import FnpruneError, RecipeError, first_line
+from .interrupt import InterruptedAfterWrite
 from .recipe import DTYPES, Recipe, TaskSpec, apply_overrides, load_recipe
 from .report_text import evaluated, report_field, report_lines, widths_span
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a container stop) cleans up as Ctrl-C does
+
+
 def _friendly(fn: Callable) -> Callable:
-    """User errors print one clear message (no traceback); Ctrl-C says nothing was written."""
+    """User errors print one clear message (no traceback); Ctrl-C or SIGTERM says nothing was written (the temp
+    output is deleted on the way out)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except FnpruneError as exc:
@@ -41,14 +52,27 @@ def _friendly(fn: Callable) -> Callable:
         except BrokenPipeError:  # `fnprune ... | head`: the reader has gone; say nothing more, as shell tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
-        except OSError as exc:  # a full disk, a permission: the environment, which the user fixes
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except (OSError, SafetensorError) as exc:  # a full disk, a permission: the environment, the user fixes
+            raise click.ClickException(f"{type(exc).__name__}: {first_line(exc)}") from exc
         except KeyboardInterrupt as exc:
-            saved = f"; {exc}" if str(exc) else ""  # e.g. capture saved its progress
-            click.echo(f"interrupted: no output was written{saved}", err=True)
+            _close_bars()
+            written = isinstance(exc, InterruptedAfterWrite)
+            said = f"{exc}" if written else "no output was written" + (f"; {exc}" if str(exc) else "")
+            click.echo(f"interrupted: {said}", err=True)  # e.g. capture saved its progress
             sys.exit(130)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _close_bars() -> None:
+    """Progress bars left open by the interrupted step, closed so the message starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -78,7 +78,11 @@ def load_inputs(recipe: Recipe) -> Inputs:
     task = resolve_task(recipe.task)
     recipe = dataclasses.replace(  # what runs, and is saved
         recipe, networks=recipe.networks.for_task(task.kind), calibration=recipe.calibration.for_task(task.kind))
-    evaluation = _evaluation_examples(task, recipe.evaluation.enabled)
+    try:
+        evaluation = _evaluation_examples(task, recipe.evaluation.enabled)
+    except DataError:
+        calibration_prompts(task, recipe.calibration)  # a broken calibration file is named first, as it is read first
+        raise
     held = {example_key(e) for e in next(iter(evaluation.values()), [])}
     prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:

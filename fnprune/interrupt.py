@@ -10,12 +10,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["deferred_interrupt", "ProgressSaver"]
+__all__ = ["deferred_interrupt", "InterruptedAfterWrite", "ProgressSaver"]
 
 log = logging.getLogger("fnprune")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what `kill`, systemd or a container stop sends
+
+
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Stopped after the output was written (its message says what is left to do)."""
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import torch
 
 from .arch import MLPLayout
 from .calibration import Calibration, calibrate
-from .checkpoint import atomic_output_dir, check_output_dir
+from .checkpoint import RECIPE_FILE, REPORT_FILE, atomic_output_dir, check_output_dir
 from .data import label_keys
 from .distillation import TeacherTargets
 from .hub import check_push, push_folder
@@ -93,7 +93,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values(),
                *(p for v in ev.validation for p in (v.data_dir, v.file)), ev.lm_eval_include]
     check_output_dir(out_dir, recipe.output.overwrite, sources,  # before loading: never replaces an input
-                     {"model.offload_folder": recipe.model.offload_folder})
+                     {"model.offload_folder": recipe.model.offload_folder}, own_files=[REPORT_FILE, RECIPE_FILE])
     check_push(recipe.output.push_to_hub)
     timer = _Timer(ev.enabled)
     with timer.stage("load"):

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .temp_files import locked, make_temp, sweep_stale
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "read_with_meta", "tensors_sha256", "write_atomic", "write_safetensors"]
 
@@ -75,17 +76,17 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str
 
 def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """`tensors` and a JSON `meta` to `target` through a temporary file renamed into place: a crash never
-    leaves a half-written file under the target's name. The header carries a checksum of the metadata and tensors."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
+    leaves a half-written file under the target's name (and the next write sweeps the temporary file a killed one
+    left). The header carries a checksum of the metadata and tensors."""
+    sweep_stale(target, ("tmp",))  # what a killed write left
+    tmp = make_temp(target, "tmp")
     try:
-        meta_json = json.dumps(meta)
-        write_safetensors(tmp, tensors, {"meta": meta_json, "sha256": tensors_sha256(tensors, meta_json)})
-        os.replace(tmp, target)
+        with locked(tmp):
+            meta_json = json.dumps(meta)
+            write_safetensors(tmp, tensors, {"meta": meta_json, "sha256": tensors_sha256(tensors, meta_json)})
+            os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def read_with_meta(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -134,6 +134,7 @@ def test_failure_during_save_leaves_nothing(model_dir, task_data, tmp_path, monk
 def test_overwrite_replaces(model_dir, task_data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "report.json").write_text("{}")  # an earlier run's output (--overwrite replaces only those)
     (out / "stale.txt").write_text("old")
     recipe = apply_overrides(_recipe(model_dir("gpt2"), task_data, out), {"output.overwrite": True})
     fnprune.compress(recipe, progress=False)

@@ -257,6 +257,138 @@ def test_overwrite_replaces_a_symbolic_link_and_keeps_the_folder_it_pointed_to(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]  # nothing left behind
 
 
+DEAD = 2**22 + 7  # a pid above the kernel's maximum: no live process here
+
+
+def test_the_sweep_leaves_other_outputs_and_locked_temp_folders_alone(tmp_path):
+    """A killed run's temp folder beside `m` is swept; `m.25`'s (its name begins with `m.` and a number) and one
+    locked by a live run in another pid namespace (a container, another machine on shared storage) are not."""
+    from fnprune.temp_files import locked, sweep_stale
+
+    other, stale, live = (tmp_path / f".m.25.{DEAD}.abc.partial", tmp_path / f".m.{DEAD}.abc.partial",
+                          tmp_path / f".m.{DEAD}.xyz.partial")
+    for folder in (other, stale, live):
+        folder.mkdir()
+    with locked(live):
+        sweep_stale(tmp_path / "m")
+    assert other.exists() and live.exists() and not stale.exists()
+
+
+def test_overwrite_replaces_only_a_folder_this_command_wrote(world, tmp_path):
+    """--overwrite on a folder of the user's own (a cache, a model, a thesis) is refused before any work; an
+    fnprune output or an empty folder is replaced."""
+    from fnprune.checkpoint import check_output_dir
+    from fnprune.errors import OutputError
+
+    theirs = tmp_path / "docs"
+    theirs.mkdir()
+    (theirs / "thesis.txt").write_text("years of work")
+    with pytest.raises(OutputError, match="a folder this command did not write .no report.json or recipe.yaml."):
+        check_output_dir(theirs, True, own_files=["report.json", "recipe.yaml"])
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(world / "models/llama"),
+                                       "--data-dir", str(world / "data/sst2"), "--output", str(theirs),
+                                       "--overwrite", *SMALL])
+    assert result.exit_code == 1 and "did not write" in result.output and (theirs / "thesis.txt").is_file()
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", True, own_files=["report.json"])
+    (theirs / "report.json").write_text("{}")
+    check_output_dir(theirs, True, own_files=["report.json", "recipe.yaml"])
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(world, tmp_path, monkeypatch):
+    """`kill`, systemd or a container stop mid-run: one line, and no temp checkpoint left beside the output."""
+    import signal
+
+    import fnprune.pipeline as pipeline
+
+    reconstruct = pipeline._reconstruct
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_reconstruct", terminated)
+    result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(world / "models/llama"),
+                                       "--data-dir", str(world / "data/sst2"), "--no-eval", "--output",
+                                       str(tmp_path / "out"), *SMALL])
+    assert result.exit_code == 130 and "interrupted: no output was written" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
+
+
+def test_a_file_output_that_appears_meanwhile_is_kept_and_so_is_this_runs(tmp_path):
+    """Two GGUF exports to one name: the second to finish does not replace the first (it did, silently)."""
+    from fnprune.checkpoint import atomic_output_file
+    from fnprune.errors import OutputError
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(OutputError, match="appeared while this run was writing it"):
+        with atomic_output_file(out) as tmp:
+            tmp.write_text("mine")
+            out.write_text("theirs")
+    kept = tmp_path / f"m.gguf.fnprune-{os.getpid()}"
+    assert out.read_text() == "theirs" and kept.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", kept.name]
+    with atomic_output_file(out, overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new"
+
+
+def test_ctrl_c_while_the_replaced_output_is_deleted_says_the_new_one_is_in_place(tmp_path, monkeypatch):
+    from fnprune import checkpoint
+    from fnprune.interrupt import InterruptedAfterWrite
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    real = checkpoint.remove
+
+    def interrupted(path):
+        real(path)
+        raise KeyboardInterrupt  # a second Ctrl-C, which stops at once
+
+    monkeypatch.setattr(checkpoint, "remove", interrupted)
+    with pytest.raises(InterruptedAfterWrite, match="the new output is in place"):
+        with checkpoint.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "report.json").write_text("new")
+    assert (out / "report.json").read_text() == "new"
+
+
+def test_a_cache_write_sweeps_the_temp_file_a_killed_write_left(tmp_path):
+    import torch
+
+    from fnprune.safetensors_io import read_with_meta, write_atomic
+
+    stale = tmp_path / f".entry.safetensors.{DEAD}.q1w2.tmp"
+    stale.write_bytes(b"half of 8 GB")
+    write_atomic(tmp_path / "entry.safetensors", {"x": torch.ones(2)}, {"kind": "test"})
+    assert not stale.exists() and read_with_meta(tmp_path / "entry.safetensors") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.safetensors"]
+
+
+def test_ctrl_c_while_the_activations_are_cached_keeps_them(world, tmp_path, isolated_cache, monkeypatch):
+    """Capture's progress file is gone once it finishes: a first Ctrl-C while the activations are written to the
+    cache waits for the entry (it was lost with the progress, and the rerun captured again)."""
+    import signal
+
+    from fnprune import calibration
+
+    save = cache.save_activations
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "save_activations", interrupted_save)
+    args = ["compress", "--task", "sst2", "--model", str(world / "models/llama"), "--data-dir",
+            str(world / "data/sst2"), "--no-eval", "--output", str(tmp_path / "out"), *SMALL, "--num-samples", "37"]
+    first = CliRunner().invoke(main, args)  # (37: activations no other test has cached)
+    assert first.exit_code == 130 and "the activations are in the cache" in first.output, first.output
+    monkeypatch.setattr(cache, "save_activations", save)
+    monkeypatch.setattr(calibration, "capture_activations", lambda *a, **k: pytest.fail("captured again"))
+    assert CliRunner().invoke(main, args).exit_code == 0
+
+
 def test_round_to_at_least_the_width_warns(world, tmp_path, caplog):
     """--round-to 256 on 128-wide MLPs cannot round (e.g. for a DeciLM export): said, not silently ignored."""
     with caplog.at_level(logging.WARNING, logger="fnprune"):

@@ -23,6 +23,8 @@ from .figures import (
 )
 from .spec import spec_command
 
+SUMMARY_FILE = "summary.json"
+
 if TYPE_CHECKING:
     from .run import Analysis
 
@@ -236,7 +238,7 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
 def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False) -> Path:
     """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`."""
     out = Path(output).expanduser()
-    check_output_dir(out, overwrite, analysis.spec.input_paths())
+    check_output_dir(out, overwrite, analysis.spec.input_paths(), own_files=[SUMMARY_FILE])
     if analysis.spec.output != str(output):  # run from the API without spec.output: the command names this folder
         analysis.info["command"] = spec_command(dataclasses.replace(analysis.spec, output=str(output)))
     with atomic_output_dir(out, overwrite) as tmp:
@@ -251,6 +253,6 @@ def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False
         analysis.tables.update(tables)
         for name, rows in tables.items():
             write_csv(tmp / f"{name}.csv", rows)
-        write_json(tmp / "summary.json", analysis.info)
+        write_json(tmp / SUMMARY_FILE, analysis.info)
         (tmp / REPORT).write_text(_report_md(analysis, FIGURES), encoding="utf-8")
     return out

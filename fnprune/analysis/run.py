@@ -34,7 +34,7 @@ from .experiments import (
     recurrence,
     rounded,
 )
-from .report import write_report
+from .report import SUMMARY_FILE, write_report
 from .scoring import Scorer
 from .spec import AnalysisSpec, spec_command
 
@@ -189,7 +189,7 @@ def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     if not spec.output:
         raise RecipeError("output: required (use --output DIR)")
     spec.validate()
-    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, spec.input_paths())
+    check_output_dir(Path(spec.output).expanduser(), spec.overwrite, spec.input_paths(), own_files=[SUMMARY_FILE])
     start = time.perf_counter()
     analysis = run_analysis(spec, progress)
     write_report(analysis, spec.output, spec.overwrite)

@@ -158,7 +158,7 @@ def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str 
         from .to_gguf import write_gguf
 
         check_output_file(out, overwrite, ckpt.path)
-        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, progress=progress)
+        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, progress=progress, overwrite=overwrite)
     from .to_deci import write_deci
 
     return write_deci(ckpt, out, overwrite=overwrite)

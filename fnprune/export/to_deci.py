@@ -118,7 +118,7 @@ def deci_config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def write_deci(ckpt: Checkpoint, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the DeciLM folder at `out` (temporary folder renamed into place); weights are copied unchanged."""
-    check_output_dir(out, overwrite, [ckpt.path])
+    check_output_dir(out, overwrite, [ckpt.path], own_files=[CONFIG_CODE_FILE])
     config = deci_config(ckpt)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

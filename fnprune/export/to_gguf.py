@@ -242,7 +242,7 @@ def _tensor_plan(ckpt: Checkpoint, arch: str):
 
 
 def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto",
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place)."""
     try:
         import gguf
@@ -254,7 +254,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
     arch = gguf_arch_for(ckpt, arch)
     _rope(ckpt.config)
     plan = {hf: (target, heads) for target, hf, heads in _tensor_plan(ckpt, arch)}
-    with atomic_output_file(out) as tmp:
+    with atomic_output_file(out, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _hparams(writer, ckpt, arch, outtype)
         pre = _vocab(writer, ckpt)
