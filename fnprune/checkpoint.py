@@ -6,6 +6,7 @@ run never leaves a half-written checkpoint, and an existing directory is replace
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -192,7 +193,10 @@ def atomic_output_dir(path: Path, overwrite: bool):
             yield tmp
             _ordinary_modes(tmp)
             if overwrite and os.path.lexists(path):  # a symbolic link is replaced, the folder it pointed to kept
-                old = tmp.with_suffix(".old")
+                if _exchange(tmp, path):  # one step: the path always holds a whole output
+                    _remove_replaced(tmp)
+                    return
+                old = tmp.with_suffix(".old")  # two steps where the file system cannot exchange
                 path.rename(old)
                 tmp.rename(path)
                 _remove_replaced(old)
@@ -209,6 +213,17 @@ def atomic_output_dir(path: Path, overwrite: bool):
             f"output {path} appeared while this run was writing it (another run?) and was left as it is; this "
             f"run's checkpoint is in {kept}: move it into place, or rerun with --overwrite"
         )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or the file system
+    cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove_replaced(old: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,21 @@ def test_ctrl_c_while_the_replaced_output_is_deleted_says_the_new_one_is_in_plac
         with checkpoint.atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "report.json").write_text("new")
     assert (out / "report.json").read_text() == "new"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_overwrite_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    """--overwrite exchanges the new output with the old in one rename (a kill between two renames left no
+    output at the path, and the next run swept both)."""
+    from fnprune import checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    monkeypatch.setattr(Path, "rename", lambda *a: pytest.fail("two renames"))
+    with checkpoint.atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "report.json").write_text("new")
+    assert (out / "report.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_cache_write_sweeps_the_temp_file_a_killed_write_left(tmp_path):
