@@ -172,7 +172,7 @@ def evaluate_accuracy(
     examples: list[Example],
     label_words: dict[str, str],
     batch_size: int = 32,
-    max_length: int = 1024,
+    max_length: int = 2048,  # as multiple choice's: a long passage (BoolQ) is scored whole
     progress: bool = True,
 ) -> EvalResult:
     """Accuracy of the most likely label word over `examples` (ties go to the first label); a classifier
