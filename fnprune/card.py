@@ -3,15 +3,16 @@ with it. The card's sentences follow what the run wrote: its layout, widths, mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .choices import NETWORK_METHODS
 from .errors import ModelError
 from .lm_eval_backend import lm_eval_metrics
-from .report_text import count_range, evaluated, widths_span
+from .report_text import count_range, evaluated, file_size_text, kept_share, widths_span
 
 __all__ = ["CardInfo", "model_card", "retained_text", "chance_text", "interval_text", "is_number"]
 
@@ -149,19 +150,9 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     allocation = info.report.get("allocation") or "uniform"
     where = ("of every layer" if allocation == "uniform" else
              f"overall (each layer's width from one ranking across layers, `{allocation}` allocation)")
-    return (f"{found} {_kept_share(info)} of the MLP neurons {where} with the `{info.method}` criterion and "
+    share = kept_share(info.report, info.keep)
+    return (f"{found} {share} of the MLP neurons {where} with the `{info.method}` criterion and "
             f"physically removed the others.{_networks_sentence(info.report)}{refit}")
-
-
-def _kept_share(info: CardInfo) -> str:
-    """The share of MLP neurons kept, as counted (rounding to --round-to moves it off the asked keep)."""
-    neurons = info.report.get("mlp_neurons") or {}
-    dense, pruned = neurons.get("dense"), neurons.get("pruned")
-    if not (is_number(dense) and is_number(pruned) and dense > 0):
-        return f"{info.keep:.0%}"
-    kept = f"{pruned / dense:.1%}".replace(".0%", "%")
-    asked = f"{info.keep:.1%}".replace(".0%", "%")
-    return kept if kept == asked else f"{kept} (asked {asked})"
 
 
 def _networks_sentence(report: dict[str, Any]) -> str:
@@ -237,8 +228,19 @@ def _recovery_note(r: dict) -> str:
     scores = (f" Before recovery: held-out template mean {fmt(before['held_out']['pruned'])}, calibration template "
               f"mean {fmt(before['calibration']['pruned'])}." if before else "")
     return (f"\nAfter surgery the pruned model was distilled toward the dense one ({rec['steps']} steps, "
-            f"{rec['settings']['params']} weights, {rec['seconds']:.0f} s) on the calibration prompts only; the "
-            f"table shows the recovered model.{scores}\n")
+            f"{rec['settings']['params']} weights, {rec['seconds']:.0f} s) on the calibration prompts only"
+            + ("; the table shows the recovered model." if evaluated(r) else " (not scored: --no-eval).")
+            + f"{scores}\n")
+
+
+def _front_matter(info: CardInfo) -> str:
+    """The Hub's metadata as YAML (a task name may hold `:` or `#`): `base_model` for a Hub id, any id
+    (`gpt2` too), never a local path."""
+    meta: dict[str, Any] = {}
+    if not Path(info.base_model).expanduser().exists():
+        meta["base_model"] = info.base_model
+    meta.update({"library_name": "transformers", "tags": ["fnprune", "pruned", info.task]})
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
 
 def model_card(info: CardInfo, fnprune_version: str) -> str:
@@ -249,17 +251,8 @@ def model_card(info: CardInfo, fnprune_version: str) -> str:
     scored = ("each choice's log-likelihood, as lm-evaluation-harness scores multiple choice"
               if info.kind == "multiple_choice" else "label-word log-probabilities")
     accuracy_rows, evaluation_note = _evaluation_text(info, scored)
-    mib: Callable[[int | None], str] = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    base_model_line = f"base_model: {info.base_model}\n" if "/" in info.base_model and not Path(
-        info.base_model
-    ).expanduser().exists() else ""
     return f"""---
-{base_model_line}library_name: transformers
-tags:
-- fnprune
-- pruned
-- {info.task}
----
+{_front_matter(info)}---
 
 # {info.base_model} pruned for {info.task} with fnprune
 
@@ -270,7 +263,7 @@ fnprune {fnprune_version} {_selection_sentence(info, r['calibration']['samples']
 {accuracy_rows}
 {_validation_rows(r)}{_lm_eval_rows(r)}| parameters | {params['dense']:,} | {params['pruned']:,} |
 | MLP width per layer | {r['widths']['dense']} | {_widths_text(r)} |
-| weights file | {mib(size['dense'])} | {mib(size['pruned'])} |
+| weights file | {file_size_text(size, 'dense')} | {file_size_text(size, 'pruned')} |
 
 {evaluation_note}
 {_recovery_note(r)}

@@ -91,8 +91,8 @@ def _note_report_sample(compressed: Recipe | None, resolved: TaskSpec, split: st
     scored = compressed.evaluation.max_samples if compressed is not None else None
     same = compressed is not None and compressed.task.name == resolved.name
     if same and scored and split in (None, resolved.evaluation_split) and max_samples is None and n > scored:
-        log.info("scoring all %d examples; the folder's report scored the first %d (evaluation.max_samples): "
-                 "--max-samples %d gives its numbers", n, scored, scored)
+        log.warning("scoring all %d examples; the folder's report scored the first %d (evaluation.max_samples): "
+                    "--max-samples %d gives its numbers", n, scored, scored)  # shown with --quiet too
 
 
 def model_dtype(recorded: Recipe | None, dtype: str | None) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -17,6 +18,7 @@ from .errors import ModelError, first_line
 from .hub import hub_offline
 from .recipe import ModelSpec
 from .remote_code.modeling_fnprune import per_layer_class
+from .safetensors_io import DTYPES
 
 __all__ = [
     "load_model",
@@ -259,6 +261,21 @@ def checkpoint_bytes(spec: ModelSpec) -> int | None:
     if path.is_dir():
         files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
         return sum(f.stat().st_size for f in files) or None
+    return None
+
+
+def checkpoint_format(spec: ModelSpec) -> str | None:
+    """A local source's weight format as the card names it: "GGUF", or the dtype of its first floating-point
+    safetensors tensor ("float32", "bfloat16", ...); None for a Hub id or pickled weights."""
+    path = Path(spec.name_or_path).expanduser()
+    if path.is_file():
+        return "GGUF" if path.suffix.lower() == ".gguf" else None
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                dtype = DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None and dtype.is_floating_point:
+                    return str(dtype).removeprefix("torch.")
     return None
 
 

@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .inputs import Inputs
 from .lm_eval_backend import lm_eval_files, lm_eval_report
-from .models import checkpoint_bytes
+from .models import checkpoint_bytes, checkpoint_format
 from .provenance import data_provenance, file_sha256, versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
 from .validation import Scores, Validation, accuracy_report, validation_report
@@ -127,13 +127,14 @@ def build_report(inputs: Inputs, calib: Calibration, kept: list[torch.Tensor], t
         "parameters": {"dense": parameters[0], "pruned": parameters[1]},
         "mlp_neurons": {"dense": sum(widths), "pruned": sum(len(k) for k in kept)},
         "widths": {"dense": max(widths), "pruned": [len(k) for k in kept]},
-        "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None},
+        "file_bytes": {"dense": checkpoint_bytes(recipe.model), "pruned": None,
+                       "dense_format": checkpoint_format(recipe.model), "pruned_format": recipe.model.dtype},
         **accuracy_report(task, dense.task, pruned.task),
         **({"networks": _networks_summary(calib)} if calib.networks else {}),
         **({"validation": validation} if validation else {}),
         **({"lm_eval": lm_eval} if lm_eval else {}),
         **extra,
-        "timings_seconds": timings,
+        "timings_seconds": dict(timings),  # as written: later stages (save, push) are not in the file
     }
     report["parameters"]["ratio"] = round(parameters[1] / parameters[0], 6)
     return report

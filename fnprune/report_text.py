@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["report_field", "report_lines", "evaluated", "count_range", "widths_span"]
+__all__ = ["report_field", "report_lines", "evaluated", "count_range", "widths_span", "file_size_text", "kept_share"]
 
 
 def report_field(report: dict, dotted: str, kind: type | tuple[type, ...] = (int, float)) -> Any:
@@ -47,6 +47,8 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
     fewer = "" if change is None else f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
     metric = report_field(report, "metric", dict) or {}
     scored = evaluated(report)
+    keep = report_field(report, "keep")
+    share = na if keep is None else kept_share(report, keep)
     stages = report_field(report, "timings_seconds", dict) or {}
     shown_stages = [k for k in stages if scored or not k.startswith("evaluate")]  # older --no-eval reports list them
     timings = [f"{k} {num('timings_seconds.' + k, '{:.1f}')}s" for k in shown_stages]
@@ -67,11 +69,12 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
     if not scored:  # compress --no-eval
         score = f"  {text('task')}: not evaluated (compressed with --no-eval); run `fnprune evaluate --model {where}`"
     return [
-        f"  method {text('method')}{refit}, keep {num('keep')}, widths {num('widths.dense')} -> {shown} per layer",
+        f"  method {text('method')}{refit}, kept {share} of the MLP neurons, widths {num('widths.dense')} -> {shown} "
+        "per layer",
         f"  parameters {num('parameters.dense', '{:,}')} -> {num('parameters.pruned', '{:,}')}{fewer}",
         score,
         f"  timings {', '.join(timings) or na}",
-        f"  weights file {' -> '.join(num(f'file_bytes.{k}', '{:.1f} MiB', 2**20) for k in ('dense', 'pruned'))}",
+        f"  weights file {' -> '.join(file_size_text(report.get('file_bytes'), k) for k in ('dense', 'pruned'))}",
         f"  calibration {num('calibration.samples')} examples from {text('calibration.split')}, "
         f"{num('calibration.tokens_for_ica')} tokens sampled per layer",
         *_networks_line(report),
@@ -92,3 +95,26 @@ def _networks_line(report: dict) -> list[str]:
 def count_range(counts: list[int]) -> str:
     """One count when every layer has it, else the range over the layers ("24-40")."""
     return str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)}"
+
+
+def file_size_text(sizes: Any, which: str) -> str:
+    """"1.2 MiB", with the file's format when the two differ (a float32 or GGUF source, a bfloat16 run): the
+    sizes then compare formats as well as widths."""
+    if not isinstance(sizes, dict):
+        return "n/a"
+    size, formats = sizes.get(which), (sizes.get("dense_format"), sizes.get("pruned_format"))
+    if not isinstance(size, int):
+        return "n/a"
+    differ = all(formats) and formats[0] != formats[1]
+    return f"{size / 2**20:.1f} MiB" + (f" ({sizes.get(f'{which}_format')})" if differ else "")
+
+
+def kept_share(report: dict, keep: float) -> str:
+    """The share of MLP neurons kept, as counted, with the asked `keep` when rounding to --round-to moved it:
+    "37.5% (asked 40%)"."""
+    dense, pruned = report_field(report, "mlp_neurons.dense"), report_field(report, "mlp_neurons.pruned")
+    asked = f"{keep:.1%}".replace(".0%", "%")
+    if not (dense and pruned is not None):
+        return asked
+    kept = f"{pruned / dense:.1%}".replace(".0%", "%")
+    return kept if kept == asked else f"{kept} (asked {asked})"

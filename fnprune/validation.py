@@ -227,9 +227,9 @@ def retained(dense_hits: torch.Tensor | None, pruned_hits: torch.Tensor | None) 
     per-example score, such as the probability of the right answer)."""
     if dense_hits is None or pruned_hits is None or not dense_hits.any():
         return {"retained": None, "retained_ci95": None}
-    interval = retained_interval(dense_hits, pruned_hits)
-    return {"retained": round(float(pruned_hits.double().mean() / dense_hits.double().mean()), 4),
-            "retained_ci95": None if interval is None else [round(v, 4) for v in interval]}
+    interval = retained_interval(dense_hits, pruned_hits)  # 10 decimals: a "% of dense" shown to 0.1 is rounded once
+    return {"retained": round(float(pruned_hits.double().mean() / dense_hits.double().mean()), 10),
+            "retained_ci95": None if interval is None else [round(v, 10) for v in interval]}
 
 
 def hit_string(result: TaskResult | None, name: str) -> str | None:

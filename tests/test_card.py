@@ -72,3 +72,39 @@ def test_card_states_the_share_of_neurons_kept_as_counted_not_as_asked():
                                   "AutoModelForCausalLM", "classification"), "0")
     assert "kept 50% (asked 30%) of the MLP neurons" in rounded
     assert "kept 50% of the MLP neurons" in _card() and "asked" not in _card()
+
+
+@pytest.mark.parametrize("task", ["reviews: sentiment #1", "[draft] sst2", "sst2"])
+def test_front_matter_is_yaml_for_any_task_name_and_names_any_hub_base(task, tmp_path):
+    """A custom task's name may hold YAML syntax (it broke the Hub metadata); `gpt2` is a Hub id too, a local
+    folder is not."""
+    import yaml
+
+    report = {"parameters": {"dense": 100, "pruned": 60}, "file_bytes": {"dense": 400, "pruned": 240},
+              "calibration": {"samples": 8}, "widths": {"dense": 128, "pruned": [64, 64]}, "metric": {"n": None},
+              "templates": []}
+    for base, expected in [("gpt2", "gpt2"), ("org/base", "org/base"), (str(tmp_path), None)]:
+        card = model_card(CardInfo(base, task, "flap", 0.5, report, "", "llama"), "0")
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["tags"] == ["fnprune", "pruned", task] and meta.get("base_model") == expected
+
+
+def test_figures_are_rounded_once_and_sizes_name_their_formats():
+    """14 of 17 is 82.35%: shown 82.4% (report.json's ratio was rounded to 4 decimals first, 82.3%); a float32
+    source beside a bfloat16 checkpoint says so, as the summary's weights line does; the summary states the share
+    kept as counted beside the one asked."""
+    import torch
+
+    from fnprune.card import retained_text
+    from fnprune.report_text import report_lines
+    from fnprune.validation import retained
+
+    dense, pruned = torch.ones(1, 17), torch.tensor([[1.0] * 14 + [0.0] * 3])
+    assert retained_text(retained(dense, pruned)).startswith("82.4% of dense")
+    report = {"keep": 0.4, "mlp_neurons": {"dense": 128, "pruned": 48}, "file_bytes": {
+        "dense": 4 * 2**20, "pruned": 2**20, "dense_format": "float32", "pruned_format": "bfloat16"}}
+    lines = "\n".join(report_lines(report))
+    assert "weights file 4.0 MiB (float32) -> 1.0 MiB (bfloat16)" in lines
+    assert "kept 37.5% (asked 40%) of the MLP neurons" in lines
+    same = {**report, "file_bytes": {**report["file_bytes"], "pruned_format": "float32"}}
+    assert "weights file 4.0 MiB -> 1.0 MiB" in "\n".join(report_lines(same))

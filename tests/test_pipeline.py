@@ -59,6 +59,7 @@ def test_output_folder_and_report(llama_run):
     assert saved["metric"]["n"] == 32 and 0 <= saved["metric"]["pruned"] <= 1
     assert saved["bias_compensation"] is True  # auto: llama can hold an MLP bias
     assert set(saved["timings_seconds"]) >= {"load", "capture", "networks", "selection", "reconstruct", "surgery"}
+    assert llama_run.report == saved  # the API's report is the file's (later stages' timings were added to it)
     assert saved["reconstruct"] is True and saved["ridge"] == 0.1
     card = (out / "README.md").read_text()
     assert "tags:\n- fnprune\n- pruned" in card and "| parameters |" in card
