@@ -159,7 +159,7 @@ def test_inspect_prints_what_is_there(world, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(folder)])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert "method n/a, keep n/a, widths 128 -> n/a per layer" in result.output
+    assert "method n/a, kept n/a of the MLP neurons, widths 128 -> n/a per layer" in result.output
     assert "parameters 1,000 -> n/a" in result.output and "timings load n/as, ica 1.0s" in result.output
     assert "sst2 n/a on n/a n/a examples" in result.output and "calibration 40 examples" in result.output
 
