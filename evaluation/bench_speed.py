@@ -207,8 +207,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-keeps", default="0.5",
-                        help="also compress these as fnprune did before the moments store: the token sample "
-                             "kept (float32) and the scikit-learn ICA engine, for a side-by-side comparison")
+                        help="also compress these as fnprune did before the moments store: fn-task with the "
+                             "token sample kept (float32) and the scikit-learn ICA engine, side by side")
     parser.add_argument("--compress-repeats", type=int, default=3,
                         help="compress runs per config (and forward-only runs), taking turns so drifting machine "
                              "load hits them alike; times are the best run's, peak RSS the highest (the "
@@ -256,7 +256,8 @@ def main() -> None:
     }
     weights_bytes = sum(p.stat().st_size for p in Path(args.model).expanduser().glob("*.safetensors"))
     # The yardstick: the same calibration forward passes with no hooks, no statistics, nothing kept.
-    reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"}}
+    reference = {"calibration": {**base["calibration"], "sample_store": "tokens"}, "networks": {"engine": "sklearn"},
+                 "selection": {"method": "fn-task", "refit": False}}  # the networks' engine: only fn-task runs ICA
     jobs = [("default", k, {}) for k in keeps]
     compare = Path(args.compare_src).resolve() if args.compare_src else None
     if compare:

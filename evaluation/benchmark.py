@@ -33,12 +33,15 @@ from fnprune.card import interval_text
 from fnprune.yaml_io import read_value
 
 # Recipe overrides per configuration; the baselines run as published (no reconstruction, FLAP with its bias
-# compensation, wanda-sp and random without), the ablations change one thing of the default. Every configuration
-# but `default` (the recipe as a user gets it) and the `+recover` ones is training-free on every task.
+# compensation, wanda-sp and random without). The ablations (FN_TASK_ERA) change one thing of the default they
+# were measured against, fn-task's of 2026-12-01 (every prompt templated, no refit): today's default is another
+# method, so they pin it. Every configuration but `default` (the recipe as a user gets it) and the recovery ones is
+# training-free on every task.
 N256 = {"calibration.num_samples": 256, "calibration.max_tokens": 4096}  # the calibration of earlier versions
 OFF = {"recovery.enabled": False}  # recovery's default (auto) is on for multiple choice
 NO_REFIT = {"selection.refit": False}  # the configurations measured before the refit existed, as they were
 ON = {"recovery.enabled": True, "recovery.evaluate_before": False}  # the model before it: the row without it
+FN_TASK_ERA = {"selection.method": "fn-task", "calibration.raw_share": 0.0, **NO_REFIT}
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},  # auto: flap + reconstruction + the refit for classification, + recovery for multiple choice
     "refit": {"selection.refit": True, **OFF},  # the default with the refit on for any task kind
@@ -49,17 +52,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
                  **NO_REFIT, **OFF},
     "random": {"selection.method": "random", "selection.reconstruct": False, "selection.bias_compensation": False,
                **NO_REFIT, **OFF},
-    "relevance-pooled": {"networks.relevance_within_template": False, **NO_REFIT, **OFF},
+    "relevance-pooled": {"networks.relevance_within_template": False, **FN_TASK_ERA, **OFF},
     "relevance-uniform": {"selection.method": "fn-task", "networks.relevance": "uniform", **NO_REFIT, **OFF},
-    "no-recon": {"selection.reconstruct": False, **NO_REFIT, **OFF},
-    "ridge-1": {"selection.ridge": 1.0, **NO_REFIT, **OFF},
-    "raw-25": {"calibration.raw_share": 0.25, **NO_REFIT, **OFF},
-    "answer-50": {"selection.answer_weight": 0.5, **NO_REFIT, **OFF},
-    "n256": {**N256, **NO_REFIT, **OFF},
-    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:", **NO_REFIT, **OFF},
+    "no-recon": {"selection.reconstruct": False, **FN_TASK_ERA, **OFF},
+    "ridge-1": {"selection.ridge": 1.0, **FN_TASK_ERA, **OFF},
+    "raw-25": {**FN_TASK_ERA, "calibration.raw_share": 0.25, **OFF},
+    "answer-50": {"selection.answer_weight": 0.5, **FN_TASK_ERA, **OFF},
+    "n256": {**N256, **FN_TASK_ERA, **OFF},
+    "single-template-n256": {**N256, "task.template": "Review: {sentence}\nSentiment:", **FN_TASK_ERA, **OFF},
     "flap+recon-n256": {**N256, "selection.method": "flap", **NO_REFIT, **OFF},
-    "answer-50-n256": {**N256, "selection.answer_weight": 0.5, **NO_REFIT, **OFF},
-    "recover": {**NO_REFIT, **ON},
+    "answer-50-n256": {**N256, "selection.answer_weight": 0.5, **FN_TASK_ERA, **OFF},
+    "recover": {**FN_TASK_ERA, **ON},  # recovery on the default of its time (fn-task); today's: flap+recon+recover
     "fn-task+recover": {"selection.method": "fn-task", **NO_REFIT, **ON},
     "flap+recon+recover": {"selection.method": "flap", **NO_REFIT, **ON},
 }
@@ -120,12 +123,32 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+PROBE: dict[str, str] = {}  # calibration_tune.main_with_prompts: the digest of the probe that makes the prompts
+
+
+def _inputs(recipe) -> dict[str, Any]:
+    """The run's inputs beyond its recipe's text: the model's and every data path's files (size, modification and
+    change times, as fnprune's cache keys them: weights or data replaced in place are new), the versions of the
+    libraries that change the numbers, and a probe's code."""
+    from fnprune.cache import model_fingerprint
+    from fnprune.provenance import key_versions
+
+    ev = recipe.evaluation
+    paths = [recipe.task.data_dir, *recipe.task.data_files.values(), ev.lm_eval_include,
+             *(p for v in ev.validation for p in (v.data_dir, v.file))]
+    return {"model": model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
+            "data": {p: model_fingerprint(p, None)["files"] for p in paths if p and Path(p).expanduser().exists()},
+            "versions": key_versions(), **PROBE}
+
+
 def run_mark(recipe) -> str:
-    """What a finished run folder records: the code's digest and its recipe's (model, data, settings; not the
-    folder), so a run with another input in the same folder is made again, never reported as this one."""
+    """What a finished run folder records: the code's digest, its recipe's (model, data, settings; not the
+    folder) and its inputs' (`_inputs`), so a run with another input in the same folder is made again, never
+    reported as this one."""
     data = recipe.to_dict()
     data["output"] = {k: v for k, v in data["output"].items() if k not in ("dir", "overwrite")}
-    return f"{code_digest()}\n{hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()}\n"
+    digest = lambda d: hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
+    return f"{code_digest()}\n{digest(data)}\n{digest(_inputs(recipe))}\n"
 
 
 def finished_here(out: Path, recipe) -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import statistics
 import sys
@@ -24,9 +26,17 @@ from typing import Any
 
 import torch
 
-from evaluation.benchmark import CONFIGS, finished_here, mark_finished, numbers, overrides_suffix, parse_overrides
+from evaluation.benchmark import (
+    CONFIGS,
+    PROBE,
+    finished_here,
+    mark_finished,
+    numbers,
+    overrides_suffix,
+    parse_overrides,
+)
 from evaluation.compare import paired_difference
-from evaluation.tables import percent_of_dense, write_rows
+from evaluation.tables import write_rows
 from fnprune.yaml_io import read_value
 
 
@@ -52,6 +62,15 @@ def _paired(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this
     """This setting minus the first one over `names`, in points of dense with a 95% paired interval."""
     difference, interval = paired_difference(*(torch.stack([h[n] for n in names]) for h in (dense, first, this)))
     return None if difference is None or interval is None else f"{difference:+.1f} ({interval})"
+
+
+def _exact(dense: dict[str, torch.Tensor], first: dict[str, torch.Tensor], this: dict[str, torch.Tensor],
+           names: list[str]) -> tuple[float | None, float | None]:
+    """This setting's % of dense and its difference from the first setting in points of dense over `names`,
+    unrounded (what the mean over cuts averages; the tables show them rounded)."""
+    mean = lambda h: torch.stack([h[n].double() for n in names]).mean().item()  # noqa: E731
+    base = mean(dense)
+    return (None, None) if not base else (100 * mean(this) / base, 100 * (mean(this) - mean(first)) / base)
 
 
 def main(argv: list[str] | None = None, command: str | None = None, variant: str | None = None) -> None:
@@ -130,10 +149,13 @@ def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: st
     product = fnprune.inputs.calibration_prompts
     fnprune.inputs.calibration_prompts = (  # what load_inputs calls (exclude: the evaluation split's texts)
         lambda task, spec, exclude=(): prompts(task, spec, functools.partial(product, exclude=exclude)))
+    probe = Path(inspect.getsourcefile(prompts) or "")  # its code marks the runs: an edited probe runs anew
+    PROBE["probe"] = hashlib.sha256(probe.read_bytes() if probe.is_file() else b"").hexdigest()
     try:
         main([*argv, *([] if "--work" in argv else ["--work", work])], command=command, variant=variant)
     finally:
         fnprune.inputs.calibration_prompts = product
+        PROBE.clear()
 
 
 def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start_key: dict[str, Any],
@@ -162,7 +184,6 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
     dense, dense_hits, dense_probs = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     first_hits: dict[str, torch.Tensor] = {}
     first_probs: dict[str, torch.Tensor] = {}
-    soft = lambda probs, only: statistics.fmean(probs[n].mean().item() for n in only)  # noqa: E731
     rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
     hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     held = [args.hold_template] if args.hold_template else []
@@ -178,18 +199,19 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
         acc, hits, probs = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         first_hits, first_probs = first_hits or hits, first_probs or probs  # differences are against the first
         row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": round(statistics.fmean(acc.values()), 4)}
-        row["pct"] = percent_of_dense(row["mean"], rows[0]["mean"])
-        if held:
-            row["held_pct"] = percent_of_dense(acc[args.hold_template], dense[args.hold_template])
-        row["soft_pct"] = percent_of_dense(soft(probs, names), soft(dense_probs, names))
-        if held:
-            row["held_soft_pct"] = percent_of_dense(soft(probs, held), soft(dense_probs, held))
-        for column, per_row in (("vs_first", (dense_hits, first_hits, hits)),
-                                ("soft_vs_first", (dense_probs, first_probs, probs))):
-            row[column] = _paired(*per_row, names)
+        exact: dict[str, float | None] = {}  # unrounded, from the answers: the shown columns are these rounded
+        for kind, per_row in (("", (dense_hits, first_hits, hits)), ("soft_", (dense_probs, first_probs, probs))):
+            exact[f"{kind}pct"], exact[f"{kind}vs_first"] = _exact(*per_row, names)
             if held:
-                row[f"held_{column}"] = _paired(*per_row, held)
-        rows.append({**row, "folder": out.name})
+                exact[f"held_{kind}pct"], exact[f"held_{kind}vs_first"] = _exact(*per_row, held)
+        for column in ("pct", "held_pct", "soft_pct", "held_soft_pct"):
+            if column in exact:
+                row[column] = None if exact[column] is None else round(exact[column], 1)
+        for kind, per_row in (("", (dense_hits, first_hits, hits)), ("soft_", (dense_probs, first_probs, probs))):
+            row[f"{kind}vs_first"] = _paired(*per_row, names)
+            if held:
+                row[f"held_{kind}vs_first"] = _paired(*per_row, held)
+        rows.append({**row, "folder": out.name, "_exact": exact})
     return rows
 
 
@@ -201,12 +223,13 @@ def _mean_over_cuts(rows: list[dict[str, Any]], varied: list[tuple[str, str]], h
     for key, value in varied:
         runs = [r for r in rows if r["run"] == f"{key}={value}"]
         mean: dict[str, Any] = {"cut": "mean", "run": f"{key}={value}"}
+        exact = [r.get("_exact") or {} for r in runs]  # unrounded: a mean of rounded cuts is up to 0.1 off
         for column in scored_here(("pct", "held_pct", "soft_pct", "held_soft_pct")):
-            if all(r.get(column) is not None for r in runs):
-                mean[column] = round(statistics.fmean(r[column] for r in runs), 1)
+            if all(e.get(column) is not None for e in exact):
+                mean[column] = round(statistics.fmean(e[column] for e in exact), 1)
         for column in scored_here(("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first")):
-            if all(r.get(column) for r in runs):  # "+1.1 (-4.5 to +6.9)": the point before the interval
-                mean[column] = f"{statistics.fmean(float(r[column].split()[0]) for r in runs):+.1f}"
+            if all(e.get(column) is not None for e in exact):
+                mean[column] = f"{statistics.fmean(e[column] for e in exact):+.1f}"
         out.append(mean)
     return out
 

@@ -266,7 +266,7 @@ def test_calibration_tune_reads_the_calibration_split_and_templates_only(model_d
     assert [r["run"] for r in rows] == ["dense", "calibration.choices=none", "calibration.choices=all",
                                         "selection.ridge=1"]
     assert {k for r in rows for k in r} == {"run", "qa", "science", "answer", "mean", "pct", "vs_first", "soft_pct",
-                                            "soft_vs_first", "folder"}
+                                            "soft_vs_first", "folder", "_exact"}  # _exact: JSON only, unrounded
     for column in ("vs_first", "soft_vs_first"):
         assert rows[1][column] == "+0.0 (+0.0 to +0.0)"  # the first setting against itself
     assert len({r["folder"] for r in rows[1:]}) == 3
@@ -316,11 +316,14 @@ def test_calibration_tune_runs_several_cuts_and_their_mean(model_dir, task_data,
     assert load_recipe(tmp_path / "runs" / rows[4]["folder"] / "recipe.yaml").task.split_seed == 1
     assert rows[0] != rows[3]  # another cut scores other rows
     quarter = [r for r in rows if r["run"] == "selection.keep=0.25"]
-    for column in ("pct", "held_pct", "soft_pct", "held_soft_pct"):
-        assert quarter[2][column] == round((quarter[0][column] + quarter[1][column]) / 2, 1)
+    for column in ("pct", "held_pct", "soft_pct", "held_soft_pct"):  # means of the unrounded cuts
+        exact = [r["_exact"][column] for r in quarter[:2]]
+        assert quarter[2][column] == round((exact[0] + exact[1]) / 2, 1)
+        assert all(r[column] == round(e, 1) for r, e in zip(quarter, exact))
     for column in ("vs_first", "held_vs_first", "soft_vs_first", "held_soft_vs_first"):
-        points = [float(r[column].split()[0]) for r in quarter[:2]]
-        assert quarter[2][column] == f"{(points[0] + points[1]) / 2:+.1f}" and rows[6][column] == "+0.0"
+        exact = [r["_exact"][column] for r in quarter[:2]]
+        assert quarter[2][column] == f"{(exact[0] + exact[1]) / 2:+.1f}" and rows[6][column] == "+0.0"
+        assert all(float(r[column].split()[0]) == pytest.approx(e, abs=0.051) for r, e in zip(quarter, exact))
     calibration_tune.main([*args, "--set", "task.split_seed=1", "--out-prefix", str(tmp_path / "one")])
     one = json.loads((tmp_path / "one.json").read_text())["rows"]
     assert [r["folder"] for r in one[1:]] == [r["folder"] for r in rows[4:6]]  # the same runs, not new ones
@@ -492,3 +495,47 @@ def test_extra_questions_probe_runs_the_product_with_the_files_rows_and_restores
     samples = [json.loads((tmp_path / "runs" / r["folder"] / "report.json").read_text())["calibration"]["samples"]
                for r in rows["rows"][1:]]
     assert samples == [12, 22]
+
+
+def test_a_finished_run_is_not_reused_after_its_model_data_or_probe_changed(tmp_path):
+    """The run mark held the code and the recipe's text: labels flipped in the data file, weights replaced in place
+    or an edited probe reused the old run's numbers."""
+    import os
+
+    from evaluation import benchmark
+    from fnprune.recipe import recipe_from_dict
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dev.tsv").write_text("sentence\tlabel\na\t0\n")
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tmp_path / "model")},
+                               "task": {"name": "sst2", "data_dir": str(tmp_path / "data")}})
+    first = benchmark.run_mark(recipe)
+    assert benchmark.run_mark(recipe) == first
+    os.utime(tmp_path / "data" / "dev.tsv", ns=(1, 1))  # the same size, another time: rewritten in place
+    assert benchmark.run_mark(recipe) != first
+    second = benchmark.run_mark(recipe)
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weightz")
+    assert benchmark.run_mark(recipe) != second
+    third = benchmark.run_mark(recipe)
+    benchmark.PROBE["probe"] = "abc"
+    try:
+        assert benchmark.run_mark(recipe) != third
+    finally:
+        benchmark.PROBE.clear()
+
+
+def test_no_two_configurations_run_the_same_recipe():
+    """The ablations pinned nothing of the default they were measured against (fn-task): once the default became
+    FLAP, `n256` ran what `flap+recon-n256` runs, `no-recon` what `flap` runs, `recover` what `flap+recon+recover`
+    runs, and `relevance-pooled` read no networks. With auto's resolution filled in, every configuration is its
+    own recipe."""
+    from evaluation.benchmark import CONFIGS
+
+    auto = {"selection.method": "flap", "calibration.raw_share": 0.5, "selection.reconstruct": True,
+            "recovery.enabled": False}
+    resolved = {name: json.dumps({**auto, **c}, sort_keys=True) for name, c in CONFIGS.items() if name != "default"}
+    same = [(a, b) for a in resolved for b in resolved if a < b and resolved[a] == resolved[b]]
+    assert not same
+    assert CONFIGS["relevance-pooled"]["selection.method"] == "fn-task"  # the relevance it changes is fn-task's
