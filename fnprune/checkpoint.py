@@ -233,8 +233,8 @@ def _remove_replaced(old: Path) -> None:
         try:
             remove(old)
         except KeyboardInterrupt:
-            raise InterruptedAfterWrite(f"the new output is in place; {old}, the output it replaced, is left to "
-                                        "delete") from None
+            raise InterruptedAfterWrite(f"the new output is in place; the output it replaced may be left in {old} "
+                                        "(delete it)") from None
 
 
 def read_report(directory: Path) -> dict[str, Any]:
