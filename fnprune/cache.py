@@ -75,8 +75,9 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> dict[str, Any]
     no copy tool sets it, so weights replaced in place with `cp -p` are new); Hub models by id, revision and the
     commit it resolves to (a branch moves: the same id and revision can be new weights)."""
     path = Path(name_or_path).expanduser()
-    if not path.exists():
-        return {"hub": name_or_path, "revision": revision, "commit": hub_commit(name_or_path, revision)}
+    if not path.exists():  # the commit, once known, is the weights: a saved recipe's pinned revision is the same
+        commit = hub_commit(name_or_path, revision)
+        return {"hub": name_or_path, "commit": commit} if commit else {"hub": name_or_path, "revision": revision}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stats = [(p.name, p.stat()) for p in files]
     return {"files": [(name, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats]}

@@ -36,8 +36,17 @@ def _task_spec(compressed: Recipe | None, task: str | None, data_dir: str | None
     recorded = compressed.task if compressed is not None else None
     if task is None and recorded is None:
         raise FnpruneError("--task is required (the model folder has no recipe.yaml to take it from)")
-    data = dataclasses.asdict(recorded if recorded is not None and task in (None, recorded.name)
-                              else TaskSpec(name=str(task)))
+    from_folder = recorded is not None and task in (None, recorded.name)
+    data = dataclasses.asdict(recorded if from_folder else TaskSpec(name=str(task)))
+    gone = [p for p in [data.get("data_dir"), *(data.get("data_files") or {}).values()]
+            if p and not Path(p).expanduser().exists()]
+    if from_folder and gone and not (data_dir or data_files):  # a checkpoint from the Hub, or another machine
+        if not data.get("dataset"):
+            raise FnpruneError(f"the folder's recipe.yaml reads its {data['name']} data from {gone[0]}, which is not "
+                               "here: pass --data-dir or --data-files")
+        log.info("the folder's recipe.yaml reads %s, which is not here: scoring the Hub dataset %s", gone[0],
+                 data["dataset"])
+        data["data_dir"], data["data_files"] = None, {}
     for key, value in task_overrides(None, data_dir, data_files).items():
         data[key.removeprefix("task.")] = value
     return recipe_from_dict({"task": data}).task

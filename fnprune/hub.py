@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
-from .errors import FnpruneError, OutputError
+from .errors import FnpruneError, OutputError, first_line
 
 __all__ = ["push_folder", "hub_offline", "check_push"]
 
@@ -14,37 +15,47 @@ log = logging.getLogger(__name__)
 
 
 def hub_offline() -> bool:
-    """HF_HUB_OFFLINE set, as the Hub client reads it (at its import; read here when asked)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE (or the TRANSFORMERS_OFFLINE it also honours) set, as the Hub client reads them (at its
+    import; read here when asked)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def check_push(repo_id: str | None) -> None:
     """Before any work: a push that cannot happen (the Hub switched off) fails now, not after the run."""
     if repo_id and hub_offline():
-        raise OutputError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, "
-                          "or drop --push-to-hub and push the folder later")
+        raise OutputError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing "
+                          "can be uploaded; unset it, or drop --push-to-hub and push the folder later")
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Create (or reuse) `repo_id` and upload every file of `folder`; returns the repo URL.
+    """Create (or reuse) `repo_id` and make it hold exactly `folder`'s files (an earlier push's files it does not
+    have, e.g. other weight shards, are deleted in the same commit: loading them would give the old model);
+    returns the repo URL. A repo that exists and is public is not pushed to with `private`.
 
     The token is read by huggingface_hub itself and never passed through, printed or written by fnprune.
     """
     from huggingface_hub import HfApi, get_token
 
     api = HfApi()
+    retry = f"`hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))}{' --private' if private else ''}`"
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if private and not getattr(api.repo_info(repo_id, repo_type="model"), "private", True):
+            raise FnpruneError(f"--private: the Hub repo {repo_id} exists and is public, and pushing would publish "
+                               f"the checkpoint; make it private on the Hub or choose a new repo (the checkpoint is "
+                               f"saved in {folder})")
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                          commit_message="Upload fnprune pruned checkpoint")
+                          commit_message="Upload fnprune pruned checkpoint", delete_patterns="*")
+    except FnpruneError:
+        raise
     except Exception as exc:  # network, auth, permissions: the message says which
         status = getattr(getattr(exc, "response", None), "status_code", None)
         unauthorized = status in (401, 403) or get_token() is None  # not a network failure
         login = "log in with `hf auth login` (or set HF_TOKEN), then " if unauthorized else ""
         raise FnpruneError(
-            f"could not push {folder} to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. "
-            f"The checkpoint is saved locally; {login}upload it with "
-            f"`hf upload {repo_id} {folder}{' --private' if private else ''}`."
+            f"could not push {folder} to the Hub repo {repo_id}: {type(exc).__name__}: {first_line(exc)}. "
+            f"The checkpoint is saved locally; {login}upload it with {retry}."
         ) from exc
     log.info("pushed %s to %s", folder, url)
     return str(url)

@@ -67,12 +67,23 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
     try:  # one request (or the cache offline), not the tokenizer's and the model's retries, before any work
         hf_hub_download(spec.name_or_path, "config.json", revision=spec.revision)
     except Exception as exc:  # not found, offline without a cached copy, no access
-        raise _not_on_hub(spec.name_or_path, exc) from exc
+        raise _not_on_hub(spec.name_or_path, exc, spec.revision) from exc
     return spec.name_or_path, {"use_safetensors": True, **({"revision": spec.revision} if spec.revision else {})}
 
 
-def _not_on_hub(name: str, exc: Exception) -> ModelError:
-    return ModelError(f"could not find {name} locally or on the Hugging Face Hub: {type(exc).__name__}: "
+def _not_on_hub(name: str, exc: Exception, revision: str | None = None) -> ModelError:
+    """One line for a Hub id that cannot be loaded, saying why where huggingface_hub's error type tells (its own
+    first line is often only "403 Client Error")."""
+    kinds = {c.__name__ for c in type(exc).__mro__}
+    at = f" at revision {revision}" if revision else ""
+    if "GatedRepoError" in kinds:
+        return ModelError(f"{name} is a gated model: request access on its Hub page, then log in with `hf auth "
+                          "login` (or set HF_TOKEN)")
+    if "RevisionNotFoundError" in kinds:
+        return ModelError(f"{name} has no revision {revision!r} on the Hugging Face Hub (a branch, tag or commit)")
+    if "RepositoryNotFoundError" in kinds:
+        return ModelError(f"no model {name} on the Hugging Face Hub (or a private one: log in with `hf auth login`)")
+    return ModelError(f"could not find {name}{at} locally or on the Hugging Face Hub: {type(exc).__name__}: "
                       f"{first_line(exc)}{_offline_hint()}")
 
 
@@ -289,8 +300,12 @@ class PrunedModel:
     recipe: object | None
 
 
-def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
-    """A local folder for `path`: itself, or the Hub snapshot (downloaded, or from the cache when offline)."""
+WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]  # what streamed surgery reads
+
+
+def local_model_dir(path: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder for `path`: itself, or the Hub snapshot (downloaded, or from the cache when offline), of
+    the files `allow_patterns` names (None: all; WEIGHT_FILES: not a repo's .bin, .pth, .gguf or ONNX copies)."""
     from huggingface_hub import snapshot_download
 
     local = Path(path).expanduser()
@@ -299,9 +314,9 @@ def local_model_dir(path: str | Path, revision: str | None = None) -> Path:
     if _names_a_path(str(path)):
         raise ModelError(f"model path not found: {path}")
     try:
-        return Path(snapshot_download(str(path), revision=revision))
+        return Path(snapshot_download(str(path), revision=revision, allow_patterns=allow_patterns))
     except Exception as exc:  # not found, offline without a cached copy, no access
-        raise _not_on_hub(str(path), exc) from exc
+        raise _not_on_hub(str(path), exc, revision) from exc
 
 
 def _offline_hint() -> str:

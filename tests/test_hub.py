@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,17 @@ PUSH_WITH_LOCAL_REMOTE = textwrap.dedent("""
         (remote / repo_id).mkdir(parents=True, exist_ok=exist_ok)
         (remote / repo_id / ".private").write_text(str(private))
         return "https://huggingface.co/" + repo_id
-    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None):
+    def repo_info(self, repo_id, repo_type=None):
+        from types import SimpleNamespace
+        return SimpleNamespace(private=(remote / repo_id / ".private").read_text() == "True")
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None, delete_patterns=None):
+        if delete_patterns == "*":  # the Hub keeps .gitattributes (and this mock its .private)
+            for old in (remote / repo_id).iterdir():
+                if old.name not in (".gitattributes", ".private") and not (Path(folder_path) / old.name).exists():
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         shutil.copytree(folder_path, remote / repo_id, dirs_exist_ok=True)
     huggingface_hub.HfApi.create_repo = create_repo
+    huggingface_hub.HfApi.repo_info = repo_info
     huggingface_hub.HfApi.upload_folder = upload_folder
     import os
     os.environ.pop("HF_HUB_OFFLINE", None)  # read by the hub client at import (loads stay offline): pushes may go
@@ -95,6 +104,14 @@ def test_compress_from_hub_id_push_and_load_back(model_dir, task_data, tmp_path)
             "print(json.dumps([p.model.config.intermediate_size, p.report['method']]))")
     assert json.loads(_run(["-c", code], env, tmp_path).strip().splitlines()[-1]) == [64, "flap"]
 
+    # A second push to the repo leaves exactly its folder there: the first push's single weights file is gone, not
+    # loaded beside (or instead of) the new shards.
+    _run(["-c", PUSH_WITH_LOCAL_REMOTE, str(remote), "compress", "--task", "sst2", "--model", "tiny-org/tiny-llama",
+          "--data-dir", str(task_data), "--num-samples", "40", "--max-tokens", "300", "--components", "8",
+          "--no-eval", "--max-shard-size", "100KB", "--output", str(tmp_path / "out2"), "--push-to-hub",
+          "me/tiny-llama-sst2", "--private", "--quiet"], env, tmp_path)
+    assert {p.name for p in pushed.iterdir()} == {p.name for p in (tmp_path / "out2").iterdir()} | {".private"}
+
 
 def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -106,13 +123,13 @@ def test_push_failure_keeps_the_local_checkpoint(model_dir, task_data, tmp_path)
                              capture_output=True, text=True, timeout=300)
     assert offline.returncode == 1 and not (tmp_path / "o").exists()  # refused before any work
     assert offline.stderr.strip().splitlines()[-1] == (
-        "Error: --push-to-hub me/x: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or drop "
-        "--push-to-hub and push the folder later")
+        "Error: --push-to-hub me/x: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be uploaded; "
+        "unset it, or drop --push-to-hub and push the folder later")
     proc = subprocess.run([sys.executable, "-c", PUSH_FAILS, *args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1
     assert "could not push" in proc.stderr and "saved locally" in proc.stderr and TOKEN not in proc.stderr
-    assert f"hf upload me/x {tmp_path / 'o'}" in proc.stderr  # how to push the saved folder without recompressing
+    assert f"hf upload me/x {shlex.quote(str(tmp_path / 'o'))}" in proc.stderr  # pushes the folder as it is
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
