@@ -235,7 +235,7 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
     from .recipe import recipe_from_dict
 
     _setup_logging(quiet)
-    model = model_path(model)
+    given_model, model = model, model_path(model)  # a Hub id: its snapshot folder (the JSON names the id)
     harness = parse_lm_eval_tasks(lm_eval_tasks) or []
     recorded = recorded_recipe(model, task)
     placement = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory) or {},
@@ -261,7 +261,7 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
         resolved, sets = evaluation_examples(model, task, data_dir, parse_data_files(data_files), split, max_samples,
                                              wanted, recorded)
     m, tok = load_model(checked.model, prunable=False)
-    out: dict[str, Any] = {"model": model}
+    out: dict[str, Any] = {"model": given_model}
     result = None
     if resolved is not None:
         result = evaluate_templates(m, tok, sets, resolved, batch_size, progress=not quiet)

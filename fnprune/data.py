@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import fields as rowfields
 from .data_files import SUFFIXES, file_format, read_rows
-from .errors import DataError
+from .errors import DataError, first_line
+from .hub import hub_offline
 from .recipe import PromptTemplate, TaskSpec
 from .tasks import (
     BUILTIN_TASKS,
@@ -111,10 +112,14 @@ def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
     except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
+        skip = "" if hub_offline() else " (HF_HUB_OFFLINE=1 skips the Hub's retries)"
         raise DataError(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging "
-                        f"Face Hub ({type(exc).__name__}: {exc}); offline, {fix} "
-                        "(HF_HUB_OFFLINE=1 skips the Hub's retries)") from exc
-    return [dict(row) for row in ds]
+                        f"Face Hub ({type(exc).__name__}: {first_line(exc)}); offline, {fix}{skip}") from exc
+    rows = [dict(row) for row in ds]
+    if rows and all(str(row.get(task.label_column)) == "-1" for row in rows):
+        raise DataError(f"{task.dataset}/{task.dataset_config or ''} split {split!r} has no labels (-1 on every "
+                        "row, as GLUE's test splits hide them): score its validation split")
+    return rows
 
 
 def data_source(task: TaskSpec, split: str) -> Path | None:

@@ -395,6 +395,18 @@ def test_tasks_with_a_hub_dataset_read_its_rows_when_no_files_are_given(name, mo
     check_disjoint(calibration, next(iter(evaluation.values())))
 
 
+def test_a_hub_split_without_labels_says_so(monkeypatch):
+    """GLUE's test splits hide their labels (-1 on every row): said plainly, not "label '-1' is not one of..."."""
+    import sys
+    import types
+
+    rows = [{"sentence": f"s {i}", "label": -1, "idx": i} for i in range(4)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
+    task = resolve_task(TaskSpec(name="sst2"))
+    with pytest.raises(DataError, match="has no labels .-1 on every row, as GLUE's test splits hide them."):
+        load_evaluation(task, "test")
+
+
 @pytest.mark.parametrize(("name", "files"), [("ag_news", "its test split's file"),
                                               ("arc_easy", "ARC-Easy-Dev.jsonl, ARC-Easy-Test.jsonl")])
 def test_tasks_without_a_hub_dataset_name_their_files(name, files):
