@@ -150,7 +150,7 @@ def test_a_hub_model_is_keyed_by_the_commit_its_branch_points_to(tmp_path, monke
     (repo / "refs" / "main").write_text("b" * 40)
     assert cache.model_fingerprint("someone/tiny", None)["commit"] == "b" * 40
     assert cache.model_fingerprint("someone/tiny", "a" * 40)["commit"] == "a" * 40
-    assert cache.model_fingerprint("nobody/uncached", None)["commit"] is None
+    assert cache.model_fingerprint("nobody/uncached", None) == {"hub": "nobody/uncached", "revision": None}
 
 
 def test_local_weights_replaced_in_place_with_their_size_and_mtime_are_new_to_the_cache(tmp_path, caplog):
