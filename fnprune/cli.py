@@ -123,11 +123,27 @@ def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **val
         raise FnpruneError("give --keep or --sparsity, not both")
     base = load_recipe(recipe_path) if recipe_path else Recipe()
     overrides = flag_overrides(values, sparsity)
+    if recipe_path:
+        _recipe_task_overrides(base.task, values, overrides)
     if recipe_path and "task" in overrides and base.provenance:
         base.provenance = {}
     recipe = apply_overrides(base, overrides)
     result = run(recipe, progress=not quiet)
     _print_summary(result.report, result.output_dir)
+
+
+def _recipe_task_overrides(recorded: TaskSpec, values: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """--task naming the recipe's own task keeps its definition (templates, label words); another name replaces
+    it, and --data-dir alone its data files: both said, never silent."""
+    task, log = values.get("task"), logging.getLogger("fnprune")
+    if task and task == recorded.name:
+        overrides.pop("task")
+    elif task and (recorded.templates or recorded.template or recorded.label_words):
+        log.warning("--task %s replaces the recipe's task %s (its templates, label words and data)", task,
+                    recorded.name)
+    if values.get("data_dir") and not values.get("data_files") and recorded.data_files and "task" not in overrides:
+        log.warning("--data-dir replaces the recipe's task.data_files (%s); give them again with --data-files",
+                    ", ".join(f"{k}={v}" for k, v in recorded.data_files.items()))
 
 
 def _print_summary(report: dict, where: Path | str) -> None:

@@ -34,7 +34,7 @@ from .models import WEIGHT_FILES, load_model, local_model_dir, model_source, uni
 from .offload import offloaded_modules
 from .provenance import provenance_changes
 from .pruning import resolve_selection
-from .recipe import CalibrationSpec, PromptTemplate, Recipe, RecoverySpec, SelectionSpec, TaskSpec
+from .recipe import CalibrationSpec, NetworksSpec, PromptTemplate, Recipe, RecoverySpec, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
@@ -105,6 +105,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if source is not None:
         source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
+    _warn_unused_settings(recipe, selection, task.kind)
     return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
                   mlp_widths(model, layout), source)
 
@@ -130,6 +131,36 @@ def _warn_unused_recovery(spec: RecoverySpec) -> None:
                if f.name != "enabled" and getattr(spec, f.name) != getattr(default, f.name)]
     if not spec.enabled and changed:
         log.warning("recovery is off (--recover turns it on): %s not used", ", ".join(changed))
+
+
+def _changed(spec: Any, default: Any, section: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """`section.field` for each field (of `names`, else all) `spec` sets off `default`'s value."""
+    fields = names or tuple(f.name for f in dataclasses.fields(spec))
+    return [f"{section}.{n}" for n in fields if getattr(spec, n) != getattr(default, n)]
+
+
+def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -> None:
+    """Settings the run as resolved never reads (a network setting with a method that finds no networks, a ridge
+    without the reconstruction, ...), named instead of recorded in recipe.yaml as if they had been used."""
+    unused: list[str] = []
+    if selection.method not in NEEDS_NETWORKS:  # --seed sets networks.seed with the others: not a choice of it
+        unused += [n for n in _changed(recipe.networks, NetworksSpec().for_task(kind), "networks")
+                   if n != "networks.seed"]
+        unused += ["selection.fn_boost"] if selection.fn_boost is not None else []
+    if kind != "multiple_choice":
+        unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("choices",))
+    if not selection.reconstruct:
+        unused += _changed(selection, SelectionSpec(), "selection", ("ridge",))
+    if not selection.refit:
+        unused += _changed(selection, SelectionSpec(), "selection", ("refit_ridge", "refit_prompts"))
+    if selection.method not in NEEDS_NETWORKS and not selection.reconstruct:  # no token sample is taken
+        unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("max_tokens", "sample_store"))
+    if unused:
+        log.warning("not used by this run (method %s%s): %s", selection.method,
+                    "" if selection.reconstruct else ", no reconstruction", ", ".join(unused))
+    rec = recipe.recovery
+    if rec.enabled and rec.steps is not None and rec.epochs != RecoverySpec().epochs:
+        log.warning("recovery.steps %d sets recovery's length: recovery.epochs %d not used", rec.steps, rec.epochs)
 
 
 def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example]]:

@@ -90,7 +90,9 @@ def resolved_recipe(inputs: Inputs) -> Recipe:
         model=_absolute_model(recipe.model), task=task, calibration=recipe.calibration,
         networks=recipe.networks, selection=inputs.selection, recovery=recipe.recovery,
         evaluation=_absolute_validation(recipe.evaluation),
-        output=dataclasses.replace(recipe.output, streamed=recipe.streamed()),
+        # a rerun never replaces or pushes without being asked again (--overwrite, --push-to-hub)
+        output=dataclasses.replace(recipe.output, streamed=recipe.streamed(), overwrite=False, push_to_hub=None,
+                                   private=False),
         provenance={
             "versions": versions(),
             "data": {**data_provenance(task, [task.calibration_split, *[task.evaluation_split] * scored]),

@@ -87,8 +87,10 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     """Run one compression; returns where the checkpoint went and its report."""
     recipe.validate()
     ev = recipe.evaluation
-    if not ev.enabled and (ev.validation or ev.lm_eval_tasks):
-        log.warning("evaluation is off (--no-eval): the --validate benchmarks and --lm-eval-tasks are not run")
+    if not ev.enabled and (ev.validation or ev.lm_eval_tasks or ev.max_samples):
+        log.warning("evaluation is off (--no-eval): %s not used", ", ".join(
+            name for name, value in (("--validate", ev.validation), ("--lm-eval-tasks", ev.lm_eval_tasks),
+                                     ("--eval-samples", ev.max_samples)) if value))
     out_dir = Path(recipe.output.dir).expanduser()
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values(),
                *(p for v in ev.validation for p in (v.data_dir, v.file)), ev.lm_eval_include]

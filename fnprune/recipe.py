@@ -161,11 +161,13 @@ class TaskSpec:
     """
 
     name: str = field(default="sst2", metadata=flag(
-        "--task", "Task name (built in: {tasks}; or defined in the recipe; default {default})."))
+        "--task", "Task name (built in: {tasks}; default {default}). With --recipe: the recipe's own task when it "
+        "names it, else a built-in task replacing the recipe's."))
     dataset: str | None = None
     dataset_config: str | None = None
     data_dir: str | None = field(default=None, metadata=flag(
-        "--data-dir", "Folder with GLUE-style split files (train.tsv, dev.tsv, ...)."))
+        "--data-dir", "Folder with GLUE-style split files (train.tsv, dev.tsv, ...); replaces a recipe's "
+        "task.data_files unless --data-files is given too."))
     data_files: dict[str, str] = field(default_factory=dict, metadata=flag(
         "--data-files", "SPLIT=PATH pairs, e.g. train=a.tsv,validation=b.tsv; --data-dir gives the other splits."))
     template: str | None = None

@@ -34,6 +34,7 @@ def teacher_cache_key(recipe: Recipe, seqs: list[list[int]], label_ids: list[lis
         "teacher": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
         "label_ids": hashlib.sha256(json.dumps(label_ids).encode()).hexdigest(),
         "top_k": recipe.recovery.top_k,
+        "batch_size": recipe.calibration.batch_size,  # the teacher runs in these padded batches: other floats
         **({"label_target": "consensus"} if _consensus(recipe) else {}),
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),
         "dtype": recipe.model.dtype,

@@ -432,3 +432,48 @@ def test_evaluate_scores_an_architecture_fnprune_cannot_prune(tokenizer_dir, tas
     refused = CliRunner().invoke(main, ["compress", "--model", str(folder), "--task", "sst2", "--data-dir",
                                         str(task_data), "--output", str(tmp_path / "o"), *SMALL])
     assert refused.exit_code == 1 and "architecture 'bloom' is not supported" in refused.output
+
+
+def test_a_saved_recipe_never_replaces_or_pushes_on_its_own(model_dir, task_data, tmp_path, caplog):
+    """`--overwrite` (and a push) ran once; the saved recipe.yaml kept `overwrite: true`, so `--recipe
+    out/recipe.yaml --output out2` replaced an existing out2 and no flag could say otherwise. Settings the run
+    never reads are named, and --task naming the recipe's own task keeps its templates."""
+    out, other = tmp_path / "o", tmp_path / "o2"
+    first = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-dir", task_data, "--no-eval",
+                 "--overwrite", "--output", out, *SMALL)
+    assert first.exit_code == 0, first.output
+    saved = load_recipe(out / "recipe.yaml").output
+    assert saved.overwrite is False and saved.push_to_hub is None and saved.private is False
+    other.mkdir()
+    (other / "report.json").write_text("{}")
+    again = _run("compress", "--recipe", out / "recipe.yaml", "--output", other, "--quiet")
+    assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
+    with caplog.at_level("WARNING", logger="fnprune"):
+        unused = _run("compress", "--recipe", out / "recipe.yaml", "--task", "sst2", "--output", tmp_path / "o3",
+                      "--components", "4", "--no-reconstruct", "--ridge", "0.7", "--no-refit", "--refit-ridge", "3",
+                      "--eval-samples", "5", "--no-eval", "--quiet")
+    assert unused.exit_code == 0, unused.output
+    said = caplog.text
+    assert "not used by this run (method flap, no reconstruction): networks.components" in said
+    assert "selection.ridge" in said and "selection.refit_ridge" in said and "--eval-samples not used" in said
+    assert "replaces the recipe's task" not in said  # the recipe's own task, named: kept
+
+
+def test_task_flag_keeps_a_recipes_own_task_and_data_dir_says_what_it_replaces(task_data, tmp_path, caplog):
+    from fnprune.cli import _recipe_task_overrides
+    from fnprune.cli_flags import flag_overrides
+    from fnprune.recipe import TaskSpec
+
+    mine = TaskSpec(name="sst2", templates=[], template="Text: {sentence}\nMood:", label_column="label",
+                    label_words={"0": " sad", "1": " glad"}, data_files={"train": "a.tsv"})
+    values = {"task": "sst2", "data_dir": str(task_data)}
+    overrides = flag_overrides(values)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _recipe_task_overrides(mine, values, overrides)
+    assert "task" not in overrides and overrides["task.data_dir"] == str(task_data)
+    assert "--data-dir replaces the recipe's task.data_files (train=a.tsv)" in caplog.text
+    values = {"task": "rte"}
+    overrides = flag_overrides(values)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _recipe_task_overrides(mine, values, overrides)
+    assert overrides["task"] == {"name": "rte"} and "--task rte replaces the recipe's task sst2" in caplog.text

@@ -463,3 +463,14 @@ def test_recovery_settings_while_recovery_is_off_are_named_in_a_warning(caplog):
         _warn_unused_recovery(RecoverySpec(enabled=False))  # defaults: nothing to say
         _warn_unused_recovery(RecoverySpec(enabled=True, steps=50))
     assert caplog.messages == ["recovery is off (--recover turns it on): recovery.steps, recovery.lr not used"]
+
+
+def test_the_teacher_is_keyed_by_the_batches_it_runs_in():
+    """Padded batches of another size give other floats: a teacher cached at batch size 8 made a batch-16 recipe's
+    recovery depend on what the cache held (and a rerun elsewhere wrote other weights)."""
+    from fnprune.recipe import apply_overrides, recipe_from_dict
+    from fnprune.recovery import teacher_cache_key
+
+    recipe = recipe_from_dict({"model": {"name_or_path": "org/m"}})
+    key = teacher_cache_key(recipe, [[1, 2]], [[3]])
+    assert key != teacher_cache_key(apply_overrides(recipe, {"calibration.batch_size": 4}), [[1, 2]], [[3]])
