@@ -190,7 +190,7 @@ class SecondMoments:
         return m.addr_(around[rows], delta).addr_(delta[rows], around).addr_(delta[rows], delta)
 
     def correlation_gram(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """(d, d) P R P: R the neuron correlation (dead neurons 0), P = I - 11^T/d centres across neurons.
+        """(d, d) P R P: R the neuron correlation (dead neurons 0), P centres across the live neurons.
 
         This is the Gram of fnprune's spatial-ICA data (each neuron z-scored over tokens, each token centred
         across neurons) divided by the token count, all the whitening needs.
@@ -198,6 +198,11 @@ class SecondMoments:
         gram = self.covariance().to(dtype)
         inv = torch.where(~self.constant, gram.diagonal().clamp(min=torch.finfo(dtype).tiny).rsqrt(), 0.0)
         gram.mul_(inv[:, None]).mul_(inv[None, :])  # correlation R
+        if self.constant.any():  # centred across the live neurons only: dead ones stay 0, not an outlier cluster
+            live = (~self.constant).to(gram.device)
+            row = gram.sum(1) / live.sum()  # dead columns are 0
+            gram.sub_(row[:, None]).sub_(row[None, :]).add_(row.sum() / live.sum())
+            return gram.mul_(live[:, None]).mul_(live[None, :])
         row = gram.mean(1)  # (d,) = column means too: R is symmetric
         return gram.sub_(row[:, None]).sub_(row[None, :]).add_(row.mean())
 

@@ -53,6 +53,28 @@ def test_dead_neurons_and_bad_input():
         find_networks(_planted()[0][:4], 4, 3.0, seed=0)
 
 
+@pytest.mark.parametrize("path", ["reference", "torch", "token-gram", "analyze"])
+def test_dead_neurons_stay_out_of_every_network_beside_a_common_mode(path):
+    """Centred across all neurons, every token moved the dead neurons (z-scored to 0) to one shared point: with a
+    token-wide common mode FastICA isolated them as a network (|z| ~ 6.7) and `fn` kept all of them. Centred across
+    the live neurons, they stay 0 in every map."""
+    from fnprune.analysis.group_ica import spatial_ica
+    from fnprune.networks.engines import find_networks_torch
+
+    tokens, _, _ = _planted()
+    tokens = tokens + 2.0 * np.random.default_rng(5).standard_normal((tokens.shape[0], 1))  # a common mode
+    tokens[:, :8] = 1.5  # dead: constant over every token
+    if path == "token-gram":
+        tokens = tokens[:200]  # fewer tokens than neurons: the whitening goes through the token Gram
+    run = {"reference": lambda t: find_networks(t, 4, 3.0, seed=0),
+           "torch": lambda t: find_networks_torch(t, 4, 3.0, seed=0),
+           "token-gram": lambda t: find_networks_torch(t, 4, 3.0, seed=0),
+           "analyze": lambda t: spatial_ica(t[:200], 4, 3.0, seed=0)}[path]
+    found = run(tokens)
+    assert found.dead_neurons == 8 and not found.members[:, :8].any()
+    assert np.abs(found.maps[:, :8]).max() < 1e-6
+
+
 def test_relevance_picks_the_label_network():
     rng = np.random.default_rng(3)
     width, n = 200, 300

@@ -274,7 +274,10 @@ def _token_gram_whitening(
     var = torch.linalg.vector_norm(z, dim=0, dtype=torch.float64).square_() / n  # (d,) summed in float64
     inv = torch.where(dead, 0.0, var.clamp(min=torch.finfo(torch.float64).tiny).rsqrt())
     z = z.mul_(inv.to(dtype)).T  # (d, T) z-scored neurons
-    z -= z.mean(0, keepdim=True)  # each token centred across neurons
+    if dead.any():  # each token centred across the live neurons: dead ones stay 0, not an outlier cluster
+        z[~dead] -= z[~dead].mean(0, keepdim=True)
+    else:
+        z -= z.mean(0, keepdim=True)  # each token centred across neurons
     gram = z.T @ z / n  # (T, T)
     eigval, v = _top_eig(gram, components, eig_method, seed, *_EIG_DEFAULTS.get(eig_method, (0, 0)))  # (k,), (T, k)
     u = _sign_fix(z @ v / (eigval * n).sqrt().clamp(min=torch.finfo(dtype).tiny))  # (d, k) unit columns
@@ -345,11 +348,15 @@ def reference_token_whitening(tokens: np.ndarray, components: int) -> tuple[np.n
     x = np.array(tokens, dtype=np.float32).T  # (D, T) copy
     if not np.isfinite(x).all():
         raise ValueError("activations contain NaN or inf")
-    dead = int((x.std(axis=1) == 0).sum())
+    constant = x.std(axis=1) == 0
+    dead = int(constant.sum())
     x -= x.mean(axis=1, keepdims=True)  # each neuron z-scored over tokens (constant ones stay 0)
     std = x.std(axis=1, keepdims=True)
     x /= np.where(std > 0, std, 1)
-    x -= x.mean(axis=0, keepdims=True)  # each token centred across neurons
+    if dead:  # each token centred across the live neurons: dead ones stay 0, not an outlier cluster
+        x[~constant] -= x[~constant].mean(axis=0, keepdims=True)
+    else:
+        x -= x.mean(axis=0, keepdims=True)  # each token centred across neurons
     eigval, eigvec = _top_eigh_numpy((x.T @ x).astype(np.float64), components, 1e-8)  # from (T, T)
     u = (x @ eigvec.astype(np.float32)).astype(np.float64) / np.sqrt(eigval)  # (D, k) orthonormal
     return u * np.sqrt(x.shape[0]), dead
