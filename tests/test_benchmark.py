@@ -34,6 +34,10 @@ def test_benchmark_rows_equal_the_cli_on_the_same_recipe(model_dir, task_data, t
     soft = report["metric"]["right_prob"]  # the probability of the right answer, as the CLI reports it
     assert row["held_out_soft_pct"] == round(100 * soft["pruned"] / soft["dense"], 1)
     assert benchmark.summary([row])[0]["held_out_soft_pct"] == str(row["held_out_soft_pct"])
+    calibration_soft = report["template_means"]["calibration"]["right_prob"]
+    assert row["calibration_soft_pct"] == round(100 * calibration_soft["pruned"] / calibration_soft["dense"], 1)
+    held = [t for t in report["templates"] if t["held_out"]]  # the worst held-out template, from the CLI's report
+    assert row["worst_held_out_pct"] == round(min(100 * t["pruned"] / t["dense"] for t in held), 1)
     from evaluation.compare import compare  # the same recipe: the same answer to every example, a zero difference
 
     bench_report = json.loads((next((tmp_path / "runs").iterdir()) / "report.json").read_text())

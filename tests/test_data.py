@@ -41,7 +41,7 @@ def test_overlap_refused(task_data):
         check_disjoint(load_split(task, "train"), load_split(task, "validation"))
 
 
-def test_rows_in_both_files_stay_evaluation_rows(task_data, tmp_path, caplog):
+def test_rows_in_both_files_stay_evaluation_rows(task_data, model_dir, tmp_path, caplog):
     """CoLA's train and dev files share six sentences: they are left out of the calibration with a warning, so the
     default run starts (it was refused) and calibration and evaluation still share nothing; a train file that is
     the dev file is still refused."""
@@ -64,6 +64,16 @@ def test_rows_in_both_files_stay_evaluation_rows(task_data, tmp_path, caplog):
     recipe = recipe_from_dict({"task": {"name": "sst2", "data_dir": str(tmp_path)},
                                "calibration": {"num_samples": 1000}})
     assert calibrated_on(recipe, evaluation) == 0  # evaluate reads the run's calibration as the run drew it
+    import fnprune  # the product's own wiring: compress leaves them out and runs (it refused)
+
+    out = tmp_path.parent / f"{tmp_path.name}-out"  # beside the data folder, not inside it
+    recipe = recipe_from_dict({"model": {"name_or_path": str(model_dir("llama"))}, "task": {"name": "sst2",
+                               "data_dir": str(tmp_path)}, "calibration": {"num_samples": 1000, "max_tokens": 300},
+                               "evaluation": {"enabled": False}, "output": {"dir": str(out)}})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fnprune"):
+        assert fnprune.compress(recipe, progress=False).report["calibration"]["samples"] == len(train) - 1
+    assert "3 row(s) of the 'train' split also appear in the evaluation split" in caplog.text
     same = resolve_task(TaskSpec(name="sst2", data_files={"train": str(task_data / "dev.tsv"),
                                                           "validation": str(task_data / "dev.tsv")}))
     with pytest.raises(DataError, match="must not overlap"):

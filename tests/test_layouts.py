@@ -40,27 +40,30 @@ def _per_layer_checkpoint(arch, model_dir, dest):
     layout = layout_for(model)
     gen = torch.Generator().manual_seed(0)
     widths = mlp_widths(model, layout)
-    keep = [torch.randperm(w, generator=gen)[: 24 + 16 * i].sort().values for i, w in enumerate(widths)]
-    prune_mlp(model, layout, keep, width_layout="per-layer")
+    keep = [torch.randperm(w, generator=gen)[: 40 - 16 * i].sort().values for i, w in enumerate(widths)]  # 40, 24
+    prune_mlp(model, layout, keep, width_layout="per-layer")  # the first layer widest: the loader resizes the last
     write_per_layer_code(dest, model)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-    return dest
+    with torch.no_grad():  # the pruned model's own logits: what every loader must give back
+        return dest, model(torch.tensor(IDS)).logits.flatten()
 
 
 def test_per_layer_loads_in_a_process_without_fnprune(model_dir, tmp_path):
     archs = ["llama", "gpt2", "gpt_neox", "phi3", "opt", "bert"]
-    paths = [str(_per_layer_checkpoint(a, model_dir, tmp_path / a)) for a in archs]
+    built = {str(path): logits for path, logits in (_per_layer_checkpoint(a, model_dir, tmp_path / a) for a in archs)}
+    paths = list(built)
     proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FNPRUNE, *paths], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = json.loads(proc.stdout.strip().splitlines()[-1])
     for path in paths:
         model = fnprune.load_pruned(path).model
-        assert mlp_widths(model, layout_for(model)) == [24, 40]
+        assert mlp_widths(model, layout_for(model)) == [40, 24]
         with torch.no_grad():
             local = model(torch.tensor(IDS)).logits.flatten()
-        torch.testing.assert_close(torch.tensor(remote[path]), local, atol=1e-5, rtol=1e-5)
+        for loaded in (torch.tensor(remote[path]), local):  # both loaders give the pruned model back
+            torch.testing.assert_close(loaded, built[path], atol=1e-5, rtol=1e-5)
 
 
 def test_compress_global_allocation_per_layer_and_padded(model_dir, task_data, tmp_path):

@@ -62,6 +62,27 @@ def test_lm_eval_scores_equal_fnprunes_on_the_same_prompt(model_dir, task_data, 
     assert got["acc_norm"] == pytest.approx(out["templates_acc_norm"]["lm-eval"])
 
 
+def test_acc_norm_equals_lm_evals_with_answers_of_different_lengths(model_dir, task_data, tmp_path, offline):
+    """acc_norm divides each answer's log-likelihood by its length in characters: with "negative"/"positive" (both
+    8) no division can change an answer, so answers of other lengths ("no" against "yes") check it."""
+    from fnprune.data import load_split, resolve_task
+    from fnprune.evaluate import evaluate_accuracy
+    from fnprune.lm_eval_backend import run_lm_eval
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec, TaskSpec
+
+    include = tmp_path / "tasks"
+    include.mkdir()
+    yaml_text = YAML.format(dev=task_data / "dev.tsv").replace('["negative", "positive"]', '["no", "yes"]')
+    (include / "tiny_sst2.yaml").write_text(yaml_text, encoding="utf-8")
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    examples = load_split(resolve_task(TaskSpec(name="sst2", data_dir=str(task_data))), "validation", "lm-eval")
+    ours = evaluate_accuracy(model, tok, examples, {"0": " no", "1": " yes"}, progress=False)
+    theirs = run_lm_eval(model, tok, ["tiny_sst2"], str(include), progress=False)["results"]["tiny_sst2"]
+    assert theirs["acc"] == pytest.approx(ours.accuracy) and theirs["acc_norm"] == pytest.approx(ours.accuracy_norm)
+    assert ours.accuracy_norm != ours.accuracy  # the lengths move answers here: the division itself is compared
+
+
 def test_lm_eval_runs_on_a_per_layer_checkpoint(model_dir, task_data, tmp_path, offline):
     pruned = tmp_path / "pruned"
     made = CliRunner().invoke(main, [

@@ -223,9 +223,10 @@ def test_bad_indices_refused(model_dir):
 
 
 def _uneven_keep(widths: list[int], seed: int = 5) -> list[torch.Tensor]:
-    """Different widths and different neurons per layer."""
+    """Different widths and different neurons per layer, the first layer the widest (a loader that resized the
+    layers in another order, or only the first, would not notice ascending widths: the last is the config's)."""
     gen = torch.Generator().manual_seed(seed)
-    sizes = [widths[i] // 4 + 8 * i for i in range(len(widths))]
+    sizes = [widths[i] // 4 + 8 * (len(widths) - 1 - i) for i in range(len(widths))]
     return [torch.randperm(w, generator=gen)[:n].sort().values for w, n in zip(widths, sizes)]
 
 
