@@ -29,7 +29,7 @@ from .networks import LayerNetworks
 from .perplexity import PerplexityResult
 from .recipe import TaskSpec
 from .safetensors_io import read_with_meta, write_atomic
-from .temp_files import make_temp, sweep_stale
+from .temp_files import replaced
 
 __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
@@ -213,13 +213,8 @@ def _write_json(name: str, data: Any) -> None:
     """One JSON entry, written atomically; like `_write`, a failure only costs the cache."""
     path = cache_dir() / name
     try:
-        sweep_stale(path, ("tmp",))
-        tmp = make_temp(path, "tmp")
-        try:
+        with replaced(path) as tmp:
             tmp.write_text(json.dumps(data), encoding="utf-8")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not write cache entry %s (%s); going on without it", path, exc)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .temp_files import locked, make_temp, sweep_stale
+from .temp_files import replaced
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "read_with_meta", "tensors_sha256", "write_atomic", "write_safetensors"]
 
@@ -78,15 +77,9 @@ def write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
     """`tensors` and a JSON `meta` to `target` through a temporary file renamed into place: a crash never
     leaves a half-written file under the target's name (and the next write sweeps the temporary file a killed one
     left). The header carries a checksum of the metadata and tensors."""
-    sweep_stale(target, ("tmp",))  # what a killed write left
-    tmp = make_temp(target, "tmp")
-    try:
-        with locked(tmp):
-            meta_json = json.dumps(meta)
-            write_safetensors(tmp, tensors, {"meta": meta_json, "sha256": tensors_sha256(tensors, meta_json)})
-            os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced(target) as tmp:
+        meta_json = json.dumps(meta)
+        write_safetensors(tmp, tensors, {"meta": meta_json, "sha256": tensors_sha256(tensors, meta_json)})
 
 
 def read_with_meta(target: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # Windows: no flock; the pid alone decides
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["KINDS", "make_temp", "locked", "sweep_stale", "remove"]
+__all__ = ["KINDS", "make_temp", "locked", "replaced", "sweep_stale", "remove"]
 
 KINDS = ("partial", "old", "tmp")
 
@@ -53,6 +53,20 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def replaced(target: Path) -> Iterator[Path]:
+    """Yield a locked temporary file beside `target` (what a killed write left swept first), renamed onto `target`
+    when the block ends without an error, deleted in any case: `target` is never half-written."""
+    sweep_stale(target, ("tmp",))
+    tmp = make_temp(target, "tmp")
+    try:
+        with locked(tmp):
+            yield tmp
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
