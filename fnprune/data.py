@@ -283,11 +283,11 @@ def _carve(task: TaskSpec, rows: list[_Row], calibration: bool) -> list[_Row]:
     """The calibration or the evaluation part of one labelled file: its groups of rows sharing a text shuffled by
     `split_seed`, the first `calibration_share` of them for calibration (where no text is shared, a group is a
     distinct example)."""
-    group = _groups(rows, set(task.choices))
-    keys = list(dict.fromkeys(_texts(rows[g], list(rows[g].values)) for g in group))
+    named = [_texts(rows[g], list(rows[g].values)) for g in _groups(rows, set(task.choices))]  # each row's group
+    keys = list(dict.fromkeys(named))
     random.Random(task.split_seed).shuffle(keys)
     first = set(keys[: round(task.calibration_share * len(keys))])
-    return [r for r, g in zip(rows, group) if (_texts(rows[g], list(rows[g].values)) in first) == calibration]
+    return [r for r, key in zip(rows, named) if (key in first) == calibration]
 
 
 def _prepared(task: TaskSpec, split: str) -> tuple[list, Callable[[object, PromptTemplate], Example]]:
