@@ -69,7 +69,7 @@ def check_lm_eval(tasks: list[str], include: str | None) -> dict[str, Any]:
         raise
     except Exception as exc:  # whatever lm-eval raises for a task it cannot build
         raise FnpruneError(f"lm-eval cannot build task(s) {', '.join(tasks)}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                           f"{first_line(exc)}") from exc
 
 
 def _leaf_tasks(node: dict) -> Iterator[tuple[str, Any]]:
