@@ -45,10 +45,10 @@ def _include(tmp_path: Path, task_data: Path) -> Path:
     return d
 
 
-def _evaluate(model: Path, task_data: Path, include: Path) -> dict:
+def _evaluate(model: Path, task_data: Path, include: Path, task: str = "sst2", lm_eval_task: str = "tiny_sst2") -> dict:
     result = CliRunner().invoke(main, [
-        "evaluate", "--model", str(model), "--task", "sst2", "--data-dir", str(task_data), "--template", "lm-eval",
-        "--lm-eval-tasks", "tiny_sst2", "--lm-eval-include", str(include), "--json", "--quiet"])
+        "evaluate", "--model", str(model), "--task", task, "--data-dir", str(task_data), "--template", "lm-eval",
+        "--lm-eval-tasks", lm_eval_task, "--lm-eval-include", str(include), "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     line = next(x for x in reversed(result.output.splitlines()) if '{"model"' in x)  # stderr's bars share lines
     return json.loads(line[line.index('{"model"'):])
@@ -81,6 +81,67 @@ def test_acc_norm_equals_lm_evals_with_answers_of_different_lengths(model_dir, t
     theirs = run_lm_eval(model, tok, ["tiny_sst2"], str(include), progress=False)["results"]["tiny_sst2"]
     assert theirs["acc"] == pytest.approx(ours.accuracy) and theirs["acc_norm"] == pytest.approx(ours.accuracy_norm)
     assert ours.accuracy_norm != ours.accuracy  # the lengths move answers here: the division itself is compared
+
+
+def _short_answer_arc_rows(n: int, seed: int) -> list[dict]:
+    """ARC-shaped questions with 3-5 choices of 1 to 15 characters: dividing by the length moves answers (an
+    off-by-one in the length, e.g. counting the space before a choice, moves some of them again)."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["a", "b", "no", "ok", "yes", "film", "cast", "the plot", "dull film", "a warm cast", "funny story"]
+    rows = []
+    for i in range(n):
+        labels = "ABCDE"[: rng.choice([3, 4, 5])]
+        rows.append({"id": f"q{i}", "answerKey": rng.choice(labels), "question": {
+            "stem": f"question {i} about the {rng.choice(texts)}?",
+            "choices": [{"text": t, "label": lab} for t, lab in zip(rng.sample(texts, len(labels)), labels)]}})
+    return rows
+
+
+def test_multiple_choice_equals_lm_evals_arc_easy_with_choices_of_different_lengths(model_dir, tmp_path, offline):
+    """The shipped fnp_arc_easy task (lm-eval's arc_easy prompt, evaluation/lm_eval_tasks) over a tiny ARC file
+    whose questions have 3-5 choices of different lengths: fnprune's multiple-choice acc and acc_norm equal
+    lm-eval's."""
+    data = tmp_path / "arc"
+    data.mkdir()
+    for name, rows in (("Dev", _short_answer_arc_rows(24, 1)), ("Test", _short_answer_arc_rows(40, 2))):
+        (data / f"ARC-Easy-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    shipped = Path(__file__).resolve().parents[1] / "evaluation" / "lm_eval_tasks"
+    include = tmp_path / "tasks"
+    include.mkdir()
+    yaml_text = (shipped / "fnp_arc_easy.yaml").read_text(encoding="utf-8")
+    dev_line = "validation: ../shared/data/arc_easy/ARC-Easy-Dev.jsonl"
+    assert dev_line in yaml_text
+    (include / "fnp_arc_easy.yaml").write_text(
+        yaml_text.replace(dev_line, f"validation: {data / 'ARC-Easy-Test.jsonl'}"), encoding="utf-8")
+    (include / "utils.py").write_text((shipped / "utils.py").read_text(encoding="utf-8"), encoding="utf-8")
+    # acc_norm divides by each choice's characters: the texts, and so the lengths, are lm-eval's own per question
+    # (an aggregate alone misses an off-by-one in the length, which moves no answer on a tiny model)
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from fnprune.data import load_evaluation, resolve_task
+    from fnprune.evaluate import choice_lengths
+    from fnprune.recipe import TaskSpec
+
+    lm_task = get_task_dict(["fnp_arc_easy"], TaskManager(include_path=str(include), include_defaults=False))
+    lm_task = lm_task["fnp_arc_easy"]
+    docs = list(lm_task.validation_docs())
+    ours = load_evaluation(resolve_task(TaskSpec(name="arc_easy", data_dir=str(data))), "test")["lm-eval"]
+    lengths = choice_lengths(ours, None)
+    assert len(docs) == len(ours) == 40
+    for doc, e, length in zip(docs, ours, lengths):
+        choices = lm_task.doc_to_choice(doc)
+        assert (e.prompt, e.choices, e.delimiter) == (lm_task.doc_to_text(doc), tuple(choices),
+                                                      lm_task.config.target_delimiter)
+        assert length[: len(choices)].tolist() == [float(len(c)) for c in choices]
+        assert int(e.label) == lm_task.doc_to_target(doc)
+    out = _evaluate(model_dir("llama"), data, include, task="arc_easy", lm_eval_task="fnp_arc_easy")
+    theirs = out["lm_eval"]["results"]["fnp_arc_easy"]
+    assert theirs["n"] == out["n"] == 40
+    assert theirs["acc"] == pytest.approx(out["templates"]["lm-eval"])
+    assert theirs["acc_norm"] == pytest.approx(out["templates_acc_norm"]["lm-eval"])
+    assert out["templates_acc_norm"]["lm-eval"] != out["templates"]["lm-eval"]  # lengths moved answers
 
 
 def test_lm_eval_runs_on_a_per_layer_checkpoint(model_dir, task_data, tmp_path, offline):
