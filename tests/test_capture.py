@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -224,18 +225,38 @@ def test_interrupted_capture_resumes_to_the_same_numbers(llama, tmp_path, store)
         assert not progress.exists()  # a finished capture leaves no progress behind
 
 
-def test_capture_progress_for_other_settings_is_ignored(llama, tmp_path):
+OTHER_SETTINGS = {"seed": dict(seed=2), "batch_size": dict(batch_size=3), "max_tokens": dict(max_tokens=20),
+                  "store_dtype": dict(store_dtype="float16"), "padding_side": dict(padding_side="left"),
+                  "sample_store": dict(sample_store="moments"), "prompts": dict(prompts=True)}
+
+
+@pytest.mark.parametrize("changed", OTHER_SETTINGS)
+def test_capture_progress_for_other_settings_is_ignored(llama, tmp_path, caplog, changed):
+    """Progress saved under one setting is never resumed under another: the rerun says so and equals a fresh
+    capture (resuming another batch size or prompt list would count the wrong batches as done)."""
     model, tok, _ = llama
     seqs = encode(tok, MORE_PROMPTS, 64)
+    first = dict(max_tokens=25, batch_size=2, seed=1)
+    second = {**first, **OTHER_SETTINGS[changed]}
+    other_seqs = [s[::-1] for s in seqs] if second.pop("prompts", False) else seqs
     progress = tmp_path / "capture.partial.safetensors"
     handle = model.register_forward_hook(_Stop(2, "crash"))
     try:
         with pytest.raises(RuntimeError):
-            _capture(model, seqs, max_tokens=25, batch_size=2, seed=1, progress_file=progress, save_every=0.0)
+            _capture(model, seqs, progress_file=progress, save_every=0.0, **first)
     finally:
         handle.remove()
-    other = _capture(model, seqs, max_tokens=25, batch_size=2, seed=2, progress_file=progress)  # another seed
-    _same_capture(_capture(model, seqs, max_tokens=25, batch_size=2, seed=2), other)
+    assert progress.is_file()
+    with caplog.at_level(logging.INFO, logger="fnprune"):
+        resumed = _capture(model, other_seqs, progress_file=progress, **second)
+    assert "it was saved for other prompts or settings" in caplog.text
+    _same_capture(_capture(model, other_seqs, **second), resumed)
+
+
+def test_damaged_capture_progress_is_ignored(llama, tmp_path):
+    model, tok, _ = llama
+    seqs = encode(tok, MORE_PROMPTS, 64)
+    progress = tmp_path / "capture.partial.safetensors"
     progress.write_bytes(b"not a safetensors file")  # damaged: ignored, never an error
     _same_capture(_capture(model, seqs, max_tokens=25, batch_size=2, seed=2),
                   _capture(model, seqs, max_tokens=25, batch_size=2, seed=2, progress_file=progress))
