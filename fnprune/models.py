@@ -166,18 +166,32 @@ def _dequantized(extra: dict) -> dict:
 
 def _gguf_config(source: str, extra: dict) -> dict:
     """For a GGUF file, transformers' config with what its GGUF reader leaves out and `fnprune export` writes: the
-    MLP bias flag when the file holds FFN biases (bias compensation; without the flag the biases are dropped) and
-    the head size (`<arch>.attention.key_length`, Qwen3's differs from hidden / heads)."""
+    MLP bias flag when the file holds FFN biases (bias compensation; without the flag the biases are dropped), the
+    attention bias flag likewise, linear RoPE scaling and the head size (`<arch>.attention.key_length`, Qwen3's
+    differs from hidden / heads). RoPE scaling it cannot rebuild (Llama 3's `rope_freqs`, YaRN) is refused: the
+    model would load with other positions."""
     if "gguf_file" not in extra:
         return {}
     import gguf
 
     config = AutoConfig.from_pretrained(source, gguf_file=extra["gguf_file"])
-    reader = gguf.GGUFReader(Path(source) / extra["gguf_file"])
+    path = Path(source) / extra["gguf_file"]
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
     layout = MLP_LAYOUTS.get(config.model_type)
-    if layout and layout.bias_flag and any(t.name.endswith(".ffn_down.bias") for t in reader.tensors):
+    if layout and layout.bias_flag and any(n.endswith(".ffn_down.bias") for n in names):
         setattr(config, layout.bias_flag, True)
+    if hasattr(config, "attention_bias") and any(n.endswith(".attn_q.bias") for n in names):
+        config.attention_bias = True
     arch = reader.fields["general.architecture"].contents()
+    scaling = reader.fields.get(f"{arch}.rope.scaling.type")
+    kind = "llama3 (rope_freqs)" if "rope_freqs.weight" in names else scaling.contents() if scaling else "none"
+    if kind not in ("none", "linear"):
+        raise ModelError(f"{path}: its RoPE scaling, {kind}, is not rebuilt by transformers' GGUF reader (the model "
+                         "would load with other positions); load the Hugging Face folder it was made from instead")
+    if kind == "linear":
+        factor = float(reader.fields[f"{arch}.rope.scaling.factor"].contents())
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": factor}
     key_length = reader.fields.get(f"{arch}.attention.key_length")
     if key_length is not None and hasattr(config, "head_dim"):
         config.head_dim = int(key_length.contents())
@@ -220,6 +234,8 @@ def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, objec
             source, **common, **_gguf_config(source, extra), **_dequantized(extra), **placement_kwargs(spec),
             **{_DTYPE_KW: getattr(torch, spec.dtype)}
         )
+    except ModelError:  # a GGUF file transformers would load wrongly: said as it is
+        raise
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {first_line(exc)}{hub}"
                          ) from exc

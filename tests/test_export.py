@@ -335,22 +335,52 @@ def test_gguf_flags_are_refused_with_deci_and_deci_arch_advice(model_dir, tmp_pa
     assert "Llama-only" in msg and "--gguf-arch auto" in msg and "--layout padded" not in msg
 
 
-def _tiny_llama3_rope(model_dir, dest: Path) -> Path:
-    """A tiny Llama with Llama 3's RoPE scaling (llama.cpp: the rope_freqs tensor), short original context so
-    that 100 positions exercise every band."""
+def _tiny_llama(model_dir, dest: Path, **settings) -> Path:
+    """A tiny Llama (the fixture's tokenizer) with config `settings` changed, saved to `dest`."""
     import tiny
     from transformers import AutoModelForCausalLM
 
     _, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
     config = tiny.make_config("llama", len(tok))
-    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    for key, value in settings.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tiny._reinit(model, 0)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
+
+
+def _tiny_llama3_rope(model_dir, dest: Path) -> Path:
+    """A tiny Llama with Llama 3's RoPE scaling (llama.cpp: the rope_freqs tensor), short original context so
+    that 100 positions exercise every band."""
+    return _tiny_llama(model_dir, dest, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+
+
+@pytest.mark.parametrize("settings", [
+    {"attention_bias": True},
+    {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}], ids=["bias", "linear"])
+def test_fnprune_loads_a_gguf_with_attention_biases_or_linear_rope_scaling(settings, model_dir, tmp_path):
+    """transformers' GGUF config reader drops both (its logits differed by 0.5 and 5.5): fnprune's loader keeps
+    them."""
+    ckpt = _tiny_llama(model_dir, tmp_path / "ckpt", **settings)
+    export(ckpt, "gguf", tmp_path / "m.gguf", outtype="f32")
+    ids = torch.tensor([[5, 17, 33, 80, 2, 41, 7, 99, 100, 200, 300, 12]])
+    ref, _ = load_model(ModelSpec(name_or_path=str(ckpt)))
+    back, _ = load_model(ModelSpec(name_or_path=str(tmp_path / "m.gguf")))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_gguf_with_llama3_rope_scaling_is_refused_by_fnprunes_loader(model_dir, tmp_path):
+    """Llama 3's RoPE settings cannot be read back from llama.cpp's rope_freqs tensor: loading it as transformers
+    does would score a model with other positions, so compress/evaluate say so."""
+    export(_tiny_llama3_rope(model_dir, tmp_path / "ckpt"), "gguf", tmp_path / "m.gguf", outtype="f32")
+    with pytest.raises(ModelError, match=r"m.gguf: its RoPE scaling, llama3 \(rope_freqs\), is not rebuilt"):
+        load_model(ModelSpec(name_or_path=str(tmp_path / "m.gguf")))
 
 
 def test_gguf_llama3_rope_factors(model_dir, tmp_path):
