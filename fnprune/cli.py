@@ -420,20 +420,23 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
               help="gguf: tensor type of the weight matrices (norms and biases stay f32).")
 @click.option("--gguf-arch", type=click.Choice(["auto", "llama", "deci"]), default="auto", show_default=True,
               help="gguf: llama.cpp architecture; auto = the family's, deci for per-layer widths.")
+@click.option("--tokenizer-pre", default=None, metavar="NAME",
+              help="gguf: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), for a tokenizer fnprune cannot name.")
 @click.option("--output", required=True, help="Output .gguf file (gguf) or folder (deci).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="Only warnings and the result.")
 @_friendly
-def export(directory, fmt, outtype, gguf_arch, output, overwrite, quiet) -> None:
+def export(directory, fmt, outtype, gguf_arch, tokenizer_pre, output, overwrite, quiet) -> None:
     """Write a checkpoint as GGUF (llama.cpp) or as a DeciLM folder (vLLM), per-layer widths included."""
     from .export import export as run
 
-    given = [f"--{name.replace('_', '-')}" for name in ("outtype", "gguf_arch")
+    given = [f"--{name.replace('_', '-')}" for name in ("outtype", "gguf_arch", "tokenizer_pre")
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if fmt == "deci" and given:
         raise click.UsageError(f"{' and '.join(given)}: --format gguf only (deci copies the weights as they are)")
     _setup_logging(quiet)
-    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, overwrite=overwrite, progress=not quiet)
+    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, pre_tokenizer=tokenizer_pre,
+               overwrite=overwrite, progress=not quiet)
     kind = f"GGUF arch {info['arch']}, {info['outtype']}" if fmt == "gguf" else "DeciLM (nemotron-nas) folder"
     click.echo(f"wrote {info['path']} ({kind}, FFN widths {widths_span(info['widths'])})")
 

@@ -10,7 +10,6 @@ The opt-in test at the end runs the real SmolLM2 in llama.cpp (llama-cpp-python)
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -105,14 +104,12 @@ def _exact(name, want, have):
     np.testing.assert_array_equal(have, want, err_msg=name)
 
 
-def test_gguf_uniform_llama_with_mlp_bias_f32_is_exact(model_dir, tmp_path, caplog):
+def test_gguf_uniform_llama_with_mlp_bias_f32_is_exact(model_dir, tmp_path):
     ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [64, 64], bias=True)
     assert json.loads((ckpt / "config.json").read_text())["mlp_bias"] is True
     out = tmp_path / "m.gguf"
-    with caplog.at_level(logging.WARNING, logger="fnprune"):
-        info = export(ckpt, "gguf", out, outtype="f32")
-    assert info["arch"] == "llama" and info["tokenizer_pre"] == "default"
-    assert "pre-tokenizer table" in caplog.text  # the tiny tokenizer is unknown: a warning, not a guess
+    info = export(ckpt, "gguf", out, outtype="f32")
+    assert info["arch"] == "llama" and info["tokenizer_pre"] == "gpt2"  # the tiny tokenizer splits as GPT-2
     reader = gguf.GGUFReader(out)
     assert _field(reader, "general.architecture") == "llama"
     meta = {k: _field(reader, f"llama.{k}") for k in (
@@ -183,6 +180,38 @@ def test_fnprune_loads_its_gguf_export_with_the_same_logits(arch, bias, model_di
     assert getattr(back.config, "mlp_bias", False) is bias
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tokenizer_llama_cpp_cannot_be_told_of_is_refused_unless_named(model_dir, tmp_path):
+    """A pre-tokenizer outside fnprune's table and not GPT-2's split (here digits split apart first, as Llama 3's
+    and Qwen2's do) is refused: llama.cpp's `default` would split text otherwise. --tokenizer-pre names it; a
+    damaged tokenizer.json is one line."""
+    ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [64, 64])
+    file = ckpt / "tokenizer.json"
+    data = json.loads(file.read_text(encoding="utf-8"))
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    file.write_text(json.dumps(data), encoding="utf-8")
+    msg = _cli_error(str(ckpt), "--format", "gguf", "--output", str(tmp_path / "m.gguf"))
+    assert "not in fnprune's table of llama.cpp pre-tokenizers" in msg and "--tokenizer-pre NAME" in msg
+    assert not (tmp_path / "m.gguf").exists()
+    result = CliRunner().invoke(main, ["export", str(ckpt), "--format", "gguf", "--tokenizer-pre", "qwen2",
+                                       "--output", str(tmp_path / "m.gguf"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == "qwen2"
+    result = CliRunner().invoke(main, ["export", str(ckpt), "--format", "deci", "--tokenizer-pre", "qwen2",
+                                       "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--tokenizer-pre: --format gguf only" in result.output
+    from fnprune.export.to_gguf import _PRE_BY_SPLIT
+
+    for regex, name in _PRE_BY_SPLIT.items():  # Llama 3's and Qwen2's own split: named by their regex
+        data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = regex
+        file.write_text(json.dumps(data), encoding="utf-8")
+        assert export(ckpt, "gguf", tmp_path / "m.gguf", overwrite=True, progress=False)["tokenizer_pre"] == name
+    file.write_text('{"model": ', encoding="utf-8")
+    msg = _cli_error(str(ckpt), "--format", "gguf", "--output", str(tmp_path / "n.gguf"))
+    assert "tokenizer.json" in msg and "not valid JSON" in msg
 
 
 def test_gguf_per_layer_is_deci_with_a_width_array(model_dir, tmp_path):
@@ -285,6 +314,7 @@ def test_damaged_checkpoints_are_refused_in_one_line(model_dir, tmp_path):
         "weights": (truncate, "not a readable safetensors file"),
         "layers": (_edit_config(num_hidden_layers=None), "num_hidden_layers"),
         "width": (_edit_config(intermediate_size=32), "config and weights disagree"),
+        "per-layer": (_edit_config(fnprune_layout={"widths": [24]}), "has 1 widths for 2 layers"),
     }
     for name, (damage, message) in cases.items():
         folder = _damaged(uniform, tmp_path / name, damage)
@@ -293,6 +323,22 @@ def test_damaged_checkpoints_are_refused_in_one_line(model_dir, tmp_path):
         result = CliRunner().invoke(main, ["inspect", folder])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*-deci"))
+
+
+def test_float16_output_of_values_beyond_its_range_is_refused(model_dir, tmp_path):
+    """A bfloat16 (or float32) weight past float16's 65504 became inf in an f16 GGUF with only numpy's warning."""
+    from safetensors.torch import save_file
+
+    def overflow(folder: Path) -> None:
+        weights = load_file(folder / "model.safetensors")
+        weights["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e5
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    folder = _damaged(_prune(model_dir, tmp_path / "u", "llama", [24, 24]), tmp_path / "big", overflow)
+    msg = _cli_error(folder, "--format", "gguf", "--outtype", "f16", "--output", str(tmp_path / "m.gguf"), "--quiet")
+    assert "model.layers.0.mlp.up_proj.weight holds values up to 1e+05, beyond float16's 65504" in msg
+    assert not (tmp_path / "m.gguf").exists()
+    export(folder, "gguf", tmp_path / "m.gguf", outtype="f32", progress=False)
 
 
 def test_inspect_checks_the_weights_against_the_report(model_dir, tmp_path):

@@ -125,6 +125,9 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     per_layer = (config.get("fnprune_layout") or {}).get("widths")
     if per_layer and not (isinstance(per_layer, list) and all(isinstance(w, int) for w in per_layer)):
         raise ModelError(f"{path / 'config.json'}: fnprune_layout.widths is not a list of widths")
+    if per_layer and len(per_layer) != n_layers:
+        raise ModelError(f"{path / 'config.json'}: fnprune_layout.widths has {len(per_layer)} widths for "
+                         f"{n_layers} layers")
     if per_layer:
         widths, layout = per_layer, "per-layer"
     else:  # a family without an MLP width in config.json is refused by the exporter that needs it
@@ -148,8 +151,9 @@ def check_output_file(path: Path, overwrite: bool, source: Path) -> None:
 
 
 def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str = "f16", gguf_arch: str = "auto",
-           overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Export the checkpoint in `directory` as `fmt` to `output`; returns a short summary of what was written."""
+           pre_tokenizer: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Export the checkpoint in `directory` as `fmt` to `output`; returns a short summary of what was written.
+    `pre_tokenizer` (gguf): llama.cpp's pre-tokenizer name for a tokenizer fnprune cannot name."""
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(output).expanduser()
@@ -158,7 +162,8 @@ def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str 
         from .to_gguf import write_gguf
 
         check_output_file(out, overwrite, ckpt.path)
-        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, progress=progress, overwrite=overwrite)
+        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, pre_tokenizer=pre_tokenizer, progress=progress,
+                          overwrite=overwrite)
     from .to_deci import write_deci
 
     return write_deci(ckpt, out, overwrite=overwrite)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import LLAMA_CPP_ARCH
-from ..checkpoint import atomic_output_file
+from ..checkpoint import atomic_output_file, read_json_object
 from ..errors import ModelError
 from . import Checkpoint
 
@@ -171,26 +171,61 @@ def _fingerprint(tokenizer) -> str:
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
-def tokenizer_pre(tokenizer) -> str:
-    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer`: from the fingerprint table, else "default"."""
+# A byte-level tokenizer's own split regex -> llama.cpp's pre-tokenizer with that regex (llama.cpp's
+# src/llama-vocab.cpp): for families whose fingerprint depends on a vocabulary not in the table above.
+_PRE_BY_SPLIT: dict[str, str] = {
+    # Llama 3 / 3.1 / 3.2 (transformers' convert_slow_tokenizer: digits in runs of up to three)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",
+    # Qwen2 / 2.5 / 3 (transformers' tokenization_qwen2: single digits)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_by_structure(data: dict[str, Any]) -> str | None:
+    """llama.cpp's name for tokenizer.json's split when it is GPT-2's regex alone (a plain ByteLevel, no prefix
+    space, no normalizer: `gpt2`) or one regex of _PRE_BY_SPLIT followed by a regex-free ByteLevel."""
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        plain = pre.get("use_regex", True) and not pre.get("add_prefix_space") and not data.get("normalizer")
+        return "gpt2" if plain else None
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get("type"), split.get("behavior"), split.get("invert")) != ("Split", "Isolated", False) or \
+            byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+        return None
+    return _PRE_BY_SPLIT.get((split.get("pattern") or {}).get("Regex"))
+
+
+def tokenizer_pre(tokenizer, data: dict[str, Any], given: str | None = None) -> str:
+    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer` (`data`: its tokenizer.json): the name given,
+    else the fingerprint table's, else the one its split regex names. Any other tokenizer is refused, as llama.cpp's
+    converter refuses it: llama.cpp's `default` splits digits and punctuation otherwise than most tokenizers."""
+    if given:
+        return given
     fingerprint = _fingerprint(tokenizer)
-    pre = _PRE_BY_FINGERPRINT.get(fingerprint)
+    pre = _PRE_BY_FINGERPRINT.get(fingerprint) or _pre_by_structure(data)
     if pre is None:
-        log.warning("tokenizer not in fnprune's llama.cpp pre-tokenizer table (fingerprint %s): writing "
-                    "tokenizer.ggml.pre = default; llama.cpp may split some text differently", fingerprint[:16])
-        return "default"
+        raise ModelError(f"this tokenizer is not in fnprune's table of llama.cpp pre-tokenizers (fingerprint "
+                         f"{fingerprint[:16]}), and a wrong one makes llama.cpp split text otherwise than the model "
+                         "was trained on: give llama.cpp's name for it with --tokenizer-pre NAME (for example "
+                         "llama-bpe for Llama 3, qwen2 for Qwen2/2.5/3)")
     return pre
 
 
-def _vocab(writer, ckpt: Checkpoint) -> str:
-    """Byte-level BPE vocabulary, merges, special ids and chat template; returns the pre-tokenizer name."""
+def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
+    """Byte-level BPE vocabulary, merges, special ids and chat template; returns the pre-tokenizer name (`pre`
+    if given)."""
     import gguf
     from tokenizers import Tokenizer
 
     file = ckpt.path / "tokenizer.json"
     if not file.is_file():
         raise ModelError(f"{ckpt.path} has no tokenizer.json: GGUF export needs the (byte-level BPE) tokenizer")
-    data = json.loads(file.read_text(encoding="utf-8"))
+    data = read_json_object(file, "a tokenizer", ModelError)
     decoder = json.dumps(data.get("decoder"))
     if data.get("model", {}).get("type") != "BPE" or "ByteLevel" not in decoder:
         raise ModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json) only; "
@@ -206,7 +241,7 @@ def _vocab(writer, ckpt: Checkpoint) -> str:
             raise ModelError(f"token {tok!r} has id {i}, beyond the model's vocab_size {n_vocab}")
         tokens[i], types[i] = tok, kind
     tokenizer = Tokenizer.from_file(str(file))
-    pre = tokenizer_pre(tokenizer)
+    pre = tokenizer_pre(tokenizer, data, pre)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -241,24 +276,24 @@ def _tensor_plan(ckpt: Checkpoint, arch: str):
         yield target, hf_name, heads
 
 
-def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto",
-               progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place)."""
-    try:
-        import gguf
-        from gguf.quants import quantize
-    except ImportError as exc:
-        raise ModelError("GGUF export needs the gguf package: pip install 'fnprune[gguf]'") from exc
-    if outtype not in OUTTYPES:
-        raise ModelError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    arch = gguf_arch_for(ckpt, arch)
-    _rope(ckpt.config)
-    plan = {hf: (target, heads) for target, hf, heads in _tensor_plan(ckpt, arch)}
-    with atomic_output_file(out, overwrite) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        _hparams(writer, ckpt, arch, outtype)
-        pre = _vocab(writer, ckpt)
-        bar = tqdm(total=len(plan), desc=f"converting to {outtype}", unit="tensor", disable=not progress)
+def _as_float16(data: np.ndarray, name: str) -> np.ndarray:
+    """float16 copy of a tensor, refused when a finite value turns into inf (bfloat16 reaches 3e38, float16
+    65504): llama.cpp would compute with inf."""
+    with np.errstate(over="ignore"):
+        half = data.astype(np.float16)
+    if not np.isfinite(half).all() and np.isfinite(data).all():
+        raise ModelError(f"{name} holds values up to {float(np.abs(data).max()):.3g}, beyond float16's 65504: "
+                         "export with --outtype f32 (or q8_0)")
+    return half
+
+
+def _add_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str,
+                 progress: bool) -> None:
+    """Every planned tensor, renamed, Q/K re-ordered where `plan` gives head counts, in its GGUF type."""
+    import gguf
+    from gguf.quants import quantize
+
+    with tqdm(total=len(plan), desc=f"converting to {outtype}", unit="tensor", disable=not progress) as bar:
         for hf_name, tensor in ckpt.tensors():
             if hf_name not in plan:
                 continue
@@ -270,14 +305,34 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
             qtype = quant_type(target, data.shape, outtype)
             if qtype == gguf.GGMLQuantizationType.Q8_0:
                 writer.add_tensor(target, quantize(data, qtype), raw_dtype=qtype)
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(target, _as_float16(data, hf_name))
             else:
-                writer.add_tensor(target, data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16
-                                                      else np.float32))
+                writer.add_tensor(target, data.astype(np.float32))
             bar.update()
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto",
+               pre_tokenizer: str | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place). `pre_tokenizer`:
+    llama.cpp's name for the tokenizer's pre-tokenizer, for one fnprune cannot name."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ModelError("GGUF export needs the gguf package: pip install 'fnprune[gguf]'") from exc
+    if outtype not in OUTTYPES:
+        raise ModelError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    arch = gguf_arch_for(ckpt, arch)
+    _rope(ckpt.config)
+    plan = {hf: (target, heads) for target, hf, heads in _tensor_plan(ckpt, arch)}
+    with atomic_output_file(out, overwrite) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _hparams(writer, ckpt, arch, outtype)
+        pre = _vocab(writer, ckpt, pre_tokenizer)
+        _add_tensors(writer, ckpt, plan, outtype, progress)
         if _rope(ckpt.config)[1] == "llama3":
             writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                               llama3_rope_factors(ckpt.config))
-        bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
