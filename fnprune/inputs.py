@@ -146,7 +146,8 @@ def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -
     if selection.method not in NEEDS_NETWORKS:  # --seed sets networks.seed with the others: not a choice of it
         unused += [n for n in _changed(recipe.networks, NetworksSpec().for_task(kind), "networks")
                    if n != "networks.seed"]
-        unused += ["selection.fn_boost"] if selection.fn_boost is not None else []
+    if selection.method != "fn-task" and selection.fn_boost is not None:  # given, not filled in (fn-task only)
+        unused += ["selection.fn_boost"]
     if kind != "multiple_choice":
         unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("choices",))
     if not selection.reconstruct:

@@ -25,12 +25,12 @@ log = logging.getLogger("fnprune")
 
 def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Module,
                       kind: str = "classification", in_memory: bool = True) -> SelectionSpec:
-    """The selection with its automatic values filled in (method auto for a task of `kind`; fn_boost; the refit on
-    for classification where the family allows it and surgery runs `in_memory`; bias compensation on where the
-    architecture can hold the bias), as the saved recipe records them; RecipeError when bias compensation or the
+    """The selection with its automatic values filled in (method auto for a task of `kind`; fn-task's fn_boost; the
+    refit on for classification where the family allows it and surgery runs `in_memory`; bias compensation on where
+    the architecture can hold the bias), as the saved recipe records them; RecipeError when bias compensation or the
     refit is asked of a family that cannot take it."""
     sel = sel.for_task(kind)
-    if sel.fn_boost is None:
+    if sel.fn_boost is None and sel.method == "fn-task":  # the one criterion that reads it
         sel = dataclasses.replace(sel, fn_boost=default_fn_boost(sel.keep, sel.reconstruct))
     if sel.refit is None:
         sel = dataclasses.replace(

@@ -439,9 +439,12 @@ def test_a_saved_recipe_never_replaces_or_pushes_on_its_own(model_dir, task_data
     out/recipe.yaml --output out2` replaced an existing out2 and no flag could say otherwise. Settings the run
     never reads are named, and --task naming the recipe's own task keeps its templates."""
     out, other = tmp_path / "o", tmp_path / "o2"
-    first = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-dir", task_data, "--no-eval",
-                 "--overwrite", "--output", out, *SMALL)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        first = _run("compress", "--task", "sst2", "--model", model_dir("llama"), "--data-dir", task_data,
+                     "--no-eval", "--overwrite", "--output", out, *SMALL)
     assert first.exit_code == 0, first.output
+    assert "fn_boost" not in caplog.text  # never given: fn-task's default is not filled in for flap either
+    caplog.clear()
     saved = load_recipe(out / "recipe.yaml").output
     assert saved.overwrite is False and saved.push_to_hub is None and saved.private is False
     other.mkdir()
@@ -450,12 +453,14 @@ def test_a_saved_recipe_never_replaces_or_pushes_on_its_own(model_dir, task_data
     assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
     with caplog.at_level("WARNING", logger="fnprune"):
         unused = _run("compress", "--recipe", out / "recipe.yaml", "--task", "sst2", "--output", tmp_path / "o3",
-                      "--components", "4", "--no-reconstruct", "--ridge", "0.7", "--no-refit", "--refit-ridge", "3",
+                      "--components", "4", "--fn-boost", "2", "--no-reconstruct", "--ridge", "0.7", "--no-refit",
+                      "--refit-ridge", "3",
                       "--eval-samples", "5", "--no-eval", "--quiet")
     assert unused.exit_code == 0, unused.output
     said = caplog.text
     assert "not used by this run (method flap, no reconstruction): networks.components" in said
     assert "selection.ridge" in said and "selection.refit_ridge" in said and "--eval-samples not used" in said
+    assert "selection.fn_boost" in said
     assert "replaces the recipe's task" not in said  # the recipe's own task, named: kept
 
 
