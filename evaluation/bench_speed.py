@@ -47,7 +47,10 @@ start = time.perf_counter()
 result = fnprune.compress(recipe, progress=False)
 total = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"total": total, "timings": result.report["timings_seconds"], "peak_rss": peak,
+# the result's timings include save (report.json's stop before writing it); an older --compare-src has no such
+# field, and there the report's dict was the timer's own, save included
+timings = getattr(result, "timings", None) or result.report["timings_seconds"]
+print(json.dumps({"total": total, "timings": timings, "peak_rss": peak,
                   "parameters": result.report["parameters"], "widths": result.report["widths"]["pruned"],
                   "refit_share": (result.report.get("refit") or {}).get("prompts", recipe.calibration.num_samples)
                   / recipe.calibration.num_samples if "refit" in result.report else 0.0}))

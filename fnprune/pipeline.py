@@ -49,6 +49,8 @@ class CompressResult:
     output_dir: Path
     report: dict[str, Any]
     recipe: Recipe
+    # every stage's seconds, save and push included: report.json's timings stop before writing it
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _Timer:
@@ -131,7 +133,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     if recipe.output.push_to_hub:
         with timer.stage("push"):
             push_folder(out_dir, recipe.output.push_to_hub, recipe.output.private)
-    return CompressResult(out_dir, report, resolved)
+    return CompressResult(out_dir, report, resolved, dict(timer.seconds))
 
 
 def _calibrate_and_select(inputs: Inputs, timer: _Timer, progress: bool) -> tuple[Calibration, _Plan]:

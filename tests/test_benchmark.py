@@ -145,8 +145,33 @@ def test_benchmark_plots_every_configuration_against_keep(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def real_measure(model_dir, task_data, tmp_path_factory) -> dict:
+    """What bench_speed's compress script prints for a real compress of the tiny model: the fakes below take
+    its shape (which stages are timed), so a stage the product stops reporting fails them as it fails the run."""
+    from evaluation import bench_speed
+
+    recipe = {"model": {"name_or_path": str(model_dir("llama"))},
+              "task": {"name": "sst2", "data_dir": str(task_data)},
+              "calibration": {"cache": False, "num_samples": 16, "max_tokens": 128},
+              "evaluation": {"enabled": False}, "selection": {"keep": 0.5},
+              "output": {"dir": str(tmp_path_factory.mktemp("bench-speed") / "out")}}
+    return bench_speed.run_script(bench_speed.COMPRESS_AND_MEASURE, recipe)
+
+
+def _fake_timings(real: dict, made_up: dict[str, float]) -> dict[str, float]:
+    """The real run's stages, with made-up seconds (0 for a stage not named)."""
+    return {stage: made_up.get(stage, 0.0) for stage in real["timings"]}
+
+
+def test_bench_speed_times_the_save_stage(real_measure):
+    """report.json's timings stop before writing it: the compress script reads the result's, save included."""
+    assert {"load", "capture", "surgery", "save"} <= set(real_measure["timings"])
+    assert sum(real_measure["timings"].values()) <= real_measure["total"]
+
+
 def test_bench_speed_also_max_tokens_compresses_each_keep_with_that_sample_in_the_same_turns(
-        model_dir, task_data, tmp_path, monkeypatch):
+        model_dir, task_data, tmp_path, monkeypatch, real_measure):
     import sys
 
     from evaluation import bench_speed
@@ -157,7 +182,8 @@ def test_bench_speed_also_max_tokens_compresses_each_keep_with_that_sample_in_th
         seen.append(recipe)
         if script == bench_speed.FORWARD_ONLY:
             return {"forward_s": 10.0, "peak_rss": 2**30}
-        return {"total": 12.0, "timings": {"load": 1.0, "capture": 10.0, "save": 1.0}, "peak_rss": 2**30,
+        return {"total": 12.0, "timings": _fake_timings(real_measure, {"load": 1.0, "capture": 10.0, "save": 1.0}),
+                "peak_rss": 2**30,
                 "parameters": {}, "widths": [8]}
 
     monkeypatch.setattr(bench_speed, "run_script", run_script)
@@ -176,7 +202,7 @@ def test_bench_speed_also_max_tokens_compresses_each_keep_with_that_sample_in_th
 
 
 def test_bench_speed_pruned_forward_compare_src_and_baselines_without_the_refit(model_dir, task_data, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, real_measure):
     """--pruned-forward times the forward passes through each written checkpoint; --compare-src compresses the
     default from another checkout in the same turns; --baselines pin the refit off (flap+reconstruction is the
     default with --no-refit)."""
@@ -191,7 +217,8 @@ def test_bench_speed_pruned_forward_compare_src_and_baselines_without_the_refit(
         if script == bench_speed.FORWARD_ONLY:
             return {"forward_s": 10.0 if recipe["model"]["name_or_path"] == str(model_dir("llama")) else 7.0,
                     "peak_rss": 2**30}
-        return {"total": 30.0, "timings": {"load": 1.0, "capture": 12.0, "save": 1.0}, "peak_rss": 2**30,
+        return {"total": 30.0, "timings": _fake_timings(real_measure, {"load": 1.0, "capture": 12.0, "save": 1.0}),
+                "peak_rss": 2**30,
                 "parameters": {}, "widths": [8], "refit_share": 0.5 if src is None else 1.0}
 
     monkeypatch.setattr(bench_speed, "run_script", run_script)
