@@ -18,21 +18,61 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from evaluation.tables import write_rows
 from fnprune.yaml_io import read_value
 
+if TYPE_CHECKING:
+    from fnprune.data import Example
+    from fnprune.distillation import TeacherTargets
+    from fnprune.recipe import Recipe, RecoverySpec, TaskSpec
+
+# the recovery settings fnprune.recovery.teacher reads: a row that changes one needs a teacher of its own
+TEACHER_FIELDS = ("top_k", "label_target", "label_weight")
+
+
+def parse_settings(items: list[str], defaults: RecoverySpec) -> list[dict[str, Any]]:
+    """`--set FIELD=V1,V2` (repeatable) as one dict per combination, each value of its field's type (so "1e-4" is
+    a float here, not YAML's string)."""
+    settings: list[dict[str, Any]] = [{}]
+    for item in items:
+        name, _, values = item.partition("=")
+        kind = type(getattr(defaults, name))
+        settings = [{**s, name: kind(read_value(v, name)) if kind is not type(None) else read_value(v, name)}
+                    for s in settings for v in values.split(",")]
+    return settings
+
+
+def teacher_key(spec: RecoverySpec) -> tuple:
+    return tuple(getattr(spec, name) for name in TEACHER_FIELDS)
+
+
+def teachers(dense, tokenizer, calibration: list[Example], recipe: Recipe, task: TaskSpec,
+             settings: list[dict[str, Any]]) -> dict[tuple, TeacherTargets]:
+    """The product's teacher for each row's recovery settings, once per distinct teacher setting: a row varying
+    label_target, label_weight or top_k is trained toward the targets compress would build for it."""
+    from fnprune.recovery import teacher
+
+    out: dict[tuple, TeacherTargets] = {}
+    for s in settings:
+        spec = dataclasses.replace(recipe.recovery, enabled=True, **s)
+        if teacher_key(spec) not in out:
+            out[teacher_key(spec)] = teacher(dense, tokenizer, calibration, dataclasses.replace(recipe, recovery=spec),
+                                             task, progress=True)
+    return out
+
 
 def main(argv: list[str] | None = None) -> None:
     from fnprune.arch import layout_for
     from fnprune.data import load_sample, resolve_task
     from fnprune.distillation import divergences, recover, teacher_targets
-    from fnprune.inputs import calibration_prompts
+    from fnprune.inputs import calibration_prompts, evaluation_texts
     from fnprune.models import load_model
     from fnprune.recipe import load_recipe
-    from fnprune.recovery import recovery_inputs, teacher
+    from fnprune.recovery import recovery_inputs
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
@@ -46,13 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=args.model))
     task = resolve_task(recipe.task)
     cal = recipe.calibration
-    calibration = calibration_prompts(task, cal)
+    held = evaluation_texts(task, recipe.evaluation.enabled)  # never trained or scored on here, as in compress
+    calibration = calibration_prompts(task, cal, held)  # the checkpoint's own
     seen = {e.texts for e in calibration}
-    pool = load_sample(task, task.calibration_split, cal.num_samples + 4 * args.tune_prompts, cal.seed + 1)
+    pool = load_sample(task, task.calibration_split, cal.num_samples + 4 * args.tune_prompts, cal.seed + 1,
+                       exclude=held)
     tune = [e for e in pool if e.texts not in seen][: args.tune_prompts]  # other rows, calibration templates
+    settings = parse_settings(args.set, recipe.recovery)
     dense, tokenizer = load_model(recipe.model)
-    targets = teacher(dense, tokenizer, calibration, recipe, task, progress=True)
-    tune_seqs = recovery_inputs(tokenizer, dense, tune, recipe)
+    targets = teachers(dense, tokenizer, calibration, recipe, task, settings)
+    tune_seqs = recovery_inputs(tokenizer, dense, tune, recipe)  # the yardstick: the checkpoint's own top_k
     tune_targets = teacher_targets(dense, tune_seqs, recipe.recovery.top_k, cal.batch_size, progress=True)
     del dense
 
@@ -66,12 +109,6 @@ def main(argv: list[str] | None = None) -> None:
         return {"kl_tokens": round(sum(a for a, _ in parts) / len(parts), 5),
                 "kl_answer": round(sum(b for _, b in parts) / len(parts), 5)}
 
-    settings = [{}]
-    for item in args.set:
-        name, _, values = item.partition("=")
-        kind = type(getattr(recipe.recovery, name))  # the field's type: "1e-4" is a float here, not YAML's string
-        settings = [{**s, name: kind(read_value(v, name)) if kind is not type(None) else read_value(v, name)}
-                    for s in settings for v in values.split(",")]
     rows = []
     pruned_spec = dataclasses.replace(recipe.model, name_or_path=str(Path(args.pruned).resolve()), revision=None)
     student, _ = load_model(pruned_spec)
@@ -83,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         train_seqs = train_seqs or recovery_inputs(tokenizer, student, calibration, recipe)
         spec = dataclasses.replace(recipe.recovery, enabled=True, **s)
         start = time.perf_counter()
-        result = recover(student, layout_for(student), train_seqs, targets, spec, progress=True)
+        result = recover(student, layout_for(student), train_seqs, targets[teacher_key(spec)], spec, progress=True)
         rows.append({"setting": ", ".join(f"{k}={v}" for k, v in s.items()) or "recipe defaults",
                      **divergence(student), "steps": result.steps, "loss_last": result.loss_last,
                      "seconds": round(time.perf_counter() - start, 1)})

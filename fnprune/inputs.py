@@ -39,7 +39,8 @@ from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
 from .validation import Validation, load_validation
 
-__all__ = ["Inputs", "load_inputs", "calibration_prompts", "calibrated_on", "check_budgets", "under_template"]
+__all__ = ["Inputs", "load_inputs", "calibration_prompts", "evaluation_texts", "calibrated_on", "check_budgets",
+           "under_template"]
 
 log = logging.getLogger("fnprune")
 
@@ -193,6 +194,13 @@ def calibration_prompts(task: TaskSpec, spec: CalibrationSpec, exclude: Collecti
         return sample
     picked = (lambda e: e.choices) if spec.choices == "all" else (lambda e: [e.choices[int(e.label)]])
     return [dataclasses.replace(e, prompt=e.prompt + e.delimiter + c) for e in sample for c in picked(e)]
+
+
+def evaluation_texts(task: TaskSpec, scored: bool = True) -> set[tuple[str, ...]]:
+    """The evaluation split's texts (`example_key`) that load_inputs keeps out of the calibration, so a script
+    drawing "compress's prompts" draws those: `calibration_prompts(task, spec, evaluation_texts(task, scored))`
+    (`scored`: recipe.evaluation.enabled; unscored, only a local evaluation file is read)."""
+    return {example_key(e) for e in next(iter(_evaluation_examples(task, scored).values()), [])}
 
 
 def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:

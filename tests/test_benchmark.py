@@ -570,3 +570,41 @@ def test_no_two_configurations_run_the_same_recipe():
     same = [(a, b) for a in resolved for b in resolved if a < b and resolved[a] == resolved[b]]
     assert not same
     assert CONFIGS["relevance-pooled"]["selection.method"] == "fn-task"  # the relevance it changes is fn-task's
+
+
+def test_recovery_tune_builds_each_rows_teacher_and_leaves_the_evaluation_split_out(model_dir, tmp_path, monkeypatch):
+    """`--set label_target=own,consensus` trained both rows toward one teacher (the checkpoint's settings) and gave
+    identical rows; its calibration and tuning prompts took train rows that are also evaluation rows, which
+    compress leaves out."""
+    import tiny
+
+    import fnprune.recovery
+    from evaluation import recovery_tune
+
+    data = tiny.make_task_data(tmp_path / "sst2", n_train=96, n_dev=24)
+    train = (data / "train.tsv").read_text().splitlines()
+    with (data / "dev.tsv").open("a") as dev:  # 8 train rows are evaluation rows too
+        dev.write("".join(line + "\n" for line in train[1:9]))
+    evaluation_rows = {(line.split("\t")[0],) for line in (data / "dev.tsv").read_text().splitlines()[1:]}
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(main, [
+        "compress", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(data), "--keep", "0.5",
+        "--num-samples", "48", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    calls, prompts = [], []
+    real_teacher, real_inputs = fnprune.recovery.teacher, fnprune.recovery.recovery_inputs
+    monkeypatch.setattr(fnprune.recovery, "teacher", lambda *a, **k: calls.append(a[3].recovery) or real_teacher(
+        *a, **k))
+    monkeypatch.setattr(fnprune.recovery, "recovery_inputs", lambda tok, m, examples, r: prompts.append(
+        examples) or real_inputs(tok, m, examples, r))
+    prefix = tmp_path / "tune"
+    recovery_tune.main(["--model", str(model_dir("llama")), "--pruned", str(out), "--set", "label_target=own,consensus",
+                        "--set", "steps=2", "--tune-prompts", "8", "--out-prefix", str(prefix)])
+    assert [(c.label_target, c.enabled) for c in calls] == [("own", True), ("consensus", True)]
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    assert [r["setting"] for r in rows[1:]] == ["label_target=own, steps=2", "label_target=consensus, steps=2"]
+    assert rows[1]["loss_last"] != rows[2]["loss_last"]  # another teacher, another training
+    assert prompts and all(not ({e.texts for e in examples} & evaluation_rows) for examples in prompts)
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["samples"] == len(prompts[0]) == 48  # each teacher's, then tuning and training
+    assert [len(examples) for examples in prompts[1:]] == [48, 8, 48]
