@@ -2,8 +2,9 @@
 
 Runs `lm_eval` offline on the local task YAMLs in evaluation/lm_eval_tasks (lm-eval 0.4.13's prompts over the
 files in ../shared/data) and fnprune's `evaluate_templates` with each task's `lm-eval` template on the same rows,
-then writes evaluation/results/lm_eval_parity.{json,md}: acc and acc_norm of both, and per example the largest
-difference of the choices' log-likelihoods (from lm-eval's logged samples).
+then writes PREFIX.{json,md} (default evaluation/results/lm_eval_parity): acc and acc_norm of both, and per
+example the largest difference of the choices' log-likelihoods (from lm-eval's logged samples). Reused results
+(--skip-lm-eval, --skip-fnprune) must be the same model's and hold every task asked for.
 
     cd /work/wt15 && HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 nice -n 19 env OMP_NUM_THREADS=1 \
         python -m evaluation.lm_eval_parity --model ~/.cache/fnprune-models/smollm2-135m-instruct
@@ -15,10 +16,16 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+try:  # as `python evaluation/lm_eval_parity.py` or `python -m evaluation.lm_eval_parity` (documented)
+    from tables import with_extension
+except ImportError:
+    from .tables import with_extension
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -30,12 +37,16 @@ OUT = HERE / "results"
 # lm-eval task -> (fnprune task, data folder under ../shared/data, split, rows: None = all). The same rows as
 # the YAMLs read: SST-2 dev, BoolQ val's first 500 rows, COPA val, the ARC Dev files.
 TASKS = {
-    "fnp_sst2": ("sst2", "sst2", "validation", None),  # fnp_sst2_raw: the same without stripping the sentences
+    "fnp_sst2": ("sst2", "sst2", "validation", None),
     "fnp_boolq": ("boolq", "superglue_boolq", "validation", 500),
     "fnp_copa": ("copa", "superglue_copa", "validation", None),
     "fnp_arc_easy": ("arc_easy", "arc_easy", "validation", None),
     "fnp_arc_challenge": ("arc_challenge", "arc_challenge", "validation", None),
+    # lm-eval's prompt over the sentences as read (their trailing space kept): fnprune strips text fields, so
+    # this one shows what that space does, not scorer parity; asked for by name only (--tasks)
+    "fnp_sst2_raw": ("sst2", "sst2", "validation", None),
 }
+DEFAULT_TASKS = [t for t in TASKS if t != "fnp_sst2_raw"]
 
 
 def lm_eval_command(model: str, out: Path, batch_size: int, tasks: list[str]) -> list[str]:
@@ -52,23 +63,56 @@ def run_lm_eval(model: str, out: Path, batch_size: int, tasks: list[str]) -> Non
     subprocess.run(lm_eval_command(model, out, batch_size, tasks), cwd=ROOT, env=env, check=True)
 
 
-def read_lm_eval(out: Path) -> tuple[dict[str, dict], dict[str, dict[int, list[float]]]]:
+def lm_eval_model(results: dict) -> str | None:
+    """The `pretrained=` model an lm-eval results file was run on (its model_args: a dict, or a string in older
+    versions)."""
+    args = results.get("config", {}).get("model_args")
+    if isinstance(args, str):
+        args = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
+    return args.get("pretrained") if isinstance(args, dict) else results.get("model_name")
+
+
+def read_lm_eval(out: Path, model: str, tasks: list[str]) -> tuple[dict[str, dict], dict[str, dict[int, list[float]]]]:
     """(task -> {acc, acc_norm}, task -> {doc_id: choice log-likelihoods}) from the lm-eval outputs under `out`,
-    the newest run of each task."""
-    results = sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not results:
-        raise SystemExit(f"no lm-eval results under {out}")
+    the newest run of each task on `model`; stops in one line when a task has no such run (a shared --lm-eval-out
+    may hold other models' runs: they are never read as this one's)."""
     metrics: dict[str, dict] = {}
     samples: dict[str, dict[int, list[float]]] = {}
-    for path in results:  # oldest first: a later run of a task replaces an earlier one
+    others: set[str] = set()
+    for path in sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime):  # later runs replace earlier
         stamp = path.stem.removeprefix("results_")
-        for task, r in json.loads(path.read_text())["results"].items():
+        data = json.loads(path.read_text())
+        if lm_eval_model(data) != model:
+            others.add(str(lm_eval_model(data)))
+            continue
+        for task, r in data["results"].items():
+            if task not in tasks:
+                continue
             metrics[task] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none")}
             logged = path.parent / f"samples_{task}_{stamp}.jsonl"
             if logged.is_file():
                 rows = [json.loads(line) for line in logged.read_text().splitlines() if line.strip()]
                 samples[task] = {r["doc_id"]: [float(x[0]) for x in r["filtered_resps"]] for r in rows}
+    missing = [t for t in tasks if t not in metrics]
+    if missing:
+        held = f" (it holds runs of {', '.join(sorted(others))})" if others else ""
+        raise SystemExit(f"no lm-eval results of {model} for {', '.join(missing)} under {out}{held}")
     return metrics, samples
+
+
+def saved_scores(path: Path, model: str, tasks: list[str]) -> dict[str, dict]:
+    """fnprune's scores from an earlier run (--skip-fnprune), refused in one line when they are another model's or
+    lack a task asked for."""
+    if not path.is_file():
+        raise SystemExit(f"no fnprune scores at {path}: run without --skip-fnprune")
+    saved = json.loads(path.read_text())
+    if saved.get("model") != model:
+        whose = f"of {saved['model']}" if "model" in saved else "of an unnamed model (an older version's file)"
+        raise SystemExit(f"{path} holds fnprune's scores {whose}, not {model}: run without --skip-fnprune")
+    missing = [t for t in tasks if t not in saved["scores"]]
+    if missing:
+        raise SystemExit(f"{path} has no fnprune scores for {', '.join(missing)}: run without --skip-fnprune")
+    return {t: saved["scores"][t] for t in tasks}
 
 
 def fnprune_scores(model_dir: str, data_root: Path, batch_size: int, tasks: list[str]) -> dict[str, dict]:
@@ -115,11 +159,11 @@ def compare(ours: dict[str, dict], theirs: dict[str, dict], samples: dict[str, d
     return table
 
 
-def markdown(table: list[dict], command: str, model: str) -> str:
+def markdown(table: list[dict], command: str, lm_eval: str, model: str) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [
         f"fnprune's scorer vs lm-eval 0.4.13 on `{model}` (float32, CPU), same local rows and prompts.",
-        "", f"lm-eval: `{command}`", "",
+        "", f"Command: `{command}`", "", f"lm-eval: `{lm_eval}`", "",
         "| task | n | fnprune acc | lm-eval acc | fnprune acc_norm | lm-eval acc_norm | max abs log-lik diff |"
         " argmax differs |",
         "|---|---|---|---|---|---|---|---|",
@@ -131,36 +175,42 @@ def markdown(table: list[dict], command: str, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"of {', '.join(TASKS)}")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lm-eval-out", default="/tmp/fnprune-lm-eval-parity")
     ap.add_argument("--skip-lm-eval", action="store_true", help="Read an earlier lm-eval run from --lm-eval-out.")
     ap.add_argument("--skip-fnprune", action="store_true",
                     help="Read fnprune's scores saved by an earlier run in --lm-eval-out.")
-    args = ap.parse_args()
-    model = str(Path(args.model).expanduser())
+    ap.add_argument("--out-prefix", default=str(OUT / "lm_eval_parity"), help="results go to PREFIX.json and PREFIX.md")
+    args = ap.parse_args(argv)
+    path = Path(args.model).expanduser()
+    model = str(path.resolve()) if path.exists() else args.model  # lm-eval runs from the repository root
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    out = Path(args.lm_eval_out)
+    if unknown := [t for t in tasks if t not in TASKS]:
+        ap.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    out = Path(args.lm_eval_out).expanduser().resolve()  # where lm-eval writes it, from the repository root
     saved = out / "fnprune_scores.json"
     if args.skip_fnprune:
-        ours = json.loads(saved.read_text())
+        ours = saved_scores(saved, model, tasks)
     else:
         ours = fnprune_scores(model, DATA_ROOT, args.batch_size, tasks)
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(ours))
+        saved.write_text(json.dumps({"model": model, "scores": ours}))
     if not args.skip_lm_eval:
         run_lm_eval(model, out, args.batch_size, tasks)
-    theirs, samples = read_lm_eval(out)
+    theirs, samples = read_lm_eval(out, model, tasks)
     table = compare(ours, theirs, samples)
-    OUT.mkdir(exist_ok=True)
-    command = " ".join(lm_eval_command(model, out, args.batch_size, tasks)[1:]).replace(sys.executable, "python")
-    (OUT / "lm_eval_parity.json").write_text(json.dumps({"model": model, "lm_eval_command": "python " + command,
-                                                         "rows": table}, indent=2) + "\n")
-    (OUT / "lm_eval_parity.md").write_text(markdown(table, "python " + command, model))
-    print(markdown(table, "python " + command, model))
+    command = "python -m evaluation.lm_eval_parity " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lm_eval = "python " + shlex.join(lm_eval_command(model, out, args.batch_size, tasks)[1:])
+    prefix = Path(args.out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with_extension(prefix, ".json").write_text(json.dumps(
+        {"model": model, "command": command, "lm_eval_command": lm_eval, "rows": table}, indent=2) + "\n")
+    with_extension(prefix, ".md").write_text(markdown(table, command, lm_eval, model))
+    print(markdown(table, command, lm_eval, model))
 
 
 if __name__ == "__main__":

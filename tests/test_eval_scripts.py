@@ -1,0 +1,69 @@
+"""The evaluation scripts' own bookkeeping (no compress runs): what they reuse, where they write, what they record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _parity_run(out: Path, model: Path, task: str = "fnp_copa") -> None:
+    """An lm-eval results file and its logged samples under `out`, as lm-eval 0.4.13 writes them for `model`."""
+    folder = out / str(model).replace("/", "__")
+    folder.mkdir(parents=True)
+    stamp = "2026-01-01T00-00-00.000000"
+    (folder / f"results_{stamp}.json").write_text(json.dumps({
+        "config": {"model": "hf", "model_args": {"pretrained": str(model), "dtype": "float32"}},
+        "results": {task: {"acc,none": 0.5, "acc_norm,none": 1.0}}}))
+    logged = [{"doc_id": i, "filtered_resps": [[str(a), "False"] for a in lls]}
+              for i, lls in enumerate([[-1, -2], [-3, -1]])]
+    (folder / f"samples_{task}_{stamp}.jsonl").write_text("\n".join(map(json.dumps, logged)))
+
+
+def _fnprune_saved(out: Path, model: Path, tasks: tuple[str, ...] = ("fnp_copa",)) -> None:
+    scores = {"acc": 0.5, "acc_norm": 1.0, "n": 2, "seconds": 0.1, "scores": [[-1.0, -2.0], [-3.0, -1.5]]}
+    (out / "fnprune_scores.json").write_text(json.dumps({"model": str(model), "scores": {t: scores for t in tasks}}))
+
+
+def test_lm_eval_parity_reuses_only_the_same_models_results_and_records_its_command(tmp_path):
+    """--skip-fnprune / --skip-lm-eval read whatever --lm-eval-out held and labelled it with the current --model;
+    the tables always went to evaluation/results and recorded only the lm-eval command."""
+    from evaluation import lm_eval_parity
+
+    a, b, out = tmp_path / "model-a", tmp_path / "model-b", tmp_path / "lm-eval"
+    a.mkdir(), b.mkdir()
+    _parity_run(out, a)
+    _fnprune_saved(out, a)
+    prefix = tmp_path / "parity"
+    args = ["--tasks", "fnp_copa", "--lm-eval-out", str(out), "--skip-lm-eval", "--skip-fnprune",
+            "--out-prefix", str(prefix)]
+    lm_eval_parity.main(["--model", str(a), *args])
+    saved = json.loads(prefix.with_suffix(".json").read_text())
+    assert saved["command"] == "python -m evaluation.lm_eval_parity --model " + str(a) + " " + " ".join(args)
+    assert saved["model"] == str(a) and "lm_eval" in saved["lm_eval_command"]
+    (row,) = saved["rows"]
+    assert (row["task"], row["lm_eval_acc_norm"], row["max_abs_loglik_diff"], row["argmax_differs"]) == (
+        "fnp_copa", 1.0, 0.5, 0)
+    assert saved["command"] in prefix.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match=f"scores of {a}, not {b}: run without --skip-fnprune"):
+        lm_eval_parity.main(["--model", str(b), *args])
+    _fnprune_saved(out, b)
+    with pytest.raises(SystemExit, match=f"no lm-eval results of {b} for fnp_copa under .*runs of {a}"):
+        lm_eval_parity.main(["--model", str(b), *args])
+    _fnprune_saved(out, a)
+    with pytest.raises(SystemExit, match="no fnprune scores for fnp_boolq"):
+        lm_eval_parity.main(["--model", str(a), *args[:1], "fnp_copa,fnp_boolq", *args[2:]])
+    _fnprune_saved(out, a, ("fnp_copa", "fnp_boolq"))
+    with pytest.raises(SystemExit, match=f"no lm-eval results of {a} for fnp_boolq"):
+        lm_eval_parity.main(["--model", str(a), *args[:1], "fnp_copa,fnp_boolq", *args[2:]])
+
+
+def test_lm_eval_parity_knows_every_shipped_task_and_keeps_its_default_tables():
+    from evaluation import lm_eval_parity
+
+    shipped = {p.stem for p in lm_eval_parity.TASK_DIR.glob("*.yaml")}
+    assert set(lm_eval_parity.TASKS) == shipped
+    assert "fnp_sst2_raw" not in lm_eval_parity.DEFAULT_TASKS  # a prompt difference, not parity: by name only
+    with pytest.raises(SystemExit):
+        lm_eval_parity.main(["--model", "m", "--tasks", "fnp_nope", "--skip-fnprune", "--skip-lm-eval"])
