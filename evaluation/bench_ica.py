@@ -45,7 +45,7 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from evaluation.tables import with_extension
+from evaluation.tables import with_extension, write_file
 from fnprune.moments import SecondMoments
 from fnprune.networks import LayerNetworks
 from fnprune.networks.engines import find_networks_batch, find_networks_reference, find_networks_torch
@@ -371,9 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         md = model_markdown(res, command, info)
         prefix = Path(args.out_prefix or HERE / "results" / "bench_ica_model")
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        with_extension(prefix, ".json").write_text(json.dumps({"command": command, "info": info, **res}, indent=1),
-                                               encoding="utf-8")
-        with_extension(prefix, ".md").write_text(md, encoding="utf-8")
+        write_file(with_extension(prefix, ".json"), json.dumps({"command": command, "info": info, **res}, indent=1))
+        write_file(with_extension(prefix, ".md"), md)
         print(md)
         return
     rows = []
@@ -387,10 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(rows, command, info)
     prefix = Path(args.out_prefix or HERE / "results" / "bench_ica")
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with_extension(prefix, ".json").write_text(
-        json.dumps({"command": command, "args": vars(args), "info": info, "rows": rows}, indent=1), encoding="utf-8"
-    )
-    with_extension(prefix, ".md").write_text(md, encoding="utf-8")
+    write_file(with_extension(prefix, ".json"),
+               json.dumps({"command": command, "args": vars(args), "info": info, "rows": rows}, indent=1))
+    write_file(with_extension(prefix, ".md"), md)
     print(md)
 
 

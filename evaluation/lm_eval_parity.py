@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 try:  # as `python evaluation/lm_eval_parity.py` or `python -m evaluation.lm_eval_parity` (documented)
-    from tables import with_extension
+    from tables import with_extension, write_file
 except ImportError:
-    from .tables import with_extension
+    from .tables import with_extension, write_file
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ours = fnprune_scores(model, DATA_ROOT, args.batch_size, tasks)
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"model": model, "scores": ours}))
+        write_file(saved, json.dumps({"model": model, "scores": ours}))
     if not args.skip_lm_eval:
         run_lm_eval(model, out, args.batch_size, tasks)
     theirs, samples = read_lm_eval(out, model, tasks)
@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     lm_eval = "python " + shlex.join(lm_eval_command(model, out, args.batch_size, tasks)[1:])
     prefix = Path(args.out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with_extension(prefix, ".json").write_text(json.dumps(
+    write_file(with_extension(prefix, ".json"), json.dumps(
         {"model": model, "command": command, "lm_eval_command": lm_eval, "rows": table}, indent=2) + "\n")
-    with_extension(prefix, ".md").write_text(markdown(table, command, lm_eval, model))
+    write_file(with_extension(prefix, ".md"), markdown(table, command, lm_eval, model))
     print(markdown(table, command, lm_eval, model))
 
 

@@ -4,9 +4,12 @@ PREFIX.csv for spreadsheets and plotting; and the one "% of dense" their columns
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from fnprune.checkpoint import atomic_output_file
 
 
 def with_extension(prefix: Path, extension: str) -> Path:
@@ -22,18 +25,26 @@ def percent_of_dense(score: float, dense: float, digits: int | None = 1) -> floa
     return 100 * score / dense if digits is None else round(100 * score / dense, digits)
 
 
+def write_file(path: Path, text: str) -> None:
+    """`path` replaced in one step (written beside it, then renamed): a run stopped while writing, or another one
+    writing the same prefix, never leaves a truncated table or one file of a set half old."""
+    with atomic_output_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")  # as given: the CSV ends its lines in \r\n
+
+
 def write_rows(prefix: Path, command: str, rows: list[dict[str, Any]]) -> str:
     """Write PREFIX.json, PREFIX.md and PREFIX.csv; returns the markdown table (columns in first-seen order, None
     blank). Columns named `_...` (unrounded values kept for averaging) go to the JSON only."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with_extension(prefix, ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     cols = list(dict.fromkeys(c for r in rows for c in r if not c.startswith("_")))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
-    with_extension(prefix, ".md").write_text(f"Command: `{command}`\n\n{table}\n")
-    with with_extension(prefix, ".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    spreadsheet = io.StringIO(newline="")
+    writer = csv.DictWriter(spreadsheet, cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_file(with_extension(prefix, ".json"), json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    write_file(with_extension(prefix, ".md"), f"Command: `{command}`\n\n{table}\n")
+    write_file(with_extension(prefix, ".csv"), spreadsheet.getvalue())
     return table

@@ -67,3 +67,29 @@ def test_lm_eval_parity_knows_every_shipped_task_and_keeps_its_default_tables():
     assert "fnp_sst2_raw" not in lm_eval_parity.DEFAULT_TASKS  # a prompt difference, not parity: by name only
     with pytest.raises(SystemExit):
         lm_eval_parity.main(["--model", "m", "--tasks", "fnp_nope", "--skip-fnprune", "--skip-lm-eval"])
+
+
+def test_tables_replace_each_file_whole_or_not_at_all(tmp_path):
+    """write_rows truncated and wrote each file in turn: a failure part way (here a value JSON writes but whose
+    text cannot be made) left a new JSON beside the last run's table, or a truncated file."""
+    import os
+    import stat
+
+    from evaluation.tables import write_rows
+
+    class Unprintable(int):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    prefix = tmp_path / "rows"
+    write_rows(prefix, "first", [{"a": 1}])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError, match="no text"):
+        write_rows(prefix, "second", [{"a": 2}, {"a": Unprintable(5)}])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing half-written, nothing left
+    write_rows(prefix, "third", [{"a": 3}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "rows.json", "rows.md"]
+    assert (tmp_path / "rows.csv").read_bytes() == b"a\r\n3\r\n"  # csv's line ends, as before
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "rows.md").stat().st_mode) == 0o666 & ~mask  # an ordinary file, not mkstemp's
