@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fnprune.data import Example
+from fnprune.provenance import file_sha256
 from fnprune.recipe import CalibrationSpec, TaskSpec
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     main_with_prompts(prompts, rest, f"evaluation/.runs/extra-{args.extra_file.stem}",
                       "python -m evaluation.extra_questions_probe " + " ".join(sys.argv[1:] if argv is None else argv),
-                      f"extra-{args.extra_file.resolve()}")
+                      # its contents name the runs, not only its path: a file edited in place runs anew
+                      f"extra-{args.extra_file.resolve()}-{file_sha256(args.extra_file)}")
 
 
 if __name__ == "__main__":

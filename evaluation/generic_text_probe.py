@@ -59,13 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.generic_share < 1:
         p.error("--generic-share must be in [0, 1)")
     from evaluation.calibration_tune import main_with_prompts
+    from fnprune.perplexity import wikitext_file
+    from fnprune.provenance import file_sha256
 
     passages = wikitext_passages(Path(args.wikitext))
+    wikitext = wikitext_file(args.wikitext)
     main_with_prompts(
         lambda task, spec, product: with_generic(product(task, spec), passages, args.generic_share, spec.seed),
         rest, f"evaluation/.runs/generic-{args.generic_share}",
         "python -m evaluation.generic_text_probe " + " ".join(sys.argv[1:] if argv is None else argv),
-        f"generic-{args.generic_share}-{Path(args.wikitext).resolve()}")
+        # the file's contents name the runs, not only its path: a file replaced in place runs anew
+        f"generic-{args.generic_share}-{wikitext}-{file_sha256(wikitext)}")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,23 @@ def test_tables_replace_each_file_whole_or_not_at_all(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "rows.md").stat().st_mode) == 0o666 & ~mask  # an ordinary file, not mkstemp's
+
+
+@pytest.mark.parametrize("probe", ["extra_questions_probe", "generic_text_probe"])
+def test_probe_runs_are_keyed_on_their_files_contents_not_only_the_path(probe, tmp_path, monkeypatch):
+    """--extra-file and --wikitext named the runs by their path alone: a file edited in place reused the runs made
+    from its old rows."""
+    import importlib
+
+    from evaluation import calibration_tune
+
+    module = importlib.import_module(f"evaluation.{probe}")
+    variants = []
+    monkeypatch.setattr(calibration_tune, "main_with_prompts", lambda *a: variants.append(a[-1]))
+    path = tmp_path / "wiki.test.raw"
+    flags = ["--extra-file", str(path)] if probe == "extra_questions_probe" else [
+        "--generic-share", "0.25", "--wikitext", str(tmp_path)]
+    for text in ("first rows\n", "first rows\n", "other rows\n"):
+        path.write_text(text)
+        module.main([*flags, "--model", "m"])
+    assert variants[0] == variants[1] != variants[2]
