@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,27 +85,30 @@ def subspace_gap(a, b, top: int) -> float:
     return float(1 - np.linalg.svd(qa.T @ qb, compute_uv=False).min())
 
 
+def best_taking_turns(fits: list, args: tuple, repeats: int) -> list[tuple]:
+    """(result, best seconds) of each fit on `args`, the fits taking turns within every repeat, so drifting
+    machine load hits them alike instead of whichever ran last."""
+    best = [(None, float("inf"))] * len(fits)
+    for _ in range(repeats):
+        for i, fit in enumerate(fits):
+            start = time.perf_counter()
+            result = fit(*args)
+            best[i] = (result, min(best[i][1], time.perf_counter() - start))
+    return best
+
+
 def compare_fits(args: argparse.Namespace, command: str) -> None:
     """The reconstruction's ridge fit on one wide layer (keep 0.5 at random, ridge 0.1), through the k x k
-    kept-neuron Gram and the T x T token Gram, timed (best of 2) and each compared with a float64 solve of the
-    k x k system."""
+    kept-neuron Gram and the T x T token Gram, timed (best of 2, taking turns) and each compared with a float64
+    solve of the k x k system."""
     from fnprune.compensation import fit_kept_gram, fit_token_gram, removed_indices
-
-    def best_of_two(fit, *a):
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            m = fit(*a)
-            times.append(time.perf_counter() - start)
-        return m, min(times)
 
     rows = []
     for width in (int(w) for w in args.widths.split(",")):
         x = synthetic_layer(width, args.tokens)
         keep = torch.randperm(width, generator=torch.Generator().manual_seed(1))[: width // 2].sort().values
         x = x - x.mean(0)
-        token, token_s = best_of_two(fit_token_gram, x, keep, 0.1)
-        kept, kept_s = best_of_two(fit_kept_gram, x, keep, 0.1)
+        (token, token_s), (kept, kept_s) = best_taking_turns([fit_token_gram, fit_kept_gram], (x, keep, 0.1), 2)
         x64 = x.double()
         cross = x64[:, keep].T @ x64 / x.shape[0]  # (k, d) float64
         kk, kr = cross[:, keep], cross[:, removed_indices(keep, width)]
@@ -135,8 +139,18 @@ def build_wide_llama(out: Path, tokenizer: Path, width: int, hidden: int, layers
 
 
 def compare_compress(args: argparse.Namespace, command: str) -> None:
-    """compress on a synthetic wide Llama with this checkout and `--baseline-src`, taking turns (module doc)."""
+    """compress on a synthetic wide Llama with this checkout and `--baseline-src`, taking turns (module doc). The
+    model and checkpoints (several GiB at Llama widths) live in a temporary folder, deleted however this ends."""
     work = Path(tempfile.mkdtemp(prefix="bench-wide-"))
+    try:
+        rows = compress_rows(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(write_rows(Path(args.out_prefix + "_compress"), command, rows))
+
+
+def compress_rows(args: argparse.Namespace, work: Path) -> list[dict]:
+    """compare_compress's runs in `work`, one row per fnprune version: the best run's times, the highest RSS."""
     model = build_wide_llama(work / "model", Path(args.tokenizer).expanduser(), args.compress_width, args.hidden,
                              args.layers)
     versions = {"this checkout": None, **({"baseline": args.baseline_src} if args.baseline_src else {})}
@@ -160,10 +174,10 @@ def compare_compress(args: argparse.Namespace, command: str) -> None:
                      "total_s": round(best["total"], 1), "runs_s": "/".join(f"{r['total']:.1f}" for r in rs),
                      **{f"{k}_s": round(v, 2) for k, v in best["timings"].items() if not k.startswith("evaluate")},
                      "peak_rss_gib": round(max(r["peak_rss"] for r in rs) / 2**30, 2)})
-    print(write_rows(Path(args.out_prefix + "_compress"), command, rows))
+    return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="11008,14336")
     parser.add_argument("--token-only", default="", help="widths whose d x d path is too big to run here")
@@ -179,8 +193,9 @@ def main() -> None:
     parser.add_argument("--baseline-src", default=None, help="an older fnprune checkout to run side by side")
     parser.add_argument("--tokenizer", default="~/.cache/fnprune-models/smollm2-135m-instruct")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2"))
-    args = parser.parse_args()
-    command = "python -m evaluation.bench_wide " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)  # as the CLI and the measuring subprocesses run: --fit times in this process
+    command = "python -m evaluation.bench_wide " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.compress:
         compare_compress(args, command)
         return

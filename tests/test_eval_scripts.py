@@ -113,3 +113,45 @@ def test_probe_runs_are_keyed_on_their_files_contents_not_only_the_path(probe, t
         path.write_text(text)
         module.main([*flags, "--model", "m"])
     assert variants[0] == variants[1] != variants[2]
+
+
+def test_bench_wide_flushes_denormals_alternates_the_fits_and_deletes_its_compress_folder(tmp_path, monkeypatch):
+    """main never set flush-denormal (the fits it times run in this process), --fit timed one fit twice then the
+    other twice, and --compress left its /tmp/bench-wide-* folder (a model and checkpoints) behind."""
+    import tempfile
+
+    import torch
+
+    import fnprune.compensation
+    from evaluation import bench_wide
+
+    flushes, order = [], []
+    real_flush = torch.set_flush_denormal
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: flushes.append(on) or real_flush(on))
+    for name in ("fit_token_gram", "fit_kept_gram"):
+        real = getattr(fnprune.compensation, name)
+        monkeypatch.setattr(fnprune.compensation, name, lambda *a, _real=real, _name=name: order.append(_name) or _real(
+            *a))
+    bench_wide.main(["--fit", "--widths", "32", "--tokens", "96", "--out-prefix", str(tmp_path / "wide")])
+    assert flushes == [True]
+    assert order == ["fit_token_gram", "fit_kept_gram"] * 2
+    (row,) = json.loads((tmp_path / "wide_fit.json").read_text())["rows"]
+    assert row["width"] == 32 and row["token_gram_rel_err_vs_float64"] < 1e-3
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    made = []
+    monkeypatch.setattr(bench_wide, "build_wide_llama", lambda out, *a: made.append(out) or out.mkdir())
+
+    def run_script(script, recipe, src=None):
+        Path(recipe["output"]["dir"]).mkdir()
+        return {"total": 2.0, "timings": {"load": 1.0, "save": 1.0}, "peak_rss": 2**30}
+
+    monkeypatch.setattr(bench_wide, "run_script", run_script)
+    args = ["--compress", "--compress-repeats", "1", "--data-dir", str(tmp_path), "--out-prefix", str(tmp_path / "w")]
+    bench_wide.main(args)
+    assert made and not list((tmp_path / "tmp").iterdir())
+    monkeypatch.setattr(bench_wide, "run_script", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bench_wide.main(args)
+    assert len(made) == 2 and not list((tmp_path / "tmp").iterdir())  # a failed run's too
