@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 try:  # as `python evaluation/bench_speed.py` (documented) or `python -m evaluation.bench_speed`
-    from llama_cpp_speed import export_ggufs, llama_cpp_throughput
+    from llama_cpp_speed import export_ggufs, llama_cpp_throughput, token_bounds
     from tables import with_extension, write_rows
     from validation_speed import validation_throughput
 except ImportError:
-    from .llama_cpp_speed import export_ggufs, llama_cpp_throughput
+    from .llama_cpp_speed import export_ggufs, llama_cpp_throughput, token_bounds
     from .tables import with_extension, write_rows
     from .validation_speed import validation_throughput
 
@@ -112,7 +112,8 @@ def throughput(models: dict, prefill_batch: int, prefill_len: int, decode_tokens
     model, best of `repeats`. The models take turns within every repeat, so drifting machine load hits them
     alike instead of whichever happened to run last."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 20000, (prefill_batch, prefill_len), generator=gen)
+    low, high = token_bounds(min(m.config.vocab_size for m in models.values()))
+    ids = torch.randint(low, high, (prefill_batch, prefill_len), generator=gen)
     prompt = ids[:1, :32]
     for model in models.values():
         model(ids[:1, :16], logits_to_keep=1)  # warm up
@@ -245,6 +246,8 @@ def main() -> None:
     if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
         parser.error("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
     torch.set_flush_denormal(True)
+    if Path(args.model).expanduser().exists():  # the compress runs start in an empty folder: no relative path
+        args.model = str(Path(args.model).expanduser().resolve())
 
     command = "python " + " ".join(sys.argv)
     keeps = [float(k) for k in args.keeps.split(",")]

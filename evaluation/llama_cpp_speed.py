@@ -12,7 +12,14 @@ from pathlib import Path
 
 from fnprune.export import export
 
-__all__ = ["export_ggufs", "llama_cpp_throughput"]
+__all__ = ["export_ggufs", "llama_cpp_throughput", "token_bounds"]
+
+
+def token_bounds(vocab: int) -> tuple[int, int]:
+    """[low, high) of the random token ids the speed runs feed: 100..20000 (past the special tokens), below
+    `vocab` for a model with fewer tokens (an id past the vocabulary fails, or reads out of bounds)."""
+    high = min(20000, vocab)
+    return min(100, high // 2), high
 
 
 def export_ggufs(checkpoints: dict[float, str], outtypes: list[str], folder: Path) -> dict[tuple, Path]:
@@ -56,9 +63,10 @@ def llama_cpp_throughput(files: dict[tuple, Path], prompt_len: int, new_tokens: 
     """Best-of-`repeats` prompt-processing and generation tokens/s of each GGUF file."""
     import numpy as np
 
-    ids = [int(x) for x in np.random.default_rng(0).integers(100, 20000, max(prompt_len, 32 + new_tokens))]
     llms = {key: _load(path, threads, flash_attn, n_ctx=max(prompt_len, 32 + new_tokens) + 8)
             for key, path in files.items()}
+    low, high = token_bounds(min(llm.n_vocab() for llm in llms.values()))
+    ids = [int(x) for x in np.random.default_rng(0).integers(low, high, max(prompt_len, 32 + new_tokens))]
     for llm in llms.values():
         _timed_prompt(llm, ids[:32])  # warm up
     best = {key: [float("inf"), float("inf")] for key in llms}

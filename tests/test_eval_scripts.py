@@ -155,3 +155,57 @@ def test_bench_wide_flushes_denormals_alternates_the_fits_and_deletes_its_compre
     with pytest.raises(ZeroDivisionError):
         bench_wide.main(args)
     assert len(made) == 2 and not list((tmp_path / "tmp").iterdir())  # a failed run's too
+
+
+def test_bench_speed_takes_a_relative_model_and_a_vocabulary_under_20000(model_dir, task_data, tmp_path,
+                                                                          monkeypatch):
+    """A relative --model reached the compress runs as given, which start in an empty folder; the throughput
+    runs fed token ids up to 20000 to a model with fewer (the tiny one has a few hundred)."""
+    import shutil
+    import sys
+
+    from evaluation import bench_speed
+
+    seen = []
+
+    def run_script(script, recipe, src=None):  # the compress run's checkpoint: the dense model, copied
+        seen.append(recipe["model"]["name_or_path"])
+        if script == bench_speed.FORWARD_ONLY:
+            return {"forward_s": 1.0, "peak_rss": 2**30}
+        shutil.copytree(recipe["model"]["name_or_path"], recipe["output"]["dir"])
+        return {"total": 2.0, "timings": {"load": 1.0, "capture": 1.0, "save": 0.1}, "peak_rss": 2**30,
+                "parameters": {}, "widths": [8]}
+
+    monkeypatch.setattr(bench_speed, "run_script", run_script)
+    model = model_dir("llama")
+    monkeypatch.chdir(model.parent)
+    monkeypatch.setattr(sys, "argv", [
+        "bench_speed.py", "--model", model.name, "--data-dir", str(task_data), "--keeps", "0.5", "--reference-keeps",
+        "", "--compress-repeats", "1", "--prefill-batch", "1", "--prefill-len", "24", "--decode-tokens", "2",
+        "--repeats", "1", "--out-prefix", str(tmp_path / "speed")])
+    bench_speed.main()
+    assert seen[:2] == [str(model.resolve())] * 2
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert rows[1]["prefill_tok_s"] > 0 and rows[1]["decode_tok_s"] > 0
+
+
+def test_llama_cpp_speed_draws_token_ids_below_the_models_vocabulary(monkeypatch):
+    from evaluation import llama_cpp_speed
+
+    class FakeLlama:
+        def n_vocab(self) -> int:
+            return 384
+
+        def reset(self) -> None:
+            pass
+
+        def eval(self, ids: list[int]) -> None:
+            assert all(0 <= i < 384 for i in ids), max(ids)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(llama_cpp_speed, "_load", lambda *a, **k: FakeLlama())
+    speed = llama_cpp_speed.llama_cpp_throughput({(1.0, "f32"): Path("x.gguf")}, 40, 4, 1, 1, False)
+    assert speed[(1.0, "f32")]["prompt_tok_s"] > 0
+    assert llama_cpp_speed.token_bounds(49152) == (100, 20000)  # a real vocabulary: the ids as before
