@@ -6,7 +6,7 @@ then writes PREFIX.{json,md} (default evaluation/results/lm_eval_parity): acc an
 example the largest difference of the choices' log-likelihoods (from lm-eval's logged samples). Reused results
 (--skip-lm-eval, --skip-fnprune) must be the same model's and hold every task asked for.
 
-    cd /work/wt15 && HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 nice -n 19 env OMP_NUM_THREADS=1 \
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 nice -n 19 env OMP_NUM_THREADS=1 \
         python -m evaluation.lm_eval_parity --model ~/.cache/fnprune-models/smollm2-135m-instruct
 """
 

@@ -5,7 +5,8 @@ network relevance with the calibration prompts' true labels against the same wit
         --task arc_easy --data-dir ../shared/data/arc_easy
 
 Calibration and networks come from `fnprune.calibration.calibrate` with the recipe's defaults (from fnprune's
-cache when a compress of the same recipe ran before), so they are the ones compress selects with. Writes
+cache when an earlier run calibrated the same way): the networks a network method (`selection.method` fn-task or
+fn) selects with. The default method (auto: flap) finds no networks and reads no relevance. Writes
 PREFIX.{json,md,csv}: one row per layer, then the mean.
 """
 

@@ -209,3 +209,11 @@ def test_llama_cpp_speed_draws_token_ids_below_the_models_vocabulary(monkeypatch
     speed = llama_cpp_speed.llama_cpp_throughput({(1.0, "f32"): Path("x.gguf")}, 40, 4, 1, 1, False)
     assert speed[(1.0, "f32")]["prompt_tok_s"] > 0
     assert llama_cpp_speed.token_bounds(49152) == (100, 20000)  # a real vocabulary: the ids as before
+
+
+def test_every_evaluation_script_is_in_the_evaluation_readme():
+    """extra_questions_probe.py had no line in evaluation/README.md."""
+    folder = Path(__file__).resolve().parent.parent / "evaluation"
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    scripts = [p.name for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"]
+    assert [name for name in scripts if f"`{name}`" not in readme] == []
