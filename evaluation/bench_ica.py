@@ -69,7 +69,7 @@ def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Ten
     package's calibrate (kept as tokens, not moments) and its on-disk cache."""
     from fnprune.calibration import calibrate
     from fnprune.data import label_keys, resolve_task
-    from fnprune.inputs import calibration_prompts
+    from fnprune.inputs import calibration_prompts, evaluation_texts
     from fnprune.models import load_model
 
     recipe = Recipe(
@@ -78,7 +78,7 @@ def capture_tokens(n_samples: int, max_tokens: int, seed: int) -> list[torch.Ten
     )
     task = resolve_task(recipe.task)
     cal = recipe.calibration
-    examples = calibration_prompts(task, cal)
+    examples = calibration_prompts(task, cal, evaluation_texts(task, recipe.evaluation.enabled))  # compress's
     model, tokenizer = load_model(recipe.model)
     calib = calibrate(model, tokenizer, examples, dict.fromkeys(label_keys(task, examples), ""), recipe,
                       with_networks=False, progress=False, use_cache=True)

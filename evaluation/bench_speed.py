@@ -61,14 +61,14 @@ FORWARD_ONLY = """
 import json, resource, sys, time, torch
 torch.set_flush_denormal(True)
 from fnprune.data import resolve_task
-from fnprune.inputs import calibration_prompts
+from fnprune.inputs import calibration_prompts, evaluation_texts
 from fnprune.models import load_model
 from fnprune.recipe import recipe_from_dict
 from fnprune.tokens import batches, encode_inputs, forward, is_classifier
 recipe = recipe_from_dict(json.loads(sys.argv[1]))
 cal = recipe.calibration
 task = resolve_task(recipe.task)
-examples = calibration_prompts(task, cal)  # compress's prompts
+examples = calibration_prompts(task, cal, evaluation_texts(task, recipe.evaluation.enabled))  # compress's prompts
 model, tok = load_model(recipe.model)
 seqs = encode_inputs(tok, examples, cal.max_length, model)
 start = time.perf_counter()
@@ -76,7 +76,8 @@ with torch.inference_mode():
     for batch in batches(seqs, cal.batch_size, "right"):
         forward(model, batch, all_logits=False)
 seconds = time.perf_counter() - start
-print(json.dumps({"forward_s": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"forward_s": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "prompts": len(examples)}))
 """
 
 

@@ -608,3 +608,29 @@ def test_recovery_tune_builds_each_rows_teacher_and_leaves_the_evaluation_split_
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["samples"] == len(prompts[0]) == 48  # each teacher's, then tuning and training
     assert [len(examples) for examples in prompts[1:]] == [48, 8, 48]
+
+
+def test_bench_speed_and_bench_ica_draw_compress_prompts_leaving_the_evaluation_split_out(model_dir, tmp_path,
+                                                                                         monkeypatch):
+    """bench_speed's forward-only yardstick and bench_ica's capture drew their prompts without leaving out the
+    train rows that are also evaluation rows, as compress does: other prompts than compress's."""
+    import tiny
+
+    from evaluation import bench_ica, bench_speed
+    from fnprune import calibration
+
+    data = tiny.make_task_data(tmp_path / "sst2", n_train=40, n_dev=8)
+    train = (data / "train.tsv").read_text().splitlines()
+    with (data / "dev.tsv").open("a") as dev:  # 8 train rows are evaluation rows too: compress calibrates on 32
+        dev.write("".join(line + "\n" for line in train[1:9]))
+    recipe = {"model": {"name_or_path": str(model_dir("llama"))}, "task": {"name": "sst2", "data_dir": str(data)},
+              "calibration": {"cache": False, "num_samples": 40}, "evaluation": {"enabled": False}}
+    assert bench_speed.run_script(bench_speed.FORWARD_ONLY, recipe)["prompts"] == 32
+    seen = []
+    real = calibration.calibrate
+    monkeypatch.setattr(calibration, "calibrate", lambda m, t, examples, *a, **k: seen.append(examples) or real(
+        m, t, examples, *a, **k))
+    monkeypatch.setattr(bench_ica, "MODEL", model_dir("llama"))
+    monkeypatch.setattr(bench_ica, "DATA", data)
+    bench_ica.capture_tokens(40, 64, 0)
+    assert len(seen[0]) == 32
