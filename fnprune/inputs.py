@@ -22,7 +22,6 @@ from .data import (
     fill_template,
     load_evaluation,
     load_sample,
-    load_split,
     resolve_task,
     shared_examples,
     task_fields,
@@ -84,7 +83,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     except DataError:
         calibration_prompts(task, recipe.calibration)  # a broken calibration file is named first, as it is read first
         raise
-    held = {example_key(e) for e in next(iter(evaluation.values()), [])}
+    held = _texts(evaluation)
     prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:
         check_disjoint(prompts, next(iter(evaluation.values())))
@@ -200,7 +199,12 @@ def evaluation_texts(task: TaskSpec, scored: bool = True) -> set[tuple[str, ...]
     """The evaluation split's texts (`example_key`) that load_inputs keeps out of the calibration, so a script
     drawing "compress's prompts" draws those: `calibration_prompts(task, spec, evaluation_texts(task, scored))`
     (`scored`: recipe.evaluation.enabled; unscored, only a local evaluation file is read)."""
-    return {example_key(e) for e in next(iter(_evaluation_examples(task, scored).values()), [])}
+    return _texts(_evaluation_examples(task, scored))
+
+
+def _texts(evaluation: dict[str, list[Example]]) -> set[tuple[str, ...]]:
+    """The evaluation rows' texts, one key per row (every template holds the same rows)."""
+    return {example_key(e) for e in next(iter(evaluation.values()), [])}
 
 
 def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:
@@ -210,9 +214,7 @@ def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:
         task = resolve_task(recipe.task)
         if data_source(task, task.calibration_split) is None:
             return None
-        held = ({example_key(e) for e in load_split(task, task.evaluation_split)}
-                if data_source(task, task.evaluation_split) is not None else set())
-        sample = calibration_prompts(task, recipe.calibration, held)  # the rows that run drew
+        sample = calibration_prompts(task, recipe.calibration, evaluation_texts(task, scored=False))  # as drawn
     except (DataError, RecipeError):
         return None
     return len(shared_examples(sample, examples))
