@@ -262,3 +262,24 @@ def test_empty_networks_sort_after_the_ranked_ones():
 
     rows = [{"relevance_rank": ""}, {"relevance_rank": 2}, {"relevance_rank": 1}]
     assert [r["relevance_rank"] for r in sorted(rows, key=by_rank)] == [1, 2, ""]
+
+
+def test_verify_masking_accepts_relu_zeros_in_later_layers(model_dir, task_data, monkeypatch):
+    """OPT's ReLU neurons of layer 1 can be zero on every prompt once layer 0 is masked: the earlier masking's
+    doing, not the hooks'. The check passes such masks, and still catches hooks that zero one neuron too many in
+    a later masked layer."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("opt"))))
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
+    prompts = [e.prompt for e in load_split(task, "validation")[:4]]
+    rng = np.random.default_rng(0)
+    for size in (4, 16, 32, 64, 64, 64):
+        check = an.verify_masking(model, tok, prompts, {0: np.sort(rng.choice(128, size, replace=False))})
+        assert check["ok"], check["problems"]
+    real = scoring.masked_neurons
+
+    def one_too_many(model, layout, keep, fill=None, scale=None):
+        return real(model, layout, [keep[0], keep[1][1:]], fill, scale)  # layer 1 loses a kept neuron too
+
+    monkeypatch.setattr(scoring, "masked_neurons", one_too_many)
+    check = an.verify_masking(model, tok, prompts, {0: np.array([1, 2]), 1: np.array([5, 6])})
+    assert not check["ok"] and any("layer 1" in p and "outside the network" in p for p in check["problems"])

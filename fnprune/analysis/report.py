@@ -179,8 +179,9 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
     lines = [
         "## 3. Key networks",
         "",
-        f"Each network's neurons zeroed in its own layer only (checked on every run with hooks: exactly those "
-        f"neurons are zero, no other layer is touched), vs the same number of random neurons of the same layer "
+        f"Each network's neurons zeroed in its own layer only (checked for each network: the hooks zero exactly "
+        f"those neurons and pass every other neuron of every layer through unchanged; the layers before it are "
+        f"untouched), vs the same number of random neurons of the same layer "
         f"({spec.seeds} seeds). `excess_drop` = random-masked accuracy minus network-masked accuracy, with a 95% "
         f"paired bootstrap interval over examples. Top {spec.top_networks} networks by relevance, plus "
         f"{spec.control_networks} random networks as controls.",
