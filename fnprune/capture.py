@@ -58,6 +58,16 @@ class LayerActivations:
         """Tokens in the sample that ICA and the reconstruction are fitted on."""
         return self.moments.count if self.moments is not None else int(self.tokens.shape[0])
 
+    @property
+    def constant(self) -> torch.Tensor:
+        """(d,) bool: neurons that never vary over the token sample (ReLU-dead, a padded checkpoint's padding):
+        the ones ICA counts dead and leaves out of every network; the same exact test as the whitening's."""
+        if self.moments is not None:
+            return self.moments.constant
+        if self.tokens is None or self.tokens.shape[0] == 0:
+            raise ValueError("the token sample was released")
+        return self.tokens.amax(0) == self.tokens.amin(0)
+
     def sample_moments(self) -> SecondMoments:
         """Second moments of the token sample, however it was stored."""
         if self.moments is not None:

@@ -283,3 +283,38 @@ def test_verify_masking_accepts_relu_zeros_in_later_layers(model_dir, task_data,
     monkeypatch.setattr(scoring, "masked_neurons", one_too_many)
     check = an.verify_masking(model, tok, prompts, {0: np.array([1, 2]), 1: np.array([5, 6])})
     assert not check["ok"] and any("layer 1" in p and "outside the network" in p for p in check["problems"])
+
+
+def _with_dead_neurons(model_dir, dest: Path) -> Path:
+    """The tiny llama with every even MLP neuron dead (its up_proj row zero: SiLU(gate) * 0), as ReLU models
+    and padded checkpoints have them."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("llama"))))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[::2] = 0
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_random_controls_are_live_neurons(model_dir, task_data, tmp_path, monkeypatch):
+    """Networks hold live neurons only, so the random controls must too (a dead one masks nothing), and the
+    neurons counted are the live ones."""
+    dead_model = _with_dead_neurons(model_dir, tmp_path / "dead")
+    masked: list[np.ndarray] = []
+    real = an.Scorer.scores
+
+    def recording(self, changes=None):
+        masked.extend(idx for idx, _ in (changes or {}).values())
+        return real(self, changes)
+
+    monkeypatch.setattr(an.Scorer, "scores", recording)
+    spec = dataclasses.replace(_spec(model_dir, task_data, tmp_path / "out", recurrence_groups=0, seeds=3,
+                                     top_networks=3, control_networks=2, group_mask=3),
+                               model=ModelSpec(name_or_path=str(dead_model)))
+    result = an.run_analysis(spec, progress=False)
+    assert len(masked) > 10 and all((idx % 2 == 1).all() for idx in masked), masked
+    assert [int(x.sum()) for x in an.experiments.live_neurons(result.calibration)] == [64, 64]
+    assert result.info["live_neurons"] == 128 and result.info["mlp_neurons"] == 256
+    g = result.tables["group_mask"][0]
+    assert g["fraction_of_live_neurons"] == pytest.approx(g["neurons"] / 128, abs=1e-5)

@@ -29,7 +29,7 @@ from .scoring import Scorer, verify_masking
 from .spec import AnalysisSpec
 
 __all__ = ["Baseline", "amplification", "dense_baseline", "group_mask", "group_tables", "key_networks",
-           "network_tables", "pick_networks", "recurrence", "rounded"]
+           "live_neurons", "network_tables", "pick_networks", "recurrence", "rounded"]
 
 log = logging.getLogger("fnprune")
 Rows = list[dict[str, Any]]
@@ -57,8 +57,16 @@ def _bootstrap_ci(diff: np.ndarray, seed: int, n: int = 2000) -> tuple[float, fl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _random_same_layer(width: int, exclude: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    pool = np.setdiff1d(np.arange(width), exclude)
+def live_neurons(calib: Calibration) -> list[np.ndarray]:
+    """Per layer, (width,) bool: the neurons that vary over the calibration tokens. ICA leaves the constant ones
+    (ReLU-dead, padding) out of every network, so the random controls leave them out too: masking one changes
+    nothing, and a control holding some would mask fewer real neurons than the network."""
+    return [~a.constant.numpy() for a in calib.activations]
+
+
+def _random_same_layer(live: np.ndarray, exclude: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random live neurons of a layer (`live`: its live_neurons mask) outside `exclude`."""
+    pool = np.flatnonzero(live & ~np.isin(np.arange(len(live)), exclude))
     return np.sort(rng.choice(pool, min(count, len(pool)), replace=False))
 
 
@@ -222,6 +230,7 @@ class Baseline:
     correct: np.ndarray  # (n,) bool: dense prediction right
     halves: list[np.ndarray]  # two disjoint halves of the examples (indices), for choosing vs measuring
     verify_prompts: list[str]  # prompts each masking is checked on (verify_masking)
+    live: list[np.ndarray]  # per layer, the live neurons (live_neurons): what random controls are drawn from
 
     @property
     def accuracy(self) -> float:
@@ -234,12 +243,12 @@ class Baseline:
         return check["ok"]
 
 
-def dense_baseline(scorer: Scorer, nets: list[dict], spec: AnalysisSpec) -> Baseline:
+def dense_baseline(scorer: Scorer, nets: list[dict], spec: AnalysisSpec, live: list[np.ndarray]) -> Baseline:
     """Dense scores (caching what replay from the analyzed networks' layers needs) and the seeded halves."""
     correct = scorer.correct(scorer.prepare({n["layer"] for n in nets}))
     perm = np.random.default_rng(spec.seed + 3).permutation(len(scorer.examples))
     halves = [np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])]
-    return Baseline(scorer, correct, halves, [e.prompt for e in scorer.examples[:4]])
+    return Baseline(scorer, correct, halves, [e.prompt for e in scorer.examples[:4]], live)
 
 
 def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,
@@ -256,8 +265,7 @@ def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,
         corrects[n["name"]] = c_fn
         rand = []
         for s in range(spec.seeds):
-            idx = _random_same_layer(scorer.widths[i], members, len(members),
-                                     np.random.default_rng(spec.seed * 1000 + s))
+            idx = _random_same_layer(base.live[i], members, len(members), np.random.default_rng(spec.seed * 1000 + s))
             c = scorer.correct(scorer.scores({i: (idx, 0.0)}))
             rand.append(c)
             seed_rows.append({"network": n["name"], "seed": s, "accuracy": rounded(c.mean())})
@@ -294,13 +302,14 @@ def group_mask(base: Baseline, group: GroupNetworks, spec: AnalysisSpec) -> Rows
     rand = []
     for s in range(spec.seeds):
         rng = np.random.default_rng(spec.seed * 1000 + 500 + s)
-        changes = {i: (_random_same_layer(widths[i], idx, len(idx), rng), 0.0) for i, idx in per_layer.items()}
+        changes = {i: (_random_same_layer(base.live[i], idx, len(idx), rng), 0.0) for i, idx in per_layer.items()}
         rand.append(scorer.correct(scorer.scores(changes)))
     rand_acc = np.array([c.mean() for c in rand])
     lo, hi = _bootstrap_ci((np.mean(rand, axis=0) - c_fn).astype(float), spec.seed)
     total = int(sum(len(v) for v in per_layer.values()))
     return [{
-        "networks": len(chosen), "neurons": total, "fraction_of_mlp_neurons": rounded(total / sum(widths), 5),
+        "networks": len(chosen), "neurons": total,
+        "fraction_of_live_neurons": rounded(total / max(int(sum(m.sum() for m in base.live)), 1), 5),
         "layers": len(per_layer), "dense_acc": rounded(base.accuracy, 4), "masked_fn_acc": rounded(c_fn.mean(), 4),
         "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": rounded(_std(rand_acc), 4),
         "random_accs": " ".join(f"{a:.4f}" for a in rand_acc),
@@ -342,7 +351,7 @@ def _amplify(base: Baseline, n: dict, masked: np.ndarray | None, spec: AnalysisS
     rand_gain = []
     if gains[best] > 0:
         for s in range(spec.seeds):
-            idx = _random_same_layer(scorer.widths[i], members, len(members),
+            idx = _random_same_layer(base.live[i], members, len(members),
                                      np.random.default_rng(spec.seed * 1000 + 900 + s))
             c = scorer.correct(scorer.scores({i: (idx, float(best))}))
             rand_gain.append(c.mean() - dense_acc)

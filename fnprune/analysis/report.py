@@ -81,7 +81,7 @@ def _header_md(a: Analysis) -> list[str]:
         info["command"],
         "```",
         "",
-        f"- model: `{info['model']}` ({_widths_text(info)} = {info['mlp_neurons']:,} neurons)",
+        f"- model: `{info['model']}` ({_widths_text(info)} = {info['mlp_neurons']:,} neurons{_live_text(info)})",
         f"- networks found on {cal['samples']} `{cal['split']}` examples (ICA on {cal['tokens_for_ica']} sampled "
         f"tokens per layer; group ICA on {cal['group_ica_tokens']} of them, all layers concatenated), "
         f"k = {spec.networks.components} components, member = |z| > {spec.networks.threshold:g}",
@@ -134,6 +134,14 @@ def _widths_text(info: dict) -> str:
     return f"{info['layers']} layers of {widths_span(widths)} MLP neurons"
 
 
+def _live_text(info: dict) -> str:
+    """The live neurons, where some never vary (ReLU-dead, padding): only those are in networks and controls."""
+    if info["live_neurons"] == info["mlp_neurons"]:
+        return ""
+    return (f", of which {info['live_neurons']:,} vary on the calibration tokens; the others (ReLU-dead or padding) "
+            "are in no network and no random control")
+
+
 def _groups_run(recurrence: list[dict]) -> str:
     """How many groups each task's recurrence ran (fewer than asked when its held-out examples ran out)."""
     by_task = {r["task"]: r["groups"] for r in recurrence}
@@ -181,7 +189,7 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         "",
         f"Each network's neurons zeroed in its own layer only (checked for each network: the hooks zero exactly "
         f"those neurons and pass every other neuron of every layer through unchanged; the layers before it are "
-        f"untouched), vs the same number of random neurons of the same layer "
+        f"untouched), vs the same number of random live neurons of the same layer "
         f"({spec.seeds} seeds). `excess_drop` = random-masked accuracy minus network-masked accuracy, with a 95% "
         f"paired bootstrap interval over examples. Top {spec.top_networks} networks by relevance, plus "
         f"{spec.control_networks} random networks as controls.",
@@ -200,10 +208,10 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         g = t["group_mask"][0]
         lines += [
             f"The paper's test: the top {g['networks']} group networks masked together ({g['neurons']} neurons = "
-            f"{g['fraction_of_mlp_neurons']:.2%} of MLP neurons, in {g['layers']} layers) vs the same number of "
-            "random neurons in each of those layers:",
+            f"{g['fraction_of_live_neurons']:.2%} of the live MLP neurons, in {g['layers']} layers) vs the same "
+            "number of random live neurons in each of those layers:",
             "",
-            _md_table(t["group_mask"], ["networks", "neurons", "fraction_of_mlp_neurons", "dense_acc",
+            _md_table(t["group_mask"], ["networks", "neurons", "fraction_of_live_neurons", "dense_acc",
                                         "masked_fn_acc", "random_acc_mean", "random_acc_std", "random_accs",
                                         "excess_drop", "excess_ci_low", "excess_ci_high"]),
         ]
@@ -219,7 +227,7 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
         "",
         f"Each analyzed network's neurons multiplied by {', '.join(f'{s:g}' for s in spec.scales)}. `best_*` "
         "picks the factor on all evaluation examples (optimistic); `cv_*` picks it on one half and measures the "
-        "gain on the other half (honest). Random control: the same number of random neurons of the same layer "
+        "gain on the other half (honest). Random control: the same number of random live neurons of the same layer "
         "scaled by the best factor (only when the best gain is positive).",
         "",
         f"![amplification]({files['amplification']})",

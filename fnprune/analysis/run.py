@@ -29,6 +29,7 @@ from .experiments import (
     group_mask,
     group_tables,
     key_networks,
+    live_neurons,
     network_tables,
     pick_networks,
     recurrence,
@@ -130,7 +131,7 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     nets = pick_networks(calib, spec)
     scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
                     progress=progress)
-    base = dense_baseline(scorer, nets, spec)
+    base = dense_baseline(scorer, nets, spec, live_neurons(calib))
     lap("dense evaluation")
     key, masked = key_networks(base, nets, spec, progress)
     tables.update(key)
@@ -162,6 +163,7 @@ def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibra
                        "disjoint_from_calibration": True},
         "layers": len(widths), "mlp_width": widths[0] if len(set(widths)) == 1 else None,
         "mlp_widths": list(widths), "mlp_neurons": int(sum(widths)),
+        "live_neurons": int(sum(m.sum() for m in base.live)),  # that vary on the calibration tokens
         "dense_accuracy": rounded(base.accuracy, 4),
         "dense_accuracy_halves": [rounded(base.correct[h].mean(), 4) for h in halves],
         "group_ica_converged": group.converged,
