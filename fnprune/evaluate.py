@@ -29,8 +29,9 @@ from .tokens import Batch, batches, encode, encode_inputs, forward
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "TaskResult", "answered", "choice_requests", "evaluate_accuracy", "evaluate_choices",
-           "evaluate_templates", "label_token_ids", "next_token_logprobs", "encode_pair", "majority_share", "scored"]
+__all__ = ["EvalResult", "TaskResult", "answered", "check_head", "choice_requests", "evaluate_accuracy",
+           "evaluate_choices", "evaluate_templates", "label_token_ids", "next_token_logprobs", "encode_pair",
+           "majority_share", "scored"]
 
 
 @dataclass
@@ -150,12 +151,17 @@ def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, 
     return scores
 
 
-@torch.inference_mode()
-def _head_scores(model, tokenizer, examples, n_labels, batch_size, max_length, progress) -> torch.Tensor:
-    """Classifier checkpoints: the head's logits; class i stands for the i-th label of `label_words`."""
+def check_head(model: nn.Module, n_labels: int) -> None:
+    """A classifier's head must have one class per label (class i stands for the i-th label of `label_words`)."""
     n_classes = model.config.num_labels
     if n_classes != n_labels:
         raise DataError(f"the model's head has {n_classes} classes but the task has {n_labels} labels")
+
+
+@torch.inference_mode()
+def _head_scores(model, tokenizer, examples, n_labels, batch_size, max_length, progress) -> torch.Tensor:
+    """Classifier checkpoints: the head's logits; class i stands for the i-th label of `label_words`."""
+    check_head(model, n_labels)
     seqs = encode_inputs(tokenizer, examples, max_length, model)
     scores = torch.zeros(len(examples), n_labels, dtype=torch.float64)
     bar = tqdm(total=len(examples), desc="evaluate", unit="ex", disable=not progress)

@@ -16,7 +16,7 @@ from fnprune import analysis as an
 from fnprune.analysis import scoring
 from fnprune.arch import get_module, layer_blocks, layout_for
 from fnprune.cli import main
-from fnprune.data import load_split, resolve_task
+from fnprune.data import Example, load_split, resolve_task
 from fnprune.evaluate import evaluate_accuracy
 from fnprune.models import load_model
 from fnprune.recipe import ModelSpec, TaskSpec
@@ -130,7 +130,7 @@ def test_masking_zeroes_exactly_the_network_in_its_layer(model_dir, task_data):
     scaled = _record_down_inputs(model, lambda: scorer.scores({1: (members, 2.0)}))
     assert torch.allclose(scaled[1][:, members], 2 * dense[1][:, members])
     assert torch.equal(scaled[1][:, rest], dense[1][:, rest])
-    assert an.verify_masking(model, tok, [e.prompt for e in examples[:3]], {1: members, 0: members[:2]})["ok"]
+    assert an.verify_masking(model, tok, examples[:3], {1: members, 0: members[:2]})["ok"]
 
 
 def test_verify_masking_catches_a_late_bound_mask(model_dir, task_data, monkeypatch):
@@ -142,7 +142,8 @@ def test_verify_masking_catches_a_late_bound_mask(model_dir, task_data, monkeypa
         return real(model, layout, [keep[-1]] * len(keep), fill, scale)
 
     monkeypatch.setattr(scoring, "masked_neurons", buggy)
-    check = an.verify_masking(model, tok, ["Review: a fine film\nSentiment:"], {1: np.array([1, 2, 3])})
+    one = Example("Review: a fine film\nSentiment:", "1", ("a fine film",))
+    check = an.verify_masking(model, tok, [one], {1: np.array([1, 2, 3])})
     assert not check["ok"] and any("layer 0" in p for p in check["problems"])
 
 
@@ -270,7 +271,7 @@ def test_verify_masking_accepts_relu_zeros_in_later_layers(model_dir, task_data,
     a later masked layer."""
     model, tok = load_model(ModelSpec(name_or_path=str(model_dir("opt"))))
     task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data)))
-    prompts = [e.prompt for e in load_split(task, "validation")[:4]]
+    prompts = load_split(task, "validation")[:4]
     rng = np.random.default_rng(0)
     for size in (4, 16, 32, 64, 64, 64):
         check = an.verify_masking(model, tok, prompts, {0: np.sort(rng.choice(128, size, replace=False))})
@@ -318,3 +319,22 @@ def test_random_controls_are_live_neurons(model_dir, task_data, tmp_path, monkey
     assert result.info["live_neurons"] == 128 and result.info["mlp_neurons"] == 256
     g = result.tables["group_mask"][0]
     assert g["fraction_of_live_neurons"] == pytest.approx(g["neurons"] / 128, abs=1e-5)
+
+
+def test_encoder_models_are_scored_by_their_head(model_dir, task_data, tmp_path):
+    """BERT (which compress prunes) is analyzed end to end, scored by its classifier head as evaluate scores it;
+    recurrence and the masking check feed it what calibration does (the raw text, cut to its positions)."""
+    spec = dataclasses.replace(_spec(model_dir, task_data, tmp_path / "out", recurrence_groups=2, seeds=1),
+                               model=ModelSpec(name_or_path=str(model_dir("bert"))))
+    result = an.run_analysis(spec, progress=False)
+    assert result.info["scoring"] == "classifier head" and result.tables["recurrence"]
+    assert all(r["masking_verified"] for r in result.tables["key_networks"])
+    model, tok = load_model(spec.model)
+    task = resolve_task(spec.task)
+    scorer = an.Scorer(model, tok, load_split(task, "validation")[:16], task.label_words)
+    ref = evaluate_accuracy(model, tok, scorer.examples, task.label_words, progress=False)
+    np.testing.assert_allclose(scorer.prepare(set()), ref.scores.numpy(), atol=1e-6)
+    text = "a great film " * 100  # past the tiny BERT's 130 positions
+    long = [Example(f"Review: {text}\nSentiment:", "1", (text,))] * 8
+    assert an.verify_masking(model, tok, long[:2], {0: np.array([1, 2])})["ok"]
+    assert an.experiments.recurrence(model, tok, spec, result.group, [("long", long)], False)["recurrence"]

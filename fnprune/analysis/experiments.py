@@ -22,7 +22,7 @@ from ..arch import layout_for
 from ..calibration import Calibration
 from ..capture import capture_activations
 from ..data import Example, sample
-from ..tokens import encode
+from ..tokens import encode_inputs
 from .cross_layer import GroupNetworks, concat_layers, match_templates, shuffle_within_layers
 from .group_ica import spatial_ica
 from .scoring import Scorer, verify_masking
@@ -162,7 +162,7 @@ def _task_recurrence(model, tokenizer, spec: AnalysisSpec, group: GroupNetworks,
     rng = np.random.default_rng(spec.seed + 7)
     per_group = []
     for g, examples in enumerate(tqdm(groups, desc=f"recurrence {task_name}", unit="group", disable=not progress)):
-        seqs = encode(tokenizer, [e.prompt for e in examples], 1024)
+        seqs = encode_inputs(tokenizer, examples, 1024, model)
         n_tok = sum(len(s) for s in seqs)
         acts = capture_activations(model, layout, seqs, max_tokens=n_tok, batch_size=spec.calibration.batch_size,
                                    seed=spec.seed, progress=False)
@@ -229,7 +229,7 @@ class Baseline:
     scorer: Scorer
     correct: np.ndarray  # (n,) bool: dense prediction right
     halves: list[np.ndarray]  # two disjoint halves of the examples (indices), for choosing vs measuring
-    verify_prompts: list[str]  # prompts each masking is checked on (verify_masking)
+    verify_examples: list[Example]  # examples each masking is checked on (verify_masking)
     live: list[np.ndarray]  # per layer, the live neurons (live_neurons): what random controls are drawn from
 
     @property
@@ -237,7 +237,7 @@ class Baseline:
         return float(self.correct.mean())
 
     def verified(self, changes: dict[int, np.ndarray], what: str) -> bool:
-        check = verify_masking(self.scorer.model, self.scorer.tokenizer, self.verify_prompts, changes)
+        check = verify_masking(self.scorer.model, self.scorer.tokenizer, self.verify_examples, changes)
         if not check["ok"]:
             raise RuntimeError(f"masking {what} failed its per-layer check: {check['problems']}")
         return check["ok"]
@@ -248,7 +248,7 @@ def dense_baseline(scorer: Scorer, nets: list[dict], spec: AnalysisSpec, live: l
     correct = scorer.correct(scorer.prepare({n["layer"] for n in nets}))
     perm = np.random.default_rng(spec.seed + 3).permutation(len(scorer.examples))
     halves = [np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])]
-    return Baseline(scorer, correct, halves, [e.prompt for e in scorer.examples[:4]], live)
+    return Baseline(scorer, correct, halves, scorer.examples[:4], live)
 
 
 def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,

@@ -85,7 +85,7 @@ def _header_md(a: Analysis) -> list[str]:
         f"- networks found on {cal['samples']} `{cal['split']}` examples (ICA on {cal['tokens_for_ica']} sampled "
         f"tokens per layer; group ICA on {cal['group_ica_tokens']} of them, all layers concatenated), "
         f"k = {spec.networks.components} components, member = |z| > {spec.networks.threshold:g}",
-        f"- every accuracy below: zero-shot, {ev['samples']} examples sampled from the `{ev['split']}` split "
+        f"- every accuracy below: {info['scoring']}, {ev['samples']} examples sampled from the `{ev['split']}` split "
         f"({ev['split_size']} rows), which the networks were not found on (checked disjoint); halves "
         f"{ev['half_sizes'][0]} + {ev['half_sizes'][1]} examples",
         f"- dense accuracy {info['dense_accuracy']:.4f} (halves {info['dense_accuracy_halves'][0]:.4f} / "

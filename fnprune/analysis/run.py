@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..arch import layout_for, mlp_widths
+from ..arch import is_classifier, layout_for, mlp_widths
 from ..calibration import Calibration, calibrate
 from ..checkpoint import check_output_dir
 from ..data import Example, check_disjoint, load_split, resolve_task, sample
@@ -108,6 +108,9 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
         t = _classification(resolve_task(extra))
         also.append((t, load_split(t, t.calibration_split)))
     model, tokenizer = load_model(spec.model)
+    # before the heavy work: label words that cannot be scored, or a classifier head of other classes, stop here
+    scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
+                    progress=progress)
     lap("load")
 
     widths = mlp_widths(model, layout_for(model))
@@ -129,8 +132,6 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     lap("recurrence")
 
     nets = pick_networks(calib, spec)
-    scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
-                    progress=progress)
     base = dense_baseline(scorer, nets, spec, live_neurons(calib))
     lap("dense evaluation")
     key, masked = key_networks(base, nets, spec, progress)
@@ -164,6 +165,7 @@ def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibra
         "layers": len(widths), "mlp_width": widths[0] if len(set(widths)) == 1 else None,
         "mlp_widths": list(widths), "mlp_neurons": int(sum(widths)),
         "live_neurons": int(sum(m.sum() for m in base.live)),  # that vary on the calibration tokens
+        "scoring": "classifier head" if is_classifier(scorer.model) else "label words (zero-shot)",
         "dense_accuracy": rounded(base.accuracy, 4),
         "dense_accuracy_halves": [rounded(base.correct[h].mean(), 4) for h in halves],
         "group_ica_converged": group.converged,

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import get_module, layer_blocks, layout_for, mlp_widths
+from ..arch import get_module, is_classifier, layer_blocks, layout_for, mlp_widths
 from ..data import Example
 from ..errors import DataError
-from ..evaluate import evaluate_accuracy, label_token_ids, next_token_logprobs
+from ..evaluate import check_head, evaluate_accuracy, label_token_ids, next_token_logprobs
 from ..hooks import masked_neurons
-from ..tokens import Batch, batches, encode, forward
+from ..tokens import Batch, batches, encode_inputs, forward
 
 __all__ = ["Changes", "Scorer", "verify_masking"]
 
@@ -58,10 +58,10 @@ class _Replay(nn.Module):
 
 
 class Scorer:
-    """Label scores as `fnprune.evaluate` computes them (its `next_token_logprobs`, or `evaluate_accuracy`
-    for label words of several tokens), under interventions. With one-token label words, the dense run
-    caches the outputs of the blocks before the layers in `replay_layers`; an intervention confined to
-    layers >= L then runs only blocks L.. on the cached states.
+    """Label scores as `fnprune.evaluate` computes them (its `next_token_logprobs`, or `evaluate_accuracy` for
+    label words of several tokens and for a classifier's head), under interventions. With one-token label words,
+    the dense run caches the outputs of the blocks before the layers in `replay_layers`; an intervention confined
+    to layers >= L then runs only blocks L.. on the cached states.
     """
 
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], label_words: dict[str, str],
@@ -73,13 +73,17 @@ class Scorer:
         self.progress = progress
         self.layout = layout_for(model)
         self.widths = mlp_widths(model, self.layout)
-        label_ids = label_token_ids(tokenizer, label_words)
-        self.labels = list(label_ids)
+        self.labels = list(label_words)
         self.target = np.array([self.labels.index(e.label) for e in examples])
-        self.single = all(len(v) == 1 for v in label_ids.values())
+        if is_classifier(model):  # its head's classes: evaluate_accuracy's classifier branch, no replay
+            check_head(model, len(self.labels))
+            label_ids = {}
+        else:
+            label_ids = label_token_ids(tokenizer, label_words)
+        self.single = bool(label_ids) and all(len(v) == 1 for v in label_ids.values())
         self.ids = [label_ids[lab][0] for lab in self.labels] if self.single else []
         self.batches: list[Batch] = (
-            list(batches(encode(tokenizer, [e.prompt for e in examples], max_length), batch_size, "left"))
+            list(batches(encode_inputs(tokenizer, examples, max_length, model), batch_size, "left"))
             if self.single else []
         )
         self.saved: dict[int, list[Any]] = {}  # start layer -> cached output of block start-1, per batch
@@ -230,15 +234,15 @@ def _mlp_inputs(model: nn.Module, blocks: list[nn.Module], output: str,
     return list(zip(before, after))  # type: ignore[arg-type]
 
 
-def verify_masking(model: nn.Module, tokenizer, prompts: list[str], changes: dict[int, np.ndarray]) -> dict:
-    """Run a few prompts dense and masked (`changes`: layer -> neurons zeroed) and check what masking must
+def verify_masking(model: nn.Module, tokenizer, examples: list[Example], changes: dict[int, np.ndarray]) -> dict:
+    """Run a few examples dense and masked (`changes`: layer -> neurons zeroed) and check what masking must
     guarantee: in every layer exactly the named neurons are zeroed by the hooks (the rest pass through them
     unchanged), and the layers before the first masked one are untouched. A later layer's neuron may still become
     zero through the earlier masking (ReLU), which is not the hooks' doing and is not a problem."""
     layout = layout_for(model)
     blocks = layer_blocks(model, layout)
     widths = mlp_widths(model, layout)
-    seqs = encode(tokenizer, prompts, 1024)
+    seqs = encode_inputs(tokenizer, examples, 1024, model)
     batch = next(batches(seqs, len(seqs), "right"))
     dense = _mlp_inputs(model, blocks, layout.output, batch)
     with masked_neurons(model, layout, _kept(widths, changes)):
