@@ -338,3 +338,19 @@ def test_encoder_models_are_scored_by_their_head(model_dir, task_data, tmp_path)
     long = [Example(f"Review: {text}\nSentiment:", "1", (text,))] * 8
     assert an.verify_masking(model, tok, long[:2], {0: np.array([1, 2])})["ok"]
     assert an.experiments.recurrence(model, tok, spec, result.group, [("long", long)], False)["recurrence"]
+
+
+def test_a_smaller_random_control_is_recorded_and_warned(model_dir, task_data, tmp_path, caplog):
+    """A network holding most of its layer leaves too few other neurons for a random control of its size: the
+    control's actual size is in the tables and the report, with a warning, not passed off as the same size."""
+    spec = _spec(model_dir, task_data, tmp_path / "out", threshold=0.3, group_mask=8, recurrence_groups=0, seeds=1,
+                 scales=(0.0,))
+    with caplog.at_level("WARNING", logger="fnprune"):
+        result = an.analyze(spec, progress=False)
+    key, group = result.tables["key_networks"], result.tables["group_mask"][0]
+    for r in key:
+        assert r["random_size"] == min(r["size"], 128 - r["size"]), r
+    assert any(r["random_size"] < r["size"] for r in key) and group["random_neurons"] < group["neurons"]
+    assert "random control masks" in caplog.text
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "random_size" in report and "Smaller controls" in report

@@ -65,9 +65,19 @@ def live_neurons(calib: Calibration) -> list[np.ndarray]:
 
 
 def _random_same_layer(live: np.ndarray, exclude: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` random live neurons of a layer (`live`: its live_neurons mask) outside `exclude`."""
+    """`count` random live neurons of a layer (`live`: its live_neurons mask) outside `exclude`; all of them when
+    there are fewer (`_control_size` records and warns)."""
     pool = np.flatnonzero(live & ~np.isin(np.arange(len(live)), exclude))
     return np.sort(rng.choice(pool, min(count, len(pool)), replace=False))
+
+
+def _control_size(what: str, size: int, control: int) -> int:
+    """The random control's size, warned when it is smaller than the network: its layer has too few other live
+    neurons, so the control is not "the same number of random neurons" (the tables' random_size)."""
+    if control < size:
+        log.warning("%s: its layer(s) have only %d live neurons outside it, so its random control masks %d neurons, "
+                    "not %d (random_size in the tables)", what, control, control, size)
+    return control
 
 
 # ------------------------------------------------------------------------------------------ 1. networks
@@ -269,13 +279,15 @@ def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,
             c = scorer.correct(scorer.scores({i: (idx, 0.0)}))
             rand.append(c)
             seed_rows.append({"network": n["name"], "seed": s, "accuracy": rounded(c.mean())})
+        random_size = _control_size(f"network {n['name']}", len(members), len(idx))
         rand_acc = np.array([c.mean() for c in rand])
         diff = np.mean(rand, axis=0) - c_fn  # per example: random-masked correct minus FN-masked correct
         lo, hi = _bootstrap_ci(diff.astype(float), spec.seed)
         key_rows.append({
             "network": n["name"], "kind": n["kind"], "layer": i, "component": n["network"],
             "relevance_rank": n["rank"], "relevance": rounded(n["relevance"], 4), "size": int(len(members)),
-            "masked_fn_acc": rounded(c_fn.mean(), 4), "fn_drop": rounded(dense_acc - c_fn.mean(), 4),
+            "random_size": random_size, "masked_fn_acc": rounded(c_fn.mean(), 4),
+            "fn_drop": rounded(dense_acc - c_fn.mean(), 4),
             "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": rounded(_std(rand_acc), 4),
             "random_drop_mean": rounded(dense_acc - rand_acc.mean(), 4),
             "excess_drop": rounded(rand_acc.mean() - c_fn.mean(), 4), "excess_ci_low": rounded(lo, 4),
@@ -307,8 +319,9 @@ def group_mask(base: Baseline, group: GroupNetworks, spec: AnalysisSpec) -> Rows
     rand_acc = np.array([c.mean() for c in rand])
     lo, hi = _bootstrap_ci((np.mean(rand, axis=0) - c_fn).astype(float), spec.seed)
     total = int(sum(len(v) for v in per_layer.values()))
+    random_size = _control_size("the group networks", total, int(sum(len(idx) for idx, _ in changes.values())))
     return [{
-        "networks": len(chosen), "neurons": total,
+        "networks": len(chosen), "neurons": total, "random_neurons": random_size,
         "fraction_of_live_neurons": rounded(total / max(int(sum(m.sum() for m in base.live)), 1), 5),
         "layers": len(per_layer), "dense_acc": rounded(base.accuracy, 4), "masked_fn_acc": rounded(c_fn.mean(), 4),
         "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": rounded(_std(rand_acc), 4),
@@ -365,6 +378,7 @@ def _amplify(base: Baseline, n: dict, masked: np.ndarray | None, spec: AnalysisS
         "cv_scale_b_to_a": cv[1][0], "cv_gain_on_a": rounded(cv[1][1], 4),
         "random_gain_mean": rounded(np.mean(rand_gain), 4) if rand_gain else "",
         "random_gain_std": rounded(_std(rand_gain), 4) if rand_gain else "",
+        "random_size": len(idx) if rand_gain else "",
     }
     return rows, summary
 

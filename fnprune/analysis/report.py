@@ -196,13 +196,15 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         "",
         f"![key networks]({files['key_networks']})",
         "",
-        _md_table(key, ["network", "kind", "relevance_rank", "relevance", "size", "masked_fn_acc", "fn_drop",
+        _md_table(key, ["network", "kind", "relevance_rank", "relevance", "size", "random_size", "masked_fn_acc",
+                        "fn_drop",
                         "random_acc_mean", "random_acc_std", "excess_drop", "excess_ci_low", "excess_ci_high",
                         "fn_drop_half_a", "fn_drop_half_b"]),
         f"Measured: {len(sig)} of {len(top)} top networks hurt accuracy more than random neurons of their layer "
         "with the 95% interval above zero; largest single-network drop "
         f"{max((r['fn_drop'] for r in key), default=0):.4f}.",
         "",
+        *_short_controls(key, "size", "random_size"),
     ]
     if t["group_mask"]:
         g = t["group_mask"][0]
@@ -211,11 +213,22 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
             f"{g['fraction_of_live_neurons']:.2%} of the live MLP neurons, in {g['layers']} layers) vs the same "
             "number of random live neurons in each of those layers:",
             "",
-            _md_table(t["group_mask"], ["networks", "neurons", "fraction_of_live_neurons", "dense_acc",
-                                        "masked_fn_acc", "random_acc_mean", "random_acc_std", "random_accs",
-                                        "excess_drop", "excess_ci_low", "excess_ci_high"]),
+            _md_table(t["group_mask"], ["networks", "neurons", "random_neurons", "fraction_of_live_neurons",
+                                        "dense_acc", "masked_fn_acc", "random_acc_mean", "random_acc_std",
+                                        "random_accs", "excess_drop", "excess_ci_low", "excess_ci_high"]),
+            *_short_controls(t["group_mask"], "neurons", "random_neurons"),
         ]
     return lines
+
+
+def _short_controls(rows: list[dict], size: str, control: str) -> list[str]:
+    """A warning line when some random control is smaller than its network (too few other live neurons)."""
+    short = [r for r in rows if r[control] != "" and r[control] < r[size]]
+    if not short:
+        return []
+    return [f"**Smaller controls:** {len(short)} random control(s) have fewer neurons than their network (the layer "
+            f"has too few other live neurons): see `{control}`; their comparison is not at the same number of neurons.",
+            ""]
 
 
 def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
