@@ -211,7 +211,7 @@ def atomic_output_dir(path: Path, overwrite: bool):
             kept = tmp
         raise OutputError(
             f"output {path} appeared while this run was writing it (another run?) and was left as it is; this "
-            f"run's checkpoint is in {kept}: move it into place, or rerun with --overwrite"
+            f"run's output is in {kept}: move it into place, or rerun with --overwrite"
         )
 
 

@@ -354,3 +354,28 @@ def test_a_smaller_random_control_is_recorded_and_warned(model_dir, task_data, t
     assert "random control masks" in caplog.text
     report = (tmp_path / "out" / "report.md").read_text()
     assert "random_size" in report and "Smaller controls" in report
+
+
+def test_output_appearing_mid_run_keeps_the_finished_analysis(model_dir, task_data, tmp_path, monkeypatch):
+    """As compress: the output is checked before the work; one that appears afterwards is left alone and the
+    finished report is kept beside it, named in the error, not thrown away."""
+    import os
+
+    from fnprune.analysis import run
+    from fnprune.errors import OutputError
+
+    out = tmp_path / "out"
+    amplification = run.amplification
+
+    def appear_then_amplify(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+        return amplification(*args, **kwargs)
+
+    monkeypatch.setattr(run, "amplification", appear_then_amplify)
+    spec = _spec(model_dir, task_data, out, recurrence_groups=0, seeds=1, scales=(0.0,), group_mask=0)
+    with pytest.raises(OutputError, match="appeared while this run was writing it") as info:
+        an.analyze(spec, progress=False)
+    kept = tmp_path / f"out.fnprune-{os.getpid()}"
+    assert str(kept) in str(info.value) and (kept / "report.md").is_file() and (kept / "summary.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]

@@ -257,10 +257,13 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
     ]
 
 
-def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False) -> Path:
-    """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`."""
+def write_report(analysis: Analysis, output: str | Path, overwrite: bool = False, checked: bool = False) -> Path:
+    """report.md, PNG figures, one CSV per table and summary.json, written atomically into `output`. `checked`:
+    the caller checked `output` before its work (`analyze`); an output that appeared since is left as it is and
+    this report kept beside it (`atomic_output_dir`), as compress keeps its checkpoint, instead of being lost."""
     out = Path(output).expanduser()
-    check_output_dir(out, overwrite, analysis.spec.input_paths(), own_files=[SUMMARY_FILE])
+    if not checked:
+        check_output_dir(out, overwrite, analysis.spec.input_paths(), own_files=[SUMMARY_FILE])
     if analysis.spec.output != str(output):  # run from the API without spec.output: the command names this folder
         analysis.info["command"] = spec_command(dataclasses.replace(analysis.spec, output=str(output)))
     with atomic_output_dir(out, overwrite) as tmp:

@@ -196,6 +196,6 @@ def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     check_output_dir(Path(spec.output).expanduser(), spec.overwrite, spec.input_paths(), own_files=[SUMMARY_FILE])
     start = time.perf_counter()
     analysis = run_analysis(spec, progress)
-    write_report(analysis, spec.output, spec.overwrite)
+    write_report(analysis, spec.output, spec.overwrite, checked=True)
     analysis.info["wall_seconds"] = round(time.perf_counter() - start, 1)
     return analysis
