@@ -226,6 +226,7 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
     (["--iou", "1.5"], "iou_threshold"),
     (["--scales", "0,nan"], "scales"),
     (["--scales", "inf"], "scales"),
+    (["--group-tokens", "8", "--components", "8"], "group_tokens: must be above components (8)"),
 ])
 def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
     args = ["analyze", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),

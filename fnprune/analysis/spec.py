@@ -90,6 +90,9 @@ class AnalysisSpec:
         for name in ("recurrence_groups", "top_networks", "control_networks", "group_mask"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.group_tokens <= self.networks.components:  # else the group ICA fails after calibration
+            out.append(f"group_tokens: must be above components ({self.networks.components}): the group ICA finds "
+                       f"that many components in these tokens, got {self.group_tokens}")
         if self.top_networks + self.control_networks < 1:
             out.append("top_networks + control_networks: analyze at least one network")
         if not 0 < self.iou_threshold < 1:
