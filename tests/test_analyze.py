@@ -380,3 +380,11 @@ def test_output_appearing_mid_run_keeps_the_finished_analysis(model_dir, task_da
     kept = tmp_path / f"out.fnprune-{os.getpid()}"
     assert str(kept) in str(info.value) and (kept / "report.md").is_file() and (kept / "summary.json").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+
+
+def test_command_keeps_both_data_dir_and_data_files():
+    """--data-files may name some splits and --data-dir hold the rest: the rerun command gives both."""
+    spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m"), output="o",
+                           task=TaskSpec(name="sst2", data_dir="/d", data_files={"validation": "/v.tsv"}))
+    cmd = an.spec_command(spec)
+    assert "--data-dir /d" in cmd and "--data-files validation=/v.tsv" in cmd

@@ -166,10 +166,10 @@ def _value(spec: AnalysisSpec, section: str | None, name: str) -> Any:
 def spec_command(spec: AnalysisSpec) -> str:
     """The `fnprune analyze` command line that reruns exactly this spec."""
     args = ["fnprune", "analyze", "--task", spec.task.name, "--model", spec.model.name_or_path]
+    if spec.task.data_dir:  # both may be given: the files name some splits, the folder holds the others
+        args += ["--data-dir", spec.task.data_dir]
     if spec.task.data_files:
         args += ["--data-files", ",".join(f"{k}={v}" for k, v in spec.task.data_files.items())]
-    elif spec.task.data_dir:
-        args += ["--data-dir", spec.task.data_dir]
     for t in spec.also_tasks:
         args += ["--also-task", _task_arg(t)]
     defaults = AnalysisSpec()
