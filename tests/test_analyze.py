@@ -223,6 +223,7 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
     (["--scales", "0,x"], "--scales"),
     (["--also-task", ":foo"], "--also-task"),
     (["--eval-samples", "0"], "eval_samples"),
+    (["--eval-samples", "1"], "eval_samples: must be >= 2"),
     (["--iou", "1.5"], "iou_threshold"),
     (["--scales", "0,nan"], "scales"),
     (["--scales", "inf"], "scales"),
@@ -388,3 +389,22 @@ def test_command_keeps_both_data_dir_and_data_files():
                            task=TaskSpec(name="sst2", data_dir="/d", data_files={"validation": "/v.tsv"}))
     cmd = an.spec_command(spec)
     assert "--data-dir /d" in cmd and "--data-files validation=/v.tsv" in cmd
+
+
+def test_an_evaluation_split_of_one_example_is_refused(model_dir, task_data, tmp_path):
+    """Two halves need two examples: one gives NaN accuracies; refused in one line before the work."""
+    from fnprune.errors import DataError
+
+    one = tmp_path / "dev.tsv"
+    one.write_text("sentence\tlabel\n" + (task_data / "dev.tsv").read_text().splitlines()[1] + "\n")
+    spec = _spec(model_dir, task_data, tmp_path / "out", eval_samples=5)
+    spec.task = TaskSpec(name="sst2", data_dir=str(task_data), data_files={"validation": str(one)})
+    with pytest.raises(DataError, match="needs at least 2"):
+        an.analyze(spec, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_holds_the_wall_time_the_api_returns(analysis):
+    result, out = analysis
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_seconds"] == result.info["wall_seconds"] > 0

@@ -92,6 +92,9 @@ def _load_data(spec: AnalysisSpec) -> _Data:
     calibration = sample(pool, spec.calibration.num_samples, spec.seed)
     check_disjoint(calibration, evaluation)
     eval_set = sample(evaluation, spec.eval_samples, spec.seed)
+    if len(eval_set) < 2:  # each half needs an example, or its accuracy is NaN
+        raise DataError(f"the {task.evaluation_split} split has {len(eval_set)} example: analyze needs at least 2 "
+                        "(the examples are split into two halves)")
     used = {e.prompt for e in calibration} | {e.prompt for e in evaluation}
     held_out = [e for e in pool if e.prompt not in used]
     return _Data(task, calibration, eval_set, held_out, len(pool), len(evaluation))
@@ -196,6 +199,6 @@ def analyze(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     check_output_dir(Path(spec.output).expanduser(), spec.overwrite, spec.input_paths(), own_files=[SUMMARY_FILE])
     start = time.perf_counter()
     analysis = run_analysis(spec, progress)
+    analysis.info["wall_seconds"] = round(time.perf_counter() - start, 1)  # before writing: summary.json holds it
     write_report(analysis, spec.output, spec.overwrite, checked=True)
-    analysis.info["wall_seconds"] = round(time.perf_counter() - start, 1)
     return analysis

@@ -84,9 +84,11 @@ class AnalysisSpec:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("group_tokens", "group_size", "eval_samples", "eval_batch_size", "seeds"):
+        for name in ("group_tokens", "group_size", "eval_batch_size", "seeds"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 2:  # each half needs an example, or its accuracy is NaN
+            out.append(f"eval_samples: must be >= 2 (the examples are split into two halves), got {self.eval_samples}")
         for name in ("recurrence_groups", "top_networks", "control_networks", "group_mask"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
