@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import fields as rowfields
 from .data_files import SUFFIXES, file_format, read_rows
-from .errors import DataError, first_line
+from .errors import DataError, MissingSplitFile, first_line
 from .hub import hub_offline
 from .recipe import PromptTemplate, TaskSpec
 from .tasks import (
@@ -75,12 +75,12 @@ def _split_file(task: TaskSpec, split: str) -> Path | None:
         found = _stem_file(directory, split)
         if found is None:
             looked = ", ".join(s + x for s in SPLIT_FILE_STEMS.get(split, (split,)) for x in SUFFIXES)
-            raise DataError(f"no file for split {split!r} in {directory} (looked for {looked})"
-                            f"{_carve_hint(task, split, directory)}")
+            raise MissingSplitFile(f"no file for split {split!r} in {directory} (looked for {looked})",
+                                   _carve_hint(task, split, directory))
         return found
     if task.data_files and not task.dataset:
         given = ", ".join(task.data_files)
-        raise DataError(f"no file for split {split!r}: --data-files gives {given}; add {split}=FILE")
+        raise MissingSplitFile(f"no file for split {split!r}", f": --data-files gives {given}; add {split}=FILE")
     return None
 
 
@@ -107,14 +107,15 @@ def _load_hub_split(task: TaskSpec, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"task {task.name!r} has no local file for split {split!r} ({fix}) and the `datasets` "
-                        "package is not installed (pip install 'fnprune[datasets]')") from exc
+        raise MissingSplitFile(f"task {task.name!r} has no local file for split {split!r} and the `datasets` "
+                               "package is not installed (pip install 'fnprune[datasets]')", f"; {fix}") from exc
     try:
         ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
     except Exception as exc:  # network, missing dataset or split: all mean "cannot get the data"
         skip = "" if hub_offline() else " (HF_HUB_OFFLINE=1 skips the Hub's retries)"
-        raise DataError(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the Hugging "
-                        f"Face Hub ({type(exc).__name__}: {first_line(exc)}); offline, {fix}{skip}") from exc
+        raise MissingSplitFile(f"could not load {task.dataset}/{task.dataset_config or ''} split {split!r} from the "
+                               f"Hugging Face Hub ({type(exc).__name__}: {first_line(exc)}){skip}",
+                               f"; offline, {fix}") from exc
     rows = [dict(row) for row in ds]
     if rows and all(str(row.get(task.label_column)) == "-1" for row in rows):
         raise DataError(f"{task.dataset}/{task.dataset_config or ''} split {split!r} has no labels (-1 on every "

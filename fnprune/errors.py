@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["FnpruneError", "RecipeError", "DataError", "ModelError", "OutputError", "NumericalError", "first_line"]
+__all__ = ["FnpruneError", "RecipeError", "DataError", "MissingSplitFile", "ModelError", "OutputError",
+           "NumericalError", "first_line"]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -26,6 +27,15 @@ class RecipeError(FnpruneError, ValueError):
 
 class DataError(FnpruneError, ValueError):
     """Task data is missing, malformed, or calibration and evaluation data overlap."""
+
+
+class MissingSplitFile(DataError):
+    """A split has no local file. The message ends in compress's remedy (its flags, a recipe); `problem` is the
+    fact alone, so a command with other flags (analyze, its --also-task) can give its own remedy."""
+
+    def __init__(self, problem: str, remedy: str):
+        super().__init__(problem + remedy)
+        self.problem = problem
 
 
 class ModelError(FnpruneError, ValueError):

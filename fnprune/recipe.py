@@ -83,10 +83,11 @@ def count_problems(where: str, value: int | None, nullable: bool = False) -> lis
     return [f"{where}: must be >= 1{' or null' if nullable else ''}, got {value}"]
 
 
-def seed_problems(where: str, seed: int, count: int = 1) -> list[str]:
-    """Seeds `seed .. seed + count - 1` must all be valid NumPy seeds: refused up front, not after calibration."""
+def seed_problems(where: str, seed: int, count: int = 1, seeds: str = "runs") -> list[str]:
+    """Seeds `seed .. seed + count - 1` (of `count` `seeds`) must all be valid NumPy seeds: refused up front, not
+    after calibration."""
     if isinstance(seed, int) and not 0 <= seed <= MAX_SEED - (count - 1):
-        extra = f" - {count - 1} (it seeds {count} runs: seed, seed + 1, ...)" if count > 1 else ""
+        extra = f" - {count - 1} (it seeds {count} {seeds}: seed, seed + 1, ...)" if count > 1 else ""
         return [f"{where}: must be between 0 and 2**32 - 1{extra}, got {seed}"]
     return []
 

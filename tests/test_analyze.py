@@ -408,3 +408,24 @@ def test_summary_holds_the_wall_time_the_api_returns(analysis):
     result, out = analysis
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_seconds"] == result.info["wall_seconds"] > 0
+
+
+@pytest.mark.parametrize("extra, said, unsaid", [
+    (["--task", "ag_news", "--data-dir", "{ag}"], "give the train file with --data-files train=FILE",
+     ["compress", "split_of"]),
+    (["--task", "sst2", "--data-dir", "{sst2}", "--also-task", "ag_news:{ag}"],
+     "give the train file with --also-task ag_news:train=FILE", ["--data-files", "compress"]),
+    (["--task", "sst2", "--data-dir", "{sst2}", "--seed", "-1"],
+     "2**32 - 1 - 11 (it seeds 12 ICAs, one per recurrence group", ["runs"]),
+])
+def test_bad_input_messages_name_analyze_flags(model_dir, task_data, tmp_path, extra, said, unsaid):
+    """A missing split file is given with analyze's flags (no recipe, NAME:SPLIT=PATH for --also-task), and the
+    seed's range says the recurrence groups take the seeds, not runs."""
+    ag = tmp_path / "ag"
+    ag.mkdir()
+    (ag / "test.csv").write_text("label,title,description\n1,Rain,It rains.\n2,Goal,A late goal.\n")
+    args = ["analyze", "--model", str(model_dir("llama")), "--output", str(tmp_path / "x"), "--quiet",
+            *(a.format(ag=ag, sst2=task_data) for a in extra)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and said in result.output and "Traceback" not in result.output, result.output
+    assert not any(word in result.output for word in unsaid), result.output

@@ -18,7 +18,7 @@ from ..arch import is_classifier, layout_for, mlp_widths
 from ..calibration import Calibration, calibrate
 from ..checkpoint import check_output_dir
 from ..data import Example, check_disjoint, load_split, resolve_task, sample
-from ..errors import DataError, RecipeError
+from ..errors import DataError, MissingSplitFile, RecipeError
 from ..models import load_model
 from ..recipe import TaskSpec
 from .cross_layer import GroupNetworks, group_networks
@@ -85,10 +85,21 @@ def _classification(task: TaskSpec) -> TaskSpec:
     return task
 
 
+def _split(task: TaskSpec, split: str, also: bool = False) -> list[Example]:
+    """A split's examples; a missing file's remedy in analyze's own flags, not compress's (a recipe; --data-files
+    for an --also-task, whose files are NAME:SPLIT=PATH)."""
+    try:
+        return load_split(task, split)
+    except MissingSplitFile as exc:
+        how = (f"--also-task {task.name}:{split}=FILE (or {task.name}:DIR)" if also
+               else f"--data-files {split}=FILE (or --data-dir DIR)")
+        raise DataError(f"{exc.problem}; give the {split} file with {how}") from exc
+
+
 def _load_data(spec: AnalysisSpec) -> _Data:
     task = _classification(resolve_task(spec.task))
-    pool = load_split(task, task.calibration_split)
-    evaluation = load_split(task, task.evaluation_split)
+    pool = _split(task, task.calibration_split)
+    evaluation = _split(task, task.evaluation_split)
     calibration = sample(pool, spec.calibration.num_samples, spec.seed)
     check_disjoint(calibration, evaluation)
     eval_set = sample(evaluation, spec.eval_samples, spec.seed)
@@ -109,7 +120,7 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     also = []
     for extra in spec.also_tasks:
         t = _classification(resolve_task(extra))
-        also.append((t, load_split(t, t.calibration_split)))
+        also.append((t, _split(t, t.calibration_split, also=True)))
     model, tokenizer = load_model(spec.model)
     # before the heavy work: label words that cannot be scored, or a classifier head of other classes, stop here
     scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,

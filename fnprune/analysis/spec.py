@@ -3,7 +3,6 @@ settings only the experiments have. The `fnprune analyze` flags map one to one o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Any
 
 from ..data import parse_data_files
 from ..errors import RecipeError
-from ..recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec
+from ..recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec, seed_problems
 
 __all__ = ["AnalysisSpec", "parse_scales", "spec_command", "task_from_arg"]
 
@@ -106,12 +105,19 @@ class AnalysisSpec:
         if self.calibration.sample_store != "tokens":
             out.append(f"calibration.sample_store: analyze needs 'tokens' (the group ICA concatenates every "
                        f"layer's tokens), got {self.calibration.sample_store!r}")
-        # recurrence group g's ICA is seeded networks.seed + g: the networks' seed check covers those seeds too
-        networks = self.networks
-        if networks.runs >= 1:
-            networks = dataclasses.replace(networks, runs=max(networks.runs, self.recurrence_groups))
         return (out + self.model.check() + self.task.check() + [p for t in self.also_tasks for p in t.check()]
-                + self.calibration.check() + networks.check())
+                + self.calibration.check() + self._networks_problems())
+
+    def _networks_problems(self) -> list[str]:
+        """The networks section's problems; recurrence group g's ICA is seeded networks.seed + g, so with more
+        groups than runs the seed check says so (not "runs", which --recurrence-groups does not set)."""
+        groups, runs = self.recurrence_groups, self.networks.runs
+        if groups <= runs or runs < 1:
+            return self.networks.check()
+        own = self.networks.check()
+        seed = seed_problems("networks.seed", self.networks.seed, runs)
+        return ([p for p in own if p not in seed]
+                + seed_problems("networks.seed", self.networks.seed, groups, "ICAs, one per recurrence group"))
 
     def validate(self) -> AnalysisSpec:
         problems = self.problems()
