@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RESAMPLES", "retained_interval", "difference_interval"]
+__all__ = ["RESAMPLES", "retained_interval", "difference_interval", "mean_difference_interval"]
 
 RESAMPLES = 2000
 _CHUNK = 200  # resamples gathered at once: bounded memory on large evaluation splits
@@ -31,9 +31,18 @@ def difference_interval(dense: torch.Tensor, first: torch.Tensor, second: torch.
     return _interval([dense, first, second], lambda d, a, b: (b - a) / d, level, resamples, seed)
 
 
+def mean_difference_interval(first: torch.Tensor, second: torch.Tensor, level: float = 0.95,
+                             resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of second - first mean accuracy in accuracy points (not shares of a dense model): how
+    much more often one intervention is right than another on the same examples (fnprune analyze: random neurons
+    masked vs a network masked). Shapes as in `retained_interval`; rows may be fractions (a mean over seeds)."""
+    return _interval([first, second], lambda a, b: b - a, level, resamples, seed)
+
+
 def _interval(hits: list[torch.Tensor], statistic, level: float, resamples: int, seed: int
               ) -> tuple[float, float] | None:
-    """The statistic of the models' mean accuracies (dense first) over paired resamples of the examples."""
+    """The statistic of the models' mean accuracies over paired resamples of the examples; a resample where it
+    is undefined (a ratio to a dense accuracy of 0) is left out."""
     dense = hits[0]
     if (any(h.shape != dense.shape for h in hits) or dense.ndim != 2 or dense.numel() == 0
             or not 0 < level < 1):
@@ -45,7 +54,8 @@ def _interval(hits: list[torch.Tensor], statistic, level: float, resamples: int,
     for start in range(0, resamples, _CHUNK):
         idx = torch.randint(n, (min(_CHUNK, resamples - start), n), generator=generator)
         means = [e[idx].mean(1) for e in per_example]
-        values.append(statistic(*means)[means[0] > 0])
+        value = statistic(*means)
+        values.append(value[value.isfinite()])  # x / 0: inf or NaN
     found = torch.cat(values)
     if found.numel() < resamples / 2:  # the dense model is right on too few examples for a ratio
         return None

@@ -429,3 +429,21 @@ def test_bad_input_messages_name_analyze_flags(model_dir, task_data, tmp_path, e
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and said in result.output and "Traceback" not in result.output, result.output
     assert not any(word in result.output for word in unsaid), result.output
+
+
+def test_excess_interval_is_the_paired_bootstrap_of_intervals():
+    """The key-network and group-mask intervals come from fnprune.intervals (one bootstrap): the percentile
+    interval of the mean per-example difference, random controls counted as the share of seeds right."""
+    from fnprune.analysis.experiments import _excess_interval
+    from fnprune.intervals import mean_difference_interval
+
+    rng = np.random.default_rng(0)
+    c_fn = rng.random(300) < 0.6
+    rand = [rng.random(300) < 0.7 for _ in range(3)]
+    diff = np.mean(rand, axis=0) - c_fn
+    lo, hi = _excess_interval(c_fn, rand, 5)
+    assert (lo, hi) == mean_difference_interval(torch.from_numpy(c_fn.astype(float))[None],
+                                                torch.from_numpy(np.mean(rand, axis=0))[None], seed=5)
+    means = diff[rng.integers(0, 300, size=(100_000, 300))].mean(1)  # the direct bootstrap, many resamples
+    assert lo < diff.mean() < hi
+    assert [lo, hi] == pytest.approx(np.percentile(means, [2.5, 97.5]), abs=0.006)

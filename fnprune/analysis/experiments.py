@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..arch import layout_for
 from ..calibration import Calibration
 from ..capture import capture_activations
 from ..data import Example, sample
+from ..intervals import mean_difference_interval
 from ..tokens import encode_inputs
 from .cross_layer import GroupNetworks, concat_layers, match_templates, shuffle_within_layers
 from .group_ica import spatial_ica
@@ -49,12 +51,14 @@ def _std(x: list[float] | np.ndarray) -> float:
     return float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def _bootstrap_ci(diff: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of per-example differences."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def _excess_interval(c_fn: np.ndarray, rand: list[np.ndarray], seed: int) -> tuple[float, float]:
+    """95% paired bootstrap interval of random-masked minus network-masked accuracy (intervals.py's bootstrap),
+    each example right for the random controls in the share of seeds that got it right."""
+    found = mean_difference_interval(torch.from_numpy(c_fn.astype(np.float64))[None],
+                                     torch.from_numpy(np.mean(rand, axis=0, dtype=np.float64))[None], seed=seed)
+    if found is None:  # only without examples, which _load_data refuses
+        raise ValueError("no examples to bootstrap")
+    return found
 
 
 def live_neurons(calib: Calibration) -> list[np.ndarray]:
@@ -281,8 +285,7 @@ def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,
             seed_rows.append({"network": n["name"], "seed": s, "accuracy": rounded(c.mean())})
         random_size = _control_size(f"network {n['name']}", len(members), len(idx))
         rand_acc = np.array([c.mean() for c in rand])
-        diff = np.mean(rand, axis=0) - c_fn  # per example: random-masked correct minus FN-masked correct
-        lo, hi = _bootstrap_ci(diff.astype(float), spec.seed)
+        lo, hi = _excess_interval(c_fn, rand, spec.seed)
         key_rows.append({
             "network": n["name"], "kind": n["kind"], "layer": i, "component": n["network"],
             "relevance_rank": n["rank"], "relevance": rounded(n["relevance"], 4), "size": int(len(members)),
@@ -317,7 +320,7 @@ def group_mask(base: Baseline, group: GroupNetworks, spec: AnalysisSpec) -> Rows
         changes = {i: (_random_same_layer(base.live[i], idx, len(idx), rng), 0.0) for i, idx in per_layer.items()}
         rand.append(scorer.correct(scorer.scores(changes)))
     rand_acc = np.array([c.mean() for c in rand])
-    lo, hi = _bootstrap_ci((np.mean(rand, axis=0) - c_fn).astype(float), spec.seed)
+    lo, hi = _excess_interval(c_fn, rand, spec.seed)
     total = int(sum(len(v) for v in per_layer.values()))
     random_size = _control_size("the group networks", total, int(sum(len(idx) for idx, _ in changes.values())))
     return [{
