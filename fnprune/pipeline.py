@@ -39,7 +39,7 @@ from .surgery import prune_mlp
 from .tokens import encode_inputs
 from .validation import Scores, score
 
-__all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons"]
+__all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons", "StageTimer"]
 
 log = logging.getLogger("fnprune")
 
@@ -53,9 +53,9 @@ class CompressResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-class _Timer:
-    """Each stage's seconds, logged; with `evaluating` off (--no-eval) the evaluate stages, which do nothing, are
-    neither logged nor timed."""
+class StageTimer:
+    """Each stage's seconds, logged (compress's and analyze's); with `evaluating` off (--no-eval) the evaluate
+    stages, which do nothing, are neither logged nor timed."""
 
     def __init__(self, evaluating: bool = True) -> None:
         self.seconds: dict[str, float] = {}
@@ -99,7 +99,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     check_output_dir(out_dir, recipe.output.overwrite, sources,  # before loading: never replaces an input
                      {"model.offload_folder": recipe.model.offload_folder}, own_files=[REPORT_FILE, RECIPE_FILE])
     check_push(recipe.output.push_to_hub)
-    timer = _Timer(ev.enabled)
+    timer = StageTimer(ev.enabled)
     with timer.stage("load"):
         inputs = load_inputs(recipe)
     check_budgets(inputs, out_dir)
@@ -136,7 +136,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     return CompressResult(out_dir, report, resolved, dict(timer.seconds))
 
 
-def _calibrate_and_select(inputs: Inputs, timer: _Timer, progress: bool) -> tuple[Calibration, _Plan]:
+def _calibrate_and_select(inputs: Inputs, timer: StageTimer, progress: bool) -> tuple[Calibration, _Plan]:
     """Stages 1 and 2: activations and networks (timed inside calibrate), then the kept neurons."""
     recipe, sel = inputs.recipe, inputs.selection
     measured = calibrate(
@@ -152,7 +152,7 @@ def _calibrate_and_select(inputs: Inputs, timer: _Timer, progress: bool) -> tupl
     return measured, _Plan(kept, means, None, measured.activations[0].sampled)
 
 
-def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: _Timer, progress: bool) -> None:
+def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: StageTimer, progress: bool) -> None:
     """Stage 3: the reconstruction maps (each layer's sample freed once fitted), then the rest of the sample."""
     sel = inputs.selection
     if sel.reconstruct:
@@ -175,7 +175,7 @@ def _score(model, inputs: Inputs, progress: bool, cached: bool = False, lm_eval:
                  progress, cached_as=inputs.recipe.model if cached else None, lm_eval=lm_eval)
 
 
-def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
+def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: StageTimer,
                progress: bool) -> tuple[Any, Scores, dict[str, Any]]:
     """Stages 4-6 on the loaded model: surgery, then scores, with recovery (and scores after it) when asked."""
     model, recipe = inputs.model, inputs.recipe
@@ -199,7 +199,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
 
 
 def _recover_and_score(model, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores,
-                       timer: _Timer, progress: bool) -> tuple[Scores, dict[str, Any]]:
+                       timer: StageTimer, progress: bool) -> tuple[Scores, dict[str, Any]]:
     """Stages 5-6 on the pruned model: its scores, or with recovery the scores after it (and before, when asked)."""
     recipe = inputs.recipe
     pruned = Scores()
@@ -217,7 +217,7 @@ def _recover_and_score(model, inputs: Inputs, plan: _Plan, targets: TeacherTarge
     return recovered, {"recovery": recovery_report(recipe, result, inputs.task, inputs.validation, dense, pruned)}
 
 
-def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: _Timer,
+def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: StageTimer,
               progress: bool) -> tuple[Any, int, Scores, dict[str, Any]]:
     """Stages 4-6 from the source files: the pruned weights go straight into `tmp`, then the saved checkpoint
     is loaded (with the recipe's device map) and scored. The dense model is freed first (its devices, its

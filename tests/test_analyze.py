@@ -447,3 +447,23 @@ def test_excess_interval_is_the_paired_bootstrap_of_intervals():
     means = diff[rng.integers(0, 300, size=(100_000, 300))].mean(1)  # the direct bootstrap, many resamples
     assert lo < diff.mean() < hi
     assert [lo, hi] == pytest.approx(np.percentile(means, [2.5, 97.5]), abs=0.006)
+
+
+def test_stages_are_timed_by_the_pipelines_timer(model_dir, task_data, tmp_path, monkeypatch):
+    """One stage timer for compress and analyze (pipeline.StageTimer): analyze's timings are its stages'."""
+    from fnprune.analysis import run
+    from fnprune.pipeline import StageTimer
+
+    timers: list[StageTimer] = []
+
+    class Recording(StageTimer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            timers.append(self)
+
+    monkeypatch.setattr(run, "StageTimer", Recording)
+    spec = _spec(model_dir, task_data, tmp_path / "out", recurrence_groups=0, seeds=1, scales=(0.0,), group_mask=0)
+    result = an.run_analysis(spec, progress=False)
+    assert len(timers) == 1 and result.info["timings_seconds"] is timers[0].seconds
+    assert list(timers[0].seconds) == ["load", "calibration + per-layer ICA", "group ICA", "recurrence",
+                                       "dense evaluation", "key networks", "group masking", "amplification"]

@@ -20,6 +20,7 @@ from ..checkpoint import check_output_dir
 from ..data import Example, check_disjoint, load_split, resolve_task, sample
 from ..errors import DataError, MissingSplitFile, RecipeError
 from ..models import load_model
+from ..pipeline import StageTimer
 from ..recipe import TaskSpec
 from .cross_layer import GroupNetworks, group_networks
 from .experiments import (
@@ -66,19 +67,6 @@ class _Data:
     evaluation_split_size: int
 
 
-class _Laps:
-    """Seconds of each stage, in order, logged as each ends."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        self.seconds[name] = round(time.perf_counter() - self._start, 2)
-        log.info("%s done in %.1f s", name, self.seconds[name])
-        self._start = time.perf_counter()
-
-
 def _classification(task: TaskSpec) -> TaskSpec:
     if task.kind != "classification":
         raise DataError(f"analyze scores label words: task {task.name!r} is {task.kind}, not classification")
@@ -114,49 +102,46 @@ def _load_data(spec: AnalysisSpec) -> _Data:
 def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     """Run all four experiments; nothing is written (see `write_report`)."""
     spec.validate()
-    lap = _Laps()
+    timer = StageTimer()
     load_before = [round(v, 2) for v in os.getloadavg()]
-    data = _load_data(spec)
-    also = []
-    for extra in spec.also_tasks:
-        t = _classification(resolve_task(extra))
-        also.append((t, _split(t, t.calibration_split, also=True)))
-    model, tokenizer = load_model(spec.model)
-    # before the heavy work: label words that cannot be scored, or a classifier head of other classes, stop here
-    scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
-                    progress=progress)
-    lap("load")
+    with timer.stage("load"):
+        data = _load_data(spec)
+        also = []
+        for extra in spec.also_tasks:
+            t = _classification(resolve_task(extra))
+            also.append((t, _split(t, t.calibration_split, also=True)))
+        model, tokenizer = load_model(spec.model)
+        # before the heavy work: label words that cannot be scored, or a classifier head of other classes, stop here
+        scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
+                        progress=progress)
 
     widths = mlp_widths(model, layout_for(model))
     components, max_tokens = spec.networks.components, spec.calibration.max_tokens
     if components >= min(min(widths), max_tokens):
         raise RecipeError(f"components ({components}) must be below the MLP width ({min(widths)}) and "
                           f"max_tokens ({max_tokens})")
-    calib = calibrate(model, tokenizer, data.calibration, data.task.label_words, spec.recipe(data.task), True,
-                      progress, use_cache=spec.calibration.cache)
-    lap("calibration + per-layer ICA")
-
-    tables = network_tables(calib)
-    group = group_networks(calib, spec)
-    tables.update(group_tables(group))
-    lap("group ICA")
-
-    sources = [(data.task.name, data.held_out)] + [(t.name, list(pool)) for t, pool in also]
-    tables.update(recurrence(model, tokenizer, spec, group, sources, progress))
-    lap("recurrence")
-
+    with timer.stage("calibration + per-layer ICA"):
+        calib = calibrate(model, tokenizer, data.calibration, data.task.label_words, spec.recipe(data.task), True,
+                          progress, use_cache=spec.calibration.cache)
+    with timer.stage("group ICA"):
+        tables = network_tables(calib)
+        group = group_networks(calib, spec)
+        tables.update(group_tables(group))
+    with timer.stage("recurrence"):
+        sources = [(data.task.name, data.held_out)] + [(t.name, list(pool)) for t, pool in also]
+        tables.update(recurrence(model, tokenizer, spec, group, sources, progress))
     nets = pick_networks(calib, spec)
-    base = dense_baseline(scorer, nets, spec, live_neurons(calib))
-    lap("dense evaluation")
-    key, masked = key_networks(base, nets, spec, progress)
-    tables.update(key)
-    lap("key networks")
-    tables["group_mask"] = group_mask(base, group, spec)
-    lap("group masking")
-    tables.update(amplification(base, nets, masked, spec, progress))
-    lap("amplification")
+    with timer.stage("dense evaluation"):
+        base = dense_baseline(scorer, nets, spec, live_neurons(calib))
+    with timer.stage("key networks"):
+        key, masked = key_networks(base, nets, spec, progress)
+        tables.update(key)
+    with timer.stage("group masking"):
+        tables["group_mask"] = group_mask(base, group, spec)
+    with timer.stage("amplification"):
+        tables.update(amplification(base, nets, masked, spec, progress))
 
-    info = _info(spec, data, [t.name for t, _ in also], calib, group, base, lap.seconds, load_before)
+    info = _info(spec, data, [t.name for t, _ in also], calib, group, base, timer.seconds, load_before)
     return Analysis(spec, tables, info, calib, group)
 
 
