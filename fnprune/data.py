@@ -13,6 +13,7 @@ import string
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import fields as rowfields
 from .data_files import SUFFIXES, file_format, read_rows
@@ -30,11 +31,13 @@ from .tasks import (
 )
 
 __all__ = [
-    "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "load_evaluation", "template_fields",
-    "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files", "fill_template",
+    "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "left_out", "load_evaluation",
+    "template_fields", "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files",
+    "fill_template",
 ]
 
 log = logging.getLogger("fnprune")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -330,14 +333,7 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     Rows whose text is in `exclude` (the evaluation split's, `example_key`) are left out before the draw."""
     rows, build = _prepared(task, split)
     if exclude:
-        kept = [row for row in rows if example_key(build(row, task.calibration_templates()[0])) not in exclude]
-        if len(kept) < len(rows):
-            log.warning("%d row(s) of the %r split also appear in the evaluation split: left out of the calibration",
-                        len(rows) - len(kept), split)
-        rows = kept
-        if not rows:
-            raise DataError(f"every row of the {split!r} split also appears in the evaluation split; calibration "
-                            "and evaluation data must not overlap (use a different calibration split or file)")
+        rows = left_out(rows, lambda row: example_key(build(row, task.calibration_templates()[0])), exclude, split)
     templates, out, turn = task.calibration_templates(), [], 0
     raw_at, n_fields = _raw_positions(task), len(task_fields(task))
     order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template
@@ -351,6 +347,20 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
             out.append(build(rows[i], templates[turn % len(templates)]))
             turn += 1
     return out
+
+
+def left_out(items: list[_T], key: Callable[[_T], tuple[str, ...]], exclude: Collection[tuple[str, ...]],
+             split: str) -> list[_T]:
+    """`items` of a calibration split whose `key` (`example_key`) is not among the evaluation split's texts in
+    `exclude`: rows in both files stay evaluation rows (CoLA's train and dev share six sentences), said."""
+    kept = [item for item in items if key(item) not in exclude]
+    if len(kept) < len(items):
+        log.warning("%d row(s) of the %r split also appear in the evaluation split: left out of the calibration",
+                    len(items) - len(kept), split)
+    if not kept:
+        raise DataError(f"every row of the {split!r} split also appears in the evaluation split; calibration "
+                        "and evaluation data must not overlap (use a different calibration split or file)")
+    return kept
 
 
 def load_evaluation(task: TaskSpec, split: str, max_samples: int | None = None) -> dict[str, list[Example]]:

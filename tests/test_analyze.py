@@ -42,7 +42,12 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def analysis(model_dir, task_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "report"
-    spec = _spec(model_dir, task_data, out, also_tasks=[TaskSpec(name="sst2", data_dir=str(task_data))])
+    cola = out.parent / "cola"  # a second task for the recurrence experiment: CoLA's layout, tiny sentences
+    cola.mkdir()
+    rows = (task_data / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    (cola / "in_domain_train.tsv").write_text("".join(f"gj04\t{r.split(chr(9))[1]}\t\t{r.split(chr(9))[0]}\n"
+                                                      for r in rows), encoding="utf-8")
+    spec = _spec(model_dir, task_data, out, also_tasks=[TaskSpec(name="cola", data_dir=str(cola))])
     return an.analyze(spec, progress=False), out
 
 
@@ -83,7 +88,7 @@ def test_api_writes_report_figures_and_csvs(analysis):
         assert float(amp[(r["network"], 0.0)]["accuracy"]) == pytest.approx(float(r["masked_fn_acc"]), abs=1e-4)
     # recurrence ran for both tasks given
     tasks = {r["task"] for r in _rows(out / "recurrence.csv")}
-    assert tasks == {"sst2"} and len(_rows(out / "recurrence_groups.csv")) == 2 * 3 * 8
+    assert tasks == {"sst2", "cola"} and len(_rows(out / "recurrence_groups.csv")) == 2 * 3 * 8
     # the evaluation examples are from the validation split, disjoint from calibration
     assert result.info["evaluation"]["split"] == "validation" and result.info["calibration"]["split"] == "train"
 
@@ -222,6 +227,7 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (["--scales", "0,x"], "--scales"),
     (["--also-task", ":foo"], "--also-task"),
+    (["--also-task", "sst2:{data}"], "also_tasks: each must be a task other than --task"),
     (["--eval-samples", "0"], "eval_samples"),
     (["--eval-samples", "1"], "eval_samples: must be >= 2"),
     (["--iou", "1.5"], "iou_threshold"),
@@ -231,7 +237,7 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
 ])
 def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
     args = ["analyze", "--task", "sst2", "--model", str(model_dir("llama")), "--data-dir", str(task_data),
-            "--output", str(tmp_path / "x"), "--quiet", *bad]
+            "--output", str(tmp_path / "x"), "--quiet", *(b.format(data=task_data) for b in bad)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
@@ -467,3 +473,22 @@ def test_stages_are_timed_by_the_pipelines_timer(model_dir, task_data, tmp_path,
     assert len(timers) == 1 and result.info["timings_seconds"] is timers[0].seconds
     assert list(timers[0].seconds) == ["load", "calibration + per-layer ICA", "group ICA", "recurrence",
                                        "dense evaluation", "key networks", "group masking", "amplification"]
+
+
+def test_rows_in_both_files_stay_evaluation_rows_as_compress_keeps_them(model_dir, task_data, tmp_path, caplog):
+    """CoLA's train and dev share six sentences: analyze refused most seeds' samples; now, as compress, those rows
+    are left out of the calibration (said), never refused."""
+    from fnprune.analysis.run import _load_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train = (task_data / "train.tsv").read_text(encoding="utf-8").splitlines()
+    dev = (task_data / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    (data / "train.tsv").write_text("\n".join(train + dev[1:4]) + "\n", encoding="utf-8")  # 3 dev rows in train
+    (data / "dev.tsv").write_text("\n".join(dev) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="fnprune"):
+        loaded = _load_data(_spec(model_dir, data, tmp_path / "out", num_samples=1000))
+    assert "3 row(s) of the 'train' split also appear in the evaluation split" in caplog.text
+    assert len(loaded.calibration) == len(train) - 1  # every train row but the shared ones (header aside)
+    shared = {line.split("\t")[0] for line in dev[1:4]}
+    assert not shared & {t for e in loaded.calibration for t in e.texts}

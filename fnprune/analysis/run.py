@@ -17,7 +17,7 @@ from .. import __version__
 from ..arch import is_classifier, layout_for, mlp_widths
 from ..calibration import Calibration, calibrate
 from ..checkpoint import check_output_dir
-from ..data import Example, check_disjoint, load_split, resolve_task, sample
+from ..data import Example, check_disjoint, example_key, left_out, load_split, resolve_task, sample
 from ..errors import DataError, MissingSplitFile, RecipeError
 from ..models import load_model
 from ..pipeline import StageTimer
@@ -86,8 +86,9 @@ def _split(task: TaskSpec, split: str, also: bool = False) -> list[Example]:
 
 def _load_data(spec: AnalysisSpec) -> _Data:
     task = _classification(resolve_task(spec.task))
-    pool = _split(task, task.calibration_split)
     evaluation = _split(task, task.evaluation_split)
+    held = {example_key(e) for e in evaluation}  # rows in both files stay evaluation rows, as compress keeps them
+    pool = left_out(_split(task, task.calibration_split), example_key, held, task.calibration_split)
     calibration = sample(pool, spec.calibration.num_samples, spec.seed)
     check_disjoint(calibration, evaluation)
     eval_set = sample(evaluation, spec.eval_samples, spec.seed)

@@ -102,6 +102,9 @@ class AnalysisSpec:
             out.append(f"scales: need at least one factor, all finite and >= 0, got {list(self.scales)}")
         if not self.model.name_or_path:
             out.append("model: required")
+        names = [self.task.name, *(t.name for t in self.also_tasks)]
+        if len(set(names)) < len(names):  # one name, two sources: merged in the tables, and rows drawn twice
+            out.append(f"also_tasks: each must be a task other than --task and the others, got {', '.join(names)}")
         if self.calibration.sample_store != "tokens":
             out.append(f"calibration.sample_store: analyze needs 'tokens' (the group ICA concatenates every "
                        f"layer's tokens), got {self.calibration.sample_store!r}")
