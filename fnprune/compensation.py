@@ -93,8 +93,13 @@ def _solve_kept_rows(cross: torch.Tensor, keep: torch.Tensor, ridge: float) -> t
 
 
 def _add_relative_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Add `ridge` times the mean of `gram`'s diagonal to that diagonal, in place; returns what was added."""
-    scale = max(ridge, 1e-8) * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    """Add `ridge` times the mean of `gram`'s non-zero diagonal to that diagonal, in place; returns what was
+    added. Inputs that never vary (a padded layout's zero neurons, dead neurons) stay out of the mean, so they do
+    not dilute the ridge the others get."""
+    diagonal = gram.diagonal()
+    varied = diagonal[diagonal > 0]
+    mean = varied.mean() if varied.numel() else diagonal.new_zeros(())
+    scale = max(ridge, 1e-8) * mean.clamp(min=torch.finfo(torch.float64).tiny)
     gram.diagonal().add_(scale)
     return scale
 

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, get_module, is_classifier, layer_blocks
+from .arch import MLPLayout, get_module, input_weights_by_neuron, is_classifier, layer_blocks, output_weight_by_neuron
 from .errors import NumericalError
 from .interrupt import ProgressSaver
 from .offload import input_device
@@ -165,9 +165,11 @@ def trainable_parameters(model: nn.Module, layout: MLPLayout, which: str) -> lis
 
 
 class _LowRankDelta(nn.Module):
-    """weight + scale * B @ A, with B starting at zero so training starts from the pruned model."""
+    """weight + scale * B @ A, with B starting at zero so training starts from the pruned model; `mask` (0/1, the
+    weight's shape broadcast) keeps a padded layout's zero neurons zero, as training the weights themselves does."""
 
-    def __init__(self, shape: torch.Size, rank: int, generator: torch.Generator, dtype: torch.dtype):
+    def __init__(self, shape: torch.Size, rank: int, generator: torch.Generator, dtype: torch.dtype,
+                 mask: torch.Tensor | None = None):
         super().__init__()
         rank = min(rank, *shape)
         bound = 1 / math.sqrt(shape[1])
@@ -175,9 +177,28 @@ class _LowRankDelta(nn.Module):
                                    .mul_(bound).to(dtype))
         self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=dtype))
         self.scale = 1.0
+        self.register_buffer("mask", None if mask is None else mask.to(dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scale * (self.lora_b @ self.lora_a)
+        delta = self.lora_b @ self.lora_a
+        return weight + self.scale * (delta if self.mask is None else delta * self.mask)
+
+
+def _padding_mask(block: nn.Module, layout: MLPLayout, path: str) -> torch.Tensor | None:
+    """0 at the weights of the block's zero neurons (input rows and output column all zero: a padded layout's
+    padding), 1 elsewhere, shaped to broadcast over `path`'s weight; None when every neuron has weights."""
+    column = output_weight_by_neuron(get_module(block, layout.output), layout)
+    used = column.abs().sum(dim=1) > 0
+    for name in layout.inputs:
+        for w in input_weights_by_neuron(get_module(block, name), layout):
+            used |= w.abs().sum(dim=1) > 0
+    if used.all():
+        return None
+    live = used.float()
+    if path == layout.output:  # neurons along the input dimension of nn.Linear, the output one of Conv1D
+        return live.view(-1, 1) if layout.conv1d else live.view(1, -1)
+    live = live.repeat(layout.fused)  # fused projections stack their halves' neurons
+    return live.view(1, -1) if layout.conv1d else live.view(-1, 1)
 
 
 def add_lora(model: nn.Module, layout: MLPLayout, rank: int, seed: int) -> list[nn.Module]:
@@ -187,7 +208,8 @@ def add_lora(model: nn.Module, layout: MLPLayout, rank: int, seed: int) -> list[
     for block in layer_blocks(model, layout):
         for path in (*layout.inputs, layout.output):
             module = get_module(block, path)
-            delta = _LowRankDelta(module.weight.shape, rank, generator, module.weight.dtype)
+            delta = _LowRankDelta(module.weight.shape, rank, generator, module.weight.dtype,
+                                  _padding_mask(block, layout, path))
             parametrize.register_parametrization(module, "weight", delta.to(module.weight.device))
             modules.append(module)
     return modules

@@ -89,6 +89,30 @@ def test_recovery_lowers_the_divergence_and_keeps_the_shapes(pruned_llama, param
             assert torch.equal(a, b) == ("mlp" not in name), name
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])  # Conv1D with GELU (a revived neuron fires); fused gate/up
+@pytest.mark.parametrize("params", ["mlp", "lora"])
+def test_recovery_keeps_a_padded_layouts_zero_neurons_zero(model_dir, tokenizer_dir, task_data, arch, params):
+    """Padding neurons (all-zero weights) must stay zero: LoRA's B @ A spans the whole weight and revived them
+    (GELU(0) has slope 1/2, so they fired), while the report counted them as removed."""
+    from fnprune.arch import by_neuron, get_module, input_weights_by_neuron, layer_blocks
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir(arch)).eval()
+    task = resolve_task(fnprune.recipe.TaskSpec(name="sst2", data_dir=str(task_data)))
+    seqs = [tok(e.prompt)["input_ids"] for e in load_sample(task, "train", 12, 0)]
+    targets = teacher_targets(dense, seqs, 16, 8, progress=False)
+    student, layout = copy.deepcopy(dense), layout_for(dense)
+    width = by_neuron(get_module(layer_blocks(dense, layout)[1], layout.output).weight, layout).shape[0]
+    prune_mlp(student, layout, [torch.arange(width), torch.arange(width // 2)], None, "padded")
+    recover(student, layout, seqs, targets, RecoverySpec(enabled=True, steps=6, lr=3e-2, params=params),
+            progress=False)
+    block = layer_blocks(student, layout)[1]
+    assert not by_neuron(get_module(block, layout.output).weight.detach(), layout)[width // 2:].any()
+    for path in layout.inputs:
+        for half in input_weights_by_neuron(get_module(block, path), layout):
+            assert not half[width // 2:].any() and half[: width // 2].any()
+
+
 def test_recovered_model_reloads_with_the_same_logits(pruned_llama, tmp_path):
     _, pruned, seqs, targets = pruned_llama
     student = copy.deepcopy(pruned)

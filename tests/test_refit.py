@@ -45,6 +45,22 @@ def test_refit_linear_solves_least_squares_and_its_ridge_pulls_toward_w0():
         refit_linear(x, y, w0, None, ridge=-1)
 
 
+def test_zero_inputs_do_not_dilute_the_refits_ridge():
+    """A padded layout's zero neurons entered the ridge's scale (the mean input variance): padded to twice the
+    width, the same kept neurons got half the ridge and other weights (logits moved by 0.3 on a tiny GPT-2)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w0 = torch.randn(100, 6, generator=gen) * 3, torch.randn(6, 3, generator=gen)
+    y = x @ torch.randn(6, 3, generator=gen) + 1
+    padded = torch.cat([x, torch.zeros(100, 6)], dim=1)
+    w0_padded = torch.cat([w0, torch.randn(6, 3, generator=gen)])
+    for b0 in (torch.zeros(3), None):
+        w, b = refit_linear(x, y, w0, b0, ridge=1.0)
+        w_padded, b_padded = refit_linear(padded, y, w0_padded, b0, ridge=1.0)
+        torch.testing.assert_close(w_padded[:6], w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w_padded[6:], w0_padded[6:])  # a zero input keeps its old weights
+        assert (b is None) == (b_padded is None) and (b is None or torch.allclose(b, b_padded, atol=1e-5))
+
+
 def _block_outputs(model, layout, seqs):
     """Every block's output at the real tokens, per layer (a plain forward pass with hooks)."""
     blocks = layer_blocks(model, layout)
