@@ -151,7 +151,7 @@ def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -
     if kind != "multiple_choice":
         unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("choices",))
     if not selection.reconstruct:
-        unused += _changed(selection, SelectionSpec(), "selection", ("ridge",))
+        unused += _changed(selection, SelectionSpec(), "selection", ("ridge", "answer_weight"))
     if not selection.refit:
         unused += _changed(selection, SelectionSpec(), "selection", ("refit_ridge", "refit_prompts"))
     if selection.method not in NEEDS_NETWORKS and not selection.reconstruct:  # no token sample is taken
@@ -162,6 +162,19 @@ def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -
     rec = recipe.recovery
     if rec.enabled and rec.steps is not None and rec.epochs != RecoverySpec().epochs:
         log.warning("recovery.steps %d sets recovery's length: recovery.epochs %d not used", rec.steps, rec.epochs)
+    idle = _idle_recovery_settings(rec, kind) if rec.enabled else []
+    if idle:
+        log.warning("not used by this recovery (params %s, label_weight %g, %s task): %s", rec.params,
+                    rec.label_weight, kind.replace("_", " "), ", ".join(idle))
+
+
+def _idle_recovery_settings(rec: RecoverySpec, kind: str) -> list[str]:
+    """Recovery settings given that this recovery never reads: the LoRA rank without LoRA, the label term's
+    settings without that term (weight 0, or multiple choice, which has no label words)."""
+    idle = _changed(rec, RecoverySpec(), "recovery", ("lora_rank",)) if rec.params != "lora" else []
+    if kind == "multiple_choice":
+        return idle + _changed(rec, RecoverySpec(), "recovery", ("label_weight", "label_target"))
+    return idle + (_changed(rec, RecoverySpec(), "recovery", ("label_target",)) if rec.label_weight == 0 else [])
 
 
 def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example]]:

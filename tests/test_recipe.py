@@ -136,3 +136,31 @@ def test_provenance_changes_name_changed_data_and_library_versions(tmp_path):
     recorded["versions"] = {**key_versions(), "torch": "0.1"}
     assert provenance_changes(recorded) == [f"the train file {data} changed since (sha256)",
                                             f"torch 0.1 -> {key_versions()['torch']}"]
+
+
+def test_settings_a_run_never_reads_are_named(caplog):
+    """answer_weight without the reconstruction, the LoRA rank without LoRA, the label term's settings without
+    that term (weight 0, or multiple choice) were accepted without a word and saved as if used."""
+    import dataclasses
+
+    from fnprune.inputs import _warn_unused_settings
+    from fnprune.recipe import Recipe, RecoverySpec, SelectionSpec
+
+    selection = SelectionSpec(method="flap", reconstruct=False, refit=False, answer_weight=0.3)
+    recovery = RecoverySpec(enabled=True, params="mlp", lora_rank=8, label_weight=0.0, label_target="own")
+    recipe = dataclasses.replace(Recipe(), selection=selection, recovery=recovery)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _warn_unused_settings(recipe, selection, "classification")
+    assert "selection.answer_weight" in caplog.text
+    assert "not used by this recovery (params mlp, label_weight 0, classification task): recovery.lora_rank, " \
+           "recovery.label_target" in caplog.text
+    caplog.clear()
+    recovery = RecoverySpec(enabled=True, params="lora", lora_rank=8, label_weight=2.0)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _warn_unused_settings(dataclasses.replace(recipe, recovery=recovery), selection, "multiple_choice")
+    assert "multiple choice task): recovery.label_weight" in caplog.text and "lora_rank" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _warn_unused_settings(dataclasses.replace(recipe, recovery=RecoverySpec()), SelectionSpec(method="flap",
+                              reconstruct=True, refit=False, answer_weight=0.3), "classification")
+    assert "not used" not in caplog.text  # read by the reconstruction; recovery off and untouched
