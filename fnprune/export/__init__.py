@@ -52,6 +52,10 @@ class Checkpoint:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape from the files' headers, in the order `tensors` yields them."""
+        return _tensor_shapes(self.files)
+
     def tensor_names(self) -> list[str]:
         from safetensors import safe_open
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ OUTTYPES = ("f32", "f16", "q8_0")
 GGUF_ARCHS = ("auto", "llama", "deci")
 _PERMUTED = ("llama", "deci")  # llama.cpp archs with "normal" (adjacent-pair) RoPE: HF's Q/K rows re-ordered
 _ROPE_TYPES = (None, "default", "linear", "llama3")
+_ROPE_FREQS = "rope_freqs.weight"  # Llama 3's per-frequency factors (gguf.TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS])
 
 # Tokenizer fingerprint -> llama.cpp's `tokenizer.ggml.pre` (which regex splits text before BPE). The key is
 # sha256 of the token ids of _PROBE (see tokenizer_pre); add a row per tokenizer family checked in llama.cpp.
@@ -287,13 +289,31 @@ def _as_float16(data: np.ndarray, name: str) -> np.ndarray:
     return half
 
 
-def _add_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str,
-                 progress: bool) -> None:
-    """Every planned tensor, renamed, Q/K re-ordered where `plan` gives head counts, in its GGUF type."""
+def _declare_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str) -> None:
+    """Every planned tensor's name, shape, type and size, from the safetensors headers, before any data: the file
+    is then written one tensor at a time (`_write_tensors`), never the whole model in memory."""
+    import gguf
+
+    for hf_name, shape in ckpt.tensor_shapes().items():
+        if hf_name not in plan:
+            continue
+        qtype = quant_type(plan[hf_name][0], tuple(shape), outtype)
+        if qtype == gguf.GGMLQuantizationType.Q8_0:  # declared as the quantized bytes, as add_tensor does
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+            writer.add_tensor_info(plan[hf_name][0], byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype)
+        else:
+            dtype = np.dtype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
+            writer.add_tensor_info(plan[hf_name][0], shape, dtype, math.prod(shape) * dtype.itemsize)
+
+
+def _write_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str,
+                   progress: bool) -> None:
+    """Every planned tensor, renamed, Q/K re-ordered where `plan` gives head counts, in its GGUF type, written
+    in the order `_declare_tensors` declared them."""
     import gguf
     from gguf.quants import quantize
 
-    with tqdm(total=len(plan), desc=f"converting to {outtype}", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(plan), desc=f"writing {outtype}", unit="tensor", disable=not progress) as bar:
         for hf_name, tensor in ckpt.tensors():
             if hf_name not in plan:
                 continue
@@ -304,11 +324,11 @@ def _add_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None
             data = t.numpy()
             qtype = quant_type(target, data.shape, outtype)
             if qtype == gguf.GGMLQuantizationType.Q8_0:
-                writer.add_tensor(target, quantize(data, qtype), raw_dtype=qtype)
+                writer.write_tensor_data(quantize(data, qtype))
             elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(target, _as_float16(data, hf_name))
+                writer.write_tensor_data(_as_float16(data, hf_name))
             else:
-                writer.add_tensor(target, data.astype(np.float32))
+                writer.write_tensor_data(data.astype(np.float32))
             bar.update()
 
 
@@ -329,13 +349,16 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
         writer = gguf.GGUFWriter(tmp, arch)
         _hparams(writer, ckpt, arch, outtype)
         pre = _vocab(writer, ckpt, pre_tokenizer)
-        _add_tensors(writer, ckpt, plan, outtype, progress)
-        if _rope(ckpt.config)[1] == "llama3":
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                              llama3_rope_factors(ckpt.config))
+        _declare_tensors(writer, ckpt, plan, outtype)
+        factors = llama3_rope_factors(ckpt.config) if _rope(ckpt.config)[1] == "llama3" else None
+        if factors is not None:
+            writer.add_tensor_info(_ROPE_FREQS, factors.shape, factors.dtype, factors.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, ckpt, plan, outtype, progress)
+        if factors is not None:
+            writer.write_tensor_data(factors)
         writer.close()
     return {"path": str(out), "format": "gguf", "arch": arch, "outtype": outtype, "tensors": len(plan),
             "widths": ckpt.widths, "tokenizer_pre": pre, "bytes": out.stat().st_size}
