@@ -77,7 +77,8 @@ def fit_token_gram(x: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.T
     sqrt(T). Faster and closer to a float64 fit than `fit_kept_gram` there (RESULTS 5.1)."""
     n = max(x.shape[0], 1)
     a, b = x[:, keep], x[:, removed_indices(keep, x.shape[1])]  # (T, k), (T, r)
-    scale = torch.linalg.vector_norm(a, dtype=torch.float64).square() / (n * max(a.shape[1], 1))  # mean kept var
+    varied = int((a != 0).any(0).sum())  # as _add_relative_ridge: inputs that never vary stay out of the mean
+    scale = torch.linalg.vector_norm(a, dtype=torch.float64).square() / (n * max(varied, 1))  # mean kept var
     gram = (a @ a.T).to(torch.float64) / n  # (T, T)
     gram.diagonal().add_(max(ridge, 1e-8) * scale)
     y = _solve_positive_definite(gram, b.to(torch.float64) / n)  # (T, r)

@@ -126,3 +126,19 @@ def test_answer_emphasis_blends_the_fit_between_the_sample_and_the_emphasised_to
     nearly_all = reconstruction_map(x, keep, centre, 0.1, emphasis=e, emphasis_weight=1 - 1e-9)
     only_e = reconstruction_map(e - centre.float(), keep, None, 0.1)
     torch.testing.assert_close(nearly_all, only_e, atol=1e-4, rtol=1e-3)
+
+
+def test_kept_inputs_that_never_vary_do_not_dilute_the_reconstructions_ridge():
+    """Both fits (kept-neuron Gram, and token Gram for fewer tokens than kept neurons) scale the ridge by the mean
+    variance of the kept inputs that vary: a dead kept neuron leaves the other neurons' map as it was."""
+    from fnprune.compensation import fit_kept_gram, fit_token_gram
+
+    gen = torch.Generator().manual_seed(0)
+    live = torch.randn(6, 10, generator=gen)  # 6 tokens: fewer than kept neurons for the token Gram
+    x = torch.cat([live[:, :4], torch.zeros(6, 1), live[:, 4:]], dim=1)  # neuron 4 never varies (dead); removed 8-10
+    keep_live, keep_dead = torch.tensor([0, 1, 2, 3, 5, 6, 7]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    for fit in (fit_kept_gram, fit_token_gram):
+        without = fit(x, keep_live, 0.5)  # (7, removed 4)
+        with_dead = fit(x, keep_dead, 0.5)  # (8, removed 3): neuron 4 kept, not removed
+        torch.testing.assert_close(with_dead[[0, 1, 2, 3, 5, 6, 7]], without[:, 1:], atol=1e-5, rtol=1e-4)
+        assert not with_dead[4].any()  # the dead neuron maps to nothing
