@@ -181,7 +181,8 @@ def _gguf_config(source: str, extra: dict) -> dict:
     layout = MLP_LAYOUTS.get(config.model_type)
     if layout and layout.bias_flag and any(n.endswith(".ffn_down.bias") for n in names):
         setattr(config, layout.bias_flag, True)
-    if hasattr(config, "attention_bias") and any(n.endswith(".attn_q.bias") for n in names):
+    if hasattr(config, "attention_bias") and any(n.endswith(".attn_q.bias") for n in names) and \
+            any(n.endswith(".attn_output.bias") for n in names):  # the flag gives all four projections a bias
         config.attention_bias = True
     arch = reader.fields["general.architecture"].contents()
     scaling = reader.fields.get(f"{arch}.rope.scaling.type")
