@@ -436,7 +436,7 @@ def export(directory, fmt, outtype, gguf_arch, tokenizer_pre, output, overwrite,
     if fmt == "deci" and given:
         raise click.UsageError(f"{' and '.join(given)}: --format gguf only (deci copies the weights as they are)")
     _setup_logging(quiet)
-    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, pre_tokenizer=tokenizer_pre,
+    info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, tokenizer_pre=tokenizer_pre,
                overwrite=overwrite, progress=not quiet)
     kind = f"GGUF arch {info['arch']}, {info['outtype']}" if fmt == "gguf" else "DeciLM (nemotron-nas) folder"
     click.echo(f"wrote {info['path']} ({kind}, FFN widths {widths_span(info['widths'])})")

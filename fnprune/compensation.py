@@ -37,8 +37,9 @@ def reconstruction_map(
     activations (T, d) or their `SecondMoments` (the fit needs nothing else).
 
     `centre` (d,): the values the fit is taken around (the mean over all calibration tokens), or None for a
-    fit through zero. `ridge` is relative to the mean variance of the kept neurons, so it means the same in
-    every layer and model: ridge = 0.1 adds a tenth of a typical kept neuron's energy to the diagonal.
+    fit through zero. `ridge` is relative to the mean variance of the kept neurons (those not zero on every
+    token around `centre`), so it means the same in every layer and model: ridge = 0.1 adds a tenth of a
+    typical kept neuron's energy to the diagonal.
 
     `emphasis` (N, d): tokens whose error counts `emphasis_weight` of the fit's objective and the sample's the
     rest (e.g. the prompts' last tokens, where the answer is read).
@@ -77,7 +78,7 @@ def fit_token_gram(x: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.T
     sqrt(T). Faster and closer to a float64 fit than `fit_kept_gram` there (RESULTS 5.1)."""
     n = max(x.shape[0], 1)
     a, b = x[:, keep], x[:, removed_indices(keep, x.shape[1])]  # (T, k), (T, r)
-    varied = int((a != 0).any(0).sum())  # as _add_relative_ridge: inputs that never vary stay out of the mean
+    varied = int((a != 0).any(0).sum())  # as _add_relative_ridge: inputs zero on every token stay out of the mean
     scale = torch.linalg.vector_norm(a, dtype=torch.float64).square() / (n * max(varied, 1))  # mean kept var
     gram = (a @ a.T).to(torch.float64) / n  # (T, T)
     gram.diagonal().add_(max(ridge, 1e-8) * scale)
@@ -95,8 +96,8 @@ def _solve_kept_rows(cross: torch.Tensor, keep: torch.Tensor, ridge: float) -> t
 
 def _add_relative_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     """Add `ridge` times the mean of `gram`'s non-zero diagonal to that diagonal, in place; returns what was
-    added. Inputs that never vary (a padded layout's zero neurons, dead neurons) stay out of the mean, so they do
-    not dilute the ridge the others get."""
+    added. Inputs zero on every token (a padded layout's padding; centred, any input that never varies) stay out
+    of the mean, so they do not dilute the ridge the others get."""
     diagonal = gram.diagonal()
     varied = diagonal[diagonal > 0]
     mean = varied.mean() if varied.numel() else diagonal.new_zeros(())

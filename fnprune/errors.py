@@ -35,7 +35,10 @@ class MissingSplitFile(DataError):
 
     def __init__(self, problem: str, remedy: str):
         super().__init__(problem + remedy)
-        self.problem = problem
+        self.problem, self.remedy = problem, remedy
+
+    def __reduce__(self):  # pickled as its two parts (multiprocessing, pytest-xdist), not as one message
+        return type(self), (self.problem, self.remedy)
 
 
 class ModelError(FnpruneError, ValueError):

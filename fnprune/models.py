@@ -185,18 +185,35 @@ def _gguf_config(source: str, extra: dict) -> dict:
             any(n.endswith(".attn_output.bias") for n in names):  # the flag gives all four projections a bias
         config.attention_bias = True
     arch = reader.fields["general.architecture"].contents()
+    _gguf_rope(config, reader, arch, names, path)
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length.contents())
+    return {"config": config}
+
+
+def _gguf_rope(config, reader, arch: str, names: set[str], path: Path) -> None:
+    """Linear RoPE scaling, which transformers' GGUF reader drops, put back into `config`; scaling it cannot
+    rebuild (Llama 3's `rope_freqs`, Phi-3's LongRoPE factors, YaRN, per-layer-type settings such as Gemma 3's)
+    refused: the model would load with other positions."""
     scaling = reader.fields.get(f"{arch}.rope.scaling.type")
-    kind = "llama3 (rope_freqs)" if "rope_freqs.weight" in names else scaling.contents() if scaling else "none"
+    kind = scaling.contents() if scaling else "none"
+    if "rope_freqs.weight" in names:
+        kind = "llama3 (rope_freqs)"
+    if names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
+        kind = "LongRoPE (rope_factors_long/short)"
+    params = getattr(config, "rope_parameters", None)  # transformers 5; 4.x has rope_scaling
+    if kind == "linear" and isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        kind = "linear, with settings per layer type"
     if kind not in ("none", "linear"):
         raise ModelError(f"{path}: its RoPE scaling, {kind}, is not rebuilt by transformers' GGUF reader (the model "
                          "would load with other positions); load the Hugging Face folder it was made from instead")
     if kind == "linear":
         factor = float(reader.fields[f"{arch}.rope.scaling.factor"].contents())
-        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": factor}
-    key_length = reader.fields.get(f"{arch}.attention.key_length")
-    if key_length is not None and hasattr(config, "head_dim"):
-        config.head_dim = int(key_length.contents())
-    return {"config": config}
+        if params is not None:
+            config.rope_parameters = {**params, "rope_type": "linear", "factor": factor}
+        else:
+            config.rope_scaling = {"rope_type": "linear", "type": "linear", "factor": factor}
 
 
 def _check_plain(model: nn.Module, spec: ModelSpec) -> None:

@@ -209,9 +209,16 @@ def test_a_tokenizer_llama_cpp_cannot_be_told_of_is_refused_unless_named(model_d
         data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = regex
         file.write_text(json.dumps(data), encoding="utf-8")
         assert export(ckpt, "gguf", tmp_path / "m.gguf", overwrite=True, progress=False)["tokenizer_pre"] == name
+    del data["pre_tokenizer"]["pretokenizers"][1]["use_regex"]  # tokenizers' default: GPT-2's split after it
+    file.write_text(json.dumps(data), encoding="utf-8")
+    assert "--tokenizer-pre NAME" in _cli_error(str(ckpt), "--format", "gguf", "--output", str(tmp_path / "x.gguf"))
     file.write_text('{"model": ', encoding="utf-8")
     msg = _cli_error(str(ckpt), "--format", "gguf", "--output", str(tmp_path / "n.gguf"))
     assert "tokenizer.json" in msg and "not valid JSON" in msg
+    del data["model"]["merges"]  # valid JSON, but no tokenizer: the tokenizers library's own reason, one line
+    file.write_text(json.dumps(data), encoding="utf-8")
+    msg = _cli_error(str(ckpt), "--format", "gguf", "--output", str(tmp_path / "n.gguf"))
+    assert "not a tokenizer the tokenizers library can read" in msg
 
 
 def test_gguf_per_layer_is_deci_with_a_width_array(model_dir, tmp_path):
@@ -326,7 +333,8 @@ def test_damaged_checkpoints_are_refused_in_one_line(model_dir, tmp_path):
 
 
 def test_float16_output_of_values_beyond_its_range_is_refused(model_dir, tmp_path):
-    """A bfloat16 (or float32) weight past float16's 65504 became inf in an f16 GGUF with only numpy's warning."""
+    """A bfloat16 (or float32) weight past float16's 65504 became inf in an f16 GGUF with only numpy's warning
+    (and in q8_0 past 127 x 65504, its block scale's range)."""
     from safetensors.torch import save_file
 
     def overflow(folder: Path) -> None:
@@ -339,6 +347,18 @@ def test_float16_output_of_values_beyond_its_range_is_refused(model_dir, tmp_pat
     assert "model.layers.0.mlp.up_proj.weight holds values up to 1e+05, beyond float16's 65504" in msg
     assert not (tmp_path / "m.gguf").exists()
     export(folder, "gguf", tmp_path / "m.gguf", outtype="f32", progress=False)
+
+    def beyond_q8_0(folder: Path) -> None:  # an inf already there hid the overflow; q8_0's scale is float16 too
+        weights = load_file(folder / "model.safetensors")
+        weights["model.layers.0.mlp.up_proj.weight"][0, :2] = torch.tensor([float("inf"), 1e7])
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    folder = _damaged(_prune(model_dir, tmp_path / "u2", "llama", [32, 32]), tmp_path / "bigger", beyond_q8_0)
+    for outtype, message in (("f16", "values up to 1e+07, beyond float16's 65504"),
+                             ("q8_0", "q8_0's float16 block scale cannot hold them")):
+        msg = _cli_error(folder, "--format", "gguf", "--outtype", outtype, "--output", str(tmp_path / "n.gguf"),
+                         "--quiet")
+        assert message in msg and "--outtype f32" in msg
 
 
 def test_inspect_checks_the_weights_against_the_report(model_dir, tmp_path):
@@ -419,6 +439,27 @@ def test_fnprune_loads_a_gguf_with_attention_biases_or_linear_rope_scaling(setti
     back, _ = load_model(ModelSpec(name_or_path=str(tmp_path / "m.gguf")))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_scaling_a_gguf_config_cannot_hold_is_refused():
+    """Phi-3's LongRoPE factors and Gemma 3's linear scaling (its RoPE settings are per layer type) were loaded
+    without their scaling; transformers 4.x configs (no rope_parameters) take linear scaling as rope_scaling."""
+    from types import SimpleNamespace
+
+    from fnprune.models import _gguf_rope
+
+    def field(value):
+        return SimpleNamespace(contents=lambda: value)
+
+    linear = SimpleNamespace(fields={"a.rope.scaling.type": field("linear"), "a.rope.scaling.factor": field(8.0)})
+    split = SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"}, "sliding_attention": {}})
+    with pytest.raises(ModelError, match="RoPE scaling, linear, with settings per layer type"):
+        _gguf_rope(split, linear, "a", set(), Path("m.gguf"))
+    with pytest.raises(ModelError, match="RoPE scaling, LongRoPE"):
+        _gguf_rope(SimpleNamespace(), SimpleNamespace(fields={}), "a", {"rope_factors_long.weight"}, Path("m.gguf"))
+    old = SimpleNamespace()  # a transformers 4.x config
+    _gguf_rope(old, linear, "a", set(), Path("m.gguf"))
+    assert old.rope_scaling == {"rope_type": "linear", "type": "linear", "factor": 8.0}
 
 
 def test_a_gguf_with_llama3_rope_scaling_is_refused_by_fnprunes_loader(model_dir, tmp_path):

@@ -155,9 +155,9 @@ def check_output_file(path: Path, overwrite: bool, source: Path) -> None:
 
 
 def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str = "f16", gguf_arch: str = "auto",
-           pre_tokenizer: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+           tokenizer_pre: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Export the checkpoint in `directory` as `fmt` to `output`; returns a short summary of what was written.
-    `pre_tokenizer` (gguf): llama.cpp's pre-tokenizer name for a tokenizer fnprune cannot name."""
+    `tokenizer_pre` (gguf): llama.cpp's pre-tokenizer name for a tokenizer fnprune cannot name."""
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(output).expanduser()
@@ -166,7 +166,7 @@ def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str 
         from .to_gguf import write_gguf
 
         check_output_file(out, overwrite, ckpt.path)
-        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, pre_tokenizer=pre_tokenizer, progress=progress,
+        return write_gguf(ckpt, out, outtype=outtype, arch=gguf_arch, tokenizer_pre=tokenizer_pre, progress=progress,
                           overwrite=overwrite)
     from .to_deci import write_deci
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..arch import LLAMA_CPP_ARCH
 from ..checkpoint import atomic_output_file, read_json_object
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from . import Checkpoint
 
 __all__ = ["OUTTYPES", "GGUF_ARCHS", "write_gguf", "gguf_arch_for", "tokenizer_pre", "permute_for_rope",
@@ -197,19 +197,20 @@ def _pre_by_structure(data: dict[str, Any]) -> str | None:
         return None
     split, byte_level = steps
     if (split.get("type"), split.get("behavior"), split.get("invert")) != ("Split", "Isolated", False) or \
-            byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+            byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True) or \
+            byte_level.get("add_prefix_space"):  # tokenizers' default use_regex (true) adds GPT-2's split after
         return None
     return _PRE_BY_SPLIT.get((split.get("pattern") or {}).get("Regex"))
 
 
-def tokenizer_pre(tokenizer, data: dict[str, Any], given: str | None = None) -> str:
-    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer` (`data`: its tokenizer.json): the name given,
-    else the fingerprint table's, else the one its split regex names. Any other tokenizer is refused, as llama.cpp's
-    converter refuses it: llama.cpp's `default` splits digits and punctuation otherwise than most tokenizers."""
+def tokenizer_pre(tokenizer, given: str | None = None) -> str:
+    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer`: the name given, else the fingerprint table's,
+    else the one its split regex names. Any other tokenizer is refused, as llama.cpp's converter refuses it:
+    llama.cpp's `default` splits digits and punctuation otherwise than most tokenizers."""
     if given:
         return given
     fingerprint = _fingerprint(tokenizer)
-    pre = _PRE_BY_FINGERPRINT.get(fingerprint) or _pre_by_structure(data)
+    pre = _PRE_BY_FINGERPRINT.get(fingerprint) or _pre_by_structure(json.loads(tokenizer.to_str()))
     if pre is None:
         raise ModelError(f"this tokenizer is not in fnprune's table of llama.cpp pre-tokenizers (fingerprint "
                          f"{fingerprint[:16]}), and a wrong one makes llama.cpp split text otherwise than the model "
@@ -228,6 +229,10 @@ def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
     if not file.is_file():
         raise ModelError(f"{ckpt.path} has no tokenizer.json: GGUF export needs the (byte-level BPE) tokenizer")
     data = read_json_object(file, "a tokenizer", ModelError)
+    try:  # what tokenizers itself refuses (no vocab or merges, a merge of unknown tokens): its message, one line
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise ModelError(f"{file}: not a tokenizer the tokenizers library can read ({first_line(exc)})") from exc
     decoder = json.dumps(data.get("decoder"))
     if data.get("model", {}).get("type") != "BPE" or "ByteLevel" not in decoder:
         raise ModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json) only; "
@@ -242,8 +247,7 @@ def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
         if i >= n_vocab:
             raise ModelError(f"token {tok!r} has id {i}, beyond the model's vocab_size {n_vocab}")
         tokens[i], types[i] = tok, kind
-    tokenizer = Tokenizer.from_file(str(file))
-    pre = tokenizer_pre(tokenizer, data, pre)
+    pre = tokenizer_pre(tokenizer, pre)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -283,37 +287,52 @@ def _as_float16(data: np.ndarray, name: str) -> np.ndarray:
     65504): llama.cpp would compute with inf."""
     with np.errstate(over="ignore"):
         half = data.astype(np.float16)
-    if not np.isfinite(half).all() and np.isfinite(data).all():
-        raise ModelError(f"{name} holds values up to {float(np.abs(data).max()):.3g}, beyond float16's 65504: "
-                         "export with --outtype f32 (or q8_0)")
+    if (np.isinf(half) & np.isfinite(data)).any():
+        raise ModelError(f"{name} holds values up to {float(np.abs(data[np.isfinite(data)]).max()):.3g}, beyond "
+                         "float16's 65504: export with --outtype f32")
     return half
 
 
-def _declare_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str) -> None:
+def _as_q8_0(data: np.ndarray, name: str) -> np.ndarray:
+    """q8_0 blocks of a tensor, refused when a block's float16 scale (its largest |value| / 127) would be inf."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    largest = float(np.abs(data[np.isfinite(data)]).max(initial=0.0))
+    if largest > 127 * float(np.finfo(np.float16).max):
+        raise ModelError(f"{name} holds values up to {largest:.3g}: q8_0's float16 block scale cannot hold them "
+                         "(above 127 x 65504); export with --outtype f32")
+    return quantize(data, GGMLQuantizationType.Q8_0)
+
+
+def _declare_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str
+                     ) -> dict[str, Any]:
     """Every planned tensor's name, shape, type and size, from the safetensors headers, before any data: the file
-    is then written one tensor at a time (`_write_tensors`), never the whole model in memory."""
+    is then written one tensor at a time (`_write_tensors`), never the whole model in memory. Returns each
+    tensor's GGUF type."""
     import gguf
 
+    types: dict[str, Any] = {}
     for hf_name, shape in ckpt.tensor_shapes().items():
         if hf_name not in plan:
             continue
-        qtype = quant_type(plan[hf_name][0], tuple(shape), outtype)
+        qtype = types[hf_name] = quant_type(plan[hf_name][0], tuple(shape), outtype)
         if qtype == gguf.GGMLQuantizationType.Q8_0:  # declared as the quantized bytes, as add_tensor does
             byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(plan[hf_name][0], byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype)
         else:
             dtype = np.dtype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
             writer.add_tensor_info(plan[hf_name][0], shape, dtype, math.prod(shape) * dtype.itemsize)
+    return types
 
 
-def _write_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], outtype: str,
+def _write_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | None]], types: dict[str, Any],
                    progress: bool) -> None:
-    """Every planned tensor, renamed, Q/K re-ordered where `plan` gives head counts, in its GGUF type, written
-    in the order `_declare_tensors` declared them."""
+    """Every planned tensor, renamed, Q/K re-ordered where `plan` gives head counts, in the GGUF type `types`
+    declared for it, written in the order `_declare_tensors` declared them."""
     import gguf
-    from gguf.quants import quantize
 
-    with tqdm(total=len(plan), desc=f"writing {outtype}", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(plan), desc="writing", unit="tensor", disable=not progress) as bar:
         for hf_name, tensor in ckpt.tensors():
             if hf_name not in plan:
                 continue
@@ -322,10 +341,9 @@ def _write_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | No
             if heads is not None:
                 t = permute_for_rope(t, heads)
             data = t.numpy()
-            qtype = quant_type(target, data.shape, outtype)
-            if qtype == gguf.GGMLQuantizationType.Q8_0:
-                writer.write_tensor_data(quantize(data, qtype))
-            elif qtype == gguf.GGMLQuantizationType.F16:
+            if types[hf_name] == gguf.GGMLQuantizationType.Q8_0:
+                writer.write_tensor_data(_as_q8_0(data, hf_name))
+            elif types[hf_name] == gguf.GGMLQuantizationType.F16:
                 writer.write_tensor_data(_as_float16(data, hf_name))
             else:
                 writer.write_tensor_data(data.astype(np.float32))
@@ -333,9 +351,9 @@ def _write_tensors(writer, ckpt: Checkpoint, plan: dict[str, tuple[str, int | No
 
 
 def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str = "auto",
-               pre_tokenizer: str | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place). `pre_tokenizer`:
-    llama.cpp's name for the tokenizer's pre-tokenizer, for one fnprune cannot name."""
+               tokenizer_pre: str | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write `ckpt` as one GGUF file at `out` (through a temporary file renamed into place). `tokenizer_pre`:
+    llama.cpp's name for the tokenizer's pre-tokenizer (`tokenizer.ggml.pre`), for one fnprune cannot name."""
     try:
         import gguf
     except ImportError as exc:
@@ -348,15 +366,15 @@ def write_gguf(ckpt: Checkpoint, out: Path, *, outtype: str = "f16", arch: str =
     with atomic_output_file(out, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _hparams(writer, ckpt, arch, outtype)
-        pre = _vocab(writer, ckpt, pre_tokenizer)
-        _declare_tensors(writer, ckpt, plan, outtype)
+        pre = _vocab(writer, ckpt, tokenizer_pre)
+        types = _declare_tensors(writer, ckpt, plan, outtype)
         factors = llama3_rope_factors(ckpt.config) if _rope(ckpt.config)[1] == "llama3" else None
         if factors is not None:
             writer.add_tensor_info(_ROPE_FREQS, factors.shape, factors.dtype, factors.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensors(writer, ckpt, plan, outtype, progress)
+        _write_tensors(writer, ckpt, plan, types, progress)
         if factors is not None:
             writer.write_tensor_data(factors)
         writer.close()
