@@ -362,6 +362,9 @@ def test_a_smaller_random_control_is_recorded_and_warned(model_dir, task_data, t
     assert "random control masks" in caplog.text
     report = (tmp_path / "out" / "report.md").read_text()
     assert "random_size" in report and "Smaller controls" in report
+    amp = result.tables["amplification_summary"]
+    short_amp = any(r["random_size"] != "" and r["random_size"] < r["size"] for r in amp)
+    assert ("Smaller controls" in report.split("## 4. Amplification")[1]) == short_amp
 
 
 def test_output_appearing_mid_run_keeps_the_finished_analysis(model_dir, task_data, tmp_path, monkeypatch):

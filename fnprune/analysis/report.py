@@ -246,6 +246,7 @@ def _amplification_md(a: Analysis, files: dict[str, str]) -> list[str]:
         f"![amplification]({files['amplification']})",
         "",
         _md_table(amp),
+        *_short_controls(amp, "size", "random_size"),
         f"Measured: {len(gains)} of {len(amp)} networks gain on both held-out halves when the factor is chosen "
         "on the other half.",
         "",
