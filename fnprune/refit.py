@@ -170,3 +170,9 @@ class LayerwiseRefit:
         self.bar.update()
         if i == len(self.blocks) - 1:
             self.bar.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Both streams (2 x prompts x tokens x hidden) are done after the last block: not held through recovery
+        and evaluation."""
+        self.dense, self.pruned, self.runs, self.masks = [], [], [], []

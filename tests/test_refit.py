@@ -102,6 +102,7 @@ def test_refit_brings_every_block_output_closer_to_dense(arch, model_dir):
     prune_mlp(refitted, layout, keep, on_block=refit.on_block)
     assert mlp_widths(refitted, layout) == [w // 4 for w in widths]  # the shapes surgery gives
     assert len(refit.ratios) == len(widths) and all(r < 1 for r in refit.ratios)
+    assert not (refit.dense or refit.pruned)  # the streams freed after the last block, before anything else runs
     before, after = _errors(plain, model, layout, seqs), _errors(refitted, model, layout, seqs)
     assert all(a < b for a, b in zip(after, before)), (before, after)
 
@@ -118,8 +119,11 @@ def test_the_refits_own_stream_is_what_the_refitted_model_computes(arch, model_d
     gen = torch.Generator().manual_seed(0)
     keep = [torch.randperm(w, generator=gen)[: w // 4].sort().values for w in mlp_widths(model, layout)]
     refit = LayerwiseRefit(model, layout, seqs, ridge=0.01, batch_size=4, progress=False)
+    release, refit._release = refit._release, lambda: None  # the streams kept, to compare
     prune_mlp(model, layout, keep, on_block=refit.on_block)
     carried = torch.cat([p.reshape(*m.shape, -1)[m] for p, m in zip(refit.pruned, refit.masks)])
+    release()  # as the last block does: nothing of the streams held after the surgery
+    assert not (refit.dense or refit.pruned or refit.runs or refit.masks) and refit.ratios
     torch.testing.assert_close(carried, _block_outputs(model, layout, seqs)[-1], atol=1e-4, rtol=1e-4)
 
 
