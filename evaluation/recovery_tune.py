@@ -36,10 +36,13 @@ TEACHER_FIELDS = ("top_k", "label_target", "label_weight")
 
 def parse_settings(items: list[str], defaults: RecoverySpec) -> list[dict[str, Any]]:
     """`--set FIELD=V1,V2` (repeatable) as one dict per combination, each value of its field's type (so "1e-4" is
-    a float here, not YAML's string)."""
+    a float here, not YAML's string). An unknown field or a missing `=` is one line (SystemExit)."""
     settings: list[dict[str, Any]] = [{}]
+    fields = [f.name for f in dataclasses.fields(defaults)]
     for item in items:
-        name, _, values = item.partition("=")
+        name, sep, values = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"recovery_tune: --set {item!r}: expected FIELD=V1,V2, FIELD one of {', '.join(fields)}")
         kind = type(getattr(defaults, name))
         settings = [{**s, name: kind(read_value(v, name)) if kind is not type(None) else read_value(v, name)}
                     for s in settings for v in values.split(",")]

@@ -217,3 +217,13 @@ def test_every_evaluation_script_is_in_the_evaluation_readme():
     readme = (folder / "README.md").read_text(encoding="utf-8")
     scripts = [p.name for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"]
     assert [name for name in scripts if f"`{name}`" not in readme] == []
+
+
+def test_recovery_tune_refuses_an_unknown_setting_in_one_line():
+    from evaluation.recovery_tune import parse_settings
+    from fnprune.recipe import RecoverySpec
+
+    assert parse_settings(["lr=1e-4,3e-4"], RecoverySpec()) == [{"lr": 1e-4}, {"lr": 3e-4}]
+    for bad in ("badfield=1", "lr"):
+        with pytest.raises(SystemExit, match="expected FIELD=V1,V2, FIELD one of enabled"):
+            parse_settings([bad], RecoverySpec())
