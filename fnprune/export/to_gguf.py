@@ -203,14 +203,16 @@ def _pre_by_structure(data: dict[str, Any]) -> str | None:
     return _PRE_BY_SPLIT.get((split.get("pattern") or {}).get("Regex"))
 
 
-def tokenizer_pre(tokenizer, given: str | None = None) -> str:
-    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer`: the name given, else the fingerprint table's,
-    else the one its split regex names. Any other tokenizer is refused, as llama.cpp's converter refuses it:
-    llama.cpp's `default` splits digits and punctuation otherwise than most tokenizers."""
+def tokenizer_pre(tokenizer, given: str | None = None, data: dict[str, Any] | None = None) -> str:
+    """llama.cpp's pre-tokenizer name for a `tokenizers.Tokenizer` (`data`: its tokenizer.json, when already
+    read): the name given, else the fingerprint table's, else the one its split regex names. Any other tokenizer
+    is refused, as llama.cpp's converter refuses it: llama.cpp's `default` splits digits and punctuation otherwise
+    than most tokenizers."""
     if given:
         return given
     fingerprint = _fingerprint(tokenizer)
-    pre = _PRE_BY_FINGERPRINT.get(fingerprint) or _pre_by_structure(json.loads(tokenizer.to_str()))
+    pre = _PRE_BY_FINGERPRINT.get(fingerprint) or _pre_by_structure(
+        data if data is not None else json.loads(tokenizer.to_str()))
     if pre is None:
         raise ModelError(f"this tokenizer is not in fnprune's table of llama.cpp pre-tokenizers (fingerprint "
                          f"{fingerprint[:16]}), and a wrong one makes llama.cpp split text otherwise than the model "
@@ -247,7 +249,7 @@ def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
         if i >= n_vocab:
             raise ModelError(f"token {tok!r} has id {i}, beyond the model's vocab_size {n_vocab}")
         tokens[i], types[i] = tok, kind
-    pre = tokenizer_pre(tokenizer, pre)
+    pre = tokenizer_pre(tokenizer, pre, data)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
