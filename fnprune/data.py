@@ -333,7 +333,8 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     Rows whose text is in `exclude` (the evaluation split's, `example_key`) are left out before the draw."""
     rows, build = _prepared(task, split)
     if exclude:
-        rows = left_out(rows, lambda row: example_key(build(row, task.calibration_templates()[0])), exclude, split)
+        first = task.calibration_templates()[0]
+        rows = left_out(rows, lambda row: example_key(build(row, first)), exclude, split)
     templates, out, turn = task.calibration_templates(), [], 0
     raw_at, n_fields = _raw_positions(task), len(task_fields(task))
     order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template

@@ -22,6 +22,7 @@ from .data import (
     fill_template,
     load_evaluation,
     load_sample,
+    load_split,
     resolve_task,
     shared_examples,
     task_fields,
@@ -83,7 +84,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     except DataError:
         calibration_prompts(task, recipe.calibration)  # a broken calibration file is named first, as it is read first
         raise
-    held = _texts(evaluation)
+    held = {example_key(e) for e in next(iter(evaluation.values()), [])}
     prompts = calibration_prompts(task, recipe.calibration, held)  # rows in both files stay evaluation rows
     if evaluation:
         check_disjoint(prompts, next(iter(evaluation.values())))
@@ -178,17 +179,22 @@ def _idle_recovery_settings(rec: RecoverySpec, kind: str) -> list[str]:
 
 
 def _evaluation_examples(task: TaskSpec, scored: bool) -> dict[str, list[Example]]:
-    """The evaluation split under every template. Unscored (--no-eval) it is read only for the overlap check, and
-    only from a local file: a task given no evaluation file is calibrated without one ({} then)."""
-    if not scored:
-        try:
-            local = data_source(task, task.evaluation_split) is not None
-        except DataError:
-            local = False
-        if not local:
-            log.info("no local %r file: the calibration is not checked against it", task.evaluation_split)
-            return {}
-    return load_evaluation(task, task.evaluation_split)
+    """The evaluation split under every template; {} when `_reads_evaluation` says it is not read."""
+    return load_evaluation(task, task.evaluation_split) if _reads_evaluation(task, scored) else {}
+
+
+def _reads_evaluation(task: TaskSpec, scored: bool) -> bool:
+    """Whether the evaluation split is read. Unscored (--no-eval) it is read only for the overlap check, and only
+    from a local file: a task given no evaluation file is calibrated without one."""
+    if scored:
+        return True
+    try:
+        local = data_source(task, task.evaluation_split) is not None
+    except DataError:
+        local = False
+    if not local:
+        log.info("no local %r file: the calibration is not checked against it", task.evaluation_split)
+    return local
 
 
 def calibration_prompts(task: TaskSpec, spec: CalibrationSpec, exclude: Collection[tuple[str, ...]] = ()
@@ -212,12 +218,9 @@ def evaluation_texts(task: TaskSpec, scored: bool = True) -> set[tuple[str, ...]
     """The evaluation split's texts (`example_key`) that load_inputs keeps out of the calibration, so a script
     drawing "compress's prompts" draws those: `calibration_prompts(task, spec, evaluation_texts(task, scored))`
     (`scored`: recipe.evaluation.enabled; unscored, only a local evaluation file is read)."""
-    return _texts(_evaluation_examples(task, scored))
-
-
-def _texts(evaluation: dict[str, list[Example]]) -> set[tuple[str, ...]]:
-    """The evaluation rows' texts, one key per row (every template holds the same rows)."""
-    return {example_key(e) for e in next(iter(evaluation.values()), [])}
+    if not _reads_evaluation(task, scored):
+        return set()
+    return {example_key(e) for e in load_split(task, task.evaluation_split)}  # one template: the key is its rows'
 
 
 def calibrated_on(recipe: Recipe, examples: list[Example]) -> int | None:
