@@ -32,7 +32,7 @@ from .choices import SAMPLE_STORES
 from .errors import NumericalError
 from .hooks import mlp_input_hooks
 from .interrupt import ProgressSaver
-from .moments import SecondMoments
+from .moments import SecondMoments, constant_columns
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import Batch, batches, forward
 
@@ -66,7 +66,7 @@ class LayerActivations:
             return self.moments.constant
         if self.tokens is None or self.tokens.shape[0] == 0:
             raise ValueError("the token sample was released")
-        return self.tokens.amax(0) == self.tokens.amin(0)
+        return constant_columns(self.tokens)
 
     def sample_moments(self) -> SecondMoments:
         """Second moments of the token sample, however it was stored."""

@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SecondMoments"]
+__all__ = ["SecondMoments", "constant_columns"]
+
+
+def constant_columns(tokens: torch.Tensor) -> torch.Tensor:
+    """(d,) bool: the columns of a (T, d) token sample that never vary (dead neurons, padding); an exact test, like
+    `SecondMoments.constant`, so rounding cannot fake a variance."""
+    return tokens.amax(0) == tokens.amin(0)
 
 
 class SecondMoments:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..moments import SecondMoments
+from ..moments import SecondMoments, constant_columns
 from .threads import one_thread
 
 __all__ = [
@@ -268,7 +268,7 @@ def _token_gram_whitening(
     """
     x = torch.as_tensor(tokens).to(device)  # (T, d) in the storage dtype
     n = x.shape[0]
-    dead = x.amax(0) == x.amin(0)  # exact, like SecondMoments.constant
+    dead = constant_columns(x)
     mean = x.mean(0, dtype=torch.float64)  # (d,)
     z = x.to(dtype) - mean.to(dtype)  # (T, d) centred, in the working dtype (float16 samples are widened)
     var = torch.linalg.vector_norm(z, dim=0, dtype=torch.float64).square_() / n  # (d,) summed in float64
