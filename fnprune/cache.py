@@ -35,7 +35,8 @@ __all__ = [
     "activation_tensors", "activations_from_tensors", "cache_dir", "cache_key", "capture_progress_path",
     "save_activations",
     "load_activations", "save_networks", "load_networks", "save_evaluation", "load_evaluation", "save_perplexity",
-    "load_perplexity", "save_lm_eval", "load_lm_eval", "save_teacher", "load_teacher", "usable",
+    "load_perplexity", "save_lm_eval", "load_lm_eval", "save_teacher", "load_teacher", "save_analysis_scores",
+    "load_analysis_scores", "usable",
 ]
 
 log = logging.getLogger("fnprune")
@@ -267,3 +268,16 @@ def load_teacher(key: str) -> TeacherTargets | None:
         return targets
 
     return _load(f"teacher-{key}.safetensors", "teacher", parse)
+
+
+def save_analysis_scores(key: str, scores: dict[str, np.ndarray]) -> None:
+    """The label scores of the interventions an analysis has run so far, by intervention (fnprune.analysis)."""
+    _write(f"analysis-scores-{key}.safetensors", "analysis-scores",
+           {name: torch.from_numpy(np.ascontiguousarray(s)) for name, s in scores.items()}, {})
+
+
+def load_analysis_scores(key: str) -> dict[str, np.ndarray]:
+    """What `save_analysis_scores` saved under `key`; empty when there is nothing (or nothing usable)."""
+    found = _load(f"analysis-scores-{key}.safetensors", "analysis-scores",
+                  lambda t, meta: {name: s.numpy() for name, s in t.items()})
+    return found or {}

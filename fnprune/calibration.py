@@ -15,7 +15,7 @@ import torch
 from . import cache
 from .arch import layout_for
 from .capture import LayerActivations, capture_activations
-from .data import Example
+from .data import Example, prompts_text
 from .errors import NumericalError
 from .interrupt import deferred_interrupt
 from .memory import objects_frozen, release_memory
@@ -49,7 +49,7 @@ class Calibration:
 
 def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: bool = True) -> str:
     """Everything the captured activations depend on (model files, prompts, settings, versions)."""
-    prompts = hashlib.sha256("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode()).hexdigest()
+    prompts = hashlib.sha256(prompts_text(examples).encode()).hexdigest()
     return cache.cache_key({
         **({} if with_sample else {"token_sample": False}),  # activations without a sample are a different entry
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),

@@ -33,7 +33,7 @@ from .tasks import (
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "left_out", "load_evaluation",
     "template_fields", "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files",
-    "fill_template",
+    "fill_template", "prompts_text",
 ]
 
 log = logging.getLogger("fnprune")
@@ -393,6 +393,11 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
 def example_key(e: Example) -> tuple[str, ...]:
     """An example's identity: its text; the same text is the same example whatever prompt wraps it."""
     return e.texts or (e.prompt,)
+
+
+def prompts_text(examples: list[Example]) -> str:
+    """Every example's label and prompt as one string: what a cache key hashes to name a list of examples."""
+    return "\x00".join(f"{e.label}\x01{e.prompt}" for e in examples)
 
 
 def shared_examples(a: list[Example], b: list[Example]) -> set[tuple[str, ...]]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .card import is_number
-from .data import BUILTIN_TASKS, Example, load_evaluation, resolve_task
+from .data import BUILTIN_TASKS, Example, load_evaluation, prompts_text, resolve_task
 from .errors import DataError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .intervals import retained_interval
@@ -69,7 +69,7 @@ def evaluation_cache_key(spec: ModelSpec, sets: dict[str, list[Example]], task: 
     for name, examples in sets.items():
         words = next(t for t in task.templates if t.name == name).words(task.label_words)
         digest.update(json.dumps([name, words]).encode())
-        digest.update("\x00".join(f"{e.label}\x01{e.prompt}" for e in examples).encode())
+        digest.update(prompts_text(examples).encode())
         if task.kind != "classification":  # classification keys stay as they were
             digest.update(json.dumps([task.kind, [[e.delimiter, *e.choices] for e in examples]]).encode())
     return cache.cache_key({

@@ -495,3 +495,45 @@ def test_rows_in_both_files_stay_evaluation_rows_as_compress_keeps_them(model_di
     assert len(loaded.calibration) == len(train) - 1  # every train row but the shared ones (header aside)
     shared = {line.split("\t")[0] for line in dev[1:4]}
     assert not shared & {t for e in loaded.calibration for t in e.texts}
+
+
+def test_an_interrupted_analysis_resumes_from_its_last_finished_run(model_dir, task_data, tmp_path, monkeypatch):
+    """Each intervention's scores are saved as it finishes: the same analysis run again after a Ctrl-C reads
+    those back (only the rest are computed) and gives an uninterrupted run's tables; another evaluation sample
+    reuses none of them, and --no-cache saves none."""
+    real, computed = an.Scorer._intervention, []
+
+    def counting(stop_after: int | None):
+        def intervention(self, changes):
+            if changes and len(computed) == stop_after:
+                raise KeyboardInterrupt
+            computed.append(changes is not None)
+            return real(self, changes)
+
+        return intervention
+
+    def run(spec, cache: str, stop_after: int | None = None):
+        monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(tmp_path / cache))
+        monkeypatch.setattr(an.Scorer, "_intervention", counting(stop_after))
+        computed.clear()
+        return an.run_analysis(spec, progress=False)
+
+    spec = _spec(model_dir, task_data, tmp_path / "out", recurrence_groups=0)
+    uncached = run(dataclasses.replace(spec, calibration=dataclasses.replace(spec.calibration, cache=False)), "a")
+    runs = uncached.info["evaluation_runs"]
+    assert len(computed) == runs - 1 and uncached.info["evaluation_runs_from_cache"] == 0  # the dense run: no changes
+    assert not list((tmp_path / "a").glob("analysis-scores-*"))
+    reference = run(spec, "b")
+    distinct = len(computed)  # tiny networks: two random controls can be the same neuron, scored once
+    assert reference.info["evaluation_runs_from_cache"] == runs - 1 - distinct
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, "c", stop_after=5)
+    resumed = run(spec, "c")
+    assert len(computed) == distinct - 5 and resumed.info["evaluation_runs"] == runs
+    assert resumed.info["evaluation_runs_from_cache"] == runs - 1 - distinct + 5
+    for result in (reference, resumed):
+        assert json.dumps(result.tables, sort_keys=True) == json.dumps(uncached.tables, sort_keys=True)
+
+    other = dataclasses.replace(spec, eval_samples=24)
+    assert run(other, "c").info["evaluation_runs_from_cache"] == run(other, "d").info["evaluation_runs_from_cache"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -13,14 +14,24 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, cache
 from ..arch import is_classifier, layout_for, mlp_widths
 from ..calibration import Calibration, calibrate
 from ..checkpoint import check_output_dir
-from ..data import Example, check_disjoint, example_key, left_out, load_split, resolve_task, sample
+from ..data import (
+    Example,
+    check_disjoint,
+    example_key,
+    left_out,
+    load_split,
+    prompts_text,
+    resolve_task,
+    sample,
+)
 from ..errors import DataError, MissingSplitFile, RecipeError
 from ..models import load_model
 from ..pipeline import StageTimer
+from ..provenance import key_versions
 from ..recipe import TaskSpec
 from .cross_layer import GroupNetworks, group_networks
 from .experiments import (
@@ -37,7 +48,7 @@ from .experiments import (
     rounded,
 )
 from .report import SUMMARY_FILE, write_report
-from .scoring import Scorer
+from .scoring import SavedScores, Scorer
 from .spec import AnalysisSpec, spec_command
 
 __all__ = ["Analysis", "analyze", "run_analysis"]
@@ -100,6 +111,23 @@ def _load_data(spec: AnalysisSpec) -> _Data:
     return _Data(task, calibration, eval_set, held_out, len(pool), len(evaluation))
 
 
+def _saved_scores(spec: AnalysisSpec, data: _Data) -> SavedScores | None:
+    """The scores this analysis already has in the cache (an interrupted run's), keyed by everything an
+    intervention's scores depend on besides its neurons; None with --no-cache or an unwritable cache."""
+    if not (spec.calibration.cache and cache.usable()):
+        return None
+    examples = hashlib.sha256(prompts_text(data.evaluation).encode()).hexdigest()
+    return SavedScores(cache.cache_key({
+        "analysis_scores": True,
+        "model": cache.model_fingerprint(spec.model.name_or_path, spec.model.revision),
+        "dtype": spec.model.dtype,
+        "examples": examples,
+        "label_words": data.task.label_words,
+        "batch_size": spec.eval_batch_size,
+        "versions": key_versions(),
+    }))
+
+
 def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
     """Run all four experiments; nothing is written (see `write_report`)."""
     spec.validate()
@@ -114,7 +142,7 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
         model, tokenizer = load_model(spec.model)
         # before the heavy work: label words that cannot be scored, or a classifier head of other classes, stop here
         scorer = Scorer(model, tokenizer, data.evaluation, data.task.label_words, spec.eval_batch_size,
-                        progress=progress)
+                        progress=progress, saved_scores=_saved_scores(spec, data))
 
     widths = mlp_widths(model, layout_for(model))
     components, max_tokens = spec.networks.components, spec.calibration.max_tokens
@@ -171,6 +199,7 @@ def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibra
         "group_ica_converged": group.converged,
         "per_layer_ica_converged_layers": int(sum(n.converged for n in calib.networks)),
         "evaluation_runs": scorer.runs,
+        "evaluation_runs_from_cache": scorer.reused,  # an interrupted run's, or the same neurons scored before
         "evaluation_seconds": round(scorer.seconds, 1),
         "replay_layers": sorted(k for k, v in scorer.replay_ok.items() if v),
         "timings_seconds": timings,

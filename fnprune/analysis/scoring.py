@@ -2,11 +2,13 @@
 intervention touches exactly the neurons it names.
 
 Per-layer interventions only change layers >= their own, so scoring replays the cached output of the layer
-just before it (identical batches, checked against the dense scores) and runs only the rest.
+just before it (identical batches, checked against the dense scores) and runs only the rest. Each intervention's
+scores are saved in the cache as it finishes, so an interrupted analysis resumes from its last finished run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import cache
 from ..arch import get_module, is_classifier, layer_blocks, layout_for, mlp_widths
 from ..data import Example
 from ..errors import DataError
@@ -25,7 +28,7 @@ from ..evaluate import check_head, evaluate_accuracy, label_token_ids, next_toke
 from ..hooks import masked_neurons
 from ..tokens import Batch, batches, encode_inputs, forward
 
-__all__ = ["Changes", "Scorer", "verify_masking"]
+__all__ = ["Changes", "SavedScores", "Scorer", "verify_masking"]
 
 log = logging.getLogger("fnprune")
 
@@ -41,6 +44,35 @@ def _kept(widths: list[int], removed: dict[int, np.ndarray]) -> list[torch.Tenso
             m[removed[i]] = False
         keep.append(torch.from_numpy(np.flatnonzero(m)))
     return keep
+
+
+def _changes_key(changes: Changes) -> str:
+    """A name for an intervention: its layers, neurons and factors."""
+    h = hashlib.sha256()
+    for layer in sorted(changes):
+        neurons, factor = changes[layer]
+        h.update(f"{layer}:{float(factor)!r}:".encode())
+        h.update(np.asarray(neurons, dtype=np.int64).tobytes())
+        h.update(b";")
+    return h.hexdigest()[:32]
+
+
+class SavedScores:
+    """The scores of the interventions already run, under a cache key naming everything else they depend on
+    (model files, dtype, examples, label words, batch size, versions), written after each new one."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.scores = cache.load_analysis_scores(key)
+        if self.scores:
+            log.info("resuming: %d evaluation runs of this analysis are in the cache", len(self.scores))
+
+    def get(self, changes: Changes) -> np.ndarray | None:
+        return self.scores.get(_changes_key(changes))
+
+    def put(self, changes: Changes, scores: np.ndarray) -> None:
+        self.scores[_changes_key(changes)] = scores
+        cache.save_analysis_scores(self.key, self.scores)
 
 
 class _Replay(nn.Module):
@@ -61,11 +93,13 @@ class Scorer:
     """Label scores as `fnprune.evaluate` computes them (its `next_token_logprobs`, or `evaluate_accuracy` for
     label words of several tokens and for a classifier's head), under interventions. With one-token label words,
     the dense run caches the outputs of the blocks before the layers in `replay_layers`; an intervention confined
-    to layers >= L then runs only blocks L.. on the cached states.
+    to layers >= L then runs only blocks L.. on the cached states. With `saved_scores`, an intervention already scored
+    (by an interrupted run of the same analysis) is read back instead of run.
     """
 
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], label_words: dict[str, str],
-                 batch_size: int = 32, max_length: int = 1024, progress: bool = False):
+                 batch_size: int = 32, max_length: int = 1024, progress: bool = False,
+                 saved_scores: SavedScores | None = None):
         if not examples:
             raise DataError("no evaluation examples")
         self.model, self.tokenizer, self.examples = model, tokenizer, examples
@@ -90,7 +124,8 @@ class Scorer:
         self.dense: np.ndarray | None = None
         self.replay_ok: dict[int, bool] = {}
         self.seconds = 0.0
-        self.runs = 0
+        self.runs = 0  # interventions scored, `reused` of them read back from `saved_scores`
+        self.saved_scores, self.reused = saved_scores, 0
 
     def _intervention(self, changes: Changes | None):
         if not changes:
@@ -183,6 +218,11 @@ class Scorer:
 
     def scores(self, changes: Changes | None = None) -> np.ndarray:
         """(n, labels) log-probabilities with `changes` {layer: (neuron indices, factor)} applied."""
+        found = self.saved_scores.get(changes) if self.saved_scores and changes else None
+        if found is not None and found.shape == (len(self.examples), len(self.labels)):
+            self.runs += 1
+            self.reused += 1
+            return found
         t = time.perf_counter()
         if not self.single:
             out = self._full(changes)
@@ -194,6 +234,8 @@ class Scorer:
                 out = self._run_batches(start)
         self.seconds += time.perf_counter() - t
         self.runs += 1
+        if self.saved_scores and changes:
+            self.saved_scores.put(changes, out)
         return out
 
     def correct(self, scores: np.ndarray) -> np.ndarray:
