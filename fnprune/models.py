@@ -230,6 +230,16 @@ def _check_plain(model: nn.Module, spec: ModelSpec) -> None:
         )
 
 
+def _explained(exc: Exception, spec: ModelSpec) -> str:
+    """The error's first line, with what to do when the model (or tokenizer) needs its own code, which fnprune
+    never runs unless asked."""
+    said = first_line(exc)
+    if spec.trust_remote_code or "custom code" not in said:
+        return said
+    return (f"{said.rstrip(' .')}; it needs its own code (its auto_map): pass --trust-remote-code "
+            "(model.trust_remote_code: true) only if you trust it")
+
+
 def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer); every failure is a ModelError that says what to fix. `prunable` off (to
     evaluate): an architecture missing from fnprune's table loads too.
@@ -246,7 +256,7 @@ def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, objec
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except Exception as exc:  # missing files, no network, bad tokenizer: the user needs the message
         raise ModelError(f"could not load a tokenizer from {spec.name_or_path}: {type(exc).__name__}: "
-                         f"{first_line(exc)}{hub}") from exc
+                         f"{_explained(exc, spec)}{hub}") from exc
     try:
         model = _model_class(source, common).from_pretrained(
             source, **common, **_gguf_config(source, extra), **_dequantized(extra), **placement_kwargs(spec),
@@ -255,8 +265,8 @@ def load_model(spec: ModelSpec, prunable: bool = True) -> tuple[nn.Module, objec
     except ModelError:  # a GGUF file transformers would load wrongly: said as it is
         raise
     except Exception as exc:
-        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {first_line(exc)}{hub}"
-                         ) from exc
+        raise ModelError(f"could not load model {spec.name_or_path}: {type(exc).__name__}: {_explained(exc, spec)}"
+                         f"{hub}") from exc
     _check_plain(model, spec)
     if prunable:
         layout_for(model)

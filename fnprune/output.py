@@ -37,7 +37,9 @@ __all__ = ["resolved_recipe", "build_report", "write_output"]
 
 def _absolute_model(spec: ModelSpec) -> ModelSpec:
     """Local model paths made absolute and a Hub model's revision pinned to the commit it loaded, so a saved
-    recipe reruns the same compression from any directory, after the Hub's branch has moved."""
+    recipe reruns the same compression from any directory, after the Hub's branch has moved. A saved recipe never
+    runs the model's own code on its own (a recipe downloaded with a checkpoint): the rerun asks again."""
+    spec = dataclasses.replace(spec, trust_remote_code=False)
     if spec.offload_folder:
         spec = dataclasses.replace(spec, offload_folder=str(Path(spec.offload_folder).expanduser().resolve()))
     path = Path(spec.name_or_path).expanduser()
