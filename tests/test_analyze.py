@@ -325,6 +325,8 @@ def test_random_controls_are_live_neurons(model_dir, task_data, tmp_path, monkey
     assert len(masked) > 10 and all((idx % 2 == 1).all() for idx in masked), masked
     assert [int(x.sum()) for x in an.experiments.live_neurons(result.calibration)] == [64, 64]
     assert result.info["live_neurons"] == 128 and result.info["mlp_neurons"] == 256
+    for row in result.tables["layer_summary"]:
+        assert row["union_size"] > 0 and row["union_fraction"] == round(row["union_size"] / 64, 4), row
     g = result.tables["group_mask"][0]
     assert g["fraction_of_live_neurons"] == pytest.approx(g["neurons"] / 128, abs=1e-5)
 

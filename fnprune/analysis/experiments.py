@@ -112,9 +112,10 @@ def network_tables(calib: Calibration) -> dict[str, Rows]:
     summary = [{
         "layer": i, "networks": int(n.maps.shape[0]), "median_size": float(np.median(n.members.sum(1))),
         "max_size": int(n.members.sum(1).max()), "union_size": int(n.members.any(0).sum()),
-        "union_fraction": rounded(n.members.any(0).mean(), 4), "max_relevance": rounded(rel.max(), 4),
-        "dead_neurons": n.dead_neurons, "converged": n.converged,
-    } for i, (n, rel) in enumerate(zip(calib.networks, calib.relevance))]
+        # of the neurons that vary: constant ones (ReLU-dead, padding) are in no network
+        "union_fraction": rounded(n.members.any(0).sum() / max(int(live.sum()), 1), 4),
+        "max_relevance": rounded(rel.max(), 4), "dead_neurons": n.dead_neurons, "converged": n.converged,
+    } for i, (n, rel, live) in enumerate(zip(calib.networks, calib.relevance, live_neurons(calib)))]
     return {"layer_networks": layer_rows, "layer_summary": summary}
 
 

@@ -109,7 +109,8 @@ def _networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         "",
         f"![per-layer networks]({files['layer_networks']})",
         "",
-        "Per-layer summary (sizes = member neurons):",
+        "Per-layer summary (sizes = member neurons; `union_fraction`: of the layer's neurons that vary on the "
+        "calibration tokens):",
         "",
         _md_table(t["layer_summary"], ["layer", "networks", "median_size", "max_size", "union_size",
                                        "union_fraction", "max_relevance", "converged"]),
