@@ -72,18 +72,21 @@ def lm_eval_model(results: dict) -> str | None:
     return args.get("pretrained") if isinstance(args, dict) else results.get("model_name")
 
 
-def read_lm_eval(out: Path, model: str, tasks: list[str]) -> tuple[dict[str, dict], dict[str, dict[int, list[float]]]]:
+def read_lm_eval(out: Path, model: str, tasks: list[str],
+                 batch_size: int) -> tuple[dict[str, dict], dict[str, dict[int, list[float]]]]:
     """(task -> {acc, acc_norm}, task -> {doc_id: choice log-likelihoods}) from the lm-eval outputs under `out`,
-    the newest run of each task on `model`; stops in one line when a task has no such run (a shared --lm-eval-out
-    may hold other models' runs: they are never read as this one's)."""
+    the newest run of each task on `model` at `batch_size` (padding moves the last digits of a log-likelihood);
+    stops in one line when a task has no such run (a shared --lm-eval-out may hold other models' runs, or runs at
+    another batch size: they are never read as this one's)."""
     metrics: dict[str, dict] = {}
     samples: dict[str, dict[int, list[float]]] = {}
     others: set[str] = set()
     for path in sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime):  # later runs replace earlier
         stamp = path.stem.removeprefix("results_")
         data = json.loads(path.read_text())
-        if lm_eval_model(data) != model:
-            others.add(str(lm_eval_model(data)))
+        batch = str(data.get("config", {}).get("batch_size"))
+        if lm_eval_model(data) != model or batch != str(batch_size):
+            others.add(f"{lm_eval_model(data)} at batch size {batch}")
             continue
         for task, r in data["results"].items():
             if task not in tasks:
@@ -100,15 +103,19 @@ def read_lm_eval(out: Path, model: str, tasks: list[str]) -> tuple[dict[str, dic
     return metrics, samples
 
 
-def saved_scores(path: Path, model: str, tasks: list[str]) -> dict[str, dict]:
-    """fnprune's scores from an earlier run (--skip-fnprune), refused in one line when they are another model's or
-    lack a task asked for."""
+def saved_scores(path: Path, model: str, tasks: list[str], batch_size: int) -> dict[str, dict]:
+    """fnprune's scores from an earlier run (--skip-fnprune), refused in one line when they are another model's,
+    at another batch size, or lack a task asked for."""
     if not path.is_file():
         raise SystemExit(f"no fnprune scores at {path}: run without --skip-fnprune")
     saved = json.loads(path.read_text())
     if saved.get("model") != model:
         whose = f"of {saved['model']}" if "model" in saved else "of an unnamed model (an older version's file)"
         raise SystemExit(f"{path} holds fnprune's scores {whose}, not {model}: run without --skip-fnprune")
+    if saved.get("batch_size") != batch_size:
+        at = saved.get("batch_size", "unknown (an older version's file)")
+        raise SystemExit(f"{path} holds fnprune's scores at batch size {at}, not {batch_size}: run without "
+                         "--skip-fnprune")
     missing = [t for t in tasks if t not in saved["scores"]]
     if missing:
         raise SystemExit(f"{path} has no fnprune scores for {', '.join(missing)}: run without --skip-fnprune")
@@ -194,14 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.lm_eval_out).expanduser().resolve()  # where lm-eval writes it, from the repository root
     saved = out / "fnprune_scores.json"
     if args.skip_fnprune:
-        ours = saved_scores(saved, model, tasks)
+        ours = saved_scores(saved, model, tasks, args.batch_size)
     else:
         ours = fnprune_scores(model, DATA_ROOT, args.batch_size, tasks)
         out.mkdir(parents=True, exist_ok=True)
-        write_file(saved, json.dumps({"model": model, "scores": ours}))
+        write_file(saved, json.dumps({"model": model, "batch_size": args.batch_size, "scores": ours}))
     if not args.skip_lm_eval:
         run_lm_eval(model, out, args.batch_size, tasks)
-    theirs, samples = read_lm_eval(out, model, tasks)
+    theirs, samples = read_lm_eval(out, model, tasks, args.batch_size)
     table = compare(ours, theirs, samples)
     command = "python -m evaluation.lm_eval_parity " + shlex.join(sys.argv[1:] if argv is None else argv)
     lm_eval = "python " + shlex.join(lm_eval_command(model, out, args.batch_size, tasks)[1:])

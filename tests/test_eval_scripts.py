@@ -8,22 +8,24 @@ from pathlib import Path
 import pytest
 
 
-def _parity_run(out: Path, model: Path, task: str = "fnp_copa") -> None:
+def _parity_run(out: Path, model: Path, task: str = "fnp_copa", batch_size: int = 16) -> None:
     """An lm-eval results file and its logged samples under `out`, as lm-eval 0.4.13 writes them for `model`."""
     folder = out / str(model).replace("/", "__")
-    folder.mkdir(parents=True)
-    stamp = "2026-01-01T00-00-00.000000"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = f"2026-01-01T00-00-00.0000{batch_size:02d}"
     (folder / f"results_{stamp}.json").write_text(json.dumps({
-        "config": {"model": "hf", "model_args": {"pretrained": str(model), "dtype": "float32"}},
+        "config": {"model": "hf", "model_args": {"pretrained": str(model), "dtype": "float32"},
+                   "batch_size": str(batch_size)},
         "results": {task: {"acc,none": 0.5, "acc_norm,none": 1.0}}}))
     logged = [{"doc_id": i, "filtered_resps": [[str(a), "False"] for a in lls]}
               for i, lls in enumerate([[-1, -2], [-3, -1]])]
     (folder / f"samples_{task}_{stamp}.jsonl").write_text("\n".join(map(json.dumps, logged)))
 
 
-def _fnprune_saved(out: Path, model: Path, tasks: tuple[str, ...] = ("fnp_copa",)) -> None:
+def _fnprune_saved(out: Path, model: Path, tasks: tuple[str, ...] = ("fnp_copa",), batch_size: int = 16) -> None:
     scores = {"acc": 0.5, "acc_norm": 1.0, "n": 2, "seconds": 0.1, "scores": [[-1.0, -2.0], [-3.0, -1.5]]}
-    (out / "fnprune_scores.json").write_text(json.dumps({"model": str(model), "scores": {t: scores for t in tasks}}))
+    (out / "fnprune_scores.json").write_text(json.dumps({"model": str(model), "batch_size": batch_size,
+                                                        "scores": {t: scores for t in tasks}}))
 
 
 def test_lm_eval_parity_reuses_only_the_same_models_results_and_records_its_command(tmp_path):
@@ -57,6 +59,28 @@ def test_lm_eval_parity_reuses_only_the_same_models_results_and_records_its_comm
     _fnprune_saved(out, a, ("fnp_copa", "fnp_boolq"))
     with pytest.raises(SystemExit, match=f"no lm-eval results of {a} for fnp_boolq"):
         lm_eval_parity.main(["--model", str(a), *args[:1], "fnp_copa,fnp_boolq", *args[2:]])
+
+
+def test_lm_eval_parity_reuses_only_results_at_its_batch_size(tmp_path):
+    """Padding moves a log-likelihood's last digits: saved scores or lm-eval runs at another batch size are not
+    this run's."""
+    from evaluation import lm_eval_parity
+
+    model, out = tmp_path / "model", tmp_path / "lm-eval"
+    model.mkdir()
+    _parity_run(out, model, batch_size=8)
+    _fnprune_saved(out, model, batch_size=8)
+    args = ["--model", str(model), "--tasks", "fnp_copa", "--lm-eval-out", str(out), "--skip-lm-eval",
+            "--skip-fnprune", "--out-prefix", str(tmp_path / "parity")]
+    with pytest.raises(SystemExit, match="fnprune's scores at batch size 8, not 16: run without --skip-fnprune"):
+        lm_eval_parity.main(args)
+    _fnprune_saved(out, model)
+    with pytest.raises(SystemExit, match=f"no lm-eval results of {model} for fnp_copa .*{model} at batch size 8"):
+        lm_eval_parity.main(args)
+    _parity_run(out, model)
+    lm_eval_parity.main(args)
+    _fnprune_saved(out, model, batch_size=8)
+    lm_eval_parity.main([*args, "--batch-size", "8"])  # the batch-8 run, though a batch-16 one is newer
 
 
 def test_lm_eval_parity_knows_every_shipped_task_and_keeps_its_default_tables():
