@@ -529,7 +529,7 @@ def test_an_interrupted_analysis_resumes_from_its_last_finished_run(model_dir, t
     distinct = len(computed)  # tiny networks: two random controls can be the same neuron, scored once
     assert reference.info["evaluation_runs_from_cache"] == runs - 1 - distinct
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="scores of 5 evaluation runs are in the cache: the same command"):
         run(spec, "c", stop_after=5)
     resumed = run(spec, "c")
     assert len(computed) == distinct - 5 and resumed.info["evaluation_runs"] == runs

@@ -160,18 +160,30 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
         sources = [(data.task.name, data.held_out)] + [(t.name, list(pool)) for t, pool in also]
         tables.update(recurrence(model, tokenizer, spec, group, sources, progress))
     nets = pick_networks(calib, spec)
-    with timer.stage("dense evaluation"):
-        base = dense_baseline(scorer, nets, spec, live_neurons(calib))
-    with timer.stage("key networks"):
-        key, masked = key_networks(base, nets, spec, progress)
-        tables.update(key)
-    with timer.stage("group masking"):
-        tables["group_mask"] = group_mask(base, group, spec)
-    with timer.stage("amplification"):
-        tables.update(amplification(base, nets, masked, spec, progress))
+    try:
+        with timer.stage("dense evaluation"):
+            base = dense_baseline(scorer, nets, spec, live_neurons(calib))
+        with timer.stage("key networks"):
+            key, masked = key_networks(base, nets, spec, progress)
+            tables.update(key)
+        with timer.stage("group masking"):
+            tables["group_mask"] = group_mask(base, group, spec)
+        with timer.stage("amplification"):
+            tables.update(amplification(base, nets, masked, spec, progress))
+    except KeyboardInterrupt as exc:
+        raise _interrupted(scorer, exc) from exc
 
     info = _info(spec, data, [t.name for t, _ in also], calib, group, base, timer.seconds, load_before)
     return Analysis(spec, tables, info, calib, group)
+
+
+def _interrupted(scorer: Scorer, exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The interrupt, saying what the rerun will not repeat."""
+    saved = scorer.saved_scores
+    if saved is None or not saved.scores:
+        return exc
+    return KeyboardInterrupt(f"the scores of {len(saved.scores)} evaluation runs are in the cache: the same command "
+                             "continues from there")
 
 
 def _info(spec: AnalysisSpec, data: _Data, also_tasks: list[str], calib: Calibration, group: GroupNetworks,
