@@ -8,6 +8,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -212,5 +213,5 @@ def flag_overrides(values: dict[str, Any], sparsity: float | None = None) -> dic
     if sparsity is not None:
         if not 0 <= sparsity < 1:  # checked here: selection.keep's own message would name keep's value
             raise FnpruneError(f"--sparsity: must be in [0, 1), got {sparsity}")
-        overrides["selection.keep"] = 1 - sparsity
+        overrides["selection.keep"] = float(Decimal(1) - Decimal(str(sparsity)))  # --keep 0.3 for 0.7, not 0.300..04
     return overrides

@@ -56,7 +56,8 @@ def _magnitude(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
 
 def _wanda_sp(ev: LayerEvidence, seed: int, boost: float) -> torch.Tensor:
     """FLAP's Wanda-SP baseline: Wanda's |weight| x input norm averaged over the output projection's rows, i.e.
-    the activation's root mean square times its column's mean |weight|."""
+    the activation's root mean square times its column's mean |weight| (on the dense model's activations, as every
+    criterion here; FLAP's code measures each layer after pruning the ones before it)."""
     if ev.mean is None or ev.out_abs_mean is None:
         raise ValueError("the wanda-sp criterion needs the activations' mean and the columns' mean |weight|")
     rms = (ev.var.double() + ev.mean.double().pow(2)).sqrt()
@@ -92,7 +93,9 @@ NEEDS_NETWORKS = set(NETWORK_METHODS)
 
 
 def layer_width(width: int, keep: float, round_to: int) -> int:
-    """Neurons kept out of `width`: keep * width rounded to a multiple of round_to, at least one multiple."""
+    """Neurons kept out of `width`: keep * width rounded to a multiple of round_to, at least one multiple (or,
+    when round_to is not below the width, keep * width rounded, at least 1). Halves round to the even multiple
+    (Python's round)."""
     if keep >= 1:
         return width
     if round_to >= width:
@@ -132,8 +135,7 @@ def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allo
     top = torch.sort(flat, descending=True, stable=True).indices[:budget]  # exactly the budget: ties at the cut
     layer_of = torch.repeat_interleave(torch.arange(len(normalized)), torch.tensor([s.numel() for s in normalized]))
     counts = torch.bincount(layer_of[top], minlength=len(normalized)).tolist()  # (dead neurons) cannot add more
-    return [layer_width(s.numel(), count / s.numel(), round_to) if count else min(round_to, s.numel())
-            for s, count in zip(normalized, counts)]
+    return [layer_width(s.numel(), count / s.numel(), round_to) for s, count in zip(normalized, counts)]
 
 
 def score_layer(method: str, ev: LayerEvidence, seed: int, boost: float = 1.0) -> torch.Tensor:

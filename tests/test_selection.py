@@ -147,3 +147,22 @@ def test_default_fn_boost_follows_the_budget():
     assert default_fn_boost(0.9) == default_fn_boost(0.5) == default_fn_boost(0.25) == 16.0  # reconstruct on
     assert default_fn_boost(0.9, False) == default_fn_boost(0.75, False) == 1.0
     assert default_fn_boost(0.5, False) == default_fn_boost(0.25, False) == 16.0
+
+
+def test_a_layer_ranked_below_the_budget_keeps_the_least_allowed():
+    """A layer with none of the top `keep` neurons keeps one multiple of round_to, or one neuron when round_to
+    is not below its width: it was given its whole width then, so the least important layer went unpruned."""
+    scores = [torch.arange(128, dtype=torch.float64), torch.full((128,), 5.0)]  # z-scores: layer 1 all 0
+    assert allocate_widths(scores, 0.2, 8, "standardized") == [48, 8]
+    for round_to in (128, 256):
+        assert allocate_widths(scores, 0.2, round_to, "standardized") == [51, 1]
+
+
+def test_sparsity_is_the_keep_it_names():
+    """--sparsity 0.7 is --keep 0.3 exactly: 1 - 0.7 in floats is 0.30000000000000004, which rounds a width that
+    lands on a half (8960 x 0.3 / 256 = 10.5) up where keep 0.3 rounds it to the even multiple."""
+    from fnprune.cli_flags import flag_overrides
+
+    for sparsity, keep in ((0.7, 0.3), (0.55, 0.45), (0.85, 0.15), (0.9, 0.1), (0.5, 0.5)):
+        got = flag_overrides({}, sparsity)["selection.keep"]
+        assert got == keep and layer_width(8960, got, 256) == layer_width(8960, keep, 256)
