@@ -35,7 +35,7 @@ from .recipe import EvaluationSpec, ModelSpec, Recipe
 from .yaml_io import read_yaml
 
 __all__ = ["check_lm_eval", "check_lm_eval_disjoint", "lm_eval_available", "lm_eval_cache_key", "lm_eval_files",
-           "lm_eval_metrics", "lm_eval_report", "run_lm_eval", "score_lm_eval"]
+           "lm_eval_metrics", "lm_eval_report", "run_lm_eval", "score_lm_eval", "task_metrics"]
 
 log = logging.getLogger("fnprune")
 INSTALL = "pip install 'fnprune[lm-eval]'"
@@ -220,6 +220,7 @@ def lm_eval_cache_key(spec: ModelSpec, ev: EvaluationSpec) -> str:
         "model": cache.model_fingerprint(spec.name_or_path, spec.revision),
         "dtype": spec.dtype,
         "versions": key_versions(),
+        "metric_names": "filters kept",  # entries before it merged a task's filters into one name
     })
 
 
@@ -244,16 +245,24 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], include: str | No
     finally:
         model.train(was_training)
         _restore_random_states(states)
-    results: dict[str, Any] = {}
-    for task, metrics in (raw or {}).get("results", {}).items():
-        results[task] = {
-            k.split(",")[0]: v for k, v in metrics.items()
-            if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        results[task]["n"] = _documents(raw or {}, task)
+    results = task_metrics(raw or {})
     return {"lm_eval_version": getattr(lm_eval, "__version__", None), "tasks": tasks,
             "include": str(Path(include).expanduser().resolve()) if include else None,  # cached: not relative
             "limit": limit, "results": results}
+
+
+def task_metrics(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task, lm-eval's numeric metrics by name and the documents scored (`n`). lm-eval names a metric
+    "METRIC,FILTER": under the filter "none" (every log-likelihood task's) the name is the metric's alone; a task
+    scored under several filters (gsm8k's strict-match and flexible-extract) keeps each as lm-eval names it."""
+    results: dict[str, dict[str, Any]] = {}
+    for task, metrics in raw.get("results", {}).items():
+        results[task] = {
+            k.removesuffix(",none"): v for k, v in metrics.items()
+            if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        results[task]["n"] = _documents(raw, task)
+    return results
 
 
 def _documents(raw: dict[str, Any], task: str) -> int | None:

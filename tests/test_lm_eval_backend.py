@@ -313,3 +313,20 @@ def test_lm_eval_is_quiet_without_progress(model_dir, shared_include, offline, c
     run_lm_eval(model, tok, ["tiny_sst2"], str(shared_include), limit=2)
     loud = capfd.readouterr()
     assert "%|" in loud.err + loud.out  # the bars are there when progress is on: the check above can fail
+
+
+def test_a_task_scored_under_several_filters_keeps_each():
+    """gsm8k-style results ("exact_match,strict-match" and "exact_match,flexible-extract") were merged into one
+    "exact_match", the later filter's value (and stderr) replacing the earlier's."""
+    from fnprune.lm_eval_backend import task_metrics
+
+    raw = {"results": {
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.30, "exact_match_stderr,strict-match": 0.02,
+                  "exact_match,flexible-extract": 0.45, "exact_match_stderr,flexible-extract": 0.03},
+        "arc_easy": {"alias": "arc_easy", "acc,none": 0.6, "acc_stderr,none": 0.01, "acc_norm,none": 0.55}},
+        "n-samples": {"gsm8k": {"original": 1319, "effective": 20}, "arc_easy": {"original": 2376, "effective": 20}}}
+    got = task_metrics(raw)
+    assert got["gsm8k"] == {"exact_match,strict-match": 0.30, "exact_match_stderr,strict-match": 0.02,
+                            "exact_match,flexible-extract": 0.45, "exact_match_stderr,flexible-extract": 0.03,
+                            "n": 20}
+    assert got["arc_easy"] == {"acc": 0.6, "acc_stderr": 0.01, "acc_norm": 0.55, "n": 20}
