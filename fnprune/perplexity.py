@@ -37,8 +37,10 @@ def wikitext_file(path: str | Path) -> Path:
 
 
 def wikitext_ids(tokenizer, path: Path, n_tokens: int) -> torch.Tensor:
-    """First `n_tokens` token ids of the WikiText-2 raw test text, lines joined HF-style with blank lines (the
-    local copy drops empty lines and uses CRLF; see its PROVENANCE.md)."""
+    """First `n_tokens` token ids of the WikiText-2 raw test text, its non-empty lines joined with one blank line
+    between them. The local copy has no empty lines (and CRLF ends; see its PROVENANCE.md), so this is not
+    byte for byte the `"\n\n".join(dataset["text"])` of the Hub dataset (whose rows end in a newline and
+    include the empty ones) that published perplexities use."""
     try:
         text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
     except (OSError, UnicodeDecodeError) as exc:

@@ -345,7 +345,8 @@ class SelectionSpec:
         "--method", "Selection criterion: {choices} (default auto: flap; fn-task selects by functional networks).",
         choices=SELECTION_METHODS, strict=False))
     keep: float = field(default=0.5, metadata=flag(
-        "--keep", "Fraction of MLP neurons kept: in every layer, or overall with --allocation (default {default})."))
+        "--keep", "Fraction of MLP neurons kept: in every layer, or overall with --allocation, up to each layer's "
+        "rounding (default {default})."))
     round_to: int = field(default=8, metadata=flag(
         "--round-to", "Round kept widths to a multiple of this (default {default})."))
     # uniform: same width in every layer; global / median / standardized: one ranking across layers
