@@ -35,7 +35,17 @@ def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> lis
         return encode(tokenizer, [e.prompt for e in examples], max_length)
     limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
-    return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
+    # a fast tokenizer keeps the truncation of its last call in its backend, which save_pretrained writes into
+    # tokenizer.json (every later reader of the checkpoint's tokenizer would cut its inputs): restored after
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    truncation = backend.truncation if backend is not None else None
+    try:
+        return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
+    finally:
+        if backend is not None and truncation is None:
+            backend.no_truncation()
+        elif backend is not None:
+            backend.enable_truncation(**truncation)
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -392,3 +392,25 @@ def test_auto_method_on_classification_is_flap_byte_for_byte(model_dir, task_dat
     explicit = fnprune.compress(_recipe(model_dir("llama"), task_data, tmp_path / "flap", method="flap"),
                                 progress=False)
     assert _sha(explicit.output_dir / "model.safetensors") == _sha(auto.output_dir / "model.safetensors")
+
+
+def test_an_encoders_saved_tokenizer_is_its_sources(model_dir, task_data, tmp_path):
+    """Scoring an encoder cuts its inputs with truncation=True, which a fast tokenizer keeps in its backend and
+    save_pretrained wrote into tokenizer.json: every later reader of the checkpoint's tokenizer cut its texts."""
+    import json
+
+    source = model_dir("bert")
+    recipe = _recipe(source, task_data, tmp_path / "o", method="flap")
+    recipe.evaluation.max_samples = 8
+    out = fnprune.compress(recipe, progress=False).output_dir
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["truncation"] == json.loads((source / "tokenizer.json").read_text())["truncation"]
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+    from fnprune.tokens import encode_inputs
+
+    model, tok = load_model(ModelSpec(name_or_path=str(source)))
+    tok.backend_tokenizer.enable_truncation(64, direction="left")  # a tokenizer.json with its own truncation
+    before = tok.backend_tokenizer.truncation
+    encode_inputs(tok, fnprune.data.load_split(fnprune.data.resolve_task(recipe.task), "validation")[:2], 16, model)
+    assert tok.backend_tokenizer.truncation == before
