@@ -163,18 +163,17 @@ def pad_output_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: in
 
 
 def update_config(config, layout: MLPLayout, plans: list[LayerPlan], width_layout: str) -> None:
-    """The new width (and bias flag, per-layer record) in the config, as the pruned weights need."""
+    """The new width (and bias flag, per-layer record) in the config, as the pruned weights need. The source's
+    `auto_map` goes: the weights are the native class's (a per-layer output points it at fnprune's own loader,
+    `write_per_layer_code`), and no model code is copied, so its entries would name missing files."""
     widths = [len(p.keep) for p in plans]
     setattr(config, layout.width_key, max(widths))
     if width_layout == "per-layer":
         config.fnprune_layout = layout_record(layout, widths)
     elif getattr(config, "fnprune_layout", None):  # a per-layer source pruned to one width: its record is stale
         del config.fnprune_layout
-        auto_map = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items() if "modeling_fnprune" not in v}
-        if auto_map:
-            config.auto_map = auto_map
-        elif hasattr(config, "auto_map"):
-            del config.auto_map
+    if width_layout != "per-layer" and hasattr(config, "auto_map"):
+        del config.auto_map
     if layout.bias_flag and any(p.centre is not None for p in plans):
         setattr(config, layout.bias_flag, True)
 

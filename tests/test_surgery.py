@@ -283,3 +283,32 @@ def test_a_per_layer_checkpoint_pruned_to_one_width_or_saved_again_still_loads(m
     tok.save_pretrained(tmp_path / "resaved")
     assert remote.config.architectures == ["FnpruneModel"]
     assert mlp_widths(load_model(ModelSpec(name_or_path=str(tmp_path / "resaved")))[0], layout) == [24, 40]
+
+
+def test_a_sources_auto_map_is_not_kept_pointing_at_files_the_output_lacks(model_dir, tmp_path):
+    """Hub repos of native families can carry their own code (auto_map to configuration_X.py / modeling_X.py); the
+    pruned folder holds the native class's weights and none of that code, so the entries named missing files and
+    `trust_remote_code=True` loading failed. A per-layer output points auto_map at fnprune's loader alone."""
+    import json
+    import shutil
+
+    from fnprune.checkpoint import write_per_layer_code
+
+    source = tmp_path / "src"
+    shutil.copytree(model_dir("llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (source / "config.json").write_text(json.dumps(config))
+    for width_layout in ("uniform", "per-layer"):
+        model, tok = load_model(ModelSpec(name_or_path=str(source)))
+        widths = (24, 24) if width_layout == "uniform" else (24, 40)
+        prune_mlp(model, layout_for(model), [torch.arange(w) for w in widths], width_layout=width_layout)
+        out = tmp_path / width_layout
+        if width_layout == "per-layer":
+            write_per_layer_code(out, model)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        saved = json.loads((out / "config.json").read_text()).get("auto_map")
+        fnprune_loader = {"AutoModelForCausalLM": "modeling_fnprune.FnpruneModel"}
+        assert saved == (None if width_layout == "uniform" else fnprune_loader)
+        assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True) is not None
