@@ -314,7 +314,12 @@ def checkpoint_bytes(spec: ModelSpec) -> int | None:
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        from .stream_surgery import source_weight_map
+
+        try:  # the files from_pretrained reads (not another copy beside them, as Mistral's consolidated one)
+            files = set(source_weight_map(path).values())
+        except ModelError:  # pickled weights: their size is still the checkpoint's
+            files = set(path.glob("*.bin"))
         return sum(f.stat().st_size for f in files) or None
     return None
 
@@ -344,12 +349,14 @@ class PrunedModel:
     recipe: object | None
 
 
-WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]  # what streamed surgery reads
+# what streamed surgery reads: from_pretrained's weight files, not a repo's other copies (Mistral's
+# consolidated.safetensors, .bin, .pth, .gguf, ONNX)
+WEIGHT_FILES = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json"]
 
 
 def local_model_dir(path: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """A local folder for `path`: itself, or the Hub snapshot (downloaded, or from the cache when offline), of
-    the files `allow_patterns` names (None: all; WEIGHT_FILES: not a repo's .bin, .pth, .gguf or ONNX copies)."""
+    the files `allow_patterns` names (None: all; WEIGHT_FILES: from_pretrained's safetensors weights alone)."""
     from huggingface_hub import snapshot_download
 
     local = Path(path).expanduser()

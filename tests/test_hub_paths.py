@@ -6,6 +6,8 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from fnprune import cache, hub, models
 from fnprune.errors import FnpruneError, OutputError
@@ -54,11 +56,29 @@ def test_the_cache_keys_a_hub_model_by_its_commit_alone(monkeypatch):
     assert cache.model_fingerprint("org/m", "v2") != cache.model_fingerprint("org/m", None)
 
 
-def test_streamed_surgery_downloads_the_weights_not_the_whole_repo(monkeypatch):
+def test_streamed_surgery_downloads_the_weights_not_the_whole_repo(monkeypatch, tmp_path):
+    """The weights from_pretrained reads and nothing else: a Mistral repo's consolidated.safetensors (a second
+    full copy, for mistral-inference) was downloaded too, and counted in the dense checkpoint's size."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from fnprune.recipe import ModelSpec
+
     seen = {}
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: seen.update(kw) or "/tmp")
     models.local_model_dir("org/big", None, models.WEIGHT_FILES)
-    assert seen["allow_patterns"] == ["*.safetensors", "*.safetensors.index.json", "config.json"]
+    repo = ["config.json", "consolidated.safetensors", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "params.json",
+            "tokenizer.model", "model.gguf", "onnx/model.onnx"]
+    assert list(filter_repo_objects(repo, allow_patterns=seen["allow_patterns"])) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    assert any(fnmatch("model.safetensors", p) for p in models.WEIGHT_FILES)
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    save_file({"w": torch.zeros(400)}, str(tmp_path / "consolidated.safetensors"))
+    size = models.checkpoint_bytes(ModelSpec(name_or_path=str(tmp_path)))
+    assert size == (tmp_path / "model.safetensors").stat().st_size
 
 
 def test_evaluating_a_checkpoint_from_elsewhere_falls_back_to_the_hub_dataset(tmp_path):
