@@ -12,7 +12,7 @@ from .data import Example, load_evaluation, resolve_task
 from .errors import FnpruneError, RecipeError
 from .evaluate import TaskResult, evaluate_templates
 from .inputs import calibrated_on
-from .models import load_model, local_model_dir
+from .models import load_model, local_model_dir, model_dtype
 from .recipe import ModelSpec, Recipe, TaskSpec, load_recipe, recipe_from_dict
 from .tasks import task_overrides
 
@@ -102,12 +102,6 @@ def _note_report_sample(compressed: Recipe | None, resolved: TaskSpec, split: st
     if same and scored and split in (None, resolved.evaluation_split) and max_samples is None and n > scored:
         log.warning("scoring all %d examples; the folder's report scored the first %d (evaluation.max_samples): "
                     "--max-samples %d gives its numbers", n, scored, scored)  # shown with --quiet too
-
-
-def model_dtype(recorded: Recipe | None, dtype: str | None) -> str:
-    """The dtype to load a checkpoint in: the one asked, else the one its recipe.yaml ran in (so the scores are
-    report.json's), else float32."""
-    return dtype or (recorded.model.dtype if recorded is not None else "float32")
 
 
 def evaluate_model(model: str | Path, task: str | None = None, *, data_dir: str | None = None,

@@ -377,13 +377,22 @@ def _offline_hint() -> str:
     return f"; offline, give a local folder or .gguf file{skip}"
 
 
-def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False) -> PrunedModel:
-    """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present."""
+def model_dtype(recorded, dtype: str | None) -> str:
+    """The dtype to load a checkpoint in: the one asked, else the one its recipe.yaml (`recorded`) ran in (so the
+    scores are report.json's), else float32."""
+    return dtype or (recorded.model.dtype if recorded is not None else "float32")
+
+
+def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code: bool = False,
+                dtype: str | None = None) -> PrunedModel:
+    """Load a pruned checkpoint (local folder or Hub id) with its report and recipe when present, in `dtype`
+    (default: the dtype its recipe ran in)."""
     from .checkpoint import RECIPE_FILE, REPORT_FILE, read_report
     from .recipe import load_recipe
 
     local = local_model_dir(path, revision)
-    model, tokenizer = load_model(ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code))
-    report = read_report(local) if (local / REPORT_FILE).is_file() else None
     recipe = load_recipe(local / RECIPE_FILE) if (local / RECIPE_FILE).is_file() else None
+    spec = ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code, dtype=model_dtype(recipe, dtype))
+    model, tokenizer = load_model(spec)
+    report = read_report(local) if (local / REPORT_FILE).is_file() else None
     return PrunedModel(model, tokenizer, report, recipe)

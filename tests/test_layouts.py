@@ -120,3 +120,19 @@ def test_the_saved_loader_is_small_and_harmless():
     assert "from transformers import LlamaForCausalLM as _Base" in source
     with pytest.raises(ValueError):
         shim_source("os; import os")
+
+
+def test_load_pruned_loads_in_the_dtype_the_recipe_ran_in(model_dir, task_data, tmp_path):
+    """As `fnprune evaluate` does: a bfloat16 run's checkpoint came back in float32 (twice the memory)."""
+    from fnprune import Recipe, compress
+    from fnprune.recipe import CalibrationSpec, OutputSpec, SelectionSpec, TaskSpec
+
+    recipe = Recipe(model=ModelSpec(name_or_path=str(model_dir("llama")), dtype="bfloat16"),
+                    task=TaskSpec(name="sst2", data_dir=str(task_data)),
+                    calibration=CalibrationSpec(num_samples=16, max_tokens=64, cache=False),
+                    selection=SelectionSpec(method="flap", keep=0.5, refit=False),
+                    output=OutputSpec(dir=str(tmp_path / "o")))
+    recipe.evaluation.enabled = False
+    out = compress(recipe, progress=False).output_dir
+    assert fnprune.load_pruned(out).model.dtype == torch.bfloat16
+    assert fnprune.load_pruned(out, dtype="float32").model.dtype == torch.float32
