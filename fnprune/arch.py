@@ -2,7 +2,9 @@
 
 An MLP "neuron" is one intermediate channel: an output channel of every input projection (gate/up, fc1, ...)
 and an input channel of the output projection (down_proj, c_proj, fc2, ...). Nothing else in fnprune
-branches on the model family; it all reads an `MLPLayout` from `MLP_LAYOUTS`.
+branches on the model family to score, prune or save it; it all reads an `MLPLayout` from `MLP_LAYOUTS`. The
+format converters (fnprune/export, the GGUF and DeciLM readers in fnprune/models.py) know their formats' own
+names, and surgery updates an MLP module's `intermediate_size` attribute wherever a family has one.
 """
 
 from __future__ import annotations
