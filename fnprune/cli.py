@@ -370,7 +370,8 @@ def inspect(directory) -> None:
 @click.option("--group-mask", type=int, help="Top group networks masked together, 0 = skip (default 10).")
 @click.option("--eval-samples", type=int, help="Evaluation examples, sampled from the evaluation split (default 300).")
 @click.option("--seed", type=int, help="Seed for sampling, ICA and controls (default 0).")
-@click.option("--cache/--no-cache", default=None, help="Reuse calibration activations and networks (default on).")
+@click.option("--cache/--no-cache", default=None,
+              help="Reuse calibration activations, networks and finished evaluation runs (default on).")
 @click.option("--output", required=True, help="Output folder for report.md, figures and CSVs.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model's own code (off).")
