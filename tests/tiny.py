@@ -1,5 +1,6 @@
-"""Tiny, deterministic, offline stand-ins for the real thing: a byte-level BPE tokenizer, small random
-causal LMs of ten architectures and a GLUE-style SST-2 task, all built locally in a few seconds.
+"""Tiny, deterministic, offline stand-ins for the real thing: a byte-level BPE tokenizer (and a Llama 2-style
+SentencePiece one), small random causal LMs of ten architectures and a GLUE-style SST-2 task, all built locally in
+a few seconds.
 
 Plain module (no fixtures): conftest.py calls ``make_tokenizer``, ``make_model`` and ``make_task_data``.
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,6 +33,7 @@ __all__ = [
     "make_config",
     "make_gguf",
     "make_model",
+    "make_spm_tokenizer",
     "make_task_data",
     "make_tokenizer",
 ]
@@ -86,6 +88,46 @@ def make_tokenizer(dest: Path) -> PreTrainedTokenizerFast:
     dest.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(dest)
     return fast
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+SPM_SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama 2; then the 256 <0xXX> byte tokens
+
+
+def make_spm_tokenizer(dest: Path, chat_template: str | None = None) -> Tokenizer:
+    """A tokenizer.json in the shape of Llama 2's (as transformers converted its tokenizer.model): BPE with byte
+    fallback, a Prepend + Replace normalizer, <unk> <s> </s>, the 256 byte tokens, merged pieces in merge order,
+    single characters, Llama's whitespace-run pieces last, and a merge for every way to join two pieces into a
+    third, ranked by that third's id (SentencePiece's score). Plus an added special token `[INST]` and an added
+    plain one `<tool>`. Saved to ``dest`` as transformers saves a LlamaTokenizerFast (pad = </s>)."""
+    from transformers import LlamaTokenizerFast
+
+    trainer = Tokenizer(models.BPE())
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    trainer.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(vocab_size=320, show_progress=False))
+    trained = trainer.get_vocab(with_added_tokens=False)
+    pieces = SPM_SPECIAL + [f"<0x{b:02X}>" for b in range(256)]
+    for token in sorted(trained, key=trained.get):  # merged pieces in the order they were learned
+        if len(token) > 1:
+            pieces.append(token)
+    pieces += sorted(c for c in trained if len(c) == 1) + [SPACE * 2, SPACE * 4]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = sorted(((p[:k], p[k:]) for p in pieces for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab),
+                    key=lambda m: (vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPM_SPECIAL + ["[INST]"]])
+    tok.add_tokens([AddedToken("<tool>", normalized=False, special=False)])
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              pad_token="</s>", legacy=False)
+    fast.chat_template = chat_template
+    dest.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(dest)
+    return tok
 
 
 def _common(vocab_size: int) -> dict:

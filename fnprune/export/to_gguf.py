@@ -23,6 +23,7 @@ from ..arch import LLAMA_CPP_ARCH
 from ..checkpoint import atomic_output_file, read_json_object
 from ..errors import ModelError, first_line
 from . import Checkpoint
+from .gguf_vocab import is_sentencepiece, special_flags, write_sentencepiece_vocab
 
 __all__ = ["OUTTYPES", "GGUF_ARCHS", "write_gguf", "gguf_arch_for", "tokenizer_pre", "permute_for_rope",
            "quant_type"]
@@ -222,23 +223,26 @@ def tokenizer_pre(tokenizer, given: str | None = None, data: dict[str, Any] | No
 
 
 def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
-    """Byte-level BPE vocabulary, merges, special ids and chat template; returns the pre-tokenizer name (`pre`
-    if given)."""
+    """The tokenizer as llama.cpp reads it: a byte-level BPE's vocabulary, merges, special ids and chat template
+    (a SentencePiece-style tokenizer's: gguf_vocab); returns the `tokenizer.ggml.pre` written (`pre` if given)."""
     import gguf
     from tokenizers import Tokenizer
 
     file = ckpt.path / "tokenizer.json"
     if not file.is_file():
-        raise ModelError(f"{ckpt.path} has no tokenizer.json: GGUF export needs the (byte-level BPE) tokenizer")
+        raise ModelError(f"{ckpt.path} has no tokenizer.json: GGUF export needs the tokenizer")
     data = read_json_object(file, "a tokenizer", ModelError)
     try:  # what tokenizers itself refuses (no vocab or merges, a merge of unknown tokens): its message, one line
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ModelError(f"{file}: not a tokenizer the tokenizers library can read ({first_line(exc)})") from exc
+    if is_sentencepiece(data):
+        return write_sentencepiece_vocab(writer, ckpt, data, tokenizer, pre)
     decoder = json.dumps(data.get("decoder"))
     if data.get("model", {}).get("type") != "BPE" or "ByteLevel" not in decoder:
-        raise ModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json) only; "
-                         f"this one is {data.get('model', {}).get('type')!r} with decoder {decoder[:60]}")
+        raise ModelError("GGUF export supports byte-level BPE (GPT-2 style) and SentencePiece-style BPE (byte "
+                         "fallback, as Llama 2's) tokenizer.json only; this one is "
+                         f"{data.get('model', {}).get('type')!r} with decoder {decoder[:60]}")
     n_vocab = int(ckpt.config["vocab_size"])
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
@@ -255,8 +259,7 @@ def _vocab(writer, ckpt: Checkpoint, pre: str | None) -> str:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=n_vocab)
-    plain, marked = tokenizer.encode("a", add_special_tokens=False).ids, tokenizer.encode("a").ids
-    special.add_special_token = {"bos": marked[:1] != plain[:1], "eos": marked[-1:] != plain[-1:]}
+    special.add_special_token = special_flags(tokenizer)
     special.add_to_gguf(writer, quiet=True)
     return pre
 
