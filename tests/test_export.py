@@ -109,7 +109,7 @@ def test_gguf_uniform_llama_with_mlp_bias_f32_is_exact(model_dir, tmp_path):
     assert json.loads((ckpt / "config.json").read_text())["mlp_bias"] is True
     out = tmp_path / "m.gguf"
     info = export(ckpt, "gguf", out, outtype="f32")
-    assert info["arch"] == "llama" and info["tokenizer_pre"] == "gpt2"  # the tiny tokenizer splits as GPT-2
+    assert info["arch"] == "llama" and info["tokenizer_pre"] == "gpt-2"  # the tiny tokenizer splits as GPT-2
     reader = gguf.GGUFReader(out)
     assert _field(reader, "general.architecture") == "llama"
     meta = {k: _field(reader, f"llama.{k}") for k in (

@@ -188,11 +188,11 @@ _PRE_BY_SPLIT: dict[str, str] = {
 
 def _pre_by_structure(data: dict[str, Any]) -> str | None:
     """llama.cpp's name for tokenizer.json's split when it is GPT-2's regex alone (a plain ByteLevel, no prefix
-    space, no normalizer: `gpt2`) or one regex of _PRE_BY_SPLIT followed by a regex-free ByteLevel."""
+    space, no normalizer: `gpt-2`) or one regex of _PRE_BY_SPLIT followed by a regex-free ByteLevel."""
     pre = data.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel":
         plain = pre.get("use_regex", True) and not pre.get("add_prefix_space") and not data.get("normalizer")
-        return "gpt2" if plain else None
+        return "gpt-2" if plain else None  # llama.cpp's name (its `gpt2` is the tokenizer model, not a split)
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not steps or len(steps) != 2:
         return None
