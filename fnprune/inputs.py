@@ -30,7 +30,7 @@ from .data import (
 from .errors import DataError, RecipeError
 from .evaluate import label_token_ids
 from .lm_eval_backend import check_lm_eval, check_lm_eval_disjoint
-from .models import WEIGHT_FILES, load_model, local_model_dir, model_source, unique_parameters
+from .models import load_model, model_source, unique_parameters, weights_dir
 from .offload import offloaded_modules
 from .provenance import provenance_changes
 from .pruning import resolve_selection
@@ -101,8 +101,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     validation = load_validation(recipe, tokenizer)
     _check_validation(validation, prompts, model)
     layout = layout_for(model)
-    source = (local_model_dir(recipe.model.name_or_path, recipe.model.revision, WEIGHT_FILES)
-              if recipe.streamed() else None)
+    source = weights_dir(recipe.model.name_or_path, recipe.model.revision) if recipe.streamed() else None
     if source is not None:
         source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)

@@ -25,10 +25,13 @@ __all__ = [
     "model_source",
     "load_pruned",
     "local_model_dir",
+    "weights_dir",
+    "model_dtype",
     "PrunedModel",
     "count_parameters",
     "unique_parameters",
     "checkpoint_bytes",
+    "checkpoint_format",
     "placement_kwargs",
 ]
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -327,10 +330,16 @@ def checkpoint_bytes(spec: ModelSpec) -> int | None:
 def checkpoint_format(spec: ModelSpec) -> str | None:
     """A local source's weight format as the card names it: "GGUF", or the dtype of its first floating-point
     safetensors tensor ("float32", "bfloat16", ...); None for a Hub id or pickled weights."""
+    from .stream_surgery import source_weight_map
+
     path = Path(spec.name_or_path).expanduser()
     if path.is_file():
         return "GGUF" if path.suffix.lower() == ".gguf" else None
-    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+    try:  # the files from_pretrained reads, as checkpoint_bytes counts them
+        files = sorted(set(source_weight_map(path).values())) if path.is_dir() else []
+    except ModelError:
+        files = []
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 dtype = DTYPES.get(f.get_slice(key).get_dtype())
@@ -349,14 +358,14 @@ class PrunedModel:
     recipe: object | None
 
 
-# what streamed surgery reads: from_pretrained's weight files, not a repo's other copies (Mistral's
-# consolidated.safetensors, .bin, .pth, .gguf, ONNX)
-WEIGHT_FILES = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json"]
+# what streamed surgery reads first: the config and the single weights file or the shard index (whose shards
+# `weights_dir` then fetches by name), not a repo's other copies (Mistral's consolidated.safetensors, .bin, .gguf)
+WEIGHT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json"]
 
 
 def local_model_dir(path: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """A local folder for `path`: itself, or the Hub snapshot (downloaded, or from the cache when offline), of
-    the files `allow_patterns` names (None: all; WEIGHT_FILES: from_pretrained's safetensors weights alone)."""
+    the files `allow_patterns` names (None: all; see `weights_dir` for streamed surgery's)."""
     from huggingface_hub import snapshot_download
 
     local = Path(path).expanduser()
@@ -368,6 +377,21 @@ def local_model_dir(path: str | Path, revision: str | None = None, allow_pattern
         return Path(snapshot_download(str(path), revision=revision, allow_patterns=allow_patterns))
     except Exception as exc:  # not found, offline without a cached copy, no access
         raise _not_on_hub(str(path), exc, revision) from exc
+
+
+def weights_dir(path: str | Path, revision: str | None = None) -> Path:
+    """A local folder holding the weight files from_pretrained reads for `path` (itself when local): from the Hub,
+    the config and the single weights file or the shard index, then exactly the shards the index names (a repo's
+    shards can be named otherwise than `model-*`, e.g. `model_00001-of-00072.safetensors`)."""
+    folder = local_model_dir(path, revision, WEIGHT_FILES)
+    index = folder / "model.safetensors.index.json"
+    if Path(path).expanduser().exists() or (folder / "model.safetensors").is_file() or not index.is_file():
+        return folder
+    try:
+        shards = sorted({str(v) for v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return folder  # source_weight_map says what is wrong with the index
+    return local_model_dir(path, revision, [*WEIGHT_FILES, *shards])
 
 
 def _offline_hint() -> str:

@@ -65,9 +65,13 @@ def source_weight_map(folder: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not all(isinstance(v, str) and Path(v).name == v for v in weight_map.values()):
                 raise ValueError("a shard is not a file name in the model folder")
-            return {str(k): folder / v for k, v in weight_map.items()}
+            files = {str(k): folder / v for k, v in weight_map.items()}
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"{index}: not a valid shard index ({type(exc).__name__}: {exc})") from exc
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise ModelError(f"{index} names {len(missing)} shard file(s) not in {folder}, e.g. {missing[0]}")
+        return files
     raise ModelError(
         f"{folder}: streamed surgery reads {WEIGHTS_NAME} or {INDEX_NAME} and neither is there; a .gguf "
         "or pickled checkpoint cannot be streamed (load it and save_pretrained it as safetensors first)"

@@ -58,27 +58,45 @@ def test_the_cache_keys_a_hub_model_by_its_commit_alone(monkeypatch):
 
 def test_streamed_surgery_downloads_the_weights_not_the_whole_repo(monkeypatch, tmp_path):
     """The weights from_pretrained reads and nothing else: a Mistral repo's consolidated.safetensors (a second
-    full copy, for mistral-inference) was downloaded too, and counted in the dense checkpoint's size."""
-    from fnmatch import fnmatch
+    full copy, for mistral-inference) was downloaded too, and counted in the dense checkpoint's size; shards are
+    fetched by the names the index gives them (BLOOM's are model_00001-of-00072.safetensors)."""
+    import json
 
     from huggingface_hub.utils import filter_repo_objects
 
     from fnprune.recipe import ModelSpec
 
-    seen = {}
-    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: seen.update(kw) or "/tmp")
-    models.local_model_dir("org/big", None, models.WEIGHT_FILES)
-    repo = ["config.json", "consolidated.safetensors", "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "params.json",
-            "tokenizer.model", "model.gguf", "onnx/model.onnx"]
-    assert list(filter_repo_objects(repo, allow_patterns=seen["allow_patterns"])) == [
-        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json"]
-    assert any(fnmatch("model.safetensors", p) for p in models.WEIGHT_FILES)
-    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
-    save_file({"w": torch.zeros(400)}, str(tmp_path / "consolidated.safetensors"))
-    size = models.checkpoint_bytes(ModelSpec(name_or_path=str(tmp_path)))
-    assert size == (tmp_path / "model.safetensors").stat().st_size
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    shards = ["model_00001-of-00002.safetensors", "model_00002-of-00002.safetensors"]
+    repo = {"config.json": "{}", "consolidated.safetensors": "", "pytorch_model.bin": "", "model.gguf": "",
+            "model.safetensors.index.json": json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}),
+            **dict.fromkeys(shards, "")}
+    asked = []
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        asked.append(allow_patterns)
+        for name in filter_repo_objects(list(repo), allow_patterns=allow_patterns):
+            (snapshot / name).write_text(repo[name])
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", download)
+    assert models.weights_dir("org/big") == snapshot
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(["config.json", "model.safetensors.index.json",
+                                                                *shards])
+    assert asked[0] == models.WEIGHT_FILES
+    (snapshot / shards[1]).unlink()
+    from fnprune.stream_surgery import source_weight_map
+
+    with pytest.raises(FnpruneError, match="names 1 shard file.*model_00002-of-00002.safetensors"):
+        source_weight_map(snapshot)
+    local = tmp_path / "local"
+    local.mkdir()
+    save_file({"w": torch.zeros(4)}, str(local / "model.safetensors"))
+    save_file({"w": torch.zeros(400, dtype=torch.bfloat16)}, str(local / "consolidated.safetensors"))
+    size = models.checkpoint_bytes(ModelSpec(name_or_path=str(local)))
+    assert size == (local / "model.safetensors").stat().st_size
+    assert models.checkpoint_format(ModelSpec(name_or_path=str(local))) == "float32"  # not the other copy's
 
 
 def test_evaluating_a_checkpoint_from_elsewhere_falls_back_to_the_hub_dataset(tmp_path):
