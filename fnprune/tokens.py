@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,23 +36,37 @@ def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> lis
         return encode(tokenizer, [e.prompt for e in examples], max_length)
     limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
-    # a fast tokenizer keeps the truncation of its last call in its backend, which save_pretrained writes into
-    # tokenizer.json (every later reader of the checkpoint's tokenizer would cut its inputs): restored after
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    truncation = backend.truncation if backend is not None else None
-    try:
+    with _backend_kept(tokenizer):
         return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
-    finally:
-        if backend is not None and truncation is None:
-            backend.no_truncation()
-        elif backend is not None:
-            backend.enable_truncation(**truncation)
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids per text (with the tokenizer's special tokens), cut from the left to keep the prompt end."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    with _backend_kept(tokenizer):
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     return [x[-max_length:] for x in ids]
+
+
+@contextmanager
+def _backend_kept(tokenizer) -> Iterator[None]:
+    """A fast tokenizer's call sets its backend's truncation and padding to the call's (none, or ours), and
+    save_pretrained writes them into tokenizer.json: the source's own settings are put back after."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer keeps no such state
+        yield
+        return
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
 
 
 def make_batch(seqs: list[list[int]], index: list[int], padding_side: str = "right") -> Batch:

@@ -409,8 +409,12 @@ def test_an_encoders_saved_tokenizer_is_its_sources(model_dir, task_data, tmp_pa
     from fnprune.recipe import ModelSpec
     from fnprune.tokens import encode_inputs
 
-    model, tok = load_model(ModelSpec(name_or_path=str(source)))
-    tok.backend_tokenizer.enable_truncation(64, direction="left")  # a tokenizer.json with its own truncation
-    before = tok.backend_tokenizer.truncation
-    encode_inputs(tok, fnprune.data.load_split(fnprune.data.resolve_task(recipe.task), "validation")[:2], 16, model)
-    assert tok.backend_tokenizer.truncation == before
+    examples = fnprune.data.load_split(fnprune.data.resolve_task(recipe.task), "validation")[:2]
+    for name in ("bert", "llama"):  # the encoder's path (truncation) and the decoder's (none)
+        model, tok = load_model(ModelSpec(name_or_path=str(model_dir(name))))
+        backend = tok.backend_tokenizer  # a tokenizer.json with its own truncation and padding
+        backend.enable_truncation(64, direction="left")
+        backend.enable_padding(pad_id=0, pad_token=tok.convert_ids_to_tokens(0), pad_to_multiple_of=8)
+        before = (backend.truncation, backend.padding)
+        encode_inputs(tok, examples, 16, model)
+        assert (backend.truncation, backend.padding) == before, name
