@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import torch
 from . import cache
 from .arch import layout_for
 from .capture import LayerActivations, capture_activations
-from .data import Example, prompts_text
+from .data import Example, prompts_digest
 from .errors import NumericalError
 from .interrupt import deferred_interrupt
 from .memory import objects_frozen, release_memory
@@ -49,7 +48,7 @@ class Calibration:
 
 def calibration_cache_key(recipe: Recipe, examples: list[Example], with_sample: bool = True) -> str:
     """Everything the captured activations depend on (model files, prompts, settings, versions)."""
-    prompts = hashlib.sha256(prompts_text(examples).encode()).hexdigest()
+    prompts = prompts_digest(examples)
     return cache.cache_key({
         **({} if with_sample else {"token_sample": False}),  # activations without a sample are a different entry
         "model": cache.model_fingerprint(recipe.model.name_or_path, recipe.model.revision),

@@ -7,6 +7,7 @@ here too). No model internals here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import string
@@ -33,7 +34,7 @@ from .tasks import (
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "left_out", "load_evaluation",
     "template_fields", "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files",
-    "fill_template", "prompts_text",
+    "fill_template", "prompts_text", "prompts_digest",
 ]
 
 log = logging.getLogger("fnprune")
@@ -398,6 +399,11 @@ def example_key(e: Example) -> tuple[str, ...]:
 def prompts_text(examples: list[Example]) -> str:
     """Every example's label and prompt as one string: what a cache key hashes to name a list of examples."""
     return "\x00".join(f"{e.label}\x01{e.prompt}" for e in examples)
+
+
+def prompts_digest(examples: list[Example]) -> str:
+    """sha256 of `prompts_text`: a list of examples' name in a cache key."""
+    return hashlib.sha256(prompts_text(examples).encode()).hexdigest()
 
 
 def shared_examples(a: list[Example], b: list[Example]) -> set[tuple[str, ...]]:

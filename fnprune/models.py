@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .arch import MLP_LAYOUTS, layout_for
 from .errors import ModelError, first_line
 from .hub import hub_offline
-from .recipe import ModelSpec
+from .recipe import ModelSpec, Recipe
 from .remote_code.modeling_fnprune import per_layer_class
 from .safetensors_io import DTYPES
 
@@ -401,7 +401,7 @@ def _offline_hint() -> str:
     return f"; offline, give a local folder or .gguf file{skip}"
 
 
-def model_dtype(recorded, dtype: str | None) -> str:
+def model_dtype(recorded: Recipe | None, dtype: str | None) -> str:
     """The dtype to load a checkpoint in: the one asked, else the one its recipe.yaml (`recorded`) ran in (so the
     scores are report.json's), else float32."""
     return dtype or (recorded.model.dtype if recorded is not None else "float32")

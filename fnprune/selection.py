@@ -119,8 +119,9 @@ def allocate_widths(scores: list[torch.Tensor], keep: float, round_to: int, allo
     """Per-layer widths from one global ranking: each layer's scores are made comparable (`allocation` "global":
     divided by their mean; "median": by their median, which a few outlier neurons cannot move, so at keep 0.5 every
     layer keeps half; "standardized": shifted and scaled to zero mean and unit standard deviation, as FLAP ranks
-    across layers), the top `keep` fraction of all neurons is taken, and each layer's count is rounded to a
-    multiple of `round_to` (at least one multiple, at most the layer's width)."""
+    across layers), the top `keep` fraction of all neurons is taken, and each layer's count is rounded as
+    `layer_width` rounds it (a multiple of `round_to`, at least one, at most the layer's width; when `round_to` is
+    not below the width, the count itself, at least 1)."""
     if allocation == "standardized":
         normalized = [(s.double() - s.double().mean()) / s.double().std().clamp(min=1e-30) for s in scores]
     elif allocation == "median":

@@ -165,7 +165,8 @@ def pad_output_weight(w: torch.Tensor, layout: MLPLayout, width: int, target: in
 def update_config(config, layout: MLPLayout, plans: list[LayerPlan], width_layout: str) -> None:
     """The new width (and bias flag, per-layer record) in the config, as the pruned weights need. The source's
     `auto_map` goes: the weights are the native class's (a per-layer output points it at fnprune's own loader,
-    `write_per_layer_code`), and no model code is copied, so its entries would name missing files."""
+    `write_per_layer_code`), and fnprune copies no model code, so its entries would name missing files (a model
+    loaded with its own code has save_pretrained copy that code and set auto_map again)."""
     widths = [len(p.keep) for p in plans]
     setattr(config, layout.width_key, max(widths))
     if width_layout == "per-layer":

@@ -219,6 +219,7 @@ def test_what_llama_cpp_cannot_tokenize_alike_is_refused_in_one_line(spm, tmp_pa
         "bytes": (lambda d: d["model"]["vocab"].pop("<0x41>"), "has no <0x41> token (1 of the 256"),
         "ignore-merges": (_set("model.ignore_merges", True), "sets ignore_merges"),
         "lstrip": (_set("added_tokens.3.lstrip", True), "added token '[INST]' strips spaces"),
+        "normalized": (_set("added_tokens.4.normalized", True), "added token '<tool>' is matched in the normalized"),
         "twice": (_set("added_tokens.4.content", f"[PAD{n + 1}]"), f"is both id {n - 1} and id {n + 1}"),
     }
     for name, (edit, message) in cases.items():

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from ..data import (
     example_key,
     left_out,
     load_split,
-    prompts_text,
+    prompts_digest,
     resolve_task,
     sample,
 )
@@ -116,13 +115,12 @@ def _saved_scores(spec: AnalysisSpec, data: _Data) -> SavedScores | None:
     intervention's scores depend on besides its neurons; None with --no-cache or an unwritable cache."""
     if not (spec.calibration.cache and cache.usable()):
         return None
-    examples = hashlib.sha256(prompts_text(data.evaluation).encode()).hexdigest()
     return SavedScores(cache.cache_key({
         "analysis_scores": True,
         "model": cache.model_fingerprint(spec.model.name_or_path, spec.model.revision),
         "dtype": spec.model.dtype,
-        "examples": examples,
-        "label_words": data.task.label_words,
+        "examples": prompts_digest(data.evaluation),
+        "label_words": list(data.task.label_words.items()),  # in order: the score columns follow it
         "batch_size": spec.eval_batch_size,
         "versions": key_versions(),
     }))

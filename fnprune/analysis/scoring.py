@@ -61,16 +61,18 @@ class SavedScores:
     """The scores of the interventions already run, under a cache key naming everything else they depend on
     (model files, dtype, examples, label words, batch size, versions), written after each new one."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str) -> None:
         self.key = key
         self.scores = cache.load_analysis_scores(key)
         if self.scores:
             log.info("resuming: %d evaluation runs of this analysis are in the cache", len(self.scores))
 
     def get(self, changes: Changes) -> np.ndarray | None:
+        """The scores of `changes` if they were saved, else None."""
         return self.scores.get(_changes_key(changes))
 
     def put(self, changes: Changes, scores: np.ndarray) -> None:
+        """Keep the scores of `changes` and rewrite the entry (atomically: an interrupt keeps the last one whole)."""
         self.scores[_changes_key(changes)] = scores
         cache.save_analysis_scores(self.key, self.scores)
 

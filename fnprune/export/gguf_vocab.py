@@ -8,7 +8,10 @@ tokens. It has no merge list, so the scores carry tokenizer.json's merge order: 
 the first merge that builds it. llama.cpp's converter reads real scores from tokenizer.model with sentencepiece,
 which a transformers 5 folder no longer has; its tokenizer.json fallback (gguf-py's `LlamaHfVocab`) scores every
 token -1000, which leaves the merge order to position. Token types, special ids and add-bos/eos follow the
-converter's `_create_vocab_sentencepiece` and `SpecialVocab`.
+converter's `_create_vocab_sentencepiece` and `SpecialVocab`, except the special tokens: the converter gives
+every added token CONTROL and -1000 (unknown included), fnprune gives control and unknown tokens sentencepiece's
+score 0 and the unknown token its UNKNOWN type, as sentencepiece's own model has them (no text builds them, so
+tokenization is the same either way).
 """
 
 from __future__ import annotations
@@ -125,8 +128,8 @@ def _unmerged(vocab: dict[str, int], merges: list[tuple[str, str]]) -> list[str]
 def sentencepiece_table(data: dict[str, Any], n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """Every id's token text, score and llama.cpp token type. Merged tokens score minus their first merge's rank;
     tokens no merge builds (single characters) come after them in id order, as SentencePiece ranks them; byte,
-    unknown and special tokens score 0 and added ones -1000, as in llama.cpp's converter; an id no token has is an
-    UNUSED `[PADn]`."""
+    unknown and special tokens score 0 as in sentencepiece (llama.cpp's converter: -1000 for the special ones; no
+    text builds them), other added ones -1000 as in the converter; an id no token has is an UNUSED `[PADn]`."""
     import gguf
 
     model = data["model"]
@@ -151,6 +154,10 @@ def sentencepiece_table(data: dict[str, Any], n_vocab: int) -> tuple[list[str], 
         if any(added.get(k) for k in ("lstrip", "rstrip", "single_word")):
             raise ModelError(f"added token {added['content']!r} strips spaces or matches whole words only; "
                              "llama.cpp matches added tokens as they are: not exportable to GGUF")
+        if added.get("normalized") and not added.get("special"):  # transformers' add_tokens() default
+            raise ModelError(f"added token {added['content']!r} is matched in the normalized text (normalized: "
+                             "true); llama.cpp matches added tokens in the raw text, so texts around it tokenize "
+                             "otherwise there: not exportable to GGUF")
         if added.get("special"):
             put(added["content"], added["id"], _SCORE_CONTROL, gguf.TokenType.CONTROL)
         else:  # llama.cpp matches it in the text before spaces become "▁" (the converter's pre-normalizing)
