@@ -251,3 +251,21 @@ def test_recovery_tune_refuses_an_unknown_setting_in_one_line():
     for bad in ("badfield=1", "lr"):
         with pytest.raises(SystemExit, match="expected FIELD=V1,V2, FIELD one of enabled"):
             parse_settings([bad], RecoverySpec())
+
+
+def test_gguf_tokenizer_check_counts_llama_cpps_matches(tmp_path):
+    """Opt-in (llama-cpp-python): the script exports through fnprune and counts llama.cpp's ids equal to the saved
+    tokenizer's; on a Llama-2-shaped tokenizer every text without a leading space matches."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (build it from source)")
+    import tiny
+
+    from evaluation import gguf_tokenizer_check
+
+    tiny.make_spm_tokenizer(tmp_path / "tok")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cast was warm\r\n\r\n a dull film , with 3 stars\r\nvery  good\r\n", encoding="utf-8")
+    gguf_tokenizer_check.main(["--tokenizer", str(tmp_path / "tok"), "--texts", str(texts),
+                               "--out-prefix", str(tmp_path / "check")])
+    rows = json.loads((tmp_path / "check.json").read_text())["rows"]
+    assert rows["leading spaces stripped"] == {"texts": 3, "same_as_tokenizer": 3, "same_as_sentencepiece": None}
+    assert rows["as is"]["texts"] == 3
