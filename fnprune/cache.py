@@ -127,13 +127,16 @@ def capture_progress_path(key: str) -> Path:
     return cache_dir() / f"capture-{key}.partial.safetensors"
 
 
-def _write(name: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write one entry; a full disk or an unwritable folder only costs the cache, never the run."""
+def _write(name: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
+    """Write one entry (True when written); a full disk or an unwritable folder only costs the cache, never the
+    run."""
     target = cache_dir() / name
     try:
         write_atomic(target, tensors, {"kind": kind, **meta})
+        return True
     except OSError as exc:
         log.warning("could not write cache entry %s (%s); going on without it", target, exc)
+        return False
 
 
 def _load(name: str, kind: str, parse: Callable[[dict[str, torch.Tensor], dict[str, Any]], T]) -> T | None:
@@ -270,10 +273,11 @@ def load_teacher(key: str) -> TeacherTargets | None:
     return _load(f"teacher-{key}.safetensors", "teacher", parse)
 
 
-def save_analysis_scores(key: str, scores: dict[str, np.ndarray]) -> None:
-    """The label scores of the interventions an analysis has run so far, by intervention (fnprune.analysis)."""
-    _write(f"analysis-scores-{key}.safetensors", "analysis-scores",
-           {name: torch.from_numpy(np.ascontiguousarray(s)) for name, s in scores.items()}, {})
+def save_analysis_scores(key: str, scores: dict[str, np.ndarray]) -> bool:
+    """The label scores of the interventions an analysis has run so far, by intervention (fnprune.analysis);
+    False when the entry could not be written."""
+    return _write(f"analysis-scores-{key}.safetensors", "analysis-scores",
+                  {name: torch.from_numpy(np.ascontiguousarray(s)) for name, s in scores.items()}, {})
 
 
 def load_analysis_scores(key: str) -> dict[str, np.ndarray]:

@@ -539,3 +539,19 @@ def test_an_interrupted_analysis_resumes_from_its_last_finished_run(model_dir, t
 
     other = dataclasses.replace(spec, eval_samples=24)
     assert run(other, "c").info["evaluation_runs_from_cache"] == run(other, "d").info["evaluation_runs_from_cache"]
+
+
+def test_an_interrupt_counts_only_the_scores_the_cache_holds(tmp_path, monkeypatch):
+    """A full disk keeps the last entry written: the interrupt says how many runs that holds, not how many ran."""
+    from fnprune import cache
+    from fnprune.analysis import run
+
+    monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(tmp_path))
+    saved = scoring.SavedScores("k")
+    saved.put({0: (np.array([1]), 0.0)}, np.zeros((2, 2)))
+    monkeypatch.setattr(cache, "save_analysis_scores", lambda key, scores: False)  # the disk is full from here
+    saved.put({0: (np.array([2]), 0.0)}, np.zeros((2, 2)))
+    scorer = type("S", (), {"saved_scores": saved})()
+    said = run._interrupted(scorer, KeyboardInterrupt())
+    assert len(saved.scores) == 2 and "the scores of 1 evaluation runs are in the cache" in str(said)
+    assert len(scoring.SavedScores("k").scores) == 1

@@ -178,9 +178,9 @@ def run_analysis(spec: AnalysisSpec, progress: bool = True) -> Analysis:
 def _interrupted(scorer: Scorer, exc: KeyboardInterrupt) -> KeyboardInterrupt:
     """The interrupt, saying what the rerun will not repeat."""
     saved = scorer.saved_scores
-    if saved is None or not saved.scores:
+    if saved is None or not saved.written:
         return exc
-    return KeyboardInterrupt(f"the scores of {len(saved.scores)} evaluation runs are in the cache: the same command "
+    return KeyboardInterrupt(f"the scores of {saved.written} evaluation runs are in the cache: the same command "
                              "continues from there")
 
 

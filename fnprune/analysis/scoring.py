@@ -64,6 +64,7 @@ class SavedScores:
     def __init__(self, key: str) -> None:
         self.key = key
         self.scores = cache.load_analysis_scores(key)
+        self.written = len(self.scores)  # entries the cache holds (a full disk keeps the last written)
         if self.scores:
             log.info("resuming: %d evaluation runs of this analysis are in the cache", len(self.scores))
 
@@ -74,7 +75,8 @@ class SavedScores:
     def put(self, changes: Changes, scores: np.ndarray) -> None:
         """Keep the scores of `changes` and rewrite the entry (atomically: an interrupt keeps the last one whole)."""
         self.scores[_changes_key(changes)] = scores
-        cache.save_analysis_scores(self.key, self.scores)
+        if cache.save_analysis_scores(self.key, self.scores):
+            self.written = len(self.scores)
 
 
 class _Replay(nn.Module):
