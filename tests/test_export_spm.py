@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from click.testing import CliRunner
 from llama_spm import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, LlamaSpm
+from test_export import _cli_error
 
-from fnprune.cli import main
 from fnprune.export import export
 
 gguf = pytest.importorskip("gguf")
@@ -173,14 +172,6 @@ def test_the_model_in_the_gguf_gives_the_same_logits(spm):
     with torch.no_grad():
         torch.testing.assert_close(back(torch.tensor([ids])).logits, ref(torch.tensor([ids])).logits, atol=1e-4,
                                    rtol=1e-4)
-
-
-def _cli_error(*args: str) -> str:
-    result = CliRunner().invoke(main, ["export", *args])
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def _with_tokenizer(spm, dest: Path, edit) -> str:
