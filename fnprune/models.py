@@ -311,18 +311,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unique_parameters(model))
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads in `folder` (not another copy beside them, as Mistral's
+    consolidated one); none for pickled weights or a folder that is not a checkpoint."""
+    from .stream_surgery import source_weight_map
+
+    try:
+        return sorted(set(source_weight_map(folder).values())) if folder.is_dir() else []
+    except ModelError:
+        return []
+
+
 def checkpoint_bytes(spec: ModelSpec) -> int | None:
     """Size on disk of a local source checkpoint (weights only), or None for a Hub id."""
     path = Path(spec.name_or_path).expanduser()
     if path.is_file():
         return path.stat().st_size
-    if path.is_dir():
-        from .stream_surgery import source_weight_map
-
-        try:  # the files from_pretrained reads (not another copy beside them, as Mistral's consolidated one)
-            files = set(source_weight_map(path).values())
-        except ModelError:  # pickled weights: their size is still the checkpoint's
-            files = set(path.glob("*.bin"))
+    if path.is_dir():  # pickled weights: their size is still the checkpoint's
+        files = _safetensors_files(path) or list(path.glob("*.bin"))
         return sum(f.stat().st_size for f in files) or None
     return None
 
@@ -330,16 +336,10 @@ def checkpoint_bytes(spec: ModelSpec) -> int | None:
 def checkpoint_format(spec: ModelSpec) -> str | None:
     """A local source's weight format as the card names it: "GGUF", or the dtype of its first floating-point
     safetensors tensor ("float32", "bfloat16", ...); None for a Hub id or pickled weights."""
-    from .stream_surgery import source_weight_map
-
     path = Path(spec.name_or_path).expanduser()
     if path.is_file():
         return "GGUF" if path.suffix.lower() == ".gguf" else None
-    try:  # the files from_pretrained reads, as checkpoint_bytes counts them
-        files = sorted(set(source_weight_map(path).values())) if path.is_dir() else []
-    except ModelError:
-        files = []
-    for file in files:
+    for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 dtype = DTYPES.get(f.get_slice(key).get_dtype())
