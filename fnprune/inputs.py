@@ -37,6 +37,7 @@ from .pruning import resolve_selection
 from .recipe import CalibrationSpec, NetworksSpec, PromptTemplate, Recipe, RecoverySpec, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
+from .tokens import TokenizerState, tokenizer_state
 from .validation import Validation, load_validation
 
 __all__ = ["Inputs", "load_inputs", "calibration_prompts", "evaluation_texts", "calibrated_on", "check_budgets",
@@ -58,6 +59,7 @@ class Inputs:
     validation: Validation
     model: Any
     tokenizer: Any
+    tokenizer_state: TokenizerState  # its truncation and padding as loaded: what the checkpoint saves
     layout: MLPLayout
     widths: list[int]  # dense MLP width of each layer
     source: Path | None  # the local checkpoint folder streamed surgery reads, or None (in-memory surgery)
@@ -92,6 +94,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if recipe.evaluation.max_samples:
         evaluation = {name: ex[: recipe.evaluation.max_samples] for name, ex in evaluation.items()}
     model, tokenizer = load_model(recipe.model)
+    loaded_state = tokenizer_state(tokenizer)  # before any call sets the tokenizer's truncation and padding
     if task.kind == "classification" and not is_classifier(model):  # label words that cannot work: now, not later
         for template in task.templates:
             label_token_ids(tokenizer, template.words(task.label_words))
@@ -106,7 +109,7 @@ def load_inputs(recipe: Recipe) -> Inputs:
         source_weight_map(source)  # fail now, not after calibration, if the files cannot be streamed
     selection = resolve_selection(recipe.selection, layout, model, task.kind, in_memory=source is None)
     _warn_unused_settings(recipe, selection, task.kind)
-    return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, layout,
+    return Inputs(recipe, task, selection, prompts, evaluation, validation, model, tokenizer, loaded_state, layout,
                   mlp_widths(model, layout), source)
 
 

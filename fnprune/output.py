@@ -30,6 +30,7 @@ from .lm_eval_backend import lm_eval_files, lm_eval_report
 from .models import checkpoint_bytes, checkpoint_format
 from .provenance import data_provenance, file_sha256, versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe, TaskSpec, dump_recipe
+from .tokens import save_tokenizer
 from .validation import Scores, Validation, accuracy_report, validation_report
 
 __all__ = ["resolved_recipe", "build_report", "write_output"]
@@ -154,7 +155,7 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
         if recipe.output.layout == "per-layer":
             write_per_layer_code(tmp, model)
         model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
-        inputs.tokenizer.save_pretrained(tmp)
+        save_tokenizer(inputs.tokenizer, inputs.tokenizer_state, tmp)
     (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     save_networks(tmp, *_networks_artifact(calib, kept))
     report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))

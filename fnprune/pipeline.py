@@ -36,7 +36,7 @@ from .refit import LayerwiseRefit
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import stream_prune
 from .surgery import prune_mlp
-from .tokens import encode_inputs
+from .tokens import TokenizerState, encode_inputs, save_tokenizer
 from .validation import Scores, score
 
 __all__ = ["compress", "CompressResult", "Calibration", "calibrate", "select_neurons", "StageTimer"]
@@ -224,8 +224,8 @@ def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | 
     offload hooks). With recovery, the loaded checkpoint is trained where the device map put it and returned,
     to be saved over the streamed weights; else None (the weights in `tmp` are final)."""
     with timer.stage("surgery"):
-        pruned_params = _stream_save(inputs.model, inputs.tokenizer, inputs.source, tmp, inputs.layout, plan.kept,
-                                     plan.means, plan.fills, inputs.recipe)
+        pruned_params = _stream_save(inputs.model, inputs.tokenizer, inputs.tokenizer_state, inputs.source, tmp,
+                                     inputs.layout, plan.kept, plan.means, plan.fills, inputs.recipe)
     inputs.model = None
     gc.collect()
     if targets is None:
@@ -240,8 +240,8 @@ def _streamed(tmp: Path, inputs: Inputs, plan: _Plan, targets: TeacherTargets | 
     return model, pruned_params, scores, extra
 
 
-def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, kept, removed_means, fill_maps,
-                 recipe: Recipe) -> int:
+def _stream_save(model, tokenizer, tokenizer_state: TokenizerState, source: Path, tmp: Path, layout: MLPLayout,
+                 kept, removed_means, fill_maps, recipe: Recipe) -> int:
     """Prune from the source checkpoint files into `tmp` (never a second copy of the weights); write config,
     generation config and tokenizer as save_pretrained would. Returns the pruned parameter count."""
     written = stream_prune(
@@ -251,7 +251,7 @@ def _stream_save(model, tokenizer, source: Path, tmp: Path, layout: MLPLayout, k
     )
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tokenizer_state, tmp)
     return count_parameters(model) + written.parameters_delta
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from torch import nn
 from .arch import is_classifier
 from .offload import input_device
 
-__all__ = ["Batch", "encode", "encode_inputs", "make_batch", "batches", "forward"]
+__all__ = ["Batch", "encode", "encode_inputs", "make_batch", "batches", "forward", "tokenizer_state",
+           "save_tokenizer"]
 
 
 @dataclass
@@ -36,29 +38,31 @@ def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> lis
         return encode(tokenizer, [e.prompt for e in examples], max_length)
     limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
-    with _backend_kept(tokenizer):
-        return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
+    return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids per text (with the tokenizer's special tokens), cut from the left to keep the prompt end."""
-    with _backend_kept(tokenizer):
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     return [x[-max_length:] for x in ids]
 
 
-@contextmanager
-def _backend_kept(tokenizer) -> Iterator[None]:
-    """A fast tokenizer's call sets its backend's truncation and padding to the call's (none, or ours), and
-    save_pretrained writes them into tokenizer.json: the source's own settings are put back after."""
+TokenizerState = tuple[dict[str, Any] | None, dict[str, Any] | None] | None
+
+
+def tokenizer_state(tokenizer) -> TokenizerState:
+    """A fast tokenizer's truncation and padding as they are now (None for a slow one, which keeps no such state):
+    taken at load, before any call changes them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow tokenizer keeps no such state
-        yield
-        return
-    truncation, padding = backend.truncation, backend.padding
-    try:
-        yield
-    finally:
+    return None if backend is None else (backend.truncation, backend.padding)
+
+
+def save_tokenizer(tokenizer, state: TokenizerState, folder: Path) -> None:
+    """save_pretrained with the truncation and padding `state` took: every call of a fast tokenizer sets its
+    backend's to the call's (scoring's truncation, none), and save_pretrained writes them into tokenizer.json,
+    where every later reader of the checkpoint would apply them."""
+    if state is not None:
+        backend, (truncation, padding) = tokenizer.backend_tokenizer, state
         if truncation is None:
             backend.no_truncation()
         else:
@@ -67,6 +71,7 @@ def _backend_kept(tokenizer) -> Iterator[None]:
             backend.no_padding()
         else:
             backend.enable_padding(**padding)
+    tokenizer.save_pretrained(folder)
 
 
 def make_batch(seqs: list[list[int]], index: list[int], padding_side: str = "right") -> Batch:

@@ -394,27 +394,28 @@ def test_auto_method_on_classification_is_flap_byte_for_byte(model_dir, task_dat
     assert _sha(explicit.output_dir / "model.safetensors") == _sha(auto.output_dir / "model.safetensors")
 
 
-def test_an_encoders_saved_tokenizer_is_its_sources(model_dir, task_data, tmp_path):
-    """Scoring an encoder cuts its inputs with truncation=True, which a fast tokenizer keeps in its backend and
-    save_pretrained wrote into tokenizer.json: every later reader of the checkpoint's tokenizer cut its texts."""
+def test_the_saved_tokenizer_keeps_the_sources_truncation_and_padding(model_dir, task_data, tmp_path):
+    """Every call of a fast tokenizer sets its backend's truncation and padding to the call's (scoring an encoder
+    cuts its inputs with truncation=True, evaluation and perplexity call it without either), and save_pretrained
+    wrote them into tokenizer.json: readers of an encoder's checkpoint cut every text to the scoring length, and a
+    source's own truncation or padding was lost. Checked for an encoder and a decoder, the source's tokenizer.json
+    with truncation and padding of its own, and without (the encoder's source has none)."""
     import json
+    import shutil
 
-    source = model_dir("bert")
-    recipe = _recipe(source, task_data, tmp_path / "o", method="flap")
-    recipe.evaluation.max_samples = 8
-    out = fnprune.compress(recipe, progress=False).output_dir
-    saved = json.loads((out / "tokenizer.json").read_text())
-    assert saved["truncation"] == json.loads((source / "tokenizer.json").read_text())["truncation"]
-    from fnprune.models import load_model
-    from fnprune.recipe import ModelSpec
-    from fnprune.tokens import encode_inputs
+    from tokenizers import Tokenizer
 
-    examples = fnprune.data.load_split(fnprune.data.resolve_task(recipe.task), "validation")[:2]
-    for name in ("bert", "llama"):  # the encoder's path (truncation) and the decoder's (none)
-        model, tok = load_model(ModelSpec(name_or_path=str(model_dir(name))))
-        backend = tok.backend_tokenizer  # a tokenizer.json with its own truncation and padding
-        backend.enable_truncation(64, direction="left")
-        backend.enable_padding(pad_id=0, pad_token=tok.convert_ids_to_tokens(0), pad_to_multiple_of=8)
-        before = (backend.truncation, backend.padding)
-        encode_inputs(tok, examples, 16, model)
-        assert (backend.truncation, backend.padding) == before, name
+    for name, own in (("bert", False), ("bert", True), ("llama", True)):
+        source = tmp_path / f"{name}-{own}"
+        shutil.copytree(model_dir(name), source)
+        if own:
+            backend = Tokenizer.from_file(str(source / "tokenizer.json"))
+            backend.enable_truncation(64, direction="left")
+            backend.enable_padding(pad_id=0, pad_token=backend.id_to_token(0), pad_to_multiple_of=8)
+            backend.save(str(source / "tokenizer.json"))
+        recipe = _recipe(source, task_data, tmp_path / f"o-{name}-{own}", method="flap")
+        recipe.evaluation.max_samples = 8
+        out = fnprune.compress(recipe, progress=False).output_dir
+        saved, given = (json.loads((folder / "tokenizer.json").read_text()) for folder in (out, source))
+        assert (saved["truncation"], saved["padding"]) == (given["truncation"], given["padding"]), (name, own)
+        assert (given["truncation"] is not None) == own
