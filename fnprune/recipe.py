@@ -108,8 +108,9 @@ class ModelSpec:
         "--trust-remote-code", "Allow the model's own code ({default})."))
     # "auto", "cpu", or {module name: device}
     device_map: str | dict[str, str | int] | None = field(default=None, metadata=flag(
-        "--device-map", "Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, sequential, cpu, or "
-        "a JSON object of module names to devices. Surgery then streams from the source files."))
+        "--device-map", "Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, balanced_low_0, "
+        "sequential, one device (cpu, cuda, cuda:0, mps), or a JSON object of module names to devices. Surgery "
+        "then streams from the source files."))
     # {"0": "20GiB", "cpu": "32GiB"}
     max_memory: dict[str, str | int] = field(default_factory=dict, metadata=flag(
         "--max-memory", "With --device-map: memory per device, e.g. 0=20GiB,cpu=32GiB."))
@@ -263,7 +264,8 @@ class CalibrationSpec:
     seed: int = field(default=0, metadata=_SEED)
     cache: bool = field(default=True, metadata=flag(
         "--cache/--no-cache",
-        "Reuse calibration activations and networks from $FNPRUNE_CACHE_DIR (default {default})."))
+        "Reuse calibration activations and networks, the dense model's scores and recovery's teacher from "
+        "$FNPRUNE_CACHE_DIR; --no-cache also leaves nothing to resume from after an interruption (default {default})."))
     # share of calibration prompts that are the row's text alone, without any template (auto: 0.5 on every task
     # kind, chosen on the calibration split with a template held out; RESULTS 0.0.2, 0.0.3 and 0.0.13)
     raw_share: float | str = "auto"
@@ -517,7 +519,8 @@ class EvaluationSpec:
         "wikitext=FILE (perplexity). Repeatable.", multiple=True, metavar="TASK=PATH"))
     # WikiText-2 tokens scored (the model's own tokens), first ones of the file
     perplexity_tokens: int = field(default=16384, metadata=flag(
-        "--perplexity-tokens", "WikiText tokens scored with --validate wikitext (default {default})."))
+        "--perplexity-tokens", "WikiText tokens read with --validate wikitext; each window's first token is context "
+        "only (default {default})."))
     # non-overlapping windows; each window's first token is context only
     perplexity_window: int = field(default=512, metadata=flag(
         "--perplexity-window", "Window of that perplexity, in tokens (default {default})."))

@@ -10,6 +10,7 @@ import yaml
 from fnprune.data import resolve_task
 from fnprune.errors import RecipeError
 from fnprune.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+from fnprune.tasks import BUILTIN_TASKS
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -25,6 +26,12 @@ def test_shipped_recipes_are_valid(path):
     assert [p for p in recipe.problems() if "required" not in p] == []  # model/output may come from flags
     resolve_task(recipe.task)
     assert recipe_from_dict(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_the_custom_task_example_reads_the_shared_rte_files_as_the_builtin_task_does():
+    example = load_recipe(Path(__file__).parent.parent / "recipes" / "custom-task-example.yaml")
+    assert "rte" in example.task.data_files["train"]
+    assert example.task.file_format == BUILTIN_TASKS["rte"].file_format  # plain tsv keeps RTE's quotes in the text
 
 
 def test_shipped_recipes_exist():
