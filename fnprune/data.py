@@ -151,7 +151,7 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
             if value is KeyError or value is None or isinstance(value, (dict, list)):
                 what = "missing" if value is KeyError else "null" if value is None else f"a {type(value).__name__}"
                 raise DataError(f"{where}: data row {n + 1}: column {c!r} is {what}, not text or a label")
-        label = str(row[task.label_column]).strip()
+        label = rowfields.scalar_text(row[task.label_column])
         if label not in task.label_words:
             raise DataError(
                 f"{where}: data row {n + 1}: label {label!r} is not one of the label words' keys "
@@ -162,8 +162,8 @@ def _checked_rows(task: TaskSpec, split: str) -> tuple[list[dict], list[str]]:
 
 def _example(task: TaskSpec, row: dict, fields: list[str], template: PromptTemplate) -> Example:
     values = {c: str(row[c]).strip() for c in fields}
-    return Example(template.template.format(**values), str(row[task.label_column]).strip(), tuple(values.values()),
-                   template.name)
+    label = rowfields.scalar_text(row[task.label_column])
+    return Example(template.template.format(**values), label, tuple(values.values()), template.name)
 
 
 # Tasks that use nested paths, filters, named columns, multiple choice, headerless or non-suffix files, or one

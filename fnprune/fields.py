@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import DataError
 
-__all__ = ["resolve", "check_expression", "is_plain"]
+__all__ = ["resolve", "check_expression", "is_plain", "scalar_text"]
 
 _STEP = re.compile(r"([^.\[\]]+)|\[([^\]]*)\]")
 _MAP = re.compile(r"map\((.*)\)", re.DOTALL)
@@ -113,8 +113,10 @@ def check_expression(expression: str, where: str = "") -> None:
         _filter(f, where or expression)
 
 
-def _text(value: Any) -> str:
-    return str(value).strip()
+def scalar_text(value: Any) -> str:
+    """A row's value as text; a JSON boolean as JSON spells it, "true" / "false" (the labels of SuperGLUE's own BoolQ
+    and WiC files), not Python's "True" / "False"."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value).strip()
 
 
 def resolve(row: dict, expression: str, aliases: dict[str, str] | None = None, where: str = "") -> Any:
@@ -133,7 +135,7 @@ def resolve(row: dict, expression: str, aliases: dict[str, str] | None = None, w
     funcs = [_filter(f, where) for f in filters]
 
     def apply(v: Any) -> str:
-        s = _text(v)
+        s = scalar_text(v)
         for f in funcs:
             s = f(s)
         return s

@@ -275,3 +275,19 @@ def test_a_carved_file_keeps_rows_sharing_a_text_on_one_side(tmp_path):
     cal, ev = load_split(task, task.calibration_split), load_split(task, task.evaluation_split)
     assert len(cal) + len(ev) == 60 and len(cal) == 30  # 10 of the 20 passages, each with its three rows
     assert not {e.texts[0] for e in cal} & {e.texts[0] for e in ev}
+
+
+@pytest.mark.parametrize("name", ["boolq", "wic"])
+def test_json_boolean_labels_read_as_the_label_words_spell_them(name, tmp_path):
+    """SuperGLUE's own BoolQ and WiC files label rows with JSON booleans; the shared copies with "true" / "false"."""
+    def row(i: int) -> dict:
+        text = {"passage": f"Passage {i}: the sky is blue.", "question": f"is the sky blue {i}"} if name == "boolq" \
+            else {"word": "bank", "sentence1": f"He sat on the bank {i}.", "sentence2": "The bank was closed.",
+                  "start1": 14, "end1": 18, "start2": 4, "end2": 8}
+        return {**text, "label": i % 3 == 0, "idx": i}
+
+    rows = [row(i) for i in range(40)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = resolve_task(TaskSpec(name=name, data_dir=str(tmp_path)))
+    examples = load_split(task, task.calibration_split) + load_split(task, task.evaluation_split)
+    assert sorted(e.label for e in examples) == sorted("true" if r["label"] else "false" for r in rows)
