@@ -147,6 +147,11 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
     on = "the calibration prompts" if prompts >= samples else f"the first {prompts} calibration prompts"
     refit = (" Layer by layer, each MLP down projection was then refitted so that its block's output matches the "
              f"dense model's on {on}." if "refit" in info.report else "")
+    if isinstance(sequential := info.report.get("sequential"), dict):
+        first = sequential.get("prompts") or samples
+        refit = (" Each layer was scored on its activations in the model with the layers before it already pruned "
+                 f"({'the calibration prompts' if first >= samples else f'the first {first} calibration prompts'}), "
+                 "as FLAP's code runs Wanda-SP." + refit)
     allocation = info.report.get("allocation") or "uniform"
     where = ("of every layer" if allocation == "uniform" else
              f"overall (each layer's width from one ranking across layers, `{allocation}` allocation)")

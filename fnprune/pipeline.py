@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .arch import MLPLayout
+from .arch import MLPLayout, neuron_weight_norms
 from .calibration import Calibration, calibrate
 from .checkpoint import RECIPE_FILE, REPORT_FILE, atomic_output_dir, check_output_dir
 from .data import label_keys
@@ -29,13 +29,13 @@ from .memory import objects_frozen, release_memory
 from .models import count_parameters, load_model, tied_aliases
 from .offload import check_trainable
 from .output import build_report, resolved_recipe, write_output
-from .pruning import reconstruction_fills, select_neurons
+from .pruning import rechoose_layer, reconstruction_fills, select_neurons
 from .recipe import Recipe
 from .recovery import recover_model, recovery_report, teacher
-from .refit import LayerwiseRefit
+from .refit import Choose, LayerwiseRefit
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import stream_prune
-from .surgery import prune_mlp
+from .surgery import LayerPlan, prune_mlp
 from .tokens import TokenizerState, encode_inputs, save_tokenizer
 from .validation import Scores, score
 
@@ -155,7 +155,7 @@ def _calibrate_and_select(inputs: Inputs, timer: StageTimer, progress: bool) -> 
 def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: StageTimer, progress: bool) -> None:
     """Stage 3: the reconstruction maps (each layer's sample freed once fitted), then the rest of the sample."""
     sel = inputs.selection
-    if sel.reconstruct:
+    if sel.reconstruct and not sel.sequential:  # sequential selection fits each layer's map as it chooses it
         with timer.stage("reconstruct"):
             plan.fills = reconstruction_fills(measured, plan.kept, plan.means, sel.ridge, progress, release=True,
                                               answer_weight=sel.answer_weight)
@@ -178,24 +178,43 @@ def _score(model, inputs: Inputs, progress: bool, cached: bool = False, lm_eval:
 def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores, timer: StageTimer,
                progress: bool) -> tuple[Any, Scores, dict[str, Any]]:
     """Stages 4-6 on the loaded model: surgery, then scores, with recovery (and scores after it) when asked."""
-    model, recipe = inputs.model, inputs.recipe
-    refit = None
+    model, recipe, sel = inputs.model, inputs.recipe, inputs.selection
+    refit, one_shot = None, list(plan.kept)
     removes = any(len(k) < w for k, w in zip(plan.kept, inputs.widths))  # keep 1: nothing to refit
-    if inputs.selection.refit and removes:
+    if (sel.refit or sel.sequential) and removes:
         with timer.stage("refit_inputs"):
-            seqs = _calibration_ids(inputs)[:inputs.selection.refit_prompts]
-            refit = LayerwiseRefit(model, inputs.layout, seqs, inputs.selection.refit_ridge,
-                                   recipe.calibration.batch_size, progress)
-    with timer.stage("surgery"):  # with the refit layer by layer inside it
+            seqs = _calibration_ids(inputs)[:sel.refit_prompts]
+            choose = _sequential_choice(inputs, plan) if sel.sequential else None
+            refit = LayerwiseRefit(model, inputs.layout, seqs, sel.refit_ridge, recipe.calibration.batch_size,
+                                   progress, refit=bool(sel.refit), choose=choose)
+    with timer.stage("surgery"):  # with the refit (and sequential selection) layer by layer inside it
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,
                   on_block=refit.on_block if refit else None)
         plan.fills = None
         release_memory(collect=False)  # the dense MLP weights just freed, before evaluation and saving
     scores, extra = _recover_and_score(model, inputs, plan, targets, dense, timer, progress)
-    if refit:  # per layer, the block output's error on the calibration tokens after the refit over before it
-        extra = {"refit": {"ridge": inputs.selection.refit_ridge, "prompts": refit.prompts,
+    if refit and sel.refit:  # per layer, the block output's error on the calibration tokens after over before it
+        extra = {"refit": {"ridge": sel.refit_ridge, "prompts": refit.prompts,
                            "block_error_after_over_before": refit.ratios}, **extra}
+    if refit and sel.sequential:  # per layer, the share of its kept neurons the one-shot selection kept too
+        extra = {"sequential": {"prompts": refit.prompts, "kept_as_one_shot": [
+            round(len(set(a.tolist()) & set(b.tolist())) / len(a), 4) for a, b in zip(plan.kept, one_shot)]}, **extra}
     return model, scores, extra
+
+
+def _sequential_choice(inputs: Inputs, plan: _Plan) -> Choose:
+    """Sequential selection's `choose`: each layer's kept neurons (as many as the one-shot selection gave it), the
+    centre and the reconstruction map from its activations in the model pruned before it; `plan.kept` records them
+    for the report and the card."""
+    sel = inputs.selection
+    norms = neuron_weight_norms(inputs.model, inputs.layout)  # of the dense weights, before surgery slices them
+
+    def choose(i: int, layer: LayerPlan, activations: torch.Tensor) -> LayerPlan:
+        keep, centre, fill = rechoose_layer(sel.method, i, activations, norms[i], len(layer.keep), sel.seed,
+                                            layer.centre is not None, sel.reconstruct, sel.ridge)
+        plan.kept[i] = keep
+        return dataclasses.replace(layer, keep=keep, centre=centre, fill=fill)
+    return choose
 
 
 def _recover_and_score(model, inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dense: Scores,

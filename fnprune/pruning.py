@@ -18,7 +18,9 @@ from .recipe import SelectionSpec, default_fn_boost
 from .selection import LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .surgery import supports_bias_compensation
 
-__all__ = ["resolve_selection", "select_neurons", "reconstruction_fills"]
+__all__ = ["resolve_selection", "select_neurons", "reconstruction_fills", "rechoose_layer", "SEQUENTIAL_METHODS"]
+
+SEQUENTIAL_METHODS = ("flap", "wanda-sp")  # the criteria read from activations alone (no networks, not random)
 
 log = logging.getLogger("fnprune")
 
@@ -40,6 +42,11 @@ def resolve_selection(sel: SelectionSpec, layout: MLPLayout, model: torch.nn.Mod
             f"selection.refit: {model.config.model_type} normalises its MLP output before the residual stream, "
             "so the refit cannot target the block output; set it to false"
         )
+    if sel.sequential and sel.method not in SEQUENTIAL_METHODS:
+        raise RecipeError(f"selection.sequential: scores {' or '.join(SEQUENTIAL_METHODS)} on the pruned model's "
+                          f"activations, not {sel.method}")
+    if sel.sequential and sel.answer_weight:
+        raise RecipeError("selection.sequential: its reconstruction has no answer_weight; set it to 0")
     if sel.bias_compensation is None:
         return dataclasses.replace(sel, bias_compensation=supports_bias_compensation(layout, model))
     if sel.bias_compensation and not supports_bias_compensation(layout, model):
@@ -121,3 +128,21 @@ def reconstruction_fills(
             raise NumericalError(f"layer {i}: the reconstruction of removed neurons is not finite; raise --ridge")
         fills.append(fill)
     return fills
+
+
+def rechoose_layer(method: str, layer: int, activations: torch.Tensor, norms: dict[str, torch.Tensor], kept: int,
+                   seed: int, centred: bool, reconstruct: bool, ridge: float
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sequential selection of one layer: its `kept` top neurons by `method` on its activations (tokens, neurons)
+    in the model pruned before it, with the centre bias compensation folds (their mean, when `centred`) and the
+    reconstruction map fitted on the same activations (when `reconstruct`)."""
+    x = activations.double()
+    mean = x.mean(0)
+    ev = LayerEvidence(layer=layer, mean_abs=x.abs().mean(0), var=x.var(0, unbiased=False), out_norm=norms["out"],
+                       in_norm=norms["in"], mean=mean, out_abs_mean=norms["out_abs_mean"])
+    keep = top_neurons(score_layer(method, ev, seed, 0.0), kept)
+    centre = mean if centred else None
+    fill = reconstruction_map(x, keep, centre, ridge) if reconstruct else None
+    if fill is not None and not torch.isfinite(fill).all():
+        raise NumericalError(f"layer {layer}: the reconstruction of removed neurons is not finite; raise --ridge")
+    return keep, centre, fill

@@ -375,9 +375,13 @@ class SelectionSpec:
     refit_ridge: float = field(default=1.0, metadata=flag(
         "--refit-ridge", "Ridge of the refit toward the reconstruction's weights, relative (default {default})."))
     # the refit costs two forward passes over the first n calibration prompts (any prefix has every calibration
-    # template and plain text in turn); None: all. 512 of 1,024: RESULTS.md 0.0.11
+    # template and plain text in turn); None: all. 512 of 1,024: RESULTS.md 0.0.11. Sequential selection runs them too
     refit_prompts: int | None = field(default=512, metadata=flag(
         "--refit-prompts", "Calibration prompts the refit runs, the first N (default {default})."))
+    # each layer scored on its activations in the model pruned before it (fnprune.refit), as FLAP's code runs
+    # Wanda-SP; flap and wanda-sp; in memory; the widths stay the one-shot selection's
+    sequential: bool = field(default=False, metadata=flag("--sequential/--no-sequential", "Score each layer on the "
+        "model pruned before it, as FLAP's code runs Wanda-SP (flap, wanda-sp; default {default})."))
     # fn-task: weight of task-network membership; None = default_fn_boost
     fn_boost: float | None = field(default=None, metadata=flag(
         "--fn-boost", "fn-task: weight of task-network membership (default 16; with --no-reconstruct 1 at keep >= "
@@ -635,9 +639,10 @@ class Recipe:
         if recover and (self.model.offload_folder or isinstance(dm, dict) and "disk" in dm.values()):
             found.append("recovery trains the pruned weights in place: it does not run with disk offload "
                          "(model.device_map entries 'disk', model.offload_folder)")
-        if self.selection.refit is True and self.streamed():
-            found.append("selection.refit refits the pruned model in memory: it does not run with streamed surgery "
-                         "(model.device_map or output.streamed)")
+        for name in ("refit", "sequential"):
+            if getattr(self.selection, name) is True and self.streamed():
+                found.append(f"selection.{name} runs the pruned model in memory: it does not run with streamed "
+                             "surgery (model.device_map or output.streamed)")
         if self.selection.allocation != "uniform" and self.output.layout == "uniform":
             found.append(f"selection.allocation {self.selection.allocation!r} gives layers different widths: "
                          "set output.layout to per-layer or padded")

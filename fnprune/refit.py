@@ -13,6 +13,10 @@ which holds where the MLP output enters the residual stream unchanged (`MLPLayou
 (`selection.refit_ridge`) pulls the weights toward the reconstruction's (`compensation.refit_linear`). The cost is
 about two forward passes over the prompts it is given (each block twice; `selection.refit_prompts` of the calibration
 prompts); the two streams of hidden states are held in memory.
+
+The pruned stream also serves sequential selection (`selection.sequential`): before block i is pruned, its dense MLP
+run on the pruned stream gives the activations `choose` scores, so each layer is chosen on what the layers pruned
+before it pass on (FLAP's code measures Wanda-SP so). Without the refit only the pruned stream runs.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from tqdm.auto import tqdm
 from .arch import MLPLayout, by_neuron, get_module, layer_blocks
 from .compensation import refit_linear
 from .errors import NumericalError
-from .surgery import set_output_weight
+from .surgery import LayerPlan, set_output_weight
 from .tokens import Batch, batches, forward
 
-__all__ = ["LayerwiseRefit"]
+__all__ = ["LayerwiseRefit", "Choose"]
+
+# sequential selection: (layer, its plan, its MLP activations on the pruned stream) -> the plan to prune it by
+Choose = Callable[[int, LayerPlan, torch.Tensor], LayerPlan]
 
 
 class _Stop(Exception):
@@ -53,13 +60,15 @@ def _real(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class LayerwiseRefit:
     """Drives the two streams through `model` block by block; `prune_mlp(..., on_block=refit.on_block)` calls
-    `on_block(i, prune)` for every layer in order, and the refit runs block i dense, prunes it, runs it pruned and
-    refits its output projection. `ratios`: per layer, the block output's mean squared error on the calibration
-    tokens after the refit over before it."""
+    `on_block(i, plan, prune)` for every layer in order: `choose` (when given) replaces the plan, and the refit runs
+    block i dense, prunes it, runs it pruned and refits its output projection (`refit` off: prunes it and runs it
+    pruned). `ratios`: per layer, the block output's mean squared error on the calibration tokens after the refit
+    over before it."""
 
     def __init__(self, model: nn.Module, layout: MLPLayout, seqs: list[list[int]], ridge: float, batch_size: int,
-                 progress: bool = True):
+                 progress: bool = True, refit: bool = True, choose: Choose | None = None):
         self.model, self.layout, self.ridge = model, layout, ridge
+        self.refit, self.choose = refit, choose
         self.blocks = layer_blocks(model, layout)
         self.prompts = len(seqs)
         self.runs: list[Batch] = list(batches(seqs, batch_size))
@@ -133,11 +142,38 @@ class LayerwiseRefit:
                     out.append(_hidden(self.blocks[i](h, *rest, **kwargs)))
         return out
 
-    def on_block(self, i: int, prune: Callable[[], None]) -> None:
+    def _mlp_activations(self, i: int) -> torch.Tensor:
+        """Block i's MLP activations (real tokens, neurons) on the pruned stream, before block i is pruned."""
+        projection = get_module(self.blocks[i], self.layout.output)
+        seen: list[torch.Tensor] = []
+        handle = projection.register_forward_hook(lambda m, args, output: seen.append(args[0]))
+        try:
+            self._run(i, self.pruned)
+        finally:
+            handle.remove()
+        return torch.cat([_real(a, m) for a, m in zip(seen, self.masks)])
+
+    def on_block(self, i: int, plan: LayerPlan, prune: Callable[[LayerPlan], None]) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=len(self.blocks), desc="refit", unit="layer", disable=not self.progress)
+            self.bar = tqdm(total=len(self.blocks), desc="refit" if self.refit else "sequential selection",
+                            unit="layer", disable=not self.progress)
+        if self.choose is not None:
+            plan = self.choose(i, plan, self._mlp_activations(i))
+        if self.refit:
+            self._refit(i, plan, prune)
+        else:
+            prune(plan)
+            self.pruned = self._run(i, self.pruned)
+        self.inputs[i] = []  # this block's inputs are no longer needed
+        self.bar.update()
+        if i == len(self.blocks) - 1:
+            self.bar.close()
+            self._release()
+
+    def _refit(self, i: int, plan: LayerPlan, prune: Callable[[LayerPlan], None]) -> None:
+        """Prune block i and refit its output projection toward the dense block output."""
         dense_out = self._run(i, self.dense)
-        prune()
+        prune(plan)
         projection = get_module(self.blocks[i], self.layout.output)
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         # a copy: some blocks add to the projection's output in place (Falcon's parallel attention: mlp_output +=)
@@ -166,11 +202,6 @@ class LayerwiseRefit:
         if b is not None:
             projection.bias = nn.Parameter(b)
         self.dense = dense_out
-        self.inputs[i] = []  # this block's inputs are no longer needed
-        self.bar.update()
-        if i == len(self.blocks) - 1:
-            self.bar.close()
-            self._release()
 
     def _release(self) -> None:
         """Both streams (2 x prompts x tokens x hidden) are done after the last block: not held through recovery

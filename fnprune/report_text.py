@@ -58,9 +58,12 @@ def report_lines(report: dict, where: str = "FOLDER") -> list[str]:
     soft = retained_text(report_field(report, "metric.right_prob", dict) or {})
     retained += f"; probability of the right answer {soft}" if soft else ""
     refit = ""  # fnprune.refit ran when the report has its section
+    if isinstance(report.get("sequential"), dict):
+        prompts = report_field(report, "sequential.prompts", int)
+        refit = " scored layer by layer on the model pruned before it" + (f" ({prompts} prompts)" if prompts else "")
     if isinstance(report.get("refit"), dict):
         prompts = report_field(report, "refit.prompts", int)
-        refit = " + refit" + (f" on {prompts} prompts" if prompts else "")
+        refit += " + refit" + (f" on {prompts} prompts" if prompts else "")
     refit += " + recovery (distilled toward the dense model)" if isinstance(report.get("recovery"), dict) else ""
     of = report_field(report, "metric.of", str)
     averaged = f" ({of})" if of else ""

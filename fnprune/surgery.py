@@ -7,7 +7,6 @@ tensors, both with the tensor-level functions below.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -246,7 +245,7 @@ def prune_mlp(
     removed_means: list[torch.Tensor] | None = None,
     width_layout: str = "uniform",
     fill_maps: list[torch.Tensor] | None = None,
-    on_block: Callable[[int, Callable[[], None]], None] | None = None,
+    on_block: Callable[[int, LayerPlan, Callable[[LayerPlan], None]], None] | None = None,
 ) -> nn.Module:
     """Keep neurons `keep[layer]` (sorted indices) in every MLP, in place; returns the model.
 
@@ -258,21 +257,36 @@ def prune_mlp(
     With `fill_maps` (per layer, n_kept x n_removed; see fnprune.compensation), the removed neurons'
     least-squares reconstruction from the kept ones is folded into the kept output weights (and, with
     `removed_means` as the centre, into the bias).
-    `on_block(i, prune)`, when given, is called for every layer in order with the function that prunes it (the
-    sequential refit, fnprune.refit, runs the dense block before it and refits after it).
+    `on_block(i, plan, prune)`, when given, is called for every layer in order with its plan and the function that
+    prunes it by a plan (fnprune.refit: the sequential refit runs the dense block before it and refits after it;
+    sequential selection passes a plan of its own, of the same width).
     """
     blocks = layer_blocks(model, layout)
     outputs = [get_module(b, layout.output) for b in blocks]
     widths = [output_weight_by_neuron(m, layout).shape[0] for m in outputs]
     has_bias = [getattr(m, "bias", None) is not None for m in outputs]
     plans = plan_layers(layout, keep, widths, has_bias, removed_means, width_layout, fill_maps)
+    applied: list[LayerPlan] = []
     for i, (block, plan) in enumerate(zip(blocks, plans)):
-        prune = functools.partial(_prune_block, block, layout, plan)
-        on_block(i, prune) if on_block is not None else prune()
+        prune = _pruner(block, layout, plan, applied)
+        on_block(i, plan, prune) if on_block is not None else prune(plan)
+        if len(applied) != i + 1:
+            raise RuntimeError(f"layer {i} was not pruned by on_block")
         if i % 4 == 3:
             release_memory(collect=False)  # the dense layers' freed weights back to the OS as we go
-    update_config(model.config, layout, plans, width_layout)
+    update_config(model.config, layout, applied, width_layout)
     return model
+
+
+def _pruner(block: nn.Module, layout: MLPLayout, plan: LayerPlan, applied: list[LayerPlan]
+            ) -> Callable[[LayerPlan], None]:
+    """The function that prunes `block` by a plan of `plan`'s widths (recorded in `applied`)."""
+    def prune(chosen: LayerPlan) -> None:
+        if (chosen.width, chosen.target, len(chosen.keep)) != (plan.width, plan.target, len(plan.keep)):
+            raise ValueError("on_block: a plan of other widths than the layer's")
+        applied.append(chosen)
+        _prune_block(block, layout, chosen)
+    return prune
 
 
 def _prune_block(block: nn.Module, layout: MLPLayout, plan: LayerPlan) -> None:

@@ -178,7 +178,7 @@ def test_the_refit_progress_bar_opens_with_the_first_block(model_dir, capsys):
     layout = layout_for(model)
     refit = LayerwiseRefit(model, layout, encode(tok, PROMPTS, 64), ridge=0.01, batch_size=4, progress=True)
     assert "refit" not in capsys.readouterr().err
-    refit.on_block(0, lambda: None)
+    refit.on_block(0, None, lambda plan: None)
     assert "refit:" in capsys.readouterr().err
 
 
