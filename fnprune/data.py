@@ -335,7 +335,7 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
     rows, build = _prepared(task, split)
     if exclude:
         first = task.calibration_templates()[0]
-        rows = left_out(rows, lambda row: example_key(build(row, first)), exclude, split)
+        rows = left_out(rows, lambda row: example_key(build(row, first)), exclude, split, len(task_fields(task)))
     templates, out, turn = task.calibration_templates(), [], 0
     raw_at, n_fields = _raw_positions(task), len(task_fields(task))
     order = _sample_indices(len(rows), n, seed)  # a split used whole: the seed still draws each row's template
@@ -352,13 +352,17 @@ def load_sample(task: TaskSpec, split: str, n: int, seed: int, raw_share: float 
 
 
 def left_out(items: list[_T], key: Callable[[_T], tuple[str, ...]], exclude: Collection[tuple[str, ...]],
-             split: str) -> list[_T]:
+             split: str, fields: int | None = None) -> list[_T]:
     """`items` of a calibration split whose `key` (`example_key`) is not among the evaluation split's texts in
-    `exclude`: rows in both files stay evaluation rows (CoLA's train and dev share six sentences), said."""
-    kept = [item for item in items if key(item) not in exclude]
+    `exclude`, nor shares with one of them a text of MIN_SHARED characters or more in its first `fields` texts (the
+    row's fields, not its choices): rows in both files stay evaluation rows (CoLA's train and dev share six
+    sentences), and so do rows sharing a sentence with one (RTE's train and dev files share premises and
+    hypotheses, as one file carved in two never does, `_groups`), said."""
+    shared = {t for k in exclude for t in k[:fields] if len(t) >= MIN_SHARED}
+    kept = [item for item in items if (k := key(item)) not in exclude and not any(t in shared for t in k[:fields])]
     if len(kept) < len(items):
-        log.warning("%d row(s) of the %r split also appear in the evaluation split: left out of the calibration",
-                    len(items) - len(kept), split)
+        log.warning("%d row(s) of the %r split also appear in the evaluation split, or share a text with one of its "
+                    "rows: left out of the calibration", len(items) - len(kept), split)
     if not kept:
         raise DataError(f"every row of the {split!r} split also appears in the evaluation split; calibration "
                         "and evaluation data must not overlap (use a different calibration split or file)")

@@ -80,6 +80,28 @@ def test_rows_in_both_files_stay_evaluation_rows(task_data, model_dir, tmp_path,
         calibration_prompts(same, spec, {example_key(e) for e in load_split(same, "validation")})
 
 
+def test_calibration_rows_sharing_a_sentence_with_an_evaluation_row_are_left_out(tmp_path, caplog):
+    """RTE's official train and dev files pair one premise with other hypotheses on both sides: such train rows stay
+    out of the calibration as rows in both files do; a short shared value does not tie rows together."""
+    from fnprune.inputs import calibration_prompts
+    from fnprune.recipe import CalibrationSpec
+
+    premise = "A premise long enough to be a sentence of its own."
+    train = [(premise if i < 3 else f"Train premise number {i} about something.", f"Hypothesis {i} holds here.",
+              str(i % 2)) for i in range(12)] + [("Another train premise, long enough.", "Yes.", "0")]
+    dev = [(premise, "A different hypothesis on the dev side.", "1"), ("A dev premise of some length here.", "Yes.",
+                                                                       "1")]
+    for name, rows in (("train", train), ("dev", dev)):
+        (tmp_path / f"{name}.tsv").write_text("sentence1\tsentence2\tlabel\n" + "".join(
+            "\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    task = resolve_task(TaskSpec(name="rte", data_dir=str(tmp_path), file_format="tsv"))
+    held = {example_key(e) for e in load_split(task, "validation")}
+    with caplog.at_level("WARNING", logger="fnprune"):
+        prompts = calibration_prompts(task, CalibrationSpec(num_samples=100, raw_share=0), held)
+    assert "3 row(s) of the 'train' split also appear in the evaluation split, or share a text" in caplog.text
+    assert len(prompts) == 10 and not any(premise in e.texts for e in prompts)  # "Yes." (4 characters) ties nothing
+
+
 def test_tsv_with_csv_quoting_is_read_as_pandas_writes_it(tmp_path):
     """The shared RTE export quotes fields that hold quotes, as pandas writes TSV: `tsv-quoted` reads them
     (plain `tsv`, GLUE's, keeps the quote marks as text); the built-in rte declares it."""
