@@ -66,8 +66,10 @@ class Inputs:
 
     @property
     def with_sample(self) -> bool:
-        """Whether capture keeps a token sample: the networks and the reconstruction need one."""
-        return self.selection.method in NEEDS_NETWORKS or self.selection.reconstruct
+        """Whether capture keeps a token sample: the networks and the reconstruction need one (sequential
+        selection fits its reconstruction on the pruned model's activations instead)."""
+        sel = self.selection
+        return sel.method in NEEDS_NETWORKS or sel.reconstruct and not sel.sequential
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
@@ -155,9 +157,10 @@ def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -
         unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("choices",))
     if not selection.reconstruct:
         unused += _changed(selection, SelectionSpec(), "selection", ("ridge", "answer_weight"))
-    if not selection.refit:
-        unused += _changed(selection, SelectionSpec(), "selection", ("refit_ridge", "refit_prompts"))
-    if selection.method not in NEEDS_NETWORKS and not selection.reconstruct:  # no token sample is taken
+    if not selection.refit:  # sequential selection runs the refit's prompts too
+        unused += _changed(selection, SelectionSpec(), "selection",
+                           ("refit_ridge",) if selection.sequential else ("refit_ridge", "refit_prompts"))
+    if selection.method not in NEEDS_NETWORKS and not (selection.reconstruct and not selection.sequential):  # no sample
         unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("max_tokens", "sample_store"))
     if unused:
         log.warning("not used by this run (method %s%s): %s", selection.method,

@@ -106,17 +106,20 @@ def test_sequential_selection_is_refused_where_it_cannot_run(model_dir):
 
 @pytest.mark.slow
 def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identically(model_dir, task_data,
-                                                                                      tmp_path):
+                                                                                      tmp_path, caplog):
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir("llama"))},
         "task": {"name": "sst2", "data_dir": str(task_data)},
-        "calibration": {"num_samples": 48, "max_tokens": 400, "batch_size": 8},
+        "calibration": {"num_samples": 48, "batch_size": 8},  # no max_tokens: it takes no token sample
         "selection": {"keep": 0.5, "sequential": True, "refit_prompts": 20},  # flap + reconstruction + refit
         "output": {"dir": str(tmp_path / "a")},
     })
-    result = fnprune.compress(recipe, progress=False)
+    with caplog.at_level("WARNING", logger="fnprune"):
+        result = fnprune.compress(recipe, progress=False)
+    assert "not used" not in caplog.text  # refit_prompts sets sequential selection's prompts too
     report = result.report
     assert report["sequential"]["prompts"] == 20 and "refit" in report
+    assert report["calibration"]["tokens_for_ica"] == 0  # its reconstruction is fitted on the pruned stream
     same = report["sequential"]["kept_as_one_shot"]
     assert len(same) == 2 and all(0 <= s <= 1 for s in same) and min(same) < 1  # some neurons chosen otherwise
     assert any("method flap scored layer by layer on the model pruned before it (20 prompts) + refit on 20 prompts,"
