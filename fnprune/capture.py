@@ -36,7 +36,8 @@ from .moments import SecondMoments, constant_columns
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import Batch, batches, forward
 
-__all__ = ["LayerActivations", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes", "resolve_sample_store"]
+__all__ = ["LayerActivations", "LayerStats", "SAMPLE_STORES", "capture_activations", "capture_memory_bytes",
+           "resolve_sample_store", "sample_positions"]
 
 log = logging.getLogger("fnprune")
 PROGRESS_FORMAT = 2  # bumped when the progress file's layout changes; other versions are ignored (2: pending rows)
@@ -91,7 +92,10 @@ def resolve_sample_store(store: str, width: int, max_tokens: int, store_dtype: s
     return "moments" if width * 4 <= max_tokens * item else "tokens"
 
 
-class _LayerStats:
+class LayerStats:
+    """One layer's running statistics over real tokens (sums, a uniform token sample or its moments, each prompt's
+    decision token), batch by batch: capture's, and sequential selection's on the pruned model (fnprune.refit)."""
+
     def __init__(self, width: int, n_prompts: int, capacity: int, store_dtype: torch.dtype,
                  moments_buffer: torch.Tensor | None):
         # Per-neuron sums over all real tokens, of a - shift and (a - shift)^2 (shift: the first batch's mean, so
@@ -278,14 +282,14 @@ class _Recorder:
         # The moments of all layers in one zeroed allocation (see SecondMoments), sliced per layer.
         self.pool = torch.zeros(sum(sizes), dtype=torch.float32)
         self.offsets = [sum(sizes[:i]) for i in range(len(widths))]
-        self.stats: list[_LayerStats | None] = [None] * len(widths)
+        self.stats: list[LayerStats | None] = [None] * len(widths)
         self.rows: _BatchRows | None = None  # set by next_batch before each forward pass
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def new_stats(self, i: int) -> _LayerStats:
+    def new_stats(self, i: int) -> LayerStats:
         """Layer i's empty statistics, its moments in its slice of the pool."""
         buffer = self.pool[self.offsets[i] : self.offsets[i] + self.sizes[i]] if self.sizes[i] else None
-        return _LayerStats(self.widths[i], self.n_prompts, self.capacity, self.dtype, buffer)
+        return LayerStats(self.widths[i], self.n_prompts, self.capacity, self.dtype, buffer)
 
     def next_batch(self, batch: Batch, decision: str, sampled: torch.Tensor, seen: int) -> int:
         """Point the hooks at this batch's rows (`seen`: real tokens before it); returns its real tokens."""
@@ -339,7 +343,7 @@ def _save_progress(path: Path, stats: list, fingerprint: dict[str, Any], done: i
     write_atomic(path, tensors, {**fingerprint, "batches_done": done, "tokens_seen": seen})
 
 
-def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats: Callable[[int], _LayerStats]
+def _resume(path: Path, fingerprint: dict[str, Any], stats: list, new_stats: Callable[[int], LayerStats]
             ) -> tuple[int, int]:
     """Fill `stats` from a progress file written for the same prompts and settings; (batches, tokens) done.
     A file for anything else, or an unreadable one, is ignored (and later replaced)."""

@@ -160,8 +160,10 @@ def _warn_unused_settings(recipe: Recipe, selection: SelectionSpec, kind: str) -
     if not selection.refit:  # sequential selection runs the refit's prompts too
         unused += _changed(selection, SelectionSpec(), "selection",
                            ("refit_ridge",) if selection.sequential else ("refit_ridge", "refit_prompts"))
-    if selection.method not in NEEDS_NETWORKS and not (selection.reconstruct and not selection.sequential):  # no sample
-        unused += _changed(recipe.calibration, CalibrationSpec(), "calibration", ("max_tokens", "sample_store"))
+    if selection.method not in NEEDS_NETWORKS and (selection.sequential or not selection.reconstruct):
+        # no dense token sample is taken; sequential selection's reconstruction samples max_tokens of its own
+        unused += _changed(recipe.calibration, CalibrationSpec(), "calibration",
+                           ("sample_store",) if selection.reconstruct else ("max_tokens", "sample_store"))
     if unused:
         log.warning("not used by this run (method %s%s): %s", selection.method,
                     "" if selection.reconstruct else ", no reconstruction", ", ".join(unused))

@@ -20,6 +20,7 @@ import torch
 
 from .arch import MLPLayout, neuron_weight_norms
 from .calibration import Calibration, calibrate
+from .capture import LayerActivations
 from .checkpoint import RECIPE_FILE, REPORT_FILE, atomic_output_dir, check_output_dir
 from .data import label_keys
 from .distillation import TeacherTargets
@@ -186,7 +187,9 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
             seqs = _calibration_ids(inputs)[:sel.refit_prompts]
             choose = _sequential_choice(inputs, plan) if sel.sequential else None
             refit = LayerwiseRefit(model, inputs.layout, seqs, sel.refit_ridge, recipe.calibration.batch_size,
-                                   progress, refit=bool(sel.refit), choose=choose)
+                                   progress, refit=bool(sel.refit), choose=choose,
+                                   max_tokens=recipe.calibration.max_tokens if sel.reconstruct else 0,
+                                   seed=recipe.calibration.seed)
     with timer.stage("surgery"):  # with the refit (and sequential selection) layer by layer inside it
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,
                   on_block=refit.on_block if refit else None)
@@ -196,9 +199,10 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     if refit and sel.refit:  # per layer, the block output's error on the calibration tokens after over before it
         extra = {"refit": {"ridge": sel.refit_ridge, "prompts": refit.prompts,
                            "block_error_after_over_before": refit.ratios}, **extra}
-    if refit and sel.sequential:  # per layer, the share of its kept neurons the one-shot selection kept too
-        extra = {"sequential": {"prompts": refit.prompts, "kept_as_one_shot": [
-            round(len(set(a.tolist()) & set(b.tolist())) / len(a), 4) for a, b in zip(plan.kept, one_shot)]}, **extra}
+    if refit and sel.sequential:  # kept_as_one_shot: per layer, the share of its kept neurons one-shot kept too
+        same = [round(len(set(a.tolist()) & set(b.tolist())) / len(a), 4) for a, b in zip(plan.kept, one_shot)]
+        extra = {"sequential": {"prompts": refit.prompts, "tokens": refit.tokens, "tokens_sampled": len(refit.sampled),
+                                "kept_as_one_shot": same}, **extra}
     return model, scores, extra
 
 
@@ -209,8 +213,8 @@ def _sequential_choice(inputs: Inputs, plan: _Plan) -> Choose:
     sel = inputs.selection
     norms = neuron_weight_norms(inputs.model, inputs.layout)  # of the dense weights, before surgery slices them
 
-    def choose(i: int, layer: LayerPlan, activations: torch.Tensor) -> LayerPlan:
-        keep, centre, fill = rechoose_layer(sel.method, i, activations, norms[i], len(layer.keep), sel.seed,
+    def choose(i: int, layer: LayerPlan, acts: LayerActivations) -> LayerPlan:
+        keep, centre, fill = rechoose_layer(sel.method, i, acts, norms[i], len(layer.keep), sel.seed,
                                             layer.centre is not None, sel.reconstruct, sel.ridge)
         plan.kept[i] = keep
         return dataclasses.replace(layer, keep=keep, centre=centre, fill=fill)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .arch import MLPLayout, adds_to_residual, layout_for, neuron_weight_norms
 from .calibration import Calibration
+from .capture import LayerActivations
 from .compensation import reconstruction_map
 from .errors import NumericalError, RecipeError
 from .memory import release_memory
@@ -130,19 +131,17 @@ def reconstruction_fills(
     return fills
 
 
-def rechoose_layer(method: str, layer: int, activations: torch.Tensor, norms: dict[str, torch.Tensor], kept: int,
+def rechoose_layer(method: str, layer: int, acts: LayerActivations, norms: dict[str, torch.Tensor], kept: int,
                    seed: int, centred: bool, reconstruct: bool, ridge: float
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Sequential selection of one layer: its `kept` top neurons by `method` on its activations (tokens, neurons)
-    in the model pruned before it, with the centre bias compensation folds (their mean, when `centred`) and the
-    reconstruction map fitted on the same activations (when `reconstruct`)."""
-    x = activations.double()
-    mean = x.mean(0)
-    ev = LayerEvidence(layer=layer, mean_abs=x.abs().mean(0), var=x.var(0, unbiased=False), out_norm=norms["out"],
-                       in_norm=norms["in"], mean=mean, out_abs_mean=norms["out_abs_mean"])
+    """Sequential selection of one layer: its `kept` top neurons by `method` on its activations in the model pruned
+    before it (`acts`, as capture summarises them), with the centre bias compensation folds (their mean, when
+    `centred`) and the reconstruction map fitted on their token sample (when `reconstruct`)."""
+    ev = LayerEvidence(layer=layer, mean_abs=acts.mean_abs, var=acts.var, out_norm=norms["out"], in_norm=norms["in"],
+                       mean=acts.mean, out_abs_mean=norms["out_abs_mean"])
     keep = top_neurons(score_layer(method, ev, seed, 0.0), kept)
-    centre = mean if centred else None
-    fill = reconstruction_map(x, keep, centre, ridge) if reconstruct else None
+    centre = acts.mean if centred else None
+    fill = reconstruction_map(acts.tokens, keep, centre, ridge) if reconstruct else None
     if fill is not None and not torch.isfinite(fill).all():
         raise NumericalError(f"layer {layer}: the reconstruction of removed neurons is not finite; raise --ridge")
     return keep, centre, fill

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, by_neuron, get_module, layer_blocks
+from .arch import MLPLayout, by_neuron, get_module, layer_blocks, mlp_widths
+from .capture import LayerActivations, LayerStats, sample_positions
 from .compensation import refit_linear
 from .errors import NumericalError
 from .surgery import LayerPlan, set_output_weight
@@ -37,7 +38,7 @@ from .tokens import Batch, batches, forward
 __all__ = ["LayerwiseRefit", "Choose"]
 
 # sequential selection: (layer, its plan, its MLP activations on the pruned stream) -> the plan to prune it by
-Choose = Callable[[int, LayerPlan, torch.Tensor], LayerPlan]
+Choose = Callable[[int, LayerPlan, LayerActivations], LayerPlan]
 
 
 class _Stop(Exception):
@@ -66,10 +67,16 @@ class LayerwiseRefit:
     over before it."""
 
     def __init__(self, model: nn.Module, layout: MLPLayout, seqs: list[list[int]], ridge: float, batch_size: int,
-                 progress: bool = True, refit: bool = True, choose: Choose | None = None):
+                 progress: bool = True, refit: bool = True, choose: Choose | None = None, max_tokens: int = 0,
+                 seed: int = 0):
+        """`choose` gets each layer's statistics over every real token of `seqs`, with a uniform sample of at most
+        `max_tokens` of them (seeded, as capture draws its own) for the reconstruction."""
         self.model, self.layout, self.ridge = model, layout, ridge
         self.refit, self.choose = refit, choose
+        self.tokens = total = sum(len(s) for s in seqs)  # real tokens of the streams
+        self.sampled = sample_positions(total, min(max_tokens, total), seed)  # stream indices of the sample
         self.blocks = layer_blocks(model, layout)
+        self.widths = mlp_widths(model, layout)
         self.prompts = len(seqs)
         self.runs: list[Batch] = list(batches(seqs, batch_size))
         self.masks = [b.attention_mask.bool() for b in self.runs]  # the real tokens of each batch
@@ -142,23 +149,33 @@ class LayerwiseRefit:
                     out.append(_hidden(self.blocks[i](h, *rest, **kwargs)))
         return out
 
-    def _mlp_activations(self, i: int) -> torch.Tensor:
-        """Block i's MLP activations (real tokens, neurons) on the pruned stream, before block i is pruned."""
+    def _mlp_statistics(self, i: int) -> LayerActivations:
+        """Block i's MLP activations on the pruned stream, before block i is pruned, as capture summarises them
+        (batch by batch: one batch's activations held at a time, on the CPU)."""
         projection = get_module(self.blocks[i], self.layout.output)
-        seen: list[torch.Tensor] = []
-        handle = projection.register_forward_hook(lambda m, args, output: seen.append(args[0]))
+        stats = LayerStats(self.widths[i], 0, len(self.sampled), torch.float32, None)
+        batch = iter(self.masks)
+
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            first = stats.count  # stream index of the batch's first real token
+            real = _real(args[0], next(batch))
+            stats.add_statistics(real, torch.empty_like(real))
+            here = self.sampled[(self.sampled >= first) & (self.sampled < first + real.shape[0])] - first
+            stats.add_sample(real[here])
+
+        handle = projection.register_forward_hook(record)
         try:
             self._run(i, self.pruned)
         finally:
             handle.remove()
-        return torch.cat([_real(a, m) for a, m in zip(seen, self.masks)])
+        return stats.finish()
 
     def on_block(self, i: int, plan: LayerPlan, prune: Callable[[LayerPlan], None]) -> None:
         if self.bar is None:
             self.bar = tqdm(total=len(self.blocks), desc="refit" if self.refit else "sequential selection",
                             unit="layer", disable=not self.progress)
         if self.choose is not None:
-            plan = self.choose(i, plan, self._mlp_activations(i))
+            plan = self.choose(i, plan, self._mlp_statistics(i))
         if self.refit:
             self._refit(i, plan, prune)
         else:

@@ -265,11 +265,11 @@ def test_damaged_capture_progress_is_ignored(llama, tmp_path):
 def test_running_statistics_do_not_cancel_in_float32():
     """Per-batch float32 sums around the first batch's mean keep float64 accuracy even when the mean is 1e5
     times the spread (a naive float32 E[a^2] - E[a]^2 would return noise)."""
-    from fnprune.capture import _LayerStats
+    from fnprune.capture import LayerStats
 
     gen = torch.Generator().manual_seed(0)
     batches_ = [(1000 + 0.01 * torch.randn(n, 6, generator=gen)).float() for n in (7, 300, 41)]
-    stats = _LayerStats(6, n_prompts=1, capacity=1, store_dtype=torch.float32, moments_buffer=None)
+    stats = LayerStats(6, n_prompts=1, capacity=1, store_dtype=torch.float32, moments_buffer=None)
     for b in batches_:
         stats.add_statistics(b, torch.empty_like(b))
     done = stats.finish()

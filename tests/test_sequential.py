@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import fnprune
 from fnprune.arch import MLP_LAYOUTS, get_module, layer_blocks, layout_for, mlp_widths, neuron_weight_norms
+from fnprune.capture import sample_positions
 from fnprune.checkpoint import NETWORKS_FILE
 from fnprune.errors import RecipeError
 from fnprune.models import load_model
@@ -52,13 +53,16 @@ def test_each_layer_keeps_its_top_wanda_sp_scores_in_the_model_pruned_before_it(
     widths = mlp_widths(model, layout)
     norms = neuron_weight_norms(model, layout)
 
-    def choose(i, plan, activations):
-        keep, centre, fill = rechoose_layer("wanda-sp", i, activations, norms[i], len(plan.keep), 0, False, False, 0.1)
+    seen = []
+
+    def choose(i, plan, acts):
+        seen.append(acts)
+        keep, centre, fill = rechoose_layer("wanda-sp", i, acts, norms[i], len(plan.keep), 0, False, False, 0.1)
         assert centre is None and fill is None
         return dataclasses.replace(plan, keep=keep)
 
     streams = LayerwiseRefit(model, layout, seqs, ridge=0.0, batch_size=4, progress=False, refit=False,
-                             choose=choose)
+                             choose=choose, max_tokens=50, seed=3)
     one_shot = [torch.arange(w // 4) for w in widths]  # the widths sequential selection keeps, not its neurons
     prune_mlp(model, layout, one_shot, on_block=streams.on_block, width_layout="per-layer")
     assert mlp_widths(model, layout) == [w // 4 for w in widths]
@@ -76,7 +80,11 @@ def test_each_layer_keeps_its_top_wanda_sp_scores_in_the_model_pruned_before_it(
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, pruned(ids).logits, atol=1e-5, rtol=1e-5)
-    assert torch.equal(chosen[0], on_dense[0])  # the first layer sees the dense model's inputs
+    total = sum(len(q) for q in seqs)
+    assert all(a.count == total and a.tokens.shape[0] == 50 for a in seen)  # every token counted, 50 sampled
+    first = _mlp_inputs(dense, layout, seqs, 0)  # layer 0 sees the dense model's inputs: its sample is theirs
+    torch.testing.assert_close(seen[0].tokens.double(), first[sample_positions(total, 50, 3)], atol=1e-5, rtol=1e-5)
+    assert torch.equal(chosen[0], on_dense[0])
     assert any(not torch.equal(c, d) for c, d in zip(chosen, on_dense))  # later ones another model's
 
 
@@ -110,16 +118,17 @@ def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identi
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir("llama"))},
         "task": {"name": "sst2", "data_dir": str(task_data)},
-        "calibration": {"num_samples": 48, "batch_size": 8},  # no max_tokens: it takes no token sample
+        "calibration": {"num_samples": 48, "max_tokens": 100, "batch_size": 8},
         "selection": {"keep": 0.5, "sequential": True, "refit_prompts": 20},  # flap + reconstruction + refit
         "output": {"dir": str(tmp_path / "a")},
     })
     with caplog.at_level("WARNING", logger="fnprune"):
         result = fnprune.compress(recipe, progress=False)
-    assert "not used" not in caplog.text  # refit_prompts sets sequential selection's prompts too
+    assert "not used" not in caplog.text  # max_tokens caps the sample of its reconstruction
     report = result.report
     assert report["sequential"]["prompts"] == 20 and "refit" in report
-    assert report["calibration"]["tokens_for_ica"] == 0  # its reconstruction is fitted on the pruned stream
+    assert report["calibration"]["tokens_for_ica"] == 0  # no dense sample: the reconstruction samples the stream
+    assert report["sequential"]["tokens_sampled"] == 100 < report["sequential"]["tokens"]
     same = report["sequential"]["kept_as_one_shot"]
     assert len(same) == 2 and all(0 <= s <= 1 for s in same) and min(same) < 1  # some neurons chosen otherwise
     assert any("method flap scored layer by layer on the model pruned before it (20 prompts) + refit on 20 prompts,"
@@ -143,3 +152,18 @@ def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identi
     reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
     torch.testing.assert_close(reloaded(ids).logits, fnprune.load_pruned(result.output_dir).model(ids).logits,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_settings_sequential_selection_reads_are_not_called_unused(caplog):
+    """It runs the refit's prompts without the refit, and samples max_tokens of them for its reconstruction."""
+    from fnprune.inputs import _warn_unused_settings
+
+    recipe = recipe_from_dict({"calibration": {"max_tokens": 100}})
+    for reconstruct, unused in ((True, "selection.refit_ridge"),
+                                (False, "selection.refit_ridge, calibration.max_tokens")):
+        sel = SelectionSpec(method="flap", refit=False, sequential=True, refit_prompts=20, refit_ridge=0.5,
+                            reconstruct=reconstruct)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fnprune"):
+            _warn_unused_settings(recipe, sel, "classification")
+        assert caplog.text.rstrip().endswith(f": {unused}")
