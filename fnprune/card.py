@@ -149,9 +149,9 @@ def _selection_sentence(info: CardInfo, samples: int) -> str:
              f"dense model's on {on}." if "refit" in info.report else "")
     if isinstance(sequential := info.report.get("sequential"), dict):
         first = sequential.get("prompts") or samples
-        refit = (" Each layer was scored on its activations in the model with the layers before it already pruned "
-                 f"({'the calibration prompts' if first >= samples else f'the first {first} calibration prompts'}), "
-                 "as FLAP's code runs Wanda-SP." + refit)
+        on = "the calibration prompts" if first >= samples else f"the first {first} calibration prompts"
+        refit = (" Each layer's kept neurons were chosen on its activations in the model with the layers before it "
+                 f"already pruned ({on}), as FLAP's code runs Wanda-SP." + refit)
     allocation = info.report.get("allocation") or "uniform"
     where = ("of every layer" if allocation == "uniform" else
              f"overall (each layer's width from one ranking across layers, `{allocation}` allocation)")

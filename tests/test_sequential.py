@@ -133,7 +133,8 @@ def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identi
     assert len(same) == 2 and all(0 <= s <= 1 for s in same) and min(same) < 1  # some neurons chosen otherwise
     assert any("method flap scored layer by layer on the model pruned before it (20 prompts) + refit on 20 prompts,"
                in line for line in report_lines(report))
-    assert "with the layers before it already pruned (the first 20 calibration prompts)" in (
+    assert "kept neurons were chosen on its activations in the model with the layers before it already pruned (the " \
+           "first 20 calibration prompts)" in (
         result.output_dir / "README.md").read_text()
     saved = load_file(result.output_dir / NETWORKS_FILE)
     one_shot = fnprune.compress(apply_overrides(recipe, {"selection.sequential": False, "output.dir": str(
