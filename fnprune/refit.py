@@ -73,7 +73,7 @@ class LayerwiseRefit:
         `max_tokens` of them (seeded, as capture draws its own) for the reconstruction."""
         self.model, self.layout, self.ridge = model, layout, ridge
         self.refit, self.choose = refit, choose
-        self.tokens = total = sum(len(s) for s in seqs)  # real tokens of the streams
+        self.token_count = total = sum(len(s) for s in seqs)  # real tokens of the streams
         self.sampled = sample_positions(total, min(max_tokens, total), seed)  # stream indices of the sample
         self.blocks = layer_blocks(model, layout)
         self.widths = mlp_widths(model, layout)
