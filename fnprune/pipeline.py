@@ -201,8 +201,8 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
                            "block_error_after_over_before": refit.ratios}, **extra}
     if refit and sel.sequential:  # kept_as_one_shot: per layer, the share of its kept neurons one-shot kept too
         same = [round(len(set(a.tolist()) & set(b.tolist())) / len(a), 4) for a, b in zip(plan.kept, one_shot)]
-        extra = {"sequential": {"prompts": refit.prompts, "tokens": refit.token_count, "tokens_sampled": len(refit.sampled),
-                                "kept_as_one_shot": same}, **extra}
+        extra = {"sequential": {"prompts": refit.prompts, "tokens": refit.token_count,
+                                "tokens_sampled": len(refit.sampled), "kept_as_one_shot": same}, **extra}
     return model, scores, extra
 
 
