@@ -7,6 +7,7 @@ __all__ = [
     "METHODS",
     "SELECTION_METHODS",
     "NETWORK_METHODS",
+    "SEQUENTIAL_METHODS",
     "ALLOCATIONS",
     "LAYOUTS",
     "STREAMED_LAYOUTS",
@@ -25,6 +26,7 @@ __all__ = [
 
 METHODS = ("fn-task", "fn", "random", "magnitude", "wanda-sp", "flap")  # selection criteria
 NETWORK_METHODS = ("fn", "fn-task")  # criteria that read functional networks
+SEQUENTIAL_METHODS = ("flap", "wanda-sp")  # criteria read from activations alone: selection.sequential rescores them
 # what a recipe's selection.method may say: a criterion, or auto (flap on every task kind, chosen on calibration data)
 SELECTION_METHODS = ("auto", *METHODS)
 # per-layer budget: same width everywhere, or one ranking across layers of each layer's scores divided by their

@@ -188,7 +188,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
             choose = _sequential_choice(inputs, plan) if sel.sequential else None
             refit = LayerwiseRefit(model, inputs.layout, seqs, sel.refit_ridge, recipe.calibration.batch_size,
                                    progress, refit=bool(sel.refit), choose=choose,
-                                   max_tokens=recipe.calibration.max_tokens if sel.reconstruct else 0,
+                                   max_tokens=recipe.calibration.max_tokens if choose and sel.reconstruct else 0,
                                    seed=recipe.calibration.seed)
     with timer.stage("surgery"):  # with the refit (and sequential selection) layer by layer inside it
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,

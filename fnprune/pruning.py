@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .arch import MLPLayout, adds_to_residual, layout_for, neuron_weight_norms
 from .calibration import Calibration
 from .capture import LayerActivations
+from .choices import SEQUENTIAL_METHODS
 from .compensation import reconstruction_map
 from .errors import NumericalError, RecipeError
 from .memory import release_memory
@@ -19,9 +20,7 @@ from .recipe import SelectionSpec, default_fn_boost
 from .selection import LayerEvidence, allocate_widths, layer_width, score_layer, top_neurons
 from .surgery import supports_bias_compensation
 
-__all__ = ["resolve_selection", "select_neurons", "reconstruction_fills", "rechoose_layer", "SEQUENTIAL_METHODS"]
-
-SEQUENTIAL_METHODS = ("flap", "wanda-sp")  # the criteria read from activations alone (no networks, not random)
+__all__ = ["resolve_selection", "select_neurons", "reconstruction_fills", "rechoose_layer"]
 
 log = logging.getLogger("fnprune")
 
