@@ -83,6 +83,7 @@ class _Plan:
     means: list[torch.Tensor] | None  # per layer, (width,): None without bias compensation
     fills: list[torch.Tensor] | None
     tokens_for_ica: int
+    norms: list[dict[str, torch.Tensor]] | None = None  # the dense weights' norms, for sequential selection
     recovery_progress: str | None = None  # recovery's progress file: deleted once the checkpoint is written
 
 
@@ -147,10 +148,11 @@ def _calibrate_and_select(inputs: Inputs, timer: StageTimer, progress: bool) -> 
     )
     timer.seconds.update(measured.timings)
     with timer.stage("selection"):
+        norms = neuron_weight_norms(inputs.model, inputs.layout)
         kept = select_neurons(inputs.model, measured, sel.method, sel.keep, sel.round_to, sel.seed, sel.fn_boost,
-                              sel.allocation)
+                              sel.allocation, norms=norms)
     means = [a.mean for a in measured.activations] if sel.bias_compensation else None
-    return measured, _Plan(kept, means, None, measured.activations[0].sampled)
+    return measured, _Plan(kept, means, None, measured.activations[0].sampled, norms if sel.sequential else None)
 
 
 def _reconstruct(measured: Calibration, plan: _Plan, inputs: Inputs, timer: StageTimer, progress: bool) -> None:
@@ -210,8 +212,7 @@ def _sequential_choice(inputs: Inputs, plan: _Plan) -> Choose:
     """Sequential selection's `choose`: each layer's kept neurons (as many as the one-shot selection gave it), the
     centre and the reconstruction map from its activations in the model pruned before it; `plan.kept` records them
     for the report and the card."""
-    sel = inputs.selection
-    norms = neuron_weight_norms(inputs.model, inputs.layout)  # of the dense weights, before surgery slices them
+    sel, norms = inputs.selection, plan.norms  # of the dense weights, taken before surgery slices them
 
     def choose(i: int, layer: LayerPlan, acts: LayerActivations) -> LayerPlan:
         keep, centre, fill = rechoose_layer(sel.method, i, acts, norms[i], len(layer.keep), sel.seed,

@@ -67,11 +67,13 @@ def select_neurons(
     boost: float | None,
     allocation: str = "uniform",
     reconstruct: bool = True,
+    norms: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Kept neuron indices per layer for one criterion and budget (same width everywhere, or one ranking across
-    layers with `allocation` "global", "median" or "standardized")."""
-    layout = layout_for(model)
-    norms = neuron_weight_norms(model, layout)
+    layers with `allocation` "global", "median" or "standardized"). `norms`: `neuron_weight_norms` of `model`, when
+    the caller has them already (a pass over every MLP weight)."""
+    if norms is None:
+        norms = neuron_weight_norms(model, layout_for(model))
     boost = default_fn_boost(keep, reconstruct) if boost is None else boost
     scores = []
     for i, (a, nrm) in enumerate(zip(calib.activations, norms)):

@@ -114,7 +114,7 @@ def test_sequential_selection_is_refused_where_it_cannot_run(model_dir):
 
 @pytest.mark.slow
 def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identically(model_dir, task_data,
-                                                                                      tmp_path, caplog):
+                                                                                      tmp_path, caplog, monkeypatch):
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir("llama"))},
         "task": {"name": "sst2", "data_dir": str(task_data)},
@@ -122,8 +122,17 @@ def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identi
         "selection": {"keep": 0.5, "sequential": True, "refit_prompts": 20},  # flap + reconstruction + refit
         "output": {"dir": str(tmp_path / "a")},
     })
+    passes = []  # over every MLP weight: one, shared by the one-shot selection and the rescoring
+
+    def counted(*args):
+        passes.append(1)
+        return neuron_weight_norms(*args)
+    for module in ("fnprune.pipeline", "fnprune.pruning"):
+        monkeypatch.setattr(f"{module}.neuron_weight_norms", counted)
     with caplog.at_level("WARNING", logger="fnprune"):
         result = fnprune.compress(recipe, progress=False)
+    monkeypatch.undo()
+    assert len(passes) == 1
     assert "not used" not in caplog.text  # max_tokens caps the sample of its reconstruction
     report = result.report
     assert report["sequential"]["prompts"] == 20 and "refit" in report
