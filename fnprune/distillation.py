@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .arch import MLPLayout, get_module, input_weights_by_neuron, is_classifier, layer_blocks, output_weight_by_neuron
+from .arch import MLPLayout, get_module, is_classifier, layer_blocks
 from .errors import NumericalError
 from .interrupt import ProgressSaver
+from .lora import add_lora, merge_lora
 from .offload import input_device
+from .provenance import key_versions
 from .recipe import RecoverySpec
 from .safetensors_io import read_with_meta, write_atomic
 from .tokens import batches, make_batch
@@ -164,64 +165,6 @@ def trainable_parameters(model: nn.Module, layout: MLPLayout, which: str) -> lis
     return params
 
 
-class _LowRankDelta(nn.Module):
-    """weight + scale * B @ A, with B starting at zero so training starts from the pruned model; `mask` (0/1, the
-    weight's shape broadcast) keeps a padded layout's zero neurons zero, as training the weights themselves does."""
-
-    def __init__(self, shape: torch.Size, rank: int, generator: torch.Generator, dtype: torch.dtype,
-                 mask: torch.Tensor | None = None):
-        super().__init__()
-        rank = min(rank, *shape)
-        bound = 1 / math.sqrt(shape[1])
-        self.lora_a = nn.Parameter((torch.rand(rank, shape[1], generator=generator, dtype=torch.float32) * 2 - 1)
-                                   .mul_(bound).to(dtype))
-        self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=dtype))
-        self.scale = 1.0
-        self.register_buffer("mask", None if mask is None else mask.to(dtype))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_b @ self.lora_a
-        return weight + self.scale * (delta if self.mask is None else delta * self.mask)
-
-
-def _padding_mask(block: nn.Module, layout: MLPLayout, path: str) -> torch.Tensor | None:
-    """0 at the weights of the block's zero neurons (input rows and output column all zero: a padded layout's
-    padding), 1 elsewhere, shaped to broadcast over `path`'s weight; None when every neuron has weights."""
-    column = output_weight_by_neuron(get_module(block, layout.output), layout)
-    used = column.abs().sum(dim=1) > 0
-    for name in layout.inputs:
-        for w in input_weights_by_neuron(get_module(block, name), layout):
-            used |= w.abs().sum(dim=1) > 0
-    if used.all():
-        return None
-    live = used.float()
-    if path == layout.output:  # neurons along the input dimension of nn.Linear, the output one of Conv1D
-        return live.view(-1, 1) if layout.conv1d else live.view(1, -1)
-    live = live.repeat(layout.fused)  # fused projections stack their halves' neurons
-    return live.view(1, -1) if layout.conv1d else live.view(-1, 1)
-
-
-def add_lora(model: nn.Module, layout: MLPLayout, rank: int, seed: int) -> list[nn.Module]:
-    """Low-rank adapters on every MLP projection's weight (torch parametrizations); returns the modules."""
-    generator = torch.Generator().manual_seed(seed)
-    modules = []
-    for block in layer_blocks(model, layout):
-        for path in (*layout.inputs, layout.output):
-            module = get_module(block, path)
-            delta = _LowRankDelta(module.weight.shape, rank, generator, module.weight.dtype,
-                                  _padding_mask(block, layout, path))
-            parametrize.register_parametrization(module, "weight", delta.to(module.weight.device))
-            modules.append(module)
-    return modules
-
-
-def merge_lora(modules: list[nn.Module]) -> None:
-    """Fold each adapter into its weight and drop the parametrization: plain weights of the same shapes."""
-    for module in modules:
-        with torch.no_grad():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-
 def _learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
     """Linear warm-up over the first `warmup` share of steps, then cosine decay to zero."""
     ramp = max(1, round(warmup * total))
@@ -310,7 +253,30 @@ def run_fingerprint(start: list[nn.Parameter], targets: TeacherTargets, seqs: li
     for t in targets.tensors().values():
         digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(seqs).encode())
+    digest.update(json.dumps(key_versions(), sort_keys=True).encode())  # an upgrade does not resume the old run
     return digest.hexdigest()
+
+
+def float32_masters(params: list[nn.Parameter]) -> list[nn.Parameter] | None:
+    """float32 copies for AdamW to step when the weights are half precision (None when they are float32): in
+    float16 its eps and small squared gradients round to 0, so the first step divides by zero, and in bfloat16 the
+    late, small updates round away."""
+    if all(p.dtype == torch.float32 for p in params):
+        return None
+    return [nn.Parameter(p.detach().float().clone()) for p in params]
+
+
+def _step(opt: torch.optim.Optimizer, params: list[nn.Parameter], masters: list[nn.Parameter] | None) -> None:
+    """One optimiser step; with float32 masters, on them from the weights' gradients, then copied to the weights."""
+    if masters is None:
+        opt.step()
+        return
+    for p, m in zip(params, masters):
+        m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+    opt.step()
+    with torch.no_grad():
+        for p, m in zip(params, masters):
+            p.copy_(m)
 
 
 def _save_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
@@ -371,12 +337,18 @@ def recover(
         if progress_dir is not None else ""
     lora = add_lora(model, layout, spec.lora_rank, spec.seed) if spec.params == "lora" else []
     params = trainable_parameters(model, layout, spec.params)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    masters = float32_masters(params)
+    trained = masters or params  # what AdamW steps and a progress file holds
+    opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)
     plan = step_batches(len(seqs), spec)
     progress_file = progress_dir / f"recovery-{fingerprint[:40]}.partial.safetensors" if progress_dir else None
     saver, done, losses, earlier = ProgressSaver("recovery", progress_file, save_every), 0, [], 0.0
     if progress_file is not None:
-        done, losses, earlier = _load_progress(progress_file, params, opt, fingerprint)
+        done, losses, earlier = _load_progress(progress_file, trained, opt, fingerprint)
+        if done and masters:
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    p.copy_(m)
         if done:
             log.info("recovery resumes at step %d of %d from %s", done, len(plan), progress_file)
     wanted = {id(p) for p in params}
@@ -397,18 +369,20 @@ def recover(
                                          f"({spec.lr}) or recovery.label_weight ({spec.label_weight})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                _step(opt, params, masters)
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 meta = {"fingerprint": fingerprint, "steps_done": step + 1, "losses": losses,
                         "seconds": earlier + time.perf_counter() - start}
-                saver.after_step(partial(_save_progress, progress_file, params, opt, meta),
+                saver.after_step(partial(_save_progress, progress_file, trained, opt, meta),
                                  f"{step + 1} of {len(plan)} steps", step + 1 == len(plan))
     finally:
         for p in model.parameters():
             p.requires_grad_(grad_before.get(id(p), False))
         model.train(was_training)
+    if not all(torch.isfinite(p).all() for p in params):  # the last step's result: no loss after it checks it
+        raise NumericalError(f"recovery left non-finite weights after step {len(plan)}; lower recovery.lr ({spec.lr})")
     merge_lora(lora)
     for p in model.parameters():
         p.grad = None

@@ -498,3 +498,25 @@ def test_the_teacher_is_keyed_by_the_batches_it_runs_in():
     recipe = recipe_from_dict({"model": {"name_or_path": "org/m"}})
     key = teacher_cache_key(recipe, [[1, 2]], [[3]])
     assert key != teacher_cache_key(apply_overrides(recipe, {"calibration.batch_size": 4}), [[1, 2]], [[3]])
+
+
+@pytest.mark.parametrize(("dtype", "params", "lr"), [
+    (torch.float16, "mlp", 3e-3), (torch.float16, "lora", 3e-2),
+    (torch.bfloat16, "mlp", 1e-4),  # each step's update below half of bfloat16's spacing at most of these weights
+])
+def test_recovery_of_a_half_precision_model_trains_as_in_float32(pruned_llama, dtype, params, lr):
+    """AdamW stepping float16 weights divides by zero at its first step (its eps and small squared gradients round
+    to 0) and stepping bfloat16 weights loses the small updates: it steps float32 copies the weights follow, so a
+    half-precision run ends where the float32 run ends, rounded."""
+    _, pruned, seqs, targets = pruned_llama
+    spec = RecoverySpec(enabled=True, epochs=4, lr=lr, params=params)
+    ends = {}
+    for kind in (torch.float32, dtype):
+        student = copy.deepcopy(pruned).to(kind)
+        recover(student, layout_for(student), seqs, targets, spec, progress=False)
+        assert all(torch.isfinite(p).all() for p in student.parameters())
+        ends[kind] = torch.cat([p.detach().to(dtype).flatten() for n, p in student.named_parameters() if "mlp" in n])
+    start = torch.cat([p.detach().to(dtype).flatten() for n, p in pruned.named_parameters() if "mlp" in n])
+    assert _mean_kl(student.float(), seqs, targets) < _mean_kl(pruned, seqs, targets)
+    moved = (ends[torch.float32] != start).float().mean()  # by a rounding step or more
+    assert (ends[dtype] != start).float().mean() > 0.8 * moved  # stepping bfloat16 itself: 0.26 of it
