@@ -520,3 +520,26 @@ def test_recovery_of_a_half_precision_model_trains_as_in_float32(pruned_llama, d
     assert _mean_kl(student.float(), seqs, targets) < _mean_kl(pruned, seqs, targets)
     moved = (ends[torch.float32] != start).float().mean()  # by a rounding step or more
     assert (ends[dtype] != start).float().mean() > 0.8 * moved  # stepping bfloat16 itself: 0.26 of it
+
+
+def test_recovery_refuses_non_finite_weights_after_its_last_step(pruned_llama, monkeypatch):
+    """The loss before each step is checked; nothing checked what the last step wrote."""
+    _, pruned, seqs, targets = pruned_llama
+
+    class Overflowing(torch.optim.AdamW):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+    monkeypatch.setattr(torch.optim, "AdamW", Overflowing)
+    student = copy.deepcopy(pruned)
+    with pytest.raises(NumericalError, match="recovery left non-finite weights after step 1"):
+        recover(student, layout_for(student), seqs, targets, RecoverySpec(enabled=True, steps=1), progress=False)
+
+
+def test_recovery_progress_of_another_fnprune_version_is_not_resumed(pruned_llama, monkeypatch):
+    _, pruned, seqs, targets = pruned_llama
+    params = distillation.trainable_parameters(pruned, layout_for(pruned), "mlp")
+    before = distillation.run_fingerprint(params, targets, seqs, RecoverySpec())
+    monkeypatch.setattr(distillation, "key_versions", lambda: {"fnprune": "9.9.9"})
+    assert distillation.run_fingerprint(params, targets, seqs, RecoverySpec()) != before
