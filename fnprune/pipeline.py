@@ -21,7 +21,7 @@ import torch
 from .arch import MLPLayout, neuron_weight_norms
 from .calibration import Calibration, calibrate
 from .capture import LayerActivations
-from .checkpoint import RECIPE_FILE, REPORT_FILE, atomic_output_dir, check_output_dir
+from .checkpoint import REPORT_FILE, atomic_output_dir, check_output_dir
 from .data import label_keys
 from .distillation import TeacherTargets
 from .hub import check_push, push_folder
@@ -99,7 +99,7 @@ def compress(recipe: Recipe, progress: bool = True) -> CompressResult:
     sources = [recipe.model.name_or_path, recipe.task.data_dir, *recipe.task.data_files.values(),
                *(p for v in ev.validation for p in (v.data_dir, v.file)), ev.lm_eval_include]
     check_output_dir(out_dir, recipe.output.overwrite, sources,  # before loading: never replaces an input
-                     {"model.offload_folder": recipe.model.offload_folder}, own_files=[REPORT_FILE, RECIPE_FILE])
+                     {"model.offload_folder": recipe.model.offload_folder}, own_files=[REPORT_FILE])
     check_push(recipe.output.push_to_hub)
     timer = StageTimer(ev.enabled)
     with timer.stage("load"):

@@ -284,16 +284,21 @@ def test_overwrite_replaces_only_a_folder_this_command_wrote(world, tmp_path):
     theirs = tmp_path / "docs"
     theirs.mkdir()
     (theirs / "thesis.txt").write_text("years of work")
-    with pytest.raises(OutputError, match="a folder this command did not write .no report.json or recipe.yaml."):
-        check_output_dir(theirs, True, own_files=["report.json", "recipe.yaml"])
+    with pytest.raises(OutputError, match="a folder this command did not write .no report.json."):
+        check_output_dir(theirs, True, own_files=["report.json"])
     result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(world / "models/llama"),
+                                       "--data-dir", str(world / "data/sst2"), "--output", str(theirs),
+                                       "--overwrite", *SMALL])
+    assert result.exit_code == 1 and "did not write" in result.output and (theirs / "thesis.txt").is_file()
+    (theirs / "recipe.yaml").write_text(f"model: {{name_or_path: {world / 'models/llama'}}}\n")  # the user's own
+    result = CliRunner().invoke(main, ["compress", "--recipe", str(theirs / "recipe.yaml"), "--task", "sst2",
                                        "--data-dir", str(world / "data/sst2"), "--output", str(theirs),
                                        "--overwrite", *SMALL])
     assert result.exit_code == 1 and "did not write" in result.output and (theirs / "thesis.txt").is_file()
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty", True, own_files=["report.json"])
     (theirs / "report.json").write_text("{}")
-    check_output_dir(theirs, True, own_files=["report.json", "recipe.yaml"])
+    check_output_dir(theirs, True, own_files=["report.json"])
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does(world, tmp_path, monkeypatch):
