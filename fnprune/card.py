@@ -3,7 +3,7 @@ with it. The card's sentences follow what the run wrote: its layout, widths, mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class CardInfo:
     model_type: str = "llama"  # the checkpoint's family: which runtimes fnprune export can write it for
     head: str = "AutoModelForCausalLM"  # the Auto class it loads with
     kind: str = "classification"  # the task's kind: how it was scored
+    config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json: what its GGUF can state
 
 
 def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
@@ -195,11 +196,11 @@ def _loading_sentence(info: CardInfo) -> str:
 
 
 def _runtimes_text(info: CardInfo) -> str:
-    """The `fnprune export` commands this checkpoint's family and layout allow, decided by the exporters' own
-    checks on the widths as stored (a padded checkpoint stores its widest layer's width in every layer)."""
+    """The `fnprune export` commands this checkpoint's family, layout and config allow, decided by the exporters'
+    own checks on the widths as stored (a padded checkpoint stores its widest layer's width in every layer)."""
     from .export import Checkpoint
     from .export.to_deci import check_deci_layout
-    from .export.to_gguf import gguf_arch_for
+    from .export.to_gguf import check_gguf_config, gguf_arch_for
 
     layout = info.report.get("layout") or "uniform"
     widths = [w for w in (info.report.get("widths") or {}).get("pruned") or [] if isinstance(w, int)]
@@ -207,6 +208,7 @@ def _runtimes_text(info: CardInfo) -> str:
     lines = []
     try:
         arch = gguf_arch_for(Checkpoint(Path(), {"model_type": info.model_type}, [], stored, layout))
+        check_gguf_config(info.config)
         lines.append(f"llama.cpp / Ollama: `fnprune export DIR --format gguf --outtype f16 --output model.gguf` "
                      f"(written as llama.cpp's `{arch}` architecture).")
     except ModelError:

@@ -336,7 +336,7 @@ def inspect(directory) -> None:
     report = read_report(path)
     weights = read_checkpoint(path)  # config.json and the safetensors headers: a damaged folder stops here
     recorded = report_field(report, "widths.pruned", list)
-    if recorded and weights.layout != "padded" and recorded != weights.widths:
+    if recorded and weights.widths and weights.layout != "padded" and recorded != weights.widths:
         raise FnpruneError(f"{path}: report.json's MLP widths are not its weights' ({widths_span(recorded)} against "
                            f"{widths_span(weights.widths)}): the report was written for another checkpoint")
     click.echo(f"{path}: {report_field(report, 'base_model', str) or 'n/a'} pruned by fnprune "

@@ -161,9 +161,9 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     report["file_bytes"]["pruned"] = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
     write_json(tmp / REPORT_FILE, report)
     sel = inputs.selection
-    family = json.loads((tmp / "config.json").read_text(encoding="utf-8"))["model_type"]  # streamed: no model here
+    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))  # streamed: no model here
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
-                    family, inputs.layout.head, inputs.task.kind)
+                    config["model_type"], inputs.layout.head, inputs.task.kind, config)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
 
 

@@ -9,11 +9,13 @@ from fnprune.card import CardInfo, model_card
 
 
 def _card(model_type: str = "llama", layout: str = "uniform", widths: list[int] | None = None,
-          head: str = "AutoModelForCausalLM", kind: str = "classification", allocation: str = "uniform") -> str:
+          head: str = "AutoModelForCausalLM", kind: str = "classification", allocation: str = "uniform",
+          config: dict | None = None) -> str:
     report = {"parameters": {"dense": 100, "pruned": 60}, "file_bytes": {"dense": 400, "pruned": 240},
               "calibration": {"samples": 8}, "widths": {"dense": 128, "pruned": widths or [64, 64]},
               "layout": layout, "allocation": allocation, "metric": {"n": None}, "templates": []}
-    return model_card(CardInfo("org/base", "sst2", "flap", 0.5, report, "task: {}\n", model_type, head, kind), "0")
+    return model_card(CardInfo("org/base", "sst2", "flap", 0.5, report, "task: {}\n", model_type, head, kind,
+                               config or {}), "0")
 
 
 def test_card_says_when_the_headline_is_the_calibration_mean():
@@ -55,6 +57,14 @@ def test_export_lines_follow_what_export_accepts(model_type, layout, gguf, deci)
     assert ("--format gguf" in card) == gguf and ("--format deci" in card) == deci
     if not gguf and not deci:
         assert f"does not write `{model_type}` checkpoints with this layout" in card
+
+
+@pytest.mark.parametrize("config", [{"sliding_window": 64, "max_position_embeddings": 128},
+                                    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}])
+def test_the_card_offers_no_gguf_export_the_exporter_refuses(config):
+    card = _card("mistral", config=config)
+    assert "--format gguf" not in card and "--format deci" in card
+    assert "--format gguf" in _card("mistral", config={"sliding_window": 4096, "max_position_embeddings": 4096})
 
 
 def test_encoder_and_multiple_choice_wording():

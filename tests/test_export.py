@@ -285,6 +285,10 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path):
     Path(out).write_text("keep me")
     assert "--overwrite" in _cli_error(str(uniform), "--format", "gguf", "--output", out)
     assert Path(out).read_text() == "keep me"
+    dangling = tmp_path / "dangling.gguf"
+    dangling.symlink_to(tmp_path / "nowhere")  # refused before the export, not after it
+    assert "already exists; pass --overwrite" in _cli_error(str(uniform), "--format", "gguf", "--output",
+                                                              str(dangling))
     (tmp_path / "d").mkdir()
     assert "--overwrite" in _cli_error(str(uniform), "--format", "deci", "--output", str(tmp_path / "d"))
     assert "--round-to 256" in _cli_error(str(per_layer), "--format", "deci", "--output", str(tmp_path / "d2"))
@@ -557,9 +561,14 @@ def test_vllm_llama_with_mlp_bias_format(model_dir, tmp_path):
 
 def test_deci_folder_matches_vllm_and_llama_cpp_readers(model_dir, tmp_path):
     ckpt = _prune(model_dir, tmp_path / "ckpt", "llama", [256, 512], layout="per-layer", bias=True, dense_width=512)
+    (ckpt / "report.json").write_text(json.dumps({"widths": {"dense": [512, 512], "pruned": [256, 512]}}))
     out = tmp_path / "deci"
     result = CliRunner().invoke(main, ["export", str(ckpt), "--format", "deci", "--output", str(out)])
     assert result.exit_code == 0, result.output
+    inspected = CliRunner().invoke(main, ["inspect", str(out)])  # the copied report.json against block_configs
+    assert inspected.exit_code == 0 and "their MLP widths are config.json's and report.json's" in inspected.output, \
+        inspected.output
+    assert read_checkpoint(out).widths == [256, 512] and read_checkpoint(out).layout == "per-layer"
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert "fnprune_layout" not in config and config["mlp_bias"] is True

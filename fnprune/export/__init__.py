@@ -12,6 +12,7 @@ temporary file or folder renamed into place.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,17 @@ def _check_widths(path: Path, config: dict[str, Any], widths: list[int], shapes:
                              "config.json: the folder's config and weights disagree")
 
 
+def _deci_widths(path: Path, config: dict[str, Any]) -> list[int]:
+    """The FFN widths DeciLM readers derive from a DeciLM config's `block_configs`."""
+    from .to_deci import width_from_ffn_mult
+
+    try:
+        return [width_from_ffn_mult(float(b["ffn"]["ffn_mult"]), int(config["hidden_size"]))
+                for b in config["block_configs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path / 'config.json'}: block_configs has no ffn_mult per block ({exc})") from exc
+
+
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """The checkpoint in `directory` (an fnprune output folder or a plain HF safetensors folder)."""
     path = Path(directory).expanduser()
@@ -134,6 +146,8 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
                          f"{n_layers} layers")
     if per_layer:
         widths, layout = per_layer, "per-layer"
+    elif isinstance(config.get("block_configs"), list):  # a DeciLM folder (`fnprune export --format deci`)
+        widths, layout = _deci_widths(path, config), "per-layer"
     else:  # a family without an MLP width in config.json is refused by the exporter that needs it
         row = MLP_LAYOUTS.get(str(config.get("model_type")))
         width = config.get(row.width_key if row else "intermediate_size")
@@ -150,7 +164,7 @@ def check_output_file(path: Path, overwrite: bool, source: Path) -> None:
         raise OutputError(f"output {path} is a folder; give a file name such as model.gguf")
     if path.exists() and path.suffix != ".gguf" and path.resolve().parent == source.resolve():
         raise OutputError(f"output {path} is a file of the input checkpoint {source}; give a new file name")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a dangling symbolic link too
         raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
 
 

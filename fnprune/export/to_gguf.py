@@ -131,16 +131,24 @@ def _head_dim(config: dict[str, Any]) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
+def check_gguf_config(config: dict[str, Any]) -> None:
+    """ModelError for what config.json holds that fnprune's GGUF files cannot state (sliding-window attention, a
+    RoPE type not written yet): the export's own refusal, which the model card asks before it offers the export."""
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings",
+                                                                                  window + 1):
+        raise ModelError(f"sliding-window attention (window {window}) is not written to GGUF by fnprune yet")
+    _rope(config)
+
+
 def _hparams(writer, ckpt: Checkpoint, arch: str, outtype: str) -> None:
     """Model hyperparameters from config.json, under the keys llama.cpp reads for `arch`."""
     import gguf
 
     c = ckpt.config
+    check_gguf_config(c)
     n_layers = int(c["num_hidden_layers"])
     n_head, n_kv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"])
-    window = c.get("sliding_window")
-    if window and c.get("use_sliding_window", True) and window < c.get("max_position_embeddings", window + 1):
-        raise ModelError(f"sliding-window attention (window {window}) is not written to GGUF by fnprune yet")
     name = Path(str(ckpt.report.get("base_model") or ckpt.path.name)).name
     writer.add_name(f"{name} (fnprune)" if ckpt.report else name)
     writer.add_file_type(_file_type(outtype))
