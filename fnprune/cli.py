@@ -411,7 +411,8 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
     for r in result.tables["key_networks"]:
         fewer = f" (only {r['random_size']} neurons)" if r["random_size"] < r["size"] else ""
         click.echo(f"  mask {r['network']:>8} ({r['kind']}, {r['size']} neurons): acc {r['masked_fn_acc']:.4f}, "
-                   f"random same layer{fewer} {r['random_acc_mean']:.4f} +- {r['random_acc_std']:.4f}")
+                   f"random same layer{fewer} {r['random_acc_mean']:.4f}"
+                   + (f" +- {r['random_acc_std']:.4f}" if r["random_acc_std"] != "" else " (one seed)"))
 
 
 @main.command()

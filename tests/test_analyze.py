@@ -214,6 +214,8 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "dense accuracy" in result.output and (out / "report.md").is_file()
     assert "--top-networks 1" in (out / "report.md").read_text()
+    assert "(one seed)" in result.output and "+- 0.0000" not in result.output  # --seeds 1: no spread to show
+    assert {r["random_acc_std"] for r in _rows(out / "key_networks.csv")} == {""}
     before = (out / "report.md").stat().st_mtime_ns
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "already exists" in result.output and "--overwrite" in result.output
@@ -233,6 +235,9 @@ def test_cli_end_to_end_and_existing_output(model_dir, task_data, tmp_path):
     (["--iou", "1.5"], "iou_threshold"),
     (["--scales", "0,nan"], "scales"),
     (["--scales", "inf"], "scales"),
+    (["--scales", "1"], "scales: 1 leaves a network as it is"),
+    (["--scales", "0,0,2"], "scales: each factor once"),
+    (["--scales", ""], "--scales '': expected numbers"),
     (["--group-tokens", "8", "--components", "8"], "group_tokens: must be above components (8)"),
 ])
 def test_cli_bad_input(model_dir, task_data, tmp_path, bad, message):
@@ -402,6 +407,19 @@ def test_command_keeps_both_data_dir_and_data_files():
     assert "--data-dir /d" in cmd and "--data-files validation=/v.tsv" in cmd
 
 
+def test_command_reruns_remote_code_and_names_what_no_flag_sets():
+    spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m", trust_remote_code=True), output="o",
+                           task=TaskSpec(name="sst2", data_dir="/d"))
+    cmd = an.spec_command(spec)
+    assert "--trust-remote-code" in cmd and "#" not in cmd
+    spec = an.AnalysisSpec.from_settings(seed=3, model=ModelSpec(name_or_path="m", dtype="bfloat16"),
+                                         task=TaskSpec(name="sst2"), eval_batch_size=8, output="o")
+    spec.networks.seed = 5
+    cmd = an.spec_command(spec)
+    assert "--seed 3" in cmd and "--trust-remote-code" not in cmd
+    assert cmd.endswith("# set from Python, no flag: networks.seed=5, eval_batch_size=8, model.dtype=bfloat16")
+
+
 def test_an_evaluation_split_of_one_example_is_refused(model_dir, task_data, tmp_path):
     """Two halves need two examples: one gives NaN accuracies; refused in one line before the work."""
     from fnprune.errors import DataError
@@ -442,22 +460,29 @@ def test_bad_input_messages_name_analyze_flags(model_dir, task_data, tmp_path, e
     assert not any(word in result.output for word in unsaid), result.output
 
 
-def test_excess_interval_is_the_paired_bootstrap_of_intervals():
-    """The key-network and group-mask intervals come from fnprune.intervals (one bootstrap): the percentile
-    interval of the mean per-example difference, random controls counted as the share of seeds right."""
+def test_excess_interval_resamples_the_examples_and_the_random_draws():
+    """With every draw alike it is the paired bootstrap over examples; with draws that disagree it carries their
+    spread: one low draw out of three cannot make a network "better than random neurons"."""
     from fnprune.analysis.experiments import _excess_interval
     from fnprune.intervals import mean_difference_interval
 
     rng = np.random.default_rng(0)
     c_fn = rng.random(300) < 0.6
-    rand = [rng.random(300) < 0.7 for _ in range(3)]
-    diff = np.mean(rand, axis=0) - c_fn
-    lo, hi = _excess_interval(c_fn, rand, 5)
-    assert (lo, hi) == mean_difference_interval(torch.from_numpy(c_fn.astype(float))[None],
-                                                torch.from_numpy(np.mean(rand, axis=0))[None], seed=5)
+    alike = [rng.random(300) < 0.7] * 3
+    diff = alike[0] - c_fn.astype(float)
+    lo, hi = _excess_interval(c_fn, alike, 5)
     means = diff[rng.integers(0, 300, size=(100_000, 300))].mean(1)  # the direct bootstrap, many resamples
     assert lo < diff.mean() < hi
     assert [lo, hi] == pytest.approx(np.percentile(means, [2.5, 97.5]), abs=0.006)
+    same = c_fn.copy()
+    low = same.copy()
+    low[np.flatnonzero(same)[:40]] = False  # 40 of the ~180 right answers lost: one unlucky draw
+    draws = [same, same, low]
+    fixed = mean_difference_interval(torch.from_numpy(c_fn.astype(float))[None],
+                                     torch.from_numpy(np.mean(draws, axis=0))[None], seed=5)
+    assert fixed[1] < 0  # the draws held fixed: "measurably better than random neurons"
+    lo, hi = _excess_interval(c_fn, draws, 5)
+    assert lo < 0 <= hi  # the draws resampled too: within their spread
 
 
 def test_stages_are_timed_by_the_pipelines_timer(model_dir, task_data, tmp_path, monkeypatch):
@@ -539,6 +564,9 @@ def test_an_interrupted_analysis_resumes_from_its_last_finished_run(model_dir, t
 
     other = dataclasses.replace(spec, eval_samples=24)
     assert run(other, "c").info["evaluation_runs_from_cache"] == run(other, "d").info["evaluation_runs_from_cache"]
+    monkeypatch.setattr(scoring, "SCORES_REVISION", scoring.SCORES_REVISION + 1)  # scoring changed since
+    monkeypatch.setattr(an.run, "SCORES_REVISION", scoring.SCORES_REVISION)
+    assert run(spec, "c").info["evaluation_runs_from_cache"] == 0
 
 
 def test_an_interrupt_counts_only_the_scores_the_cache_holds(tmp_path, monkeypatch):
@@ -555,3 +583,13 @@ def test_an_interrupt_counts_only_the_scores_the_cache_holds(tmp_path, monkeypat
     said = run._interrupted(scorer, KeyboardInterrupt())
     assert len(saved.scores) == 2 and "the scores of 1 evaluation runs are in the cache" in str(said)
     assert len(scoring.SavedScores("k").scores) == 1
+
+
+def test_two_runs_of_one_scores_key_keep_each_others_scores(tmp_path, monkeypatch):
+    """Parallel runs sharing a key (a sweep over --top-networks) each rewrote the entry from their own memory."""
+    monkeypatch.setenv("FNPRUNE_CACHE_DIR", str(tmp_path))
+    a, b = scoring.SavedScores("k"), scoring.SavedScores("k")
+    for n in (1, 2, 3):
+        a.put({0: (np.array([n]), 0.0)}, np.zeros((2, 2)))
+    b.put({0: (np.array([9]), 0.0)}, np.ones((2, 2)))
+    assert len(scoring.SavedScores("k").scores) == 4 and b.written == 4

@@ -3,8 +3,10 @@
 Four experiments (`experiments`), each a table (CSV) and a figure (PNG, `figures`), gathered in `report.md`
 (`report`): the networks (per-layer and cross-layer), their recurrence in other samples, key networks
 (masking vs random neurons) and amplification. The spec (`spec`) is the recipe's model, task, calibration
-and networks sections plus the experiments' own settings; calibration and per-layer networks are the ones
-`compress` finds for the same recipe; scores are `fnprune.evaluate`'s.
+and networks sections plus the experiments' own settings; calibration and per-layer networks come from compress's
+capture and ICA, on calibration prompts under the task's first calibration template (the paper's one prompt;
+compress also rotates the other templates and plain text, `calibration.raw_share`, which analyze does not read);
+scores are `fnprune.evaluate`'s.
 
 Notebook use::
 

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..arch import layout_for
 from ..calibration import Calibration
 from ..capture import capture_activations
 from ..data import Example, sample
-from ..intervals import mean_difference_interval
+from ..intervals import RESAMPLES
 from ..tokens import encode_inputs
 from .cross_layer import GroupNetworks, concat_layers, match_templates, shuffle_within_layers
 from .group_ica import spatial_ica
@@ -46,19 +45,28 @@ def rounded(v: Any, digits: int = 6) -> Any:
     return v
 
 
-def _std(x: list[float] | np.ndarray) -> float:
+def _std(x: list[float] | np.ndarray) -> float | str:
+    """The sample standard deviation, rounded; blank for a single value (one seed shows no spread, not 0)."""
     x = np.asarray(x, dtype=float)
-    return float(x.std(ddof=1)) if x.size > 1 else 0.0
+    return rounded(float(x.std(ddof=1)), 4) if x.size > 1 else ""
 
 
-def _excess_interval(c_fn: np.ndarray, rand: list[np.ndarray], seed: int) -> tuple[float, float]:
-    """95% paired bootstrap interval of random-masked minus network-masked accuracy (intervals.py's bootstrap),
-    each example right for the random controls in the share of seeds that got it right."""
-    found = mean_difference_interval(torch.from_numpy(c_fn.astype(np.float64))[None],
-                                     torch.from_numpy(np.mean(rand, axis=0, dtype=np.float64))[None], seed=seed)
-    if found is None:  # only without examples, which _load_data refuses
+def _excess_interval(c_fn: np.ndarray, rand: list[np.ndarray], seed: int, resamples: int = RESAMPLES,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of random-masked minus network-masked accuracy, resampling the examples (paired) and,
+    independently, the random draws: with the draws held fixed, one lucky draw could put an interval above or
+    below zero that the next draw would not."""
+    draws, fn = np.stack(rand).astype(np.float64), c_fn.astype(np.float64)
+    if not fn.size:  # only without examples, which _load_data refuses
         raise ValueError("no examples to bootstrap")
-    return found
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    for b in range(resamples):
+        examples = rng.integers(fn.size, size=fn.size)
+        values[b] = draws[rng.integers(len(draws), size=len(draws))][:, examples].mean() - fn[examples].mean()
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def live_neurons(calib: Calibration) -> list[np.ndarray]:
@@ -292,7 +300,7 @@ def key_networks(base: Baseline, nets: list[dict], spec: AnalysisSpec,
             "relevance_rank": n["rank"], "relevance": rounded(n["relevance"], 4), "size": int(len(members)),
             "random_size": random_size, "masked_fn_acc": rounded(c_fn.mean(), 4),
             "fn_drop": rounded(dense_acc - c_fn.mean(), 4),
-            "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": rounded(_std(rand_acc), 4),
+            "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": _std(rand_acc),
             "random_drop_mean": rounded(dense_acc - rand_acc.mean(), 4),
             "excess_drop": rounded(rand_acc.mean() - c_fn.mean(), 4), "excess_ci_low": rounded(lo, 4),
             "excess_ci_high": rounded(hi, 4),
@@ -328,7 +336,7 @@ def group_mask(base: Baseline, group: GroupNetworks, spec: AnalysisSpec) -> Rows
         "networks": len(chosen), "neurons": total, "random_neurons": random_size,
         "fraction_of_live_neurons": rounded(total / max(int(sum(m.sum() for m in base.live)), 1), 5),
         "layers": len(per_layer), "dense_acc": rounded(base.accuracy, 4), "masked_fn_acc": rounded(c_fn.mean(), 4),
-        "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": rounded(_std(rand_acc), 4),
+        "random_acc_mean": rounded(rand_acc.mean(), 4), "random_acc_std": _std(rand_acc),
         "random_accs": " ".join(f"{a:.4f}" for a in rand_acc),
         "excess_drop": rounded(rand_acc.mean() - c_fn.mean(), 4), "excess_ci_low": rounded(lo, 4),
         "excess_ci_high": rounded(hi, 4), "masking_verified": verified,
@@ -381,7 +389,7 @@ def _amplify(base: Baseline, n: dict, masked: np.ndarray | None, spec: AnalysisS
         "cv_scale_a_to_b": cv[0][0], "cv_gain_on_b": rounded(cv[0][1], 4),
         "cv_scale_b_to_a": cv[1][0], "cv_gain_on_a": rounded(cv[1][1], 4),
         "random_gain_mean": rounded(np.mean(rand_gain), 4) if rand_gain else "",
-        "random_gain_std": rounded(_std(rand_gain), 4) if rand_gain else "",
+        "random_gain_std": _std(rand_gain),
         "random_size": len(idx) if rand_gain else "",
     }
     return rows, summary

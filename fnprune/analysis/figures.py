@@ -163,7 +163,7 @@ def plot_key_networks(analysis: Analysis, path: Path) -> None:
     dense = analysis.info["dense_accuracy"]
     ax.bar(x - 0.2, [r["fn_drop"] for r in rows], width=0.4, label="network masked",
            color=["tab:red" if r["kind"] == "top" else "tab:gray" for r in rows])
-    ax.bar(x + 0.2, [r["random_drop_mean"] for r in rows], width=0.4, yerr=[r["random_acc_std"] for r in rows],
+    ax.bar(x + 0.2, [r["random_drop_mean"] for r in rows], width=0.4, yerr=[r["random_acc_std"] or 0 for r in rows],
            capsize=3, label="same number of random neurons, same layer (mean, std over seeds)", color="tab:blue")
     for j, r in enumerate(rows):
         pts = [dense - s["accuracy"] for s in seeds if s["network"] == r["network"]]

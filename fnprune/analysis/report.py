@@ -103,7 +103,9 @@ def _networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
     return [
         "## 1. Networks",
         "",
-        "Per-layer ICA (the maps `fnprune compress` uses). Left: task relevance of every network (how well its "
+        "Per-layer ICA (compress's capture and ICA, one run per layer, on calibration prompts under the task's "
+        "first calibration template, as the paper used one prompt; compress's fn-task pools several runs over "
+        "every calibration template and plain text). Left: task relevance of every network (how well its "
         "activity at the last prompt token separates the labels on the calibration data; red circles = the "
         "top networks analyzed below, white squares = random control networks). Right: neurons in any network.",
         "",
@@ -192,7 +194,8 @@ def _key_networks_md(a: Analysis, files: dict[str, str]) -> list[str]:
         f"those neurons and pass every other neuron of every layer through unchanged; the layers before it are "
         f"untouched), vs the same number of random live neurons of the same layer "
         f"({spec.seeds} seeds). `excess_drop` = random-masked accuracy minus network-masked accuracy, with a 95% "
-        f"paired bootstrap interval over examples. Top {spec.top_networks} networks by relevance, plus "
+        f"bootstrap interval over the examples (paired) and the random draws (one seed: the examples only). "
+        f"Top {spec.top_networks} networks by relevance, plus "
         f"{spec.control_networks} random networks as controls.",
         "",
         f"![key networks]({files['key_networks']})",

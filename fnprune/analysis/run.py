@@ -1,5 +1,6 @@
-"""One analysis from data to tables: load the task and model, calibrate and find each layer's networks as
-`compress` does (the same Recipe), then run the four experiments."""
+"""One analysis from data to tables: load the task and model, calibrate and find each layer's networks with
+compress's capture and ICA (the same Recipe sections; the prompts under the first calibration template), then run
+the four experiments."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from .experiments import (
     rounded,
 )
 from .report import SUMMARY_FILE, write_report
-from .scoring import SavedScores, Scorer
+from .scoring import SCORES_REVISION, SavedScores, Scorer
 from .spec import AnalysisSpec, spec_command
 
 __all__ = ["Analysis", "analyze", "run_analysis"]
@@ -123,6 +124,7 @@ def _saved_scores(spec: AnalysisSpec, data: _Data) -> SavedScores | None:
         "label_words": list(data.task.label_words.items()),  # in order: the score columns follow it
         "batch_size": spec.eval_batch_size,
         "versions": key_versions(),
+        "revision": SCORES_REVISION,
     }))
 
 

@@ -57,6 +57,11 @@ def _changes_key(changes: Changes) -> str:
     return h.hexdigest()[:32]
 
 
+# Raise when a change to scoring or masking changes an intervention's scores: saved scores of an earlier revision
+# are then not read back (fnprune's version number does not move with every change).
+SCORES_REVISION = 1
+
+
 class SavedScores:
     """The scores of the interventions already run, under a cache key naming everything else they depend on
     (model files, dtype, examples, label words, batch size, versions), written after each new one."""
@@ -73,8 +78,9 @@ class SavedScores:
         return self.scores.get(_changes_key(changes))
 
     def put(self, changes: Changes, scores: np.ndarray) -> None:
-        """Keep the scores of `changes` and rewrite the entry (atomically: an interrupt keeps the last one whole)."""
-        self.scores[_changes_key(changes)] = scores
+        """Keep the scores of `changes` and rewrite the entry (atomically: an interrupt keeps the last one whole),
+        with what another run of the same key saved meanwhile (a sweep over --top-networks in parallel)."""
+        self.scores = {**cache.load_analysis_scores(self.key), **self.scores, _changes_key(changes): scores}
         if cache.save_analysis_scores(self.key, self.scores):
             self.written = len(self.scores)
 

@@ -100,6 +100,10 @@ class AnalysisSpec:
             out.append(f"iou_threshold: must be in (0, 1), got {self.iou_threshold}")
         if not self.scales or not all(math.isfinite(s) and s >= 0 for s in self.scales):
             out.append(f"scales: need at least one factor, all finite and >= 0, got {list(self.scales)}")
+        elif all(s == 1 for s in self.scales):
+            out.append("scales: 1 leaves a network as it is; give at least one other factor, e.g. 0,2")
+        elif len(set(self.scales)) < len(self.scales):
+            out.append(f"scales: each factor once, got {list(self.scales)}")
         if not self.model.name_or_path:
             out.append("model: required")
         names = [self.task.name, *(t.name for t in self.also_tasks)]
@@ -144,8 +148,10 @@ def task_from_arg(value: str) -> TaskSpec:
 
 def parse_scales(value: str | None) -> tuple[float, ...] | None:
     """'0,0.5,2' -> (0.0, 0.5, 2.0); None stays None."""
-    if not value:
+    if value is None:
         return None
+    if not value.strip():
+        raise RecipeError("--scales '': expected numbers separated by commas, e.g. 0,0.5,2")
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError as exc:
@@ -191,7 +197,24 @@ def spec_command(spec: AnalysisSpec) -> str:
         args += ["--scales", ",".join(f"{s:g}" for s in spec.scales)]
     if not spec.calibration.cache:
         args.append("--no-cache")
+    if spec.model.trust_remote_code:
+        args.append("--trust-remote-code")
     args += ["--output", spec.output or "DIR"]
     if spec.overwrite:
         args.append("--overwrite")
-    return shlex.join(args)
+    unsaid = _api_only(spec)
+    return shlex.join(args) + (f"  # set from Python, no flag: {', '.join(unsaid)}" if unsaid else "")
+
+
+def _api_only(spec: AnalysisSpec) -> list[str]:
+    """The spec's settings that differ from the CLI's and that no `fnprune analyze` flag sets."""
+    defaults, cli = AnalysisSpec(), AnalysisSpec.from_settings(seed=spec.calibration.seed)
+    pairs = {"networks.seed": (spec.networks.seed, cli.networks.seed),
+             "eval_batch_size": (spec.eval_batch_size, defaults.eval_batch_size)}
+    pairs |= {f"model.{k}": (getattr(spec.model, k), getattr(defaults.model, k))
+              for k in ("dtype", "revision", "device_map", "offload_folder")}
+    pairs |= {f"calibration.{k}": (getattr(spec.calibration, k), getattr(defaults.calibration, k))
+              for k in ("batch_size", "max_length")}
+    pairs |= {f"networks.{k}": (getattr(spec.networks, k), getattr(defaults.networks, k))
+              for k in ("max_iter", "tol", "runs", "engine")}
+    return [f"{name}={value}" for name, (value, default) in pairs.items() if value != default]
