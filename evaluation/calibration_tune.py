@@ -158,6 +158,10 @@ def main_with_prompts(prompts: Callable, argv: list[str], work: str, command: st
         PROBE.clear()
 
 
+def _mean(accuracy: dict[str, float], names: list[str]) -> float:
+    return round(statistics.fmean(accuracy[n] for n in names), 4)
+
+
 def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start_key: dict[str, Any],
               fixed: dict[str, Any], varied: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """One cut of the calibration split: dense, then every setting, scored on the cut's tuning part."""
@@ -184,9 +188,10 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
     dense, dense_hits, dense_probs = _accuracies(args.model, tuning_task, names, args.max_samples, 32, args.quiet)
     first_hits: dict[str, torch.Tensor] = {}
     first_probs: dict[str, torch.Tensor] = {}
-    rows.append({"run": "dense", **dense, "mean": round(statistics.fmean(dense.values()), 4), "pct": 100.0})
-    hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     held = [args.hold_template] if args.hold_template else []
+    calibrated = [n for n in names if n not in held]  # mean, pct, vs_first: the held template is its own column
+    rows.append({"run": "dense", **dense, "mean": _mean(dense, calibrated), "pct": 100.0})
+    hold_suffix = f"-hold-{args.hold_template}" if args.hold_template else ""
     for key, value in varied:
         setting = {key: read_value(value, key)}
         out = Path(args.work) / (f"tune-{args.task}-{args.config}-k{args.keep}{hold_suffix}"
@@ -198,17 +203,17 @@ def _tune_cut(args: argparse.Namespace, p: argparse.ArgumentParser, start, start
         saved = resolve_task(load_recipe(out / "recipe.yaml").task)
         acc, hits, probs = _accuracies(str(out), saved, names, args.max_samples, 32, args.quiet)
         first_hits, first_probs = first_hits or hits, first_probs or probs  # differences are against the first
-        row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": round(statistics.fmean(acc.values()), 4)}
+        row: dict[str, Any] = {"run": f"{key}={value}", **acc, "mean": _mean(acc, calibrated)}
         exact: dict[str, float | None] = {}  # unrounded, from the answers: the shown columns are these rounded
         for kind, per_row in (("", (dense_hits, first_hits, hits)), ("soft_", (dense_probs, first_probs, probs))):
-            exact[f"{kind}pct"], exact[f"{kind}vs_first"] = _exact(*per_row, names)
+            exact[f"{kind}pct"], exact[f"{kind}vs_first"] = _exact(*per_row, calibrated)
             if held:
                 exact[f"held_{kind}pct"], exact[f"held_{kind}vs_first"] = _exact(*per_row, held)
         for column in ("pct", "held_pct", "soft_pct", "held_soft_pct"):
             if column in exact:
                 row[column] = None if exact[column] is None else round(exact[column], 1)
         for kind, per_row in (("", (dense_hits, first_hits, hits)), ("soft_", (dense_probs, first_probs, probs))):
-            row[f"{kind}vs_first"] = _paired(*per_row, names)
+            row[f"{kind}vs_first"] = _paired(*per_row, calibrated)
             if held:
                 row[f"held_{kind}vs_first"] = _paired(*per_row, held)
         rows.append({**row, "folder": out.name, "_exact": exact})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from evaluation import benchmark
@@ -326,6 +327,28 @@ def test_calibration_tune_hold_template_keeps_it_out_of_calibration_and_scores_i
     with pytest.raises(SystemExit):
         calibration_tune.main(["--model", "m", "--data-dir", str(data), "--task", "arc_easy", "--vary", "a=1",
                                "--hold-template", "lm-eval"])
+
+
+def test_calibration_tune_means_leave_the_held_template_out(model_dir, tmp_path, monkeypatch):
+    """`mean`, `pct` and `vs_first` are the calibrated templates'; the held one is scored in its own columns."""
+    from evaluation import calibration_tune
+    from tests.test_tasks import _arc_rows, _write_jsonl
+
+    data = tmp_path / "arc"
+    _write_jsonl(data / "ARC-Easy-Dev.jsonl", _arc_rows(24, 1))
+    right = {"qa": [1, 1, 0, 0], "science": [0, 0, 0, 0], "answer": [1, 1, 1, 0]}  # the pruned model's answers
+
+    def scored(model_path, task, names, *args):
+        dense = "runs" not in model_path
+        hits = {n: torch.tensor([1.0] * 4 if dense else right[n], dtype=torch.float64) for n in names}
+        return {n: float(h.mean()) for n, h in hits.items()}, hits, hits
+    monkeypatch.setattr(calibration_tune, "_accuracies", scored)
+    calibration_tune.main(["--model", str(model_dir("llama")), "--task", "arc_easy", "--data-dir", str(data),
+                           "--config", "flap+recon", "--vary", "calibration.choices=none", "--set",
+                           "calibration.max_tokens=200", "--work", str(tmp_path / "runs"),
+                           "--out-prefix", str(tmp_path / "t"), "--quiet", "--hold-template", "science"])
+    row = json.loads((tmp_path / "t.json").read_text())["rows"][1]
+    assert (row["mean"], row["pct"], row["held_pct"]) == (0.625, 62.5, 0.0)
 
 
 def test_calibration_tune_runs_several_cuts_and_their_mean(model_dir, task_data, tmp_path):

@@ -269,3 +269,18 @@ def test_gguf_tokenizer_check_counts_llama_cpps_matches(tmp_path):
     rows = json.loads((tmp_path / "check.json").read_text())["rows"]
     assert rows["leading spaces stripped"] == {"texts": 3, "same_as_tokenizer": 3, "same_as_sentencepiece": None}
     assert rows["as is"]["texts"] == 3
+
+
+def test_calibrated_means_leave_the_held_template_out_of_committed_tuning_files(tmp_path):
+    from evaluation import calibrated_means
+
+    rows = [{"run": "dense", "a": 0.8, "b": 0.6, "held": 0.9, "mean": 0.7667, "pct": 100.0},
+            {"run": "x=1", "a": 0.4, "b": 0.3, "held": 0.9, "mean": 0.5333, "pct": 69.6, "held_pct": 100.0}]
+    tuned = tmp_path / "calibration_tune_t.json"
+    tuned.write_text(json.dumps({"command": "python -m evaluation.calibration_tune --hold-template held",
+                                 "rows": rows}))
+    (tmp_path / "calibration_tune_u.json").write_text(json.dumps({"command": "no template held", "rows": rows}))
+    calibrated_means.main([str(tuned), str(tmp_path / "calibration_tune_u.json"), "--out-prefix", str(tmp_path / "o")])
+    out = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert [(r["run"], r["pct_as_committed"], r["calibrated_pct"], r["held_pct"]) for r in out] == [
+        ("x=1", 69.6, 50.0, 100.0)]
