@@ -29,6 +29,7 @@ class CardInfo:
     head: str = "AutoModelForCausalLM"  # the Auto class it loads with
     kind: str = "classification"  # the task's kind: how it was scored
     config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json: what its GGUF can state
+    license: dict[str, Any] = field(default_factory=dict)  # the base model card's license metadata (hub.base_license)
 
 
 def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
@@ -242,10 +243,11 @@ def _recovery_note(r: dict) -> str:
 
 def _front_matter(info: CardInfo) -> str:
     """The Hub's metadata as YAML (a task name may hold `:` or `#`): `base_model` for a Hub id, any id
-    (`gpt2` too), never a local path."""
+    (`gpt2` too), never a local path; the base model's license when its card names one."""
     meta: dict[str, Any] = {}
     if not Path(info.base_model).expanduser().exists():
         meta["base_model"] = info.base_model
+    meta.update(info.license)  # a derivative keeps its base model's license
     meta.update({"library_name": "transformers", "tags": ["fnprune", "pruned", info.task]})
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 

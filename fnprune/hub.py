@@ -6,10 +6,15 @@ import logging
 import os
 import shlex
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .errors import FnpruneError, OutputError, first_line
 
-__all__ = ["push_folder", "hub_offline", "check_push"]
+__all__ = ["push_folder", "hub_offline", "check_push", "base_license"]
+
+LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub card metadata a derivative carries over
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +64,28 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
         ) from exc
     log.info("pushed %s to %s", folder, url)
     return str(url)
+
+
+def base_license(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """The base model card's license metadata (`license`, and `license_name` / `license_link` for "other"), for
+    the pruned model's card: from README.md in a local folder, or from the Hub (its cache when offline); empty
+    when there is no card or it names no license."""
+    local = Path(name_or_path).expanduser()
+    card = local / "README.md" if local.is_dir() else None
+    if card is None and not local.exists():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            card = Path(hf_hub_download(name_or_path, "README.md", revision=revision, local_files_only=hub_offline()))
+        except Exception:  # no card, offline without a cached one, not a repo id: the card says nothing
+            log.debug("no model card for %s", name_or_path)
+    if card is None or not card.is_file():
+        return {}
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta, dict) and isinstance(meta.get(k), (str, list))}

@@ -25,6 +25,7 @@ from .checkpoint import (
     write_json,
     write_per_layer_code,
 )
+from .hub import base_license
 from .inputs import Inputs
 from .lm_eval_backend import lm_eval_files, lm_eval_report
 from .models import checkpoint_bytes, checkpoint_format
@@ -163,7 +164,8 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     sel = inputs.selection
     config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))  # streamed: no model here
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
-                    config["model_type"], inputs.layout.head, inputs.task.kind, config)
+                    config["model_type"], inputs.layout.head, inputs.task.kind, config,
+                    base_license(recipe.model.name_or_path, recipe.model.revision))
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
 
 

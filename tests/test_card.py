@@ -118,3 +118,47 @@ def test_figures_are_rounded_once_and_sizes_name_their_formats():
     assert "kept 37.5% (asked 40%) of the MLP neurons" in lines
     same = {**report, "file_bytes": {**report["file_bytes"], "pruned_format": "float32"}}
     assert "weights file 4.0 MiB -> 1.0 MiB" in "\n".join(report_lines(same))
+
+
+def test_the_card_carries_the_base_models_license(model_dir, task_data, tmp_path):
+    """A derivative pushed without its base model's license metadata would ship unlicensed on the Hub."""
+    import shutil
+
+    import yaml
+
+    import fnprune
+    from fnprune.hub import base_license
+    from fnprune.recipe import recipe_from_dict
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir("llama"), base)
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n"
+                                    "language: en\n---\n# A tiny model\n", encoding="utf-8")
+    assert base_license(str(base)) == {"license": "other", "license_name": "tiny-license", "license_link": "LICENSE"}
+    assert base_license(str(model_dir("llama"))) == {} and base_license(str(base / "README.md")) == {}
+    result = fnprune.compress(recipe_from_dict({
+        "model": {"name_or_path": str(base)}, "task": {"name": "sst2", "data_dir": str(task_data)},
+        "calibration": {"num_samples": 16, "max_tokens": 100}, "selection": {"keep": 0.5, "refit": False},
+        "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "out")}}), progress=False)
+    meta = yaml.safe_load((result.output_dir / "README.md").read_text().split("---\n")[1])
+    assert meta["license"] == "other" and meta["license_name"] == "tiny-license" and "language" not in meta
+
+
+def test_a_hub_base_models_license_is_read_from_its_card_and_offline_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from fnprune.hub import base_license
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n", encoding="utf-8")
+    asked = []
+
+    def download(repo_id, filename, revision=None, local_files_only=False):
+        asked.append((repo_id, filename, revision, local_files_only))
+        if repo_id == "org/none":
+            raise OSError("no card")
+        return str(card)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert base_license("org/model", "v1") == {"license": "apache-2.0"} and base_license("org/none") == {}
+    assert asked[0] == ("org/model", "README.md", "v1", True)
