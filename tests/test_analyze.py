@@ -407,6 +407,15 @@ def test_command_keeps_both_data_dir_and_data_files():
     assert "--data-dir /d" in cmd and "--data-files validation=/v.tsv" in cmd
 
 
+def test_calibration_settings_analyze_does_not_read_are_refused():
+    from fnprune.errors import RecipeError
+
+    spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m"), task=TaskSpec(name="sst2"))
+    spec.calibration.raw_share = 0.0
+    with pytest.raises(RecipeError, match="calibration.raw_share: analyze does not read it"):
+        spec.validate()
+
+
 def test_command_reruns_remote_code_and_names_what_no_flag_sets():
     spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m", trust_remote_code=True), output="o",
                            task=TaskSpec(name="sst2", data_dir="/d"))

@@ -109,6 +109,12 @@ class AnalysisSpec:
         names = [self.task.name, *(t.name for t in self.also_tasks)]
         if len(set(names)) < len(names):  # one name, two sources: merged in the tables, and rows drawn twice
             out.append(f"also_tasks: each must be a task other than --task and the others, got {', '.join(names)}")
+        unread = [name for name in ("raw_share", "choices")
+                  if getattr(self.calibration, name) != getattr(CalibrationSpec(), name)]
+        if unread:  # compress's mix of prompts; analyze calibrates under the first calibration template
+            out.append(f"calibration.{', calibration.'.join(unread)}: analyze does not read "
+                       f"{'them' if len(unread) > 1 else 'it'} (its calibration prompts are the task's first "
+                       "calibration template, as the paper's one prompt); leave the default")
         if self.calibration.sample_store != "tokens":
             out.append(f"calibration.sample_store: analyze needs 'tokens' (the group ICA concatenates every "
                        f"layer's tokens), got {self.calibration.sample_store!r}")
