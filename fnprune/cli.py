@@ -344,7 +344,9 @@ def inspect(directory) -> None:
     for line in report_lines(report, str(path)):
         click.echo(line)
     files = ", ".join(f.name for f in weights.files)
-    click.echo(f"  weights: {files}; their MLP widths are config.json's" + (" and report.json's" if recorded else ""))
+    checked = " and report.json's" if recorded and weights.widths else ""
+    click.echo(f"  weights: {files}; their MLP widths are config.json's{checked}" if weights.widths else
+               f"  weights: {files}; config.json states no MLP width to check them against")
     click.echo(f"  recipe: {path / RECIPE_FILE if (path / RECIPE_FILE).is_file() else 'n/a (no ' + RECIPE_FILE + ')'}")
 
 

@@ -313,6 +313,22 @@ def _load_progress(path: Path, params: list[nn.Parameter], opt: torch.optim.Opti
     return int(meta["steps_done"]), [float(x) for x in meta.get("losses", [])], float(meta.get("seconds", 0.0))
 
 
+def _resume(progress_file: Path | None, params: list[nn.Parameter], masters: list[nn.Parameter] | None,
+            opt: torch.optim.Optimizer, fingerprint: str, steps: int) -> tuple[int, list[float], float]:
+    """The steps done, their losses and seconds of a saved run of this same training (0, [], 0 without one), its
+    weights (and float32 masters) and optimiser state restored."""
+    if progress_file is None:
+        return 0, [], 0.0
+    done, losses, earlier = _load_progress(progress_file, masters or params, opt, fingerprint)
+    if done and masters:
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                p.copy_(m)
+    if done:
+        log.info("recovery resumes at step %d of %d from %s", done, steps, progress_file)
+    return done, losses, earlier
+
+
 def recover(
     model: nn.Module,
     layout: MLPLayout,
@@ -342,15 +358,8 @@ def recover(
     opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)
     plan = step_batches(len(seqs), spec)
     progress_file = progress_dir / f"recovery-{fingerprint[:40]}.partial.safetensors" if progress_dir else None
-    saver, done, losses, earlier = ProgressSaver("recovery", progress_file, save_every), 0, [], 0.0
-    if progress_file is not None:
-        done, losses, earlier = _load_progress(progress_file, trained, opt, fingerprint)
-        if done and masters:
-            with torch.no_grad():
-                for p, m in zip(params, masters):
-                    p.copy_(m)
-        if done:
-            log.info("recovery resumes at step %d of %d from %s", done, len(plan), progress_file)
+    saver = ProgressSaver("recovery", progress_file, save_every)
+    done, losses, earlier = _resume(progress_file, params, masters, opt, fingerprint, len(plan))
     wanted = {id(p) for p in params}
     grad_before = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -381,9 +390,10 @@ def recover(
         for p in model.parameters():
             p.requires_grad_(grad_before.get(id(p), False))
         model.train(was_training)
-    if not all(torch.isfinite(p).all() for p in params):  # the last step's result: no loss after it checks it
-        raise NumericalError(f"recovery left non-finite weights after step {len(plan)}; lower recovery.lr ({spec.lr})")
     merge_lora(lora)
+    merged = trainable_parameters(model, layout, "mlp" if lora else spec.params)  # LoRA's, as merged
+    if not all(torch.isfinite(p).all() for p in merged):  # the last step's result: no loss after it checks it
+        raise NumericalError(f"recovery left non-finite weights after step {len(plan)}; lower recovery.lr ({spec.lr})")
     for p in model.parameters():
         p.grad = None
     if not keep_progress:

@@ -69,7 +69,10 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
 def base_license(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """The base model card's license metadata (`license`, and `license_name` / `license_link` for "other"), for
     the pruned model's card: from README.md in a local folder, or from the Hub (its cache when offline); empty
-    when there is no card or it names no license."""
+    when there is no readable card or it names no license. A relative `license_link` names a file of the base
+    repo: it is made absolute for a Hub id and dropped for a local folder (the pruned folder has no such file)."""
+    from huggingface_hub.repocard import metadata_load
+
     local = Path(name_or_path).expanduser()
     card = local / "README.md" if local.is_dir() else None
     if card is None and not local.exists():
@@ -79,13 +82,15 @@ def base_license(name_or_path: str, revision: str | None = None) -> dict[str, An
             card = Path(hf_hub_download(name_or_path, "README.md", revision=revision, local_files_only=hub_offline()))
         except Exception:  # no card, offline without a cached one, not a repo id: the card says nothing
             log.debug("no model card for %s", name_or_path)
-    if card is None or not card.is_file():
-        return {}
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return {}
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return {}
-    return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta, dict) and isinstance(meta.get(k), (str, list))}
+        meta = metadata_load(card) if card is not None and card.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, or front matter that is not a mapping
+        meta = None
+    found = {k: meta[k] for k in LICENSE_KEYS if isinstance(meta, dict) and isinstance(meta.get(k), (str, list))}
+    link = found.get("license_link")
+    if isinstance(link, str) and "://" not in link:
+        if local.exists():
+            del found["license_link"]
+        else:
+            found["license_link"] = f"https://huggingface.co/{name_or_path}/blob/{revision or 'main'}/{link}"
+    return found

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RESAMPLES", "retained_interval", "difference_interval", "mean_difference_interval"]
+__all__ = ["RESAMPLES", "retained_interval", "difference_interval", "draws_difference_interval"]
 
 RESAMPLES = 2000
 _CHUNK = 200  # resamples gathered at once: bounded memory on large evaluation splits
@@ -31,12 +31,24 @@ def difference_interval(dense: torch.Tensor, first: torch.Tensor, second: torch.
     return _interval([dense, first, second], lambda d, a, b: (b - a) / d, level, resamples, seed)
 
 
-def mean_difference_interval(first: torch.Tensor, second: torch.Tensor, level: float = 0.95,
-                             resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
-    """Percentile interval of second - first mean accuracy in accuracy points (not shares of a dense model): how
-    much more often one intervention is right than another on the same examples (fnprune analyze: random neurons
-    masked vs a network masked). Shapes as in `retained_interval`; rows may be fractions (a mean over seeds)."""
-    return _interval([first, second], lambda a, b: b - a, level, resamples, seed)
+def draws_difference_interval(first: torch.Tensor, draws: torch.Tensor, level: float = 0.95,
+                              resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of the draws' mean accuracy minus `first`'s, in accuracy points, resampling the examples
+    (paired) and, independently, the draws (with replacement): random controls (fnprune analyze: random neurons
+    masked vs a network masked) vary from draw to draw, and with the draws held fixed one lucky draw could decide
+    the interval's sign. `first`: (examples,) with 1 where right; `draws`: (draws, examples)."""
+    if draws.ndim != 2 or first.shape != draws.shape[1:] or not first.numel() or not 0 < level < 1:
+        return None
+    first, draws = first.double(), draws.double()
+    k, n = draws.shape
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for start in range(0, resamples, _CHUNK):
+        size = min(_CHUNK, resamples - start)
+        idx = torch.randint(n, (size, n), generator=generator)
+        per_example = draws[torch.randint(k, (size, k), generator=generator)].mean(1)  # (size, n)
+        values.append(per_example.gather(1, idx).mean(1) - first[idx].mean(1))
+    return _percentiles(torch.cat(values), level)
 
 
 def _interval(hits: list[torch.Tensor], statistic, level: float, resamples: int, seed: int
@@ -59,6 +71,10 @@ def _interval(hits: list[torch.Tensor], statistic, level: float, resamples: int,
     found = torch.cat(values)
     if found.numel() < resamples / 2:  # the dense model is right on too few examples for a ratio
         return None
+    return _percentiles(found, level)
+
+
+def _percentiles(values: torch.Tensor, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2
-    low, high = torch.quantile(found, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high

@@ -134,7 +134,7 @@ def test_the_card_carries_the_base_models_license(model_dir, task_data, tmp_path
     shutil.copytree(model_dir("llama"), base)
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n"
                                     "language: en\n---\n# A tiny model\n", encoding="utf-8")
-    assert base_license(str(base)) == {"license": "other", "license_name": "tiny-license", "license_link": "LICENSE"}
+    assert base_license(str(base)) == {"license": "other", "license_name": "tiny-license"}  # no LICENSE file here
     assert base_license(str(model_dir("llama"))) == {} and base_license(str(base / "README.md")) == {}
     result = fnprune.compress(recipe_from_dict({
         "model": {"name_or_path": str(base)}, "task": {"name": "sst2", "data_dir": str(task_data)},
@@ -142,6 +142,8 @@ def test_the_card_carries_the_base_models_license(model_dir, task_data, tmp_path
         "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / "out")}}), progress=False)
     meta = yaml.safe_load((result.output_dir / "README.md").read_text().split("---\n")[1])
     assert meta["license"] == "other" and meta["license_name"] == "tiny-license" and "language" not in meta
+    (base / "README.md").write_text("---\n- not: a mapping\n---\n", encoding="utf-8")
+    assert base_license(str(base)) == {}
 
 
 def test_a_hub_base_models_license_is_read_from_its_card_and_offline_from_the_cache(tmp_path, monkeypatch):
@@ -150,7 +152,7 @@ def test_a_hub_base_models_license_is_read_from_its_card_and_offline_from_the_ca
     from fnprune.hub import base_license
 
     card = tmp_path / "README.md"
-    card.write_text("---\nlicense: apache-2.0\n---\n", encoding="utf-8")
+    card.write_text("\ufeff---\nlicense: other\nlicense_link: LICENSE.md\n---\n", encoding="utf-8")
     asked = []
 
     def download(repo_id, filename, revision=None, local_files_only=False):
@@ -160,5 +162,7 @@ def test_a_hub_base_models_license_is_read_from_its_card_and_offline_from_the_ca
         return str(card)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert base_license("org/model", "v1") == {"license": "apache-2.0"} and base_license("org/none") == {}
+    assert base_license("org/model", "v1") == {"license": "other",
+                                               "license_link": "https://huggingface.co/org/model/blob/v1/LICENSE.md"}
+    assert base_license("org/none") == {}
     assert asked[0] == ("org/model", "README.md", "v1", True)

@@ -104,3 +104,15 @@ def test_the_difference_of_two_pruned_models_is_paired():
     assert high - low < (own_high - own_low) / 3
     assert difference_interval(dense, first, first.clone()) == (0.0, 0.0)
     assert difference_interval(dense, first, second[:, :10]) is None
+
+
+def test_the_draws_difference_resamples_draws_as_well_as_examples():
+    from fnprune.intervals import draws_difference_interval
+
+    first = torch.tensor([1.0, 0.0] * 50)
+    assert draws_difference_interval(first, torch.stack([first] * 3)) == (0.0, 0.0)  # every draw answers alike
+    assert draws_difference_interval(first, first[None, :10]) is None  # shapes disagree
+    spread = torch.stack([first, first, torch.zeros(100)])  # one draw wrong everywhere
+    low, high = draws_difference_interval(first, spread, seed=1)
+    assert low < -0.4 and high == 0.0  # from "the low draw three times" (-0.5) to "never the low draw" (0)
+    assert draws_difference_interval(first, spread, seed=1) == (low, high)

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..arch import layout_for
 from ..calibration import Calibration
 from ..capture import capture_activations
 from ..data import Example, sample
-from ..intervals import RESAMPLES
+from ..intervals import draws_difference_interval
 from ..tokens import encode_inputs
 from .cross_layer import GroupNetworks, concat_layers, match_templates, shuffle_within_layers
 from .group_ica import spatial_ica
@@ -51,22 +52,14 @@ def _std(x: list[float] | np.ndarray) -> float | str:
     return rounded(float(x.std(ddof=1)), 4) if x.size > 1 else ""
 
 
-def _excess_interval(c_fn: np.ndarray, rand: list[np.ndarray], seed: int, resamples: int = RESAMPLES,
-                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of random-masked minus network-masked accuracy, resampling the examples (paired) and,
-    independently, the random draws: with the draws held fixed, one lucky draw could put an interval above or
-    below zero that the next draw would not."""
-    draws, fn = np.stack(rand).astype(np.float64), c_fn.astype(np.float64)
-    if not fn.size:  # only without examples, which _load_data refuses
+def _excess_interval(c_fn: np.ndarray, rand: list[np.ndarray], seed: int) -> tuple[float, float]:
+    """95% interval of random-masked minus network-masked accuracy over the examples and the random draws
+    (fnprune.intervals)."""
+    found = draws_difference_interval(torch.from_numpy(c_fn.astype(np.float64)),
+                                      torch.from_numpy(np.stack(rand).astype(np.float64)), seed=seed)
+    if found is None:  # only without examples, which _load_data refuses
         raise ValueError("no examples to bootstrap")
-    rng = np.random.default_rng(seed)
-    values = np.empty(resamples)
-    for b in range(resamples):
-        examples = rng.integers(fn.size, size=fn.size)
-        values[b] = draws[rng.integers(len(draws), size=len(draws))][:, examples].mean() - fn[examples].mean()
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
+    return found
 
 
 def live_neurons(calib: Calibration) -> list[np.ndarray]:

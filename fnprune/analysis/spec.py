@@ -220,7 +220,7 @@ def _api_only(spec: AnalysisSpec) -> list[str]:
     pairs |= {f"model.{k}": (getattr(spec.model, k), getattr(defaults.model, k))
               for k in ("dtype", "revision", "device_map", "offload_folder")}
     pairs |= {f"calibration.{k}": (getattr(spec.calibration, k), getattr(defaults.calibration, k))
-              for k in ("batch_size", "max_length")}
+              for k in ("batch_size", "max_length", "store_dtype")}
     pairs |= {f"networks.{k}": (getattr(spec.networks, k), getattr(defaults.networks, k))
               for k in ("max_iter", "tol", "runs", "engine")}
     return [f"{name}={value}" for name, (value, default) in pairs.items() if value != default]
