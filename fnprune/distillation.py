@@ -274,6 +274,11 @@ def _step(opt: torch.optim.Optimizer, params: list[nn.Parameter], masters: list[
     for p, m in zip(params, masters):
         m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
     opt.step()
+    _follow(params, masters)
+
+
+def _follow(params: list[nn.Parameter], masters: list[nn.Parameter]) -> None:
+    """The weights set to their float32 masters, rounded to the weights' dtype."""
     with torch.no_grad():
         for p, m in zip(params, masters):
             p.copy_(m)
@@ -321,9 +326,7 @@ def _resume(progress_file: Path | None, params: list[nn.Parameter], masters: lis
         return 0, [], 0.0
     done, losses, earlier = _load_progress(progress_file, masters or params, opt, fingerprint)
     if done and masters:
-        with torch.no_grad():
-            for p, m in zip(params, masters):
-                p.copy_(m)
+        _follow(params, masters)
     if done:
         log.info("recovery resumes at step %d of %d from %s", done, steps, progress_file)
     return done, losses, earlier
