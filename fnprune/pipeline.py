@@ -185,7 +185,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
     refit, one_shot = None, list(plan.kept)
     removes = any(len(k) < w for k, w in zip(plan.kept, inputs.widths))  # keep 1: nothing to refit
     if (sel.refit or sel.sequential) and removes:
-        with timer.stage("refit_inputs"):
+        with timer.stage("refit_inputs" if sel.refit else "sequential_inputs"):  # the catch of block 0's inputs
             seqs = _calibration_ids(inputs)[:sel.refit_prompts]
             choose = _sequential_choice(inputs, plan) if sel.sequential else None
             refit = LayerwiseRefit(model, inputs.layout, seqs, sel.refit_ridge, recipe.calibration.batch_size,

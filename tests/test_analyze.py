@@ -429,6 +429,23 @@ def test_command_reruns_remote_code_and_names_what_no_flag_sets():
     assert cmd.endswith("# set from Python, no flag: networks.seed=5, eval_batch_size=8, model.dtype=bfloat16")
 
 
+def test_command_names_task_settings_no_flag_sets():
+    """Templates, label words or a split seed set on a TaskSpec from Python change what analyze measures; the
+    report's command cannot rerun them, so its comment names them (scalars with their value)."""
+    from fnprune.recipe import PromptTemplate
+
+    task = TaskSpec(name="sst2", data_dir="/d", split_seed=2, label_words={"0": " bad", "1": " good"},
+                    templates=[PromptTemplate(name="t", template="{sentence} ->")])
+    spec = an.AnalysisSpec(model=ModelSpec(name_or_path="m"), task=task, output="o",
+                           also_tasks=[TaskSpec(name="ag_news", template="{text}:")])
+    cmd = an.spec_command(spec)
+    assert cmd.endswith("# set from Python, no flag: task.templates, task.label_words, task.split_seed=2, "
+                        "also_tasks[0].template")
+    plain = an.AnalysisSpec(model=ModelSpec(name_or_path="m"), task=TaskSpec(name="sst2", data_dir="/d"),
+                            also_tasks=[TaskSpec(name="ag_news", data_files={"train": "/a.csv"})], output="o")
+    assert "#" not in an.spec_command(plain)
+
+
 def test_an_evaluation_split_of_one_example_is_refused(model_dir, task_data, tmp_path):
     """Two halves need two examples: one gives NaN accuracies; refused in one line before the work."""
     from fnprune.errors import DataError

@@ -164,6 +164,22 @@ def test_compress_with_sequential_selection_reports_it_reloads_and_reruns_identi
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_sequential_selection_without_the_refit_names_its_own_stage(model_dir, task_data, tmp_path):
+    """The catch of the layer-by-layer pass's inputs is timed as `sequential_inputs` when no refit runs."""
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model_dir("llama"))},
+        "task": {"name": "sst2", "data_dir": str(task_data)},
+        "calibration": {"num_samples": 24, "max_tokens": 100, "batch_size": 8},
+        "selection": {"keep": 0.5, "sequential": True, "refit": False, "reconstruct": False, "refit_prompts": 8},
+        "evaluation": {"max_samples": 4},
+        "output": {"dir": str(tmp_path / "a")},
+    })
+    report = fnprune.compress(recipe, progress=False).report
+    assert "sequential_inputs" in report["timings_seconds"] and "refit_inputs" not in report["timings_seconds"]
+    assert "refit" not in report and report["sequential"]["prompts"] == 8
+
+
 def test_settings_sequential_selection_reads_are_not_called_unused(caplog):
     """It runs the refit's prompts without the refit, and samples max_tokens of them for its reconstruction."""
     from fnprune.inputs import _warn_unused_settings

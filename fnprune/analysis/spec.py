@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..data import parse_data_files
@@ -223,4 +223,20 @@ def _api_only(spec: AnalysisSpec) -> list[str]:
               for k in ("batch_size", "max_length", "store_dtype")}
     pairs |= {f"networks.{k}": (getattr(spec.networks, k), getattr(defaults.networks, k))
               for k in ("max_iter", "tol", "runs", "engine")}
-    return [f"{name}={value}" for name, (value, default) in pairs.items() if value != default]
+    unsaid = [f"{name}={value}" for name, (value, default) in pairs.items() if value != default]
+    tasks = {"task": spec.task} | {f"also_tasks[{i}]": t for i, t in enumerate(spec.also_tasks)}
+    return unsaid + [s for prefix, task in tasks.items() for s in _task_api_only(prefix, task)]
+
+
+def _task_api_only(prefix: str, task: TaskSpec) -> list[str]:
+    """A task's fields set beyond what --task / --also-task say (name, folder, files): scalars with their value,
+    templates, label words and the other lists by name (too long for a one-line comment)."""
+    default = TaskSpec(name=task.name)
+    out = []
+    for name in [f.name for f in fields(TaskSpec)]:
+        value = getattr(task, name)
+        if name in ("name", "data_dir", "data_files") or value == getattr(default, name):
+            continue
+        by_name = name == "template" or isinstance(value, (list, dict))
+        out.append(f"{prefix}.{name}" + ("" if by_name else f"={value}"))
+    return out
