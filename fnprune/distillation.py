@@ -120,13 +120,14 @@ def teacher_targets(model: nn.Module, seqs: list[list[int]], top_k: int, batch_s
     bar = tqdm(total=sum(map(len, seqs)), desc="teacher", unit="tok", disable=not progress)
     with bar:
         for batch in batches(seqs, batch_size, "right"):
-            logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1).cpu()
-            k = min(top_k, logp.shape[-1])
+            logits = _scored_logits(model, batch.input_ids, batch.attention_mask)
+            k = min(top_k, logits.shape[-1])
             for row, (i, pos) in enumerate(zip(batch.index, _positions(batch.attention_mask, classifier))):
-                values, ids = logp[row, pos].topk(k, dim=-1)
+                logp = logits[row, pos.to(logits.device)].float().log_softmax(-1).cpu()  # real positions only
+                values, ids = logp.topk(k, dim=-1)
                 per_prompt[i] = (ids, values)
                 if n_labels and label_tensor[i, 0] >= 0:
-                    label_logp[i] = logp[row, pos[-1], label_tensor[i]]
+                    label_logp[i] = logp[-1, label_tensor[i]]
             bar.update(int(batch.attention_mask.sum()))
     lengths = torch.tensor([0] + [p[0].shape[0] for p in per_prompt if p is not None])
     return TeacherTargets(
@@ -189,9 +190,10 @@ def _student_rows(model: nn.Module, seqs: list[list[int]], idx: list[int]) -> tu
     """The model's log-probabilities at every scored position of prompts `idx`, rows concatenated as in
     TeacherTargets, and which of those rows are the answer positions (each prompt's last)."""
     batch = make_batch([seqs[i] for i in idx], idx, "right")
-    logp = _scored_logits(model, batch.input_ids, batch.attention_mask).float().log_softmax(-1)
+    logits = _scored_logits(model, batch.input_ids, batch.attention_mask)
     positions = _positions(batch.attention_mask, is_classifier(model))
-    rows = torch.cat([logp[r, p] for r, p in enumerate(positions)])
+    # the real positions first: no float32 copy or log-softmax of the padding's logits kept for the backward pass
+    rows = torch.cat([logits[r, p] for r, p in enumerate(positions)]).float().log_softmax(-1)
     ends = torch.tensor([len(p) for p in positions]).cumsum(0) - 1
     return rows, ends.to(rows.device)
 
