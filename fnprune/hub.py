@@ -12,7 +12,7 @@ import yaml
 
 from .errors import FnpruneError, OutputError, first_line
 
-__all__ = ["push_folder", "hub_offline", "check_push", "base_license"]
+__all__ = ["push_folder", "hub_offline", "check_push", "base_license", "license_file"]
 
 LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub card metadata a derivative carries over
 
@@ -70,7 +70,8 @@ def base_license(name_or_path: str, revision: str | None = None) -> dict[str, An
     """The base model card's license metadata (`license`, and `license_name` / `license_link` for "other"), for
     the pruned model's card: from README.md in a local folder, or from the Hub (its cache when offline); empty
     when there is no readable card or it names no license. A relative `license_link` names a file of the base
-    repo: it is made absolute for a Hub id and dropped for a local folder (the pruned folder has no such file)."""
+    repo: it is made absolute for a Hub id; for a local folder it stays when it names a file inside the folder
+    (`license_file` finds it, to be copied beside the pruned model) and is dropped otherwise."""
     from huggingface_hub.repocard import metadata_load
 
     local = Path(name_or_path).expanduser()
@@ -89,8 +90,22 @@ def base_license(name_or_path: str, revision: str | None = None) -> dict[str, An
     found = {k: meta[k] for k in LICENSE_KEYS if isinstance(meta, dict) and isinstance(meta.get(k), (str, list))}
     link = found.get("license_link")
     if isinstance(link, str) and "://" not in link:
-        if local.exists():
-            del found["license_link"]
-        else:
+        if not local.exists():
             found["license_link"] = f"https://huggingface.co/{name_or_path}/blob/{revision or 'main'}/{link}"
+        elif license_file(name_or_path, found) is None:
+            del found["license_link"]
     return found
+
+
+def license_file(name_or_path: str, license: dict[str, Any]) -> str | None:
+    """The path, relative to a local base folder, of the file its relative `license_link` names, when that is a
+    file inside the folder (judged by the path as written: a Hub cache snapshot's files are links out of it);
+    None otherwise."""
+    link = license.get("license_link")
+    base = Path(name_or_path).expanduser()
+    if not isinstance(link, str) or "://" in link or not base.is_dir():
+        return None
+    rel = os.path.normpath(link.replace("\\", "/"))
+    if os.path.isabs(rel) or rel == ".." or rel.startswith("../") or not (base / rel).is_file():
+        return None
+    return Path(rel).as_posix()

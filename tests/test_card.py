@@ -146,6 +146,52 @@ def test_the_card_carries_the_base_models_license(model_dir, task_data, tmp_path
     assert base_license(str(base)) == {}
 
 
+def test_a_local_base_models_license_file_is_copied_beside_the_pruned_model(model_dir, task_data, tmp_path):
+    """A relative license_link names a file of the base folder: copied, so the card's link resolves in the pruned
+    folder and on the Hub once pushed; a link out of the folder, or to a file the folder writes itself, is not."""
+    import shutil
+
+    import yaml
+
+    import fnprune
+    from fnprune.hub import base_license, license_file
+    from fnprune.recipe import recipe_from_dict
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir("llama"), base)
+    (base / "legal").mkdir()
+    (base / "legal" / "LICENSE.txt").write_text("tiny license terms\n", encoding="utf-8")
+    (tmp_path / "OUTSIDE").write_text("not the base's\n", encoding="utf-8")
+    (base / "linked").symlink_to(tmp_path / "OUTSIDE")  # as a Hub cache snapshot's files are
+
+    def card(link: str) -> None:
+        (base / "README.md").write_text(f"---\nlicense: other\nlicense_name: tiny\nlicense_link: {link}\n---\n",
+                                        encoding="utf-8")
+
+    card("../OUTSIDE")
+    assert "license_link" not in base_license(str(base))
+    card("linked")
+    assert license_file(str(base), base_license(str(base))) == "linked"
+    card("./legal/LICENSE.txt")
+    assert license_file(str(base), base_license(str(base))) == "legal/LICENSE.txt"
+
+    def run(name: str):
+        return fnprune.compress(recipe_from_dict({
+            "model": {"name_or_path": str(base)}, "task": {"name": "sst2", "data_dir": str(task_data)},
+            "calibration": {"num_samples": 16, "max_tokens": 100}, "selection": {"keep": 0.5, "refit": False},
+            "evaluation": {"enabled": False}, "output": {"dir": str(tmp_path / name)}}), progress=False).output_dir
+
+    out = run("a")
+    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert meta["license_link"] == "legal/LICENSE.txt"
+    assert (out / "legal" / "LICENSE.txt").read_text() == "tiny license terms\n"
+    card("config.json")  # a file the pruned folder writes itself: not replaced, and the link no longer fits
+    out = run("b")
+    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert "license_link" not in meta and meta["license"] == "other"
+    assert (out / "config.json").read_text() != (base / "config.json").read_text()  # the pruned model's own
+
+
 def test_a_hub_base_models_license_is_read_from_its_card_and_offline_from_the_cache(tmp_path, monkeypatch):
     import huggingface_hub
 
