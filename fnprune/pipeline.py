@@ -191,7 +191,7 @@ def _in_memory(inputs: Inputs, plan: _Plan, targets: TeacherTargets | None, dens
             refit = LayerwiseRefit(model, inputs.layout, seqs, sel.refit_ridge, recipe.calibration.batch_size,
                                    progress, refit=bool(sel.refit), choose=choose,
                                    max_tokens=recipe.calibration.max_tokens if choose and sel.reconstruct else 0,
-                                   seed=recipe.calibration.seed)
+                                   seed=recipe.calibration.seed, fit_bias=sel.bias_compensation)
     with timer.stage("surgery"):  # with the refit (and sequential selection) layer by layer inside it
         prune_mlp(model, inputs.layout, plan.kept, plan.means, recipe.output.layout, plan.fills,
                   on_block=refit.on_block if refit else None)

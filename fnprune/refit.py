@@ -68,10 +68,12 @@ class LayerwiseRefit:
 
     def __init__(self, model: nn.Module, layout: MLPLayout, seqs: list[list[int]], ridge: float, batch_size: int,
                  progress: bool = True, refit: bool = True, choose: Choose | None = None, max_tokens: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, fit_bias: bool = True):
         """`choose` gets each layer's statistics over every real token of `seqs`, with a uniform sample of at most
-        `max_tokens` of them (seeded, as capture draws its own) for the reconstruction."""
-        self.model, self.layout, self.ridge = model, layout, ridge
+        `max_tokens` of them (seeded, as capture draws its own) for the reconstruction. `fit_bias` off (bias
+        compensation off): a bias the projection has of its own (GPT-2, OPT, ...) stays as it is; only the weights
+        are refitted."""
+        self.model, self.layout, self.ridge, self.fit_bias = model, layout, ridge, fit_bias
         self.refit, self.choose = refit, choose
         self.token_count = total = sum(len(s) for s in seqs)  # real tokens of the streams
         self.sampled = sample_positions(total, min(max_tokens, total), seed)  # stream indices of the sample
@@ -204,12 +206,17 @@ class LayerwiseRefit:
         target = torch.cat([_real(d - p, m) for d, p, m in zip(dense_out, pruned_out, self.masks)]) + emitted
         w0 = by_neuron(projection.weight.detach(), self.layout).float().cpu()
         b0 = None if projection.bias is None else projection.bias.detach().float().cpu()
-        w, b = refit_linear(x, target, w0, b0, self.ridge)
+        if b0 is not None and not self.fit_bias:  # the bias stays: the weights map x to what it leaves to emit
+            w, _ = refit_linear(x, target - b0, w0, None, self.ridge)
+            b = None
+        else:
+            w, b = refit_linear(x, target, w0, b0, self.ridge)
         if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
             raise NumericalError(f"layer {i}: the refit of the output projection is not finite; raise --refit-ridge")
         dtype, device = projection.weight.dtype, projection.weight.device
         w, b = w.to(dtype=dtype, device=device), None if b is None else b.to(dtype=dtype, device=device)
-        new = [a @ w + (0 if b is None else b) for a, _ in seen]  # the projection's output after the refit
+        bias = b if b is not None else projection.bias  # after the refit (None: the projection has none)
+        new = [a @ w + (0 if bias is None else bias.detach()) for a, _ in seen]  # the projection's output now
         before = (emitted - target).square().sum(1).mean()
         after = (torch.cat([_real(e, m) for e, m in zip(new, self.masks)]) - target).square().sum(1).mean()
         self.ratios.append(round(float(after / before.clamp(min=1e-12)), 4))

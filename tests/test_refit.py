@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fnprune
-from fnprune.arch import MLP_LAYOUTS, adds_to_residual, layer_blocks, layout_for, mlp_widths
+from fnprune.arch import MLP_LAYOUTS, adds_to_residual, get_module, layer_blocks, layout_for, mlp_widths
 from fnprune.compensation import refit_linear
 from fnprune.errors import RecipeError
 from fnprune.models import load_model
@@ -124,6 +124,32 @@ def test_the_refits_own_stream_is_what_the_refitted_model_computes(arch, model_d
     carried = torch.cat([p.reshape(*m.shape, -1)[m] for p, m in zip(refit.pruned, refit.masks)])
     release()  # as the last block does: nothing of the streams held after the surgery
     assert not (refit.dense or refit.pruned or refit.runs or refit.masks) and refit.ratios
+    torch.testing.assert_close(carried, _block_outputs(model, layout, seqs)[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "falcon"])
+def test_without_bias_compensation_the_refit_leaves_a_familys_own_bias(arch, model_dir):
+    """`--no-bias-compensation` with the refit moved GPT-2's (and OPT's, ...) own output bias: the refit fitted it
+    as its intercept. It stays now; the weights alone are refitted, and the carried stream is still the model's."""
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir(arch))))
+    layout = layout_for(model)
+    blocks = layer_blocks(model, layout)
+    own = [get_module(b, layout.output).bias.detach().clone() for b in blocks]
+    seqs = encode(tok, PROMPTS, 64)
+    gen = torch.Generator().manual_seed(0)
+    keep = [torch.randperm(w, generator=gen)[: w // 4].sort().values for w in mlp_widths(model, layout)]
+    fitted = LayerwiseRefit(copy.deepcopy(model), layout, seqs, ridge=0.01, batch_size=4, progress=False)
+    prune_mlp(fitted.model, layout, keep, on_block=fitted.on_block)
+    assert not all(torch.equal(get_module(b, layout.output).bias, o)
+                   for b, o in zip(layer_blocks(fitted.model, layout), own))  # bias fitted, as with compensation
+    refit = LayerwiseRefit(model, layout, seqs, ridge=0.01, batch_size=4, progress=False, fit_bias=False)
+    release, refit._release = refit._release, lambda: None
+    prune_mlp(model, layout, keep, on_block=refit.on_block)
+    for block, bias in zip(blocks, own):
+        assert torch.equal(get_module(block, layout.output).bias, bias)
+    assert all(r < 1 for r in refit.ratios)
+    carried = torch.cat([p.reshape(*m.shape, -1)[m] for p, m in zip(refit.pruned, refit.masks)])
+    release()
     torch.testing.assert_close(carried, _block_outputs(model, layout, seqs)[-1], atol=1e-4, rtol=1e-4)
 
 
