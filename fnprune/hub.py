@@ -97,11 +97,11 @@ def base_license(name_or_path: str, revision: str | None = None) -> dict[str, An
     return found
 
 
-def license_file(name_or_path: str, license: dict[str, Any]) -> str | None:
+def license_file(name_or_path: str, license_meta: dict[str, Any]) -> str | None:
     """The path, relative to a local base folder, of the file its relative `license_link` names, when that is a
     file inside the folder (judged by the path as written: a Hub cache snapshot's files are links out of it);
     None otherwise."""
-    link = license.get("license_link")
+    link = license_meta.get("license_link")
     base = Path(name_or_path).expanduser()
     if not isinstance(link, str) or "://" in link or not base.is_dir():
         return None

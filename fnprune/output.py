@@ -164,26 +164,26 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     write_json(tmp / REPORT_FILE, report)
     sel = inputs.selection
     config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))  # streamed: no model here
-    license = _with_license_file(tmp, recipe.model.name_or_path,
+    license_meta = _with_license_file(tmp, recipe.model.name_or_path,
                                  base_license(recipe.model.name_or_path, recipe.model.revision))
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
-                    config["model_type"], inputs.layout.head, inputs.task.kind, config, license)
+                    config["model_type"], inputs.layout.head, inputs.task.kind, config, license_meta)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
 
 
-def _with_license_file(tmp: Path, base: str, license: dict[str, Any]) -> dict[str, Any]:
+def _with_license_file(tmp: Path, base: str, license_meta: dict[str, Any]) -> dict[str, Any]:
     """Copy the local base's license file a relative `license_link` names into `tmp`, at the same relative path,
     so the card's link resolves in the pruned folder (and on the Hub once pushed); a link naming one of the
     folder's own files, or no file, is dropped."""
-    rel = license_file(base, license)
+    rel = license_file(base, license_meta)
     if rel is None:
-        return license
+        return license_meta
     target = tmp / rel
     if target.exists() or rel == CARD_FILE:
-        return {k: v for k, v in license.items() if k != "license_link"}
+        return {k: v for k, v in license_meta.items() if k != "license_link"}
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(base).expanduser() / rel, target)  # the content, also where the base's file is a link
-    return {**license, "license_link": rel}
+    return {**license_meta, "license_link": rel}
 
 
 def _networks_summary(calib: Calibration) -> dict[str, Any]:
