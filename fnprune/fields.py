@@ -135,6 +135,8 @@ def resolve(row: dict, expression: str, aliases: dict[str, str] | None = None, w
     funcs = [_filter(f, where) for f in filters]
 
     def apply(v: Any) -> str:
+        if v is None:  # str(None) would be the text "None": a prompt, or a choice, no row holds
+            raise DataError(f"{where}: {path!r} is null")
         s = scalar_text(v)
         for f in funcs:
             s = f(s)

@@ -255,6 +255,10 @@ def test_every_new_builtin_task_reads_files_shaped_like_the_real_ones(tmp_path, 
      "at least two non-empty choices"),
     ([{"question": {"stem": "x"}, "answerKey": "A"}], "no field 'choices'"),
     ([{"question": "x", "answerKey": "A"}], "no field 'stem'"),
+    ([{"question": {"stem": None, "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+       "answerKey": "A"}], "'question.stem' is null"),  # not the prompt "None"
+    ([{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}, {"text": None, "label": "B"}]},
+       "answerKey": "A"}], "is null"),  # not a choice "None"
 ])
 def test_bad_multiple_choice_rows_give_one_clear_error(tmp_path, rows, match):
     _write_jsonl(tmp_path / "ARC-Easy-Test.jsonl", rows)
