@@ -6,31 +6,28 @@ batches in file order, padded, one `model(...)` call each and nothing else. Used
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import torch
 
 from fnprune.data import load_evaluation
-from fnprune.evaluate import choice_requests, evaluate_accuracy, evaluate_choices, evaluate_templates
+from fnprune.evaluate import choice_requests, evaluate_templates
 from fnprune.recipe import TaskSpec
 from fnprune.tasks import resolve_task
-from fnprune.tokens import encode, make_batch
+from fnprune.tokens import context_length, encode, make_batch
 
 __all__ = ["validation_throughput"]
 
-# the length limits evaluate_templates scores with (its scorers' defaults)
-PROMPT_MAX_LENGTH = inspect.signature(evaluate_accuracy).parameters["max_length"].default
-CHOICE_MAX_LENGTH = inspect.signature(evaluate_choices).parameters["max_length"].default
 
 
-def _sequences(tokenizer, task: TaskSpec, sets: dict) -> tuple[list[list[int]], bool]:
+def _sequences(model, tokenizer, task: TaskSpec, sets: dict) -> tuple[list[list[int]], bool]:
     """The token sequences the scorer runs (its own encoders and length limits, evaluate_templates' defaults),
     and whether every position's logits are needed (choices)."""
     examples = [e for group in sets.values() for e in group]
+    length = context_length(model, tokenizer)  # the scorer's limit
     if task.kind == "multiple_choice":
-        return choice_requests(tokenizer, examples, CHOICE_MAX_LENGTH)[0], True
-    return encode(tokenizer, [e.prompt for e in examples], PROMPT_MAX_LENGTH), False
+        return choice_requests(tokenizer, examples, length)[0], True
+    return encode(tokenizer, [e.prompt for e in examples], length), False
 
 
 @torch.inference_mode()
@@ -49,7 +46,7 @@ def validation_throughput(model, tokenizer, task_name: str, data_dir: str, batch
     """Best-of-`repeats` examples/s of fnprune's scorer and of the plain forward pass, taking turns."""
     task = resolve_task(TaskSpec(name=task_name, data_dir=data_dir))
     sets = load_evaluation(task, task.evaluation_split, max_samples)
-    seqs, all_logits = _sequences(tokenizer, task, sets)
+    seqs, all_logits = _sequences(model, tokenizer, task, sets)
     n = sum(len(v) for v in sets.values())
     best_scorer = best_plain = float("inf")
     for _ in range(repeats):

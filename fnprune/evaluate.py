@@ -25,7 +25,7 @@ from .arch import is_classifier
 from .data import Example
 from .errors import DataError
 from .recipe import TaskSpec
-from .tokens import Batch, batches, encode, encode_inputs, forward
+from .tokens import Batch, batches, context_length, encode, encode_inputs, forward
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,12 @@ def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, 
                 bar.update(len(batch.index))
             continue
         cont = label_ids[label]
-        for batch in batches([c + cont for c in contexts], batch_size):
+        # as lm-eval runs a continuation: cut from the left to max_length + 1, the last token only a target
+        seqs = [(c + cont)[-(max_length + 1):][:-1] for c in contexts]
+        for batch in batches(seqs, batch_size):
             logits = forward(model, batch)  # (B, L, V), right padded
             rows = torch.arange(len(batch.index))
-            start = torch.tensor([len(contexts[i]) - 1 for i in batch.index])
+            start = torch.tensor([len(seqs[i]) - len(cont) for i in batch.index])  # the position predicting cont[0]
             total = torch.zeros(len(batch.index), dtype=torch.float64)
             for t, tok in enumerate(cont):
                 total += torch.log_softmax(logits[rows, start + t].double(), dim=-1)[:, tok].cpu()
@@ -178,13 +180,14 @@ def evaluate_accuracy(
     examples: list[Example],
     label_words: dict[str, str],
     batch_size: int = 32,
-    max_length: int = 2048,  # as multiple choice's: a long passage (BoolQ) is scored whole
+    max_length: int | None = None,  # None: the model's context, as lm-eval (`context_length`)
     progress: bool = True,
 ) -> EvalResult:
     """Accuracy of the most likely label word over `examples` (ties go to the first label); a classifier
     checkpoint is scored by its head's argmax instead."""
     if not examples:
         raise DataError("no evaluation examples")
+    max_length = max_length or context_length(model, tokenizer)
     start = time.perf_counter()
     labels = list(label_words)
     was_training = model.training
@@ -251,7 +254,7 @@ def evaluate_choices(
     tokenizer,
     examples: list[Example],
     batch_size: int = 32,
-    max_length: int = 2048,
+    max_length: int | None = None,  # None: the model's context, as lm-eval (`context_length`)
     progress: bool = True,
 ) -> EvalResult:
     """acc and acc_norm of the most likely choice per example (each example's own choices; label = the
@@ -260,6 +263,7 @@ def evaluate_choices(
         raise DataError("no evaluation examples")
     if is_classifier(model):
         raise DataError("a classifier checkpoint cannot score multiple-choice tasks (no language-model head)")
+    max_length = max_length or context_length(model, tokenizer)
     start = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -14,7 +14,7 @@ from torch import nn
 from .arch import is_classifier
 from .offload import input_device
 
-__all__ = ["Batch", "encode", "encode_inputs", "make_batch", "batches", "forward", "tokenizer_state",
+__all__ = ["Batch", "context_length", "encode", "encode_inputs", "make_batch", "batches", "forward", "tokenizer_state",
            "save_tokenizer"]
 
 
@@ -39,6 +39,23 @@ def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> lis
     limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
     return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
+
+
+DEFAULT_CONTEXT = 2048  # lm-eval's length where neither the config nor the tokenizer names one
+_UNSET_TOKENIZER_LENGTH = int(1e30)  # transformers' model_max_length when the tokenizer has none
+
+
+def context_length(model: nn.Module, tokenizer) -> int:
+    """The tokens a scored prompt may hold, as lm-evaluation-harness 0.4.13 finds it: the (text) config's
+    n_positions, max_position_embeddings or n_ctx, else the tokenizer's model_max_length, else 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length is not None and length != _UNSET_TOKENIZER_LENGTH else DEFAULT_CONTEXT
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

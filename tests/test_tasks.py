@@ -431,3 +431,35 @@ def test_data_files_name_real_splits_and_every_split_read(tmp_path):
     assert len(load_evaluation(task, "test")["qa"]) == 1
     with pytest.raises(DataError, match="no file for split 'validation': --data-files gives test; add validation="):
         load_sample(task, "validation", 4, 0)
+
+
+def test_prompts_longer_than_the_models_context_are_cut_as_lm_eval_cuts_them(model_dir):
+    """Scoring cut every prompt at 2048 tokens whatever the model: a GPT-2 with fewer positions crashed on a long
+    prompt. The limit is now the model's own, found as lm-eval 0.4.13 finds it, and the cut is lm-eval's."""
+    from lm_eval.models.utils import resolve_max_length
+
+    from fnprune.data import Example
+    from fnprune.evaluate import evaluate_accuracy, evaluate_choices
+    from fnprune.tokens import context_length
+
+    path = model_dir("gpt2")
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    limit = context_length(model, tok)
+    assert limit == resolve_max_length(model.config, tok) == model.config.n_positions == 128
+    long = "the film " * 100
+    examples = [Example(f"Review: {long}\nSentiment:", "1", (long,)), Example("Review: fine\nSentiment:", "0")]
+    assert len(tok(examples[0].prompt)["input_ids"]) > limit
+
+    @torch.inference_mode()
+    def loglikelihood(context: str, word: str) -> float:  # lm-eval's request: (ctx + cont)[-(limit + 1):][:-1]
+        ctx, cont = tok(context)["input_ids"], tok(word, add_special_tokens=False)["input_ids"]
+        seq = (ctx + cont)[-(limit + 1):][:-1]
+        logp = model(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+        return sum(float(logp[len(seq) - len(cont) + t, c]) for t, c in enumerate(cont))
+
+    for words in ({"0": " negative", "1": " positive"}, {"0": " bad", "1": " great"}):  # one token; several
+        scores = evaluate_accuracy(model, tok, examples, words, progress=False).scores
+        expected = [[loglikelihood(e.prompt, w) for w in words.values()] for e in examples]
+        torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    choices = [Example(e.prompt, "0", choices=("good", "bad"), delimiter=" ") for e in examples]
+    assert evaluate_choices(model, tok, choices, progress=False).scores.isfinite().all()
