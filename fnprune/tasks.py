@@ -274,6 +274,9 @@ def resolve_task(spec: TaskSpec) -> TaskSpec:
             if set(t.label_words) <= set(values["label_words"]) and t.template != single
         ]
     task = TaskSpec(**values)
+    if (base is not None and spec.split_of is None and task.split_of and task.calibration_split in spec.data_files
+            and task.calibration_split != task.split_of):  # the user's own calibration file: nothing to carve
+        task = dataclasses.replace(task, split_of=None)
     missing = [] if task.templates else ["template (or templates)"]
     if not task.label_column:
         missing.append("label_column")

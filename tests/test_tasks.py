@@ -187,6 +187,21 @@ def test_one_labelled_file_is_split_seeded_and_disjoint(copa_dir):
     assert all(e.label in ("0", "1") and e.choices for e in cal)  # calibration labels: the answer's index
 
 
+def test_a_calibration_file_given_for_a_carved_task_is_read_and_nothing_is_cut(copa_dir, tmp_path):
+    """COPA (and BoolQ, CB, WiC, QNLI, MRPC) carve calibration out of their one labelled file; a train file given
+    with --data-files was accepted and never read. It is the calibration split now, and the evaluation file is
+    scored whole."""
+    rows = [json.loads(line) for line in (copa_dir / "val.jsonl").read_text().splitlines()]
+    own = _write_jsonl(tmp_path / "mine.jsonl", [{**r, "premise": "Mine: " + r["premise"]} for r in rows[:6]])
+    task = resolve_task(TaskSpec(name="copa", data_dir=str(copa_dir), data_files={"train": str(own)}))
+    assert task.split_of is None
+    cal = load_sample(task, task.calibration_split, 1000, seed=0)
+    assert len(cal) == 6 and all("Mine:" in e.prompt for e in cal)
+    assert len(next(iter(load_evaluation(task, task.evaluation_split).values()))) == 30
+    kept = resolve_task(TaskSpec(name="copa", data_dir=str(copa_dir), data_files={"validation": str(own)}))
+    assert kept.split_of == "validation"  # a file for the carved split itself: still cut
+
+
 def test_rows_sharing_a_text_stay_on_one_side(tmp_path):
     rows = [{"question": f"q{i // 2}", "passage": "p", "label": "true" if i % 3 else "false"} for i in range(40)]
     _write_jsonl(tmp_path / "val.jsonl", rows)
