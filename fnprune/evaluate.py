@@ -124,7 +124,7 @@ def next_token_logprobs(model: nn.Module, batch: Batch, ids: list[int]) -> torch
 
 @torch.inference_mode()
 def _label_scores(model, tokenizer, prompts, label_ids, batch_size, max_length, progress) -> torch.Tensor:
-    contexts = encode(tokenizer, prompts, max_length)
+    contexts = [c or [_prefix_token(tokenizer)] for c in encode(tokenizer, prompts, max_length)]  # "" as lm-eval
     labels = list(label_ids)
     scores = torch.zeros(len(prompts), len(labels), dtype=torch.float64)
     single = all(len(v) == 1 for v in label_ids.values())
@@ -200,7 +200,18 @@ def evaluate_accuracy(
             model, tokenizer, [e.prompt for e in examples], label_ids, batch_size, max_length, progress
         )
     model.train(was_training)
-    return scored(scores, examples, labels, choice_lengths(examples, label_words), time.perf_counter() - start)
+    result = scored(scores, examples, labels, choice_lengths(examples, label_words), time.perf_counter() - start)
+    if is_classifier(model):  # a head's logits over the label words' lengths mean nothing: no acc_norm
+        result.accuracy_norm = None
+    return result
+
+
+def _prefix_token(tokenizer) -> int:
+    """lm-eval's stand-in for an empty context: the BOS token, else EOS."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise DataError("an empty prompt, and the tokenizer has no BOS or EOS token to score it after")
+    return prefix
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -209,9 +220,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:  # lm-eval: an empty context is the prefix token (BOS, else EOS)
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not context:
+        return [_prefix_token(tokenizer)], tokenizer(continuation, add_special_tokens=False)["input_ids"]
     whole = tokenizer(context + continuation)["input_ids"]
     ctx = tokenizer(context)["input_ids"]
     return ctx, whole[len(ctx):]

@@ -340,9 +340,13 @@ def task_fields(task: TaskSpec) -> list[str]:
 
 def template_fields(template: str) -> list[str]:
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
         raise DataError(f"task.template {template!r} is not a valid format string: {exc}") from exc
+    if "" in names:  # str.format would want a positional argument: an IndexError deep in the data reader
+        raise DataError(f"task.template {template!r}: '{{}}' names no field; write the column, e.g. {{sentence}} "
+                        "(a literal brace is written {{ or }})")
+    return names
 
 
 def uses_fields(task: TaskSpec) -> bool:

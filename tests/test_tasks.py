@@ -478,3 +478,41 @@ def test_prompts_longer_than_the_models_context_are_cut_as_lm_eval_cuts_them(mod
         torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
     choices = [Example(e.prompt, "0", choices=("good", "bad"), delimiter=" ") for e in examples]
     assert evaluate_choices(model, tok, choices, progress=False).scores.isfinite().all()
+
+
+def test_a_classifier_heads_accuracy_has_no_acc_norm(model_dir):
+    """acc_norm divides a score by its label word's length: for a head's logits (which may be positive) it
+    meant nothing and could flip the answer; it is None there."""
+    from fnprune.data import Example
+    from fnprune.evaluate import evaluate_accuracy
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    model, tok = load_model(ModelSpec(name_or_path=str(model_dir("bert"))))
+    examples = [Example("x", "1", ("a fine film",)), Example("y", "0", ("a dull film",))]
+    result = evaluate_accuracy(model, tok, examples, {"0": " no", "1": " yes"}, progress=False)
+    assert result.accuracy_norm is None and result.accuracy in (0.0, 0.5, 1.0)
+
+
+def test_an_empty_prompt_is_scored_after_the_prefix_token_whatever_the_batch(llama):
+    """An empty prompt (a `{text}` template on an empty row) was scored at whatever padding its batch had, or
+    crashed alone; it is scored after BOS (else EOS), as lm-eval scores an empty context."""
+    from fnprune.data import Example
+    from fnprune.evaluate import evaluate_accuracy
+
+    model, tok = llama
+    empty, other = Example("", "0", ("",)), Example("a fine film", "1", ("a fine film",))
+    for words in ({"0": " negative", "1": " positive"}, {"0": " bad", "1": " great"}):
+        alone = evaluate_accuracy(model, tok, [empty], words, progress=False).scores
+        batched = evaluate_accuracy(model, tok, [empty, other], words, progress=False).scores
+        torch.testing.assert_close(alone[0], batched[0], atol=1e-6, rtol=1e-6)
+        assert alone.isfinite().all()
+
+
+def test_an_unnamed_placeholder_in_a_template_is_one_clear_error(task_data):
+    """`{}` skipped the field check and ended in str.format's IndexError while the rows were read."""
+    from fnprune.data import load_evaluation
+
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data), template="Review: {sentence} {}\nSentiment:"))
+    with pytest.raises(DataError, match="'{}' names no field"):
+        load_evaluation(task, "validation")
