@@ -513,6 +513,6 @@ def test_an_unnamed_placeholder_in_a_template_is_one_clear_error(task_data):
     """`{}` skipped the field check and ended in str.format's IndexError while the rows were read."""
     from fnprune.data import load_evaluation
 
-    task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data), template="Review: {sentence} {}\nSentiment:"))
     with pytest.raises(DataError, match="'{}' names no field"):
+        task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data), template="Review: {sentence} {}\nSent:"))
         load_evaluation(task, "validation")
