@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -14,11 +17,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch import MLP_LAYOUTS, layout_for
-from .errors import ModelError, first_line
+from .errors import FnpruneError, ModelError, first_line
 from .hub import hub_offline
 from .recipe import ModelSpec, Recipe
 from .remote_code.modeling_fnprune import per_layer_class
 from .safetensors_io import DTYPES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "load_model",
@@ -415,8 +420,20 @@ def load_pruned(path: str | Path, revision: str | None = None, trust_remote_code
     from .recipe import load_recipe
 
     local = local_model_dir(path, revision)
-    recipe = load_recipe(local / RECIPE_FILE) if (local / RECIPE_FILE).is_file() else None
+    recipe = _readable(lambda: load_recipe(local / RECIPE_FILE), local / RECIPE_FILE, f"dtype {dtype or 'float32'}")
     spec = ModelSpec(name_or_path=str(local), trust_remote_code=trust_remote_code, dtype=model_dtype(recipe, dtype))
     model, tokenizer = load_model(spec)
-    report = read_report(local) if (local / REPORT_FILE).is_file() else None
+    report = _readable(lambda: read_report(local), local / REPORT_FILE, "no report")
     return PrunedModel(model, tokenizer, report, recipe)
+
+
+def _readable(read: Callable[[], Any], path: Path, without: str) -> Any:
+    """`read()` when `path` is a file it can read; None otherwise, with a warning when the file is there but
+    unreadable (another fnprune version's fields, a damaged file): the weights load without it."""
+    if not path.is_file():
+        return None
+    try:
+        return read()
+    except FnpruneError as exc:
+        log.warning("%s cannot be read (%s); loading the model without it (%s)", path, first_line(str(exc)), without)
+        return None

@@ -136,3 +136,26 @@ def test_load_pruned_loads_in_the_dtype_the_recipe_ran_in(model_dir, task_data, 
     out = compress(recipe, progress=False).output_dir
     assert fnprune.load_pruned(out).model.dtype == torch.bfloat16
     assert fnprune.load_pruned(out, dtype="float32").model.dtype == torch.float32
+
+
+def test_load_pruned_loads_the_weights_when_its_recipe_or_report_cannot_be_read(model_dir, task_data, tmp_path,
+                                                                                   caplog):
+    """A recipe.yaml with a field of another fnprune version, or a damaged report.json, stopped the whole load;
+    the weights load without them, and a warning says which file was left out."""
+    from fnprune import Recipe, compress
+    from fnprune.recipe import CalibrationSpec, OutputSpec, SelectionSpec, TaskSpec
+
+    recipe = Recipe(model=ModelSpec(name_or_path=str(model_dir("llama"))),
+                    task=TaskSpec(name="sst2", data_dir=str(task_data)),
+                    calibration=CalibrationSpec(num_samples=16, max_tokens=64, cache=False),
+                    selection=SelectionSpec(method="flap", keep=0.5, refit=False),
+                    output=OutputSpec(dir=str(tmp_path / "o")))
+    recipe.evaluation.enabled = False
+    out = compress(recipe, progress=False).output_dir
+    with open(out / "recipe.yaml", "a", encoding="utf-8") as f:
+        f.write("future_section:\n  option: 1\n")
+    (out / "report.json").write_text("{}", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="fnprune"):
+        loaded = fnprune.load_pruned(out)
+    assert loaded.recipe is None and loaded.report is None and loaded.model.dtype == torch.float32
+    assert "recipe.yaml cannot be read" in caplog.text and "report.json cannot be read" in caplog.text
