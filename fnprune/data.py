@@ -11,6 +11,7 @@ import hashlib
 import logging
 import random
 import string
+import unicodedata
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from .tasks import (
 
 __all__ = [
     "BUILTIN_TASKS", "Example", "resolve_task", "load_split", "load_sample", "left_out", "load_evaluation",
-    "template_fields", "task_fields", "sample", "check_disjoint", "example_key", "label_keys", "parse_data_files",
-    "fill_template", "prompts_text", "prompts_digest",
+    "template_fields", "task_fields", "sample", "check_disjoint", "comparable", "example_key", "label_keys",
+    "parse_data_files", "fill_template", "prompts_text", "prompts_digest",
 ]
 
 log = logging.getLogger("fnprune")
@@ -277,7 +278,7 @@ def _groups(rows: list[_Row], choices: Collection[str]) -> list[int]:
         for name, text in row.values.items():
             if len(text) < MIN_SHARED or name in choices:
                 continue
-            j = first_with.setdefault(text, i)
+            j = first_with.setdefault(comparable(text), i)
             a, b = root(i), root(j)
             if a != b:
                 parent[max(a, b)] = min(a, b)
@@ -395,9 +396,17 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in _sample_indices(len(examples), n, seed)]
 
 
+def comparable(text: str) -> str:
+    """A text as the overlap checks compare it: Unicode-normalized (NFKC), case-folded, each run of whitespace one
+    space. Two copies that differ only so (RTE's dev file has one sentence of its train file with a double space)
+    are the same example."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
 def example_key(e: Example) -> tuple[str, ...]:
-    """An example's identity: its text; the same text is the same example whatever prompt wraps it."""
-    return e.texts or (e.prompt,)
+    """An example's identity: its text (`comparable`); the same text is the same example whatever prompt wraps
+    it."""
+    return tuple(comparable(t) for t in (e.texts or (e.prompt,)))
 
 
 def prompts_text(examples: list[Example]) -> str:

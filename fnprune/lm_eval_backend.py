@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from . import cache
-from .data import MIN_SHARED
+from .data import MIN_SHARED, comparable
 from .errors import DataError, FnpruneError, first_line
 from .provenance import file_sha256, key_versions
 from .recipe import EvaluationSpec, ModelSpec, Recipe
@@ -102,7 +102,7 @@ def check_lm_eval_disjoint(task_dict: dict[str, Any], calibration_texts: list[tu
     keys = {t for t in keys if len(t) >= MIN_SHARED}
     for name, task in _leaf_tasks(task_dict):
         docs = list(task.eval_docs)[:limit] if limit else list(task.eval_docs)  # the documents lm-eval scores
-        fields = {v for d in docs for v in _document_strings(d)}
+        fields = {comparable(v) for d in docs for v in _document_strings(d)}  # as example_key compares texts
         shared = sorted(keys & fields)
         if shared:
             raise DataError(

@@ -12,7 +12,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fnprune import fields
-from fnprune.data import BUILTIN_TASKS, RAW, check_disjoint, load_evaluation, load_sample, resolve_task
+from fnprune.data import (
+    BUILTIN_TASKS,
+    RAW,
+    check_disjoint,
+    example_key,
+    load_evaluation,
+    load_sample,
+    load_split,
+    resolve_task,
+)
 from fnprune.errors import DataError
 from fnprune.evaluate import encode_pair, evaluate_choices, evaluate_templates, scored
 from fnprune.recipe import PromptTemplate, TaskSpec
@@ -210,6 +219,37 @@ def test_rows_sharing_a_text_stay_on_one_side(tmp_path):
     ev = load_evaluation(task, "validation")["lm-eval"]
     check_disjoint(cal, ev)
     assert len(cal) + len(ev) == 40
+
+
+def test_texts_differing_only_in_case_or_spacing_are_one_text_to_the_overlap_checks(tmp_path):
+    """RTE's dev file holds a train sentence with a double space: it reached the calibration. Copies that differ
+    only in case, spacing or Unicode form are the same example to every overlap check: left out of the
+    calibration, and kept on one side of a carved file."""
+    from fnprune.data import comparable
+    from fnprune.inputs import calibration_prompts
+    from fnprune.recipe import CalibrationSpec
+
+    assert comparable(" The  Film\u00a0was\tFINE. ") == "the film was fine."
+    train = ["A truly wonderful and  moving film .", "The ACTING was superb throughout it .",
+             *[f"an ordinary sentence number {i} here ." for i in range(10)]]
+    dev = ["a truly wonderful and moving film .", "the acting was superb throughout it ."]
+    for name, rows in (("train", train), ("dev", dev)):
+        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{r}\t1\n" for r in rows),
+                                              encoding="utf-8")
+    task = resolve_task(TaskSpec(name="sst2", data_dir=str(tmp_path)))
+    held = {example_key(e) for e in load_split(task, "validation")}
+    prompts = calibration_prompts(task, CalibrationSpec(num_samples=100, raw_share=0), held)
+    assert len(prompts) == 10 and not any("wonderful" in e.prompt or "superb" in e.prompt for e in prompts)
+    passage = "A passage long enough to be shared by two questions."
+    rows = [{"question": f"question {i}?", "passage": f"Passage number {i} of its own.", "label": "true"}
+            for i in range(20)]
+    rows += [{"question": "first?", "passage": passage, "label": "true"},
+             {"question": "second?", "passage": passage.upper().replace(" ", "  "), "label": "false"}]
+    _write_jsonl(tmp_path / "boolq" / "val.jsonl", rows)
+    for seed in range(6):
+        carved = resolve_task(TaskSpec(name="boolq", data_dir=str(tmp_path / "boolq"), split_seed=seed))
+        sides = [{t for e in load_split(carved, split) for t in e.texts} for split in ("train", "validation")]
+        assert all(("first?" in side) == ("second?" in side) for side in sides), seed
 
 
 def _builtin_files(root: Path) -> dict[str, Path]:
