@@ -100,6 +100,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if task.kind == "classification" and not is_classifier(model):  # label words that cannot work: now, not later
         for template in task.templates:
             label_token_ids(tokenizer, template.words(task.label_words))
+    if is_classifier(model) and task.kind == "multiple_choice":  # now, not after calibration and selection
+        raise DataError(f"a classifier checkpoint cannot score multiple-choice tasks (no language-model head): "
+                        f"task {task.name!r}")
     trainable = not recipe.model.offload_folder and not offloaded_modules(model)
     recipe = dataclasses.replace(recipe, recovery=recipe.recovery.for_task(task.kind, trainable))
     _warn_unused_recovery(recipe.recovery)
@@ -118,11 +121,17 @@ def load_inputs(recipe: Recipe) -> Inputs:
 def _check_validation(validation: Validation, prompts: list[Example], model) -> None:
     """The --validate benchmarks' data shares no example with the calibration, as the task's evaluation split
     doesn't, and the perplexity window fits the model's positions (past them it scores garbage or fails)."""
-    for v, _, sets in validation.tasks:
+    for v, task, sets in validation.tasks:
         try:
             check_disjoint(prompts, next(iter(sets.values())))
         except DataError as exc:
             raise DataError(f"evaluation.validation {v.task} (--validate): {exc}") from exc
+        if is_classifier(model) and task.kind == "multiple_choice":
+            raise DataError(f"evaluation.validation {v.task} (--validate): a classifier checkpoint cannot score "
+                            "multiple-choice tasks (no language-model head)")
+    if validation.perplexity is not None and is_classifier(model):
+        raise DataError("evaluation.perplexity (--validate wikitext=...): a classifier checkpoint has no "
+                        "language-model head to score perplexity with")
     positions = getattr(model.config, "max_position_embeddings", None)
     if validation.perplexity is not None and isinstance(positions, int) and validation.window > positions:
         raise RecipeError(f"evaluation.perplexity_window {validation.window} is longer than the model's {positions} "

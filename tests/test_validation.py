@@ -197,3 +197,31 @@ def test_report_keeps_each_templates_answers_for_paired_comparisons():
     assert read_hits([{"held_out": True, "hits": "10"}, "x"], "pruned", True) is None  # or a damaged one
     assert read_right_probs([{"held_out": True, "right_probs": {"pruned": [0.5, "x"]}}], "pruned", True) is None
     assert read_right_probs([{"held_out": True, "right_probs": {"pruned": [0.5, True]}}], "pruned", True) is None
+
+
+def test_what_a_classifier_cannot_score_is_refused_before_calibration(model_dir, task_data, bench_data, tmp_path,
+                                                                      monkeypatch):
+    """A classifier checkpoint on a multiple-choice task, or with a multiple-choice or perplexity --validate, was
+    refused (or crashed) only after calibration and selection; now at load, before any forward pass."""
+    from fnprune.errors import DataError
+    from fnprune.inputs import load_inputs
+
+    calibrated = []
+    monkeypatch.setattr("fnprune.pipeline.calibrate", lambda *a, **k: calibrated.append(1))
+    bert = str(model_dir("bert"))
+    base = {"model": {"name_or_path": bert}, "output": {"dir": str(tmp_path / "o")}}
+    cases = [({"task": {"name": "arc_easy", "data_dir": str(bench_data["arc"])}}, "cannot score multiple-choice"),
+             ({"task": {"name": "sst2", "data_dir": str(task_data)},
+               "evaluation": {"validation": [{"task": "arc_easy", "data_dir": str(bench_data["arc"])}]}},
+              "evaluation.validation arc_easy .*cannot score multiple-choice"),
+             ({"task": {"name": "sst2", "data_dir": str(task_data)},
+               "evaluation": {"validation": [{"task": "wikitext", "file": str(bench_data["wiki"])}],
+                              "perplexity_tokens": 256, "perplexity_window": 64}},
+              "no language-model head to score perplexity")]
+    for extra, match in cases:
+        recipe = recipe_from_dict({**base, **extra})
+        with pytest.raises(DataError, match=match):
+            load_inputs(recipe)
+        with pytest.raises(DataError, match=match):
+            fnprune.compress(recipe, progress=False)
+    assert not calibrated
