@@ -293,7 +293,14 @@ def _carve(task: TaskSpec, rows: list[_Row], calibration: bool) -> list[_Row]:
     keys = list(dict.fromkeys(named))
     random.Random(task.split_seed).shuffle(keys)
     first = set(keys[: round(task.calibration_share * len(keys))])
-    return [r for r, key in zip(rows, named) if (key in first) == calibration]
+    part = [r for r, key in zip(rows, named) if (key in first) == calibration]
+    if rows and not part:  # else "every row also appears in the evaluation split", of a file that does not exist
+        side = "calibration" if calibration else "evaluation"
+        raise DataError(f"the {task.split_of!r} file's {len(rows)} rows form {len(keys)} group(s) of rows sharing a "
+                        f"text, and cutting them by task.calibration_share {task.calibration_share} leaves the "
+                        f"{side} part empty; give more rows, or a calibration file (--data-files "
+                        f"{task.calibration_split}=FILE)")
+    return part
 
 
 def _prepared(task: TaskSpec, split: str) -> tuple[list, Callable[[object, PromptTemplate], Example]]:

@@ -109,6 +109,9 @@ def file_format(path: Path, declared: str | None = None) -> str:
 
 def read_rows(path: Path, declared: str | None = None, header: list[str] | None = None) -> list[dict]:
     """A local file's rows (see `_table_rows`, `_json_rows`); `header`: the column names of a file without one."""
+    if path.is_dir():  # else "cannot tell the format" or "not found", which name the wrong problem
+        raise DataError(f"{path}: a folder, not a data file (a folder of split files is --data-dir; --data-files "
+                        "takes SPLIT=FILE)")
     fmt = file_format(path, declared)
     text = _read_text(path)
     return _json_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, fmt, header)

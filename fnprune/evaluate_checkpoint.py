@@ -24,7 +24,7 @@ log = logging.getLogger("fnprune")
 def model_path(model: str | Path) -> str:
     """A local folder or .gguf file as given; a Hub id: its snapshot folder (cached when offline)."""
     path = str(model)
-    if not Path(path).expanduser().exists() and not path.endswith(".gguf"):
+    if not Path(path).expanduser().exists() and not path.lower().endswith(".gguf"):
         path = str(local_model_dir(path))
     return path
 

@@ -46,7 +46,7 @@ def model_source(spec: ModelSpec) -> tuple[str, dict]:
     """What to pass to from_pretrained: (folder or Hub id, extra kwargs). Reads no weights, so a missing local
     model fails before any data is read."""
     path = Path(spec.name_or_path).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         try:

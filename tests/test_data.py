@@ -304,7 +304,7 @@ def test_json_boolean_labels_read_as_the_label_words_spell_them(name, tmp_path):
     """SuperGLUE's own BoolQ and WiC files label rows with JSON booleans; the shared copies with "true" / "false"."""
     def row(i: int) -> dict:
         text = {"passage": f"Passage {i}: the sky is blue.", "question": f"is the sky blue {i}"} if name == "boolq" \
-            else {"word": "bank", "sentence1": f"He sat on the bank {i}.", "sentence2": "The bank was closed.",
+            else {"word": "bank", "sentence1": f"He sat on the bank {i}.", "sentence2": f"The bank was closed {i}.",
                   "start1": 14, "end1": 18, "start2": 4, "end2": 8}
         return {**text, "label": i % 3 == 0, "idx": i}
 

@@ -580,6 +580,35 @@ def test_gguf_loads_as_a_plain_model_that_saves(arch, qtype, gguf_files, model_d
     assert (got - want).abs().max() < tolerance
 
 
+def test_a_gguf_file_with_an_upper_case_suffix_loads(gguf_files, tmp_path):
+    """`model.GGUF` was taken for a Hugging Face folder ("no config.json")."""
+    import shutil
+
+    import torch
+
+    from fnprune.models import load_model
+    from fnprune.recipe import ModelSpec
+
+    upper = shutil.copy(gguf_files["llama", "F32"], tmp_path / "model.GGUF")
+    model, tokenizer = load_model(ModelSpec(name_or_path=str(upper)))
+    plain, _ = load_model(ModelSpec(name_or_path=str(gguf_files["llama", "F32"])))
+    ids = torch.tensor([tokenizer.encode("Review: a great film")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_a_folder_given_as_a_data_file_is_named_so(world, tmp_path):
+    """--data-files train=FOLDER said "cannot tell the file format from its suffix", and a folder named
+    train.tsv "data file not found"."""
+    from fnprune.data_files import read_rows
+    from fnprune.errors import DataError
+
+    (tmp_path / "train.tsv").mkdir()
+    for folder in (world / "data/sst2", tmp_path / "train.tsv"):
+        with pytest.raises(DataError, match="a folder, not a data file"):
+            read_rows(folder)
+
+
 def test_compress_from_a_quantized_gguf(gguf_files, world, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compress", "--task", "sst2", "--model", str(gguf_files["llama", "Q8_0"]),

@@ -556,3 +556,14 @@ def test_an_unnamed_placeholder_in_a_template_is_one_clear_error(task_data):
     with pytest.raises(DataError, match="'{}' names no field"):
         task = resolve_task(TaskSpec(name="sst2", data_dir=str(task_data), template="Review: {sentence} {}\nSent:"))
         load_evaluation(task, "validation")
+
+
+def test_a_carved_file_whose_rows_are_one_group_says_so(tmp_path):
+    """Every row sharing one passage: the carved calibration part was empty, and the error spoke of a train file
+    that does not exist."""
+    passage = "One passage that every question of the file shares."
+    _write_jsonl(tmp_path / "val.jsonl", [{"question": f"q{i}", "passage": passage, "label": "true"} for i in range(8)])
+    task = resolve_task(TaskSpec(name="boolq", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="form 1 group.* leaves the (calibration|evaluation) part empty"):
+        load_sample(task, "train", 10, 0)
+        load_evaluation(task, "validation")
