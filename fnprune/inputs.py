@@ -37,7 +37,7 @@ from .pruning import resolve_selection
 from .recipe import CalibrationSpec, NetworksSpec, PromptTemplate, Recipe, RecoverySpec, SelectionSpec, TaskSpec
 from .selection import NEEDS_NETWORKS
 from .stream_surgery import source_weight_map
-from .tokens import TokenizerState, tokenizer_state
+from .tokens import TokenizerState, classifier_texts, tokenizer_state
 from .validation import Validation, load_validation
 
 __all__ = ["Inputs", "load_inputs", "calibration_prompts", "evaluation_texts", "calibrated_on", "check_budgets",
@@ -100,9 +100,8 @@ def load_inputs(recipe: Recipe) -> Inputs:
     if task.kind == "classification" and not is_classifier(model):  # label words that cannot work: now, not later
         for template in task.templates:
             label_token_ids(tokenizer, template.words(task.label_words))
-    if is_classifier(model) and task.kind == "multiple_choice":  # now, not after calibration and selection
-        raise DataError(f"a classifier checkpoint cannot score multiple-choice tasks (no language-model head): "
-                        f"task {task.name!r}")
+    if is_classifier(model):  # now, not after calibration and selection
+        _classifier_can_score(task, prompts)
     trainable = not recipe.model.offload_folder and not offloaded_modules(model)
     recipe = dataclasses.replace(recipe, recovery=recipe.recovery.for_task(task.kind, trainable))
     _warn_unused_recovery(recipe.recovery)
@@ -118,17 +117,25 @@ def load_inputs(recipe: Recipe) -> Inputs:
                   mlp_widths(model, layout), source)
 
 
+def _classifier_can_score(task: TaskSpec, examples: list[Example]) -> None:
+    """A classifier head scores a task of one text or a text pair; multiple choice needs a language-model head."""
+    if task.kind == "multiple_choice":
+        raise DataError(f"a classifier checkpoint cannot score multiple-choice tasks (no language-model head): "
+                        f"task {task.name!r}")
+    if examples:
+        classifier_texts(examples[0])
+
+
 def _check_validation(validation: Validation, prompts: list[Example], model) -> None:
     """The --validate benchmarks' data shares no example with the calibration, as the task's evaluation split
     doesn't, and the perplexity window fits the model's positions (past them it scores garbage or fails)."""
     for v, task, sets in validation.tasks:
         try:
             check_disjoint(prompts, next(iter(sets.values())))
+            if is_classifier(model):
+                _classifier_can_score(task, next(iter(sets.values())))
         except DataError as exc:
             raise DataError(f"evaluation.validation {v.task} (--validate): {exc}") from exc
-        if is_classifier(model) and task.kind == "multiple_choice":
-            raise DataError(f"evaluation.validation {v.task} (--validate): a classifier checkpoint cannot score "
-                            "multiple-choice tasks (no language-model head)")
     if validation.perplexity is not None and is_classifier(model):
         raise DataError("evaluation.perplexity (--validate wikitext=...): a classifier checkpoint has no "
                         "language-model head to score perplexity with")

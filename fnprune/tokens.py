@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from .arch import is_classifier
+from .errors import DataError
 from .offload import input_device
 
-__all__ = ["Batch", "context_length", "encode", "encode_inputs", "make_batch", "batches", "forward", "tokenizer_state",
-           "save_tokenizer"]
+__all__ = ["Batch", "classifier_texts", "context_length", "encode", "encode_inputs", "make_batch", "batches",
+           "forward", "tokenizer_state", "save_tokenizer"]
 
 
 @dataclass
@@ -38,7 +39,16 @@ def encode_inputs(tokenizer, examples, max_length: int, model: nn.Module) -> lis
         return encode(tokenizer, [e.prompt for e in examples], max_length)
     limits = [max_length, getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     length = min(n for n in limits if isinstance(n, int) and n > 0)  # the tokenizer's: RoBERTa's offset positions
-    return [tokenizer(*e.texts[:2], truncation=True, max_length=length)["input_ids"] for e in examples]
+    return [tokenizer(*classifier_texts(e), truncation=True, max_length=length)["input_ids"] for e in examples]
+
+
+def classifier_texts(example) -> tuple[str, ...]:
+    """The text, or text pair, a classifier head reads: the example's row fields. A task whose templates read
+    more (WiC: the word and both sentences) cannot be given to it as it was fine-tuned, so it is refused."""
+    if len(example.texts) > 2:
+        raise DataError(f"a classifier head reads one text or a pair; this task's templates read {len(example.texts)} "
+                        "fields: give task.templates that read only the text or pair it was fine-tuned on")
+    return example.texts
 
 
 DEFAULT_CONTEXT = 2048  # lm-eval's length where neither the config nor the tokenizer names one

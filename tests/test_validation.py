@@ -225,3 +225,22 @@ def test_what_a_classifier_cannot_score_is_refused_before_calibration(model_dir,
         with pytest.raises(DataError, match=match):
             fnprune.compress(recipe, progress=False)
     assert not calibrated
+
+
+def test_a_classifier_is_not_given_a_task_of_more_fields_than_a_pair(model_dir, tmp_path):
+    """A classifier head reads one text or a pair: on WiC (the word and two sentences) it read the word and the
+    first sentence, never the second, and scored near chance without a word. Refused at load; templates that read
+    the pair it was fine-tuned on work."""
+    from test_tasks import _builtin_files
+
+    from fnprune.errors import DataError
+    from fnprune.inputs import load_inputs
+
+    wic = _builtin_files(tmp_path / "data")["wic"]
+    base = {"model": {"name_or_path": str(model_dir("bert"))}, "output": {"dir": str(tmp_path / "o")}}
+    with pytest.raises(DataError, match="a classifier head reads one text or a pair; .* read 4 fields"):
+        load_inputs(recipe_from_dict({**base, "task": {"name": "wic", "data_dir": str(wic)}}))
+    pair = [{"name": "pair", "template": "{sentence1} / {sentence2}"},
+            {"name": "pair-held", "template": "A: {sentence1} B: {sentence2}", "held_out": True}]
+    inputs = load_inputs(recipe_from_dict({**base, "task": {"name": "wic", "data_dir": str(wic), "templates": pair}}))
+    assert len(inputs.prompts[0].texts) == 2
