@@ -62,14 +62,17 @@ def provenance_changes(recorded: dict[str, Any]) -> list[str]:
     """What differs from a saved recipe's provenance (its data files' sha256, the key library versions): a rerun
     then does not reproduce that checkpoint byte for byte."""
     changes = []
-    for split, entry in (recorded.get("data") or {}).items():
-        if not isinstance(entry, dict) or not entry.get("file") or not entry.get("sha256"):
+    data, saved = recorded.get("data") or {}, recorded.get("versions") or {}
+    if not isinstance(data, dict) or not isinstance(saved, dict):  # a hand-edited or damaged section: unreadable
+        return ["its provenance section is not the mapping fnprune writes (provenance.data, provenance.versions)"]
+    for split, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry.get("sha256"):
             continue
         path = Path(entry["file"])
         now = file_sha256(path) if path.is_file() else None
         if now != entry["sha256"]:
             changes.append(f"the {split} file {path} " + ("is gone" if now is None else "changed since (sha256)"))
-    saved, current = recorded.get("versions") or {}, key_versions()
+    current = key_versions()
     changes += [f"{name} {saved[name]} -> {version}" for name, version in current.items()
                 if name in saved and saved[name] != version]
     return changes

@@ -143,6 +143,10 @@ def test_provenance_changes_name_changed_data_and_library_versions(tmp_path):
     recorded["versions"] = {**key_versions(), "torch": "0.1"}
     assert provenance_changes(recorded) == [f"the train file {data} changed since (sha256)",
                                             f"torch 0.1 -> {key_versions()['torch']}"]
+    # a recipe downloaded with a checkpoint is untrusted: a malformed section is said, not a traceback
+    for bad in ({"versions": 5, "data": [1]}, {"data": {"train": {"file": 3, "sha256": 4}}}, {"versions": [1]}):
+        assert all(isinstance(c, str) for c in provenance_changes(bad))
+    assert "not the mapping fnprune writes" in provenance_changes({"data": [1]})[0]
 
 
 def test_settings_a_run_never_reads_are_named(caplog):
