@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -393,6 +394,13 @@ def test_export_never_replaces_its_input_and_sweeps_a_killed_export(model_dir, t
     export(uniform, "gguf", tmp_path / "m.gguf", outtype="f32", progress=False)
     export(uniform, "gguf", uniform / "m.gguf", outtype="f32", progress=False)  # beside its files: allowed
     assert not stale.exists() and (tmp_path / "m.gguf").is_file() and (uniform / "m.gguf").is_file()
+    export(uniform, "gguf", tmp_path / "m.gguf", outtype="f32", overwrite=True, progress=False)  # a GGUF: replaced
+    victim = shutil.copytree(uniform, tmp_path / "victim")  # another model's weights, a user's notes
+    (tmp_path / "notes.txt").write_text("mine")
+    for other in (victim / "model.safetensors", tmp_path / "notes.txt"):
+        before = other.read_bytes()
+        msg = _cli_error(str(uniform), "--format", "gguf", "--output", str(other), "--overwrite")
+        assert "is not a GGUF file" in msg and other.read_bytes() == before
 
 
 def test_gguf_flags_are_refused_with_deci_and_deci_arch_advice(model_dir, tmp_path):

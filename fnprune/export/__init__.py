@@ -166,6 +166,13 @@ def check_output_file(path: Path, overwrite: bool, source: Path) -> None:
         raise OutputError(f"output {path} is a file of the input checkpoint {source}; give a new file name")
     if os.path.lexists(path) and not overwrite:  # a dangling symbolic link too
         raise OutputError(f"output {path} already exists; pass --overwrite to replace it")
+    if path.is_file() and not _is_gguf(path):  # --overwrite replaces a GGUF file, never another model's weights
+        raise OutputError(f"output {path} exists and is not a GGUF file; --overwrite replaces only a GGUF file")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def export(directory: str | Path, fmt: str, output: str | Path, *, outtype: str = "f16", gguf_arch: str = "auto",
