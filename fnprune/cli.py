@@ -116,9 +116,9 @@ def main() -> None:
 @_friendly
 def compress(recipe_path: str | None, sparsity: float | None, quiet: bool, **values: Any) -> None:
     """Score the MLP neurons on task data, remove the unneeded ones, save and evaluate the smaller model."""
+    _setup_logging(quiet)  # before the imports that load tqdm, which reads TQDM_DISABLE once
     from .pipeline import compress as run
 
-    _setup_logging(quiet)
     if values["keep"] is not None and sparsity is not None:
         raise FnpruneError("give --keep or --sparsity, not both")
     base = load_recipe(recipe_path) if recipe_path else Recipe()
@@ -244,13 +244,13 @@ def evaluate(model, task, data_dir, data_files, split, max_samples, template, ba
              device_map, max_memory, offload_folder, lm_eval_tasks, lm_eval_include, lm_eval_limit, as_json, quiet
              ) -> None:
     """Zero-shot accuracy of a model on a task's evaluation split (and lm-eval's scores on its tasks)."""
+    _setup_logging(quiet)  # before the imports that load tqdm, which reads TQDM_DISABLE once
     from .evaluate import evaluate_templates
     from .evaluate_checkpoint import evaluation_examples, model_dtype, model_path, recorded_recipe
     from .lm_eval_backend import check_lm_eval, run_lm_eval
     from .models import load_model
     from .recipe import recipe_from_dict
 
-    _setup_logging(quiet)
     given_model, model = model, model_path(model)  # a Hub id: its snapshot folder (the JSON names the id)
     harness = parse_lm_eval_tasks(lm_eval_tasks) or []
     recorded = recorded_recipe(model, task)
@@ -385,11 +385,11 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
     """Functional-network experiments (networks, recurrence, key networks, amplification) with a report."""
     import time
 
+    _setup_logging(quiet)  # before the imports that load tqdm, which reads TQDM_DISABLE once
     from .analysis import AnalysisSpec, parse_scales, task_from_arg
     from .analysis import analyze as run
     from .recipe import ModelSpec
 
-    _setup_logging(quiet)
     start = time.perf_counter()
     files = parse_data_files(data_files)
     spec_task = TaskSpec(name=task, data_dir=data_dir, data_files=files or {})
@@ -433,13 +433,13 @@ def analyze(task, model, data_dir, data_files, also_task, components, threshold,
 @_friendly
 def export(directory, fmt, outtype, gguf_arch, tokenizer_pre, output, overwrite, quiet) -> None:
     """Write a checkpoint as GGUF (llama.cpp) or as a DeciLM folder (vLLM), per-layer widths included."""
+    _setup_logging(quiet)  # before the imports that load tqdm, which reads TQDM_DISABLE once
     from .export import export as run
 
     given = [f"--{name.replace('_', '-')}" for name in ("outtype", "gguf_arch", "tokenizer_pre")
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if fmt == "deci" and given:
         raise click.UsageError(f"{' and '.join(given)}: --format gguf only (deci copies the weights as they are)")
-    _setup_logging(quiet)
     info = run(directory, fmt, output, outtype=outtype, gguf_arch=gguf_arch, tokenizer_pre=tokenizer_pre,
                overwrite=overwrite, progress=not quiet)
     kind = f"GGUF arch {info['arch']}, {info['outtype']}" if fmt == "gguf" else "DeciLM (nemotron-nas) folder"

@@ -580,6 +580,24 @@ def test_gguf_loads_as_a_plain_model_that_saves(arch, qtype, gguf_files, model_d
     assert (got - want).abs().max() < tolerance
 
 
+@pytest.mark.slow  # a fresh process
+def test_quiet_hides_the_gguf_readers_progress_bar(gguf_files, world, tmp_path):
+    """tqdm reads TQDM_DISABLE once, when it is imported: --quiet set it after compress had imported it, so
+    transformers' "Converting and de-quantizing GGUF tensors" bar was drawn anyway. A fresh process, as a user's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FNPRUNE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("TQDM_DISABLE", None)
+    run = subprocess.run([sys.executable, "-m", "fnprune", "compress", "--quiet", "--task", "sst2", "--model",
+                          str(gguf_files["llama", "F32"]), "--data-dir", str(world / "data/sst2"), "--no-eval",
+                          "--output", str(tmp_path / "out"), *SMALL], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "Converting" not in run.stderr and "it/s]" not in run.stderr, run.stderr
+
+
 def test_a_gguf_file_with_an_upper_case_suffix_loads(gguf_files, tmp_path):
     """`model.GGUF` was taken for a Hugging Face folder ("no config.json")."""
     import shutil
