@@ -200,7 +200,7 @@ def _runtimes_text(info: CardInfo) -> str:
     """The `fnprune export` commands this checkpoint's family, layout and config allow, decided by the exporters'
     own checks on the widths as stored (a padded checkpoint stores its widest layer's width in every layer)."""
     from .export import Checkpoint
-    from .export.to_deci import check_deci_layout
+    from .export.to_deci import DECI_MULTIPLE, check_deci_layout
     from .export.to_gguf import check_gguf_config, gguf_arch_for
 
     layout = info.report.get("layout") or "uniform"
@@ -216,8 +216,12 @@ def _runtimes_text(info: CardInfo) -> str:
         pass
     try:
         check_deci_layout(info.model_type, layout)
-        lines.append("vLLM: `fnprune export DIR --format deci --output DIR-deci` (FFN widths must be multiples of "
-                     "256: compress with `--round-to 256`).")
+        if stored and all(w % DECI_MULTIPLE == 0 for w in stored):
+            lines.append("vLLM: `fnprune export DIR --format deci --output DIR-deci`.")
+        else:  # the exporter refuses these widths: say how to get ones it writes
+            lines.append(f"vLLM: this checkpoint's FFN widths are not all multiples of {DECI_MULTIPLE}, which the "
+                         f"DeciLM layout needs: compress again with `--round-to {DECI_MULTIPLE}`, then `fnprune export "
+                         "DIR --format deci --output DIR-deci`.")
     except ModelError:
         pass
     if not lines:

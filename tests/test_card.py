@@ -47,6 +47,14 @@ def test_per_layer_card_names_the_loader_and_the_width_range():
     assert "`deci` architecture" in card
 
 
+def test_the_card_offers_the_deci_export_as_is_only_for_widths_it_writes():
+    """The card offered `--format deci` for widths the exporter refuses (not multiples of 256)."""
+    odd = _card(layout="per-layer", widths=[48, 80])
+    assert "not all multiples of 256" in odd and "`--round-to 256`, then `fnprune export DIR --format deci" in odd
+    even = _card(layout="per-layer", widths=[256, 512])
+    assert "vLLM: `fnprune export DIR --format deci --output DIR-deci`." in even and "multiples of 256" not in even
+
+
 @pytest.mark.parametrize(("model_type", "layout", "gguf", "deci"), [
     ("qwen2", "uniform", True, False), ("qwen2", "per-layer", False, False), ("qwen2", "padded", True, False),
     ("mistral", "padded", True, False), ("mistral", "per-layer", True, True), ("gpt2", "uniform", False, False),
