@@ -31,6 +31,7 @@ from .errors import FnpruneError, RecipeError, first_line
 from .interrupt import InterruptedAfterWrite
 from .recipe import DTYPES, Recipe, TaskSpec, apply_overrides, load_recipe
 from .report_text import evaluated, report_field, report_lines, widths_span
+from .tasks import set_fields
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -138,9 +139,8 @@ def _recipe_task_overrides(recorded: TaskSpec, values: dict[str, Any], overrides
     task, log = values.get("task"), logging.getLogger("fnprune")
     if task and task == recorded.name:
         overrides.pop("task")
-    elif task and (recorded.templates or recorded.template or recorded.label_words):
-        log.warning("--task %s replaces the recipe's task %s (its templates, label words and data)", task,
-                    recorded.name)
+    elif task and (dropped := set_fields(recorded)):
+        log.warning("--task %s replaces the recipe's task %s (its %s)", task, recorded.name, ", ".join(dropped))
     if values.get("data_dir") and not values.get("data_files") and recorded.data_files and "task" not in overrides:
         log.warning("--data-dir replaces the recipe's task.data_files (%s); give them again with --data-files",
                     ", ".join(f"{k}={v}" for k, v in recorded.data_files.items()))

@@ -102,8 +102,8 @@ def _carve_hint(task: TaskSpec, split: str, directory: Path) -> str:
         return ""
     return (f"; to calibrate on a seeded half of {evaluation.name} instead (the other half evaluated), set "
             f"task.split_of: {task.evaluation_split} in a recipe (task: {{name: {task.name}, data_dir: {directory}, "
-            f"split_of: {task.evaluation_split}}}) and run compress --recipe FILE without --task (--task replaces the "
-            f"recipe's task), or give a calibration file: --data-files "
+            f"split_of: {task.evaluation_split}}}) and run compress --recipe FILE (a --task naming another task would "
+            f"replace the recipe's), or give a calibration file: --data-files "
             f"{task.calibration_split}=FILE,{task.evaluation_split}={evaluation}")
 
 

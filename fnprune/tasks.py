@@ -14,8 +14,8 @@ from . import fields as rowfields
 from .errors import DataError
 from .recipe import PromptTemplate, TaskSpec
 
-__all__ = ["BUILTIN_TASKS", "SPLIT_FILE_STEMS", "parse_data_files", "resolve_task", "task_fields", "task_overrides",
-           "template_fields", "uses_fields"]
+__all__ = ["BUILTIN_TASKS", "SPLIT_FILE_STEMS", "parse_data_files", "resolve_task", "set_fields", "task_fields",
+           "task_overrides", "template_fields", "uses_fields"]
 
 # The usual split names and the file stems a data folder holds them under (dev.tsv is GLUE's validation file)
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": ("validation", "dev"), "test": ("test",)}
@@ -330,6 +330,14 @@ def task_overrides(task: str | None, data_dir: str | None, data_files: dict | No
     if data_files:
         out["task.data_files"] = data_files
     return out
+
+
+def set_fields(task: TaskSpec) -> list[str]:
+    """The fields of `task`, its name aside, that differ from a plain TaskSpec of that name: what a recipe or a
+    notebook gave it beyond the name (before `resolve_task` fills a built-in task's)."""
+    default = TaskSpec(name=task.name)
+    return [f.name for f in dataclasses.fields(TaskSpec)
+            if f.name != "name" and getattr(task, f.name) != getattr(default, f.name)]
 
 
 def task_fields(task: TaskSpec) -> list[str]:

@@ -482,3 +482,7 @@ def test_task_flag_keeps_a_recipes_own_task_and_data_dir_says_what_it_replaces(t
     with caplog.at_level("WARNING", logger="fnprune"):
         _recipe_task_overrides(mine, values, overrides)
     assert overrides["task"] == {"name": "rte"} and "--task rte replaces the recipe's task sst2" in caplog.text
+    caplog.clear()  # a recipe task with only a data setting (AG News' split_of) was replaced without a word
+    with caplog.at_level("WARNING", logger="fnprune"):
+        _recipe_task_overrides(TaskSpec(name="ag_news", split_of="test"), {"task": "sst2"}, {"task": {"name": "x"}})
+    assert "--task sst2 replaces the recipe's task ag_news (its split_of)" in caplog.text

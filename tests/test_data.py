@@ -223,7 +223,8 @@ def test_ag_news_without_train_file_says_how_to_carve_test(model_dir, tmp_path):
     assert f"no file for split 'train' in {data} (looked for train.tsv" in message
     assert "to calibrate on a seeded half of test.csv instead" in message
     assert f"set task.split_of: test in a recipe (task: {{name: ag_news, data_dir: {data}, split_of: test}})" in message
-    assert "without --task" in message and f"--data-files train=FILE,test={data / 'test.csv'}" in message
+    assert "a --task naming another task would replace" in message
+    assert f"--data-files train=FILE,test={data / 'test.csv'}" in message
     # the hint is only for a missing calibration file beside the evaluation one
     with pytest.raises(DataError) as info:
         load_sample(resolve_task(TaskSpec(name="ag_news", data_dir=str(tmp_path))), "train", 4, 0)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import parse_data_files
 from ..errors import RecipeError
 from ..recipe import CalibrationSpec, ModelSpec, NetworksSpec, Recipe, TaskSpec, seed_problems
+from ..tasks import set_fields
 
 __all__ = ["AnalysisSpec", "parse_scales", "spec_command", "task_from_arg"]
 
@@ -231,12 +232,9 @@ def _api_only(spec: AnalysisSpec) -> list[str]:
 def _task_api_only(prefix: str, task: TaskSpec) -> list[str]:
     """A task's fields set beyond what --task / --also-task say (name, folder, files): scalars with their value,
     templates, label words and the other lists by name (too long for a one-line comment)."""
-    default = TaskSpec(name=task.name)
     out = []
-    for name in [f.name for f in fields(TaskSpec)]:
+    for name in [n for n in set_fields(task) if n not in ("data_dir", "data_files")]:
         value = getattr(task, name)
-        if name in ("name", "data_dir", "data_files") or value == getattr(default, name):
-            continue
         by_name = name == "template" or isinstance(value, (list, dict))
         out.append(f"{prefix}.{name}" + ("" if by_name else f"={value}"))
     return out
