@@ -30,11 +30,11 @@ __all__ = [
 TASK_NAMES = ", ".join(BUILTIN_TASKS)
 
 
-def _pair(text: str, expected: str) -> tuple[str, str]:
+def _pair(text: str, expected: str, flag: str) -> tuple[str, str]:
     """KEY=VALUE, both sides stripped and not empty."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
-        raise click.BadParameter(f"{text!r}: expected {expected}")
+        raise click.BadParameter(f"{text!r}: expected {expected}", param_hint=flag)
     return key.strip(), value.strip()
 
 
@@ -45,14 +45,14 @@ def parse_data_files(value: str | None) -> dict[str, str] | None:
     try:
         return data.parse_data_files(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint="--data-files") from exc
 
 
 def parse_max_memory(value: str | None) -> dict[str, str] | None:
     """`0=20GiB,cpu=32GiB` as {device: size}."""
     if not value:
         return None
-    return dict(_pair(part, "DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=32GiB") for part in value.split(","))
+    return dict(_pair(part, "DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=32GiB", "--max-memory") for part in value.split(","))
 
 
 def parse_device_map(value: str | None) -> str | dict | None:
@@ -62,9 +62,10 @@ def parse_device_map(value: str | None) -> str | dict | None:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not a JSON object of module names to devices: {exc}") from exc
+        raise click.BadParameter(f"not a JSON object of module names to devices: {exc}",
+                                 param_hint="--device-map") from exc
     if not isinstance(parsed, dict):
-        raise click.BadParameter("expected a JSON object of module names to devices")
+        raise click.BadParameter("expected a JSON object of module names to devices", param_hint="--device-map")
     return parsed
 
 
@@ -74,7 +75,7 @@ def parse_validate(values: tuple[str, ...]) -> list[dict[str, str]] | None:
         return None
     out = []
     for value in values:
-        name, path = _pair(value, "TASK=PATH, e.g. boolq=../shared/data/superglue_boolq")
+        name, path = _pair(value, "TASK=PATH, e.g. boolq=../shared/data/superglue_boolq", "--validate")
         where = "file" if name == "wikitext" and not Path(path).expanduser().is_dir() else "data_dir"
         out.append({"task": name, where: path})
     return out
