@@ -590,7 +590,9 @@ def test_an_interrupted_analysis_resumes_from_its_last_finished_run(model_dir, t
     assert run(other, "c").info["evaluation_runs_from_cache"] == run(other, "d").info["evaluation_runs_from_cache"]
     monkeypatch.setattr(scoring, "SCORES_REVISION", scoring.SCORES_REVISION + 1)  # scoring changed since
     monkeypatch.setattr(an.run, "SCORES_REVISION", scoring.SCORES_REVISION)
-    assert run(spec, "c").info["evaluation_runs_from_cache"] == 0
+    # none of the old revision's scores read back: only what a fresh cache reuses within the run (two random
+    # controls that are the same neurons, which depends on the networks this machine's ICA found)
+    assert run(spec, "c").info["evaluation_runs_from_cache"] == reference.info["evaluation_runs_from_cache"]
 
 
 def test_an_interrupt_counts_only_the_scores_the_cache_holds(tmp_path, monkeypatch):
