@@ -39,7 +39,7 @@ def reconstruction_map(
     `centre` (d,): the values the fit is taken around (the mean over all calibration tokens), or None for a
     fit through zero. `ridge` is relative to the mean variance of the kept neurons (those not zero on every
     token around `centre`): ridge = 0.1 adds a tenth of their mean energy to the diagonal. A mean, not a typical
-    neuron's: in a layer that keeps a massive-activation neuron (SmolLM2's layers 2, 9, 11 and 28) that one neuron
+    neuron's: in a layer that keeps a massive-activation neuron (as some of SmolLM2's do) that one neuron
     sets it, and the fit there is shrunk far more than elsewhere.
 
     `emphasis` (N, d): tokens whose error counts `emphasis_weight` of the fit's objective and the sample's the
