@@ -122,18 +122,23 @@ def test_the_saved_loader_is_small_and_harmless():
         shim_source("os; import os")
 
 
-def test_load_pruned_loads_in_the_dtype_the_recipe_ran_in(model_dir, task_data, tmp_path):
-    """As `fnprune evaluate` does: a bfloat16 run's checkpoint came back in float32 (twice the memory)."""
+def _compressed(model_dir, task_data, tmp_path, dtype: str = "float32"):
+    """A small FLAP checkpoint of the tiny Llama, not evaluated; its folder."""
     from fnprune import Recipe, compress
     from fnprune.recipe import CalibrationSpec, OutputSpec, SelectionSpec, TaskSpec
 
-    recipe = Recipe(model=ModelSpec(name_or_path=str(model_dir("llama")), dtype="bfloat16"),
+    recipe = Recipe(model=ModelSpec(name_or_path=str(model_dir("llama")), dtype=dtype),
                     task=TaskSpec(name="sst2", data_dir=str(task_data)),
                     calibration=CalibrationSpec(num_samples=16, max_tokens=64, cache=False),
                     selection=SelectionSpec(method="flap", keep=0.5, refit=False),
                     output=OutputSpec(dir=str(tmp_path / "o")))
     recipe.evaluation.enabled = False
-    out = compress(recipe, progress=False).output_dir
+    return compress(recipe, progress=False).output_dir
+
+
+def test_load_pruned_loads_in_the_dtype_the_recipe_ran_in(model_dir, task_data, tmp_path):
+    """As `fnprune evaluate` does: a bfloat16 run's checkpoint came back in float32 (twice the memory)."""
+    out = _compressed(model_dir, task_data, tmp_path, "bfloat16")
     assert fnprune.load_pruned(out).model.dtype == torch.bfloat16
     assert fnprune.load_pruned(out, dtype="float32").model.dtype == torch.float32
 
@@ -142,16 +147,7 @@ def test_load_pruned_loads_the_weights_when_its_recipe_or_report_cannot_be_read(
                                                                                    caplog):
     """A recipe.yaml with a field of another fnprune version, or a damaged report.json, stopped the whole load;
     the weights load without them, and a warning says which file was left out."""
-    from fnprune import Recipe, compress
-    from fnprune.recipe import CalibrationSpec, OutputSpec, SelectionSpec, TaskSpec
-
-    recipe = Recipe(model=ModelSpec(name_or_path=str(model_dir("llama"))),
-                    task=TaskSpec(name="sst2", data_dir=str(task_data)),
-                    calibration=CalibrationSpec(num_samples=16, max_tokens=64, cache=False),
-                    selection=SelectionSpec(method="flap", keep=0.5, refit=False),
-                    output=OutputSpec(dir=str(tmp_path / "o")))
-    recipe.evaluation.enabled = False
-    out = compress(recipe, progress=False).output_dir
+    out = _compressed(model_dir, task_data, tmp_path)
     with open(out / "recipe.yaml", "a", encoding="utf-8") as f:
         f.write("future_section:\n  option: 1\n")
     (out / "report.json").write_text("{}", encoding="utf-8")
