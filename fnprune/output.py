@@ -165,7 +165,7 @@ def write_output(tmp: Path, inputs: Inputs, model, resolved: Recipe, report: dic
     sel = inputs.selection
     config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))  # streamed: no model here
     license_meta = _with_license_file(tmp, recipe.model.name_or_path,
-                                 base_license(recipe.model.name_or_path, recipe.model.revision))
+                                      base_license(recipe.model.name_or_path, recipe.model.revision))
     card = CardInfo(recipe.model.name_or_path, inputs.task.name, sel.method, sel.keep, report, recipe_yaml,
                     config["model_type"], inputs.layout.head, inputs.task.kind, config, license_meta)
     (tmp / CARD_FILE).write_text(model_card(card, __version__), encoding="utf-8")
