@@ -19,7 +19,6 @@ from fnprune.tokens import context_length, encode, make_batch
 __all__ = ["validation_throughput"]
 
 
-
 def _sequences(model, tokenizer, task: TaskSpec, sets: dict) -> tuple[list[list[int]], bool]:
     """The token sequences the scorer runs (its own encoders and length limits, evaluate_templates' defaults),
     and whether every position's logits are needed (choices)."""

@@ -130,10 +130,11 @@ def _check_validation(validation: Validation, prompts: list[Example], model) -> 
     """The --validate benchmarks' data shares no example with the calibration, as the task's evaluation split
     doesn't, and the perplexity window fits the model's positions (past them it scores garbage or fails)."""
     for v, task, sets in validation.tasks:
+        examples = next(iter(sets.values()))  # the split's rows, under its first template
         try:
-            check_disjoint(prompts, next(iter(sets.values())))
+            check_disjoint(prompts, examples)
             if is_classifier(model):
-                _classifier_can_score(task, next(iter(sets.values())))
+                _classifier_can_score(task, examples)
         except DataError as exc:
             raise DataError(f"evaluation.validation {v.task} (--validate): {exc}") from exc
     if validation.perplexity is not None and is_classifier(model):
